@@ -1,0 +1,1 @@
+"""Muster: the client SDK and the protocol code shared by server and agent."""
