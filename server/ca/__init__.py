@@ -1,0 +1,36 @@
+"""Muster's certificate authority: root + online intermediate, agent and server certificates."""
+
+from server.ca.authority import (
+    CA_FILES,
+    DEFAULT_AGENT_LIFETIME,
+    DEFAULT_BACKDATE,
+    CAError,
+    CertificateAuthority,
+    IssuedCertificate,
+)
+from server.ca.csr import CsrError, public_key_fingerprint, public_key_from_csr
+from server.ca.server_cert import (
+    ServerCertificate,
+    certificate_not_after,
+    ensure_server_certificate,
+)
+from server.ca.signer import KEY_TYPES, FileSigner, InMemorySigner, Signer
+
+__all__ = [
+    "CA_FILES",
+    "DEFAULT_AGENT_LIFETIME",
+    "DEFAULT_BACKDATE",
+    "KEY_TYPES",
+    "CAError",
+    "CertificateAuthority",
+    "CsrError",
+    "FileSigner",
+    "InMemorySigner",
+    "IssuedCertificate",
+    "ServerCertificate",
+    "Signer",
+    "certificate_not_after",
+    "ensure_server_certificate",
+    "public_key_fingerprint",
+    "public_key_from_csr",
+]
