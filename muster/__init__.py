@@ -1,1 +1,68 @@
-"""Muster: the client SDK and the protocol code shared by server and agent."""
+"""Muster: the client SDK and the protocol code shared by server and agent.
+
+import muster
+
+with muster.Client() as client:  # settings from MUSTER_* / .env / .muster/
+    task = client.submit("echo", {"msg": "hi"})
+    print(client.wait(task.task_id, timeout=60).output_text)
+"""
+
+from muster._admin import AdminClient, AsyncAdminClient
+from muster._client import AsyncClient
+from muster._sync_client import Client
+from muster._types import (
+    Agent,
+    ApiToken,
+    AuditEvent,
+    BootstrapToken,
+    Certificate,
+    Role,
+    Task,
+    TaskState,
+    Usage,
+)
+from muster.config import ClientConfig
+from muster.errors import (
+    AuthenticationError,
+    ConfigError,
+    ConflictError,
+    InvalidArgumentError,
+    MusterError,
+    NotFoundError,
+    PermissionDeniedError,
+    QuotaExceededError,
+    UnavailableError,
+    WaitTimeoutError,
+)
+
+# Grouped by audience rather than sorted, so the facade reads as a table of contents.
+__all__ = [  # noqa: RUF022
+    # Clients
+    "AdminClient",
+    "AsyncAdminClient",
+    "AsyncClient",
+    "Client",
+    # Configuration
+    "ClientConfig",
+    # Types
+    "Agent",
+    "ApiToken",
+    "AuditEvent",
+    "BootstrapToken",
+    "Certificate",
+    "Role",
+    "Task",
+    "TaskState",
+    "Usage",
+    # Errors
+    "AuthenticationError",
+    "ConfigError",
+    "ConflictError",
+    "InvalidArgumentError",
+    "MusterError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "QuotaExceededError",
+    "UnavailableError",
+    "WaitTimeoutError",
+]

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from muster._types import Task
+
 
 class MusterError(Exception):
     """Root of every error the SDK raises; ``__cause__`` keeps the grpc error."""
@@ -42,3 +47,15 @@ class QuotaExceededError(MusterError):
 
 class UnavailableError(MusterError):
     """The server could not be reached or is shutting down (UNAVAILABLE, DEADLINE_EXCEEDED)."""
+
+
+class WaitTimeoutError(MusterError, TimeoutError):
+    """``wait()`` gave up before the task reached a terminal state; the task goes on.
+
+    Also a builtin ``TimeoutError``, so ``except TimeoutError`` works as expected.
+    """
+
+    def __init__(self, message: str, task: Task | None = None) -> None:
+        super().__init__(message)
+        self.task = task
+        """The last state seen, or None if none arrived."""

@@ -1,0 +1,236 @@
+"""Admin clients (sync and asyncio) for ``AdminService``: tokens, agents, certificates, audit.
+
+Kept apart from the task clients because every call here needs the ``admin`` role.
+Secrets returned by the create calls are handed back once and never logged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from types import TracebackType
+
+import grpc.aio
+
+from muster import _requests
+from muster._convert import (
+    Seconds,
+    agent_from_proto,
+    api_token_from_proto,
+    audit_event_from_proto,
+    bootstrap_token_from_proto,
+)
+from muster._transport import AsyncTransport, SyncTransport
+from muster._types import Agent, ApiToken, AuditEvent, BootstrapToken, Role
+from muster.config import ClientConfig
+from muster.v1 import admin_pb2, admin_pb2_grpc
+
+
+class AdminClient:
+    """Blocking admin client; use ``with`` or call :meth:`close`."""
+
+    def __init__(self, config: ClientConfig | None = None) -> None:
+        self.config = config if config is not None else ClientConfig.from_env()
+        self._transport = SyncTransport(self.config)
+        self._stub = admin_pb2_grpc.AdminServiceStub(self._transport.channel)
+
+    def __repr__(self) -> str:
+        return f"AdminClient(address={self.config.address!r})"
+
+    def __enter__(self) -> AdminClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def create_bootstrap_token(
+        self,
+        pool: str,
+        labels: Mapping[str, str] | None = None,
+        ttl: Seconds | None = None,
+        max_uses: int | None = None,
+        name_pattern: str | None = None,
+    ) -> tuple[BootstrapToken, str]:
+        """Create a token for enrolling agents into ``pool``; returns (record, secret).
+
+        None leaves the server defaults: one use, one hour, any agent name.
+        """
+        request = _requests.create_bootstrap_token(pool, labels, ttl, max_uses, name_pattern)
+        response = self._transport.unary(self._stub.CreateBootstrapToken, request)
+        return bootstrap_token_from_proto(response.token), response.secret
+
+    def list_bootstrap_tokens(self) -> list[BootstrapToken]:
+        request = admin_pb2.ListBootstrapTokensRequest()
+        response = self._transport.unary(self._stub.ListBootstrapTokens, request)
+        return [bootstrap_token_from_proto(t) for t in response.tokens]
+
+    def delete_bootstrap_token(self, token_id: str) -> None:
+        request = admin_pb2.DeleteBootstrapTokenRequest(token_id=token_id)
+        self._transport.unary(self._stub.DeleteBootstrapToken, request)
+
+    def create_api_token(
+        self, name: str, role: Role | str, ttl: Seconds | None = None
+    ) -> tuple[ApiToken, str]:
+        """Create a client token; returns (record, secret). No ttl: it never expires."""
+        request = _requests.create_api_token(name, role, ttl)
+        response = self._transport.unary(self._stub.CreateApiToken, request)
+        return api_token_from_proto(response.token), response.secret
+
+    def list_api_tokens(self) -> list[ApiToken]:
+        response = self._transport.unary(self._stub.ListApiTokens, admin_pb2.ListApiTokensRequest())
+        return [api_token_from_proto(t) for t in response.tokens]
+
+    def delete_api_token(self, token_id: str) -> None:
+        request = admin_pb2.DeleteApiTokenRequest(token_id=token_id)
+        self._transport.unary(self._stub.DeleteApiToken, request)
+
+    def list_agents(self, pool: str | None = None) -> list[Agent]:
+        request = admin_pb2.ListAgentsRequest(pool=pool or "")
+        response = self._transport.unary(self._stub.ListAgents, request)
+        return [agent_from_proto(a) for a in response.agents]
+
+    def get_agent(self, agent_id: str) -> Agent:
+        request = admin_pb2.GetAgentRequest(agent_id=agent_id)
+        return agent_from_proto(self._transport.unary(self._stub.GetAgent, request))
+
+    def set_agent_enabled(self, agent_id: str, enabled: bool) -> Agent:
+        """Disable (closing its streams at once) or re-enable an agent."""
+        request = admin_pb2.SetAgentEnabledRequest(agent_id=agent_id, enabled=enabled)
+        return agent_from_proto(self._transport.unary(self._stub.SetAgentEnabled, request))
+
+    def revoke_agent(self, agent_id: str, reason: str = "") -> list[str]:
+        """Revoke every certificate of the agent; returns the serials revoked now."""
+        request = admin_pb2.RevokeAgentRequest(agent_id=agent_id, reason=reason)
+        return list(self._transport.unary(self._stub.RevokeAgent, request).serials)
+
+    def revoke_certificate(self, serial: str, reason: str = "") -> None:
+        request = admin_pb2.RevokeCertificateRequest(serial=serial, reason=reason)
+        self._transport.unary(self._stub.RevokeCertificate, request)
+
+    def query_audit(
+        self,
+        *,
+        actor: str | None = None,
+        action: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[AuditEvent]:
+        """Audit events newest first; None leaves a filter off (limit: server default)."""
+        request = _requests.query_audit(actor, action, since, until, limit)
+        response = self._transport.unary(self._stub.QueryAudit, request)
+        return [audit_event_from_proto(e) for e in response.events]
+
+
+class AsyncAdminClient:
+    """Asyncio admin client; the same API as :class:`AdminClient`, awaited."""
+
+    def __init__(self, config: ClientConfig | None = None) -> None:
+        self.config = config if config is not None else ClientConfig.from_env()
+        self._transport = AsyncTransport(self.config)
+        self._stub_channel: grpc.aio.Channel | None = None
+        self._stub_cache: admin_pb2_grpc.AdminServiceAsyncStub | None = None
+
+    def __repr__(self) -> str:
+        return f"AsyncAdminClient(address={self.config.address!r})"
+
+    @property
+    def _stub(self) -> admin_pb2_grpc.AdminServiceAsyncStub:
+        channel = self._transport.channel
+        if self._stub_cache is None or self._stub_channel is not channel:
+            self._stub_cache = admin_pb2_grpc.AdminServiceStub(channel)
+            self._stub_channel = channel
+        return self._stub_cache
+
+    async def __aenter__(self) -> AsyncAdminClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._transport.close()
+
+    async def create_bootstrap_token(
+        self,
+        pool: str,
+        labels: Mapping[str, str] | None = None,
+        ttl: Seconds | None = None,
+        max_uses: int | None = None,
+        name_pattern: str | None = None,
+    ) -> tuple[BootstrapToken, str]:
+        request = _requests.create_bootstrap_token(pool, labels, ttl, max_uses, name_pattern)
+        response = await self._transport.unary(self._stub.CreateBootstrapToken, request)
+        return bootstrap_token_from_proto(response.token), response.secret
+
+    async def list_bootstrap_tokens(self) -> list[BootstrapToken]:
+        request = admin_pb2.ListBootstrapTokensRequest()
+        response = await self._transport.unary(self._stub.ListBootstrapTokens, request)
+        return [bootstrap_token_from_proto(t) for t in response.tokens]
+
+    async def delete_bootstrap_token(self, token_id: str) -> None:
+        request = admin_pb2.DeleteBootstrapTokenRequest(token_id=token_id)
+        await self._transport.unary(self._stub.DeleteBootstrapToken, request)
+
+    async def create_api_token(
+        self, name: str, role: Role | str, ttl: Seconds | None = None
+    ) -> tuple[ApiToken, str]:
+        request = _requests.create_api_token(name, role, ttl)
+        response = await self._transport.unary(self._stub.CreateApiToken, request)
+        return api_token_from_proto(response.token), response.secret
+
+    async def list_api_tokens(self) -> list[ApiToken]:
+        request = admin_pb2.ListApiTokensRequest()
+        response = await self._transport.unary(self._stub.ListApiTokens, request)
+        return [api_token_from_proto(t) for t in response.tokens]
+
+    async def delete_api_token(self, token_id: str) -> None:
+        request = admin_pb2.DeleteApiTokenRequest(token_id=token_id)
+        await self._transport.unary(self._stub.DeleteApiToken, request)
+
+    async def list_agents(self, pool: str | None = None) -> list[Agent]:
+        request = admin_pb2.ListAgentsRequest(pool=pool or "")
+        response = await self._transport.unary(self._stub.ListAgents, request)
+        return [agent_from_proto(a) for a in response.agents]
+
+    async def get_agent(self, agent_id: str) -> Agent:
+        request = admin_pb2.GetAgentRequest(agent_id=agent_id)
+        return agent_from_proto(await self._transport.unary(self._stub.GetAgent, request))
+
+    async def set_agent_enabled(self, agent_id: str, enabled: bool) -> Agent:
+        request = admin_pb2.SetAgentEnabledRequest(agent_id=agent_id, enabled=enabled)
+        return agent_from_proto(await self._transport.unary(self._stub.SetAgentEnabled, request))
+
+    async def revoke_agent(self, agent_id: str, reason: str = "") -> list[str]:
+        request = admin_pb2.RevokeAgentRequest(agent_id=agent_id, reason=reason)
+        return list((await self._transport.unary(self._stub.RevokeAgent, request)).serials)
+
+    async def revoke_certificate(self, serial: str, reason: str = "") -> None:
+        request = admin_pb2.RevokeCertificateRequest(serial=serial, reason=reason)
+        await self._transport.unary(self._stub.RevokeCertificate, request)
+
+    async def query_audit(
+        self,
+        *,
+        actor: str | None = None,
+        action: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int | None = None,
+    ) -> list[AuditEvent]:
+        request = _requests.query_audit(actor, action, since, until, limit)
+        response = await self._transport.unary(self._stub.QueryAudit, request)
+        return [audit_event_from_proto(e) for e in response.events]

@@ -1,0 +1,189 @@
+"""The asyncio task client: submit, read, list, cancel, watch and wait for tasks."""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping
+from datetime import datetime
+from types import TracebackType
+
+import grpc
+import grpc.aio
+
+from muster import _requests
+from muster._convert import Payload, Seconds, task_from_proto
+from muster._errors_map import error_code, translate
+from muster._transport import AsyncTransport
+from muster._types import Task, TaskState
+from muster.config import ClientConfig
+from muster.errors import InvalidArgumentError, WaitTimeoutError
+from muster.v1 import task_pb2, task_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+REWATCH_DELAY = 0.5
+"""Pause before reopening a Watch stream that ended without a terminal state."""
+
+
+class AsyncClient:
+    """Asyncio client for ``TaskService``; use ``async with`` or call :meth:`close`.
+
+    With no config, settings come from :meth:`ClientConfig.from_env`. The channel is
+    opened on first use, so the client may be built outside the event loop.
+    """
+
+    def __init__(self, config: ClientConfig | None = None) -> None:
+        self.config = config if config is not None else ClientConfig.from_env()
+        self._transport = AsyncTransport(self.config)
+        self._stub_channel: grpc.aio.Channel | None = None
+        self._stub_cache: task_pb2_grpc.TaskServiceAsyncStub | None = None
+
+    def __repr__(self) -> str:
+        return f"AsyncClient(address={self.config.address!r})"
+
+    @property
+    def _stub(self) -> task_pb2_grpc.TaskServiceAsyncStub:
+        channel = self._transport.channel
+        if self._stub_cache is None or self._stub_channel is not channel:
+            self._stub_cache = task_pb2_grpc.TaskServiceStub(channel)
+            self._stub_channel = channel
+        return self._stub_cache
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel; in-flight calls are cancelled."""
+        await self._transport.close()
+
+    async def submit(
+        self,
+        kind: str,
+        payload: Payload = None,
+        *,
+        pool: str = "default",
+        selector: Mapping[str, str] | None = None,
+        priority: int = 0,
+        max_attempts: int | None = None,
+        idempotency_key: str | None = None,
+        schedule_to_start_timeout: Seconds | None = None,
+        start_to_close_timeout: Seconds | None = None,
+        deadline: datetime | None = None,
+    ) -> Task:
+        """Queue a task and return it (the first task again on a repeated idempotency key).
+
+        ``payload``: bytes as is, str as UTF-8, dict/list as compact JSON. Timeouts are
+        timedeltas or seconds; None means the server default. ``deadline`` must be aware.
+        """
+        request = _requests.submit(
+            kind,
+            payload,
+            pool=pool,
+            selector=selector,
+            priority=priority,
+            max_attempts=max_attempts,
+            idempotency_key=idempotency_key,
+            schedule_to_start_timeout=schedule_to_start_timeout,
+            start_to_close_timeout=start_to_close_timeout,
+            deadline=deadline,
+        )
+        response = await self._transport.unary(self._stub.Submit, request)
+        return task_from_proto(response.task)
+
+    async def get(self, task_id: str) -> Task:
+        """The task as it is now; NotFoundError if there is no such task."""
+        request = task_pb2.GetTaskRequest(task_id=task_id)
+        return task_from_proto(await self._transport.unary(self._stub.Get, request))
+
+    async def list(
+        self,
+        *,
+        states: Iterable[TaskState | str] | None = None,
+        pool: str | None = None,
+        kind: str | None = None,
+        limit: int | None = _requests.DEFAULT_LIST_LIMIT,
+    ) -> builtins.list[Task]:
+        """Tasks newest first, following page tokens until ``limit`` (None: all of them)."""
+        _requests.check_limit(limit)
+        tasks: builtins.list[Task] = []
+        page_token = ""
+        while True:
+            remaining = None if limit is None else limit - len(tasks)
+            request = _requests.list_tasks(
+                states=states, pool=pool, kind=kind, remaining=remaining, page_token=page_token
+            )
+            response = await self._transport.unary(self._stub.List, request)
+            tasks.extend(task_from_proto(t) for t in response.tasks)
+            page_token = response.next_page_token
+            if not page_token or (limit is not None and len(tasks) >= limit):
+                return tasks if limit is None else tasks[:limit]
+
+    async def cancel(self, task_id: str, reason: str = "") -> Task:
+        """Ask to cancel; a queued task ends at once, a held one once its agent stops."""
+        request = task_pb2.CancelTaskRequest(task_id=task_id, reason=reason)
+        return task_from_proto(await self._transport.unary(self._stub.Cancel, request))
+
+    async def watch(self, task_id: str) -> AsyncIterator[Task]:
+        """Yield the task's current state, then each change; ends after a terminal state."""
+        call = self._stub.Watch(
+            task_pb2.WatchTaskRequest(task_id=task_id), metadata=self._transport.metadata
+        )
+        try:
+            async for message in call:
+                yield task_from_proto(message)
+        except grpc.aio.AioRpcError as err:
+            raise translate(err) from err
+        finally:
+            call.cancel()
+
+    # The timeout mirrors Client.wait and becomes the Watch call's grpc deadline.
+    async def wait(self, task_id: str, timeout: float | None = None) -> Task:  # noqa: ASYNC109
+        """Return the task once terminal, whatever the outcome (check ``task.state``).
+
+        Raises WaitTimeoutError (both a MusterError and a builtin TimeoutError) if
+        ``timeout`` seconds pass first; the task itself keeps running.
+        """
+        if timeout is not None and timeout <= 0:
+            raise InvalidArgumentError("timeout must be positive")
+        loop = asyncio.get_running_loop()
+        give_up = None if timeout is None else loop.time() + timeout
+        last: Task | None = None
+        while True:
+            remaining = None if give_up is None else give_up - loop.time()
+            if remaining is not None and remaining <= 0:
+                raise wait_timed_out(task_id, timeout, last)
+            call = self._stub.Watch(
+                task_pb2.WatchTaskRequest(task_id=task_id),
+                metadata=self._transport.metadata,
+                timeout=remaining,
+            )
+            try:
+                async for message in call:
+                    last = task_from_proto(message)
+                    if last.is_terminal:
+                        return last
+            except grpc.aio.AioRpcError as err:
+                if timeout is not None and error_code(err) is grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise wait_timed_out(task_id, timeout, last) from err
+                raise translate(err) from err
+            finally:
+                call.cancel()
+            # The stream ended early (a replica draining, say): watch again.
+            logger.debug("watch on task %s ended before a terminal state; reopening", task_id)
+            delay = REWATCH_DELAY if remaining is None else min(REWATCH_DELAY, remaining)
+            await asyncio.sleep(delay)
+
+
+def wait_timed_out(task_id: str, timeout: float | None, last: Task | None) -> WaitTimeoutError:
+    state = f" (last state {last.state})" if last is not None else ""
+    return WaitTimeoutError(f"task {task_id} did not finish within {timeout}s{state}", task=last)

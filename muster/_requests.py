@@ -1,0 +1,133 @@
+"""Request building shared by the sync and asyncio clients, so both send the same messages."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+
+from muster._convert import Payload, Seconds, encode_payload, to_duration, to_timestamp
+from muster._types import Role, TaskState
+from muster.errors import InvalidArgumentError
+from muster.v1 import admin_pb2, task_pb2
+
+MAX_PAGE_SIZE = 500
+"""The server's cap on one List page; larger limits are fetched in several pages."""
+
+DEFAULT_LIST_LIMIT = 100
+
+
+def submit(
+    kind: str,
+    payload: Payload,
+    *,
+    pool: str,
+    selector: Mapping[str, str] | None,
+    priority: int,
+    max_attempts: int | None,
+    idempotency_key: str | None,
+    schedule_to_start_timeout: Seconds | None,
+    start_to_close_timeout: Seconds | None,
+    deadline: datetime | None,
+) -> task_pb2.SubmitRequest:
+    if not kind:
+        raise InvalidArgumentError("kind is required")
+    if max_attempts is not None and max_attempts < 1:
+        raise InvalidArgumentError("max_attempts must be at least 1")
+    req = task_pb2.SubmitRequest(
+        kind=kind,
+        payload=encode_payload(payload),
+        pool=pool,
+        selector=dict(selector or {}),
+        priority=priority,
+        max_attempts=max_attempts or 0,
+        idempotency_key=idempotency_key or "",
+    )
+    if schedule_to_start_timeout is not None:
+        req.schedule_to_start_timeout.CopyFrom(
+            to_duration(schedule_to_start_timeout, "schedule_to_start_timeout")
+        )
+    if start_to_close_timeout is not None:
+        req.start_to_close_timeout.CopyFrom(
+            to_duration(start_to_close_timeout, "start_to_close_timeout")
+        )
+    if deadline is not None:
+        req.deadline.CopyFrom(to_timestamp(deadline, "deadline"))
+    return req
+
+
+def check_limit(limit: int | None) -> None:
+    if limit is not None and limit < 1:
+        raise InvalidArgumentError("limit must be at least 1 (or None for all)")
+
+
+def list_tasks(
+    *,
+    states: Iterable[TaskState | str] | None,
+    pool: str | None,
+    kind: str | None,
+    remaining: int | None,
+    page_token: str,
+) -> task_pb2.ListTasksRequest:
+    try:
+        wire_states = [int(TaskState.parse(s)) for s in states or ()]
+    except ValueError as err:
+        raise InvalidArgumentError(str(err)) from err
+    page_size = MAX_PAGE_SIZE if remaining is None else min(remaining, MAX_PAGE_SIZE)
+    return task_pb2.ListTasksRequest(
+        states=wire_states,  # type: ignore[arg-type]  # the stub wants the proto enum type
+        pool=pool or "",
+        kind=kind or "",
+        page_size=page_size,
+        page_token=page_token,
+    )
+
+
+def create_bootstrap_token(
+    pool: str,
+    labels: Mapping[str, str] | None,
+    ttl: Seconds | None,
+    max_uses: int | None,
+    name_pattern: str | None,
+) -> admin_pb2.CreateBootstrapTokenRequest:
+    if not pool:
+        raise InvalidArgumentError("pool is required")
+    req = admin_pb2.CreateBootstrapTokenRequest(
+        pool=pool,
+        labels=dict(labels or {}),
+        name_pattern=name_pattern or "",
+        max_uses=max_uses or 0,
+    )
+    if ttl is not None:
+        req.ttl.CopyFrom(to_duration(ttl, "ttl"))
+    return req
+
+
+def create_api_token(
+    name: str, role: Role | str, ttl: Seconds | None
+) -> admin_pb2.CreateApiTokenRequest:
+    if not name:
+        raise InvalidArgumentError("name is required")
+    try:
+        wire_role = int(Role.parse(role))
+    except ValueError as err:
+        raise InvalidArgumentError(str(err)) from err
+    req = admin_pb2.CreateApiTokenRequest(name=name, role=wire_role)  # type: ignore[arg-type]
+    if ttl is not None:
+        req.ttl.CopyFrom(to_duration(ttl, "ttl"))
+    return req
+
+
+def query_audit(
+    actor: str | None,
+    action: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int | None,
+) -> admin_pb2.QueryAuditRequest:
+    check_limit(limit)
+    req = admin_pb2.QueryAuditRequest(actor=actor or "", action=action or "", limit=limit or 0)
+    if since is not None:
+        req.since.CopyFrom(to_timestamp(since, "since"))
+    if until is not None:
+        req.until.CopyFrom(to_timestamp(until, "until"))
+    return req

@@ -1,0 +1,165 @@
+"""The blocking task client, on a plain grpc channel (no event loop behind it)."""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime
+from types import TracebackType
+
+import grpc
+
+from muster import _requests
+from muster._client import REWATCH_DELAY, wait_timed_out
+from muster._convert import Payload, Seconds, task_from_proto
+from muster._errors_map import error_code, translate
+from muster._transport import SyncTransport
+from muster._types import Task, TaskState
+from muster.config import ClientConfig
+from muster.errors import InvalidArgumentError
+from muster.v1 import task_pb2, task_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+class Client:
+    """Blocking client for ``TaskService``; use ``with`` or call :meth:`close`.
+
+    The same API as :class:`AsyncClient`. With no config, settings come from
+    :meth:`ClientConfig.from_env`.
+    """
+
+    def __init__(self, config: ClientConfig | None = None) -> None:
+        self.config = config if config is not None else ClientConfig.from_env()
+        self._transport = SyncTransport(self.config)
+        self._stub = task_pb2_grpc.TaskServiceStub(self._transport.channel)
+
+    def __repr__(self) -> str:
+        return f"Client(address={self.config.address!r})"
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel; in-flight calls are cancelled."""
+        self._transport.close()
+
+    def submit(
+        self,
+        kind: str,
+        payload: Payload = None,
+        *,
+        pool: str = "default",
+        selector: Mapping[str, str] | None = None,
+        priority: int = 0,
+        max_attempts: int | None = None,
+        idempotency_key: str | None = None,
+        schedule_to_start_timeout: Seconds | None = None,
+        start_to_close_timeout: Seconds | None = None,
+        deadline: datetime | None = None,
+    ) -> Task:
+        """Queue a task and return it; see :meth:`AsyncClient.submit`."""
+        request = _requests.submit(
+            kind,
+            payload,
+            pool=pool,
+            selector=selector,
+            priority=priority,
+            max_attempts=max_attempts,
+            idempotency_key=idempotency_key,
+            schedule_to_start_timeout=schedule_to_start_timeout,
+            start_to_close_timeout=start_to_close_timeout,
+            deadline=deadline,
+        )
+        return task_from_proto(self._transport.unary(self._stub.Submit, request).task)
+
+    def get(self, task_id: str) -> Task:
+        """The task as it is now; NotFoundError if there is no such task."""
+        request = task_pb2.GetTaskRequest(task_id=task_id)
+        return task_from_proto(self._transport.unary(self._stub.Get, request))
+
+    def list(
+        self,
+        *,
+        states: Iterable[TaskState | str] | None = None,
+        pool: str | None = None,
+        kind: str | None = None,
+        limit: int | None = _requests.DEFAULT_LIST_LIMIT,
+    ) -> builtins.list[Task]:
+        """Tasks newest first, following page tokens until ``limit`` (None: all of them)."""
+        _requests.check_limit(limit)
+        tasks: builtins.list[Task] = []
+        page_token = ""
+        while True:
+            remaining = None if limit is None else limit - len(tasks)
+            request = _requests.list_tasks(
+                states=states, pool=pool, kind=kind, remaining=remaining, page_token=page_token
+            )
+            response = self._transport.unary(self._stub.List, request)
+            tasks.extend(task_from_proto(t) for t in response.tasks)
+            page_token = response.next_page_token
+            if not page_token or (limit is not None and len(tasks) >= limit):
+                return tasks if limit is None else tasks[:limit]
+
+    def cancel(self, task_id: str, reason: str = "") -> Task:
+        """Ask to cancel; a queued task ends at once, a held one once its agent stops."""
+        request = task_pb2.CancelTaskRequest(task_id=task_id, reason=reason)
+        return task_from_proto(self._transport.unary(self._stub.Cancel, request))
+
+    def watch(self, task_id: str) -> Iterator[Task]:
+        """Yield the task's current state, then each change; ends after a terminal state.
+
+        Close the iterator (or let it finish) to end the stream.
+        """
+        call = self._stub.Watch(
+            task_pb2.WatchTaskRequest(task_id=task_id), metadata=self._transport.metadata
+        )
+        try:
+            for message in call:
+                yield task_from_proto(message)
+        except grpc.RpcError as err:
+            raise translate(err) from err
+        finally:
+            call.cancel()
+
+    def wait(self, task_id: str, timeout: float | None = None) -> Task:
+        """Return the task once terminal; WaitTimeoutError after ``timeout`` seconds.
+
+        See :meth:`AsyncClient.wait`.
+        """
+        if timeout is not None and timeout <= 0:
+            raise InvalidArgumentError("timeout must be positive")
+        give_up = None if timeout is None else time.monotonic() + timeout
+        last: Task | None = None
+        while True:
+            remaining = None if give_up is None else give_up - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise wait_timed_out(task_id, timeout, last)
+            call = self._stub.Watch(
+                task_pb2.WatchTaskRequest(task_id=task_id),
+                metadata=self._transport.metadata,
+                timeout=remaining,
+            )
+            try:
+                for message in call:
+                    last = task_from_proto(message)
+                    if last.is_terminal:
+                        return last
+            except grpc.RpcError as err:
+                if timeout is not None and error_code(err) is grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise wait_timed_out(task_id, timeout, last) from err
+                raise translate(err) from err
+            finally:
+                call.cancel()
+            logger.debug("watch on task %s ended before a terminal state; reopening", task_id)
+            time.sleep(REWATCH_DELAY if remaining is None else min(REWATCH_DELAY, remaining))

@@ -1,0 +1,208 @@
+"""Typed, immutable views of what the server returns, so callers never touch protobuf."""
+
+from __future__ import annotations
+
+import enum
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+
+class TaskState(enum.IntEnum):
+    """A task's lifecycle state; values match ``muster.v1.TaskState`` on the wire."""
+
+    QUEUED = 1
+    ASSIGNED = 2
+    RUNNING = 3
+    SUCCEEDED = 4
+    FAILED = 5
+    CANCELLED = 6
+    TIMED_OUT = 7
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the task can no longer change state."""
+        return self >= TaskState.SUCCEEDED
+
+    @classmethod
+    def parse(cls, value: str | int | TaskState) -> TaskState:
+        """Accept ``"running"``, ``"RUNNING"``, ``"TASK_STATE_RUNNING"`` or the number."""
+        if isinstance(value, int):
+            return cls(value)
+        name = value.strip().upper().replace("-", "_").removeprefix("TASK_STATE_")
+        try:
+            return cls[name]
+        except KeyError:
+            choices = ", ".join(s.name.lower() for s in cls)
+            raise ValueError(f"unknown task state {value[:40]!r} (one of: {choices})") from None
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Role(enum.IntEnum):
+    """What an API token may do; values match ``muster.v1.Role``."""
+
+    SUBMITTER = 1
+    """Submit, read and cancel tasks."""
+    ADMIN = 2
+    """Everything, including AdminService."""
+
+    @classmethod
+    def parse(cls, value: str | int | Role) -> Role:
+        if isinstance(value, int):
+            return cls(value)
+        name = value.strip().upper().removeprefix("ROLE_")
+        try:
+            return cls[name]
+        except KeyError:
+            raise ValueError(f"unknown role {value[:40]!r} (submitter or admin)") from None
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Resource usage the agent reported for a task's final attempt."""
+
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cost_micros: int = 0
+    """Spend in millionths of a dollar."""
+
+
+@dataclass(frozen=True, slots=True)
+class Task:
+    """One task as the server last reported it."""
+
+    task_id: str
+    kind: str
+    state: TaskState
+    payload: bytes = b""
+    pool: str = ""
+    selector: Mapping[str, str] = field(default_factory=dict, hash=False)
+    priority: int = 0
+    attempt: int = 0
+    max_attempts: int = 0
+    owner: str = ""
+    idempotency_key: str = ""
+    agent_id: str = ""
+    output: bytes = b""
+    error: str = ""
+    cancel_requested: bool = False
+    schedule_to_start_timeout: timedelta | None = None
+    start_to_close_timeout: timedelta | None = None
+    deadline: datetime | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    usage: Usage | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state.is_terminal
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state is TaskState.SUCCEEDED
+
+    @property
+    def output_text(self) -> str:
+        """The output decoded as UTF-8 (invalid bytes replaced)."""
+        return _text(self.output)
+
+    def output_json(self) -> Any:
+        """The output parsed as JSON; ValueError if it is not JSON."""
+        return json.loads(self.output)
+
+    @property
+    def payload_text(self) -> str:
+        return _text(self.payload)
+
+    def payload_json(self) -> Any:
+        return json.loads(self.payload)
+
+
+@dataclass(frozen=True, slots=True)
+class BootstrapToken:
+    """A bootstrap token's public record; its secret is returned only once, at creation."""
+
+    token_id: str
+    pool: str
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    name_pattern: str = "*"
+    max_uses: int = 1
+    uses: int = 0
+    expires_at: datetime | None = None
+    created_at: datetime | None = None
+    created_by: str = ""
+    deleted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    """An API token's public record; its secret is returned only once, at creation."""
+
+    token_id: str
+    name: str
+    role: Role | None
+    """None when the server sent a role this SDK does not know."""
+    created_at: datetime | None = None
+    expires_at: datetime | None = None
+    deleted: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Certificate:
+    """An agent certificate the server issued."""
+
+    serial: str
+    agent_id: str
+    not_before: datetime | None = None
+    not_after: datetime | None = None
+    revoked: bool = False
+    revoked_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Agent:
+    """An enrolled agent and its certificates."""
+
+    agent_id: str
+    spiffe_id: str = ""
+    pool: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict, hash=False)
+    enabled: bool = True
+    connected: bool = False
+    enrolled_at: datetime | None = None
+    last_seen_at: datetime | None = None
+    token_id: str = ""
+    certificates: tuple[Certificate, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    """One row of the audit trail."""
+
+    id: int
+    time: datetime | None
+    actor: str
+    action: str
+    target: str = ""
+    outcome: str = ""
+    peer: str = ""
+    request_id: str = ""
+    details: str = ""
+    """A JSON object as text; never contains secrets."""
+
+    def details_json(self) -> Any:
+        """The details parsed; an empty dict when there are none."""
+        return json.loads(self.details) if self.details else {}
