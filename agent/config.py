@@ -1,0 +1,136 @@
+"""The daemon's settings as one validated object, so bad input fails at startup, not mid-stream."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from muster.errors import ConfigError
+from muster.spiffe import AGENT_ID
+
+STATE_DIR_ENV = "MUSTER_AGENT_STATE_DIR"
+CA_FILE_ENV = "MUSTER_CA_FILE"
+TOKEN_ENV = "MUSTER_BOOTSTRAP_TOKEN"  # noqa: S105 (a variable name, not a secret)
+DEFAULT_STATE_DIR = Path(".muster-agent")
+DEFAULT_CA_FILE = Path(".muster/ca/bundle.pem")
+MAX_CONCURRENCY = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """Everything ``muster agent`` needs; validated at construction."""
+
+    state_dir: Path = DEFAULT_STATE_DIR
+    """Where the key, certificate, identity and outbox live (created 0700)."""
+    server: str | None = None
+    """host:port of the api listener, used only to enroll."""
+    token: str | None = field(default=None, repr=False)
+    """The bootstrap token, used only to enroll; never logged."""
+    ca_file: Path | None = None
+    """Roots that verify the api listener during enrollment."""
+    name: str | None = None
+    """The agent id to ask for at enrollment (None lets the server choose)."""
+    pool: str = ""
+    """The pool to ask for at enrollment (empty takes the token's)."""
+    labels: Mapping[str, str] = field(default_factory=dict)
+    """Labels to ask for at enrollment; after that the enrolled labels are used."""
+    agent_server: str | None = None
+    """host:port of the agent listener; overrides the endpoint learned at enrollment."""
+    tls_server_name: str | None = None
+    """Name to verify in the server certificate when it differs from the dialled host."""
+    concurrency: int = 4
+    """How many tasks run at once (Hello.max_concurrency)."""
+    executors: tuple[str, ...] | None = None
+    """Entry-point names of the executors to load; None loads all."""
+    drain_timeout: float = 30.0
+    """On shutdown, how long to wait for in-flight tasks and their Acks."""
+    exit_on_revoke: bool = False
+    """Stop (non-zero) when the server refuses our identity, instead of retrying slowly."""
+    backoff_initial: float = 0.2
+    backoff_max: float = 30.0
+    welcome_timeout: float = 15.0
+    """How long to wait for Welcome after Hello before giving the stream up."""
+    rpc_timeout: float = 30.0
+    """Deadline for the unary Enroll and Renew calls."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.concurrency <= MAX_CONCURRENCY:
+            raise ConfigError(f"--concurrency must be between 1 and {MAX_CONCURRENCY}")
+        if self.drain_timeout < 0:
+            raise ConfigError("--drain-timeout must not be negative")
+        if not 0 < self.backoff_initial <= self.backoff_max:
+            raise ConfigError("backoff needs 0 < initial <= max")
+        if self.welcome_timeout <= 0 or self.rpc_timeout <= 0:
+            raise ConfigError("timeouts must be positive")
+        for flag, address in (("--server", self.server), ("--agent-server", self.agent_server)):
+            if address is not None and (not address or any(c.isspace() for c in address)):
+                raise ConfigError(f"{flag} must look like host:port, got {address!r}")
+        if self.name is not None and not AGENT_ID.match(self.name):
+            raise ConfigError(
+                f"--name {self.name[:80]!r} is not a valid agent id: use 1-63 lower-case "
+                "letters, digits, '.', '_' or '-', starting with a letter or digit"
+            )
+        for key, value in self.labels.items():
+            if not key or "=" in key:
+                raise ConfigError(f"invalid label key {key!r}")
+            if not isinstance(value, str):
+                raise ConfigError(f"label {key!r} must have a string value")
+        if self.executors is not None and not self.executors:
+            raise ConfigError("--executors names no executor")
+        if self.token is not None and not self.token.strip():
+            raise ConfigError("the bootstrap token is empty")
+
+    def resolved_ca_file(self) -> Path:
+        """The CA bundle for enrollment: the flag, then $MUSTER_CA_FILE, then the dev default."""
+        if self.ca_file is not None:
+            candidate = self.ca_file
+        elif os.environ.get(CA_FILE_ENV):
+            candidate = Path(os.environ[CA_FILE_ENV])
+        elif DEFAULT_CA_FILE.is_file():
+            candidate = DEFAULT_CA_FILE
+        else:
+            raise ConfigError(
+                "no CA bundle to verify the server: pass --ca-file, set "
+                f"{CA_FILE_ENV}, or run from a directory holding {DEFAULT_CA_FILE}"
+            )
+        if not candidate.is_file():
+            raise ConfigError(f"CA bundle {candidate} does not exist or is not a file")
+        return candidate
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR)
+
+
+def parse_labels(items: Iterable[str]) -> dict[str, str]:
+    """``["k=v", ...]`` -> dict; a repeated key or a missing '=' is an error."""
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--label expects key=value, got {item!r}")
+        if key in labels:
+            raise ConfigError(f"--label {key!r} given twice")
+        labels[key] = value
+    return labels
+
+
+def read_token(token: str | None, token_file: Path | None) -> str | None:
+    """The bootstrap token from --token, --token-file or $MUSTER_BOOTSTRAP_TOKEN, in that order."""
+    if token is not None and token_file is not None:
+        raise ConfigError("give --token or --token-file, not both")
+    if token_file is not None:
+        try:
+            text = token_file.read_text(encoding="utf-8").strip()
+        except OSError as err:
+            raise ConfigError(f"cannot read --token-file {token_file}: {err.strerror}") from err
+        if not text:
+            raise ConfigError(f"--token-file {token_file} is empty")
+        return text
+    if token is not None:
+        return token.strip()
+    env = os.environ.get(TOKEN_ENV, "").strip()
+    return env or None

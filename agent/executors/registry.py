@@ -1,0 +1,90 @@
+"""Which executors this agent runs: found through the ``muster.executors`` entry points."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from importlib.metadata import EntryPoint, entry_points
+
+from agent.executors.base import Executor
+from muster.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "muster.executors"
+
+
+class ExecutorRegistry:
+    """Task kind -> executor. The kinds become the agent's capabilities in Hello."""
+
+    def __init__(self, executors: Iterable[Executor] = ()) -> None:
+        self._by_kind: dict[str, Executor] = {}
+        for executor in executors:
+            self.register(executor)
+
+    def register(self, executor: Executor) -> None:
+        if not isinstance(executor, Executor):
+            raise ConfigError(f"{executor!r} is not an executor (needs `kind` and `async run`)")
+        kind = executor.kind
+        if not isinstance(kind, str) or not kind:
+            raise ConfigError(f"executor {executor!r} has no kind")
+        if kind in self._by_kind:
+            raise ConfigError(f"two executors claim the task kind {kind!r}")
+        self._by_kind[kind] = executor
+
+    def get(self, kind: str) -> Executor | None:
+        return self._by_kind.get(kind)
+
+    @property
+    def kinds(self) -> list[str]:
+        """The registered kinds, sorted (stable Hello capabilities)."""
+        return sorted(self._by_kind)
+
+    def __contains__(self, kind: object) -> bool:
+        return kind in self._by_kind
+
+    def __iter__(self) -> Iterator[Executor]:
+        return iter(self._by_kind.values())
+
+    def __len__(self) -> int:
+        return len(self._by_kind)
+
+    @classmethod
+    def discover(
+        cls, names: Sequence[str] | None = None, *, group: str = ENTRY_POINT_GROUP
+    ) -> ExecutorRegistry:
+        """Load the entry points named ``names`` (all of them when None).
+
+        Each entry point names a class (or factory) called with no arguments.
+        The entry point's name is how ``--executors`` selects it; the executor's
+        own ``kind`` is what the server matches tasks against.
+        """
+        found = {ep.name: ep for ep in entry_points(group=group)}
+        if names is None:
+            selected = sorted(found)
+        else:
+            unknown = [name for name in names if name not in found]
+            if unknown:
+                available = ", ".join(sorted(found)) or "none"
+                raise ConfigError(
+                    f"unknown executor(s): {', '.join(unknown)} (available: {available})"
+                )
+            selected = list(dict.fromkeys(names))
+        registry = cls()
+        for name in selected:
+            registry.register(_instantiate(found[name]))
+        if not registry:
+            raise ConfigError(f"no executors found in the {group!r} entry-point group")
+        log.debug("executors: %s", ", ".join(registry.kinds))
+        return registry
+
+
+def _instantiate(ep: EntryPoint) -> Executor:
+    try:
+        factory = ep.load()
+        executor = factory()
+    except Exception as err:
+        raise ConfigError(f"cannot load executor {ep.name!r} ({ep.value}): {err}") from err
+    if not isinstance(executor, Executor):
+        raise ConfigError(f"executor {ep.name!r} ({ep.value}) lacks `kind` or `run`")
+    return executor
