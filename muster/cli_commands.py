@@ -1,0 +1,579 @@
+"""The client subcommands of ``muster`` (submit, task, token, api-token, agents, cert, audit).
+
+Registered through the ``muster.commands`` entry point ``client``. Each handler uses
+the blocking SDK clients and returns an exit code; MusterErrors reach the dispatcher,
+which prints them as one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from muster._admin import AdminClient
+from muster._cli_format import (
+    TASK_HEADERS,
+    format_labels,
+    format_time,
+    table,
+    task_details,
+    task_row,
+    to_json,
+)
+from muster._sync_client import Client
+from muster._types import Role, Task, TaskState
+from muster.cli import Subparsers, command_group
+from muster.config import ClientConfig
+from muster.durations import parse_duration, parse_time
+from muster.errors import ConfigError
+
+
+def register(subparsers: Subparsers) -> None:
+    """Add the client commands to the ``muster`` parser."""
+    common = _common_flags()
+    _add_submit(subparsers, common)
+    _add_task(subparsers, common)
+    _add_token(subparsers, common)
+    _add_api_token(subparsers, common)
+    _add_agents(subparsers, common)
+    _add_cert(subparsers, common)
+    _add_audit(subparsers, common)
+
+
+# Argument types: argparse turns their ArgumentTypeError into a usage error (exit 2).
+
+
+def _duration_arg(text: str) -> float:
+    try:
+        seconds = parse_duration(text).total_seconds()
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError(f"duration must be positive: {text!r}")
+    return seconds
+
+
+def _time_arg(text: str) -> datetime:
+    try:
+        return parse_time(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _label_arg(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    return key, value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _state_arg(text: str) -> TaskState:
+    try:
+        return TaskState.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _common_flags() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    flags = common.add_argument_group("connection (override MUSTER_* and .env)")
+    flags.add_argument("--addr", metavar="HOST:PORT", help="api listener (MUSTER_ADDR)")
+    flags.add_argument(
+        "--token-file", metavar="FILE", help="file holding the API token (MUSTER_TOKEN_FILE)"
+    )
+    flags.add_argument(
+        "--ca-file", metavar="FILE", help="CA bundle the server chains to (MUSTER_CA_FILE)"
+    )
+    return common
+
+
+def _config(args: argparse.Namespace) -> ClientConfig:
+    return ClientConfig.from_env(
+        address=args.addr, token_file=args.token_file, ca_file=args.ca_file
+    )
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(_config(args))
+
+
+def _admin(args: argparse.Namespace) -> AdminClient:
+    return AdminClient(_config(args))
+
+
+def _out(text: str) -> None:
+    print(text)
+
+
+def _err(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def _leaf(
+    group: Subparsers, name: str, common: argparse.ArgumentParser, help: str
+) -> argparse.ArgumentParser:
+    return group.add_parser(name, parents=[common], help=help, description=help)
+
+
+# submit
+
+
+def _add_submit(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
+    p = _leaf(subparsers, "submit", common, "Queue a task; print its id, or its output with --wait")
+    p.add_argument("kind", metavar="KIND", help="what to run, e.g. echo")
+    payload = p.add_mutually_exclusive_group()
+    payload.add_argument("--payload", metavar="JSON_OR_TEXT", help="input, sent as given")
+    payload.add_argument("--payload-file", metavar="FILE", help="read input from FILE ('-': stdin)")
+    p.add_argument("--pool", default="default", help="target pool (default: %(default)s)")
+    p.add_argument(
+        "--selector",
+        metavar="K=V",
+        action="append",
+        type=_label_arg,
+        default=[],
+        help="label the agent must carry (repeatable)",
+    )
+    p.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    p.add_argument("--max-attempts", type=_positive_int, metavar="N")
+    p.add_argument("--idempotency-key", metavar="KEY", help="a repeat returns the first task")
+    p.add_argument("--schedule-to-start-timeout", type=_duration_arg, metavar="DURATION")
+    p.add_argument("--start-to-close-timeout", type=_duration_arg, metavar="DURATION")
+    p.add_argument("--wait", action="store_true", help="wait for the result and print its output")
+    p.add_argument(
+        "--timeout", type=_duration_arg, metavar="DURATION", help="with --wait: give up after this"
+    )
+    p.add_argument("--json", action="store_true", help="print the task as JSON")
+    p.set_defaults(func=_submit)
+
+
+def _read_payload(args: argparse.Namespace) -> bytes:
+    if args.payload is not None:
+        return str(args.payload).encode("utf-8")
+    if args.payload_file is None:
+        return b""
+    if args.payload_file == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(args.payload_file).read_bytes()
+    except OSError as err:
+        raise ConfigError(
+            f"cannot read --payload-file {args.payload_file!r}: {err.strerror}"
+        ) from err
+
+
+def _submit(args: argparse.Namespace) -> int:
+    payload = _read_payload(args)
+    with _client(args) as client:
+        task = client.submit(
+            args.kind,
+            payload,
+            pool=args.pool,
+            selector=dict(args.selector),
+            priority=args.priority,
+            max_attempts=args.max_attempts,
+            idempotency_key=args.idempotency_key,
+            schedule_to_start_timeout=args.schedule_to_start_timeout,
+            start_to_close_timeout=args.start_to_close_timeout,
+        )
+        if not args.wait:
+            _out(to_json(task) if args.json else task.task_id)
+            return 0
+        final = client.wait(task.task_id, timeout=args.timeout)
+    return _report_final(final, args.json)
+
+
+def _report_final(task: Task, as_json: bool) -> int:
+    if as_json:
+        _out(to_json(task))
+    elif task.succeeded:
+        text = task.output_text
+        sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
+    else:
+        reason = f": {task.error}" if task.error else ""
+        _err(f"muster: task {task.task_id} {task.state.name}{reason}")
+    return 0 if task.succeeded else 1
+
+
+# task
+
+
+def _add_task(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
+    group = command_group(subparsers, "task", help="Read, list, cancel and watch tasks")
+
+    p = _leaf(group, "get", common, "Show one task")
+    p.add_argument("task_id", metavar="ID")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_task_get)
+
+    p = _leaf(group, "list", common, "List tasks, newest first")
+    p.add_argument(
+        "--state",
+        action="append",
+        type=_state_arg,
+        default=[],
+        metavar="STATE",
+        help="only this state (repeatable): " + ", ".join(s.name.lower() for s in TaskState),
+    )
+    p.add_argument("--pool")
+    p.add_argument("--kind")
+    p.add_argument("--limit", type=_positive_int, default=50, help="at most N (default 50)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_task_list)
+
+    p = _leaf(group, "cancel", common, "Cancel a task")
+    p.add_argument("task_id", metavar="ID")
+    p.add_argument("--reason", default="", help="recorded with the cancellation")
+    p.set_defaults(func=_task_cancel)
+
+    p = _leaf(group, "watch", common, "Print a line per state change until the task ends")
+    p.add_argument("task_id", metavar="ID")
+    p.add_argument("--json", action="store_true", help="one JSON object per change")
+    p.set_defaults(func=_task_watch)
+
+
+def _task_get(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        task = client.get(args.task_id)
+    _out(to_json(task) if args.json else task_details(task))
+    return 0
+
+
+def _task_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        tasks = client.list(states=args.state, pool=args.pool, kind=args.kind, limit=args.limit)
+    _out(to_json(tasks) if args.json else table(TASK_HEADERS, [task_row(t) for t in tasks]))
+    return 0
+
+
+def _task_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        task = client.cancel(args.task_id, reason=args.reason)
+    pending = " (cancel requested; waiting for its agent)" if not task.is_terminal else ""
+    _out(f"{task.task_id} {task.state.name}{pending}")
+    return 0
+
+
+def _task_watch(args: argparse.Namespace) -> int:
+    last: Task | None = None
+    seen: tuple[object, ...] | None = None
+    with _client(args) as client:
+        for task in client.watch(args.task_id):
+            last = task
+            key = (task.state, task.attempt, task.agent_id, task.cancel_requested)
+            if key == seen:
+                continue
+            seen = key
+            if args.json:
+                _out(to_json(task).replace("\n", " "))
+                continue
+            extra = f" agent={task.agent_id}" if task.agent_id else ""
+            extra += " cancel-requested" if task.cancel_requested else ""
+            extra += f" error={task.error!r}" if task.error and task.is_terminal else ""
+            stamp = format_time(task.updated_at or task.created_at)
+            _out(f"{stamp} {task.task_id} {task.state.name} attempt={task.attempt}{extra}")
+    return 0 if last is not None and last.succeeded else 1
+
+
+# token (bootstrap tokens)
+
+
+def _add_token(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
+    group = command_group(subparsers, "token", help="Bootstrap tokens for enrolling agents")
+
+    p = _leaf(group, "create", common, "Create a bootstrap token; prints only the secret")
+    p.add_argument("--pool", required=True, help="pool the enrolled agents serve")
+    p.add_argument(
+        "--label",
+        metavar="K=V",
+        action="append",
+        type=_label_arg,
+        default=[],
+        help="label every enrolled agent carries (repeatable)",
+    )
+    p.add_argument("--ttl", type=_duration_arg, metavar="DURATION", help="server default 1h")
+    p.add_argument("--uses", type=_positive_int, metavar="N", help="server default 1")
+    p.add_argument("--name-pattern", metavar="GLOB", help="agent ids allowed (default '*')")
+    p.set_defaults(func=_token_create)
+
+    p = _leaf(group, "list", common, "List bootstrap tokens (never their secrets)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_token_list)
+
+    p = _leaf(group, "delete", common, "Make a bootstrap token unusable at once")
+    p.add_argument("token_id", metavar="ID")
+    p.set_defaults(func=_token_delete)
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        token, secret = admin.create_bootstrap_token(
+            args.pool,
+            labels=dict(args.label),
+            ttl=args.ttl,
+            max_uses=args.uses,
+            name_pattern=args.name_pattern,
+        )
+    # Only the secret on stdout, so `T=$(muster token create ...)` captures just it.
+    _out(secret)
+    _err(
+        f"bootstrap token {token.token_id}: pool={token.pool} uses={token.max_uses} "
+        f"expires={format_time(token.expires_at)}"
+    )
+    return 0
+
+
+def _token_list(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        tokens = admin.list_bootstrap_tokens()
+    if args.json:
+        _out(to_json(tokens))
+        return 0
+    rows = [
+        [
+            t.token_id,
+            t.pool,
+            f"{t.uses}/{t.max_uses}",
+            t.name_pattern or "*",
+            format_labels(t.labels),
+            format_time(t.expires_at),
+            "deleted" if t.deleted else "active",
+        ]
+        for t in tokens
+    ]
+    _out(table(("TOKEN_ID", "POOL", "USES", "NAMES", "LABELS", "EXPIRES", "STATUS"), rows))
+    return 0
+
+
+def _token_delete(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        admin.delete_bootstrap_token(args.token_id)
+    _err(f"deleted bootstrap token {args.token_id}")
+    return 0
+
+
+# api-token
+
+
+def _add_api_token(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
+    group = command_group(subparsers, "api-token", help="API tokens for clients")
+
+    p = _leaf(group, "create", common, "Create an API token; prints only the secret")
+    p.add_argument("name", metavar="NAME", help="the principal recorded as owner and actor")
+    p.add_argument("--role", required=True, choices=[str(r) for r in Role])
+    p.add_argument("--ttl", type=_duration_arg, metavar="DURATION", help="default: never expires")
+    p.set_defaults(func=_api_token_create)
+
+    p = _leaf(group, "list", common, "List API tokens (never their secrets)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_api_token_list)
+
+    p = _leaf(group, "delete", common, "Delete an API token")
+    p.add_argument("token_id", metavar="ID")
+    p.set_defaults(func=_api_token_delete)
+
+
+def _api_token_create(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        token, secret = admin.create_api_token(args.name, args.role, ttl=args.ttl)
+    _out(secret)
+    _err(
+        f"api token {token.token_id}: name={token.name} role={token.role} "
+        f"expires={format_time(token.expires_at) if token.expires_at else 'never'}"
+    )
+    return 0
+
+
+def _api_token_list(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        tokens = admin.list_api_tokens()
+    if args.json:
+        _out(to_json(tokens))
+        return 0
+    rows = [
+        [
+            t.token_id,
+            t.name,
+            str(t.role) if t.role is not None else "?",
+            format_time(t.created_at),
+            format_time(t.expires_at) if t.expires_at else "never",
+            "deleted" if t.deleted else "active",
+        ]
+        for t in tokens
+    ]
+    _out(table(("TOKEN_ID", "NAME", "ROLE", "CREATED", "EXPIRES", "STATUS"), rows))
+    return 0
+
+
+def _api_token_delete(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        admin.delete_api_token(args.token_id)
+    _err(f"deleted api token {args.token_id}")
+    return 0
+
+
+# agents and certificates
+
+
+def _add_agents(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
+    group = command_group(subparsers, "agents", help="Inspect, disable and revoke agents")
+
+    p = _leaf(group, "list", common, "List enrolled agents")
+    p.add_argument("--pool")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_agents_list)
+
+    p = _leaf(group, "get", common, "Show one agent and its certificates")
+    p.add_argument("agent_id", metavar="ID")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_agents_get)
+
+    p = _leaf(group, "disable", common, "Disable an agent (its streams close at once)")
+    p.add_argument("agent_id", metavar="ID")
+    p.set_defaults(func=_agents_set_enabled, enabled=False)
+
+    p = _leaf(group, "enable", common, "Re-enable a disabled agent")
+    p.add_argument("agent_id", metavar="ID")
+    p.set_defaults(func=_agents_set_enabled, enabled=True)
+
+    p = _leaf(group, "revoke", common, "Revoke every certificate of an agent")
+    p.add_argument("agent_id", metavar="ID")
+    p.add_argument("--reason", default="", help="recorded in the audit trail")
+    p.set_defaults(func=_agents_revoke)
+
+
+def _agents_list(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        agents = admin.list_agents(pool=args.pool)
+    if args.json:
+        _out(to_json(agents))
+        return 0
+    rows = [
+        [
+            a.agent_id,
+            a.pool,
+            "enabled" if a.enabled else "disabled",
+            "yes" if a.connected else "no",
+            format_time(a.last_seen_at),
+            format_labels(a.labels),
+        ]
+        for a in agents
+    ]
+    _out(table(("AGENT_ID", "POOL", "STATUS", "CONNECTED", "LAST_SEEN", "LABELS"), rows))
+    return 0
+
+
+def _agents_get(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        agent = admin.get_agent(args.agent_id)
+    if args.json:
+        _out(to_json(agent))
+        return 0
+    _out(
+        "\n".join(
+            [
+                f"agent_id:    {agent.agent_id}",
+                f"spiffe_id:   {agent.spiffe_id}",
+                f"pool:        {agent.pool}",
+                f"labels:      {format_labels(agent.labels)}",
+                f"status:      {'enabled' if agent.enabled else 'disabled'}",
+                f"connected:   {'yes' if agent.connected else 'no'}",
+                f"enrolled:    {format_time(agent.enrolled_at)}",
+                f"last_seen:   {format_time(agent.last_seen_at)}",
+                f"token_id:    {agent.token_id or '-'}",
+                "certificates:",
+            ]
+        )
+    )
+    rows = [
+        [
+            "  " + c.serial,
+            format_time(c.not_before),
+            format_time(c.not_after),
+            f"revoked {format_time(c.revoked_at)}" if c.revoked else "valid",
+        ]
+        for c in agent.certificates
+    ]
+    _out(
+        table(
+            ("  SERIAL", "NOT_BEFORE", "NOT_AFTER", "STATUS"), [["  " + r[0], *r[1:]] for r in rows]
+        )
+    )
+    return 0
+
+
+def _agents_set_enabled(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        agent = admin.set_agent_enabled(args.agent_id, args.enabled)
+    _out(f"{agent.agent_id} {'enabled' if agent.enabled else 'disabled'}")
+    return 0
+
+
+def _agents_revoke(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        serials = admin.revoke_agent(args.agent_id, reason=args.reason)
+    for serial in serials:
+        _out(serial)
+    _err(f"revoked {len(serials)} certificate(s) of agent {args.agent_id}")
+    return 0
+
+
+def _add_cert(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
+    group = command_group(subparsers, "cert", help="Agent certificates")
+    p = _leaf(group, "revoke", common, "Revoke one certificate by its hex serial")
+    p.add_argument("serial", metavar="SERIAL")
+    p.add_argument("--reason", default="", help="recorded in the audit trail")
+    p.set_defaults(func=_cert_revoke)
+
+
+def _cert_revoke(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        admin.revoke_certificate(args.serial, reason=args.reason)
+    _err(f"revoked certificate {args.serial}")
+    return 0
+
+
+# audit
+
+
+def _add_audit(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
+    group = command_group(subparsers, "audit", help="The audit trail")
+    p = _leaf(group, "query", common, "Read audit events, newest first")
+    p.add_argument("--actor", help="SPIFFE ID, API token name, bootstrap:<id> or anonymous")
+    p.add_argument("--action", help="dotted verb, e.g. token.create")
+    p.add_argument("--since", type=_time_arg, metavar="TIME", help="ISO 8601, or relative: -1h")
+    p.add_argument("--until", type=_time_arg, metavar="TIME", help="ISO 8601, or relative: -5m")
+    p.add_argument("--limit", type=_positive_int, metavar="N", help="server default 100")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_audit_query)
+
+
+def _audit_query(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        events = admin.query_audit(
+            actor=args.actor,
+            action=args.action,
+            since=args.since,
+            until=args.until,
+            limit=args.limit,
+        )
+    if args.json:
+        _out(to_json(events))
+        return 0
+    rows = [
+        [format_time(e.time), e.actor, e.action, e.target or "-", e.outcome, e.peer or "-"]
+        for e in events
+    ]
+    _out(table(("TIME", "ACTOR", "ACTION", "TARGET", "OUTCOME", "PEER"), rows))
+    return 0
