@@ -1,0 +1,25 @@
+"""Prometheus metrics of the control plane: Muster's own (``muster_*``) and the
+/metrics endpoint. The go-grpc-prometheus ``grpc_server_*`` metrics live with their
+interceptor in :mod:`server.interceptors.metrics`."""
+
+from server.metrics._muster import (
+    QUOTA_OUTCOMES,
+    SCHEDULE_TO_START_BUCKETS,
+    TASK_RUN_BUCKETS,
+    MusterMetrics,
+    QueueStats,
+)
+from server.metrics._state import StateGauge, StateValues
+from server.metrics.http import MetricsServer, start_metrics_server
+
+__all__ = [
+    "QUOTA_OUTCOMES",
+    "SCHEDULE_TO_START_BUCKETS",
+    "TASK_RUN_BUCKETS",
+    "MetricsServer",
+    "MusterMetrics",
+    "QueueStats",
+    "StateGauge",
+    "StateValues",
+    "start_metrics_server",
+]
