@@ -16,7 +16,6 @@ last; a crash half-way is rolled forward on the next load.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -148,6 +147,12 @@ class StateDir:
             self.key_path.unlink()
             fsync_dir(self.path)
 
+    def forget_identity(self) -> None:
+        """Undo enrollment (for re-enrolling after expiry); the outbox stays."""
+        for path in (self.identity_path, self.key_path, self.chain_path):
+            path.unlink(missing_ok=True)
+        fsync_dir(self.path)
+
     def save_enrollment(self, chain_pem: bytes, bundle_pem: bytes, identity: Identity) -> None:
         """Store what Enroll returned; ``identity.json`` goes last as the commit."""
         write_atomic(self.bundle_path, bundle_pem, mode=PUBLIC_FILE_MODE)
@@ -231,7 +236,3 @@ class StateDir:
 
 def _next(path: Path) -> Path:
     return path.with_name(path.name + NEXT)
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)

@@ -1,0 +1,166 @@
+"""``muster agent``: run the daemon. Signal handling lives here and nowhere else."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from dotenv import load_dotenv
+
+from agent.config import (
+    CA_FILE_ENV,
+    DEFAULT_CA_FILE,
+    STATE_DIR_ENV,
+    TOKEN_ENV,
+    AgentConfig,
+    default_state_dir,
+    parse_labels,
+    read_token,
+)
+from agent.daemon import Agent
+from muster.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``agent`` subcommand to the ``muster`` dispatcher."""
+    parser = subparsers.add_parser(
+        "agent",
+        help="run an agent daemon",
+        description="Run a Muster agent. The first run enrolls with a bootstrap token "
+        "(--server, --token) and keeps its key, certificate and identity in --state-dir; "
+        "later runs need no token. SIGTERM/SIGINT drain: no new work, in-flight tasks "
+        "finish and are acknowledged, then exit 0; a second signal exits at once.",
+    )
+    enroll = parser.add_argument_group("enrollment (first run only)")
+    enroll.add_argument("--server", metavar="HOST:PORT", help="api listener to enroll with")
+    enroll.add_argument(
+        "--token",
+        help=f"bootstrap token (prefer --token-file or ${TOKEN_ENV}: argv is visible to others)",
+    )
+    enroll.add_argument("--token-file", type=Path, help="file holding the bootstrap token")
+    enroll.add_argument(
+        "--ca-file",
+        type=Path,
+        help=f"CA bundle that verifies the api listener (default ${CA_FILE_ENV}, "
+        f"else ./{DEFAULT_CA_FILE} when it exists)",
+    )
+    enroll.add_argument("--name", help="agent id to ask for (default: the server chooses)")
+    enroll.add_argument("--pool", default="", help="pool to serve (default: the token's pool)")
+    enroll.add_argument(
+        "--label",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="label to ask for; repeat for more",
+    )
+    run = parser.add_argument_group("running")
+    run.add_argument(
+        "--state-dir",
+        type=Path,
+        help=f"key, certificate, identity and outbox (default ${STATE_DIR_ENV} or ./.muster-agent)",
+    )
+    run.add_argument(
+        "--agent-server",
+        metavar="HOST:PORT",
+        help="agent listener (mTLS) to connect to (default: the endpoint learned at enrollment)",
+    )
+    run.add_argument(
+        "--tls-server-name",
+        help="name to verify in the server certificate, when it differs from the host dialled",
+    )
+    run.add_argument("--concurrency", type=int, default=4, help="tasks run at once (default 4)")
+    run.add_argument(
+        "--executors",
+        metavar="NAME,...",
+        help="executors to load from the muster.executors entry points (default: all found)",
+    )
+    run.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on shutdown, how long to wait for in-flight tasks and their acks (default 30)",
+    )
+    run.add_argument(
+        "--exit-on-revoke",
+        action="store_true",
+        help="exit with an error when the server refuses our identity (revoked, disabled) "
+        "instead of retrying every ~30s until an operator re-enables the agent",
+    )
+    run.add_argument(
+        "--log-level", choices=LOG_LEVELS, default="info", help="log verbosity (default info)"
+    )
+    parser.set_defaults(func=handle)
+
+
+def config_from_args(args: argparse.Namespace) -> AgentConfig:
+    """Build a validated AgentConfig from the parsed flags and the MUSTER_* environment."""
+    executors = None
+    if args.executors is not None:
+        executors = tuple(name.strip() for name in args.executors.split(",") if name.strip())
+        if not executors:
+            raise ConfigError("--executors names no executor")
+    return AgentConfig(
+        state_dir=args.state_dir or default_state_dir(),
+        server=args.server,
+        token=read_token(args.token, args.token_file),
+        ca_file=args.ca_file,
+        name=args.name,
+        pool=args.pool,
+        labels=parse_labels(args.label),
+        agent_server=args.agent_server,
+        tls_server_name=args.tls_server_name,
+        concurrency=args.concurrency,
+        executors=executors,
+        drain_timeout=args.drain_timeout,
+        exit_on_revoke=args.exit_on_revoke,
+    )
+
+
+def handle(args: argparse.Namespace) -> int:
+    """Run the agent until it is stopped; the exit code for ``muster``."""
+    load_dotenv(override=False)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config = config_from_args(args)
+    return asyncio.run(_serve(config))
+
+
+async def _serve(config: AgentConfig) -> int:
+    agent = Agent(config)
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    forced: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        if not forced and agent.accepting_work:
+            log.info("%s: draining (send it again to stop at once)", signal.Signals(signum).name)
+            agent.shutdown()
+            return
+        log.warning("%s again: stopping now", signal.Signals(signum).name)
+        forced.append(signum)
+        if main is not None:
+            main.cancel()
+
+    handled = (signal.SIGTERM, signal.SIGINT)
+    for signum in handled:
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        await agent.run()
+    except asyncio.CancelledError:
+        if forced:
+            return 128 + forced[0]
+        raise
+    finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+    return 0

@@ -1,0 +1,433 @@
+"""The long-running agent: enroll if needed, keep one stream up, rotate, drain, reconnect.
+
+``Agent`` owns what outlives a stream (credentials, the runner, the outbox) and
+follows one :class:`~agent.session.Session` at a time, except during
+certificate rotation, when the new stream is opened before the old one closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import logging
+import random
+from collections.abc import Callable
+from types import TracebackType
+
+import grpc
+from grpc import aio
+
+from agent import __version__
+from agent.backoff import Backoff
+from agent.channel import describe_rpc_error
+from agent.config import AgentConfig
+from agent.enroll import enroll
+from agent.executors import ExecutorRegistry
+from agent.outbox import Outbox
+from agent.renewal import renew_certificate, renewal_time
+from agent.runner import TaskRunner
+from agent.session import Session, SessionEnd, SessionError, welcome_renew_after
+from agent.state import Credentials, Identity, StateDir
+from muster.errors import AuthenticationError, MusterError, PermissionDeniedError
+from muster.v1 import agent_pb2, common_pb2
+
+log = logging.getLogger(__name__)
+
+_REFUSED = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
+
+
+class Agent:
+    """The daemon. ``await run()`` until :meth:`shutdown`, or use ``async with``."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        *,
+        registry: ExecutorRegistry | None = None,
+        rand: Callable[[float, float], float] = random.uniform,
+    ) -> None:
+        self.config = config
+        self.state = StateDir(config.state_dir)
+        self._registry = registry
+        self._rand = rand
+        self._backoff = Backoff(config.backoff_initial, config.backoff_max, rand=rand)
+        self._stop = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._renew_requested = asyncio.Event()
+        self._schedule_changed = asyncio.Event()
+        self.connected = asyncio.Event()
+        """Set while a stream is established (after Welcome); for tests and health checks."""
+        self._active: Session | None = None
+        self._identity: Identity | None = None
+        self._credentials: Credentials | None = None
+        self._runner: TaskRunner | None = None
+        self._outbox: Outbox | None = None
+        self._target = ""
+        self._renew_at: dt.datetime | None = None
+        self._run_task: asyncio.Task[None] | None = None
+
+    # SessionHost ------------------------------------------------------------
+
+    @property
+    def runner(self) -> TaskRunner:
+        if self._runner is None:
+            raise RuntimeError("the agent is not running")
+        return self._runner
+
+    @property
+    def outbox(self) -> Outbox:
+        if self._outbox is None:
+            raise RuntimeError("the agent is not running")
+        return self._outbox
+
+    @property
+    def identity(self) -> Identity:
+        if self._identity is None:
+            raise RuntimeError("the agent is not running")
+        return self._identity
+
+    @property
+    def credentials(self) -> Credentials:
+        if self._credentials is None:
+            raise RuntimeError("the agent is not running")
+        return self._credentials
+
+    @property
+    def accepting_work(self) -> bool:
+        return not self._stop.is_set()
+
+    @property
+    def drain_timeout(self) -> float:
+        return self.config.drain_timeout
+
+    def build_hello(self) -> agent_pb2.Hello:
+        return agent_pb2.Hello(
+            agent_version=__version__,
+            capabilities=self.runner.registry.kinds,
+            labels=self.identity.labels,
+            max_concurrency=self.config.concurrency,
+            in_flight=[
+                common_pb2.AttemptRef(task_id=task_id, attempt=attempt)
+                for task_id, attempt in self.runner.running()
+            ],
+        )
+
+    def on_welcome(self, session: Session) -> None:
+        self._active = session
+        self._backoff.reset()
+        self.connected.set()
+        if session.welcome is not None:
+            renew_after = welcome_renew_after(session.welcome)
+            if renew_after is not None:
+                self._set_renew_at(renewal_time(self.credentials.leaf, renew_after))
+        if self._stop.is_set():
+            session.begin_draining("agent shutting down")
+        self.notify_changed()
+
+    def on_renew_requested(self, reason: str) -> None:
+        log.info("certificate renewal requested: %s", reason)
+        self._renew_requested.set()
+
+    def record_result(self, result: agent_pb2.Result) -> None:
+        """Make the Result durable, then send it if a stream is up (else on the next Welcome)."""
+        self.outbox.put(result)
+        self.notify_changed()
+        session = self._active
+        if session is not None and session.established:
+            session.deliver(result)
+
+    def notify_changed(self) -> None:
+        self._changed.set()
+
+    async def wait_quiet(self) -> None:
+        """Until no attempt runs and every Result is acknowledged."""
+        while not (self.runner.idle and len(self.outbox) == 0):
+            self._changed.clear()
+            await self._changed.wait()
+
+    def _on_progress(self, task_id: str, attempt: int, message: str, percent: int) -> None:
+        session = self._active
+        if session is not None and session.established:
+            session.send_progress(task_id, attempt, message, percent)
+
+    # Lifecycle --------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until :meth:`shutdown` has drained, or raise a MusterError that needs a human."""
+        await self._prepare()
+        conn = asyncio.create_task(self._connection_loop(), name="agent connection")
+        timer = asyncio.create_task(self._renewal_timer(), name="agent renewal timer")
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({conn, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if conn.done():
+                conn.result()
+                return
+            await self._drain(conn)
+        finally:
+            for task in (stop, timer, conn):
+                task.cancel()
+            await asyncio.gather(stop, timer, conn, return_exceptions=True)
+            abandoned = await self.runner.abandon_all()
+            if abandoned:
+                log.warning(
+                    "stopped %d attempt(s) before they finished; the server will requeue them",
+                    len(abandoned),
+                )
+            self.connected.clear()
+            log.info("agent stopped")
+
+    def shutdown(self) -> None:
+        """Begin a graceful stop: Draining, finish in-flight work, await Acks, close."""
+        if not self._stop.is_set():
+            log.info("shutting down: finishing in-flight work")
+            self._stop.set()
+            session = self._active
+            if session is not None and session.established:
+                session.begin_draining("agent shutting down")
+
+    async def __aenter__(self) -> Agent:
+        self._run_task = asyncio.create_task(self.run(), name="agent")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.shutdown()
+        if self._run_task is not None:
+            await self._run_task
+
+    async def wait(self) -> None:
+        """Wait for a run started by ``async with`` to end (re-raising its error)."""
+        if self._run_task is not None:
+            await asyncio.shield(self._run_task)
+
+    async def _prepare(self) -> None:
+        self.state.ensure()
+        if not self.state.is_enrolled():
+            await enroll(self.config, self.state)
+        identity = self.state.load_identity()
+        credentials = self.state.load_credentials()
+        if credentials.leaf.expired():
+            identity, credentials = await self._reenroll(identity, credentials)
+        self._identity = identity
+        self._credentials = credentials
+        registry = self._registry or ExecutorRegistry.discover(self.config.executors)
+        self._outbox = Outbox(self.state.outbox_path)
+        self._runner = TaskRunner(
+            registry, self.config.concurrency, self.record_result, self._on_progress
+        )
+        self._target = self.config.agent_server or identity.agent_endpoint
+        self._set_renew_at(renewal_time(credentials.leaf, rand=self._rand))
+        log.info(
+            "agent %s: executors %s, concurrency %d, %d result(s) waiting in the outbox",
+            identity.spiffe_id,
+            ", ".join(registry.kinds),
+            self.config.concurrency,
+            len(self._outbox),
+        )
+
+    async def _reenroll(
+        self, identity: Identity, credentials: Credentials
+    ) -> tuple[Identity, Credentials]:
+        expired_at = credentials.leaf.not_after.isoformat()
+        if not (self.config.token and self.config.server):
+            raise AuthenticationError(
+                f"the agent certificate in {self.state.path} expired at {expired_at}; "
+                "re-enrollment needs a new bootstrap token: run again with --server and --token"
+            )
+        log.warning("the agent certificate expired at %s; enrolling again", expired_at)
+        self.state.forget_identity()
+        config = dataclasses.replace(
+            self.config,
+            name=self.config.name or identity.agent_id or None,
+            pool=self.config.pool or identity.pool,
+            labels=self.config.labels or identity.labels,
+        )
+        await enroll(config, self.state)
+        return self.state.load_identity(), self.state.load_credentials()
+
+    async def _drain(self, conn: asyncio.Task[None]) -> None:
+        quiet = asyncio.create_task(self.wait_quiet())
+        try:
+            done, _ = await asyncio.wait(
+                {quiet, conn},
+                timeout=self.config.drain_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            quiet.cancel()
+        if conn in done:
+            conn.result()
+            return
+        if quiet not in done:
+            log.warning(
+                "drain timeout (%gs): %d attempt(s) still running, %d result(s) unacknowledged "
+                "(kept in the outbox for the next start)",
+                self.config.drain_timeout,
+                len(self.runner.running()),
+                len(self.outbox),
+            )
+        session = self._active
+        if session is not None and not session.done:
+            session.close()
+            try:
+                await session.wait()
+            except Exception as err:
+                log.debug("stream ended while closing: %s", err)
+
+    # Connection -------------------------------------------------------------
+
+    def _new_session(self) -> Session:
+        return Session(
+            self,
+            target=self._target,
+            credentials=self.credentials,
+            tls_server_name=self.config.tls_server_name,
+            welcome_timeout=self.config.welcome_timeout,
+        )
+
+    def _check_not_expired(self) -> None:
+        leaf = self.credentials.leaf
+        if leaf.expired():
+            raise AuthenticationError(
+                f"the agent certificate expired at {leaf.not_after.isoformat()} before it "
+                "could be renewed; re-enrollment needs a new bootstrap token"
+            )
+
+    async def _connection_loop(self) -> None:
+        """Keep a stream up forever, with capped, jittered backoff between attempts."""
+        while True:
+            self._check_not_expired()
+            session, outcome = await self._follow(self._new_session())
+            if self._stop.is_set() and self.runner.idle and len(self.outbox) == 0:
+                return
+            if isinstance(outcome, SessionEnd):
+                delay = self._backoff.next_delay()
+                log.info("stream to %s ended (%s); reconnecting", session.target, outcome.value)
+            elif isinstance(outcome, aio.AioRpcError) and outcome.code() in _REFUSED:
+                log.error(
+                    "the server refused this agent's identity (%s): it may be revoked or "
+                    "disabled; an operator must re-enable it",
+                    describe_rpc_error(outcome),
+                )
+                if self.config.exit_on_revoke:
+                    error_type = (
+                        PermissionDeniedError
+                        if outcome.code() == grpc.StatusCode.PERMISSION_DENIED
+                        else AuthenticationError
+                    )
+                    raise error_type(
+                        f"the server refused agent {self.identity.spiffe_id} "
+                        f"({describe_rpc_error(outcome)}); exiting (--exit-on-revoke)"
+                    ) from outcome
+                delay = self._backoff.max_delay()
+            else:
+                delay = self._backoff.next_delay()
+                log.warning(
+                    "stream to %s failed: %s; retrying in %.1fs",
+                    session.target,
+                    describe_rpc_error(outcome)
+                    if isinstance(outcome, aio.AioRpcError)
+                    else outcome,
+                    delay,
+                )
+            await asyncio.sleep(delay)
+
+    async def _follow(self, session: Session) -> tuple[Session, SessionEnd | Exception]:
+        """Drive ``session`` (and whatever replaces it on renewal) until a stream ends."""
+        task = session.start()
+        while True:
+            gate = session.welcomed if not session.welcomed.is_set() else self._renew_requested
+            waiter = asyncio.create_task(gate.wait())
+            try:
+                await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if task.done():
+                if self._active is session:
+                    self._active = None
+                    self.connected.clear()
+                try:
+                    return session, task.result()
+                except (aio.AioRpcError, SessionError) as err:
+                    return session, err
+                except Exception as err:
+                    log.exception("stream to %s crashed", session.target)
+                    return session, err
+            if self._renew_requested.is_set() and session.established:
+                self._renew_requested.clear()
+                if not self._stop.is_set():
+                    session = await self._rotate(session)
+                    task = session.start()
+
+    # Renewal ----------------------------------------------------------------
+
+    def _set_renew_at(self, when: dt.datetime | None) -> None:
+        self._renew_at = when
+        self._schedule_changed.set()
+        if when is not None:
+            log.debug("certificate renewal scheduled for %s", when.isoformat())
+
+    async def _renewal_timer(self) -> None:
+        while True:
+            self._schedule_changed.clear()
+            when = self._renew_at
+            if when is None:
+                await self._schedule_changed.wait()
+                continue
+            delay = (when - dt.datetime.now(dt.UTC)).total_seconds()
+            if delay <= 0:
+                self._renew_at = None
+                self.on_renew_requested("scheduled renewal time reached")
+                continue
+            try:
+                async with asyncio.timeout(delay):
+                    await self._schedule_changed.wait()
+            except TimeoutError:
+                pass
+
+    async def _rotate(self, old: Session) -> Session:
+        """Renew over the current mTLS channel, open a stream with the new cert, close the old."""
+        assert old.channel is not None
+        try:
+            credentials = await renew_certificate(
+                old.channel, self.state, rpc_timeout=self.config.rpc_timeout
+            )
+        except (aio.AioRpcError, MusterError) as err:
+            detail = describe_rpc_error(err) if isinstance(err, aio.AioRpcError) else str(err)
+            left = (self.credentials.leaf.not_after - dt.datetime.now(dt.UTC)).total_seconds()
+            retry = self._rand(0.5, 1.0) * min(60.0, max(1.0, left / 20))
+            log.warning("certificate renewal failed (%s); retrying in %.0fs", detail, retry)
+            self._set_renew_at(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=retry))
+            return old
+        self._credentials = credentials
+        self._set_renew_at(renewal_time(credentials.leaf, rand=self._rand))
+        if old.done:
+            return old  # the next connection uses the new certificate
+        old.stop_accepting()
+        new = self._new_session()
+        task = new.start()
+        welcomed = asyncio.create_task(new.welcomed.wait())
+        try:
+            await asyncio.wait({task, welcomed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            welcomed.cancel()
+        if new.welcomed.is_set() and not task.done():
+            log.info("switched to a stream with the renewed certificate; closing the old one")
+            old.close()
+            try:
+                await old.wait()
+            except Exception as err:
+                log.debug("old stream ended with %s", err)
+            return new
+        try:
+            await task
+        except Exception as err:
+            log.warning("could not open a stream with the renewed certificate: %s", err)
+        old.resume_accepting()
+        return old

@@ -1,0 +1,46 @@
+"""Certificate rotation: a fresh key, a CSR over the current mTLS channel, an atomic swap."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+from collections.abc import Callable
+
+from grpc import aio
+
+from agent import keys
+from agent.state import Credentials, StateDir
+from muster.v1 import agent_pb2, agent_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+RENEW_WINDOW = (1 / 2, 2 / 3)
+"""Where in the certificate's lifetime to renew when the server gives no time."""
+
+
+async def renew_certificate(
+    channel: aio.Channel, state: StateDir, *, rpc_timeout: float
+) -> Credentials:
+    """Call AgentService.Renew with a new key and store the result; AioRpcError on refusal."""
+    key = keys.generate_key()
+    stub = agent_pb2_grpc.AgentServiceStub(channel)
+    response = await stub.Renew(
+        agent_pb2.RenewRequest(csr_pem=keys.build_csr(key)), timeout=rpc_timeout
+    )
+    credentials = state.save_renewal(key, response.certificate_chain_pem, response.trust_bundle_pem)
+    log.info("certificate renewed; valid until %s", credentials.leaf.not_after.isoformat())
+    return credentials
+
+
+def renewal_time(
+    leaf: keys.LeafInfo,
+    renew_after: dt.datetime | None = None,
+    *,
+    rand: Callable[[float, float], float] = random.uniform,
+) -> dt.datetime:
+    """The server's ``renew_after`` when given, else a jittered point in RENEW_WINDOW."""
+    if renew_after is not None:
+        return min(renew_after, leaf.not_after)
+    fraction = rand(*RENEW_WINDOW)
+    return leaf.not_before + leaf.lifetime * fraction
