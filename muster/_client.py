@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Iterable, Mapping
 from datetime import datetime
 from types import TracebackType
 
@@ -133,8 +133,11 @@ class AsyncClient:
         request = task_pb2.CancelTaskRequest(task_id=task_id, reason=reason)
         return task_from_proto(await self._transport.unary(self._stub.Cancel, request))
 
-    async def watch(self, task_id: str) -> AsyncIterator[Task]:
-        """Yield the task's current state, then each change; ends after a terminal state."""
+    async def watch(self, task_id: str) -> AsyncGenerator[Task, None]:
+        """Yield the task's current state, then each change; ends after a terminal state.
+
+        ``aclose()`` the generator (or let it finish) to end the stream early.
+        """
         call = self._stub.Watch(
             task_pb2.WatchTaskRequest(task_id=task_id), metadata=self._transport.metadata
         )

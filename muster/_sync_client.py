@@ -5,7 +5,7 @@ from __future__ import annotations
 import builtins
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Generator, Iterable, Mapping
 from datetime import datetime
 from types import TracebackType
 
@@ -116,10 +116,10 @@ class Client:
         request = task_pb2.CancelTaskRequest(task_id=task_id, reason=reason)
         return task_from_proto(self._transport.unary(self._stub.Cancel, request))
 
-    def watch(self, task_id: str) -> Iterator[Task]:
+    def watch(self, task_id: str) -> Generator[Task, None, None]:
         """Yield the task's current state, then each change; ends after a terminal state.
 
-        Close the iterator (or let it finish) to end the stream.
+        ``close()`` the generator (or let it finish) to end the stream early.
         """
         call = self._stub.Watch(
             task_pb2.WatchTaskRequest(task_id=task_id), metadata=self._transport.metadata
