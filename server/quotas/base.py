@@ -1,0 +1,226 @@
+"""The quota store interface: rate limits, concurrency leases and spend budgets, one
+call per decision, so the Redis store can make each decision in one atomic script.
+
+Time is counted in whole microseconds and amounts in integers: a Redis script (Lua
+doubles hold integers exactly up to 2**53) can then reproduce every decision of the
+in-process store bit for bit. :func:`gcra` is the reference arithmetic for both.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+
+__all__ = [
+    "MICROS",
+    "BudgetDecision",
+    "BudgetUsage",
+    "GcraResult",
+    "LeaseDecision",
+    "QuotaStore",
+    "QuotaStoreUnavailable",
+    "RateDecision",
+    "emission_interval_us",
+    "gcra",
+    "to_micros",
+    "validate_budget",
+    "validate_lease",
+    "validate_rate",
+]
+
+MICROS = 1_000_000
+"""Microseconds per second: the store's unit of time."""
+
+
+class QuotaStoreUnavailable(Exception):
+    """The store's backend could not be reached; no decision was made."""
+
+
+@dataclass(frozen=True, slots=True)
+class RateDecision:
+    """The answer of a GCRA rate limit."""
+
+    allowed: bool
+    retry_after: float
+    """Seconds until this request would be allowed; 0 when allowed."""
+    remaining: int
+    """Requests of cost 1 that would still be allowed right now, after this one."""
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseDecision:
+    """The answer of a concurrency lease request."""
+
+    acquired: bool
+    count: int
+    """Live leases on the key after the call (including this holder's, if acquired)."""
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetDecision:
+    """The answer of a budget reservation. A refusal is terminal: no retry time."""
+
+    allowed: bool
+    used: int
+    """Spent plus reserved after the call."""
+    limit: int
+
+    @property
+    def remaining(self) -> int:
+        """What is left to reserve."""
+        return max(0, self.limit - self.used)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetUsage:
+    """A budget's state: settled spend and open reservations."""
+
+    spent: int
+    reserved: int
+
+    @property
+    def total(self) -> int:
+        return self.spent + self.reserved
+
+
+class QuotaStore(abc.ABC):
+    """Shared counters behind Muster's quotas; every method is one atomic decision.
+
+    Keys are opaque strings chosen by the caller (see :mod:`server.quotas.policy`).
+    Implementations: :class:`~server.quotas.memory.InMemoryQuotaStore` (embedded) and
+    a Redis store; both must pass ``tests/test_quotas.py``. A backend that cannot be
+    reached raises :class:`QuotaStoreUnavailable`.
+    """
+
+    # --- GCRA rate limits -------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def rate_limit(self, key: str, *, rate: float, burst: int, cost: int = 1) -> RateDecision:
+        """Spend ``cost`` from a limit of ``rate`` per second with bursts of ``burst``.
+
+        A refused request spends nothing. ``cost=0`` only looks: ``allowed`` then
+        says whether a request of cost 1 would pass now. ``cost > burst`` is a
+        ValueError (it could never pass).
+        """
+
+    # --- Concurrency leases -----------------------------------------------------------
+
+    @abc.abstractmethod
+    async def acquire_lease(
+        self, key: str, holder: str, *, limit: int, ttl: float
+    ) -> LeaseDecision:
+        """Hold one of ``limit`` slots of ``key`` for ``ttl`` seconds unless renewed.
+
+        A holder that already has a live lease keeps it (and its ttl restarts): retries
+        never take a second slot.
+        """
+
+    @abc.abstractmethod
+    async def renew_lease(self, key: str, holder: str, ttl: float) -> bool:
+        """Extend a live lease to ``ttl`` seconds from now; False if it already expired."""
+
+    @abc.abstractmethod
+    async def release_lease(self, key: str, holder: str) -> None:
+        """Give the slot back; releasing a lease not held is a no-op."""
+
+    @abc.abstractmethod
+    async def lease_count(self, key: str) -> int:
+        """Live leases on ``key``."""
+
+    # --- Spend budgets ----------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def reserve(
+        self,
+        budget_key: str,
+        reservation_id: str,
+        amount: int,
+        *,
+        limit: int,
+        window: float | None = None,
+    ) -> BudgetDecision:
+        """Reserve ``amount`` if spent + reserved + amount stays within ``limit``.
+
+        Reserving an id that is already reserved changes nothing and is allowed
+        (retries are safe). ``window``: the budget (spend and open reservations)
+        resets ``window`` seconds after the first reservation of the window; None
+        means one budget forever.
+        """
+
+    @abc.abstractmethod
+    async def settle(self, budget_key: str, reservation_id: str, actual: int) -> bool:
+        """Replace a reservation by the ``actual`` spend. False (and nothing changes) if
+        the reservation is unknown: already settled or released, or its window ended."""
+
+    @abc.abstractmethod
+    async def release(self, budget_key: str, reservation_id: str) -> bool:
+        """Drop a reservation without spending; False if it was unknown."""
+
+    @abc.abstractmethod
+    async def budget_usage(self, budget_key: str) -> BudgetUsage:
+        """The budget's spend and open reservations in the current window."""
+
+    async def close(self) -> None:  # noqa: B027 (optional hook, nothing to do by default)
+        """Release connections; the default has none."""
+
+
+# --- Reference arithmetic shared by every implementation ----------------------------
+
+
+def to_micros(seconds: float) -> int:
+    """Seconds as whole microseconds (rounded to nearest)."""
+    return round(seconds * MICROS)
+
+
+def emission_interval_us(rate: float) -> int:
+    """GCRA's emission interval: microseconds per unit at ``rate`` units per second."""
+    return max(1, round(MICROS / rate))
+
+
+@dataclass(frozen=True, slots=True)
+class GcraResult:
+    allowed: bool
+    tat_us: int
+    """The theoretical arrival time to store (unchanged when refused)."""
+    retry_after_us: int
+    remaining: int
+
+
+def gcra(tat_us: int | None, now_us: int, *, interval_us: int, burst: int, cost: int) -> GcraResult:
+    """One GCRA decision. ``tat_us`` is the stored theoretical arrival time (None: never
+    used). A request passes if, after it, the TAT is at most ``burst`` intervals ahead."""
+    tat = now_us if tat_us is None else max(tat_us, now_us)
+    horizon = now_us + burst * interval_us
+    needed = tat + max(cost, 1) * interval_us
+    if needed > horizon:
+        remaining = max(0, (horizon - tat) // interval_us)
+        return GcraResult(False, tat, needed - horizon, remaining)
+    new_tat = tat + cost * interval_us
+    return GcraResult(True, new_tat, 0, (horizon - new_tat) // interval_us)
+
+
+def validate_rate(rate: float, burst: int, cost: int) -> None:
+    if not (math.isfinite(rate) and rate > 0):
+        raise ValueError(f"rate must be a positive number of units per second, not {rate!r}")
+    if burst < 1:
+        raise ValueError(f"burst must be at least 1, not {burst!r}")
+    if cost < 0 or cost > burst:
+        raise ValueError(f"cost must be between 0 and burst ({burst}), not {cost!r}")
+
+
+def validate_lease(limit: int, ttl: float) -> None:
+    if limit < 0:
+        raise ValueError(f"lease limit must not be negative, not {limit!r}")
+    if not (math.isfinite(ttl) and ttl > 0):
+        raise ValueError(f"lease ttl must be a positive number of seconds, not {ttl!r}")
+
+
+def validate_budget(amount: int, limit: int, window: float | None) -> None:
+    if amount < 0:
+        raise ValueError(f"budget amounts must not be negative, not {amount!r}")
+    if limit < 0:
+        raise ValueError(f"budget limit must not be negative, not {limit!r}")
+    if window is not None and not (math.isfinite(window) and window > 0):
+        raise ValueError(f"budget window must be a positive number of seconds, not {window!r}")
