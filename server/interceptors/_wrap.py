@@ -44,7 +44,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -174,7 +174,7 @@ class _ObservedContext:
 
 async def _observed_requests(
     requests: AsyncIterator[Any], observer: CallObserver
-) -> AsyncIterator[Any]:
+) -> AsyncGenerator[Any, None]:
     async for message in requests:
         observer.request(message)
         yield message
@@ -280,7 +280,8 @@ def wrap_handler(
 
         async def run_su(requests: Any, context: Any, observer: CallObserver) -> Any:
             observed = _ObservedContext(context, observer)
-            response = await _call(inner_su, _observed_requests(requests, observer), observed)
+            async with aclosing(_observed_requests(requests, observer)) as observed_requests:
+                response = await _call(inner_su, observed_requests, observed)
             observer.response(response)
             return response
 
@@ -292,7 +293,8 @@ def wrap_handler(
 
     async def run_ss(requests: Any, context: Any, observer: CallObserver) -> None:
         observed = _ObservedContext(context, observer)
-        await _stream(inner_ss, _observed_requests(requests, observer), observed)
+        async with aclosing(_observed_requests(requests, observer)) as observed_requests:
+            await _stream(inner_ss, observed_requests, observed)
 
     return grpc.stream_stream_rpc_method_handler(
         _observe(info, new_observer, run_ss), deserialize, serialize

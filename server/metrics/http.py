@@ -66,12 +66,8 @@ class MetricsServer:
     @property
     def url(self) -> str:
         """``http://host:port/metrics``, for logs and tests."""
-        host = self.host
-        return (
-            f"http://[{host}]:{self.port}/metrics"
-            if ":" in host
-            else (f"http://{host}:{self.port}/metrics")
-        )
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/metrics"
 
     def _sockname(self) -> tuple[str, int]:
         if self._server is None or not self._server.sockets:

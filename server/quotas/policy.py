@@ -189,8 +189,8 @@ class Quotas:
         self,
         store: QuotaStore,
         policy: QuotaPolicy | None = None,
-        *,
         metrics: MusterMetrics | None = None,
+        *,
         fallback: QuotaStore | None = None,
     ) -> None:
         self.store = store
