@@ -8,8 +8,9 @@ which prints them as one line.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from muster._admin import AdminClient
@@ -56,10 +57,18 @@ def _duration_arg(text: str) -> float:
 
 
 def _time_arg(text: str) -> datetime:
+    """ISO 8601, ``-1h`` (an hour ago), or a bare ``1h`` meaning the same, as docker does."""
+    try:
+        return datetime.now(UTC) - parse_duration(text)
+    except ValueError:
+        pass
     try:
         return parse_time(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
+
+
+_NEGATIVE_DURATION = re.compile(r"^-\d[\d.]*(ms|[smhdw])?([\d.]+(ms|[smhdw]))*$")
 
 
 def _label_arg(text: str) -> tuple[str, str]:
@@ -552,8 +561,11 @@ def _add_audit(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     p = _leaf(group, "query", common, "Read audit events, newest first")
     p.add_argument("--actor", help="SPIFFE ID, API token name, bootstrap:<id> or anonymous")
     p.add_argument("--action", help="dotted verb, e.g. token.create")
-    p.add_argument("--since", type=_time_arg, metavar="TIME", help="ISO 8601, or relative: -1h")
-    p.add_argument("--until", type=_time_arg, metavar="TIME", help="ISO 8601, or relative: -5m")
+    p.add_argument("--since", type=_time_arg, metavar="TIME", help="ISO 8601, or ago: -1h or 1h")
+    p.add_argument("--until", type=_time_arg, metavar="TIME", help="ISO 8601, or ago: -5m or 5m")
+    # argparse takes "-1h" for an option (it only knows "-1" as a negative number); widen
+    # its pattern on this parser, which has no option that looks like a number.
+    p._negative_number_matcher = _NEGATIVE_DURATION
     p.add_argument("--limit", type=_positive_int, metavar="N", help="server default 100")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_audit_query)

@@ -67,6 +67,8 @@ class State:
     scripts: dict[str, list[Step | None]] = field(default_factory=dict)
     auto_echo: bool = True
     """Watching an ``echo`` task runs it: RUNNING, then SUCCEEDED with output = payload."""
+    kind_scripts: dict[str, list[Step | None]] = field(default_factory=dict)
+    """Scripts every new task of that kind gets (set before submitting through the CLI)."""
     failure: Failure | None = None
     metadata: list[dict[str, str]] = field(default_factory=list)
     requests: list[Any] = field(default_factory=list)
@@ -128,7 +130,9 @@ class FakeTasks(task_pb2_grpc.TaskServiceServicer):
             updated_at=_now(),
         )
         self.state.tasks[task_id] = task
-        if request.kind == "echo" and self.state.auto_echo:
+        if request.kind in self.state.kind_scripts:
+            self.state.scripts[task_id] = list(self.state.kind_scripts[request.kind])
+        elif request.kind == "echo" and self.state.auto_echo:
             self.state.scripts[task_id] = [
                 Step(S.TASK_STATE_RUNNING),
                 Step(S.TASK_STATE_SUCCEEDED, output=request.payload),
