@@ -507,18 +507,14 @@ def _agents_get(args: argparse.Namespace) -> int:
     )
     rows = [
         [
-            "  " + c.serial,
+            c.serial,
             format_time(c.not_before),
             format_time(c.not_after),
             f"revoked {format_time(c.revoked_at)}" if c.revoked else "valid",
         ]
         for c in agent.certificates
     ]
-    _out(
-        table(
-            ("  SERIAL", "NOT_BEFORE", "NOT_AFTER", "STATUS"), [["  " + r[0], *r[1:]] for r in rows]
-        )
-    )
+    _out(table(("SERIAL", "NOT_BEFORE", "NOT_AFTER", "STATUS"), rows, indent="  "))
     return 0
 
 
