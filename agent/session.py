@@ -299,17 +299,17 @@ class Session:
         )
         self.welcomed.set()
         self.host.on_welcome(self)
+        pending = self.host.outbox.pending()
+        if pending:
+            log.info("session %d: resending %d unacknowledged result(s)", self.id, len(pending))
+        for result in pending:
+            self.send(agent_pb2.AgentMessage(result=result))
         # Attempts counted in Hello that finished before Welcome: their slots are free again.
         finished = {key for key in self._counted if not self.host.runner.is_running(key)}
         self._counted -= finished
         if finished and self.accepting:
             credit = agent_pb2.Credit(credits=len(finished))
             self.send(agent_pb2.AgentMessage(credit=credit))
-        pending = self.host.outbox.pending()
-        if pending:
-            log.info("session %d: resending %d unacknowledged result(s)", self.id, len(pending))
-        for result in pending:
-            self.send(agent_pb2.AgentMessage(result=result))
 
     def _dispatch(self, message: agent_pb2.ServerMessage) -> None:
         body = message.WhichOneof("body")

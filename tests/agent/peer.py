@@ -1,0 +1,192 @@
+"""A scripted AgentService peer for the daemon's protocol tests.
+
+It is a test double of the *server*, but it speaks the real protocol over a real
+grpc.aio server with real mTLS (certificates from ``tests.testca``), so the
+daemon under test runs exactly as in production. Each Connect becomes a
+:class:`PeerStream` the test drives message by message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from cryptography import x509
+
+from muster.v1 import agent_pb2, agent_pb2_grpc
+from tests.testca import TestCA
+
+STEP = 5.0
+"""How long a test waits for the agent's next message before failing."""
+
+
+class PeerStream:
+    """One Connect call, seen from the server side."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, hello: agent_pb2.Hello) -> None:
+        self.context = context
+        self.hello = hello
+        self.received: asyncio.Queue[agent_pb2.AgentMessage | None] = asyncio.Queue()
+        self.log: list[agent_pb2.AgentMessage] = []
+        self.client_closed = asyncio.Event()
+        self._finish: asyncio.Future[grpc.StatusCode | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+        auth = context.auth_context()
+        self.peer_cert = x509.load_pem_x509_certificate(auth["x509_pem_cert"][0])
+
+    @property
+    def peer_serial(self) -> int:
+        return self.peer_cert.serial_number
+
+    @property
+    def peer_spiffe_id(self) -> str:
+        san = self.peer_cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        return str(san.value.get_values_for_type(x509.UniformResourceIdentifier)[0])
+
+    async def send(self, **body: Any) -> None:
+        await self.context.write(agent_pb2.ServerMessage(**body))
+
+    async def ack(
+        self, task_id: str, attempt: int = 1, status: int = agent_pb2.ACK_STATUS_RECORDED
+    ) -> None:
+        ack = agent_pb2.Ack(task_id=task_id, attempt=attempt, status=status)  # type: ignore[arg-type]
+        await self.send(ack=ack)
+
+    async def expect(
+        self, kind: str, *, skip: tuple[str, ...] = ("heartbeat",), timeout: float = STEP
+    ) -> Any:
+        """The body of the next message (of ``kind``), skipping the kinds in ``skip``."""
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await self.received.get()
+                if message is None:
+                    raise AssertionError(f"the agent closed the stream; expected {kind}")
+                which = message.WhichOneof("body")
+                if which in skip and which != kind:
+                    continue
+                assert which == kind, f"expected {kind}, got {which}: {message}"
+                return getattr(message, kind)
+
+    async def expect_nothing(
+        self, within: float, *, skip: tuple[str, ...] = ("heartbeat",)
+    ) -> None:
+        """Fail if a message not in ``skip`` arrives within ``within`` seconds."""
+        try:
+            async with asyncio.timeout(within):
+                while True:
+                    message = await self.received.get()
+                    if message is None:
+                        return
+                    if message.WhichOneof("body") not in skip:
+                        raise AssertionError(f"unexpected message: {message}")
+        except TimeoutError:
+            pass
+
+    def kinds(self) -> list[str]:
+        return [str(m.WhichOneof("body")) for m in self.log]
+
+    def end(self, code: grpc.StatusCode | None = None) -> None:
+        """End the call: OK, or with ``code`` (as a failing server would)."""
+        if not self._finish.done():
+            self._finish.set_result(code)
+
+    async def run(self) -> None:
+        pump = asyncio.create_task(self._pump())
+        try:
+            code = await self._finish
+        finally:
+            pump.cancel()
+        if code is not None:
+            await self.context.abort(code, "scripted failure")
+
+    async def _pump(self) -> None:
+        while True:
+            message = await self.context.read()
+            if message is grpc.aio.EOF:
+                self.client_closed.set()
+                self.received.put_nowait(None)
+                self.end()
+                return
+            self.log.append(message)
+            self.received.put_nowait(message)
+
+
+@dataclass
+class ScriptedAgentService(agent_pb2_grpc.AgentServiceServicer):
+    """Hands each stream to the test; answers Hello with a Welcome built by ``welcome``."""
+
+    ca: TestCA
+    heartbeat_interval: float = 5.0
+    renew_after: dt.datetime | None = None
+    refuse: grpc.StatusCode | None = None
+    streams: asyncio.Queue[PeerStream] = field(default_factory=asyncio.Queue)
+    all_streams: list[PeerStream] = field(default_factory=list)
+    renewals: list[bytes] = field(default_factory=list)
+    renew_lifetime: dt.timedelta = dt.timedelta(hours=1)
+
+    async def Connect(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        if self.refuse is not None:
+            await context.abort(self.refuse, "agent is revoked")
+        first = await context.read()
+        assert first.WhichOneof("body") == "hello", first
+        stream = PeerStream(context, first.hello)
+        welcome = agent_pb2.Welcome(
+            session_id=f"s{len(self.all_streams) + 1}",
+            spiffe_id=stream.peer_spiffe_id,
+            heartbeat_interval=dt.timedelta(seconds=self.heartbeat_interval),
+            lease_duration=dt.timedelta(seconds=30),
+        )
+        if self.renew_after is not None:
+            welcome.renew_after.FromDatetime(self.renew_after)
+        await context.write(agent_pb2.ServerMessage(welcome=welcome))
+        self.all_streams.append(stream)
+        self.streams.put_nowait(stream)
+        await stream.run()
+
+    async def Renew(
+        self, request: agent_pb2.RenewRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.RenewResponse:
+        self.renewals.append(request.csr_pem)
+        csr = x509.load_pem_x509_csr(request.csr_pem)
+        assert csr.is_signature_valid
+        auth = context.auth_context()
+        peer = x509.load_pem_x509_certificate(auth["x509_pem_cert"][0])
+        san = peer.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        agent_id = str(san.value.get_values_for_type(x509.UniformResourceIdentifier)[0]).rsplit(
+            "/", 1
+        )[-1]
+        issued = self.ca.ca.issue_agent_certificate(
+            csr.public_key(), agent_id, lifetime=self.renew_lifetime
+        )
+        response = agent_pb2.RenewResponse(
+            certificate_chain_pem=issued.chain_pem, trust_bundle_pem=self.ca.bundle_pem
+        )
+        response.not_after.FromDatetime(issued.not_after)
+        return response
+
+    async def next_stream(self, timeout: float = STEP) -> PeerStream:
+        async with asyncio.timeout(timeout):
+            return await self.streams.get()
+
+
+@asynccontextmanager
+async def serve(service: ScriptedAgentService) -> AsyncIterator[int]:
+    """Run ``service`` on 127.0.0.1:0 behind mTLS that requires a cert from its CA."""
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(service, server)
+    chain, key = service.ca.server_credentials()
+    credentials = grpc.ssl_server_credentials(
+        [(key, chain)], root_certificates=service.ca.bundle_pem, require_client_auth=True
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    await server.start()
+    try:
+        yield port
+    finally:
+        await server.stop(grace=None)
