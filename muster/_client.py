@@ -14,17 +14,14 @@ import grpc.aio
 
 from muster import _requests
 from muster._convert import Payload, Seconds, task_from_proto
-from muster._errors_map import error_code, translate
+from muster._errors_map import translate
 from muster._transport import AsyncTransport
 from muster._types import Task, TaskState
+from muster._wait import Waiter
 from muster.config import ClientConfig
-from muster.errors import InvalidArgumentError, WaitTimeoutError
 from muster.v1 import task_pb2, task_pb2_grpc
 
 logger = logging.getLogger(__name__)
-
-REWATCH_DELAY = 0.5
-"""Pause before reopening a Watch stream that ended without a terminal state."""
 
 
 class AsyncClient:
@@ -156,37 +153,19 @@ class AsyncClient:
         Raises WaitTimeoutError (both a MusterError and a builtin TimeoutError) if
         ``timeout`` seconds pass first; the task itself keeps running.
         """
-        if timeout is not None and timeout <= 0:
-            raise InvalidArgumentError("timeout must be positive")
-        loop = asyncio.get_running_loop()
-        give_up = None if timeout is None else loop.time() + timeout
-        last: Task | None = None
+        waiter = Waiter(task_id, timeout)
         while True:
-            remaining = None if give_up is None else give_up - loop.time()
-            if remaining is not None and remaining <= 0:
-                raise wait_timed_out(task_id, timeout, last)
             call = self._stub.Watch(
                 task_pb2.WatchTaskRequest(task_id=task_id),
                 metadata=self._transport.metadata,
-                timeout=remaining,
+                timeout=waiter.remaining(),
             )
             try:
                 async for message in call:
-                    last = task_from_proto(message)
-                    if last.is_terminal:
-                        return last
+                    if (final := waiter.seen(message)) is not None:
+                        return final
             except grpc.aio.AioRpcError as err:
-                if timeout is not None and error_code(err) is grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise wait_timed_out(task_id, timeout, last) from err
-                raise translate(err) from err
+                waiter.failed(err)
             finally:
                 call.cancel()
-            # The stream ended early (a replica draining, say): watch again.
-            logger.debug("watch on task %s ended before a terminal state; reopening", task_id)
-            delay = REWATCH_DELAY if remaining is None else min(REWATCH_DELAY, remaining)
-            await asyncio.sleep(delay)
-
-
-def wait_timed_out(task_id: str, timeout: float | None, last: Task | None) -> WaitTimeoutError:
-    state = f" (last state {last.state})" if last is not None else ""
-    return WaitTimeoutError(f"task {task_id} did not finish within {timeout}s{state}", task=last)
+            await asyncio.sleep(waiter.pause())

@@ -12,13 +12,12 @@ from types import TracebackType
 import grpc
 
 from muster import _requests
-from muster._client import REWATCH_DELAY, wait_timed_out
 from muster._convert import Payload, Seconds, task_from_proto
-from muster._errors_map import error_code, translate
+from muster._errors_map import translate
 from muster._transport import SyncTransport
 from muster._types import Task, TaskState
+from muster._wait import Waiter
 from muster.config import ClientConfig
-from muster.errors import InvalidArgumentError
 from muster.v1 import task_pb2, task_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -137,29 +136,19 @@ class Client:
 
         See :meth:`AsyncClient.wait`.
         """
-        if timeout is not None and timeout <= 0:
-            raise InvalidArgumentError("timeout must be positive")
-        give_up = None if timeout is None else time.monotonic() + timeout
-        last: Task | None = None
+        waiter = Waiter(task_id, timeout)
         while True:
-            remaining = None if give_up is None else give_up - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise wait_timed_out(task_id, timeout, last)
             call = self._stub.Watch(
                 task_pb2.WatchTaskRequest(task_id=task_id),
                 metadata=self._transport.metadata,
-                timeout=remaining,
+                timeout=waiter.remaining(),
             )
             try:
                 for message in call:
-                    last = task_from_proto(message)
-                    if last.is_terminal:
-                        return last
+                    if (final := waiter.seen(message)) is not None:
+                        return final
             except grpc.RpcError as err:
-                if timeout is not None and error_code(err) is grpc.StatusCode.DEADLINE_EXCEEDED:
-                    raise wait_timed_out(task_id, timeout, last) from err
-                raise translate(err) from err
+                waiter.failed(err)
             finally:
                 call.cancel()
-            logger.debug("watch on task %s ended before a terminal state; reopening", task_id)
-            time.sleep(REWATCH_DELAY if remaining is None else min(REWATCH_DELAY, remaining))
+            time.sleep(waiter.pause())

@@ -70,6 +70,8 @@ class State:
     kind_scripts: dict[str, list[Step | None]] = field(default_factory=dict)
     """Scripts every new task of that kind gets (set before submitting through the CLI)."""
     failure: Failure | None = None
+    watch_failures: list[Failure] = field(default_factory=list)
+    """Each Watch call pops one and fails with it (after counting the call)."""
     metadata: list[dict[str, str]] = field(default_factory=list)
     requests: list[Any] = field(default_factory=list)
     watch_calls: int = 0
@@ -184,6 +186,9 @@ class FakeTasks(task_pb2_grpc.TaskServiceServicer):
     ) -> AsyncIterator[common_pb2.Task]:
         await _authorize(self.state, request, context)
         self.state.watch_calls += 1
+        if self.state.watch_failures:
+            failure = self.state.watch_failures.pop(0)
+            await context.abort(failure.code, failure.details)
         task = await self._find(request.task_id, context)
         yield task
         script = self.state.scripts.setdefault(task.task_id, [])

@@ -14,15 +14,17 @@ from muster import (
     ClientConfig,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     Task,
     TaskState,
     UnavailableError,
     WaitTimeoutError,
 )
+from muster._wait import MAX_UNAVAILABLE
 from muster.v1 import common_pb2, task_pb2
 from tests.testca import TestCA
 
-from .fakes import END_STREAM, TOKEN, State, Step, seed
+from .fakes import END_STREAM, TOKEN, Failure, State, Step, seed
 
 S = common_pb2.TaskState
 
@@ -30,8 +32,7 @@ S = common_pb2.TaskState
 @pytest.fixture(autouse=True)
 def quick_rewatch(monkeypatch: pytest.MonkeyPatch) -> None:
     """Reopen ended Watch streams at once instead of after half a second."""
-    monkeypatch.setattr("muster._client.REWATCH_DELAY", 0.01)
-    monkeypatch.setattr("muster._sync_client.REWATCH_DELAY", 0.01)
+    monkeypatch.setattr("muster._wait.REWATCH_DELAY", 0.01)
 
 
 def test_bearer_token_is_sent_on_every_call(config: ClientConfig, fake: State) -> None:
@@ -210,6 +211,33 @@ def test_wait_reopens_a_watch_that_ended_early(config: ClientConfig, fake: State
         final = client.wait(task.task_id, timeout=5)
     assert final.output_text == "done"
     assert fake.watch_calls == 2
+
+
+def test_wait_rides_out_a_few_unavailable_streams(config: ClientConfig, fake: State) -> None:
+    unavailable = Failure(grpc.StatusCode.UNAVAILABLE, "draining")
+    with Client(config) as client:
+        task = client.submit("echo", "ok")
+        fake.watch_failures = [unavailable] * MAX_UNAVAILABLE
+        assert client.wait(task.task_id, timeout=5).output_text == "ok"
+        assert fake.watch_calls == MAX_UNAVAILABLE + 1
+
+        again = client.submit("echo", "never")
+        fake.watch_failures = [unavailable] * (MAX_UNAVAILABLE + 1)
+        with pytest.raises(UnavailableError, match="draining") as info:
+            client.wait(again.task_id, timeout=5)
+    assert info.value.__cause__.code() is grpc.StatusCode.UNAVAILABLE  # type: ignore[union-attr]
+
+
+async def test_async_wait_rides_out_unavailable(config: ClientConfig, fake: State) -> None:
+    unavailable = Failure(grpc.StatusCode.UNAVAILABLE, "draining")
+    async with AsyncClient(config) as client:
+        task = await client.submit("echo", "ok")
+        fake.watch_failures = [unavailable] * 2
+        assert (await client.wait(task.task_id)).output_text == "ok"
+        fake.watch_failures = [Failure(grpc.StatusCode.PERMISSION_DENIED, "revoked")]
+        with pytest.raises(PermissionDeniedError):
+            await client.wait(task.task_id)
+    assert fake.watch_calls == 4
 
 
 def test_wait_times_out_with_the_last_state(config: ClientConfig, fake: State) -> None:
