@@ -165,13 +165,13 @@ def encode_payload(payload: Payload) -> bytes:
     try:
         return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     except (TypeError, ValueError) as err:
-        raise InvalidArgumentError(f"payload is not JSON-serialisable: {err}") from err
+        raise InvalidArgumentError(f"payload: not JSON-serialisable: {err}") from err
 
 
 def to_duration(value: Seconds, name: str) -> duration_pb2.Duration:
     delta = value if isinstance(value, timedelta) else timedelta(seconds=value)
     if delta <= timedelta(0):
-        raise InvalidArgumentError(f"{name} must be positive")
+        raise InvalidArgumentError(f"{name}: must be positive")
     out = duration_pb2.Duration()
     out.FromTimedelta(delta)
     return out
@@ -179,7 +179,7 @@ def to_duration(value: Seconds, name: str) -> duration_pb2.Duration:
 
 def to_timestamp(value: datetime, name: str) -> timestamp_pb2.Timestamp:
     if value.tzinfo is None or value.utcoffset() is None:
-        raise InvalidArgumentError(f"{name} must be a timezone-aware datetime")
+        raise InvalidArgumentError(f"{name}: must be a timezone-aware datetime")
     out = timestamp_pb2.Timestamp()
     out.FromDatetime(value.astimezone(UTC))
     return out

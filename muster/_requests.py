@@ -29,10 +29,10 @@ def submit(
     start_to_close_timeout: Seconds | None,
     deadline: datetime | None,
 ) -> task_pb2.SubmitRequest:
-    if not kind:
-        raise InvalidArgumentError("kind is required")
+    # The server validates everything; the client only refuses what it cannot encode
+    # faithfully (0 attempts would read as "server default" on the wire).
     if max_attempts is not None and max_attempts < 1:
-        raise InvalidArgumentError("max_attempts must be at least 1")
+        raise InvalidArgumentError("max_attempts: must be at least 1")
     req = task_pb2.SubmitRequest(
         kind=kind,
         payload=encode_payload(payload),
@@ -57,7 +57,7 @@ def submit(
 
 def check_limit(limit: int | None) -> None:
     if limit is not None and limit < 1:
-        raise InvalidArgumentError("limit must be at least 1 (or None for all)")
+        raise InvalidArgumentError("limit: must be at least 1 (or None for all)")
 
 
 def list_tasks(
@@ -71,7 +71,7 @@ def list_tasks(
     try:
         wire_states = [int(TaskState.parse(s)) for s in states or ()]
     except ValueError as err:
-        raise InvalidArgumentError(str(err)) from err
+        raise InvalidArgumentError(f"states: {err}") from err
     page_size = MAX_PAGE_SIZE if remaining is None else min(remaining, MAX_PAGE_SIZE)
     return task_pb2.ListTasksRequest(
         states=wire_states,  # type: ignore[arg-type]  # the stub wants the proto enum type
@@ -89,8 +89,6 @@ def create_bootstrap_token(
     max_uses: int | None,
     name_pattern: str | None,
 ) -> admin_pb2.CreateBootstrapTokenRequest:
-    if not pool:
-        raise InvalidArgumentError("pool is required")
     req = admin_pb2.CreateBootstrapTokenRequest(
         pool=pool,
         labels=dict(labels or {}),
@@ -105,12 +103,10 @@ def create_bootstrap_token(
 def create_api_token(
     name: str, role: Role | str, ttl: Seconds | None
 ) -> admin_pb2.CreateApiTokenRequest:
-    if not name:
-        raise InvalidArgumentError("name is required")
     try:
         wire_role = int(Role.parse(role))
     except ValueError as err:
-        raise InvalidArgumentError(str(err)) from err
+        raise InvalidArgumentError(f"role: {err}") from err
     req = admin_pb2.CreateApiTokenRequest(name=name, role=wire_role)  # type: ignore[arg-type]
     if ttl is not None:
         req.ttl.CopyFrom(to_duration(ttl, "ttl"))

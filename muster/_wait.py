@@ -32,7 +32,7 @@ class Waiter:
 
     def __init__(self, task_id: str, timeout: float | None) -> None:
         if timeout is not None and timeout <= 0:
-            raise InvalidArgumentError("timeout must be positive")
+            raise InvalidArgumentError("timeout: must be positive")
         self.task_id = task_id
         self.timeout = timeout
         self._give_up = None if timeout is None else time.monotonic() + timeout

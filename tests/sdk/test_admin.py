@@ -52,7 +52,7 @@ def test_api_tokens(config: ClientConfig, fake: State) -> None:
         token, secret = admin.create_api_token("ci", "submitter", ttl=3600)
         listed = admin.list_api_tokens()
         admin.delete_api_token("at-1")
-        with pytest.raises(InvalidArgumentError, match="unknown role"):
+        with pytest.raises(InvalidArgumentError, match=r"^role: unknown role"):
             admin.create_api_token("x", "root")
     sent: admin_pb2.CreateApiTokenRequest = fake.requests[0]
     assert (sent.name, sent.role) == ("ci", admin_pb2.ROLE_SUBMITTER)
