@@ -1,0 +1,7 @@
+"""The audit trail: security mutations are recorded in their own transaction, the
+high-volume events (streams, task transitions) through a bounded batch writer."""
+
+from server.audit.record import AuditRecord, record_in
+from server.audit.writer import AuditWriter
+
+__all__ = ["AuditRecord", "AuditWriter", "record_in"]

@@ -1,0 +1,152 @@
+"""Server configuration: one typed object, read from flags, ``MUSTER_*`` variables and ``.env``.
+
+Precedence is flag > environment > ``.env`` > default. Everything is validated when the
+object is built, so a bad setting fails at start with a message naming the setting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from muster import durations
+from muster.errors import ConfigError
+
+_TRUST_DOMAIN = re.compile(r"^[a-z0-9][a-z0-9.-]{0,253}$")
+
+
+def parse_duration(value: str, *, name: str = "duration") -> timedelta:
+    """A duration setting (``30s``, ``10m``, ``24h``; a bare number is seconds)."""
+    try:
+        return durations.parse_duration(value)
+    except ValueError as err:
+        raise ConfigError(f"{name}: {err}") from None
+
+
+def parse_address(value: str, *, name: str) -> tuple[str, int]:
+    """Split ``host:port`` (``[v6]:port`` for IPv6); port 0 asks the OS for a free port."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{name}: {value!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Everything ``muster server`` needs; defaults give the embedded single-node setup."""
+
+    data_dir: Path = Path(".muster")
+    """Holds the SQLite database, the dev CA (``ca/``), server certificate and ``admin.token``."""
+    api_addr: str = "127.0.0.1:7443"
+    """TLS listener for enrollment, tasks, admin, health and reflection."""
+    agent_addr: str = "127.0.0.1:7444"
+    """Mutual-TLS listener for agents (AgentService)."""
+    metrics_addr: str = "127.0.0.1:9464"
+    """Plain HTTP ``/metrics`` for Prometheus; empty disables it."""
+    agent_advertise_addr: str = ""
+    """The agent listener address told to enrolling agents; default: the bound agent address."""
+    trust_domain: str = "muster.local"
+    """SPIFFE trust domain of every identity this server issues and accepts."""
+    database_url: str = ""
+    """SQLAlchemy async URL; default ``sqlite+aiosqlite:///<data_dir>/muster.db``."""
+    server_hostnames: tuple[str, ...] = ("localhost",)
+    """DNS names put in the server certificate (besides the listeners' IPs)."""
+    server_ips: tuple[str, ...] = ("127.0.0.1", "::1")
+    """IP addresses put in the server certificate."""
+    cert_lifetime: timedelta = timedelta(hours=24)
+    """Lifetime of agent certificates; renewal happens at half to two thirds of it."""
+    heartbeat_interval: timedelta = timedelta(seconds=5)
+    """How often agents must heartbeat."""
+    lease_duration: timedelta = timedelta(seconds=30)
+    """A running attempt whose lease is not renewed by a heartbeat within this is requeued."""
+    accept_timeout: timedelta = timedelta(seconds=10)
+    """An assignment not Accepted within this is requeued."""
+    hello_timeout: timedelta = timedelta(seconds=10)
+    """A stream that sends no Hello within this is closed."""
+    poll_interval: timedelta = timedelta(seconds=1)
+    """Fallback polling for new work and for timeouts, should a wake-up be missed."""
+    max_payload_bytes: int = 1 << 20
+    """Cap on task payloads and outputs."""
+    default_max_attempts: int = 3
+    """Attempts for a task that does not say."""
+    shutdown_grace: timedelta = timedelta(seconds=10)
+    """On SIGTERM: how long agents get to finish and report before streams are cut."""
+
+    def __post_init__(self) -> None:
+        for name in ("api_addr", "agent_addr"):
+            parse_address(getattr(self, name), name=name)
+        if self.metrics_addr:
+            parse_address(self.metrics_addr, name="metrics_addr")
+        if self.agent_advertise_addr:
+            parse_address(self.agent_advertise_addr, name="agent_advertise_addr")
+        if not _TRUST_DOMAIN.match(self.trust_domain):
+            raise ConfigError(f"trust_domain: {self.trust_domain!r} is not a valid trust domain")
+        for ip in self.server_ips:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                raise ConfigError(f"server_ips: {ip!r} is not an IP address") from None
+        if self.cert_lifetime < timedelta(minutes=5):
+            raise ConfigError("cert_lifetime: must be at least 5m")
+        if (
+            self.heartbeat_interval <= timedelta(0)
+            or self.lease_duration <= self.heartbeat_interval
+        ):
+            raise ConfigError("lease_duration must be longer than heartbeat_interval (both > 0)")
+        if not 1 <= self.default_max_attempts <= 20:
+            raise ConfigError("default_max_attempts: must be between 1 and 20")
+        if self.max_payload_bytes < 1024:
+            raise ConfigError("max_payload_bytes: must be at least 1024")
+
+    @property
+    def ca_dir(self) -> Path:
+        return self.data_dir / "ca"
+
+    @property
+    def admin_token_file(self) -> Path:
+        return self.data_dir / "admin.token"
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'muster.db'}"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServerConfig:
+        """Build from ``MUSTER_*`` variables (``env`` defaults to os.environ) and explicit overrides.
+
+        Overrides whose value is None are ignored, so argparse results can be passed straight in.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"MUSTER_{f.name.upper()}")
+            if raw is not None and raw != "":
+                values[f.name] = _convert(f.name, raw, cls)
+        for key, value in overrides.items():
+            if value is not None:
+                values[key] = _convert(key, value, cls) if isinstance(value, str) else value
+        return cls(**values)
+
+
+def _convert(name: str, raw: str, cls: type[ServerConfig]) -> Any:
+    default = {f.name: f.default for f in fields(cls)}.get(name)
+    if name not in {f.name for f in fields(cls)}:
+        raise ConfigError(f"unknown setting {name!r}")
+    if isinstance(default, timedelta):
+        return parse_duration(raw, name=name)
+    if isinstance(default, Path):
+        return Path(raw)
+    if isinstance(default, tuple):
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+    if isinstance(default, int):
+        try:
+            return int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}: {raw!r} is not an integer") from None
+    return raw

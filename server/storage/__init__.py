@@ -1,0 +1,1 @@
+"""Durable state: SQLAlchemy models and the queries each service needs, by concern."""

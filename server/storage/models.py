@@ -1,0 +1,154 @@
+"""The relational schema. Every durable fact of the control plane lives in these tables."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from server.storage.types import UTCDateTime
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime, dict[str, str]: JSON}
+
+
+class Agent(Base):
+    """An enrolled agent. Its pool and labels are its scope, fixed at enrollment."""
+
+    __tablename__ = "agents"
+
+    agent_id: Mapped[str] = mapped_column(String(63), primary_key=True)
+    pool: Mapped[str] = mapped_column(String(63), index=True)
+    labels: Mapped[dict[str, str]]
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    token_id: Mapped[str] = mapped_column(String(32))
+    enrolled_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime | None]
+
+
+class Certificate(Base):
+    """Every certificate the CA issued; the agent listener accepts only serials found here."""
+
+    __tablename__ = "certificates"
+
+    serial: Mapped[str] = mapped_column(String(48), primary_key=True)
+    agent_id: Mapped[str] = mapped_column(ForeignKey("agents.agent_id"), index=True)
+    public_key_fingerprint: Mapped[str] = mapped_column(String(80))
+    token_id: Mapped[str | None] = mapped_column(String(32))
+    reason: Mapped[str] = mapped_column(String(16))
+    chain_pem: Mapped[bytes] = mapped_column(LargeBinary)
+    not_before: Mapped[datetime]
+    not_after: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+    revocation_reason: Mapped[str | None] = mapped_column(String(200))
+
+    __table_args__ = (Index("ix_certificates_token_key", "token_id", "public_key_fingerprint"),)
+
+
+class BootstrapToken(Base):
+    """A scoped enrollment credential; only the SHA-256 of its secret is stored."""
+
+    __tablename__ = "bootstrap_tokens"
+
+    token_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    pool: Mapped[str] = mapped_column(String(63))
+    labels: Mapped[dict[str, str]]
+    name_pattern: Mapped[str] = mapped_column(String(100))
+    max_uses: Mapped[int] = mapped_column(Integer)
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    expires_at: Mapped[datetime]
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(100))
+    deleted_at: Mapped[datetime | None]
+
+
+class ApiToken(Base):
+    """A client credential for TaskService/AdminService; only its hash is stored."""
+
+    __tablename__ = "api_tokens"
+
+    token_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime | None]
+    deleted_at: Mapped[datetime | None]
+
+
+class Task(Base):
+    """A task and its current attempt. ``(task_id, attempt)`` fences results."""
+
+    __tablename__ = "tasks"
+
+    task_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    pool: Mapped[str] = mapped_column(String(63))
+    selector: Mapped[dict[str, str]]
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16))
+    attempt: Mapped[int] = mapped_column(Integer, default=1)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    owner: Mapped[str] = mapped_column(String(100))
+    idempotency_key: Mapped[str | None] = mapped_column(String(128))
+    agent_id: Mapped[str | None] = mapped_column(String(63))
+    session_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    lease_expires_at: Mapped[datetime | None]
+    not_before: Mapped[datetime | None]
+    """Earliest time a retry may be claimed (backoff)."""
+    output: Mapped[bytes | None] = mapped_column(LargeBinary)
+    error: Mapped[str] = mapped_column(Text, default="")
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    schedule_to_start_timeout: Mapped[float | None] = mapped_column(Float)
+    start_to_close_timeout: Mapped[float | None] = mapped_column(Float)
+    deadline: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    queued_at: Mapped[datetime]
+    """When the current attempt entered the queue: orders the queue, measures schedule-to-start."""
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_micros: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    __table_args__ = (
+        UniqueConstraint("owner", "idempotency_key", name="uq_tasks_owner_idempotency_key"),
+        Index("ix_tasks_queue", "state", "pool", "priority", "queued_at"),
+        Index("ix_tasks_created", "created_at"),
+    )
+
+
+class AuditEvent(Base):
+    """One row of the append-only audit trail. Details never hold secrets."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    time: Mapped[datetime] = mapped_column(index=True)
+    actor: Mapped[str] = mapped_column(String(200), index=True)
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    target: Mapped[str] = mapped_column(String(200))
+    outcome: Mapped[str] = mapped_column(String(16))
+    peer: Mapped[str] = mapped_column(String(100))
+    request_id: Mapped[str] = mapped_column(String(64))
+    details: Mapped[dict[str, Any]] = mapped_column(JSON)
