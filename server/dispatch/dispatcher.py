@@ -1,0 +1,346 @@
+"""Task transitions with their side effects: every change is written to the database
+first, then announced (wake the pool's streams, notify watchers, tell the holder to stop,
+audit, count). Streams, the reaper and TaskService all go through here."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from muster.v1 import agent_pb2
+from server.audit import AuditRecord, AuditWriter
+from server.config import ServerConfig
+from server.dispatch.hub import Hub
+from server.metrics import MusterMetrics, QueueStats
+from server.storage import tasks as task_store
+from server.storage.database import Database
+from server.storage.models import Task
+from server.storage.types import utcnow
+
+log = logging.getLogger(__name__)
+
+MAX_RETRY_BACKOFF = timedelta(seconds=60)
+
+
+def retry_backoff(attempt: int) -> timedelta:
+    """Exponential backoff after a failed attempt: 1 s, 2 s, 4 s ... capped at a minute."""
+    return min(timedelta(seconds=2 ** (attempt - 1)), MAX_RETRY_BACKOFF)
+
+
+def new_task_id() -> str:
+    return "t_" + secrets.token_hex(12)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        db: Database,
+        hub: Hub,
+        audit: AuditWriter,
+        metrics: MusterMetrics,
+        config: ServerConfig,
+    ) -> None:
+        self.db = db
+        self.hub = hub
+        self.audit = audit
+        self.metrics = metrics
+        self.config = config
+
+    # Submission and cancellation (TaskService)
+
+    async def submit(
+        self, values: dict[str, Any], *, actor: str, peer: str, request_id: str
+    ) -> tuple[Task, bool]:
+        now = utcnow()
+        values = {
+            **values,
+            "task_id": new_task_id(),
+            "state": task_store.QUEUED,
+            "attempt": 1,
+            "created_at": now,
+            "updated_at": now,
+            "queued_at": now,
+        }
+        async with self.db.transaction() as session:
+            task, created = await task_store.insert_task(session, values)
+        if created:
+            self.metrics.tasks_submitted.inc()
+            self.hub.wake_pool(task.pool)
+            await self.audit.submit(
+                AuditRecord(
+                    actor=actor,
+                    action="task.submit",
+                    target=task.task_id,
+                    peer=peer,
+                    request_id=request_id,
+                    details={"kind": task.kind, "pool": task.pool, "bytes": len(task.payload)},
+                )
+            )
+        return task, created
+
+    async def cancel(
+        self, task_id: str, reason: str, *, actor: str, request_id: str
+    ) -> Task | None:
+        async with self.db.transaction() as session:
+            task = await task_store.request_cancel(session, task_id, reason)
+        if task is None:
+            return None
+        if task.state in task_store.HELD:
+            self.hub.cancel_attempt(task.session_id, task.task_id, task.attempt, task.error)
+        elif task.state == task_store.CANCELLED:
+            self.metrics.tasks_finished.labels(outcome=task.state.lower()).inc()
+        self.hub.task_changed(task_id)
+        await self.audit.submit(
+            AuditRecord(
+                actor=actor,
+                action="task.cancel",
+                target=task_id,
+                request_id=request_id,
+                details={"state": task.state},
+            )
+        )
+        return task
+
+    # Stream side (AgentSession)
+
+    async def claim(
+        self,
+        *,
+        agent_id: str,
+        session_id: str,
+        pool: str,
+        labels: dict[str, str],
+        kinds: Sequence[str],
+        limit: int,
+    ) -> list[Task]:
+        async with self.db.transaction() as session:
+            claimed = await task_store.claim(
+                session,
+                pool=pool,
+                labels=labels,
+                kinds=kinds,
+                agent_id=agent_id,
+                session_id=session_id,
+                limit=limit,
+                accept_timeout=self.config.accept_timeout,
+            )
+        now = utcnow()
+        for task in claimed:
+            self.metrics.schedule_to_start_seconds.labels(pool=pool).observe(
+                (now - task.queued_at).total_seconds()
+            )
+            self.hub.task_changed(task.task_id)
+            await self.audit.submit(
+                AuditRecord(
+                    actor=f"agent:{agent_id}",
+                    action="task.assign",
+                    target=task.task_id,
+                    details={"attempt": task.attempt, "session": session_id},
+                )
+            )
+        return claimed
+
+    async def accept(self, task_id: str, attempt: int, session_id: str) -> bool:
+        async with self.db.transaction() as session:
+            ok = await task_store.accept(
+                session, task_id, attempt, session_id, self.config.lease_duration
+            )
+        if ok:
+            self.hub.task_changed(task_id)
+        return ok
+
+    async def heartbeat(self, session_id: str, attempts: Sequence[tuple[str, int]]) -> None:
+        if attempts:
+            async with self.db.transaction() as session:
+                await task_store.renew_leases(
+                    session, session_id, attempts, self.config.lease_duration
+                )
+
+    async def adopt(
+        self, agent_id: str, session_id: str, attempts: Sequence[tuple[str, int]]
+    ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+        if not attempts:
+            return [], []
+        async with self.db.transaction() as session:
+            return await task_store.adopt(
+                session, agent_id, session_id, attempts, self.config.lease_duration
+            )
+
+    async def record_result(
+        self, agent_id: str, result: agent_pb2.Result
+    ) -> agent_pb2.AckStatus.ValueType:
+        """Record an attempt's end; says whether it was new, a resend, or stale."""
+        outcome = result.outcome
+        usage = (result.usage.input_tokens, result.usage.output_tokens, result.usage.cost_micros)
+        output, error = result.output, result.error[:4000]
+        if len(output) > self.config.max_payload_bytes:
+            outcome, output = agent_pb2.OUTCOME_FAILED, b""
+            error = f"output of {len(result.output)} bytes exceeds the {self.config.max_payload_bytes}-byte cap"
+        async with self.db.transaction() as session:
+            task = await task_store.get(session, result.task_id)
+            if task is None:
+                return agent_pb2.ACK_STATUS_STALE
+            new_state = await self._end_attempt(
+                session, task, agent_id, result, outcome, output, error, usage
+            )
+            if new_state is None:
+                current = task.attempt == result.attempt and task.agent_id == agent_id
+                if current and task.state in task_store.TERMINAL:
+                    return agent_pb2.ACK_STATUS_DUPLICATE
+                return agent_pb2.ACK_STATUS_STALE
+            held_since = task.started_at
+        if new_state in task_store.TERMINAL:
+            self.metrics.tasks_finished.labels(outcome=new_state.lower()).inc()
+            if held_since is not None:
+                self.metrics.task_run_seconds.labels(pool=task.pool, kind=task.kind).observe(
+                    (utcnow() - held_since).total_seconds()
+                )
+        else:
+            self.hub.wake_pool(task.pool)
+        if usage[0] or usage[1]:
+            self.metrics.llm_tokens.labels(kind="input").inc(usage[0])
+            self.metrics.llm_tokens.labels(kind="output").inc(usage[1])
+            self.metrics.llm_spend_micros.inc(usage[2])
+        self.hub.task_changed(task.task_id)
+        await self.audit.submit(
+            AuditRecord(
+                actor=f"agent:{agent_id}",
+                action="task.finish",
+                target=task.task_id,
+                outcome="ok" if new_state == task_store.SUCCEEDED else "error",
+                details={"attempt": result.attempt, "state": new_state},
+            )
+        )
+        return agent_pb2.ACK_STATUS_RECORDED
+
+    async def _end_attempt(
+        self,
+        session: Any,
+        task: Task,
+        agent_id: str,
+        result: agent_pb2.Result,
+        outcome: int,
+        output: bytes,
+        error: str,
+        usage: tuple[int, int, int],
+    ) -> str | None:
+        if outcome == agent_pb2.OUTCOME_SUCCEEDED:
+            state = task_store.SUCCEEDED
+        elif outcome == agent_pb2.OUTCOME_CANCELLED and task.cancel_requested:
+            state = task_store.CANCELLED
+        elif outcome == agent_pb2.OUTCOME_FAILED and not result.retryable:
+            state = task_store.FAILED
+        else:
+            reason = error or (
+                "cancelled by the agent" if outcome == agent_pb2.OUTCOME_CANCELLED else "failed"
+            )
+            return await task_store.retry_or_fail(
+                session,
+                task_id=task.task_id,
+                attempt=result.attempt,
+                error=reason,
+                backoff=retry_backoff(result.attempt),
+                extra_where=[Task.agent_id == agent_id],
+            )
+        ok = await task_store.finish(
+            session,
+            task_id=task.task_id,
+            attempt=result.attempt,
+            agent_id=agent_id,
+            state=state,
+            output=output,
+            error=error if state != task_store.CANCELLED else (task.error or error),
+            usage=usage,
+        )
+        return state if ok else None
+
+    async def release_session(self, session_id: str, reason: str) -> None:
+        """A stream ended: every attempt it still holds goes back to the queue (or ends)."""
+        async with self.db.transaction() as session:
+            held = await task_store.held_by_session(session, session_id)
+            outcomes = []
+            for h in held:
+                state = await task_store.retry_or_fail(
+                    session,
+                    task_id=h.task_id,
+                    attempt=h.attempt,
+                    error=reason,
+                    backoff=timedelta(0),
+                    extra_where=[Task.session_id == session_id],
+                )
+                outcomes.append((h, state))
+        await self._announce_requeues(outcomes, reason)
+
+    async def _announce_requeues(
+        self, outcomes: list[tuple[task_store.Held, str | None]], reason: str
+    ) -> None:
+        for held, state in outcomes:
+            if state is None:
+                continue
+            self.hub.task_changed(held.task_id)
+            if state == task_store.QUEUED:
+                self.hub.wake_pool(held.pool)
+            else:
+                self.metrics.tasks_finished.labels(outcome=state.lower()).inc()
+            await self.audit.submit(
+                AuditRecord(
+                    actor="server",
+                    action="task.requeue" if state == task_store.QUEUED else "task.finish",
+                    target=held.task_id,
+                    outcome="ok" if state == task_store.QUEUED else "error",
+                    details={"attempt": held.attempt, "state": state, "reason": reason},
+                )
+            )
+
+    # Reaper side
+
+    async def reap(self) -> None:
+        """Requeue lost leases, stop overrunning attempts, time out late tasks."""
+        now = utcnow()
+        outcomes: list[tuple[task_store.Held, str | None]] = []
+        async with self.db.transaction() as session:
+            for h in await task_store.expired_leases(session, now):
+                state = await task_store.retry_or_fail(
+                    session,
+                    task_id=h.task_id,
+                    attempt=h.attempt,
+                    error="lease expired",
+                    backoff=timedelta(0),
+                    extra_where=[Task.lease_expires_at < now],
+                )
+                outcomes.append((h, state))
+            for h in await task_store.overrun_attempts(session, now):
+                state = await task_store.retry_or_fail(
+                    session,
+                    task_id=h.task_id,
+                    attempt=h.attempt,
+                    error="start-to-close timeout exceeded",
+                    backoff=timedelta(0),
+                    exhausted_state=task_store.TIMED_OUT,
+                )
+                outcomes.append((h, state))
+            timed_out = await task_store.time_out_expired(session, now)
+        for h, state in outcomes:
+            if state is not None:
+                self.hub.cancel_attempt(
+                    h.session_id, h.task_id, h.attempt, "attempt lost its lease or overran"
+                )
+        await self._announce_requeues(outcomes, "lease expired or attempt overran")
+        for h in timed_out:
+            self.hub.cancel_attempt(h.session_id, h.task_id, h.attempt, "task timed out")
+            self.hub.task_changed(h.task_id)
+            self.metrics.tasks_finished.labels(outcome="timed_out").inc()
+
+    async def refresh_queue_gauges(self) -> None:
+        async with self.db.transaction() as session:
+            stats = await task_store.queue_stats(session)
+        now = utcnow()
+        self.metrics.update_queues(
+            {
+                pool: QueueStats(count, (now - oldest).total_seconds() if oldest else 0.0)
+                for pool, count, oldest in stats
+            }
+        )

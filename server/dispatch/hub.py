@@ -1,0 +1,109 @@
+"""This replica's live agent streams and task watchers, and how to reach them.
+
+The hub is the one place that knows which stream holds which agent. Everything that
+must reach a stream — new work, a cancellation, a revocation, a drain — goes through it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterator
+from typing import Protocol
+
+import grpc
+
+
+class Stream(Protocol):
+    """What the hub needs of one agent stream (implemented by dispatch.session.AgentSession)."""
+
+    session_id: str
+    agent_id: str
+    pool: str
+    serial: str
+
+    def wake(self) -> None: ...
+    def cancel_attempt(self, task_id: str, attempt: int, reason: str) -> None: ...
+    def drain(self, reason: str) -> None: ...
+    def close(self, code: grpc.StatusCode, message: str) -> None: ...
+
+
+class Hub:
+    def __init__(self) -> None:
+        self._streams: dict[str, Stream] = {}
+        self._by_pool: dict[str, set[str]] = defaultdict(set)
+        self._watchers: dict[str, set[asyncio.Event]] = defaultdict(set)
+
+    # Streams
+
+    def register(self, stream: Stream) -> None:
+        self._streams[stream.session_id] = stream
+        self._by_pool[stream.pool].add(stream.session_id)
+
+    def unregister(self, stream: Stream) -> None:
+        self._streams.pop(stream.session_id, None)
+        self._by_pool[stream.pool].discard(stream.session_id)
+
+    def streams(self) -> list[Stream]:
+        return list(self._streams.values())
+
+    def is_connected(self, agent_id: str) -> bool:
+        return any(s.agent_id == agent_id for s in self._streams.values())
+
+    def connected_by_pool(self) -> dict[str, int]:
+        return {pool: len(ids) for pool, ids in self._by_pool.items()}
+
+    def wake_pool(self, pool: str) -> None:
+        """New or requeued work in ``pool``: let its streams look for it."""
+        for session_id in self._by_pool.get(pool, ()):
+            self._streams[session_id].wake()
+
+    def cancel_attempt(
+        self, session_id: str | None, task_id: str, attempt: int, reason: str
+    ) -> None:
+        """Tell the stream holding an attempt to stop it (no-op if that stream is not here)."""
+        stream = self._streams.get(session_id or "")
+        if stream is not None:
+            stream.cancel_attempt(task_id, attempt, reason)
+
+    def close_agent(
+        self,
+        agent_id: str,
+        code: grpc.StatusCode,
+        message: str,
+        serials: frozenset[str] | None = None,
+    ) -> int:
+        """Close an agent's streams (only those using ``serials``, if given); returns how many."""
+        closing = [
+            s
+            for s in self._streams.values()
+            if s.agent_id == agent_id and (serials is None or s.serial in serials)
+        ]
+        for stream in closing:
+            stream.close(code, message)
+        return len(closing)
+
+    def drain_all(self, reason: str) -> None:
+        for stream in list(self._streams.values()):
+            stream.drain(reason)
+
+    # Task watchers
+
+    @contextlib.contextmanager
+    def watch(self, task_id: str) -> Iterator[asyncio.Event]:
+        """An event set whenever ``task_id`` changes, for as long as the block runs."""
+        event = asyncio.Event()
+        self._watchers[task_id].add(event)
+        try:
+            yield event
+        finally:
+            watchers = self._watchers.get(task_id)
+            if watchers is not None:
+                watchers.discard(event)
+                if not watchers:
+                    del self._watchers[task_id]
+
+    def task_changed(self, task_id: str) -> None:
+        for event in self._watchers.get(task_id, ()):
+            event.set()

@@ -1,0 +1,325 @@
+"""One agent's Connect stream: Hello/Welcome, credit-based push, and reconciliation.
+
+The stream runs three coroutines: a reader (agent messages), a pump (claims work while
+the agent has credit) and a writer (the only one that writes to the stream). The first
+to finish ends the stream; whatever attempts it still holds go back to the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+import grpc
+
+from muster.v1 import agent_pb2
+from server.audit import AuditRecord
+from server.dispatch.dispatcher import Dispatcher
+from server.services import convert
+from server.storage.types import utcnow
+
+log = logging.getLogger(__name__)
+
+MAX_CONCURRENCY = 1000
+MAX_CAPABILITIES = 100
+
+
+class StreamClosed(Exception):
+    """Ends a stream with a status the agent sees."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class AgentSession:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        *,
+        agent_id: str,
+        spiffe_id: str,
+        serial: str,
+        pool: str,
+        labels: dict[str, str],
+        not_before: datetime,
+        not_after: datetime,
+        peer: str,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.config = dispatcher.config
+        self.session_id = "s_" + secrets.token_hex(8)
+        self.agent_id = agent_id
+        self.spiffe_id = spiffe_id
+        self.serial = serial
+        self.pool = pool
+        self.labels = labels
+        self.not_before = not_before
+        self.not_after = not_after
+        self.peer = peer
+        self.kinds: list[str] = []
+        self.credit = 0
+        self.draining = False
+        self._outbox: asyncio.Queue[agent_pb2.ServerMessage] = asyncio.Queue()
+        self._wake = asyncio.Event()
+        self._closed: asyncio.Future[StreamClosed] = asyncio.get_running_loop().create_future()
+        self._last_heard = asyncio.get_running_loop().time()
+
+    # Called through the hub (from other coroutines)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def cancel_attempt(self, task_id: str, attempt: int, reason: str) -> None:
+        self._send(
+            agent_pb2.ServerMessage(
+                cancel=agent_pb2.Cancel(task_id=task_id, attempt=attempt, reason=reason)
+            )
+        )
+
+    def drain(self, reason: str) -> None:
+        self.draining = True
+        self._send(agent_pb2.ServerMessage(drain=agent_pb2.Drain(reason=reason)))
+
+    def close(self, code: grpc.StatusCode, message: str) -> None:
+        if not self._closed.done():
+            self._closed.set_result(StreamClosed(code, message))
+
+    # The stream
+
+    async def run(
+        self, requests: AsyncIterator[agent_pb2.AgentMessage], context: grpc.aio.ServicerContext
+    ) -> None:
+        hello = await self._receive_hello(requests)
+        self._check_hello(hello)
+        dispatcher = self.dispatcher
+        in_flight = [(a.task_id, a.attempt) for a in hello.in_flight]
+        adopted, lost = await dispatcher.adopt(self.agent_id, self.session_id, in_flight)
+        self.kinds = sorted(set(hello.capabilities))
+        self.credit = max(0, hello.max_concurrency - len(adopted))
+        await context.write(self._welcome())
+        for task_id, attempt in lost:
+            self.cancel_attempt(task_id, attempt, "attempt is no longer current")
+        dispatcher.hub.register(self)
+        await dispatcher.audit.submit(
+            self._audit("stream.connect", {"adopted": len(adopted), "lost": len(lost)})
+        )
+        log.info(
+            "agent %s connected (session %s, credit %d)",
+            self.agent_id,
+            self.session_id,
+            self.credit,
+        )
+        workers = [
+            asyncio.create_task(self._read(requests), name=f"read-{self.session_id}"),
+            asyncio.create_task(self._pump(), name=f"pump-{self.session_id}"),
+            asyncio.create_task(self._write(context), name=f"write-{self.session_id}"),
+            asyncio.create_task(self._watchdog(), name=f"watchdog-{self.session_id}"),
+        ]
+        reason = "stream closed"
+        try:
+            done, _ = await asyncio.wait(
+                [*workers, self._closed], return_when=asyncio.FIRST_COMPLETED
+            )
+            if self._closed in done:
+                closed = self._closed.result()
+                reason = closed.message
+                await self._flush_outbox(context)
+                raise closed
+            for worker in done:
+                if (exc := worker.exception()) is not None:
+                    reason = exc.message if isinstance(exc, StreamClosed) else repr(exc)
+                    raise exc
+        finally:
+            for worker in workers:
+                worker.cancel()
+            for worker in workers:
+                with contextlib.suppress(BaseException):
+                    await worker
+            dispatcher.hub.unregister(self)
+            # Shielded: the stream may be ending because the handler was cancelled.
+            await asyncio.shield(self._release(reason))
+
+    async def _release(self, reason: str) -> None:
+        await self.dispatcher.release_session(self.session_id, f"agent stream ended: {reason}")
+        await self.dispatcher.audit.submit(
+            self._audit("stream.disconnect", {"reason": reason[:200]})
+        )
+        log.info("agent %s disconnected (session %s): %s", self.agent_id, self.session_id, reason)
+
+    async def _receive_hello(
+        self, requests: AsyncIterator[agent_pb2.AgentMessage]
+    ) -> agent_pb2.Hello:
+        try:
+            first = await asyncio.wait_for(
+                anext(requests), self.config.hello_timeout.total_seconds()
+            )
+        except TimeoutError:
+            raise StreamClosed(
+                grpc.StatusCode.DEADLINE_EXCEEDED, "no Hello received in time"
+            ) from None
+        except StopAsyncIteration:
+            raise StreamClosed(
+                grpc.StatusCode.INVALID_ARGUMENT, "stream closed before Hello"
+            ) from None
+        if first.WhichOneof("body") != "hello":
+            raise StreamClosed(grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Hello")
+        return first.hello
+
+    def _check_hello(self, hello: agent_pb2.Hello) -> None:
+        invalid = grpc.StatusCode.INVALID_ARGUMENT
+        if not 1 <= hello.max_concurrency <= MAX_CONCURRENCY:
+            raise StreamClosed(
+                invalid, f"Hello.max_concurrency must be between 1 and {MAX_CONCURRENCY}"
+            )
+        if not hello.capabilities or len(hello.capabilities) > MAX_CAPABILITIES:
+            raise StreamClosed(
+                invalid, f"Hello.capabilities must list 1 to {MAX_CAPABILITIES} task kinds"
+            )
+        if len(hello.in_flight) > hello.max_concurrency:
+            raise StreamClosed(invalid, "Hello.in_flight lists more attempts than max_concurrency")
+        for key, value in hello.labels.items():
+            if self.labels.get(key) != value:
+                raise StreamClosed(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"label {key}={value[:50]} is not in this agent's enrolled scope",
+                )
+
+    def _welcome(self) -> agent_pb2.ServerMessage:
+        lifetime = self.not_after - self.not_before
+        renew_after = self.not_before + lifetime * random.uniform(0.5, 2 / 3)
+        return agent_pb2.ServerMessage(
+            welcome=agent_pb2.Welcome(
+                session_id=self.session_id,
+                agent_id=self.agent_id,
+                spiffe_id=self.spiffe_id,
+                heartbeat_interval=convert.duration(self.config.heartbeat_interval),
+                lease_duration=convert.duration(self.config.lease_duration),
+                renew_after=convert.timestamp(renew_after),
+                pool=self.pool,
+                labels=self.labels,
+            )
+        )
+
+    def _send(self, message: agent_pb2.ServerMessage) -> None:
+        self._outbox.put_nowait(message)
+
+    async def _write(self, context: grpc.aio.ServicerContext) -> None:
+        while True:
+            message = await self._outbox.get()
+            await context.write(message)
+
+    async def _flush_outbox(self, context: grpc.aio.ServicerContext) -> None:
+        with contextlib.suppress(Exception):
+            while not self._outbox.empty():
+                await context.write(self._outbox.get_nowait())
+
+    async def _pump(self) -> None:
+        poll = self.config.poll_interval.total_seconds()
+        while True:
+            self._wake.clear()
+            if self.credit > 0 and not self.draining:
+                claimed = await self.dispatcher.claim(
+                    agent_id=self.agent_id,
+                    session_id=self.session_id,
+                    pool=self.pool,
+                    labels=self.labels,
+                    kinds=self.kinds,
+                    limit=self.credit,
+                )
+                for task in claimed:
+                    self.credit -= 1
+                    self._send(
+                        agent_pb2.ServerMessage(
+                            assignment=agent_pb2.Assignment(
+                                task_id=task.task_id,
+                                attempt=task.attempt,
+                                kind=task.kind,
+                                payload=task.payload,
+                                start_to_close_timeout=convert.duration(
+                                    task.start_to_close_timeout
+                                ),
+                                deadline=convert.timestamp(task.deadline),
+                                accept_within=convert.duration(self.config.accept_timeout),
+                            )
+                        )
+                    )
+                if claimed:
+                    continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), poll)
+
+    async def _read(self, requests: AsyncIterator[agent_pb2.AgentMessage]) -> None:
+        dispatcher = self.dispatcher
+        async for message in requests:
+            self._last_heard = asyncio.get_running_loop().time()
+            body = message.WhichOneof("body")
+            if body == "credit":
+                if message.credit.credits < 0:
+                    raise StreamClosed(
+                        grpc.StatusCode.INVALID_ARGUMENT, "Credit.credits must not be negative"
+                    )
+                self.credit = min(self.credit + message.credit.credits, MAX_CONCURRENCY)
+                self.wake()
+            elif body == "accepted":
+                a = message.accepted
+                if not await dispatcher.accept(a.task_id, a.attempt, self.session_id):
+                    self.cancel_attempt(a.task_id, a.attempt, "attempt is no longer current")
+            elif body == "result":
+                r = message.result
+                status = await dispatcher.record_result(self.agent_id, r)
+                self._send(
+                    agent_pb2.ServerMessage(
+                        ack=agent_pb2.Ack(task_id=r.task_id, attempt=r.attempt, status=status)
+                    )
+                )
+            elif body == "heartbeat":
+                await dispatcher.heartbeat(
+                    self.session_id, [(a.task_id, a.attempt) for a in message.heartbeat.in_flight]
+                )
+            elif body == "progress":
+                p = message.progress
+                await dispatcher.heartbeat(self.session_id, [(p.task_id, p.attempt)])
+            elif body == "draining":
+                self.draining = True
+                log.info("agent %s is draining: %s", self.agent_id, message.draining.reason[:200])
+            elif body == "hello":
+                raise StreamClosed(
+                    grpc.StatusCode.INVALID_ARGUMENT, "Hello may only be the first message"
+                )
+            else:
+                raise StreamClosed(
+                    grpc.StatusCode.INVALID_ARGUMENT, "empty or unknown agent message"
+                )
+
+    async def _watchdog(self) -> None:
+        """Close a stream that went silent, and a stream whose certificate has expired."""
+        loop = asyncio.get_running_loop()
+        silence = self.config.lease_duration.total_seconds()
+        while True:
+            if utcnow() >= self.not_after:
+                raise StreamClosed(grpc.StatusCode.UNAUTHENTICATED, "client certificate expired")
+            if loop.time() - self._last_heard > silence:
+                raise StreamClosed(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, "no message from the agent within the lease"
+                )
+            wait = min(
+                self.config.heartbeat_interval.total_seconds(),
+                max(0.05, (self.not_after - utcnow()).total_seconds()),
+            )
+            await asyncio.sleep(wait)
+
+    def _audit(self, action: str, details: dict[str, object]) -> AuditRecord:
+        return AuditRecord(
+            actor=self.spiffe_id,
+            action=action,
+            target=self.session_id,
+            peer=self.peer,
+            details={"serial": self.serial, **details},
+        )

@@ -1,0 +1,1 @@
+"""gRPC servicers, one per service in proto/muster/v1."""

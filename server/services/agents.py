@@ -1,0 +1,105 @@
+"""AgentService on the mTLS listener: the Connect stream and certificate renewal.
+
+The identity interceptor has already resolved the caller from its certificate
+(``current_agent``); nothing here reads identity from a message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from muster.v1 import agent_pb2, agent_pb2_grpc
+from server.audit import AuditRecord, record_in
+from server.ca import CertificateAuthority, CsrError, public_key_fingerprint, public_key_from_csr
+from server.dispatch.dispatcher import Dispatcher
+from server.dispatch.session import AgentSession, StreamClosed
+from server.principals import current_agent
+from server.services import convert
+from server.services.context import peer_address, request_id
+from server.services.errors import ServiceError, invalid
+from server.storage.models import Certificate
+
+log = logging.getLogger(__name__)
+
+
+class AgentService(agent_pb2_grpc.AgentServiceServicer):
+    def __init__(self, dispatcher: Dispatcher, ca: CertificateAuthority) -> None:
+        self._dispatcher = dispatcher
+        self._ca = ca
+
+    async def Connect(
+        self,
+        request_iterator: AsyncIterator[agent_pb2.AgentMessage],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        identity = current_agent.get()
+        session = AgentSession(
+            self._dispatcher,
+            agent_id=identity.agent_id,
+            spiffe_id=identity.spiffe_id,
+            serial=identity.serial,
+            pool=identity.pool,
+            labels=identity.labels,
+            not_before=identity.not_before,
+            not_after=identity.not_after,
+            peer=peer_address(context),
+        )
+        try:
+            await session.run(request_iterator, context)
+        except StreamClosed as closed:
+            raise ServiceError(closed.code, closed.message) from None
+
+    async def Renew(
+        self, request: agent_pb2.RenewRequest, context: grpc.aio.ServicerContext
+    ) -> agent_pb2.RenewResponse:
+        identity = current_agent.get()
+        try:
+            public_key = public_key_from_csr(request.csr_pem)
+        except CsrError as err:
+            raise invalid(f"csr_pem: {err}") from None
+        fingerprint = public_key_fingerprint(public_key)
+        dispatcher = self._dispatcher
+        issued = self._ca.issue_agent_certificate(
+            public_key, identity.agent_id, lifetime=dispatcher.config.cert_lifetime
+        )
+        async with dispatcher.db.transaction() as session:
+            session.add(
+                Certificate(
+                    serial=issued.serial,
+                    agent_id=identity.agent_id,
+                    public_key_fingerprint=fingerprint,
+                    token_id=None,
+                    reason="renew",
+                    chain_pem=issued.chain_pem,
+                    not_before=issued.not_before,
+                    not_after=issued.not_after,
+                )
+            )
+            await record_in(
+                session,
+                AuditRecord(
+                    actor=identity.spiffe_id,
+                    action="cert.renew",
+                    target=issued.serial,
+                    peer=peer_address(context),
+                    request_id=request_id(context),
+                    details={
+                        "agent": identity.agent_id,
+                        "previous": identity.serial,
+                        "not_after": issued.not_after.isoformat(),
+                        "key": fingerprint,
+                    },
+                ),
+            )
+        dispatcher.metrics.certificates_issued.labels(reason="renew").inc()
+        log.info(
+            "renewed the certificate of agent %s (serial %s)", identity.agent_id, issued.serial
+        )
+        return agent_pb2.RenewResponse(
+            certificate_chain_pem=issued.chain_pem,
+            trust_bundle_pem=self._ca.bundle_pem,
+            not_after=convert.timestamp(issued.not_after),
+        )

@@ -1,0 +1,138 @@
+"""Rows to protocol messages, in one place."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from muster.v1 import admin_pb2, common_pb2
+from server.storage import models
+
+_ROLES = {"submitter": admin_pb2.ROLE_SUBMITTER, "admin": admin_pb2.ROLE_ADMIN}
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def duration(seconds: float | timedelta | None) -> Duration | None:
+    if seconds is None:
+        return None
+    d = Duration()
+    d.FromTimedelta(seconds if isinstance(seconds, timedelta) else timedelta(seconds=seconds))
+    return d
+
+
+def task_state(state: str) -> common_pb2.TaskState.ValueType:
+    return common_pb2.TaskState.Value(f"TASK_STATE_{state}")
+
+
+def task(row: models.Task) -> common_pb2.Task:
+    return common_pb2.Task(
+        task_id=row.task_id,
+        kind=row.kind,
+        payload=row.payload,
+        pool=row.pool,
+        selector=row.selector or {},
+        priority=row.priority,
+        state=task_state(row.state),
+        attempt=row.attempt,
+        max_attempts=row.max_attempts,
+        owner=row.owner,
+        idempotency_key=row.idempotency_key or "",
+        agent_id=row.agent_id or "",
+        output=row.output or b"",
+        error=row.error,
+        cancel_requested=row.cancel_requested,
+        schedule_to_start_timeout=duration(row.schedule_to_start_timeout),
+        start_to_close_timeout=duration(row.start_to_close_timeout),
+        deadline=timestamp(row.deadline),
+        created_at=timestamp(row.created_at),
+        updated_at=timestamp(row.updated_at),
+        started_at=timestamp(row.started_at),
+        finished_at=timestamp(row.finished_at),
+        usage=common_pb2.Usage(
+            input_tokens=row.input_tokens,
+            output_tokens=row.output_tokens,
+            cost_micros=row.cost_micros,
+        ),
+    )
+
+
+def bootstrap_token(row: models.BootstrapToken) -> admin_pb2.BootstrapToken:
+    return admin_pb2.BootstrapToken(
+        token_id=row.token_id,
+        pool=row.pool,
+        labels=row.labels,
+        name_pattern=row.name_pattern,
+        max_uses=row.max_uses,
+        uses=row.uses,
+        expires_at=timestamp(row.expires_at),
+        created_at=timestamp(row.created_at),
+        created_by=row.created_by,
+        deleted=row.deleted_at is not None,
+    )
+
+
+def api_token(row: models.ApiToken) -> admin_pb2.ApiToken:
+    return admin_pb2.ApiToken(
+        token_id=row.token_id,
+        name=row.name,
+        role=_ROLES.get(row.role, admin_pb2.ROLE_UNSPECIFIED),
+        created_at=timestamp(row.created_at),
+        expires_at=timestamp(row.expires_at),
+        deleted=row.deleted_at is not None,
+    )
+
+
+def role_name(role: admin_pb2.Role.ValueType) -> str | None:
+    return next((name for name, value in _ROLES.items() if value == role), None)
+
+
+def certificate(row: models.Certificate) -> admin_pb2.Certificate:
+    return admin_pb2.Certificate(
+        serial=row.serial,
+        agent_id=row.agent_id,
+        not_before=timestamp(row.not_before),
+        not_after=timestamp(row.not_after),
+        revoked=row.revoked_at is not None,
+        revoked_at=timestamp(row.revoked_at),
+    )
+
+
+def agent(
+    row: models.Agent, certificates: list[models.Certificate], *, spiffe_id: str, connected: bool
+) -> admin_pb2.Agent:
+    return admin_pb2.Agent(
+        agent_id=row.agent_id,
+        spiffe_id=spiffe_id,
+        pool=row.pool,
+        labels=row.labels,
+        enabled=row.enabled,
+        connected=connected,
+        enrolled_at=timestamp(row.enrolled_at),
+        last_seen_at=timestamp(row.last_seen_at),
+        token_id=row.token_id,
+        certificates=[certificate(c) for c in certificates],
+    )
+
+
+def audit_event(row: models.AuditEvent) -> admin_pb2.AuditEvent:
+    return admin_pb2.AuditEvent(
+        id=row.id,
+        time=timestamp(row.time),
+        actor=row.actor,
+        action=row.action,
+        target=row.target,
+        outcome=row.outcome,
+        peer=row.peer,
+        request_id=row.request_id,
+        details=json.dumps(row.details, sort_keys=True),
+    )

@@ -1,0 +1,262 @@
+"""EnrollmentService: a bootstrap token and a CSR become an agent identity.
+
+Order matters: the token is checked (not spent) first, then the CSR, then everything is
+written in one transaction with its audit rows. Any refusal changes nothing, and every
+token problem looks the same to the caller.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import secrets
+
+import grpc
+
+from muster.spiffe import AGENT_ID
+from muster.v1 import enrollment_pb2, enrollment_pb2_grpc
+from server import tokens
+from server.audit import AuditRecord, record_in
+from server.ca import CertificateAuthority, CsrError, public_key_fingerprint, public_key_from_csr
+from server.config import ServerConfig
+from server.metrics import MusterMetrics
+from server.quotas import Quotas
+from server.services import convert
+from server.services.context import peer_address, request_id
+from server.services.errors import ServiceError
+from server.services.validation import check_labels, check_name
+from server.storage import identities
+from server.storage.database import Database
+from server.storage.models import Agent, BootstrapToken, Certificate
+from server.storage.types import utcnow
+
+log = logging.getLogger(__name__)
+
+BAD_TOKEN = "bootstrap token is invalid, expired or used up"
+
+
+class _Refusal(ServiceError):
+    """A refused enrollment; ``audit_reason`` is the precise cause, which the caller never sees."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, audit_reason: str) -> None:
+        super().__init__(code, message)
+        self.audit_reason = audit_reason
+
+
+class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
+    def __init__(
+        self,
+        db: Database,
+        ca: CertificateAuthority,
+        quotas: Quotas,
+        metrics: MusterMetrics,
+        config: ServerConfig,
+        agent_endpoint: str,
+    ) -> None:
+        self._db = db
+        self._ca = ca
+        self._quotas = quotas
+        self._metrics = metrics
+        self._config = config
+        self._agent_endpoint = agent_endpoint
+
+    async def Enroll(
+        self, request: enrollment_pb2.EnrollRequest, context: grpc.aio.ServicerContext
+    ) -> enrollment_pb2.EnrollResponse:
+        peer, rid = peer_address(context), request_id(context)
+        decision = await self._quotas.check_enrollment(peer)
+        if not decision.allowed:
+            await context.abort_with_status(decision.status())
+        presented = tokens.parse(request.token, tokens.BOOTSTRAP)
+        try:
+            response = await self._enroll(request, presented, peer, rid)
+        except ServiceError as refusal:
+            await self._record_refusal(presented, refusal, peer, rid)
+            raise
+        return response
+
+    async def _enroll(
+        self,
+        request: enrollment_pb2.EnrollRequest,
+        presented: tokens.PresentedToken | None,
+        peer: str,
+        rid: str,
+    ) -> enrollment_pb2.EnrollResponse:
+        if presented is None:
+            raise _Refusal(grpc.StatusCode.UNAUTHENTICATED, BAD_TOKEN, "malformed token")
+        async with self._db.transaction() as session:
+            row = await identities.bootstrap_token(session, presented.token_id)
+            if row is None or not presented.matches(row.secret_hash):
+                raise _Refusal(grpc.StatusCode.UNAUTHENTICATED, BAD_TOKEN, "unknown token")
+        try:
+            public_key = public_key_from_csr(request.csr_pem)
+        except CsrError as err:
+            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"csr_pem: {err}", "bad csr") from None
+        fingerprint = public_key_fingerprint(public_key)
+        now = utcnow()
+        actor = f"bootstrap:{row.token_id}"
+
+        async with self._db.transaction() as session:
+            earlier = await identities.certificate_for_key(session, row.token_id, fingerprint, now)
+            if earlier is not None:
+                agent = await identities.agent(session, earlier.agent_id)
+                assert agent is not None
+                await record_in(
+                    session,
+                    AuditRecord(
+                        actor=actor,
+                        action="agent.enroll",
+                        target=agent.agent_id,
+                        peer=peer,
+                        request_id=rid,
+                        details={"serial": earlier.serial, "retry": True},
+                    ),
+                )
+                return self._response(agent, earlier.chain_pem, earlier.not_after)
+
+            if row.deleted_at is not None or row.expires_at <= now or row.uses >= row.max_uses:
+                raise _Refusal(grpc.StatusCode.UNAUTHENTICATED, BAD_TOKEN, _token_problem(row, now))
+            pool, labels = _scope(row, request)
+            agent_id = self._agent_id(row, request.name)
+            if await identities.agent(session, agent_id) is not None:
+                raise _Refusal(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"agent {agent_id!r} is already enrolled; choose another name",
+                    "name taken",
+                )
+            if not await identities.redeem_bootstrap_token(session, row.token_id, now):
+                raise _Refusal(grpc.StatusCode.UNAUTHENTICATED, BAD_TOKEN, "used up concurrently")
+            issued = self._ca.issue_agent_certificate(
+                public_key, agent_id, lifetime=self._config.cert_lifetime
+            )
+            agent = Agent(
+                agent_id=agent_id,
+                pool=pool,
+                labels=labels,
+                enabled=True,
+                token_id=row.token_id,
+                enrolled_at=now,
+            )
+            session.add(agent)
+            await session.flush()
+            session.add(
+                Certificate(
+                    serial=issued.serial,
+                    agent_id=agent_id,
+                    public_key_fingerprint=fingerprint,
+                    token_id=row.token_id,
+                    reason="enroll",
+                    chain_pem=issued.chain_pem,
+                    not_before=issued.not_before,
+                    not_after=issued.not_after,
+                )
+            )
+            common = {"peer": peer, "request_id": rid}
+            await record_in(
+                session,
+                AuditRecord(actor=actor, action="token.redeem", target=row.token_id, **common),
+                AuditRecord(
+                    actor=actor,
+                    action="agent.enroll",
+                    target=agent_id,
+                    details={"pool": pool, "labels": labels},
+                    **common,
+                ),
+                AuditRecord(
+                    actor=actor,
+                    action="cert.issue",
+                    target=issued.serial,
+                    details={
+                        "agent": agent_id,
+                        "not_after": issued.not_after.isoformat(),
+                        "key": fingerprint,
+                        "reason": "enroll",
+                    },
+                    **common,
+                ),
+            )
+        self._metrics.certificates_issued.labels(reason="enroll").inc()
+        log.info(
+            "enrolled agent %s (serial %s) from token %s", agent_id, issued.serial, row.token_id
+        )
+        return self._response(agent, issued.chain_pem, issued.not_after)
+
+    def _agent_id(self, row: BootstrapToken, name: str) -> str:
+        if name:
+            check_name(name, "name", AGENT_ID)
+            agent_id = name
+        else:
+            agent_id = "agent-" + secrets.token_hex(6)
+        if not fnmatch.fnmatchcase(agent_id, row.name_pattern):
+            raise _Refusal(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"agent name {agent_id!r} is not allowed by this token (pattern {row.name_pattern!r})",
+                "name not allowed",
+            )
+        return agent_id
+
+    def _response(
+        self, agent: Agent, chain_pem: bytes, not_after: object
+    ) -> enrollment_pb2.EnrollResponse:
+        return enrollment_pb2.EnrollResponse(
+            agent_id=agent.agent_id,
+            spiffe_id=f"spiffe://{self._ca.trust_domain}/agent/{agent.agent_id}",
+            certificate_chain_pem=chain_pem,
+            trust_bundle_pem=self._ca.bundle_pem,
+            agent_endpoint=self._agent_endpoint,
+            not_after=convert.timestamp(not_after),  # type: ignore[arg-type]
+            pool=agent.pool,
+            labels=agent.labels,
+        )
+
+    async def _record_refusal(
+        self, presented: tokens.PresentedToken | None, refusal: ServiceError, peer: str, rid: str
+    ) -> None:
+        reason = refusal.audit_reason if isinstance(refusal, _Refusal) else refusal.message
+        async with self._db.transaction() as session:
+            await record_in(
+                session,
+                AuditRecord(
+                    actor=f"bootstrap:{presented.token_id}" if presented else "anonymous",
+                    action="agent.enroll",
+                    outcome="denied",
+                    peer=peer,
+                    request_id=rid,
+                    details={"reason": reason, "code": refusal.code.name},
+                ),
+            )
+        if refusal.code == grpc.StatusCode.UNAUTHENTICATED:
+            await self._quotas.record_auth_failure(peer)
+            self._metrics.auth_failures.labels(listener="api", reason="bootstrap_token").inc()
+
+
+def _token_problem(row: BootstrapToken, now: object) -> str:
+    if row.deleted_at is not None:
+        return "token deleted"
+    if row.uses >= row.max_uses:
+        return "token used up"
+    return "token expired"
+
+
+def _scope(
+    row: BootstrapToken, request: enrollment_pb2.EnrollRequest
+) -> tuple[str, dict[str, str]]:
+    """The pool and labels an agent gets: the token's, plus labels that do not contradict them."""
+    pool = request.pool or row.pool
+    if pool != row.pool:
+        raise _Refusal(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"this token enrolls agents into pool {row.pool!r}, not {pool!r}",
+            "pool not allowed",
+        )
+    check_labels(dict(request.labels), "labels")
+    labels = dict(request.labels)
+    for key, value in row.labels.items():
+        if labels.get(key, value) != value:
+            raise _Refusal(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"label {key!r} is fixed to {value!r} by this token",
+                "label not allowed",
+            )
+        labels[key] = value
+    return pool, labels

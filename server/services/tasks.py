@@ -1,0 +1,193 @@
+"""TaskService: submit, read, list, cancel and watch tasks (bearer API token required)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import grpc
+
+from muster.v1 import common_pb2, task_pb2, task_pb2_grpc
+from server.config import ServerConfig
+from server.dispatch.dispatcher import Dispatcher
+from server.principals import current_principal
+from server.quotas import Quotas
+from server.services import convert
+from server.services.context import peer_address, request_id
+from server.services.errors import invalid, not_found
+from server.services.validation import KIND, check_labels, check_name
+from server.storage import tasks as task_store
+from server.storage.models import Task
+from server.storage.types import utcnow
+
+MAX_ATTEMPTS = 20
+MAX_PRIORITY = 1000
+DEFAULT_PAGE = 50
+MAX_PAGE = 500
+MAX_TIMEOUT = timedelta(days=30)
+
+
+class TaskService(task_pb2_grpc.TaskServiceServicer):
+    def __init__(self, dispatcher: Dispatcher, quotas: Quotas, config: ServerConfig) -> None:
+        self._dispatcher = dispatcher
+        self._db = dispatcher.db
+        self._quotas = quotas
+        self._config = config
+
+    async def Submit(
+        self, request: task_pb2.SubmitRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.SubmitResponse:
+        principal = current_principal.get()
+        values = self._validate_submit(request)
+        decision = await self._quotas.check_submission(principal.name)
+        if not decision.allowed:
+            await context.abort_with_status(decision.status())
+        task, created = await self._dispatcher.submit(
+            {**values, "owner": principal.name},
+            actor=principal.name,
+            peer=peer_address(context),
+            request_id=request_id(context),
+        )
+        return task_pb2.SubmitResponse(task=convert.task(task), created=created)
+
+    def _validate_submit(self, request: task_pb2.SubmitRequest) -> dict[str, Any]:
+        if not request.kind:
+            raise invalid("kind: required (for example 'echo')")
+        check_name(request.kind, "kind", KIND)
+        if len(request.payload) > self._config.max_payload_bytes:
+            raise invalid(
+                f"payload: {len(request.payload)} bytes exceeds the cap of "
+                f"{self._config.max_payload_bytes} bytes"
+            )
+        pool = check_name(request.pool or "default", "pool")
+        if not -MAX_PRIORITY <= request.priority <= MAX_PRIORITY:
+            raise invalid(f"priority: must be between -{MAX_PRIORITY} and {MAX_PRIORITY}")
+        max_attempts = request.max_attempts or self._config.default_max_attempts
+        if not 1 <= max_attempts <= MAX_ATTEMPTS:
+            raise invalid(f"max_attempts: must be between 1 and {MAX_ATTEMPTS}")
+        if len(request.idempotency_key) > 128:
+            raise invalid("idempotency_key: at most 128 characters")
+        deadline = None
+        if request.HasField("deadline"):
+            deadline = request.deadline.ToDatetime(tzinfo=UTC)
+            if deadline <= utcnow():
+                raise invalid("deadline: must be in the future")
+        return {
+            "kind": request.kind,
+            "payload": request.payload,
+            "pool": pool,
+            "selector": check_labels(dict(request.selector), "selector"),
+            "priority": request.priority,
+            "max_attempts": max_attempts,
+            "idempotency_key": request.idempotency_key or None,
+            "schedule_to_start_timeout": _timeout(request, "schedule_to_start_timeout"),
+            "start_to_close_timeout": _timeout(request, "start_to_close_timeout"),
+            "deadline": deadline,
+        }
+
+    async def Get(
+        self, request: task_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.Task:
+        return convert.task(await self._load(request.task_id))
+
+    async def List(
+        self, request: task_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
+    ) -> task_pb2.ListTasksResponse:
+        limit = request.page_size or DEFAULT_PAGE
+        if not 1 <= limit <= MAX_PAGE:
+            raise invalid(f"page_size: must be between 1 and {MAX_PAGE}")
+        states = []
+        for state in request.states:
+            name = common_pb2.TaskState.Name(state).removeprefix("TASK_STATE_")
+            if name == "UNSPECIFIED":
+                raise invalid("states: TASK_STATE_UNSPECIFIED is not a state")
+            states.append(name)
+        before = _decode_page_token(request.page_token) if request.page_token else None
+        principal = current_principal.get()
+        async with self._db.transaction() as session:
+            rows = await task_store.list_tasks(
+                session,
+                states=states,
+                pool=request.pool,
+                kind=request.kind,
+                owner=None if principal.is_admin else principal.name,
+                limit=limit + 1,
+                before=before,
+            )
+        next_token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            next_token = _encode_page_token(rows[-1].created_at, rows[-1].task_id)
+        return task_pb2.ListTasksResponse(
+            tasks=[convert.task(r) for r in rows], next_page_token=next_token
+        )
+
+    async def Cancel(
+        self, request: task_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.Task:
+        if len(request.reason) > 500:
+            raise invalid("reason: at most 500 characters")
+        principal = current_principal.get()
+        await self._load(request.task_id)
+        task = await self._dispatcher.cancel(
+            request.task_id, request.reason, actor=principal.name, request_id=request_id(context)
+        )
+        if task is None:
+            raise not_found(f"no task {request.task_id[:60]!r}")
+        return convert.task(task)
+
+    async def Watch(
+        self, request: task_pb2.WatchTaskRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[common_pb2.Task]:
+        poll = self._config.poll_interval.total_seconds()
+        last: tuple[str, int, datetime] | None = None
+        with self._dispatcher.hub.watch(request.task_id) as changed:
+            while True:
+                changed.clear()
+                task = await self._load(request.task_id)
+                seen = (task.state, task.attempt, task.updated_at)
+                if seen != last:
+                    last = seen
+                    yield convert.task(task)
+                if task.state in task_store.TERMINAL:
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), poll)
+
+    async def _load(self, task_id: str) -> Task:
+        """The task, if the caller may see it: submitters see their own tasks, admins all."""
+        if not task_id:
+            raise invalid("task_id: required")
+        async with self._db.transaction() as session:
+            task = await task_store.get(session, task_id)
+        principal = current_principal.get()
+        if task is None or not (principal.is_admin or task.owner == principal.name):
+            raise not_found(f"no task {task_id[:60]!r}")
+        return task
+
+
+def _timeout(request: task_pb2.SubmitRequest, field: str) -> float | None:
+    if not request.HasField(field):  # type: ignore[arg-type]
+        return None
+    value: timedelta = getattr(request, field).ToTimedelta()
+    if value <= timedelta(0):
+        return None
+    if value > MAX_TIMEOUT:
+        raise invalid(f"{field}: at most 30 days")
+    return value.total_seconds()
+
+
+def _encode_page_token(created: datetime, task_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{created.isoformat()}|{task_id}".encode()).decode()
+
+
+def _decode_page_token(token: str) -> tuple[datetime, str]:
+    try:
+        created, task_id = base64.urlsafe_b64decode(token.encode()).decode().split("|", 1)
+        return datetime.fromisoformat(created), task_id
+    except (ValueError, UnicodeDecodeError):
+        raise invalid("page_token: not a token from a previous response") from None
