@@ -1,0 +1,294 @@
+"""Assembles the control plane: storage, CA, the two gRPC listeners, /metrics, the reaper.
+
+``start_server(config)`` returns a running :class:`ServerHandle` with the real bound
+ports (bind port 0 in tests); ``await handle.stop()`` shuts it down gracefully. Signal
+handling lives in the CLI, not here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from muster.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    agent_pb2,
+    agent_pb2_grpc,
+    enrollment_pb2,
+    enrollment_pb2_grpc,
+    task_pb2,
+    task_pb2_grpc,
+)
+from server.audit import AuditRecord, AuditWriter, record_in
+from server.ca import CertificateAuthority, ensure_server_certificate
+from server.config import ServerConfig, parse_address
+from server.dispatch.dispatcher import Dispatcher
+from server.dispatch.hub import Hub
+from server.interceptors.auth import ApiTokenAuth
+from server.interceptors.errors import ErrorsInterceptor
+from server.interceptors.identity import AgentIdentityAuth
+from server.interceptors.metrics import GrpcServerMetrics, MetricsInterceptor
+from server.metrics import MetricsServer, MusterMetrics, start_metrics_server
+from server.quotas import InMemoryQuotaStore, QuotaPolicy, Quotas
+from server.services.admin import AdminService, create_api_token
+from server.services.agents import AgentService
+from server.services.enrollment import EnrollmentService
+from server.services.tasks import TaskService
+from server.storage import identities
+from server.storage.database import Database
+
+log = logging.getLogger(__name__)
+
+API_SERVICES = (
+    enrollment_pb2.DESCRIPTOR.services_by_name["EnrollmentService"],
+    task_pb2.DESCRIPTOR.services_by_name["TaskService"],
+    admin_pb2.DESCRIPTOR.services_by_name["AdminService"],
+)
+AGENT_SERVICES = (agent_pb2.DESCRIPTOR.services_by_name["AgentService"],)
+GAUGE_REFRESH_SECONDS = 5.0
+
+
+@dataclass
+class ServerHandle:
+    """A running control plane. ``stop()`` is idempotent."""
+
+    config: ServerConfig
+    api_port: int
+    agent_port: int
+    metrics_port: int | None
+    agent_endpoint: str
+    ca: CertificateAuthority
+    db: Database
+    hub: Hub
+    registry: CollectorRegistry
+    admin_token: str | None
+    """The dev admin token's secret if this start created it (to show once), else None."""
+    _api: grpc.aio.Server
+    _agent: grpc.aio.Server
+    _health: health.aio.HealthServicer
+    _metrics_http: MetricsServer | None
+    _audit: AuditWriter
+    _background: list[asyncio.Task[None]] = field(default_factory=list)
+    _stopped: bool = False
+
+    @property
+    def api_address(self) -> str:
+        return f"{_connect_host(parse_address(self.config.api_addr, name='api_addr')[0])}:{self.api_port}"
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain agents, stop both listeners, then flush the audit trail and close the database."""
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.shutdown_grace.total_seconds() if grace is None else grace
+        await self._health.enter_graceful_shutdown()
+        self.hub.drain_all("server shutting down")
+        deadline = asyncio.get_running_loop().time() + grace
+        while self.hub.streams() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        await asyncio.gather(self._api.stop(1.0), self._agent.stop(1.0))
+        for task in self._background:
+            task.cancel()
+        for task in self._background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._metrics_http is not None:
+            await self._metrics_http.close()
+        await self._audit.close()
+        await self.db.close()
+        log.info("server stopped")
+
+    async def wait(self) -> None:
+        await self._api.wait_for_termination()
+
+
+async def start_server(config: ServerConfig) -> ServerHandle:
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    db = Database(config.resolved_database_url)
+    await db.create_schema()
+    ca = CertificateAuthority.load_or_create(config.ca_dir, config.trust_domain)
+    server_cert = ensure_server_certificate(
+        ca,
+        config.data_dir / "server",
+        dns_names=list(config.server_hostnames),
+        ip_addresses=list(config.server_ips),
+    )
+    registry = CollectorRegistry()
+    metrics = MusterMetrics(registry)
+    grpc_metrics = GrpcServerMetrics(registry)
+    grpc_metrics.initialize(*API_SERVICES, *AGENT_SERVICES)
+    metrics.watch_certificate_expiry(
+        lambda: {
+            "root": ca.root_not_after,
+            "intermediate": ca.intermediate_not_after,
+            "server": server_cert.not_after,
+        }
+    )
+    quotas = Quotas(InMemoryQuotaStore(), QuotaPolicy(), metrics)
+    audit = AuditWriter(db)
+    audit.start()
+    metrics.audit_queue_depth.set_function(lambda: audit.depth)
+    hub = Hub()
+    metrics.agents_connected.set_function(hub.connected_by_pool)
+    dispatcher = Dispatcher(db, hub, audit, metrics, config)
+
+    identity = [(server_cert.private_key_pem, server_cert.chain_pem)]
+    agent_server = grpc.aio.server(
+        interceptors=[
+            MetricsInterceptor(grpc_metrics),
+            ErrorsInterceptor(),
+            AgentIdentityAuth(db, config.trust_domain, audit, metrics),
+        ],
+        options=_SERVER_OPTIONS,
+    )
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(dispatcher, ca), agent_server)
+    agent_port = agent_server.add_secure_port(
+        config.agent_addr,
+        grpc.ssl_server_credentials(
+            identity, root_certificates=ca.bundle_pem, require_client_auth=True
+        ),
+    )
+    agent_host = parse_address(config.agent_addr, name="agent_addr")[0]
+    agent_endpoint = (
+        config.agent_advertise_addr or f"{_advertised_host(agent_host, config)}:{agent_port}"
+    )
+
+    api_server = grpc.aio.server(
+        interceptors=[
+            MetricsInterceptor(grpc_metrics),
+            ErrorsInterceptor(),
+            ApiTokenAuth(db, quotas, audit, metrics),
+        ],
+        options=_SERVER_OPTIONS,
+    )
+    enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server(
+        EnrollmentService(db, ca, quotas, metrics, config, agent_endpoint), api_server
+    )
+    task_pb2_grpc.add_TaskServiceServicer_to_server(
+        TaskService(dispatcher, quotas, config), api_server
+    )
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(
+        AdminService(db, hub, metrics, config.trust_domain), api_server
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, api_server)
+    names = [s.full_name for s in API_SERVICES] + [health.SERVICE_NAME, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, api_server)
+    api_port = api_server.add_secure_port(config.api_addr, grpc.ssl_server_credentials(identity))
+
+    admin_secret = await _ensure_admin_token(db, config.admin_token_file)
+    await agent_server.start()
+    await api_server.start()
+    for name in ["", *(s.full_name for s in API_SERVICES)]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    metrics_http = None
+    metrics_port = None
+    if config.metrics_addr:
+        host, port = parse_address(config.metrics_addr, name="metrics_addr")
+        metrics_http = await start_metrics_server(registry, host, port)
+        metrics_port = metrics_http.port
+
+    handle = ServerHandle(
+        config=config,
+        api_port=api_port,
+        agent_port=agent_port,
+        metrics_port=metrics_port,
+        agent_endpoint=agent_endpoint,
+        ca=ca,
+        db=db,
+        hub=hub,
+        registry=registry,
+        admin_token=admin_secret,
+        _api=api_server,
+        _agent=agent_server,
+        _health=health_servicer,
+        _metrics_http=metrics_http,
+        _audit=audit,
+    )
+    handle._background.append(asyncio.create_task(_reaper(dispatcher, config), name="reaper"))
+    log.info(
+        "muster server up: api %s, agents %s, metrics %s, data %s",
+        api_port,
+        agent_endpoint,
+        metrics_port,
+        config.data_dir,
+    )
+    return handle
+
+
+_SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.max_receive_message_length", 4 << 20),
+    ("grpc.so_reuseport", 0),
+]
+
+
+async def _reaper(dispatcher: Dispatcher, config: ServerConfig) -> None:
+    """Requeues lost leases and times out late tasks; refreshes the queue gauges."""
+    loop = asyncio.get_running_loop()
+    next_gauges = 0.0
+    while True:
+        try:
+            await dispatcher.reap()
+            if loop.time() >= next_gauges:
+                await dispatcher.refresh_queue_gauges()
+                next_gauges = loop.time() + GAUGE_REFRESH_SECONDS
+        except Exception:  # keep reaping; one bad pass must not stop requeueing forever
+            log.exception("reaper pass failed")
+        await asyncio.sleep(config.poll_interval.total_seconds())
+
+
+async def _ensure_admin_token(db: Database, path: Path) -> str | None:
+    """First start: create an admin API token and write it, 0600, to ``path``.
+
+    Returns the secret when created (the CLI shows it once), else None.
+    """
+    async with db.transaction() as session:
+        if path.exists() and await identities.has_live_admin_token(session):
+            return None
+        row, secret = await create_api_token(session, "admin", "admin")
+        await record_in(
+            session,
+            AuditRecord(
+                actor="server",
+                action="api_token.create",
+                target=row.token_id,
+                details={"name": "admin", "role": "admin"},
+            ),
+        )
+    fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path.with_suffix(".tmp"), path)
+    log.info("created the admin API token in %s", path)
+    return secret
+
+
+def _advertised_host(bind_host: str, config: ServerConfig) -> str:
+    if bind_host in ("0.0.0.0", "::", ""):  # noqa: S104 (we are choosing what to advertise)
+        return config.server_hostnames[0] if config.server_hostnames else "localhost"
+    return f"[{bind_host}]" if ":" in bind_host else bind_host
+
+
+def _connect_host(bind_host: str) -> str:
+    return (
+        _advertised_host(bind_host, ServerConfig()) if bind_host in ("0.0.0.0", "::") else bind_host
+    )

@@ -1,0 +1,168 @@
+"""``muster server``, ``muster dev`` and ``muster ca init``: the control plane's commands.
+
+Contributed to the ``muster`` dispatcher through the ``muster.commands`` entry point.
+Signal handling lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from dotenv import load_dotenv
+
+from muster.cli import Subparsers, command_group
+from muster.errors import ConfigError
+from server.ca import CAError, CertificateAuthority
+from server.config import ServerConfig
+
+log = logging.getLogger(__name__)
+
+DEV_AGENT = "dev-agent"
+
+
+def register(subparsers: Subparsers) -> None:
+    server = subparsers.add_parser(
+        "server",
+        help="run the control plane",
+        description="Run the Muster control plane. With no settings it uses embedded defaults: "
+        "SQLite and a dev CA in ./.muster, in-process quotas.",
+    )
+    _server_flags(server)
+    server.set_defaults(func=_run_server)
+
+    dev = subparsers.add_parser(
+        "dev",
+        help="run the control plane plus one local agent (try it out)",
+        description="Run `muster server` on embedded defaults and one local `muster agent` "
+        f"({DEV_AGENT!r}, pool 'default', executors echo and sleep) enrolled to it.",
+    )
+    _server_flags(dev)
+    dev.set_defaults(func=_run_dev)
+
+    ca = command_group(subparsers, "ca", help="manage the certificate authority")
+    init = ca.add_parser(
+        "init",
+        help="create the root and intermediate CA",
+        description="Create a root and an online intermediate CA in DATA_DIR/ca "
+        "(keys mode 0600). Refuses to overwrite an existing CA without --force.",
+    )
+    init.add_argument(
+        "--data-dir", type=Path, help="data directory (default $MUSTER_DATA_DIR or ./.muster)"
+    )
+    init.add_argument("--trust-domain", help="SPIFFE trust domain (default muster.local)")
+    init.add_argument(
+        "--key-type",
+        choices=("ec-p256", "ec-p384", "ed25519"),
+        default="ec-p256",
+        help="CA key type",
+    )
+    init.add_argument(
+        "--force", action="store_true", help="replace an existing CA (invalidates every agent)"
+    )
+    init.set_defaults(func=_ca_init)
+
+
+def _server_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir", type=Path, help="data directory (default $MUSTER_DATA_DIR or ./.muster)"
+    )
+    parser.add_argument("--api-addr", help="TLS api listener HOST:PORT (default 127.0.0.1:7443)")
+    parser.add_argument(
+        "--agent-addr", help="mTLS agent listener HOST:PORT (default 127.0.0.1:7444)"
+    )
+    parser.add_argument(
+        "--metrics-addr", help="Prometheus /metrics HOST:PORT (default 127.0.0.1:9464; '' disables)"
+    )
+    parser.add_argument(
+        "--agent-advertise-addr", help="agent listener address told to enrolling agents"
+    )
+    parser.add_argument("--trust-domain", help="SPIFFE trust domain (default muster.local)")
+    parser.add_argument(
+        "--database-url", help="SQLAlchemy async URL (default SQLite in the data directory)"
+    )
+    parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ERROR")
+
+
+def _config(args: argparse.Namespace) -> ServerConfig:
+    load_dotenv(Path.cwd() / ".env", override=False)
+    _setup_logging(args.log_level or os.environ.get("MUSTER_LOG_LEVEL") or "INFO")
+    return ServerConfig.from_env(
+        data_dir=args.data_dir,
+        api_addr=args.api_addr,
+        agent_addr=args.agent_addr,
+        metrics_addr=args.metrics_addr,
+        agent_advertise_addr=args.agent_advertise_addr,
+        trust_domain=args.trust_domain,
+        database_url=args.database_url,
+    )
+
+
+def _setup_logging(level: str) -> None:
+    if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"--log-level: {level!r} is not DEBUG, INFO, WARNING or ERROR")
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run_server(args: argparse.Namespace) -> int:
+    config = _config(args)
+    return asyncio.run(_serve(config, None))
+
+
+def _run_dev(args: argparse.Namespace) -> int:
+    config = _config(args)
+    from server.dev import run_dev_agent
+
+    return asyncio.run(_serve(config, run_dev_agent))
+
+
+async def _serve(
+    config: ServerConfig, companion: Callable[[Any, asyncio.Event], Awaitable[None]] | None
+) -> int:
+    from server.app import start_server
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    handle = await start_server(config)
+    try:
+        if handle.admin_token is not None:
+            print(
+                f"Admin API token (shown once; also saved to {config.admin_token_file}):\n"
+                f"  {handle.admin_token}",
+                file=sys.stderr,
+            )
+        if companion is not None:
+            await companion(handle, stop)
+        else:
+            await stop.wait()
+        log.info("shutting down")
+    finally:
+        await handle.stop()
+    return 0
+
+
+def _ca_init(args: argparse.Namespace) -> int:
+    load_dotenv(Path.cwd() / ".env", override=False)
+    config = ServerConfig.from_env(data_dir=args.data_dir, trust_domain=args.trust_domain)
+    try:
+        ca = CertificateAuthority.init(
+            config.ca_dir, config.trust_domain, key_type=args.key_type, force=args.force
+        )
+    except CAError as err:
+        raise ConfigError(str(err)) from None
+    print(f"created CA for trust domain {ca.trust_domain} in {config.ca_dir}")
+    print(f"trust bundle: {config.ca_dir / 'bundle.pem'}")
+    return 0
