@@ -34,6 +34,9 @@ from muster.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger(__name__)
 
+MIN_RENEW_INTERVAL = 30.0
+"""Scheduled renewals come at least this many seconds apart (a server's Renew is obeyed at once)."""
+
 _REFUSED = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
 
 
@@ -65,6 +68,7 @@ class Agent:
         self._outbox: Outbox | None = None
         self._target = ""
         self._renew_at: dt.datetime | None = None
+        self._last_renewal: float | None = None
         self._run_task: asyncio.Task[None] | None = None
 
     # SessionHost ------------------------------------------------------------
@@ -381,6 +385,10 @@ class Agent:
                 await self._schedule_changed.wait()
                 continue
             delay = (when - dt.datetime.now(dt.UTC)).total_seconds()
+            if self._last_renewal is not None:
+                # A server whose renew_after is always past must not make us renew in a loop.
+                since = asyncio.get_running_loop().time() - self._last_renewal
+                delay = max(delay, MIN_RENEW_INTERVAL - since)
             if delay <= 0:
                 self._renew_at = None
                 self.on_renew_requested("scheduled renewal time reached")
@@ -406,6 +414,7 @@ class Agent:
             self._set_renew_at(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=retry))
             return old
         self._credentials = credentials
+        self._last_renewal = asyncio.get_running_loop().time()
         self._set_renew_at(renewal_time(credentials.leaf, rand=self._rand))
         if old.done:
             return old  # the next connection uses the new certificate
