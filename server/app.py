@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -84,6 +85,13 @@ class ServerHandle:
     _stopped: bool = False
 
     @property
+    def metrics_address(self) -> str | None:
+        if self.metrics_port is None:
+            return None
+        host = parse_address(self.config.metrics_addr, name="metrics_addr")[0]
+        return f"{_connect_host(host)}:{self.metrics_port}"
+
+    @property
     def api_address(self) -> str:
         return f"{_connect_host(parse_address(self.config.api_addr, name='api_addr')[0])}:{self.api_port}"
 
@@ -108,6 +116,7 @@ class ServerHandle:
             await self._metrics_http.close()
         await self._audit.close()
         await self.db.close()
+        self.config.endpoints_file.unlink(missing_ok=True)
         log.info("server stopped")
 
     async def wait(self) -> None:
@@ -219,6 +228,7 @@ async def start_server(config: ServerConfig) -> ServerHandle:
         _audit=audit,
     )
     handle._background.append(asyncio.create_task(_reaper(dispatcher, config), name="reaper"))
+    _write_endpoints(handle)
     log.info(
         "muster server up: api %s, agents %s, metrics %s, data %s",
         api_port,
@@ -280,6 +290,19 @@ async def _ensure_admin_token(db: Database, path: Path) -> str | None:
     os.replace(path.with_suffix(".tmp"), path)
     log.info("created the admin API token in %s", path)
     return secret
+
+
+def _write_endpoints(handle: ServerHandle) -> None:
+    """Publish the bound addresses (ports may have been 0) for scripts, tests and operators."""
+    endpoints = {
+        "api": handle.api_address,
+        "agent": handle.agent_endpoint,
+        "metrics": handle.metrics_address or "",
+        "pid": os.getpid(),
+    }
+    tmp = handle.config.endpoints_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(endpoints, indent=2) + "\n")
+    os.replace(tmp, handle.config.endpoints_file)
 
 
 def _advertised_host(bind_host: str, config: ServerConfig) -> str:

@@ -109,6 +109,11 @@ class ServerConfig:
         return self.data_dir / "ca"
 
     @property
+    def endpoints_file(self) -> Path:
+        """``endpoints.json``: the addresses a running server actually bound."""
+        return self.data_dir / "endpoints.json"
+
+    @property
     def admin_token_file(self) -> Path:
         return self.data_dir / "admin.token"
 

@@ -46,7 +46,8 @@ async def run_dev_agent(handle: ServerHandle, stop: asyncio.Event) -> None:
         "--name", AGENT_NAME,
         "--pool", "default",
     ]  # fmt: skip
-    agent = await asyncio.create_subprocess_exec(*command, env=env)
+    # Its own session: Ctrl-C reaches only us, and we drain the agent with SIGTERM.
+    agent = await asyncio.create_subprocess_exec(*command, env=env, start_new_session=True)
     _banner(handle)
     waiter = asyncio.create_task(agent.wait())
     stopper = asyncio.create_task(stop.wait())
@@ -72,7 +73,7 @@ async def run_dev_agent(handle: ServerHandle, stop: asyncio.Event) -> None:
 
 def _banner(handle: ServerHandle) -> None:
     c = handle.config
-    metrics = f"http://127.0.0.1:{handle.metrics_port}/metrics" if handle.metrics_port else "off"
+    metrics = f"http://{handle.metrics_address}/metrics" if handle.metrics_address else "off"
     print(
         "\nMuster is running (dev mode). Ctrl-C stops it.\n"
         f"  api      {handle.api_address}  (CA bundle {c.ca_dir / 'bundle.pem'}, token {c.admin_token_file})\n"
