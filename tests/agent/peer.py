@@ -28,7 +28,7 @@ STEP = 5.0
 class PeerStream:
     """One Connect call, seen from the server side."""
 
-    def __init__(self, context: grpc.aio.ServicerContext, hello: agent_pb2.Hello) -> None:
+    def __init__(self, context: grpc.aio.ServicerContext[Any, Any], hello: agent_pb2.Hello) -> None:
         self.context = context
         self.hello = hello
         self.received: asyncio.Queue[agent_pb2.AgentMessage | None] = asyncio.Queue()
@@ -38,7 +38,7 @@ class PeerStream:
             asyncio.get_running_loop().create_future()
         )
         auth = context.auth_context()
-        self.peer_cert = x509.load_pem_x509_certificate(auth["x509_pem_cert"][0])
+        self.peer_cert = x509.load_pem_x509_certificate(next(iter(auth["x509_pem_cert"])))
 
     @property
     def peer_serial(self) -> int:
@@ -130,7 +130,10 @@ class ScriptedAgentService(agent_pb2_grpc.AgentServiceServicer):
     renewals: list[bytes] = field(default_factory=list)
     renew_lifetime: dt.timedelta = dt.timedelta(hours=1)
 
-    async def Connect(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+    # The servicer writes through the context rather than returning an iterator.
+    async def Connect(  # type: ignore[override]
+        self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> None:
         if self.refuse is not None:
             await context.abort(self.refuse, "agent is revoked")
         first = await context.read()
@@ -150,13 +153,13 @@ class ScriptedAgentService(agent_pb2_grpc.AgentServiceServicer):
         await stream.run()
 
     async def Renew(
-        self, request: agent_pb2.RenewRequest, context: grpc.aio.ServicerContext
+        self, request: agent_pb2.RenewRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> agent_pb2.RenewResponse:
         self.renewals.append(request.csr_pem)
         csr = x509.load_pem_x509_csr(request.csr_pem)
         assert csr.is_signature_valid
         auth = context.auth_context()
-        peer = x509.load_pem_x509_certificate(auth["x509_pem_cert"][0])
+        peer = x509.load_pem_x509_certificate(next(iter(auth["x509_pem_cert"])))
         san = peer.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         agent_id = str(san.value.get_values_for_type(x509.UniformResourceIdentifier)[0]).rsplit(
             "/", 1

@@ -44,7 +44,7 @@ class FakeEnrollment(enrollment_pb2_grpc.EnrollmentServiceServicer):
     requests: list[enrollment_pb2.EnrollRequest] = field(default_factory=list)
 
     async def Enroll(
-        self, request: enrollment_pb2.EnrollRequest, context: grpc.aio.ServicerContext
+        self, request: enrollment_pb2.EnrollRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> enrollment_pb2.EnrollResponse:
         self.requests.append(request)
         if self.fail_with:

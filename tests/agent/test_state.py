@@ -6,6 +6,7 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent import keys
 from agent._files import write_atomic
@@ -21,7 +22,7 @@ def test_enrollment_key_is_private_and_reused_until_enrollment_completes(tmp_pat
     assert state.path.stat().st_mode & 0o777 == 0o700
     first = state.enrollment_key()
     assert state.key_path.stat().st_mode & 0o777 == 0o600
-    assert isinstance(first.curve, keys.ec.SECP256R1)
+    assert isinstance(first.curve, ec.SECP256R1)
     again = state.enrollment_key()  # e.g. the Enroll response was lost
     assert keys.public_key_der(again.public_key()) == keys.public_key_der(first.public_key())
     state.discard_key()
@@ -91,7 +92,7 @@ def test_renewal_for_the_wrong_key_changes_nothing(tmp_path: Path) -> None:
     assert state.load_credentials() == before
 
 
-def _stage(state: StateDir, ca: TestCA) -> keys.ec.EllipticCurvePrivateKey:
+def _stage(state: StateDir, ca: TestCA) -> ec.EllipticCurvePrivateKey:
     new_key = keys.generate_key()
     issued = ca.ca.issue_agent_certificate(new_key.public_key(), AGENT_ID)
     write_atomic(state.key_path.with_name("agent.key.next"), keys.key_to_pem(new_key))
