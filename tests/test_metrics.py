@@ -118,6 +118,20 @@ async def stream_deny(
         await context.abort(grpc.StatusCode.PERMISSION_DENIED, "not yours")
 
 
+async def session(
+    requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+) -> None:
+    """Like the agent stream: the first message under a timeout, then a reader task."""
+    first = await asyncio.wait_for(anext(requests), 5)
+    await context.write(b"welcome " + first)
+
+    async def reader() -> None:
+        async for message in requests:
+            await context.write(message.upper())
+
+    await asyncio.create_task(reader())
+
+
 CALLER: contextvars.ContextVar[str] = contextvars.ContextVar("caller")
 
 
@@ -142,6 +156,8 @@ HANDLERS: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
     "ChatRW": grpc.stream_stream_rpc_method_handler(chat_rw),
     "Hang": grpc.stream_stream_rpc_method_handler(hang),
     "StreamDeny": grpc.stream_stream_rpc_method_handler(stream_deny),
+    "Session": grpc.stream_stream_rpc_method_handler(session),
+    "GuardedChat": grpc.stream_stream_rpc_method_handler(chat),
 }
 
 
@@ -160,7 +176,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(details)
-        if not details.method.endswith("/Guarded"):
+        if not details.method.rpartition("/")[2].startswith("Guarded"):
             return handler
         return guard_handler(handler, details.method, self.check)
 
@@ -337,6 +353,14 @@ async def test_bidi_stream_counts_every_message(
     assert counts(registry, "bidi_stream", method, "OK") == (1, 1, 2, 2, 1)
 
 
+async def test_stream_read_from_another_task(
+    channel: grpc.aio.Channel, registry: CollectorRegistry
+) -> None:
+    call = channel.stream_stream(path("Session"))(iter([b"hi", b"a", b"b"]))
+    assert [m async for m in call] == [b"welcome hi", b"A", b"B"]
+    assert counts(registry, "bidi_stream", "Session", "OK") == (1, 1, 3, 3, 1)
+
+
 async def test_cancelled_stream_is_cancelled(
     channel: grpc.aio.Channel, registry: CollectorRegistry
 ) -> None:
@@ -410,6 +434,20 @@ async def test_guard_passes_a_context_var_to_the_handler(
     reply = await channel.unary_unary(path("Guarded"))(b"x", metadata=(("caller", "alice"),))
     assert reply == b"alice"
     assert counts(registry, "unary", "Guarded", "OK") == (1, 1, 1, 1, 1)
+
+
+async def test_guard_refuses_a_stream_before_it_reads(
+    channel: grpc.aio.Channel, registry: CollectorRegistry
+) -> None:
+    call = channel.stream_stream(path("GuardedChat"))(iter([b"a"]))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call.read()
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert counts(registry, "bidi_stream", "GuardedChat", "UNAUTHENTICATED") == (1, 1, 0, 0, 1)
+
+    call = channel.stream_stream(path("GuardedChat"))(iter([b"a"]), metadata=(("caller", "c"),))
+    assert [m async for m in call] == [b"a!"]
+    assert counts(registry, "bidi_stream", "GuardedChat", "OK") == (2, 1, 1, 1, 2)
 
 
 def test_rpc_info_splits_the_method_path() -> None:

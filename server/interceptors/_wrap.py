@@ -44,7 +44,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import inspect
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
@@ -172,12 +172,31 @@ class _ObservedContext:
         return getattr(self._context, name)
 
 
-async def _observed_requests(
-    requests: AsyncIterator[Any], observer: CallObserver
-) -> AsyncGenerator[Any, None]:
-    async for message in requests:
-        observer.request(message)
-        yield message
+class _ObservedRequests:
+    """The request iterator, telling the observer about each message.
+
+    A plain iterator object rather than an async generator, so that it behaves
+    exactly like the one it wraps (e.g. when an ``anext`` is cancelled by a timeout).
+    """
+
+    __slots__ = ("_iterator", "_observer", "_requests")
+
+    def __init__(self, requests: AsyncIterator[Any], observer: CallObserver) -> None:
+        self._requests = requests
+        self._iterator: AsyncIterator[Any] | None = None
+        self._observer = observer
+
+    def __aiter__(self) -> _ObservedRequests:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._iterator is None:
+            # Lazily: grpc's receiver starts a coroutine when iterated, which would be
+            # left un-awaited if the handler never reads (or the call is refused first).
+            self._iterator = aiter(self._requests)
+        message = await anext(self._iterator)
+        self._observer.request(message)
+        return message
 
 
 async def _call(behavior: Callable[..., Any], argument: Any, context: Any) -> Any:
@@ -280,8 +299,7 @@ def wrap_handler(
 
         async def run_su(requests: Any, context: Any, observer: CallObserver) -> Any:
             observed = _ObservedContext(context, observer)
-            async with aclosing(_observed_requests(requests, observer)) as observed_requests:
-                response = await _call(inner_su, observed_requests, observed)
+            response = await _call(inner_su, _ObservedRequests(requests, observer), observed)
             observer.response(response)
             return response
 
@@ -293,8 +311,7 @@ def wrap_handler(
 
     async def run_ss(requests: Any, context: Any, observer: CallObserver) -> None:
         observed = _ObservedContext(context, observer)
-        async with aclosing(_observed_requests(requests, observer)) as observed_requests:
-            await _stream(inner_ss, observed_requests, observed)
+        await _stream(inner_ss, _ObservedRequests(requests, observer), observed)
 
     return grpc.stream_stream_rpc_method_handler(
         _observe(info, new_observer, run_ss), deserialize, serialize
