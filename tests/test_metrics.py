@@ -66,6 +66,26 @@ async def count_writer(request: bytes, context: grpc.aio.ServicerContext[Any, An
         await context.write(str(i).encode())
 
 
+class Countdown:
+    """A response stream that is an async iterator object, not a generator."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __aiter__(self) -> Countdown:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.n == 0:
+            raise StopAsyncIteration
+        self.n -= 1
+        return str(self.n).encode()
+
+
+def countdown(request: bytes, context: Any) -> Countdown:
+    return Countdown(int(request))
+
+
 def count_sync(request: bytes, context: Any) -> Iterator[bytes]:
     yield from (b"a", b"b")
 
@@ -150,6 +170,7 @@ HANDLERS: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
     "Count": grpc.unary_stream_rpc_method_handler(count),
     "CountWriter": grpc.unary_stream_rpc_method_handler(count_writer),
     "CountSync": grpc.unary_stream_rpc_method_handler(count_sync),
+    "Countdown": grpc.unary_stream_rpc_method_handler(countdown),
     "Total": grpc.stream_unary_rpc_method_handler(total),
     "TotalReader": grpc.stream_unary_rpc_method_handler(total_reader),
     "Chat": grpc.stream_stream_rpc_method_handler(chat),
@@ -333,6 +354,14 @@ async def test_sync_generator_stream(
     responses = [m async for m in channel.unary_stream(path("CountSync"))(b"")]
     assert responses == [b"a", b"b"]
     assert counts(registry, "server_stream", "CountSync", "OK") == (1, 1, 1, 2, 1)
+
+
+async def test_async_iterator_object_stream(
+    channel: grpc.aio.Channel, registry: CollectorRegistry
+) -> None:
+    responses = [m async for m in channel.unary_stream(path("Countdown"))(b"2")]
+    assert responses == [b"1", b"0"]
+    assert counts(registry, "server_stream", "Countdown", "OK") == (1, 1, 1, 2, 1)
 
 
 @pytest.mark.parametrize("method", ["Total", "TotalReader"])

@@ -45,7 +45,6 @@ import asyncio
 import enum
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
@@ -214,9 +213,14 @@ async def _stream(behavior: Callable[..., Any], argument: Any, context: _Observe
         # Reader/writer style: the handler wrote its responses with context.write.
         await result
     elif hasattr(result, "__aiter__"):
-        async with aclosing(result) as responses:
-            async for message in responses:
+        try:
+            async for message in result:
                 await context.write(message)
+        finally:
+            # Close an async generator now (its finally blocks run in this call),
+            # not whenever the garbage collector gets to it.
+            if (aclose := getattr(result, "aclose", None)) is not None:
+                await aclose()
     elif result is not None:
         for message in result:
             await context.write(message)
