@@ -169,16 +169,15 @@ class Dispatcher:
                 session, agent_id, session_id, attempts, self.config.lease_duration
             )
 
-    async def record_result(
-        self, agent_id: str, result: agent_pb2.Result
-    ) -> agent_pb2.AckStatus.ValueType:
+    async def record_result(self, agent_id: str, result: agent_pb2.Result) -> agent_pb2.AckStatus:
         """Record an attempt's end; says whether it was new, a resend, or stale."""
         outcome = result.outcome
         usage = (result.usage.input_tokens, result.usage.output_tokens, result.usage.cost_micros)
         output, error = result.output, result.error[:4000]
         if len(output) > self.config.max_payload_bytes:
             outcome, output = agent_pb2.OUTCOME_FAILED, b""
-            error = f"output of {len(result.output)} bytes exceeds the {self.config.max_payload_bytes}-byte cap"
+            cap = self.config.max_payload_bytes
+            error = f"output of {len(result.output)} bytes exceeds the {cap}-byte cap"
         async with self.db.transaction() as session:
             task = await task_store.get(session, result.task_id)
             if task is None:

@@ -94,7 +94,9 @@ class AgentSession:
     # The stream
 
     async def run(
-        self, requests: AsyncIterator[agent_pb2.AgentMessage], context: grpc.aio.ServicerContext
+        self,
+        requests: AsyncIterator[agent_pb2.AgentMessage],
+        context: grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.ServerMessage],
     ) -> None:
         hello = await self._receive_hello(requests)
         self._check_hello(hello)
@@ -122,18 +124,17 @@ class AgentSession:
             asyncio.create_task(self._write(context), name=f"write-{self.session_id}"),
             asyncio.create_task(self._watchdog(), name=f"watchdog-{self.session_id}"),
         ]
+        ending: list[asyncio.Future[None] | asyncio.Future[StreamClosed]] = [*workers, self._closed]
         reason = "stream closed"
         try:
-            done, _ = await asyncio.wait(
-                [*workers, self._closed], return_when=asyncio.FIRST_COMPLETED
-            )
+            done, _ = await asyncio.wait(ending, return_when=asyncio.FIRST_COMPLETED)
             if self._closed in done:
                 closed = self._closed.result()
                 reason = closed.message
                 await self._flush_outbox(context)
                 raise closed
-            for worker in done:
-                if (exc := worker.exception()) is not None:
+            for finished in done:
+                if (exc := finished.exception()) is not None:
                     reason = exc.message if isinstance(exc, StreamClosed) else repr(exc)
                     raise exc
         finally:
@@ -210,12 +211,16 @@ class AgentSession:
     def _send(self, message: agent_pb2.ServerMessage) -> None:
         self._outbox.put_nowait(message)
 
-    async def _write(self, context: grpc.aio.ServicerContext) -> None:
+    async def _write(
+        self, context: grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.ServerMessage]
+    ) -> None:
         while True:
             message = await self._outbox.get()
             await context.write(message)
 
-    async def _flush_outbox(self, context: grpc.aio.ServicerContext) -> None:
+    async def _flush_outbox(
+        self, context: grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.ServerMessage]
+    ) -> None:
         with contextlib.suppress(Exception):
             while not self._outbox.empty():
                 await context.write(self._outbox.get_nowait())

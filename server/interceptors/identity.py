@@ -76,7 +76,7 @@ class AgentIdentityAuth(grpc.aio.ServerInterceptor):
     async def intercept_service(
         self,
         continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
         ],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
@@ -104,8 +104,7 @@ class AgentIdentityAuth(grpc.aio.ServerInterceptor):
         current_agent.set(identity)
 
     async def resolve(self, context: grpc.aio.ServicerContext[Any, Any]) -> AgentIdentity:
-        auth = context.auth_context()
-        pem = (auth.get("x509_pem_cert") or [b""])[0]
+        pem = next(iter(context.auth_context().get("x509_pem_cert", ())), b"")
         if not pem:
             raise Refused(
                 grpc.StatusCode.UNAUTHENTICATED,

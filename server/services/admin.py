@@ -42,7 +42,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         self._trust_domain = trust_domain
 
     def _audit(
-        self, context: grpc.aio.ServicerContext, action: str, target: str, **details: Any
+        self, context: grpc.aio.ServicerContext[Any, Any], action: str, target: str, **details: Any
     ) -> AuditRecord:
         return AuditRecord(
             actor=current_principal.get().name,
@@ -56,7 +56,11 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     # Bootstrap tokens
 
     async def CreateBootstrapToken(
-        self, request: admin_pb2.CreateBootstrapTokenRequest, context: grpc.aio.ServicerContext
+        self,
+        request: admin_pb2.CreateBootstrapTokenRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.CreateBootstrapTokenRequest, admin_pb2.CreateBootstrapTokenResponse
+        ],
     ) -> admin_pb2.CreateBootstrapTokenResponse:
         pool = check_name(request.pool or "default", "pool")
         labels = check_labels(dict(request.labels), "labels")
@@ -102,7 +106,11 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         )
 
     async def ListBootstrapTokens(
-        self, request: admin_pb2.ListBootstrapTokensRequest, context: grpc.aio.ServicerContext
+        self,
+        request: admin_pb2.ListBootstrapTokensRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.ListBootstrapTokensRequest, admin_pb2.ListBootstrapTokensResponse
+        ],
     ) -> admin_pb2.ListBootstrapTokensResponse:
         async with self._db.transaction() as session:
             rows = (
@@ -113,7 +121,11 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             )
 
     async def DeleteBootstrapToken(
-        self, request: admin_pb2.DeleteBootstrapTokenRequest, context: grpc.aio.ServicerContext
+        self,
+        request: admin_pb2.DeleteBootstrapTokenRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.DeleteBootstrapTokenRequest, admin_pb2.DeleteBootstrapTokenResponse
+        ],
     ) -> admin_pb2.DeleteBootstrapTokenResponse:
         async with self._db.transaction() as session:
             row = await identities.bootstrap_token(session, request.token_id)
@@ -127,7 +139,11 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     # API tokens
 
     async def CreateApiToken(
-        self, request: admin_pb2.CreateApiTokenRequest, context: grpc.aio.ServicerContext
+        self,
+        request: admin_pb2.CreateApiTokenRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.CreateApiTokenRequest, admin_pb2.CreateApiTokenResponse
+        ],
     ) -> admin_pb2.CreateApiTokenResponse:
         name = check_name(request.name, "name")
         role = convert.role_name(request.role)
@@ -145,14 +161,22 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.CreateApiTokenResponse(token=convert.api_token(row), secret=secret)
 
     async def ListApiTokens(
-        self, request: admin_pb2.ListApiTokensRequest, context: grpc.aio.ServicerContext
+        self,
+        request: admin_pb2.ListApiTokensRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.ListApiTokensRequest, admin_pb2.ListApiTokensResponse
+        ],
     ) -> admin_pb2.ListApiTokensResponse:
         async with self._db.transaction() as session:
             rows = (await session.execute(select(ApiToken).order_by(ApiToken.created_at))).scalars()
             return admin_pb2.ListApiTokensResponse(tokens=[convert.api_token(r) for r in rows])
 
     async def DeleteApiToken(
-        self, request: admin_pb2.DeleteApiTokenRequest, context: grpc.aio.ServicerContext
+        self,
+        request: admin_pb2.DeleteApiTokenRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.DeleteApiTokenRequest, admin_pb2.DeleteApiTokenResponse
+        ],
     ) -> admin_pb2.DeleteApiTokenResponse:
         async with self._db.transaction() as session:
             row = await identities.api_token(session, request.token_id)
@@ -168,7 +192,11 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     # Agents
 
     async def ListAgents(
-        self, request: admin_pb2.ListAgentsRequest, context: grpc.aio.ServicerContext
+        self,
+        request: admin_pb2.ListAgentsRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.ListAgentsRequest, admin_pb2.ListAgentsResponse
+        ],
     ) -> admin_pb2.ListAgentsResponse:
         async with self._db.transaction() as session:
             rows = await identities.agents(session, request.pool)
@@ -178,7 +206,9 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         )
 
     async def GetAgent(
-        self, request: admin_pb2.GetAgentRequest, context: grpc.aio.ServicerContext
+        self,
+        request: admin_pb2.GetAgentRequest,
+        context: grpc.aio.ServicerContext[admin_pb2.GetAgentRequest, admin_pb2.Agent],
     ) -> admin_pb2.Agent:
         async with self._db.transaction() as session:
             row = await identities.agent(session, request.agent_id)
@@ -188,7 +218,9 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         return self._agent(row, certs)
 
     async def SetAgentEnabled(
-        self, request: admin_pb2.SetAgentEnabledRequest, context: grpc.aio.ServicerContext
+        self,
+        request: admin_pb2.SetAgentEnabledRequest,
+        context: grpc.aio.ServicerContext[admin_pb2.SetAgentEnabledRequest, admin_pb2.Agent],
     ) -> admin_pb2.Agent:
         async with self._db.transaction() as session:
             row = await identities.agent(session, request.agent_id)
@@ -204,7 +236,11 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         return self._agent(row, certs)
 
     async def RevokeAgent(
-        self, request: admin_pb2.RevokeAgentRequest, context: grpc.aio.ServicerContext
+        self,
+        request: admin_pb2.RevokeAgentRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.RevokeAgentRequest, admin_pb2.RevokeAgentResponse
+        ],
     ) -> admin_pb2.RevokeAgentResponse:
         reason = request.reason[:200] or "revoked by an administrator"
         async with self._db.transaction() as session:
@@ -226,7 +262,11 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.RevokeAgentResponse(serials=serials)
 
     async def RevokeCertificate(
-        self, request: admin_pb2.RevokeCertificateRequest, context: grpc.aio.ServicerContext
+        self,
+        request: admin_pb2.RevokeCertificateRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.RevokeCertificateRequest, admin_pb2.RevokeCertificateResponse
+        ],
     ) -> admin_pb2.RevokeCertificateResponse:
         serial = request.serial.lower().removeprefix("0x")
         reason = request.reason[:200] or "revoked by an administrator"
@@ -259,7 +299,11 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     # Audit
 
     async def QueryAudit(
-        self, request: admin_pb2.QueryAuditRequest, context: grpc.aio.ServicerContext
+        self,
+        request: admin_pb2.QueryAuditRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.QueryAuditRequest, admin_pb2.QueryAuditResponse
+        ],
     ) -> admin_pb2.QueryAuditResponse:
         limit = request.limit or 100
         if not 1 <= limit <= MAX_AUDIT_ROWS:

@@ -30,10 +30,12 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         self._dispatcher = dispatcher
         self._ca = ca
 
-    async def Connect(
+    # The generated stub types only the iterator style of a streaming handler (fed a sync or
+    # async iterator); grpc.aio also runs a coroutine that sends with context.write, as here.
+    async def Connect(  # type: ignore[override]
         self,
         request_iterator: AsyncIterator[agent_pb2.AgentMessage],
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.ServerMessage],
     ) -> None:
         identity = current_agent.get()
         session = AgentSession(
@@ -53,7 +55,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             raise ServiceError(closed.code, closed.message) from None
 
     async def Renew(
-        self, request: agent_pb2.RenewRequest, context: grpc.aio.ServicerContext
+        self,
+        request: agent_pb2.RenewRequest,
+        context: grpc.aio.ServicerContext[agent_pb2.RenewRequest, agent_pb2.RenewResponse],
     ) -> agent_pb2.RenewResponse:
         identity = current_agent.get()
         try:

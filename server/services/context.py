@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
 import grpc
+import grpc.aio
 
 
-def peer_address(context: grpc.aio.ServicerContext) -> str:
+def peer_address(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     """The caller's IP address without the port (``ipv4:1.2.3.4:5678`` -> ``1.2.3.4``)."""
     peer = context.peer() or ""
     kind, _, rest = peer.partition(":")
@@ -17,7 +19,7 @@ def peer_address(context: grpc.aio.ServicerContext) -> str:
     return peer
 
 
-def request_id(context: grpc.aio.ServicerContext) -> str:
+def request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     """The caller's ``x-request-id`` (trimmed) or a fresh one, for correlating audit rows."""
     for key, value in context.invocation_metadata() or ():
         if key == "x-request-id" and isinstance(value, str) and value:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta
+from typing import cast
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -30,8 +31,9 @@ def duration(seconds: float | timedelta | None) -> Duration | None:
     return d
 
 
-def task_state(state: str) -> common_pb2.TaskState.ValueType:
-    return common_pb2.TaskState.Value(f"TASK_STATE_{state}")
+def task_state(state: str) -> common_pb2.TaskState:
+    # protoc's stubs type EnumTypeWrapper.Value as plain int; it returns a TaskState value.
+    return cast(common_pb2.TaskState, common_pb2.TaskState.Value(f"TASK_STATE_{state}"))
 
 
 def task(row: models.Task) -> common_pb2.Task:
@@ -92,7 +94,7 @@ def api_token(row: models.ApiToken) -> admin_pb2.ApiToken:
     )
 
 
-def role_name(role: admin_pb2.Role.ValueType) -> str | None:
+def role_name(role: admin_pb2.Role) -> str | None:
     return next((name for name, value in _ROLES.items() if value == role), None)
 
 

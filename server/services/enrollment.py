@@ -32,7 +32,7 @@ from server.storage.types import utcnow
 
 log = logging.getLogger(__name__)
 
-BAD_TOKEN = "bootstrap token is invalid, expired or used up"
+BAD_TOKEN = "bootstrap token is invalid, expired or used up"  # noqa: S105 (a message)
 
 
 class _Refusal(ServiceError):
@@ -61,7 +61,11 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
         self._agent_endpoint = agent_endpoint
 
     async def Enroll(
-        self, request: enrollment_pb2.EnrollRequest, context: grpc.aio.ServicerContext
+        self,
+        request: enrollment_pb2.EnrollRequest,
+        context: grpc.aio.ServicerContext[
+            enrollment_pb2.EnrollRequest, enrollment_pb2.EnrollResponse
+        ],
     ) -> enrollment_pb2.EnrollResponse:
         peer, rid = peer_address(context), request_id(context)
         decision = await self._quotas.check_enrollment(peer)
@@ -151,28 +155,35 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
                     not_after=issued.not_after,
                 )
             )
-            common = {"peer": peer, "request_id": rid}
             await record_in(
                 session,
-                AuditRecord(actor=actor, action="token.redeem", target=row.token_id, **common),
+                AuditRecord(
+                    actor=actor,
+                    action="token.redeem",
+                    target=row.token_id,
+                    peer=peer,
+                    request_id=rid,
+                ),
                 AuditRecord(
                     actor=actor,
                     action="agent.enroll",
                     target=agent_id,
+                    peer=peer,
+                    request_id=rid,
                     details={"pool": pool, "labels": labels},
-                    **common,
                 ),
                 AuditRecord(
                     actor=actor,
                     action="cert.issue",
                     target=issued.serial,
+                    peer=peer,
+                    request_id=rid,
                     details={
                         "agent": agent_id,
                         "not_after": issued.not_after.isoformat(),
                         "key": fingerprint,
                         "reason": "enroll",
                     },
-                    **common,
                 ),
             )
         self._metrics.certificates_issued.labels(reason="enroll").inc()
@@ -190,7 +201,8 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
         if not fnmatch.fnmatchcase(agent_id, row.name_pattern):
             raise _Refusal(
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"agent name {agent_id!r} is not allowed by this token (pattern {row.name_pattern!r})",
+                f"agent name {agent_id!r} is not allowed by this token "
+                f"(pattern {row.name_pattern!r})",
                 "name not allowed",
             )
         return agent_id

@@ -39,7 +39,9 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         self._config = config
 
     async def Submit(
-        self, request: task_pb2.SubmitRequest, context: grpc.aio.ServicerContext
+        self,
+        request: task_pb2.SubmitRequest,
+        context: grpc.aio.ServicerContext[task_pb2.SubmitRequest, task_pb2.SubmitResponse],
     ) -> task_pb2.SubmitResponse:
         principal = current_principal.get()
         values = self._validate_submit(request)
@@ -90,12 +92,16 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         }
 
     async def Get(
-        self, request: task_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
+        self,
+        request: task_pb2.GetTaskRequest,
+        context: grpc.aio.ServicerContext[task_pb2.GetTaskRequest, common_pb2.Task],
     ) -> common_pb2.Task:
         return convert.task(await self._load(request.task_id))
 
     async def List(
-        self, request: task_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
+        self,
+        request: task_pb2.ListTasksRequest,
+        context: grpc.aio.ServicerContext[task_pb2.ListTasksRequest, task_pb2.ListTasksResponse],
     ) -> task_pb2.ListTasksResponse:
         limit = request.page_size or DEFAULT_PAGE
         if not 1 <= limit <= MAX_PAGE:
@@ -127,7 +133,9 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         )
 
     async def Cancel(
-        self, request: task_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
+        self,
+        request: task_pb2.CancelTaskRequest,
+        context: grpc.aio.ServicerContext[task_pb2.CancelTaskRequest, common_pb2.Task],
     ) -> common_pb2.Task:
         if len(request.reason) > 500:
             raise invalid("reason: at most 500 characters")
@@ -141,7 +149,9 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         return convert.task(task)
 
     async def Watch(
-        self, request: task_pb2.WatchTaskRequest, context: grpc.aio.ServicerContext
+        self,
+        request: task_pb2.WatchTaskRequest,
+        context: grpc.aio.ServicerContext[task_pb2.WatchTaskRequest, common_pb2.Task],
     ) -> AsyncIterator[common_pb2.Task]:
         poll = self._config.poll_interval.total_seconds()
         last: tuple[str, int, datetime] | None = None
@@ -171,7 +181,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
 
 
 def _timeout(request: task_pb2.SubmitRequest, field: str) -> float | None:
-    if not request.HasField(field):  # type: ignore[arg-type]
+    if not request.HasField(field):
         return None
     value: timedelta = getattr(request, field).ToTimedelta()
     if value <= timedelta(0):
