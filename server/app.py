@@ -93,7 +93,8 @@ class ServerHandle:
 
     @property
     def api_address(self) -> str:
-        return f"{_connect_host(parse_address(self.config.api_addr, name='api_addr')[0])}:{self.api_port}"
+        host = parse_address(self.config.api_addr, name="api_addr")[0]
+        return f"{_connect_host(host)}:{self.api_port}"
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain agents, stop both listeners, then flush the audit trail and close the database."""
@@ -103,9 +104,7 @@ class ServerHandle:
         grace = self.config.shutdown_grace.total_seconds() if grace is None else grace
         await self._health.enter_graceful_shutdown()
         self.hub.drain_all("server shutting down")
-        deadline = asyncio.get_running_loop().time() + grace
-        while self.hub.streams() and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.05)
+        await self.hub.wait_idle(grace)
         await asyncio.gather(self._api.stop(1.0), self._agent.stop(1.0))
         for task in self._background:
             task.cancel()
@@ -270,7 +269,7 @@ async def _ensure_admin_token(db: Database, path: Path) -> str | None:
     Returns the secret when created (the CLI shows it once), else None.
     """
     async with db.transaction() as session:
-        if path.exists() and await identities.has_live_admin_token(session):
+        if path.exists() and await identities.has_live_admin_token(session):  # noqa: ASYNC240
             return None
         row, secret = await create_api_token(session, "admin", "admin")
         await record_in(
@@ -305,13 +304,20 @@ def _write_endpoints(handle: ServerHandle) -> None:
     os.replace(tmp, handle.config.endpoints_file)
 
 
+_WILDCARDS = ("0.0.0.0", "::", "")  # noqa: S104 (recognising, not binding)
+
+
 def _advertised_host(bind_host: str, config: ServerConfig) -> str:
-    if bind_host in ("0.0.0.0", "::", ""):  # noqa: S104 (we are choosing what to advertise)
+    """The host agents elsewhere should dial: the first server hostname for a wildcard bind."""
+    if bind_host in _WILDCARDS:
         return config.server_hostnames[0] if config.server_hostnames else "localhost"
-    return f"[{bind_host}]" if ":" in bind_host else bind_host
+    return _bracketed(bind_host)
 
 
 def _connect_host(bind_host: str) -> str:
-    return (
-        _advertised_host(bind_host, ServerConfig()) if bind_host in ("0.0.0.0", "::") else bind_host
-    )
+    """The host a client on this machine dials to reach a listener bound to ``bind_host``."""
+    return "127.0.0.1" if bind_host in _WILDCARDS else _bracketed(bind_host)
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

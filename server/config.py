@@ -123,7 +123,7 @@ class ServerConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServerConfig:
-        """Build from ``MUSTER_*`` variables (``env`` defaults to os.environ) and explicit overrides.
+        """Build from ``MUSTER_*`` variables (``env``: default os.environ) and explicit overrides.
 
         Overrides whose value is None are ignored, so argparse results can be passed straight in.
         """

@@ -76,7 +76,8 @@ def _banner(handle: ServerHandle) -> None:
     metrics = f"http://{handle.metrics_address}/metrics" if handle.metrics_address else "off"
     print(
         "\nMuster is running (dev mode). Ctrl-C stops it.\n"
-        f"  api      {handle.api_address}  (CA bundle {c.ca_dir / 'bundle.pem'}, token {c.admin_token_file})\n"
+        f"  api      {handle.api_address}  "
+        f"(CA bundle {c.ca_dir / 'bundle.pem'}, token {c.admin_token_file})\n"
         f"  agents   {handle.agent_endpoint}  (local agent {AGENT_NAME!r}, pool 'default')\n"
         f"  metrics  {metrics}\n"
         "In another terminal, from this directory:\n"

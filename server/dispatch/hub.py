@@ -34,16 +34,23 @@ class Hub:
         self._streams: dict[str, Stream] = {}
         self._by_pool: dict[str, set[str]] = defaultdict(set)
         self._watchers: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     # Streams
 
     def register(self, stream: Stream) -> None:
         self._streams[stream.session_id] = stream
         self._by_pool[stream.pool].add(stream.session_id)
+        self._idle.clear()
 
     def unregister(self, stream: Stream) -> None:
         self._streams.pop(stream.session_id, None)
         self._by_pool[stream.pool].discard(stream.session_id)
+        if not self._by_pool[stream.pool]:
+            del self._by_pool[stream.pool]
+        if not self._streams:
+            self._idle.set()
 
     def streams(self) -> list[Stream]:
         return list(self._streams.values())
@@ -83,6 +90,14 @@ class Hub:
         for stream in closing:
             stream.close(code, message)
         return len(closing)
+
+    async def wait_idle(self, within: float) -> bool:
+        """Wait until no stream is open, for at most ``within`` seconds; True if none is."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), within)
+        except TimeoutError:
+            return False
+        return True
 
     def drain_all(self, reason: str) -> None:
         for stream in list(self._streams.values()):

@@ -18,8 +18,8 @@ MAX_LABELS = 32
 def check_name(value: str, field: str, pattern: re.Pattern[str] = NAME) -> str:
     if not pattern.match(value):
         raise invalid(
-            f"{field}: {value[:70]!r} is not valid (1-63 lower-case letters, digits, '.', '_', '-', "
-            "starting with a letter or digit)"
+            f"{field}: {value[:70]!r} is not valid (1-63 lower-case letters, digits, "
+            "'.', '_', '-', starting with a letter or digit)"
         )
     return value
 

@@ -81,7 +81,7 @@ async def list_tasks(
     limit: int,
     before: tuple[datetime, str] | None,
 ) -> list[Task]:
-    """Newest first; ``before`` is the (created_at, task_id) of the last row of the previous page."""
+    """Newest first; ``before`` is (created_at, task_id) of the previous page's last row."""
     query = select(Task)
     if states:
         query = query.where(Task.state.in_(states))
