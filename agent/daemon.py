@@ -34,6 +34,8 @@ from muster.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger(__name__)
 
+STABLE_STREAM = 10.0
+"""Seconds a stream must have lived after Welcome for its end to reset the backoff."""
 MIN_RENEW_INTERVAL = 30.0
 """Scheduled renewals come at least this many seconds apart (a server's Renew is obeyed at once)."""
 
@@ -119,7 +121,6 @@ class Agent:
 
     def on_welcome(self, session: Session) -> None:
         self._active = session
-        self._backoff.reset()
         self.connected.set()
         if session.welcome is not None:
             renew_after = welcome_renew_after(session.welcome)
@@ -310,6 +311,12 @@ class Agent:
             session, outcome = await self._follow(self._new_session())
             if self._stop.is_set() and self.runner.idle and len(self.outbox) == 0:
                 return
+            welcomed_at = session.welcomed_at
+            lived = 0.0 if welcomed_at is None else asyncio.get_running_loop().time() - welcomed_at
+            if outcome is SessionEnd.DRAINED or lived >= STABLE_STREAM:
+                # Only a stream that stayed up resets the backoff: a server that welcomes
+                # and then drops us at once must not be hammered every 0.2 s.
+                self._backoff.reset()
             if isinstance(outcome, SessionEnd):
                 delay = self._backoff.next_delay()
                 log.info("stream to %s ended (%s); reconnecting", session.target, outcome.value)

@@ -106,6 +106,8 @@ class Session:
         self.close_grace = close_grace
         self.id = next(_ids)
         self.welcome: agent_pb2.Welcome | None = None
+        self.welcomed_at: float | None = None
+        """Event-loop time of the Welcome, to tell a healthy stream from a flapping one."""
         self.welcomed = asyncio.Event()
         self.channel: aio.Channel | None = None
         self.task: asyncio.Task[SessionEnd] | None = None
@@ -297,6 +299,7 @@ class Session:
         self._helpers.append(
             asyncio.create_task(self._heartbeats(interval), name=f"session {self.id} heartbeat")
         )
+        self.welcomed_at = asyncio.get_running_loop().time()
         self.welcomed.set()
         self.host.on_welcome(self)
         pending = self.host.outbox.pending()

@@ -356,3 +356,25 @@ async def test_refused_identity_keeps_retrying_slowly_without_the_flag(
         service.refuse = None  # an operator re-enables the agent
         await service.next_stream()
         await eventually(agent.connected.is_set)
+
+
+async def test_a_server_that_drops_us_right_after_welcome_is_backed_off(
+    service: ScriptedAgentService, state: Any, registry: Any
+) -> None:
+    from agent.config import AgentConfig
+
+    config = AgentConfig(state_dir=state.path, backoff_initial=0.05, backoff_max=0.2)
+    agent = Agent(config, registry=registry, rand=lambda low, high: high)
+    run = asyncio.create_task(agent.run())
+    loop = asyncio.get_running_loop()
+    try:
+        arrivals = []
+        for _ in range(5):
+            stream = await service.next_stream()
+            arrivals.append(loop.time())
+            stream.end(grpc.StatusCode.UNAVAILABLE)
+        # 0.05 + 0.1 + 0.2 + 0.2: the window grows because no stream stayed up.
+        assert arrivals[-1] - arrivals[0] >= 0.55
+    finally:
+        agent.shutdown()
+        await asyncio.wait_for(run, 5)
