@@ -321,6 +321,7 @@ class Agent:
                 delay = self._backoff.next_delay()
                 log.info("stream to %s ended (%s); reconnecting", session.target, outcome.value)
             elif isinstance(outcome, aio.AioRpcError) and outcome.code() in _REFUSED:
+                self._check_not_expired()  # an expired certificate is refused too; say so
                 log.error(
                     "the server refused this agent's identity (%s): it may be revoked or "
                     "disabled; an operator must re-enable it",
