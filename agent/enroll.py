@@ -19,6 +19,7 @@ from agent.state import Identity, StateDir
 from muster.errors import (
     AuthenticationError,
     ConfigError,
+    ConflictError,
     InvalidArgumentError,
     MusterError,
     PermissionDeniedError,
@@ -127,6 +128,11 @@ def _enroll_error(err: aio.AioRpcError, server: str, token: str) -> MusterError:
         return PermissionDeniedError(f"enrollment not allowed: {details}")
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return InvalidArgumentError(f"enrollment refused: {details}")
+    if code == grpc.StatusCode.ALREADY_EXISTS:
+        return ConflictError(
+            f"enrollment refused: {details}; pass --name with another agent id, "
+            "or ask an operator to remove the old agent"
+        )
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return QuotaExceededError(f"enrollment rate-limited: {details}")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

@@ -19,7 +19,7 @@ from agent.daemon import Agent
 from agent.enroll import enroll
 from agent.executors import ExecutorRegistry
 from agent.state import StateDir
-from muster.errors import AuthenticationError, ConfigError, UnavailableError
+from muster.errors import AuthenticationError, ConfigError, ConflictError, UnavailableError
 from muster.v1 import enrollment_pb2, enrollment_pb2_grpc
 from tests.agent.conftest import seed_state
 from tests.agent.peer import ScriptedAgentService
@@ -138,6 +138,16 @@ async def test_a_rejected_token_is_a_clear_error_that_does_not_echo_it(
         await enroll(cfg, StateDir(cfg.state_dir))
     assert TOKEN not in str(info.value)
     assert not StateDir(cfg.state_dir).is_enrolled()
+
+
+async def test_a_taken_agent_id_says_to_pick_another_name(
+    tmp_path: Path, api: tuple[FakeEnrollment, str, Path]
+) -> None:
+    api[0].fail_with = [grpc.StatusCode.ALREADY_EXISTS]
+    cfg = config(tmp_path, api)
+    with pytest.raises(ConflictError, match="--name") as info:
+        await enroll(cfg, StateDir(cfg.state_dir))
+    assert TOKEN not in str(info.value)  # the double's details quote the token
 
 
 async def test_a_retry_after_a_failure_sends_the_same_public_key(
