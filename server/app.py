@@ -96,6 +96,10 @@ class ServerHandle:
         host = parse_address(self.config.api_addr, name="api_addr")[0]
         return f"{_connect_host(host)}:{self.api_port}"
 
+    async def flush_audit(self) -> None:
+        """Wait until every audit event queued so far is in the database."""
+        await self._audit.flush()
+
     async def stop(self, grace: float | None = None) -> None:
         """Drain agents, stop both listeners, then flush the audit trail and close the database."""
         if self._stopped:

@@ -61,7 +61,9 @@ class Enroller:
             self.server.api_address, grpc.ssl_channel_credentials(self.bundle)
         )
 
-    async def token(self, pool: str = "default", labels: Mapping[str, str] | None = None, **kw: Any) -> str:
+    async def token(
+        self, pool: str = "default", labels: Mapping[str, str] | None = None, **kw: Any
+    ) -> str:
         _, secret = await self.admin.create_bootstrap_token(pool, labels=labels, **kw)
         return secret
 
@@ -77,7 +79,9 @@ class Enroller:
         csr, key_pem = make_csr()
         async with self.api_channel() as channel:
             response = await enrollment_pb2_grpc.EnrollmentServiceStub(channel).Enroll(
-                enrollment_pb2.EnrollRequest(token=token, csr_pem=csr, name=name, labels=labels or {})
+                enrollment_pb2.EnrollRequest(
+                    token=token, csr_pem=csr, name=name, labels=labels or {}
+                )
             )
         return Enrolled(
             agent_id=response.agent_id,
@@ -156,9 +160,21 @@ class SimAgent:
                 return getattr(message, kind)
 
     async def finish(
-        self, assignment: agent_pb2.Assignment, output: bytes = b"", outcome: int = agent_pb2.OUTCOME_SUCCEEDED, **kw: Any
+        self,
+        assignment: agent_pb2.Assignment,
+        output: bytes = b"",
+        outcome: int = agent_pb2.OUTCOME_SUCCEEDED,
+        **kw: Any,
     ) -> agent_pb2.Ack:
-        self.send(result=agent_pb2.Result(task_id=assignment.task_id, attempt=assignment.attempt, outcome=outcome, output=output, **kw))
+        self.send(
+            result=agent_pb2.Result(
+                task_id=assignment.task_id,
+                attempt=assignment.attempt,
+                outcome=outcome,
+                output=output,
+                **kw,
+            )
+        )
         return await self.expect("ack")
 
     async def status(self) -> grpc.StatusCode:

@@ -16,7 +16,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
-from tests.testca import Credentials, TestCA
 
 from server.ca import (
     CA_FILES,
@@ -29,6 +28,7 @@ from server.ca import (
     ensure_server_certificate,
 )
 from server.ca.signer import load_private_key
+from tests.testca import Credentials, TestCA
 
 TD = "example.org"
 

@@ -55,10 +55,9 @@ class ApiTokenAuth(grpc.aio.ServerInterceptor):
 
     async def _check(self, info: RpcInfo, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         peer = peer_address(context)
-        if await self._quotas.is_locked_out(peer):
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, "too many failed authentications; try again later"
-            )
+        lockout = await self._quotas.check_lockout(peer)
+        if not lockout.allowed:
+            await context.abort_with_status(lockout.status())
         principal = await self._authenticate(context)
         if principal is None:
             await self._refuse(info, context, peer)

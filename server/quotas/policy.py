@@ -76,7 +76,7 @@ class QuotaPolicy:
 
     submissions: RateLimit = field(default_factory=lambda: RateLimit(rate=20.0, burst=100))
     """Task submissions per principal (API token name)."""
-    enrollments: RateLimit = field(default_factory=lambda: RateLimit(rate=0.2, burst=10))
+    enrollments: RateLimit = field(default_factory=lambda: RateLimit(rate=1.0, burst=30))
     """Enrollment attempts per peer IP address."""
     auth_failure_threshold: int = 10
     """Failed authentications from one peer address that lock it out..."""

@@ -20,6 +20,7 @@ from server.principals import current_agent
 from server.services import convert
 from server.services.context import peer_address, request_id
 from server.services.errors import ServiceError, invalid
+from server.services.issuing import issue_agent_certificate
 from server.storage.models import Certificate
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             raise invalid(f"csr_pem: {err}") from None
         fingerprint = public_key_fingerprint(public_key)
         dispatcher = self._dispatcher
-        issued = self._ca.issue_agent_certificate(
-            public_key, identity.agent_id, lifetime=dispatcher.config.cert_lifetime
+        issued = issue_agent_certificate(
+            self._ca, public_key, identity.agent_id, dispatcher.config.cert_lifetime
         )
         async with dispatcher.db.transaction() as session:
             session.add(

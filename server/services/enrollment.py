@@ -24,6 +24,7 @@ from server.quotas import Quotas
 from server.services import convert
 from server.services.context import peer_address, request_id
 from server.services.errors import ServiceError
+from server.services.issuing import issue_agent_certificate
 from server.services.validation import check_labels, check_name
 from server.storage import identities
 from server.storage.database import Database
@@ -68,9 +69,12 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
         ],
     ) -> enrollment_pb2.EnrollResponse:
         peer, rid = peer_address(context), request_id(context)
-        decision = await self._quotas.check_enrollment(peer)
-        if not decision.allowed:
-            await context.abort_with_status(decision.status())
+        for decision in (
+            await self._quotas.check_lockout(peer),
+            await self._quotas.check_enrollment(peer),
+        ):
+            if not decision.allowed:
+                await context.abort_with_status(decision.status())
         presented = tokens.parse(request.token, tokens.BOOTSTRAP)
         try:
             response = await self._enroll(request, presented, peer, rid)
@@ -130,8 +134,8 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
                 )
             if not await identities.redeem_bootstrap_token(session, row.token_id, now):
                 raise _Refusal(grpc.StatusCode.UNAUTHENTICATED, BAD_TOKEN, "used up concurrently")
-            issued = self._ca.issue_agent_certificate(
-                public_key, agent_id, lifetime=self._config.cert_lifetime
+            issued = issue_agent_certificate(
+                self._ca, public_key, agent_id, self._config.cert_lifetime
             )
             agent = Agent(
                 agent_id=agent_id,

@@ -19,21 +19,36 @@ def env(**extra: str) -> dict[str, str]:
     return {**base, **extra}
 
 
-async def spawn(*args: str, cwd: Path, log: Path, environ: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+async def spawn(
+    *args: str, cwd: Path, log: Path, environ: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
     """Start ``muster ARGS...`` with stdout and stderr going to ``log``."""
     out = log.open("ab")
     try:
         return await asyncio.create_subprocess_exec(
-            *MUSTER, *args, cwd=cwd, env=environ or env(), stdout=out, stderr=out, stdin=asyncio.subprocess.DEVNULL
+            *MUSTER,
+            *args,
+            cwd=cwd,
+            env=environ or env(),
+            stdout=out,
+            stderr=out,
+            stdin=asyncio.subprocess.DEVNULL,
         )
     finally:
         out.close()
 
 
-async def run(*args: str, cwd: Path, environ: dict[str, str] | None = None, timeout: float = 30) -> tuple[int, str, str]:
+async def run(
+    *args: str, cwd: Path, environ: dict[str, str] | None = None, timeout: float = 30
+) -> tuple[int, str, str]:
     """Run ``muster ARGS...`` to completion: (exit code, stdout, stderr)."""
     proc = await asyncio.create_subprocess_exec(
-        *MUSTER, *args, cwd=cwd, env=environ or env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+        *MUSTER,
+        *args,
+        cwd=cwd,
+        env=environ or env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), timeout)
     assert proc.returncode is not None
@@ -50,7 +65,9 @@ async def wait_for_file(path: Path, timeout: float = 30) -> dict[str, Any]:
     raise TimeoutError(f"{path} did not appear within {timeout}s")
 
 
-async def stop(proc: asyncio.subprocess.Process, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+async def stop(
+    proc: asyncio.subprocess.Process, sig: int = signal.SIGTERM, timeout: float = 30
+) -> int:
     if proc.returncode is None:
         proc.send_signal(sig)
     try:

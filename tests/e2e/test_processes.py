@@ -14,7 +14,12 @@ from tests.e2e import procs
 
 
 async def start_agent(
-    server: ServerHandle, admin: AsyncAdminClient, tmp_path: Path, name: str, *, concurrency: int = 1
+    server: ServerHandle,
+    admin: AsyncAdminClient,
+    tmp_path: Path,
+    name: str,
+    *,
+    concurrency: int = 1,
 ) -> asyncio.subprocess.Process:
     _, token = await admin.create_bootstrap_token("default")
     return await procs.spawn(
@@ -62,7 +67,7 @@ async def test_a_task_on_an_agent_killed_mid_task_finishes_on_another_exactly_on
         done = await client.wait(task.task_id, timeout=30)
         survivor = next(name for name in agents if name != victim)
         assert (done.state, done.attempt, done.agent_id) == (TaskState.SUCCEEDED, 2, survivor)
-        await asyncio.sleep(0.3)  # the audit batch writer flushes every 100 ms
+        await server.flush_audit()
         finishes = [
             json.loads(e.details)
             for e in await admin.query_audit(action="task.finish", limit=100)
@@ -89,7 +94,11 @@ async def test_sigterm_drains_the_agent_finishes_in_flight_work_and_takes_no_mor
         later = await client.submit("echo", b"after the drain began")
         assert await asyncio.wait_for(agent.wait(), 20) == 0
         finished = await client.get(running.task_id)
-        assert (finished.state, finished.attempt, finished.agent_id) == (TaskState.SUCCEEDED, 1, "drainer")
+        assert (finished.state, finished.attempt, finished.agent_id) == (
+            TaskState.SUCCEEDED,
+            1,
+            "drainer",
+        )
         assert (await client.get(later.task_id)).state is TaskState.QUEUED
     finally:
         if agent.returncode is None:
@@ -99,8 +108,14 @@ async def test_sigterm_drains_the_agent_finishes_in_flight_work_and_takes_no_mor
 
 async def test_the_readme_flow_with_the_real_cli(tmp_path: Path) -> None:
     """`make run` runs `muster dev`; then `muster submit ... --wait` from the same directory."""
-    ports = {"MUSTER_API_ADDR": "127.0.0.1:0", "MUSTER_AGENT_ADDR": "127.0.0.1:0", "MUSTER_METRICS_ADDR": "127.0.0.1:0"}
-    dev = await procs.spawn("dev", cwd=tmp_path, log=tmp_path / "dev.log", environ=procs.env(**ports))
+    ports = {
+        "MUSTER_API_ADDR": "127.0.0.1:0",
+        "MUSTER_AGENT_ADDR": "127.0.0.1:0",
+        "MUSTER_METRICS_ADDR": "127.0.0.1:0",
+    }
+    dev = await procs.spawn(
+        "dev", cwd=tmp_path, log=tmp_path / "dev.log", environ=procs.env(**ports)
+    )
     try:
         endpoints = await procs.wait_for_file(tmp_path / ".muster" / "endpoints.json")
         code, out, err = await procs.run(
@@ -109,7 +124,9 @@ async def test_the_readme_flow_with_the_real_cli(tmp_path: Path) -> None:
             environ=procs.env(MUSTER_ADDR=endpoints["api"]),
         )  # fmt: skip
         assert (code, out) == (0, '{"hello": "muster"}\n'), err
-        code, out, _ = await procs.run("agents", "list", cwd=tmp_path, environ=procs.env(MUSTER_ADDR=endpoints["api"]))
+        code, out, _ = await procs.run(
+            "agents", "list", cwd=tmp_path, environ=procs.env(MUSTER_ADDR=endpoints["api"])
+        )
         assert code == 0 and "dev-agent" in out
     finally:
         code = await procs.stop(dev, sig=signal.SIGINT, timeout=40)

@@ -13,7 +13,14 @@ from server.app import ServerHandle
 from tests.agentsim import Enroller, SimAgent
 
 
-async def connected(enroller: Enroller, name: str, *, concurrency: int = 1, labels: dict[str, str] | None = None, capabilities: tuple[str, ...] = ("echo", "sleep")) -> SimAgent:
+async def connected(
+    enroller: Enroller,
+    name: str,
+    *,
+    concurrency: int = 1,
+    labels: dict[str, str] | None = None,
+    capabilities: tuple[str, ...] = ("echo", "sleep"),
+) -> SimAgent:
     agent = SimAgent.of(await enroller.enroll(name, labels=labels))
     await agent.hello(max_concurrency=concurrency, capabilities=capabilities)
     return agent
@@ -33,12 +40,16 @@ async def test_submit_assign_result_ack(enroller: Enroller, client: AsyncClient)
     assert done.output_json() == {"msg": "hi"}
     assert done.agent_id == "d1"
     # A resend of the same result (the agent lost our ack) is a duplicate, not an error.
-    assert (await agent.finish(assignment, output=b"again")).status == agent_pb2.ACK_STATUS_DUPLICATE
+    assert (
+        await agent.finish(assignment, output=b"again")
+    ).status == agent_pb2.ACK_STATUS_DUPLICATE
     assert (await client.get(task.task_id)).output_json() == {"msg": "hi"}
     await agent.close()
 
 
-async def test_the_server_pushes_only_while_the_agent_has_credit(enroller: Enroller, client: AsyncClient) -> None:
+async def test_the_server_pushes_only_while_the_agent_has_credit(
+    enroller: Enroller, client: AsyncClient
+) -> None:
     agent = await connected(enroller, "credit", concurrency=2)
     ids = [(await client.submit("echo", b"x")).task_id for _ in range(3)]
     first = [await agent.expect("assignment") for _ in range(2)]
@@ -51,7 +62,9 @@ async def test_the_server_pushes_only_while_the_agent_has_credit(enroller: Enrol
     await agent.close()
 
 
-async def test_matching_by_pool_labels_and_capability(enroller: Enroller, client: AsyncClient) -> None:
+async def test_matching_by_pool_labels_and_capability(
+    enroller: Enroller, client: AsyncClient
+) -> None:
     plain = await connected(enroller, "plain", capabilities=("echo",))
     gpu = await connected(enroller, "gpu", labels={"gpu": "yes"}, capabilities=("echo",))
     needs_gpu = await client.submit("echo", b"1", selector={"gpu": "yes"})
@@ -100,7 +113,9 @@ async def test_a_dropped_stream_requeues_with_the_next_attempt_and_fences_the_ol
     await again.close()
 
 
-async def test_an_assignment_not_accepted_in_time_is_requeued(enroller: Enroller, client: AsyncClient) -> None:
+async def test_an_assignment_not_accepted_in_time_is_requeued(
+    enroller: Enroller, client: AsyncClient
+) -> None:
     slow = await connected(enroller, "slow")
     task = await client.submit("echo", b"x")
     await slow.expect("assignment")  # never Accepted
@@ -117,7 +132,11 @@ async def test_heartbeats_keep_a_running_lease(enroller: Enroller, client: Async
     a = await agent.expect("assignment")
     agent.send(accepted=agent_pb2.Accepted(task_id=a.task_id, attempt=a.attempt))
     for _ in range(10):  # 5 s, longer than the 3 s lease
-        agent.send(heartbeat=agent_pb2.Heartbeat(in_flight=[common_pb2.AttemptRef(task_id=a.task_id, attempt=1)]))
+        agent.send(
+            heartbeat=agent_pb2.Heartbeat(
+                in_flight=[common_pb2.AttemptRef(task_id=a.task_id, attempt=1)]
+            )
+        )
         await asyncio.sleep(0.5)
     current = await client.get(task.task_id)
     assert (current.state, current.attempt) == (TaskState.RUNNING, 1)
@@ -125,7 +144,9 @@ async def test_heartbeats_keep_a_running_lease(enroller: Enroller, client: Async
     await agent.close()
 
 
-async def test_failed_retryable_results_retry_until_attempts_run_out(enroller: Enroller, client: AsyncClient) -> None:
+async def test_failed_retryable_results_retry_until_attempts_run_out(
+    enroller: Enroller, client: AsyncClient
+) -> None:
     agent = await connected(enroller, "retry")
     task = await client.submit("echo", b"x", max_attempts=2)
     a1 = await agent.expect("assignment")
@@ -140,7 +161,9 @@ async def test_failed_retryable_results_retry_until_attempts_run_out(enroller: E
     await agent.close()
 
 
-async def test_cancel_a_queued_task_and_a_running_one(enroller: Enroller, client: AsyncClient) -> None:
+async def test_cancel_a_queued_task_and_a_running_one(
+    enroller: Enroller, client: AsyncClient
+) -> None:
     queued = await client.submit("echo", b"x", pool="nobody")
     assert (await client.cancel(queued.task_id, "changed my mind")).state is TaskState.CANCELLED
 
@@ -157,7 +180,9 @@ async def test_cancel_a_queued_task_and_a_running_one(enroller: Enroller, client
     await agent.close()
 
 
-async def test_watch_streams_every_state_until_terminal(enroller: Enroller, client: AsyncClient) -> None:
+async def test_watch_streams_every_state_until_terminal(
+    enroller: Enroller, client: AsyncClient
+) -> None:
     agent = await connected(enroller, "watch")
     task = await client.submit("echo", b"x")
     states: list[TaskState] = []

@@ -30,10 +30,14 @@ async def expect_code(code: grpc.StatusCode, enroller: Enroller, **fields: objec
     return info.value.details() or ""
 
 
-async def test_enrollment_issues_a_spiffe_certificate(enroller: Enroller, server: ServerHandle) -> None:
+async def test_enrollment_issues_a_spiffe_certificate(
+    enroller: Enroller, server: ServerHandle
+) -> None:
     token = await enroller.token("builds", {"zone": "a"})
     csr, _ = make_csr()
-    response = await enroll_raw(enroller, token=token, csr_pem=csr, name="build-01", labels={"gpu": "no"})
+    response = await enroll_raw(
+        enroller, token=token, csr_pem=csr, name="build-01", labels={"gpu": "no"}
+    )
     assert response.agent_id == "build-01"
     assert response.spiffe_id == "spiffe://muster.local/agent/build-01"
     assert response.pool == "builds"
@@ -54,7 +58,9 @@ async def test_a_token_is_single_use_but_a_retry_with_the_same_key_gets_the_same
     again = await enroll_raw(enroller, token=token, csr_pem=csr, name="a1")
     assert again.certificate_chain_pem == first.certificate_chain_pem
     other_csr, _ = make_csr()
-    details = await expect_code(grpc.StatusCode.UNAUTHENTICATED, enroller, token=token, csr_pem=other_csr, name="a2")
+    details = await expect_code(
+        grpc.StatusCode.UNAUTHENTICATED, enroller, token=token, csr_pem=other_csr, name="a2"
+    )
     assert details == "bootstrap token is invalid, expired or used up"
 
 
@@ -77,13 +83,20 @@ async def test_multi_use_token_enrolls_that_many_agents(enroller: Enroller) -> N
     token = await enroller.token(max_uses=2)
     for name in ("m1", "m2"):
         await enroll_raw(enroller, token=token, csr_pem=make_csr()[0], name=name)
-    await expect_code(grpc.StatusCode.UNAUTHENTICATED, enroller, token=token, csr_pem=make_csr()[0], name="m3")
+    await expect_code(
+        grpc.StatusCode.UNAUTHENTICATED, enroller, token=token, csr_pem=make_csr()[0], name="m3"
+    )
 
 
-async def test_concurrent_redemptions_of_a_single_use_token_enroll_one_agent(enroller: Enroller) -> None:
+async def test_concurrent_redemptions_of_a_single_use_token_enroll_one_agent(
+    enroller: Enroller,
+) -> None:
     token = await enroller.token()
     results = await asyncio.gather(
-        *(enroll_raw(enroller, token=token, csr_pem=make_csr()[0], name=f"race-{i}") for i in range(8)),
+        *(
+            enroll_raw(enroller, token=token, csr_pem=make_csr()[0], name=f"race-{i}")
+            for i in range(8)
+        ),
         return_exceptions=True,
     )
     ok = [r for r in results if isinstance(r, enrollment_pb2.EnrollResponse)]
@@ -108,7 +121,10 @@ def _csr_with(key: object) -> bytes:
     "csr",
     [
         pytest.param(b"", id="empty"),
-        pytest.param(b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n", id="garbage"),
+        pytest.param(
+            b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+            id="garbage",
+        ),
         pytest.param(_csr_with(rsa.generate_private_key(65537, 2048)), id="rsa-2048"),
         pytest.param(_csr_with(ec.generate_private_key(ec.SECP256K1())), id="secp256k1"),
     ],
@@ -117,7 +133,9 @@ async def test_bad_csrs_are_invalid_argument_and_do_not_spend_the_token(
     enroller: Enroller, admin: AsyncAdminClient, csr: bytes
 ) -> None:
     token = await enroller.token()
-    details = await expect_code(grpc.StatusCode.INVALID_ARGUMENT, enroller, token=token, csr_pem=csr, name="weak")
+    details = await expect_code(
+        grpc.StatusCode.INVALID_ARGUMENT, enroller, token=token, csr_pem=csr, name="weak"
+    )
     assert details.startswith("csr_pem: ")
     assert await admin.list_agents() == []
     # The token was not spent: a good CSR still enrolls with it.
@@ -127,24 +145,50 @@ async def test_bad_csrs_are_invalid_argument_and_do_not_spend_the_token(
 async def test_token_scope_is_enforced(enroller: Enroller) -> None:
     token = await enroller.token("builds", {"zone": "a"}, name_pattern="build-*")
     csr = make_csr()[0]
-    await expect_code(grpc.StatusCode.PERMISSION_DENIED, enroller, token=token, csr_pem=csr, name="web-1")
-    await expect_code(grpc.StatusCode.PERMISSION_DENIED, enroller, token=token, csr_pem=csr, name="build-1", pool="prod")
     await expect_code(
-        grpc.StatusCode.PERMISSION_DENIED, enroller, token=token, csr_pem=csr, name="build-1", labels={"zone": "b"}
+        grpc.StatusCode.PERMISSION_DENIED, enroller, token=token, csr_pem=csr, name="web-1"
     )
-    await expect_code(grpc.StatusCode.INVALID_ARGUMENT, enroller, token=token, csr_pem=csr, name="Build 1")
+    await expect_code(
+        grpc.StatusCode.PERMISSION_DENIED,
+        enroller,
+        token=token,
+        csr_pem=csr,
+        name="build-1",
+        pool="prod",
+    )
+    await expect_code(
+        grpc.StatusCode.PERMISSION_DENIED,
+        enroller,
+        token=token,
+        csr_pem=csr,
+        name="build-1",
+        labels={"zone": "b"},
+    )
+    await expect_code(
+        grpc.StatusCode.INVALID_ARGUMENT, enroller, token=token, csr_pem=csr, name="Build 1"
+    )
     # None of those refusals spent the single use.
     response = await enroll_raw(enroller, token=token, csr_pem=csr, name="build-1")
     assert response.pool == "builds"
 
 
-async def test_enrollment_is_audited_without_secrets(enroller: Enroller, admin: AsyncAdminClient) -> None:
+async def test_enrollment_is_audited_without_secrets(
+    enroller: Enroller, admin: AsyncAdminClient
+) -> None:
     token = await enroller.token()
     await enroll_raw(enroller, token=token, csr_pem=make_csr()[0], name="audited")
-    await expect_code(grpc.StatusCode.UNAUTHENTICATED, enroller, token=token, csr_pem=make_csr()[0], name="again")
+    await expect_code(
+        grpc.StatusCode.UNAUTHENTICATED, enroller, token=token, csr_pem=make_csr()[0], name="again"
+    )
     events = await admin.query_audit(limit=100)
     actions = [(e.action, e.outcome) for e in events]
-    for expected in [("token.create", "ok"), ("token.redeem", "ok"), ("agent.enroll", "ok"), ("cert.issue", "ok"), ("agent.enroll", "denied")]:
+    for expected in [
+        ("token.create", "ok"),
+        ("token.redeem", "ok"),
+        ("agent.enroll", "ok"),
+        ("cert.issue", "ok"),
+        ("agent.enroll", "denied"),
+    ]:
         assert expected in actions
     secret_part = token.split(".", 1)[1]
     assert all(secret_part not in repr(e) for e in events)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -19,10 +20,8 @@ def sim_with(server: ServerHandle, creds: Credentials) -> SimAgent:
 
 
 async def connect_status(agent: SimAgent) -> grpc.StatusCode:
-    try:
+    with contextlib.suppress(grpc.aio.AioRpcError, EOFError):
         await agent.hello()
-    except (grpc.aio.AioRpcError, EOFError):
-        pass
     try:
         return await agent.status()
     finally:
@@ -35,7 +34,9 @@ def server_ca(server: ServerHandle) -> TestCA:
     return TestCA(server.ca)
 
 
-async def test_an_enrolled_agent_is_welcomed_with_its_certified_identity(enroller: Enroller) -> None:
+async def test_an_enrolled_agent_is_welcomed_with_its_certified_identity(
+    enroller: Enroller,
+) -> None:
     enrolled = await enroller.enroll("ident-1", labels={"zone": "a"})
     agent = SimAgent.of(enrolled)
     welcome = await agent.hello()
@@ -59,7 +60,9 @@ async def test_a_certificate_from_a_foreign_ca_is_refused_by_tls(server: ServerH
 @pytest.mark.parametrize(
     "uris",
     [
-        pytest.param(["spiffe://muster.local/agent/a", "spiffe://muster.local/agent/b"], id="two-uri-sans"),
+        pytest.param(
+            ["spiffe://muster.local/agent/a", "spiffe://muster.local/agent/b"], id="two-uri-sans"
+        ),
         pytest.param([], id="no-uri-san"),
         pytest.param(["spiffe://other.org/agent/a"], id="other-trust-domain"),
         pytest.param(["spiffe://muster.local/server"], id="not-an-agent"),
@@ -91,7 +94,9 @@ async def test_an_expired_certificate_is_refused(server: ServerHandle, server_ca
     assert await connect_status(sim_with(server, creds)) == grpc.StatusCode.UNAVAILABLE
 
 
-async def test_revoked_and_disabled_agents_are_refused(enroller: Enroller, admin: AsyncAdminClient) -> None:
+async def test_revoked_and_disabled_agents_are_refused(
+    enroller: Enroller, admin: AsyncAdminClient
+) -> None:
     revoked = await enroller.enroll("ident-3")
     assert await admin.revoke_agent("ident-3") == [revoked.serial]
     assert await connect_status(SimAgent.of(revoked)) == grpc.StatusCode.PERMISSION_DENIED
@@ -105,7 +110,9 @@ async def test_revoked_and_disabled_agents_are_refused(enroller: Enroller, admin
     await agent.close()
 
 
-async def test_revocation_closes_an_open_stream(enroller: Enroller, admin: AsyncAdminClient) -> None:
+async def test_revocation_closes_an_open_stream(
+    enroller: Enroller, admin: AsyncAdminClient
+) -> None:
     enrolled = await enroller.enroll("ident-5")
     agent = SimAgent.of(enrolled)
     await agent.hello()

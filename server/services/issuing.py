@@ -1,0 +1,30 @@
+"""Certificate issuance as the services call it: a CA that cannot issue is the
+operator's problem to fix, so the caller gets FAILED_PRECONDITION, not a crash."""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import grpc
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+
+from server.ca import CAError, CertificateAuthority, IssuedCertificate
+from server.services.errors import ServiceError
+
+log = logging.getLogger(__name__)
+
+
+def issue_agent_certificate(
+    ca: CertificateAuthority,
+    public_key: CertificatePublicKeyTypes,
+    agent_id: str,
+    lifetime: timedelta,
+) -> IssuedCertificate:
+    try:
+        return ca.issue_agent_certificate(public_key, agent_id, lifetime=lifetime)
+    except CAError as err:
+        log.error("cannot issue a certificate for agent %s: %s", agent_id, err)
+        raise ServiceError(
+            grpc.StatusCode.FAILED_PRECONDITION, f"the CA cannot issue certificates: {err}"
+        ) from None
