@@ -128,7 +128,13 @@ class ServerHandle:
 
 async def start_server(config: ServerConfig) -> ServerHandle:
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    db = Database(config.resolved_database_url)
+    db = Database(
+        config.resolved_database_url,
+        audit_chain=config.resolved_replica_id,
+        echo=config.database_echo,
+        pool_size=config.database_pool_size,
+        pool_timeout=config.database_pool_timeout.total_seconds(),
+    )
     await db.create_schema()
     ca = CertificateAuthority.load_or_create(config.ca_dir, config.trust_domain)
     server_cert = ensure_server_certificate(

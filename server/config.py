@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import timedelta
@@ -54,7 +55,25 @@ class ServerConfig:
     trust_domain: str = "muster.local"
     """SPIFFE trust domain of every identity this server issues and accepts."""
     database_url: str = ""
-    """SQLAlchemy async URL; default ``sqlite+aiosqlite:///<data_dir>/muster.db``."""
+    """SQLAlchemy async URL; default ``sqlite+aiosqlite:///<data_dir>/muster.db``.
+    Production: ``postgresql+asyncpg://user@host/db``."""
+    database_pool_size: int = 10
+    """Connections kept open to Postgres (SQLite always uses one)."""
+    database_pool_timeout: timedelta = timedelta(seconds=30)
+    """How long a request waits for a free database connection before failing."""
+    database_echo: bool = False
+    """Log every SQL statement (debugging only: statements carry no secrets, but are many)."""
+    migrate: str = "auto"
+    """Apply database migrations at start: ``yes``, ``no``, or ``auto`` (only for SQLite)."""
+    redis_url: str = ""
+    """``redis://`` or ``rediss://`` URL (user and password allowed) of the shared quota store
+    and replica fan-out; empty keeps both in this process."""
+    redis_prefix: str = "muster"
+    """Prefix of every Redis key and channel, so several deployments can share one Redis."""
+    replica_id: str = ""
+    """This replica's name in the audit chain and logs; default: the host name."""
+    reuse_port: bool = False
+    """Bind with SO_REUSEPORT so several replicas on one machine share the listener ports."""
     server_hostnames: tuple[str, ...] = ("localhost",)
     """DNS names put in the server certificate (besides the listeners' IPs)."""
     server_ips: tuple[str, ...] = ("127.0.0.1", "::1")
@@ -101,6 +120,12 @@ class ServerConfig:
             raise ConfigError("lease_duration must be longer than heartbeat_interval (both > 0)")
         if not 1 <= self.default_max_attempts <= 20:
             raise ConfigError("default_max_attempts: must be between 1 and 20")
+        if self.migrate not in ("auto", "yes", "no"):
+            raise ConfigError(f"migrate: {self.migrate!r} is not auto, yes or no")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError("redis_url: must start with redis://, rediss:// or unix://")
+        if self.database_pool_size < 1:
+            raise ConfigError("database_pool_size: must be at least 1")
         if self.max_payload_bytes < 1024:
             raise ConfigError("max_payload_bytes: must be at least 1024")
 
@@ -120,6 +145,10 @@ class ServerConfig:
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite+aiosqlite:///{self.data_dir / 'muster.db'}"
+
+    @property
+    def resolved_replica_id(self) -> str:
+        return self.replica_id or socket.gethostname()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServerConfig:
@@ -143,6 +172,12 @@ def _convert(name: str, raw: str, cls: type[ServerConfig]) -> Any:
     default = {f.name: f.default for f in fields(cls)}.get(name)
     if name not in {f.name for f in fields(cls)}:
         raise ConfigError(f"unknown setting {name!r}")
+    if isinstance(default, bool):
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: {raw!r} is not a boolean (true or false)")
     if isinstance(default, timedelta):
         return parse_duration(raw, name=name)
     if isinstance(default, Path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from server.audit.chain import chain_tip, link
+from server.storage.database import CHAIN_KEY
 from server.storage.models import AuditEvent
 from server.storage.types import utcnow
 
@@ -25,9 +28,11 @@ class AuditRecord:
     request_id: str = ""
     details: dict[str, Any] = field(default_factory=dict)
     time: datetime = field(default_factory=utcnow)
+    event_id: str = field(default_factory=lambda: secrets.token_hex(16))
 
     def row(self) -> dict[str, Any]:
         return {
+            "event_id": self.event_id,
             "time": self.time,
             "actor": self.actor[:200],
             "action": self.action,
@@ -40,6 +45,9 @@ class AuditRecord:
 
 
 async def record_in(session: AsyncSession, *records: AuditRecord) -> None:
-    """Insert audit rows in the caller's transaction, so they commit or roll back with it."""
-    if records:
-        await session.execute(insert(AuditEvent), [r.row() for r in records])
+    """Append audit rows in the caller's transaction, so they commit or roll back with it."""
+    if not records:
+        return
+    chain = session.info[CHAIN_KEY]
+    rows = link([r.row() for r in records], chain, await chain_tip(session, chain))
+    await session.execute(insert(AuditEvent), rows)

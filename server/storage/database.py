@@ -18,13 +18,24 @@ from sqlalchemy.ext.asyncio import (
 
 from server.storage.models import Base
 
+CHAIN_KEY = "audit_chain"
+"""``AsyncSession.info`` key naming the audit chain this process appends to."""
+
 log = logging.getLogger(__name__)
 
 
 class Database:
     """Owns the engine. ``transaction()`` is the one way services touch the database."""
 
-    def __init__(self, url: str, *, echo: bool = False) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        audit_chain: str,
+        echo: bool = False,
+        pool_size: int = 10,
+        pool_timeout: float = 30.0,
+    ) -> None:
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
         kwargs: dict[str, Any] = {"echo": echo}
@@ -33,11 +44,19 @@ class Database:
             # transactions instead of failing them with "database is locked".
             kwargs.update(pool_size=1, max_overflow=0, connect_args={"timeout": 30})
         else:
-            kwargs.update(pool_size=10, max_overflow=10, pool_pre_ping=True)
+            kwargs.update(
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                pool_timeout=pool_timeout,
+                pool_pre_ping=True,
+            )
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.dialect == "sqlite":
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
-        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._sessions = async_sessionmaker(
+            self.engine, expire_on_commit=False, info={CHAIN_KEY: audit_chain}
+        )
+        self.audit_chain = audit_chain
 
     async def create_schema(self) -> None:
         """Create missing tables (embedded setup; production uses migrations)."""

@@ -137,13 +137,23 @@ class Task(Base):
 
 
 class AuditEvent(Base):
-    """One row of the append-only audit trail. Details never hold secrets."""
+    """One row of the append-only audit trail. Details never hold secrets.
+
+    Rows form hash chains (one per replica): ``hash`` covers the row's content and
+    ``prev_hash``, the ``hash`` of the row before it in the same ``chain`` (``seq`` - 1).
+    """
 
     __tablename__ = "audit_events"
 
     id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
     )
+    event_id: Mapped[str] = mapped_column(String(32), unique=True)
+    """Random id given when the event happened; makes replays from the spool idempotent."""
+    chain: Mapped[str] = mapped_column(String(100))
+    seq: Mapped[int] = mapped_column(BigInteger)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
     time: Mapped[datetime] = mapped_column(index=True)
     actor: Mapped[str] = mapped_column(String(200), index=True)
     action: Mapped[str] = mapped_column(String(64), index=True)
@@ -152,3 +162,5 @@ class AuditEvent(Base):
     peer: Mapped[str] = mapped_column(String(100))
     request_id: Mapped[str] = mapped_column(String(64))
     details: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+    __table_args__ = (UniqueConstraint("chain", "seq", name="uq_audit_events_chain_seq"),)
