@@ -352,6 +352,16 @@ class Agent:
 
     async def _follow(self, session: Session) -> tuple[Session, SessionEnd | Exception]:
         """Drive ``session`` (and whatever replaces it on renewal) until a stream ends."""
+        try:
+            return await self._follow_until_end(session)
+        except asyncio.CancelledError:
+            # Shutdown cancelled us: take the stream down with us, not leave it orphaned.
+            for each in (session, self._active):
+                if each is not None:
+                    await each.stop()
+            raise
+
+    async def _follow_until_end(self, session: Session) -> tuple[Session, SessionEnd | Exception]:
         task = session.start()
         while True:
             gate = session.welcomed if not session.welcomed.is_set() else self._renew_requested
@@ -432,6 +442,9 @@ class Agent:
         welcomed = asyncio.create_task(new.welcomed.wait())
         try:
             await asyncio.wait({task, welcomed}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            await new.stop()
+            raise
         finally:
             welcomed.cancel()
         if new.welcomed.is_set() and not task.done():

@@ -137,6 +137,14 @@ class Session:
         """The outcome; raises the stream's AioRpcError or a SessionError."""
         return await self.start()
 
+    async def stop(self) -> None:
+        """Cancel the stream now and wait for it, whatever its outcome (for shutdown)."""
+        if self.task is None:
+            return
+        if not self.task.done():
+            self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
     @property
     def done(self) -> bool:
         return self.task is not None and self.task.done()
