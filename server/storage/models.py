@@ -54,7 +54,8 @@ class Certificate(Base):
     chain_pem: Mapped[bytes] = mapped_column(LargeBinary)
     not_before: Mapped[datetime]
     not_after: Mapped[datetime]
-    revoked_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None] = mapped_column(index=True)
+    """Replicas poll recent revocations to close streams they hold (index keeps that cheap)."""
     revocation_reason: Mapped[str | None] = mapped_column(String(200))
 
     __table_args__ = (Index("ix_certificates_token_key", "token_id", "public_key_fingerprint"),)
