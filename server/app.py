@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from server.audit import AuditRecord, AuditWriter, record_in
 from server.ca import CertificateAuthority, ensure_server_certificate
 from server.config import ServerConfig, parse_address
 from server.dispatch.dispatcher import Dispatcher
+from server.dispatch.fanout import Fanout
 from server.dispatch.hub import Hub
 from server.interceptors.auth import ApiTokenAuth
 from server.interceptors.errors import ErrorsInterceptor
@@ -81,6 +83,7 @@ class ServerHandle:
     _health: health.aio.HealthServicer
     _metrics_http: MetricsServer | None
     _audit: AuditWriter
+    _fanout: Fanout
     _background: list[asyncio.Task[None]] = field(default_factory=list)
     _stopped: bool = False
 
@@ -117,6 +120,7 @@ class ServerHandle:
                 await task
         if self._metrics_http is not None:
             await self._metrics_http.close()
+        await self._fanout.close()
         await self._audit.close()
         await self.db.close()
         self.config.endpoints_file.unlink(missing_ok=True)
@@ -159,8 +163,15 @@ async def start_server(config: ServerConfig) -> ServerHandle:
     audit.start()
     metrics.audit_queue_depth.set_function(lambda: audit.depth)
     hub = Hub()
+    fanout = Fanout(
+        hub,
+        origin=f"{config.resolved_replica_id}:{os.getpid()}:{secrets.token_hex(4)}",
+        redis_url=config.redis_url,
+        prefix=config.redis_prefix,
+    )
+    await fanout.start()
     metrics.agents_connected.set_function(hub.connected_by_pool)
-    dispatcher = Dispatcher(db, hub, audit, metrics, config)
+    dispatcher = Dispatcher(db, fanout, audit, metrics, config)
 
     identity = [(server_cert.private_key_pem, server_cert.chain_pem)]
     agent_server = grpc.aio.server(
@@ -169,7 +180,7 @@ async def start_server(config: ServerConfig) -> ServerHandle:
             ErrorsInterceptor(),
             AgentIdentityAuth(db, config.trust_domain, audit, metrics),
         ],
-        options=_SERVER_OPTIONS,
+        options=_server_options(config),
     )
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(dispatcher, ca), agent_server)
     agent_port = agent_server.add_secure_port(
@@ -189,7 +200,7 @@ async def start_server(config: ServerConfig) -> ServerHandle:
             ErrorsInterceptor(),
             ApiTokenAuth(db, quotas, audit, metrics),
         ],
-        options=_SERVER_OPTIONS,
+        options=_server_options(config),
     )
     enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server(
         EnrollmentService(db, ca, quotas, metrics, config, agent_endpoint), api_server
@@ -198,7 +209,7 @@ async def start_server(config: ServerConfig) -> ServerHandle:
         TaskService(dispatcher, quotas, config), api_server
     )
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
-        AdminService(db, hub, metrics, config.trust_domain), api_server
+        AdminService(db, fanout, metrics, config.trust_domain), api_server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, api_server)
@@ -235,6 +246,7 @@ async def start_server(config: ServerConfig) -> ServerHandle:
         _health=health_servicer,
         _metrics_http=metrics_http,
         _audit=audit,
+        _fanout=fanout,
     )
     handle._background.append(asyncio.create_task(_reaper(dispatcher, config), name="reaper"))
     _write_endpoints(handle)
@@ -248,14 +260,16 @@ async def start_server(config: ServerConfig) -> ServerHandle:
     return handle
 
 
-_SERVER_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.max_receive_message_length", 4 << 20),
-    ("grpc.so_reuseport", 0),
-]
+def _server_options(config: ServerConfig) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.max_receive_message_length", 4 << 20),
+        # Off unless asked: a second server on the same port by mistake must fail to bind.
+        ("grpc.so_reuseport", 1 if config.reuse_port else 0),
+    ]
 
 
 async def _reaper(dispatcher: Dispatcher, config: ServerConfig) -> None:
@@ -265,6 +279,7 @@ async def _reaper(dispatcher: Dispatcher, config: ServerConfig) -> None:
     while True:
         try:
             await dispatcher.reap()
+            await dispatcher.sync_streams()
             if loop.time() >= next_gauges:
                 await dispatcher.refresh_queue_gauges()
                 next_gauges = loop.time() + GAUGE_REFRESH_SECONDS

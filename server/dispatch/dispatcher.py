@@ -10,11 +10,14 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
+import grpc
+
 from muster.v1 import agent_pb2
 from server.audit import AuditRecord, AuditWriter
 from server.config import ServerConfig
-from server.dispatch.hub import Hub
+from server.dispatch.fanout import Fanout
 from server.metrics import MusterMetrics, QueueStats
+from server.storage import identities
 from server.storage import tasks as task_store
 from server.storage.database import Database
 from server.storage.models import Task
@@ -23,6 +26,8 @@ from server.storage.types import utcnow
 log = logging.getLogger(__name__)
 
 MAX_RETRY_BACKOFF = timedelta(seconds=60)
+SYNC_OVERLAP = timedelta(seconds=2)
+"""Each sync re-reads a little of the previous window: commits land out of clock order."""
 
 
 def retry_backoff(attempt: int) -> timedelta:
@@ -38,13 +43,15 @@ class Dispatcher:
     def __init__(
         self,
         db: Database,
-        hub: Hub,
+        fanout: Fanout,
         audit: AuditWriter,
         metrics: MusterMetrics,
         config: ServerConfig,
     ) -> None:
         self.db = db
-        self.hub = hub
+        self.fanout = fanout
+        self.hub = fanout.hub
+        self._synced_until = utcnow()
         self.audit = audit
         self.metrics = metrics
         self.config = config
@@ -68,7 +75,7 @@ class Dispatcher:
             task, created = await task_store.insert_task(session, values)
         if created:
             self.metrics.tasks_submitted.inc()
-            self.hub.wake_pool(task.pool)
+            self.fanout.wake_pool(task.pool)
             await self.audit.submit(
                 AuditRecord(
                     actor=actor,
@@ -89,10 +96,10 @@ class Dispatcher:
         if task is None:
             return None
         if task.state in task_store.HELD:
-            self.hub.cancel_attempt(task.session_id, task.task_id, task.attempt, task.error)
+            self.fanout.cancel_attempt(task.session_id, task.task_id, task.attempt, task.error)
         elif task.state == task_store.CANCELLED:
             self.metrics.tasks_finished.labels(outcome=task.state.lower()).inc()
-        self.hub.task_changed(task_id)
+        self.fanout.task_changed(task_id)
         await self.audit.submit(
             AuditRecord(
                 actor=actor,
@@ -132,7 +139,7 @@ class Dispatcher:
             self.metrics.schedule_to_start_seconds.labels(pool=pool).observe(
                 (now - task.queued_at).total_seconds()
             )
-            self.hub.task_changed(task.task_id)
+            self.fanout.task_changed(task.task_id)
             await self.audit.submit(
                 AuditRecord(
                     actor=f"agent:{agent_id}",
@@ -149,7 +156,7 @@ class Dispatcher:
                 session, task_id, attempt, session_id, self.config.lease_duration
             )
         if ok:
-            self.hub.task_changed(task_id)
+            self.fanout.task_changed(task_id)
         return ok
 
     async def heartbeat(self, session_id: str, attempts: Sequence[tuple[str, int]]) -> None:
@@ -198,12 +205,12 @@ class Dispatcher:
                     (utcnow() - held_since).total_seconds()
                 )
         else:
-            self.hub.wake_pool(task.pool)
+            self.fanout.wake_pool(task.pool)
         if usage[0] or usage[1]:
             self.metrics.llm_tokens.labels(kind="input").inc(usage[0])
             self.metrics.llm_tokens.labels(kind="output").inc(usage[1])
             self.metrics.llm_spend_micros.inc(usage[2])
-        self.hub.task_changed(task.task_id)
+        self.fanout.task_changed(task.task_id)
         await self.audit.submit(
             AuditRecord(
                 actor=f"agent:{agent_id}",
@@ -279,9 +286,9 @@ class Dispatcher:
         for held, state in outcomes:
             if state is None:
                 continue
-            self.hub.task_changed(held.task_id)
+            self.fanout.task_changed(held.task_id)
             if state == task_store.QUEUED:
-                self.hub.wake_pool(held.pool)
+                self.fanout.wake_pool(held.pool)
             else:
                 self.metrics.tasks_finished.labels(outcome=state.lower()).inc()
             await self.audit.submit(
@@ -324,14 +331,43 @@ class Dispatcher:
             timed_out = await task_store.time_out_expired(session, now)
         for h, state in outcomes:
             if state is not None:
-                self.hub.cancel_attempt(
+                self.fanout.cancel_attempt(
                     h.session_id, h.task_id, h.attempt, "attempt lost its lease or overran"
                 )
         await self._announce_requeues(outcomes, "lease expired or attempt overran")
         for h in timed_out:
-            self.hub.cancel_attempt(h.session_id, h.task_id, h.attempt, "task timed out")
-            self.hub.task_changed(h.task_id)
+            self.fanout.cancel_attempt(h.session_id, h.task_id, h.attempt, "task timed out")
+            self.fanout.task_changed(h.task_id)
             self.metrics.tasks_finished.labels(outcome="timed_out").inc()
+
+    async def sync_streams(self) -> None:
+        """Apply to this replica's streams what the database says changed elsewhere.
+
+        The backstop for lost fan-out messages: revoked certificates and disabled agents
+        close their streams, requested cancellations reach the agents holding them.
+        """
+        streams = self.hub.streams()
+        if not streams:
+            self._synced_until = utcnow()
+            return
+        since = self._synced_until - SYNC_OVERLAP
+        self._synced_until = utcnow()
+        sessions = {s.session_id for s in streams}
+        async with self.db.transaction() as session:
+            revoked = await identities.revoked_since(session, since)
+            disabled = await identities.disabled_agents(session, {s.agent_id for s in streams})
+            cancels = await task_store.cancel_requested(session, sessions)
+        for agent_id, serial in revoked:
+            self.hub.close_agent(
+                agent_id,
+                grpc.StatusCode.PERMISSION_DENIED,
+                "certificate revoked",
+                frozenset({serial}),
+            )
+        for agent_id in disabled:
+            self.hub.close_agent(agent_id, grpc.StatusCode.PERMISSION_DENIED, "agent disabled")
+        for task_id, attempt, session_id, reason in cancels:
+            self.hub.cancel_attempt(session_id, task_id, attempt, reason)
 
     async def refresh_queue_gauges(self) -> None:
         async with self.db.transaction() as session:

@@ -68,6 +68,7 @@ class AgentSession:
         self.draining = False
         self._outbox: asyncio.Queue[agent_pb2.ServerMessage] = asyncio.Queue()
         self._wake = asyncio.Event()
+        self._cancels_sent: set[tuple[str, int]] = set()
         self._closed: asyncio.Future[StreamClosed] = asyncio.get_running_loop().create_future()
         self._last_heard = asyncio.get_running_loop().time()
 
@@ -77,6 +78,9 @@ class AgentSession:
         self._wake.set()
 
     def cancel_attempt(self, task_id: str, attempt: int, reason: str) -> None:
+        if (task_id, attempt) in self._cancels_sent:
+            return  # announced by fan-out and found again by polling: tell the agent once
+        self._cancels_sent.add((task_id, attempt))
         self._send(
             agent_pb2.ServerMessage(
                 cancel=agent_pb2.Cancel(task_id=task_id, attempt=attempt, reason=reason)
@@ -104,7 +108,8 @@ class AgentSession:
         in_flight = [(a.task_id, a.attempt) for a in hello.in_flight]
         adopted, lost = await dispatcher.adopt(self.agent_id, self.session_id, in_flight)
         self.kinds = sorted(set(hello.capabilities))
-        self.credit = max(0, hello.max_concurrency - len(adopted))
+        # Unadopted attempts still occupy a slot until the agent has cancelled them.
+        self.credit = max(0, hello.max_concurrency - len(in_flight))
         await context.write(self._welcome())
         for task_id, attempt in lost:
             self.cancel_attempt(task_id, attempt, "attempt is no longer current")

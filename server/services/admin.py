@@ -16,7 +16,7 @@ from sqlalchemy import select
 from muster.v1 import admin_pb2, admin_pb2_grpc
 from server import tokens
 from server.audit import AuditRecord, record_in
-from server.dispatch.hub import Hub
+from server.dispatch.fanout import Fanout
 from server.metrics import MusterMetrics
 from server.principals import current_principal
 from server.services import convert
@@ -35,9 +35,12 @@ MAX_AUDIT_ROWS = 1000
 
 
 class AdminService(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, db: Database, hub: Hub, metrics: MusterMetrics, trust_domain: str) -> None:
+    def __init__(
+        self, db: Database, fanout: Fanout, metrics: MusterMetrics, trust_domain: str
+    ) -> None:
         self._db = db
-        self._hub = hub
+        self._fanout = fanout
+        self._hub = fanout.hub
         self._metrics = metrics
         self._trust_domain = trust_domain
 
@@ -232,7 +235,9 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
                 await record_in(session, self._audit(context, action, row.agent_id))
             certs = await identities.certificates_of(session, [row.agent_id])
         if not request.enabled:
-            self._hub.close_agent(row.agent_id, grpc.StatusCode.PERMISSION_DENIED, "agent disabled")
+            self._fanout.close_agent(
+                row.agent_id, grpc.StatusCode.PERMISSION_DENIED, "agent disabled"
+            )
         return self._agent(row, certs)
 
     async def RevokeAgent(
@@ -256,7 +261,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
                 ),
             )
         self._metrics.certificates_revoked.inc(len(serials))
-        self._hub.close_agent(
+        self._fanout.close_agent(
             request.agent_id, grpc.StatusCode.PERMISSION_DENIED, "certificate revoked"
         )
         return admin_pb2.RevokeAgentResponse(serials=serials)
@@ -280,7 +285,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
                 self._audit(context, "cert.revoke", serial, agent=cert.agent_id, reason=reason),
             )
         self._metrics.certificates_revoked.inc(len(serials))
-        self._hub.close_agent(
+        self._fanout.close_agent(
             cert.agent_id,
             grpc.StatusCode.PERMISSION_DENIED,
             "certificate revoked",

@@ -90,6 +90,24 @@ async def revoke_certificates(
     return serials
 
 
+async def revoked_since(session: AsyncSession, since: datetime) -> list[tuple[str, str]]:
+    """(agent_id, serial) of certificates revoked at or after ``since``."""
+    result = await session.execute(
+        select(Certificate.agent_id, Certificate.serial).where(Certificate.revoked_at >= since)
+    )
+    return [(agent_id, serial) for agent_id, serial in result]
+
+
+async def disabled_agents(session: AsyncSession, agent_ids: set[str]) -> list[str]:
+    """Which of ``agent_ids`` are disabled."""
+    if not agent_ids:
+        return []
+    result = await session.execute(
+        select(Agent.agent_id).where(Agent.agent_id.in_(agent_ids), Agent.enabled.is_(False))
+    )
+    return list(result.scalars())
+
+
 async def api_token(session: AsyncSession, token_id: str) -> ApiToken | None:
     return await session.get(ApiToken, token_id)
 

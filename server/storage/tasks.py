@@ -416,6 +416,20 @@ async def request_cancel(session: AsyncSession, task_id: str, reason: str) -> Ta
     return await session.get(Task, task_id, populate_existing=True)
 
 
+async def cancel_requested(
+    session: AsyncSession, session_ids: set[str]
+) -> list[tuple[str, int, str, str]]:
+    """(task_id, attempt, session_id, reason) of held attempts whose cancel was requested."""
+    if not session_ids:
+        return []
+    rows = await session.execute(
+        select(Task.task_id, Task.attempt, Task.session_id, Task.error).where(
+            Task.session_id.in_(session_ids), Task.cancel_requested.is_(True), Task.state.in_(HELD)
+        )
+    )
+    return [(t, a, s or "", e) for t, a, s, e in rows]
+
+
 async def queue_stats(session: AsyncSession) -> list[tuple[str, int, datetime | None]]:
     """(pool, queued count, oldest queued_at) for the metrics gauges."""
     rows = await session.execute(
