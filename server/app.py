@@ -44,7 +44,7 @@ from server.interceptors.errors import ErrorsInterceptor
 from server.interceptors.identity import AgentIdentityAuth
 from server.interceptors.metrics import GrpcServerMetrics, MetricsInterceptor
 from server.metrics import MetricsServer, MusterMetrics, start_metrics_server
-from server.quotas import InMemoryQuotaStore, QuotaPolicy, Quotas
+from server.quotas import InMemoryQuotaStore, QuotaPolicy, Quotas, RateLimit
 from server.services.admin import AdminService, create_api_token
 from server.services.agents import AgentService
 from server.services.enrollment import EnrollmentService
@@ -158,7 +158,8 @@ async def start_server(config: ServerConfig) -> ServerHandle:
             "server": server_cert.not_after,
         }
     )
-    quotas = Quotas(InMemoryQuotaStore(), QuotaPolicy(), metrics)
+    policy = QuotaPolicy(submissions=RateLimit(config.submission_rate, config.submission_burst))
+    quotas = Quotas(InMemoryQuotaStore(), policy, metrics)
     audit = AuditWriter(db)
     audit.start()
     metrics.audit_queue_depth.set_function(lambda: audit.depth)

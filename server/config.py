@@ -70,6 +70,10 @@ class ServerConfig:
     and replica fan-out; empty keeps both in this process."""
     redis_prefix: str = "muster"
     """Prefix of every Redis key and channel, so several deployments can share one Redis."""
+    submission_rate: float = 500.0
+    """Sustained task submissions per second allowed to one principal (API token name)."""
+    submission_burst: int = 5000
+    """Submissions one principal may make at once before the rate applies."""
     replica_id: str = ""
     """This replica's name in the audit chain and logs; default: the host name."""
     reuse_port: bool = False
@@ -124,6 +128,8 @@ class ServerConfig:
             raise ConfigError(f"migrate: {self.migrate!r} is not auto, yes or no")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError("redis_url: must start with redis://, rediss:// or unix://")
+        if self.submission_rate <= 0 or self.submission_burst < 1:
+            raise ConfigError("submission_rate must be > 0 and submission_burst >= 1")
         if self.database_pool_size < 1:
             raise ConfigError("database_pool_size: must be at least 1")
         if self.max_payload_bytes < 1024:
@@ -189,4 +195,9 @@ def _convert(name: str, raw: str, cls: type[ServerConfig]) -> Any:
             return int(raw)
         except ValueError:
             raise ConfigError(f"{name}: {raw!r} is not an integer") from None
+    if isinstance(default, float):
+        try:
+            return float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}: {raw!r} is not a number") from None
     return raw

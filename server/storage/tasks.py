@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, cast, func, literal, or_, select, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -113,9 +114,22 @@ async def claim(
 ) -> list[Task]:
     """Move up to ``limit`` matching QUEUED tasks to ASSIGNED for this stream.
 
-    Highest priority first, then the longest-waiting. A compare-and-set on
-    ``(state, attempt)`` makes the claim safe against every other claimer.
+    Highest priority first, then the longest-waiting. On Postgres one statement picks
+    and takes the rows (``FOR UPDATE SKIP LOCKED``: replicas never wait on each other,
+    never take the same row). Elsewhere a compare-and-set on ``(state, attempt)`` per
+    candidate makes the claim safe against every other claimer.
     """
+    if session.bind.dialect.name == "postgresql":
+        return await _claim_skip_locked(
+            session,
+            pool=pool,
+            labels=labels,
+            kinds=kinds,
+            agent_id=agent_id,
+            session_id=session_id,
+            limit=limit,
+            accept_timeout=accept_timeout,
+        )
     now = utcnow()
     candidates = await session.execute(
         select(Task.task_id, Task.attempt, Task.selector)
@@ -154,6 +168,50 @@ async def claim(
     )
     by_id = {t.task_id: t for t in rows.scalars()}
     return [by_id[t] for t in claimed]
+
+
+async def _claim_skip_locked(
+    session: AsyncSession,
+    *,
+    pool: str,
+    labels: dict[str, str],
+    kinds: Sequence[str],
+    agent_id: str,
+    session_id: str,
+    limit: int,
+    accept_timeout: timedelta,
+) -> list[Task]:
+    now = utcnow()
+    picked = (
+        select(Task.task_id)
+        .where(
+            Task.state == QUEUED,
+            Task.pool == pool,
+            Task.kind.in_(kinds),
+            or_(Task.not_before.is_(None), Task.not_before <= now),
+            # The selector is satisfied when the agent's labels contain all of it.
+            cast(Task.selector, JSONB).contained_by(literal(labels, JSONB)),
+        )
+        .order_by(Task.priority.desc(), Task.queued_at, Task.task_id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    result = await session.execute(
+        update(Task)
+        .where(Task.task_id.in_(picked.scalar_subquery()))
+        .values(
+            state=ASSIGNED,
+            agent_id=agent_id,
+            session_id=session_id,
+            lease_expires_at=now + accept_timeout,
+            updated_at=now,
+        )
+        .returning(Task)
+        .execution_options(synchronize_session=False)
+    )
+    claimed = list(result.scalars())
+    claimed.sort(key=lambda t: (-t.priority, t.queued_at, t.task_id))
+    return claimed
 
 
 async def accept(
