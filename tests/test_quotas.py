@@ -2,14 +2,17 @@
 the RESOURCE_EXHAUSTED status it builds.
 
 The contract tests take the ``store`` fixture, parametrized over implementations with
-an injected clock. To add the Redis store: add "redis" to the fixture's params and
-build it there on a per-test key prefix, passing ``clock`` through so the scripts use
-the test's time instead of Redis ``TIME``.
+an injected clock: the in-process store, and the Redis store on a fresh key prefix per
+test (its scripts then take the test's time instead of Redis ``TIME``). Redis is
+``MUSTER_TEST_REDIS_URL`` (default: the local one); setting it to an empty string is
+the explicit way to leave the Redis cases out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -17,6 +20,7 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
+import redis.asyncio as aioredis
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from prometheus_client import CollectorRegistry
@@ -25,6 +29,7 @@ from server.metrics import MusterMetrics
 from server.quotas import (
     AUTH_FAILURES,
     INFLIGHT_TASKS,
+    SPEND,
     SUBMISSIONS,
     BudgetDecision,
     BudgetUsage,
@@ -37,8 +42,34 @@ from server.quotas import (
     QuotaStoreUnavailable,
     RateDecision,
     RateLimit,
+    RedisQuotaStore,
     quota_exceeded_status,
 )
+
+REDIS_URL = os.environ.get("MUSTER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def redis_url() -> str:
+    """The test Redis; skips (explicitly, by configuration) when it is switched off."""
+    if not REDIS_URL:
+        pytest.skip("MUSTER_TEST_REDIS_URL is empty: Redis tests switched off")
+    return REDIS_URL
+
+
+def unique_prefix() -> str:
+    return f"muster-test:{uuid.uuid4().hex}"
+
+
+async def delete_prefix(prefix: str) -> int:
+    """Delete every key under ``prefix``; returns how many there were."""
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+        return len(keys)
+    finally:
+        await client.aclose()
 
 
 class FakeClock:
@@ -59,16 +90,22 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture(params=["memory"])  # the Redis store joins here as "redis"
+@pytest.fixture(params=["memory", "redis"])
 async def store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterator[QuotaStore]:
+    prefix = None
     if request.param == "memory":
         implementation: QuotaStore = InMemoryQuotaStore(clock=clock)
-    else:  # pragma: no cover - no other implementation yet
+    elif request.param == "redis":
+        prefix = unique_prefix()
+        implementation = RedisQuotaStore.from_url(redis_url(), prefix=prefix, clock=clock)
+    else:  # pragma: no cover - a typo in params
         raise AssertionError(f"unknown store {request.param}")
     try:
         yield implementation
     finally:
         await implementation.close()
+        if prefix is not None:
+            await delete_prefix(prefix)
 
 
 @pytest.fixture
@@ -360,8 +397,9 @@ async def test_status_reaches_a_grpc_client() -> None:
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            refuse_call: Any = channel.unary_unary("/test.v1.Quota/Refuse")
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await channel.unary_unary("/test.v1.Quota/Refuse")(b"")
+                await refuse_call(b"")
     finally:
         await server.stop(None)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -473,6 +511,29 @@ class DownStore(InMemoryQuotaStore):
     ) -> LeaseDecision:
         raise QuotaStoreUnavailable("connection refused")
 
+    async def renew_lease(self, key: str, holder: str, ttl: float) -> bool:
+        raise QuotaStoreUnavailable("connection refused")
+
+    async def release_lease(self, key: str, holder: str) -> None:
+        raise QuotaStoreUnavailable("connection refused")
+
+    async def reserve(
+        self,
+        budget_key: str,
+        reservation_id: str,
+        amount: int,
+        *,
+        limit: int,
+        window: float | None = None,
+    ) -> BudgetDecision:
+        raise QuotaStoreUnavailable("connection refused")
+
+    async def settle(self, budget_key: str, reservation_id: str, actual: int) -> bool:
+        raise QuotaStoreUnavailable("connection refused")
+
+    async def release(self, budget_key: str, reservation_id: str) -> bool:
+        raise QuotaStoreUnavailable("connection refused")
+
 
 async def test_rate_limits_fail_open_to_a_local_cap(
     registry: CollectorRegistry, clock: FakeClock
@@ -485,15 +546,130 @@ async def test_rate_limits_fail_open_to_a_local_cap(
     )
     answers = [await quotas.check_submission("alice") for _ in range(4)]
     assert [(a.allowed, a.degraded) for a in answers] == [(True, True)] * 3 + [(False, True)]
-    assert decisions(registry, SUBMISSIONS, "degraded") == 3
-    assert decisions(registry, SUBMISSIONS, "rejected") == 1
+    # Every decision made without the shared store is "degraded", the local refusal too.
+    assert decisions(registry, SUBMISSIONS, "degraded") == 4
+    assert decisions(registry, SUBMISSIONS, "rejected") == 0
+    assert answers[3].status().code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-async def test_concurrency_fails_closed(registry: CollectorRegistry) -> None:
+async def test_concurrency_and_spend_fail_closed(registry: CollectorRegistry) -> None:
     quotas = Quotas(DownStore(), POLICY, metrics=MusterMetrics(registry))
     with pytest.raises(QuotaStoreUnavailable):
         await quotas.acquire_inflight("tenant", "t1")
-    assert decisions(registry, INFLIGHT_TASKS, "rejected") == 1
+    with pytest.raises(QuotaStoreUnavailable):
+        await quotas.renew_inflight("tenant", "t1")
+    await quotas.release_inflight("tenant", "t1")  # the slot's ttl frees it; no error
+    with pytest.raises(QuotaStoreUnavailable):
+        await quotas.reserve_spend("tenant", "r1", 10, limit=100)
+    with pytest.raises(QuotaStoreUnavailable):
+        await quotas.settle_spend("tenant", "r1", 10)
+    with pytest.raises(QuotaStoreUnavailable):
+        await quotas.release_spend("tenant", "r1")
+    assert decisions(registry, INFLIGHT_TASKS, "degraded") == 1
+    assert decisions(registry, SPEND, "degraded") == 1
+    assert decisions(registry, INFLIGHT_TASKS, "rejected") == 0
+    assert decisions(registry, INFLIGHT_TASKS, "allowed") == 0
+
+
+async def test_degraded_decisions_are_logged_once_per_interval(
+    registry: CollectorRegistry, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    quotas = Quotas(
+        DownStore(),
+        POLICY,
+        metrics=MusterMetrics(registry),
+        fallback=InMemoryQuotaStore(clock=clock),
+        degraded_log_interval=30,
+        clock=clock,
+    )
+    caplog.set_level(logging.INFO, logger="server.quotas.policy")
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    for _ in range(10):
+        await quotas.check_submission("alice")
+        await quotas.check_enrollment("10.0.0.1")
+        with pytest.raises(QuotaStoreUnavailable):
+            await quotas.acquire_inflight("tenant", "t1")
+    assert len(warnings()) == 3  # one per limit class, not one per call
+    assert any("failing open" in w and SUBMISSIONS in w for w in warnings())
+    assert any("failing closed" in w and INFLIGHT_TASKS in w for w in warnings())
+    assert decisions(registry, SUBMISSIONS, "degraded") == 10
+
+    clock.advance(29.9)
+    await quotas.check_submission("alice")
+    assert len(warnings()) == 3
+    clock.advance(0.1)
+    await quotas.check_submission("alice")
+    assert len(warnings()) == 4
+    assert "(10 more since the last warning)" in warnings()[-1]
+
+
+async def test_recovery_is_logged_once(
+    registry: CollectorRegistry, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    class FlakyStore(InMemoryQuotaStore):
+        down = True
+
+        async def rate_limit(
+            self, key: str, *, rate: float, burst: int, cost: int = 1
+        ) -> RateDecision:
+            if self.down:
+                raise QuotaStoreUnavailable("connection refused")
+            return await super().rate_limit(key, rate=rate, burst=burst, cost=cost)
+
+    store = FlakyStore(clock=clock)
+    quotas = Quotas(store, POLICY, metrics=MusterMetrics(registry), clock=clock)
+    caplog.set_level(logging.INFO, logger="server.quotas.policy")
+    await quotas.check_submission("alice")
+    store.down = False
+    for _ in range(3):
+        assert not (await quotas.check_submission("bob")).degraded
+    store.down = True
+    await quotas.check_submission("alice")  # within the interval: no new warning...
+    store.down = False
+    await quotas.check_submission("bob")  # ...so no second "reachable again" either
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("reachable again" in m for m in messages) == 1
+    assert sum(r.levelno == logging.WARNING for r in caplog.records) == 1
+
+
+async def test_spend_budget_per_tenant(quotas: Quotas, registry: CollectorRegistry) -> None:
+    tenant = uuid.uuid4().hex
+    first = await quotas.reserve_spend(tenant, "task-1", 600, limit=1000)
+    assert first == QuotaDecision(True, SPEND, f"tenant:{tenant}", None)
+    assert (await quotas.reserve_spend(tenant, "task-1", 600, limit=1000)).allowed  # a retry
+    refused = await quotas.reserve_spend(tenant, "task-2", 600, limit=1000)
+    assert refused == QuotaDecision(False, SPEND, f"tenant:{tenant}", None)
+    # An exhausted budget is terminal: no RetryInfo.
+    assert "RetryInfo" not in unpack(details_of(refused.status()))
+    assert await quotas.settle_spend(tenant, "task-1", 250)
+    assert not await quotas.settle_spend(tenant, "task-1", 250)  # settled once
+    assert (await quotas.reserve_spend(tenant, "task-2", 600, limit=1000)).allowed
+    assert await quotas.release_spend(tenant, "task-2")
+    assert not await quotas.release_spend(tenant, "task-2")
+    assert await quotas.store.budget_usage(f"spend:{tenant}") == BudgetUsage(250, 0)
+    assert decisions(registry, SPEND, "allowed") == 3
+    assert decisions(registry, SPEND, "rejected") == 1
+
+
+async def test_from_config_picks_the_store(registry: CollectorRegistry) -> None:
+    local = Quotas.from_config("", "muster", POLICY, MusterMetrics(registry))
+    assert isinstance(local.store, InMemoryQuotaStore)
+    await local.ping()  # in-process: always there
+    await local.close()
+
+    prefix = unique_prefix()
+    shared = Quotas.from_config(redis_url(), prefix, POLICY, MusterMetrics(CollectorRegistry()))
+    try:
+        assert isinstance(shared.store, RedisQuotaStore)
+        assert shared.store.prefix == prefix + ":"
+        await shared.ping()
+        assert (await shared.check_submission("alice")).allowed
+        assert await delete_prefix(prefix) == 1
+    finally:
+        await shared.close()
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
-"""Quotas and spend budgets: the store interface, its in-process implementation, and
-the policy façade the services call (``Quotas``)."""
+"""Quotas and spend budgets: the store interface, its in-process and Redis
+implementations, and the policy façade the services call (``Quotas``)."""
 
 from server.quotas.base import (
     BudgetDecision,
@@ -14,6 +14,7 @@ from server.quotas.policy import (
     AUTH_FAILURES,
     ENROLLMENTS,
     INFLIGHT_TASKS,
+    SPEND,
     SUBMISSIONS,
     QuotaDecision,
     QuotaPolicy,
@@ -21,11 +22,13 @@ from server.quotas.policy import (
     RateLimit,
     quota_exceeded_status,
 )
+from server.quotas.redis import RedisQuotaStore
 
 __all__ = [
     "AUTH_FAILURES",
     "ENROLLMENTS",
     "INFLIGHT_TASKS",
+    "SPEND",
     "SUBMISSIONS",
     "BudgetDecision",
     "BudgetUsage",
@@ -38,5 +41,6 @@ __all__ = [
     "Quotas",
     "RateDecision",
     "RateLimit",
+    "RedisQuotaStore",
     "quota_exceeded_status",
 ]

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
@@ -25,12 +28,15 @@ from server.quotas.base import (
     RateDecision,
 )
 from server.quotas.memory import InMemoryQuotaStore
+from server.quotas.redis import RedisQuotaStore
 
 __all__ = [
     "AUTH_FAILURES",
+    "DEGRADED_LOG_INTERVAL",
     "ENROLLMENTS",
     "INFLIGHT_TASKS",
     "LEASE_RETRY_AFTER",
+    "SPEND",
     "SUBMISSIONS",
     "QuotaDecision",
     "QuotaPolicy",
@@ -49,9 +55,13 @@ AUTH_FAILURES = "auth_failures"
 """Limit name of failed authentications per peer address (the lockout)."""
 INFLIGHT_TASKS = "inflight_tasks"
 """Limit name of tasks in flight per tenant."""
+SPEND = "spend"
+"""Limit name of spend budgets (e.g. LLM tokens) per tenant."""
 
 LEASE_RETRY_AFTER = 1.0
 """Retry hint (seconds) for a full concurrency limit, whose freeing time is unknown."""
+DEGRADED_LOG_INTERVAL = 30.0
+"""Seconds between warnings about one limit class decided without the store."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,9 +190,11 @@ class Quotas:
     """The quota questions services ask, answered from ``store`` under ``policy``.
 
     Every decision is counted in ``muster_quota_decisions_total``. When the store is
-    unreachable, rate limits fail open to a per-process cap (the same limits kept in
-    ``fallback``, outcome ``degraded``), while concurrency fails closed: the
-    :class:`QuotaStoreUnavailable` propagates, for the caller to answer UNAVAILABLE.
+    unreachable the policy is explicit per limit class: rate limits fail open to a
+    per-process cap (the same limits kept in ``fallback``); concurrency and spend fail
+    closed, raising :class:`QuotaStoreUnavailable` for the caller to answer UNAVAILABLE.
+    Either way the decision is counted with outcome ``degraded`` and logged, once per
+    ``degraded_log_interval`` seconds per limit class (``clock`` times that, in seconds).
     """
 
     def __init__(
@@ -192,12 +204,48 @@ class Quotas:
         metrics: MusterMetrics | None = None,
         *,
         fallback: QuotaStore | None = None,
+        degraded_log_interval: float = DEGRADED_LOG_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
         self.policy = policy or QuotaPolicy()
         self._metrics = metrics
         self._fallback = fallback or InMemoryQuotaStore()
-        self._degraded = False
+        self._outage = _OutageLog(degraded_log_interval, clock)
+
+    @classmethod
+    def from_config(
+        cls,
+        redis_url: str,
+        prefix: str,
+        policy: QuotaPolicy | None = None,
+        metrics: MusterMetrics | None = None,
+        **redis_options: Any,
+    ) -> Quotas:
+        """Quotas shared through Redis when ``redis_url`` is set, else kept in-process.
+
+        ``prefix`` starts every Redis key; ``redis_options`` go to
+        :meth:`RedisQuotaStore.from_url` (e.g. ``ssl_ca_certs``). Nothing connects yet:
+        call :meth:`ping` to fail fast at start-up, and :meth:`close` at shutdown.
+        """
+        store: QuotaStore
+        if redis_url:
+            store = RedisQuotaStore.from_url(redis_url, prefix=prefix, **redis_options)
+        else:
+            store = InMemoryQuotaStore()
+        return cls(store, policy, metrics)
+
+    async def ping(self) -> None:
+        """Raise QuotaStoreUnavailable (with a clear reason) if the shared store cannot
+        serve: unreachable, wrong credentials, TLS trouble. In-process: never."""
+        if isinstance(self.store, RedisQuotaStore):
+            await self.store.ping()
+
+    async def close(self) -> None:
+        """Release the store's connections."""
+        await self.store.close()
+
+    # --- rate limits ------------------------------------------------------------------
 
     async def check_submission(self, principal: str) -> QuotaDecision:
         """May ``principal`` submit one more task now?"""
@@ -228,8 +276,12 @@ class Quotas:
         """True while ``peer`` has used up its failed authentications."""
         return not (await self.check_lockout(peer)).allowed
 
+    # --- concurrency (fails closed) ---------------------------------------------------
+
     async def acquire_inflight(self, tenant: str, holder: str) -> QuotaDecision:
-        """Take one of ``tenant``'s in-flight slots for ``holder`` (e.g. a task id)."""
+        """Take one of ``tenant``'s in-flight slots for ``holder`` (e.g. a task id).
+
+        Raises QuotaStoreUnavailable when the store is unreachable (fail closed)."""
         subject = f"tenant:{tenant}"
         try:
             lease = await self.store.acquire_lease(
@@ -238,25 +290,82 @@ class Quotas:
                 limit=self.policy.inflight_per_tenant,
                 ttl=self.policy.inflight_lease_ttl,
             )
-        except QuotaStoreUnavailable:
-            self._store_failed(INFLIGHT_TASKS)
-            self._record(INFLIGHT_TASKS, "rejected")
+        except QuotaStoreUnavailable as err:
+            self._closed(INFLIGHT_TASKS, err)
             raise
-        self._store_ok()
+        self._outage.recovered()
         retry = None if lease.acquired else LEASE_RETRY_AFTER
         decision = QuotaDecision(lease.acquired, INFLIGHT_TASKS, subject, retry)
         self._count(decision)
         return decision
 
     async def renew_inflight(self, tenant: str, holder: str) -> bool:
-        """Keep ``holder``'s slot alive; False if it had expired (take a new one)."""
-        return await self.store.renew_lease(
-            f"inflight:{tenant}", holder, self.policy.inflight_lease_ttl
-        )
+        """Keep ``holder``'s slot alive; False if it had expired (take a new one).
+
+        Raises QuotaStoreUnavailable when the store is unreachable: whether the slot is
+        still held is unknown, and the caller decides (it expires after its ttl)."""
+        try:
+            return await self.store.renew_lease(
+                f"inflight:{tenant}", holder, self.policy.inflight_lease_ttl
+            )
+        except QuotaStoreUnavailable as err:
+            self._outage.failed(INFLIGHT_TASKS, err)
+            raise
 
     async def release_inflight(self, tenant: str, holder: str) -> None:
-        """Free ``holder``'s slot."""
-        await self.store.release_lease(f"inflight:{tenant}", holder)
+        """Free ``holder``'s slot. If the store is unreachable the slot stays taken until
+        its ttl ends (failing closed), so this logs instead of raising."""
+        try:
+            await self.store.release_lease(f"inflight:{tenant}", holder)
+        except QuotaStoreUnavailable as err:
+            self._outage.failed(INFLIGHT_TASKS, err)
+
+    # --- spend budgets (fail closed) --------------------------------------------------
+
+    async def reserve_spend(
+        self,
+        tenant: str,
+        reservation_id: str,
+        amount: int,
+        *,
+        limit: int,
+        window: float | None = None,
+    ) -> QuotaDecision:
+        """Reserve ``amount`` of ``tenant``'s budget of ``limit`` (per ``window`` seconds,
+        or ever) before dispatch; retrying with the same ``reservation_id`` counts once.
+
+        A refusal is terminal (no retry time). Raises QuotaStoreUnavailable when the
+        store is unreachable (fail closed)."""
+        subject = f"tenant:{tenant}"
+        try:
+            answer = await self.store.reserve(
+                f"spend:{tenant}", reservation_id, amount, limit=limit, window=window
+            )
+        except QuotaStoreUnavailable as err:
+            self._closed(SPEND, err)
+            raise
+        self._outage.recovered()
+        decision = QuotaDecision(answer.allowed, SPEND, subject, None)
+        self._count(decision)
+        return decision
+
+    async def settle_spend(self, tenant: str, reservation_id: str, actual: int) -> bool:
+        """Replace the reservation by the ``actual`` spend; False if it was unknown (already
+        settled or released). Raises QuotaStoreUnavailable: retry later, spend must count."""
+        try:
+            return await self.store.settle(f"spend:{tenant}", reservation_id, actual)
+        except QuotaStoreUnavailable as err:
+            self._outage.failed(SPEND, err)
+            raise
+
+    async def release_spend(self, tenant: str, reservation_id: str) -> bool:
+        """Drop the reservation unspent (the task failed before using it). Raises
+        QuotaStoreUnavailable: until released the amount stays reserved (fail closed)."""
+        try:
+            return await self.store.release(f"spend:{tenant}", reservation_id)
+        except QuotaStoreUnavailable as err:
+            self._outage.failed(SPEND, err)
+            raise
 
     # --- internals --------------------------------------------------------------------
 
@@ -275,13 +384,13 @@ class Quotas:
         key = f"{limit}:{subject}"
         try:
             answer = await self.store.rate_limit(key, rate=rule.rate, burst=rule.burst, cost=cost)
-        except QuotaStoreUnavailable:
-            self._store_failed(limit)
+        except QuotaStoreUnavailable as err:
+            self._outage.failed(limit, err, fail_open=True)
             answer = await self._fallback.rate_limit(
                 key, rate=rule.rate, burst=rule.burst, cost=cost
             )
             return answer, True
-        self._store_ok()
+        self._outage.recovered()
         return answer, False
 
     @staticmethod
@@ -290,24 +399,51 @@ class Quotas:
         return QuotaDecision(answer.allowed, limit, subject, retry, degraded)
 
     def _count(self, decision: QuotaDecision) -> None:
-        if not decision.allowed:
-            outcome = "rejected"
-        elif decision.degraded:
-            outcome = "degraded"
-        else:
+        if decision.degraded:
+            outcome = "degraded"  # decided without the shared store, whatever the answer
+        elif decision.allowed:
             outcome = "allowed"
+        else:
+            outcome = "rejected"
         self._record(decision.limit, outcome)
+
+    def _closed(self, limit: str, err: QuotaStoreUnavailable) -> None:
+        """A fail-closed decision: refused for want of the store."""
+        self._outage.failed(limit, err)
+        self._record(limit, "degraded")
 
     def _record(self, limit: str, outcome: str) -> None:
         if self._metrics is not None:
             self._metrics.quota_decision(limit, outcome)
 
-    def _store_failed(self, limit: str) -> None:
-        if not self._degraded:
-            self._degraded = True
-            _log.warning("quota store unreachable (deciding %s locally until it is back)", limit)
 
-    def _store_ok(self) -> None:
-        if self._degraded:
-            self._degraded = False
+class _OutageLog:
+    """Warns about decisions made without the store at most once per interval per limit
+    class, so an outage yields a few lines saying how many calls it touched, not one
+    line per call."""
+
+    def __init__(self, interval: float, clock: Callable[[], float]) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._last_warning: dict[str, float] = {}
+        self._unlogged: dict[str, int] = {}
+        self._warned = False
+        """A warning went out since the last "reachable again" (which then follows once)."""
+
+    def failed(self, limit: str, err: QuotaStoreUnavailable, *, fail_open: bool = False) -> None:
+        now = self._clock()
+        last = self._last_warning.get(limit)
+        if last is not None and now - last < self._interval:
+            self._unlogged[limit] = self._unlogged.get(limit, 0) + 1
+            return
+        more = self._unlogged.pop(limit, 0)
+        self._last_warning[limit] = now
+        self._warned = True
+        mode = "failing open to a local cap" if fail_open else "failing closed"
+        since = f" ({more} more since the last warning)" if more else ""
+        _log.warning("quota store unavailable, %s for %s%s: %s", mode, limit, since, err)
+
+    def recovered(self) -> None:
+        if self._warned:
+            self._warned = False
             _log.info("quota store reachable again")

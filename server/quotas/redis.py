@@ -1,0 +1,358 @@
+"""The shared quota store: the QuotaStore contract in Redis, so every replica decides
+from the same counters.
+
+Why Lua: each decision is one ``EVALSHA`` of one script (``lua/*.lua``), which Redis runs
+atomically, so no two replicas can both take the last slot and a decision costs one
+round trip. Time is Redis ``TIME`` (one clock for all replicas) unless a ``clock`` is
+injected, for tests. Connection trouble of any kind becomes
+:class:`~server.quotas.base.QuotaStoreUnavailable` within a bounded time.
+
+Connecting (:meth:`RedisQuotaStore.from_url`)::
+
+    redis://[[user]:password@]host[:port][/db]      plain TCP; ``user`` is an ACL user
+    rediss://[[user]:password@]host[:port][/db]     TLS, server certificate verified
+
+Percent-encode reserved characters in the user and password. TLS options go in the URL
+query or as keyword arguments (keyword arguments lose to the query): ``ssl_ca_certs``
+(CA bundle file), ``ssl_ca_data`` (PEM text), ``ssl_certfile``/``ssl_keyfile`` (client
+certificate), ``ssl_cert_reqs`` (``required``, the default), ``ssl_check_hostname``.
+Timeouts likewise: ``socket_timeout`` and ``socket_connect_timeout`` (seconds, default
+0.5), ``max_connections`` (default 64) and ``timeout`` (seconds a call waits for a free
+connection, default 1). Example: ``rediss://muster:s3cret@redis.internal:6380/0?ssl_ca_certs=/etc/muster/ca.pem``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.resources
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+
+from server.quotas.base import (
+    MICROS,
+    BudgetDecision,
+    BudgetUsage,
+    LeaseDecision,
+    QuotaStore,
+    QuotaStoreUnavailable,
+    RateDecision,
+    emission_interval_us,
+    to_micros,
+    validate_budget,
+    validate_lease,
+    validate_rate,
+)
+
+__all__ = ["DEFAULT_SOCKET_TIMEOUT", "RedisQuotaStore", "redact_url"]
+
+
+DEFAULT_SOCKET_TIMEOUT = 0.5
+"""Seconds to connect, and to wait for a reply, before Redis counts as unreachable."""
+DEFAULT_DECISION_TIMEOUT = 2.0
+"""Hard cap (seconds) on one decision, retries included: a request never hangs on Redis."""
+DEFAULT_MAX_CONNECTIONS = 64
+"""Connections per store; further concurrent calls wait (at most ``DEFAULT_POOL_WAIT``)."""
+DEFAULT_POOL_WAIT = 1.0
+"""Seconds a call waits for a free pooled connection."""
+DEFAULT_COOLDOWN = 1.0
+"""After a failure, seconds during which calls fail at once instead of waiting again."""
+
+_SLACK_MS_REDIS_TIME = 1_000
+"""Extra life of a key past its last meaningful instant, for clock jitter."""
+_SLACK_MS_INJECTED_CLOCK = 300_000
+"""With an injected clock, key expiry (Redis time) and decisions (that clock) disagree;
+generous slack keeps keys alive for as long as a test can need them."""
+
+_UNREACHABLE: tuple[type[Exception], ...] = (
+    rexc.ConnectionError,  # includes authentication failures, busy loading, pool exhaustion
+    rexc.TimeoutError,
+    OSError,  # includes the builtin TimeoutError raised by asyncio.timeout
+)
+"""Redis cannot be reached: calls fail at once for a cooldown."""
+_REFUSED: tuple[type[Exception], ...] = (
+    rexc.NoPermissionError,  # an ACL that does not cover our keys or commands
+    rexc.ReadOnlyError,  # talking to a replica after a failover
+    rexc.OutOfMemoryError,
+    rexc.AuthenticationWrongNumberOfArgsError,
+)
+"""Redis answers but will not serve us: no decision, but no cooldown either."""
+
+
+def _script(name: str) -> str:
+    files = importlib.resources.files("server.quotas").joinpath("lua")
+    return files.joinpath(name).read_text(encoding="utf-8")
+
+
+def _load_scripts() -> dict[str, str]:
+    common = _script("common.lua")
+    budget = common + _script("budget_common.lua")
+    return {
+        "gcra": common + _script("gcra.lua"),
+        "lease_acquire": common + _script("lease_acquire.lua"),
+        "lease_renew": common + _script("lease_renew.lua"),
+        "lease_count": common + _script("lease_count.lua"),
+        "budget_reserve": budget + _script("budget_reserve.lua"),
+        "budget_settle": budget + _script("budget_settle.lua"),
+        "budget_usage": budget + _script("budget_usage.lua"),
+    }
+
+
+_SCRIPTS = _load_scripts()
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password replaced by ``***`` and its query dropped, for messages."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "<unparsable Redis URL>"
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = host if port is None else f"{host}:{port}"
+    if parts.username is not None or parts.password is not None:
+        user = parts.username or ""
+        netloc = f"{user}:***@{netloc}" if parts.password is not None else f"{user}@{netloc}"
+    return f"{parts.scheme}://{netloc}{parts.path}"
+
+
+class RedisQuotaStore(QuotaStore):
+    """Quotas shared by every replica through one Redis (7 or later).
+
+    Keys: ``<prefix>:rate:<key>`` (a TAT string), ``<prefix>:lease:<key>`` (a ZSET of
+    holder -> expiry) and ``<prefix>:budget:<key>`` (a hash of spend, reservations and
+    window end). Rate and lease keys expire once idle; windowed budgets expire with
+    their window; budgets without a window are kept (deleting them would forget spend).
+
+    ``client`` is used as given (its timeouts and retries too) and not closed by
+    :meth:`close`; :meth:`from_url` builds one with short timeouts that it owns.
+    ``clock`` (seconds) replaces Redis ``TIME``: every store sharing keys must then
+    share that clock. ``timeout`` caps one decision; for ``cooldown`` seconds after a
+    connection failure calls fail at once, so an outage costs requests no waiting.
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str,
+        clock: Callable[[], float] | None = None,
+        timeout: float = DEFAULT_DECISION_TIMEOUT,
+        cooldown: float = DEFAULT_COOLDOWN,
+        where: str | None = None,
+    ) -> None:
+        prefix = prefix.rstrip(":")
+        if not prefix:
+            raise ValueError("a Redis quota store needs a key prefix")
+        self._client = client
+        self._prefix = prefix + ":"
+        self._clock = clock
+        self._slack_ms = _SLACK_MS_REDIS_TIME if clock is None else _SLACK_MS_INJECTED_CLOCK
+        self._timeout = timeout
+        self._cooldown = cooldown
+        self._down_until = 0.0
+        self._last_error = ""
+        self._owns_client = False
+        self._where = where or _describe_client(client)
+        self._scripts: dict[str, AsyncScript] = {
+            name: client.register_script(text) for name, text in _SCRIPTS.items()
+        }
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str,
+        clock: Callable[[], float] | None = None,
+        timeout: float = DEFAULT_DECISION_TIMEOUT,
+        cooldown: float = DEFAULT_COOLDOWN,
+        **redis_options: Any,
+    ) -> RedisQuotaStore:
+        """A store on its own connection pool to ``url`` (see the module docstring).
+
+        ``redis_options`` go to :meth:`redis.asyncio.BlockingConnectionPool.from_url`
+        (``ssl_ca_certs``, ``max_connections``, ``client_name``, ...); the URL query
+        overrides them. No
+        connection is made until the first call (or :meth:`ping`). A malformed URL is a
+        ValueError whose message never shows the password.
+        """
+        options: dict[str, Any] = {
+            "max_connections": DEFAULT_MAX_CONNECTIONS,
+            "timeout": DEFAULT_POOL_WAIT,
+            "socket_timeout": DEFAULT_SOCKET_TIMEOUT,
+            "socket_connect_timeout": DEFAULT_SOCKET_TIMEOUT,
+            # One immediate retry on a fresh connection: a pooled connection that Redis or
+            # a proxy closed while idle must not cost a decision. Timeouts are not retried.
+            "retry": Retry(NoBackoff(), 1, supported_errors=(rexc.ConnectionError,)),
+        }
+        options.update(redis_options)
+        where = redact_url(url)
+        try:
+            # A blocking pool: a burst of calls queues for connections instead of failing.
+            pool = aioredis.BlockingConnectionPool.from_url(url, **options)
+        except ValueError as err:
+            # redis-py and urllib may quote parts of the URL, so the cause is not chained.
+            reason = _without_password(str(err), url)
+            raise ValueError(f"invalid Redis URL {where}: {reason}") from None
+        client = aioredis.Redis.from_pool(pool)
+        store = cls(client, prefix=prefix, clock=clock, timeout=timeout, cooldown=cooldown)
+        store._where = where
+        store._owns_client = True
+        return store
+
+    def __repr__(self) -> str:
+        return f"RedisQuotaStore({self._where}, prefix={self._prefix!r})"
+
+    @property
+    def prefix(self) -> str:
+        """Every key this store touches starts with this (it ends with ``:``)."""
+        return self._prefix
+
+    async def ping(self) -> None:
+        """Check that Redis answers and accepts our credentials (for start-up checks)."""
+        await self._call(self._client.ping)
+
+    async def close(self) -> None:
+        if self._owns_client:
+            await self._client.aclose()
+
+    # --- rate limits ------------------------------------------------------------------
+
+    async def rate_limit(self, key: str, *, rate: float, burst: int, cost: int = 1) -> RateDecision:
+        validate_rate(rate, burst, cost)
+        allowed, retry_us, remaining = await self._run(
+            "gcra",
+            f"rate:{key}",
+            emission_interval_us(rate),
+            burst,
+            cost,
+            self._slack_ms,
+        )
+        return RateDecision(bool(allowed), int(retry_us) / MICROS, int(remaining))
+
+    # --- leases -----------------------------------------------------------------------
+
+    async def acquire_lease(
+        self, key: str, holder: str, *, limit: int, ttl: float
+    ) -> LeaseDecision:
+        validate_lease(limit, ttl)
+        acquired, count = await self._run(
+            "lease_acquire", f"lease:{key}", holder, limit, to_micros(ttl), self._slack_ms
+        )
+        return LeaseDecision(bool(acquired), int(count), limit)
+
+    async def renew_lease(self, key: str, holder: str, ttl: float) -> bool:
+        validate_lease(0, ttl)
+        renewed = await self._run(
+            "lease_renew", f"lease:{key}", holder, to_micros(ttl), self._slack_ms
+        )
+        return bool(renewed)
+
+    async def release_lease(self, key: str, holder: str) -> None:
+        # One ZREM is atomic on its own; no script, no clock needed.
+        await self._call(lambda: self._client.zrem(self._prefix + f"lease:{key}", holder))
+
+    async def lease_count(self, key: str) -> int:
+        return int(await self._run("lease_count", f"lease:{key}"))
+
+    # --- budgets ----------------------------------------------------------------------
+
+    async def reserve(
+        self,
+        budget_key: str,
+        reservation_id: str,
+        amount: int,
+        *,
+        limit: int,
+        window: float | None = None,
+    ) -> BudgetDecision:
+        validate_budget(amount, limit, window)
+        allowed, used = await self._run(
+            "budget_reserve",
+            f"budget:{budget_key}",
+            reservation_id,
+            amount,
+            limit,
+            "" if window is None else to_micros(window),
+            self._slack_ms,
+        )
+        return BudgetDecision(bool(allowed), int(used), limit)
+
+    async def settle(self, budget_key: str, reservation_id: str, actual: int) -> bool:
+        validate_budget(actual, 0, None)
+        settled = await self._run("budget_settle", f"budget:{budget_key}", reservation_id, actual)
+        return bool(settled)
+
+    async def release(self, budget_key: str, reservation_id: str) -> bool:
+        released = await self._run("budget_settle", f"budget:{budget_key}", reservation_id, "")
+        return bool(released)
+
+    async def budget_usage(self, budget_key: str) -> BudgetUsage:
+        spent, reserved = await self._run("budget_usage", f"budget:{budget_key}")
+        return BudgetUsage(int(spent), int(reserved))
+
+    # --- plumbing ---------------------------------------------------------------------
+
+    async def _run(self, script: str, key: str, *args: str | int) -> Any:
+        """One EVALSHA of ``script`` on ``<prefix><key>``; ARGV[1] is the clock."""
+        now = "" if self._clock is None else to_micros(self._clock())
+        run = self._scripts[script]
+        return await self._call(lambda: run(keys=[self._prefix + key], args=[now, *args]))
+
+    async def _call(self, request: Callable[[], Awaitable[Any]]) -> Any:
+        """Make one Redis call, turning every way of not getting an answer into
+        QuotaStoreUnavailable within ``timeout`` seconds."""
+        if time.monotonic() < self._down_until:
+            raise QuotaStoreUnavailable(
+                f"quota store {self._where} unreachable (recently: {self._last_error})"
+            )
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await request()
+        except _UNREACHABLE as err:
+            self._last_error = _error_text(err)
+            self._down_until = time.monotonic() + self._cooldown
+            raise QuotaStoreUnavailable(
+                f"quota store {self._where} unreachable: {self._last_error}"
+            ) from err
+        except _REFUSED as err:
+            raise QuotaStoreUnavailable(
+                f"quota store {self._where} refused the call: {_error_text(err)}"
+            ) from err
+
+
+def _describe_client(client: aioredis.Redis) -> str:
+    kwargs = client.connection_pool.connection_kwargs
+    host, port, db = kwargs.get("host", "?"), kwargs.get("port", "?"), kwargs.get("db", 0)
+    user = kwargs.get("username")
+    return f"redis://{f'{user}@' if user else ''}{host}:{port}/{db}"
+
+
+def _error_text(err: BaseException) -> str:
+    if isinstance(err, rexc.AuthenticationError):
+        return f"authentication failed (check the user and password): {err}"
+    if isinstance(err, rexc.NoPermissionError):
+        return f"permission denied by the Redis ACL (keys or commands not granted): {err}"
+    if isinstance(err, TimeoutError):  # asyncio.timeout: the decision's own deadline
+        return "no answer in time"
+    return str(err) or type(err).__name__
+
+
+def _without_password(text: str, url: str) -> str:
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return "malformed"
+    for secret in {password, unquote(password or "")} - {None, ""}:
+        text = text.replace(str(secret), "***")
+    return text
