@@ -3,8 +3,10 @@
 
 Run it with the project's interpreter, e.g.:
 
-    .venv/bin/python certs/scripts/dev-pki.py --out certs/dev --trust-domain muster.local \
-        --dns muster-server
+    .venv/bin/python certs/scripts/dev-pki.py --out certs/dev --dns server
+
+(``server`` is the server's name in docker-compose.yml; add --dns/--ip for every other
+name clients dial.)
 
 Re-running keeps the CA and reuses the server certificate while it still fits.
 """
@@ -27,7 +29,8 @@ except ModuleNotFoundError as err:  # not the project's interpreter
     ) from None
 
 ALWAYS_DNS = ("localhost",)
-ALWAYS_IP = ("127.0.0.1",)
+ALWAYS_IP = ("127.0.0.1", "::1")
+"""The server's default ``MUSTER_SERVER_IPS``: a certificate without them would be reissued."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="ADDR",
-        help="IP address for the server certificate (repeatable; 127.0.0.1 is always included)",
+        help="IP address for the server certificate (repeatable; 127.0.0.1 and ::1 are always "
+        "included)",
     )
     parser.add_argument("--key-type", choices=KEY_TYPES, default="ec-p256", help="CA key type")
     parser.add_argument(
