@@ -51,6 +51,7 @@ from server.services.enrollment import EnrollmentService
 from server.services.tasks import TaskService
 from server.storage import identities
 from server.storage.database import Database
+from server.storage.migrate import ensure_schema
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ async def start_server(config: ServerConfig) -> ServerHandle:
         pool_size=config.database_pool_size,
         pool_timeout=config.database_pool_timeout.total_seconds(),
     )
-    await db.create_schema()
+    await ensure_schema(db, config.migrate)
     ca = CertificateAuthority.load_or_create(config.ca_dir, config.trust_domain)
     server_cert = ensure_server_certificate(
         ca,

@@ -16,8 +16,6 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from server.storage.models import Base
-
 CHAIN_KEY = "audit_chain"
 """``AsyncSession.info`` key naming the audit chain this process appends to."""
 
@@ -57,11 +55,6 @@ class Database:
             self.engine, expire_on_commit=False, info={CHAIN_KEY: audit_chain}
         )
         self.audit_chain = audit_chain
-
-    async def create_schema(self) -> None:
-        """Create missing tables (embedded setup; production uses migrations)."""
-        async with self.engine.begin() as conn:
-            await conn.run_sync(Base.metadata.create_all)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
