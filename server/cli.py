@@ -22,6 +22,7 @@ from muster.cli import Subparsers, command_group
 from muster.errors import ConfigError
 from server.ca import CAError, CertificateAuthority
 from server.config import ServerConfig
+from server.dbcli import register_db
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ def register(subparsers: Subparsers) -> None:
         "--force", action="store_true", help="replace an existing CA (invalidates every agent)"
     )
     init.set_defaults(func=_ca_init)
+    register_db(subparsers)
 
 
 def _server_flags(parser: argparse.ArgumentParser) -> None:
