@@ -664,7 +664,7 @@ async def test_from_config_picks_the_store(registry: CollectorRegistry) -> None:
     shared = Quotas.from_config(redis_url(), prefix, POLICY, MusterMetrics(CollectorRegistry()))
     try:
         assert isinstance(shared.store, RedisQuotaStore)
-        assert shared.store.prefix == prefix + ":"
+        assert shared.store.prefix == prefix + ":quota:"
         await shared.ping()
         assert (await shared.check_submission("alice")).allowed
         assert await delete_prefix(prefix) == 1

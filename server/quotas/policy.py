@@ -224,13 +224,15 @@ class Quotas:
     ) -> Quotas:
         """Quotas shared through Redis when ``redis_url`` is set, else kept in-process.
 
-        ``prefix`` starts every Redis key; ``redis_options`` go to
-        :meth:`RedisQuotaStore.from_url` (e.g. ``ssl_ca_certs``). Nothing connects yet:
-        call :meth:`ping` to fail fast at start-up, and :meth:`close` at shutdown.
+        Keys live under ``<prefix>:quota:``, apart from anything else the deployment
+        keeps under ``prefix``; ``redis_options`` go to :meth:`RedisQuotaStore.from_url`
+        (e.g. ``ssl_ca_certs``). Nothing connects yet: call :meth:`ping` to fail fast at
+        start-up, and :meth:`close` at shutdown.
         """
         store: QuotaStore
         if redis_url:
-            store = RedisQuotaStore.from_url(redis_url, prefix=prefix, **redis_options)
+            namespace = f"{prefix.rstrip(':')}:quota"
+            store = RedisQuotaStore.from_url(redis_url, prefix=namespace, **redis_options)
         else:
             store = InMemoryQuotaStore()
         return cls(store, policy, metrics)

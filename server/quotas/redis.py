@@ -17,8 +17,12 @@ query or as keyword arguments (keyword arguments lose to the query): ``ssl_ca_ce
 (CA bundle file), ``ssl_ca_data`` (PEM text), ``ssl_certfile``/``ssl_keyfile`` (client
 certificate), ``ssl_cert_reqs`` (``required``, the default), ``ssl_check_hostname``.
 Timeouts likewise: ``socket_timeout`` and ``socket_connect_timeout`` (seconds, default
-0.5), ``max_connections`` (default 64) and ``timeout`` (seconds a call waits for a free
-connection, default 1). Example: ``rediss://muster:s3cret@redis.internal:6380/0?ssl_ca_certs=/etc/muster/ca.pem``.
+0.5), ``max_connections`` (default 16) and ``timeout`` (seconds a call waits for a free
+connection, default 1). Example::
+
+    rediss://muster:s3cret@redis.internal:6380/0?ssl_ca_certs=/etc/muster/ca.pem
+
+Run Redis with ``maxmemory-policy noeviction``: an evicted budget forgets its spend.
 """
 
 from __future__ import annotations
@@ -56,9 +60,9 @@ __all__ = ["DEFAULT_SOCKET_TIMEOUT", "RedisQuotaStore", "redact_url"]
 
 DEFAULT_SOCKET_TIMEOUT = 0.5
 """Seconds to connect, and to wait for a reply, before Redis counts as unreachable."""
-DEFAULT_DECISION_TIMEOUT = 2.0
+DEFAULT_DEADLINE = 2.0
 """Hard cap (seconds) on one decision, retries included: a request never hangs on Redis."""
-DEFAULT_MAX_CONNECTIONS = 64
+DEFAULT_MAX_CONNECTIONS = 16
 """Connections per store; further concurrent calls wait (at most ``DEFAULT_POOL_WAIT``)."""
 DEFAULT_POOL_WAIT = 1.0
 """Seconds a call waits for a free pooled connection."""
@@ -136,8 +140,9 @@ class RedisQuotaStore(QuotaStore):
     ``client`` is used as given (its timeouts and retries too) and not closed by
     :meth:`close`; :meth:`from_url` builds one with short timeouts that it owns.
     ``clock`` (seconds) replaces Redis ``TIME``: every store sharing keys must then
-    share that clock. ``timeout`` caps one decision; for ``cooldown`` seconds after a
-    connection failure calls fail at once, so an outage costs requests no waiting.
+    share that clock. ``deadline`` caps one decision (seconds); for ``cooldown`` seconds
+    after a connection failure calls fail at once, so an outage costs requests no waiting.
+    ``where`` names the server in messages (default: host, port and db of ``client``).
     """
 
     def __init__(
@@ -146,7 +151,7 @@ class RedisQuotaStore(QuotaStore):
         *,
         prefix: str,
         clock: Callable[[], float] | None = None,
-        timeout: float = DEFAULT_DECISION_TIMEOUT,
+        deadline: float = DEFAULT_DEADLINE,
         cooldown: float = DEFAULT_COOLDOWN,
         where: str | None = None,
     ) -> None:
@@ -157,7 +162,7 @@ class RedisQuotaStore(QuotaStore):
         self._prefix = prefix + ":"
         self._clock = clock
         self._slack_ms = _SLACK_MS_REDIS_TIME if clock is None else _SLACK_MS_INJECTED_CLOCK
-        self._timeout = timeout
+        self._deadline = deadline
         self._cooldown = cooldown
         self._down_until = 0.0
         self._last_error = ""
@@ -174,7 +179,7 @@ class RedisQuotaStore(QuotaStore):
         *,
         prefix: str,
         clock: Callable[[], float] | None = None,
-        timeout: float = DEFAULT_DECISION_TIMEOUT,
+        deadline: float = DEFAULT_DEADLINE,
         cooldown: float = DEFAULT_COOLDOWN,
         **redis_options: Any,
     ) -> RedisQuotaStore:
@@ -182,9 +187,8 @@ class RedisQuotaStore(QuotaStore):
 
         ``redis_options`` go to :meth:`redis.asyncio.BlockingConnectionPool.from_url`
         (``ssl_ca_certs``, ``max_connections``, ``client_name``, ...); the URL query
-        overrides them. No
-        connection is made until the first call (or :meth:`ping`). A malformed URL is a
-        ValueError whose message never shows the password.
+        overrides them. No connection is made until the first call (or :meth:`ping`).
+        A malformed URL is a ValueError whose message never shows the password.
         """
         options: dict[str, Any] = {
             "max_connections": DEFAULT_MAX_CONNECTIONS,
@@ -205,8 +209,9 @@ class RedisQuotaStore(QuotaStore):
             reason = _without_password(str(err), url)
             raise ValueError(f"invalid Redis URL {where}: {reason}") from None
         client = aioredis.Redis.from_pool(pool)
-        store = cls(client, prefix=prefix, clock=clock, timeout=timeout, cooldown=cooldown)
-        store._where = where
+        store = cls(
+            client, prefix=prefix, clock=clock, deadline=deadline, cooldown=cooldown, where=where
+        )
         store._owns_client = True
         return store
 
@@ -311,17 +316,18 @@ class RedisQuotaStore(QuotaStore):
 
     async def _call(self, request: Callable[[], Awaitable[Any]]) -> Any:
         """Make one Redis call, turning every way of not getting an answer into
-        QuotaStoreUnavailable within ``timeout`` seconds."""
+        QuotaStoreUnavailable within ``deadline`` seconds."""
         if time.monotonic() < self._down_until:
             raise QuotaStoreUnavailable(
                 f"quota store {self._where} unreachable (recently: {self._last_error})"
             )
         try:
-            async with asyncio.timeout(self._timeout):
+            async with asyncio.timeout(self._deadline):
                 return await request()
         except _UNREACHABLE as err:
             self._last_error = _error_text(err)
-            self._down_until = time.monotonic() + self._cooldown
+            if not _pool_exhausted(err):  # a busy pool is ours, not Redis's, to blame
+                self._down_until = time.monotonic() + self._cooldown
             raise QuotaStoreUnavailable(
                 f"quota store {self._where} unreachable: {self._last_error}"
             ) from err
@@ -338,7 +344,17 @@ def _describe_client(client: aioredis.Redis) -> str:
     return f"redis://{f'{user}@' if user else ''}{host}:{port}/{db}"
 
 
+def _pool_exhausted(err: BaseException) -> bool:
+    """All pooled connections stayed busy for the pool's wait: this process is
+    overloaded, Redis may be fine."""
+    return isinstance(err, rexc.MaxConnectionsError) or (
+        type(err) is rexc.ConnectionError and str(err).startswith("No connection available")
+    )
+
+
 def _error_text(err: BaseException) -> str:
+    if _pool_exhausted(err):
+        return "every pooled connection stayed busy (raise max_connections?)"
     if isinstance(err, rexc.AuthenticationError):
         return f"authentication failed (check the user and password): {err}"
     if isinstance(err, rexc.NoPermissionError):
