@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select, text
@@ -41,9 +41,8 @@ def row_hash(row: Mapping[str, Any]) -> str:
     """The hash of one row: every field but ``id`` and ``hash``, canonically encoded."""
     canonical = {name: row[name] for name in HASHED_FIELDS}
     time = canonical["time"]
-    canonical["time"] = (
-        time.isoformat(timespec="microseconds") if isinstance(time, datetime) else time
-    )
+    if isinstance(time, datetime):  # the database hands times back in UTC: hash them so
+        canonical["time"] = time.astimezone(UTC).isoformat(timespec="microseconds")
     encoded = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(encoded.encode()).hexdigest()
 
