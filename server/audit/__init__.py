@@ -1,5 +1,6 @@
 """The audit trail: security mutations are recorded in their own transaction, the
-high-volume events (streams, task transitions) through a bounded batch writer."""
+high-volume events (streams, task transitions) through a bounded batch writer that spools
+to disk while the database is away. ``server.audit.verify`` checks the hash chains."""
 
 from server.audit.record import AuditRecord, record_in
 from server.audit.writer import AuditWriter
