@@ -20,6 +20,7 @@ from dotenv import load_dotenv
 
 from muster.cli import Subparsers, command_group
 from muster.errors import ConfigError
+from server.auditcli import register_audit
 from server.ca import CAError, CertificateAuthority
 from server.config import ServerConfig
 from server.dbcli import register_db
@@ -69,6 +70,7 @@ def register(subparsers: Subparsers) -> None:
         "--force", action="store_true", help="replace an existing CA (invalidates every agent)"
     )
     init.set_defaults(func=_ca_init)
+    register_audit(subparsers)
     register_db(subparsers)
 
 
