@@ -322,7 +322,8 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             query = query.where(AuditEvent.time >= request.since.ToDatetime(tzinfo=UTC))
         if request.HasField("until"):
             query = query.where(AuditEvent.time < request.until.ToDatetime(tzinfo=UTC))
-        query = query.order_by(AuditEvent.id.desc()).limit(limit)
+        # Newest by when it happened: a replayed spool inserts old events after new ones.
+        query = query.order_by(AuditEvent.time.desc(), AuditEvent.id.desc()).limit(limit)
         async with self._db.transaction() as session:
             rows = (await session.execute(query)).scalars()
             return admin_pb2.QueryAuditResponse(events=[convert.audit_event(r) for r in rows])
