@@ -161,9 +161,10 @@ async def start_server(config: ServerConfig) -> ServerHandle:
     )
     policy = QuotaPolicy(submissions=RateLimit(config.submission_rate, config.submission_burst))
     quotas = Quotas(InMemoryQuotaStore(), policy, metrics)
-    audit = AuditWriter(db)
+    audit = AuditWriter(db, spool_path=config.data_dir / "audit-spool")
     audit.start()
     metrics.audit_queue_depth.set_function(lambda: audit.depth)
+    metrics.audit_spool_bytes.set_function(lambda: audit.spool_bytes)
     hub = Hub()
     fanout = Fanout(
         hub,
