@@ -24,8 +24,9 @@ run: install ## Run a dev control plane with one local agent (embedded defaults)
 	$(BIN)/muster dev
 
 .PHONY: test
-test: install ## Run the test suite
+test: install ## Run the suite on embedded defaults, then the server tests on Postgres + Redis
 	$(BIN)/pytest
+	MUSTER_TEST_BACKEND=postgres $(BIN)/pytest tests/server tests/e2e tests/agent
 
 .PHONY: lint
 lint: install ## ruff (lint + format check) and mypy --strict on hand-written code

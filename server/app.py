@@ -44,7 +44,7 @@ from server.interceptors.errors import ErrorsInterceptor
 from server.interceptors.identity import AgentIdentityAuth
 from server.interceptors.metrics import GrpcServerMetrics, MetricsInterceptor
 from server.metrics import MetricsServer, MusterMetrics, start_metrics_server
-from server.quotas import InMemoryQuotaStore, QuotaPolicy, Quotas, RateLimit
+from server.quotas import QuotaPolicy, Quotas, QuotaStoreUnavailable, RateLimit
 from server.services.admin import AdminService, create_api_token
 from server.services.agents import AgentService
 from server.services.enrollment import EnrollmentService
@@ -85,6 +85,7 @@ class ServerHandle:
     _metrics_http: MetricsServer | None
     _audit: AuditWriter
     _fanout: Fanout
+    _quotas: Quotas
     _background: list[asyncio.Task[None]] = field(default_factory=list)
     _stopped: bool = False
 
@@ -114,6 +115,7 @@ class ServerHandle:
         self.hub.drain_all("server shutting down")
         await self.hub.wait_idle(grace)
         await asyncio.gather(self._api.stop(1.0), self._agent.stop(1.0))
+        await self.hub.wait_idle(5.0)  # cancelled streams release their work first
         for task in self._background:
             task.cancel()
         for task in self._background:
@@ -122,6 +124,7 @@ class ServerHandle:
         if self._metrics_http is not None:
             await self._metrics_http.close()
         await self._fanout.close()
+        await self._quotas.close()
         await self._audit.close()
         await self.db.close()
         self.config.endpoints_file.unlink(missing_ok=True)
@@ -160,7 +163,13 @@ async def start_server(config: ServerConfig) -> ServerHandle:
         }
     )
     policy = QuotaPolicy(submissions=RateLimit(config.submission_rate, config.submission_burst))
-    quotas = Quotas(InMemoryQuotaStore(), policy, metrics)
+    quotas = Quotas.from_config(config.redis_url, config.redis_prefix, policy, metrics)
+    if config.redis_url:
+        try:
+            await quotas.ping()
+        except QuotaStoreUnavailable as err:
+            # Not fatal: rate limits fall back to a local cap, leases and spend fail closed.
+            log.warning("the Redis quota store is unreachable at start: %s", err)
     audit = AuditWriter(db, spool_path=config.data_dir / "audit-spool")
     audit.start()
     metrics.audit_queue_depth.set_function(lambda: audit.depth)
@@ -250,6 +259,7 @@ async def start_server(config: ServerConfig) -> ServerHandle:
         _metrics_http=metrics_http,
         _audit=audit,
         _fanout=fanout,
+        _quotas=quotas,
     )
     handle._background.append(asyncio.create_task(_reaper(dispatcher, config), name="reaper"))
     _write_endpoints(handle)

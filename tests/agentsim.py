@@ -102,6 +102,7 @@ class SimAgent:
         # Reading in one background task: cancelling a pending read would cancel the call.
         self._in: asyncio.Queue[agent_pb2.ServerMessage | None] = asyncio.Queue()
         self._reader = asyncio.create_task(self._read())
+        self._beats: asyncio.Task[None] | None = None
 
     async def _read(self) -> None:
         try:
@@ -119,6 +120,16 @@ class SimAgent:
     async def _requests(self) -> Any:
         while (message := await self._out.get()) is not None:
             yield message
+
+    def keep_alive(self, interval: float = 0.5) -> None:
+        """Heartbeat in the background, as a live agent does (silent streams are closed)."""
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(interval)
+                self.send(heartbeat=agent_pb2.Heartbeat())
+
+        self._beats = asyncio.create_task(beat())
 
     def send(self, **body: Any) -> None:
         self._out.put_nowait(agent_pb2.AgentMessage(**body))
@@ -185,4 +196,6 @@ class SimAgent:
         self._out.put_nowait(None)
         self.call.cancel()
         self._reader.cancel()
+        if self._beats is not None:
+            self._beats.cancel()
         await self.channel.close()

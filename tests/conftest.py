@@ -1,22 +1,25 @@
 """Shared fixtures: a real Muster server on loopback (port 0) with its own data directory.
 
-The server runs in the test's event loop on embedded defaults unless
-``MUSTER_TEST_DATABASE_URL`` points the suite at another database.
+The server runs in the test's event loop, on embedded defaults unless
+``MUSTER_TEST_BACKEND=postgres`` (see ``backend``).
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
 
 from muster import AsyncAdminClient, AsyncClient, ClientConfig
 from server.app import ServerHandle, start_server
 from server.config import ServerConfig
 from tests.agentsim import Enroller
+from tests.pg import fresh_database
 
 
 def server_config(data_dir: Path, **overrides: object) -> ServerConfig:
@@ -31,15 +34,40 @@ def server_config(data_dir: Path, **overrides: object) -> ServerConfig:
         "accept_timeout": timedelta(seconds=2),
         "poll_interval": timedelta(seconds=0.2),
         "shutdown_grace": timedelta(seconds=2),
-        "database_url": os.environ.get("MUSTER_TEST_DATABASE_URL", ""),
     }
     values.update(overrides)
     return ServerConfig(**values)  # type: ignore[arg-type]
 
 
+BACKEND = os.environ.get("MUSTER_TEST_BACKEND", "embedded")
+"""``embedded`` (SQLite, in-process quotas and fan-out) or ``postgres`` (a fresh Postgres
+database per test, Redis quotas and fan-out under a key prefix of the test's own)."""
+REDIS_URL = os.environ.get("MUSTER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[ServerHandle]:
-    handle = await start_server(server_config(tmp_path / "data"))
+async def backend() -> AsyncIterator[dict[str, object]]:
+    """Server settings for the configured backend, torn down after the test."""
+    if BACKEND == "embedded":
+        yield {}
+        return
+    if BACKEND != "postgres":
+        raise pytest.UsageError(f"MUSTER_TEST_BACKEND={BACKEND!r}: use embedded or postgres")
+    prefix = f"muster-test-{secrets.token_hex(6)}"
+    async with fresh_database() as url:
+        yield {"database_url": url, "redis_url": REDIS_URL, "redis_prefix": prefix}
+    redis = aioredis.from_url(REDIS_URL)
+    try:
+        keys = [key async for key in redis.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            await redis.delete(*keys)
+    finally:
+        await redis.aclose()
+
+
+@pytest.fixture
+async def server(tmp_path: Path, backend: dict[str, object]) -> AsyncIterator[ServerHandle]:
+    handle = await start_server(server_config(tmp_path / "data", **backend))
     try:
         yield handle
     finally:

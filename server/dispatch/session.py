@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 
 import grpc
+from sqlalchemy.exc import DBAPIError
 
 from muster.v1 import agent_pb2
 from server.audit import AuditRecord
@@ -26,6 +27,8 @@ from server.storage.types import utcnow
 log = logging.getLogger(__name__)
 
 MAX_CONCURRENCY = 1000
+DATABASE_ERRORS = (DBAPIError, OSError)
+"""What a lost or refused database connection raises through SQLAlchemy and asyncpg."""
 MAX_CAPABILITIES = 100
 
 
@@ -148,12 +151,23 @@ class AgentSession:
             for worker in workers:
                 with contextlib.suppress(BaseException):
                     await worker
-            dispatcher.hub.unregister(self)
-            # Shielded: the stream may be ending because the handler was cancelled.
-            await asyncio.shield(self._release(reason))
+            # Shielded: the stream may be ending because the handler was cancelled. The
+            # hub keeps the stream until its work is released, so shutdown can wait for it.
+            try:
+                await asyncio.shield(self._release(reason))
+            finally:
+                dispatcher.hub.unregister(self)
 
     async def _release(self, reason: str) -> None:
-        await self.dispatcher.release_session(self.session_id, f"agent stream ended: {reason}")
+        try:
+            await self.dispatcher.release_session(self.session_id, f"agent stream ended: {reason}")
+        except DATABASE_ERRORS as err:
+            # The leases of whatever this stream held expire, and a reaper requeues them.
+            log.warning(
+                "could not release session %s (%s); its leases will expire",
+                self.session_id,
+                type(err).__name__,
+            )
         await self.dispatcher.audit.submit(
             self._audit("stream.disconnect", {"reason": reason[:200]})
         )
@@ -235,14 +249,20 @@ class AgentSession:
         while True:
             self._wake.clear()
             if self.credit > 0 and not self.draining:
-                claimed = await self.dispatcher.claim(
-                    agent_id=self.agent_id,
-                    session_id=self.session_id,
-                    pool=self.pool,
-                    labels=self.labels,
-                    kinds=self.kinds,
-                    limit=self.credit,
-                )
+                try:
+                    claimed = await self.dispatcher.claim(
+                        agent_id=self.agent_id,
+                        session_id=self.session_id,
+                        pool=self.pool,
+                        labels=self.labels,
+                        kinds=self.kinds,
+                        limit=self.credit,
+                    )
+                except DATABASE_ERRORS as err:
+                    # Nothing was claimed; keep the stream and look again after a pause.
+                    log.warning("claim for %s failed (%s)", self.agent_id, type(err).__name__)
+                    await asyncio.sleep(poll)
+                    continue
                 for task in claimed:
                     self.credit -= 1
                     self._send(
@@ -266,6 +286,17 @@ class AgentSession:
                 await asyncio.wait_for(self._wake.wait(), poll)
 
     async def _read(self, requests: AsyncIterator[agent_pb2.AgentMessage]) -> None:
+        try:
+            await self._read_messages(requests)
+        except DATABASE_ERRORS as err:
+            # A result we could not record was not acknowledged: the agent keeps it in
+            # its outbox and sends it again on the stream it opens next.
+            raise StreamClosed(
+                grpc.StatusCode.UNAVAILABLE,
+                f"database unavailable ({type(err).__name__}); reconnect and resend",
+            ) from None
+
+    async def _read_messages(self, requests: AsyncIterator[agent_pb2.AgentMessage]) -> None:
         dispatcher = self.dispatcher
         async for message in requests:
             self._last_heard = asyncio.get_running_loop().time()
