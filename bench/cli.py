@@ -1,0 +1,116 @@
+"""``python -m bench``: run scenarios one after the other, survive a failing one, and write the
+report (markdown and raw JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import logging
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from bench import procs, report
+from bench.results import Context, ScenarioResult
+from bench.scenarios import SCENARIOS
+
+log = logging.getLogger("bench")
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+DOCS = ROOT / "docs"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Measure Muster against its references in one run and write the report.",
+    )
+    parser.add_argument(
+        "scenarios",
+        nargs="*",
+        metavar="scenario",
+        help=f"any of: {', '.join(SCENARIOS)} (default all)",
+    )
+    parser.add_argument("--quick", action="store_true", help="small scales: about a minute in all")
+    parser.add_argument("--runs", type=int, default=3, help="repetitions per figure (default 3)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="where benchmarks.md and benchmarks.json go (default: docs/ for a full run of "
+        "every scenario, else bench/results/)",
+    )
+    parser.add_argument("--no-profile", action="store_true", help="never run py-spy")
+    return parser
+
+
+async def _run(
+    args: argparse.Namespace, names: list[str], stamp: str
+) -> tuple[list[ScenarioResult], dict[str, object]]:
+    loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, main.cancel)
+    results = []
+    env = await report.environment()
+    try:
+        for name in names:
+            workdir = RESULTS / f"work-{stamp}" / name
+            ctx = Context(
+                quick=args.quick, runs=args.runs, workdir=workdir, profile=not args.no_profile
+            )
+            log.info("scenario %s: starting", name)
+            started = time.monotonic()
+            try:
+                result = await SCENARIOS[name](ctx)
+            except Exception as err:  # a failed scenario is reported, the run goes on
+                log.error("scenario %s failed: %s", name, err)
+                (workdir / "error.txt").parent.mkdir(parents=True, exist_ok=True)
+                (workdir / "error.txt").write_text(traceback.format_exc())
+                result = ScenarioResult(name, name, error=f"{type(err).__name__}: {err}"[:1000])
+            result.seconds = time.monotonic() - started
+            log.info("scenario %s: done in %.0fs", name, result.seconds)
+            results.append(result)
+    finally:
+        await procs.stop_all()
+    return results, env
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    args = _parser().parse_args(argv)
+    unknown = [n for n in args.scenarios if n not in SCENARIOS]
+    if unknown:
+        _parser().error(f"unknown scenario(s): {', '.join(unknown)}")
+    if args.runs < 1:
+        _parser().error("--runs must be at least 1")
+    names = args.scenarios or list(SCENARIOS)
+    full = not args.quick and set(names) == set(SCENARIOS)
+    output = args.output or (DOCS if full else RESULTS)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    started = time.monotonic()
+    results, env = asyncio.run(_run(args, names, stamp))
+    data = report.document(
+        results,
+        command=command.strip(),
+        args=vars(args),
+        stamp=stamp,
+        seconds=time.monotonic() - started,
+        env=env,
+    )
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    raw = json.dumps(data, indent=2, default=str) + "\n"
+    (RESULTS / f"{stamp}.json").write_text(raw)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "benchmarks.json").write_text(raw)
+    md = output / "benchmarks.md"
+    md.write_text(report.markdown(data, previous=md.read_text() if md.exists() else ""))
+    log.info("wrote %s and %s", md, output / "benchmarks.json")
+    return 1 if any(r.error for r in results) else 0

@@ -1,0 +1,5 @@
+from bench.results import Context, ScenarioResult
+
+
+async def run(ctx: Context) -> ScenarioResult:
+    raise NotImplementedError
