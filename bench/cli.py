@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
         help="where benchmarks.md and benchmarks.json go (default: docs/ for a full run of "
         "every scenario, else bench/results/)",
     )
-    parser.add_argument("--no-profile", action="store_true", help="never run py-spy")
+    parser.add_argument("--no-profile", action="store_true", help="never run py-spy (--quick never does)")
     return parser
 
 
@@ -61,7 +61,10 @@ async def _run(
         for name in names:
             workdir = RESULTS / f"work-{stamp}" / name
             ctx = Context(
-                quick=args.quick, runs=args.runs, workdir=workdir, profile=not args.no_profile
+                quick=args.quick,
+                runs=args.runs,
+                workdir=workdir,
+                profile=not (args.no_profile or args.quick),
             )
             log.info("scenario %s: starting", name)
             started = time.monotonic()
