@@ -23,6 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from muster.errors import ConfigError
 from muster.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -143,6 +144,19 @@ async def start_server(config: ServerConfig) -> ServerHandle:
         pool_size=config.database_pool_size,
         pool_timeout=config.database_pool_timeout.total_seconds(),
     )
+    cleanup = contextlib.AsyncExitStack()
+    cleanup.push_async_callback(db.close)
+    try:
+        return await _start(config, db, cleanup)
+    except BaseException:
+        # Whatever started is stopped again: no half-running server, no leaked sockets.
+        await cleanup.aclose()
+        raise
+
+
+async def _start(
+    config: ServerConfig, db: Database, cleanup: contextlib.AsyncExitStack
+) -> ServerHandle:
     await ensure_schema(db, config.migrate)
     ca = CertificateAuthority.load_or_create(config.ca_dir, config.trust_domain)
     server_cert = ensure_server_certificate(
@@ -170,8 +184,10 @@ async def start_server(config: ServerConfig) -> ServerHandle:
         except QuotaStoreUnavailable as err:
             # Not fatal: rate limits fall back to a local cap, leases and spend fail closed.
             log.warning("the Redis quota store is unreachable at start: %s", err)
+    cleanup.push_async_callback(quotas.close)
     audit = AuditWriter(db, spool_path=config.data_dir / "audit-spool")
     audit.start()
+    cleanup.push_async_callback(audit.close)
     metrics.audit_queue_depth.set_function(lambda: audit.depth)
     metrics.audit_spool_bytes.set_function(lambda: audit.spool_bytes)
     hub = Hub()
@@ -182,6 +198,7 @@ async def start_server(config: ServerConfig) -> ServerHandle:
         prefix=config.redis_prefix,
     )
     await fanout.start()
+    cleanup.push_async_callback(fanout.close)
     metrics.agents_connected.set_function(hub.connected_by_pool)
     dispatcher = Dispatcher(db, fanout, audit, metrics, config)
 
@@ -195,11 +212,14 @@ async def start_server(config: ServerConfig) -> ServerHandle:
         options=_server_options(config),
     )
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(dispatcher, ca), agent_server)
-    agent_port = agent_server.add_secure_port(
+    cleanup.push_async_callback(agent_server.stop, None)
+    agent_port = _bind(
+        agent_server,
         config.agent_addr,
         grpc.ssl_server_credentials(
             identity, root_certificates=ca.bundle_pem, require_client_auth=True
         ),
+        "agent_addr",
     )
     agent_host = parse_address(config.agent_addr, name="agent_addr")[0]
     agent_endpoint = (
@@ -227,7 +247,8 @@ async def start_server(config: ServerConfig) -> ServerHandle:
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, api_server)
     names = [s.full_name for s in API_SERVICES] + [health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, api_server)
-    api_port = api_server.add_secure_port(config.api_addr, grpc.ssl_server_credentials(identity))
+    cleanup.push_async_callback(api_server.stop, None)
+    api_port = _bind(api_server, config.api_addr, grpc.ssl_server_credentials(identity), "api_addr")
 
     admin_secret = await _ensure_admin_token(db, config.admin_token_file)
     await agent_server.start()
@@ -239,7 +260,13 @@ async def start_server(config: ServerConfig) -> ServerHandle:
     metrics_port = None
     if config.metrics_addr:
         host, port = parse_address(config.metrics_addr, name="metrics_addr")
-        metrics_http = await start_metrics_server(registry, host, port)
+        try:
+            metrics_http = await start_metrics_server(registry, host, port)
+        except OSError as err:
+            raise ConfigError(
+                f"metrics_addr: cannot listen on {config.metrics_addr}: {err.strerror}"
+            ) from None
+        cleanup.push_async_callback(metrics_http.close)
         metrics_port = metrics_http.port
 
     handle = ServerHandle(
@@ -263,6 +290,7 @@ async def start_server(config: ServerConfig) -> ServerHandle:
     )
     handle._background.append(asyncio.create_task(_reaper(dispatcher, config), name="reaper"))
     _write_endpoints(handle)
+    cleanup.pop_all()  # the handle owns everything now
     log.info(
         "muster server up: api %s, agents %s, metrics %s, data %s",
         api_port,
@@ -271,6 +299,19 @@ async def start_server(config: ServerConfig) -> ServerHandle:
         config.data_dir,
     )
     return handle
+
+
+def _bind(
+    server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials, name: str
+) -> int:
+    """Add a listening port, or fail with a message that names the setting."""
+    try:
+        port = server.add_secure_port(address, credentials)
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        raise ConfigError(f"{name}: cannot listen on {address} (in use, or not an address here)")
+    return port
 
 
 def _server_options(config: ServerConfig) -> list[tuple[str, Any]]:

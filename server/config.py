@@ -166,7 +166,9 @@ class ServerConfig:
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = env.get(f"MUSTER_{f.name.upper()}")
-            if raw is not None and raw != "":
+            # An empty value means "unset", except for text settings where "" is itself
+            # meaningful (MUSTER_METRICS_ADDR="" turns /metrics off).
+            if raw is not None and (raw != "" or isinstance(f.default, str)):
                 values[f.name] = _convert(f.name, raw, cls)
         for key, value in overrides.items():
             if value is not None:

@@ -23,6 +23,11 @@ class Stream(Protocol):
     pool: str
     serial: str
 
+    @property
+    def wants_work(self) -> bool:
+        """Has credit, is not draining, and is not already about to look for work."""
+        ...
+
     def wake(self) -> None: ...
     def cancel_attempt(self, task_id: str, attempt: int, reason: str) -> None: ...
     def drain(self, reason: str) -> None: ...
@@ -32,7 +37,7 @@ class Stream(Protocol):
 class Hub:
     def __init__(self) -> None:
         self._streams: dict[str, Stream] = {}
-        self._by_pool: dict[str, set[str]] = defaultdict(set)
+        self._by_pool: dict[str, list[str]] = defaultdict(list)
         self._watchers: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -41,12 +46,13 @@ class Hub:
 
     def register(self, stream: Stream) -> None:
         self._streams[stream.session_id] = stream
-        self._by_pool[stream.pool].add(stream.session_id)
+        self._by_pool[stream.pool].append(stream.session_id)
         self._idle.clear()
 
     def unregister(self, stream: Stream) -> None:
         self._streams.pop(stream.session_id, None)
-        self._by_pool[stream.pool].discard(stream.session_id)
+        if stream.session_id in self._by_pool[stream.pool]:
+            self._by_pool[stream.pool].remove(stream.session_id)
         if not self._by_pool[stream.pool]:
             del self._by_pool[stream.pool]
         if not self._streams:
@@ -62,9 +68,23 @@ class Hub:
         return {pool: len(ids) for pool, ids in self._by_pool.items()}
 
     def wake_pool(self, pool: str) -> None:
-        """New or requeued work in ``pool``: let its streams look for it."""
-        for session_id in self._by_pool.get(pool, ()):
-            self._streams[session_id].wake()
+        """New or requeued work in ``pool``: wake one stream of it that wants work.
+
+        One, not all: every stream woken costs a claim query, and all but one would
+        find nothing. Streams are taken in turn so work spreads; a stream that is
+        already awake will look anyway. Should the woken one lose a race, polling
+        finds the task.
+        """
+        members = self._by_pool.get(pool)
+        if not members:
+            return
+        for _ in range(len(members)):
+            session_id = members.pop(0)
+            members.append(session_id)
+            stream = self._streams[session_id]
+            if stream.wants_work:
+                stream.wake()
+                return
 
     def cancel_attempt(
         self, session_id: str | None, task_id: str, attempt: int, reason: str

@@ -77,6 +77,10 @@ class AgentSession:
 
     # Called through the hub (from other coroutines)
 
+    @property
+    def wants_work(self) -> bool:
+        return self.credit > 0 and not self.draining and not self._wake.is_set()
+
     def wake(self) -> None:
         self._wake.set()
 
@@ -249,6 +253,7 @@ class AgentSession:
         while True:
             self._wake.clear()
             if self.credit > 0 and not self.draining:
+                limit = self.credit
                 try:
                     claimed = await self.dispatcher.claim(
                         agent_id=self.agent_id,
@@ -256,7 +261,7 @@ class AgentSession:
                         pool=self.pool,
                         labels=self.labels,
                         kinds=self.kinds,
-                        limit=self.credit,
+                        limit=limit,
                     )
                 except DATABASE_ERRORS as err:
                     # Nothing was claimed; keep the stream and look again after a pause.
@@ -280,8 +285,8 @@ class AgentSession:
                             )
                         )
                     )
-                if claimed:
-                    continue
+                if len(claimed) == limit:
+                    continue  # credit used up, or more work may be waiting: look again
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), poll)
 

@@ -18,10 +18,12 @@ from muster.v1 import agent_pb2
 from server.app import ServerHandle, start_server
 from server.ca import CertificateAuthority
 from tests.agentsim import Enroller, SimAgent
-from tests.conftest import client_config, server_config
+from tests.conftest import BACKEND, REDIS_URL, client_config, server_config
 from tests.pg import fresh_database
 
-REDIS_URL = "redis://127.0.0.1:6379/0"
+pytestmark = pytest.mark.skipif(
+    BACKEND != "postgres", reason="runs in the Postgres pass (make test)"
+)
 
 
 async def start_pair(
