@@ -40,6 +40,7 @@ from server.config import ServerConfig, parse_address
 from server.dispatch.dispatcher import Dispatcher
 from server.dispatch.fanout import Fanout
 from server.dispatch.hub import Hub
+from server.dispatch.inflight import InflightLimits
 from server.interceptors.auth import ApiTokenAuth
 from server.interceptors.errors import ErrorsInterceptor
 from server.interceptors.identity import AgentIdentityAuth
@@ -176,7 +177,11 @@ async def _start(
             "server": server_cert.not_after,
         }
     )
-    policy = QuotaPolicy(submissions=RateLimit(config.submission_rate, config.submission_burst))
+    policy = QuotaPolicy(
+        submissions=RateLimit(config.submission_rate, config.submission_burst),
+        inflight_per_tenant=config.inflight_per_tenant,
+        inflight_per_pool=config.inflight_per_pool,
+    )
     quotas = Quotas.from_config(config.redis_url, config.redis_prefix, policy, metrics)
     if config.redis_url:
         try:
@@ -200,7 +205,7 @@ async def _start(
     await fanout.start()
     cleanup.push_async_callback(fanout.close)
     metrics.agents_connected.set_function(hub.connected_by_pool)
-    dispatcher = Dispatcher(db, fanout, audit, metrics, config)
+    dispatcher = Dispatcher(db, fanout, audit, metrics, config, InflightLimits(quotas))
 
     identity = [(server_cert.private_key_pem, server_cert.chain_pem)]
     agent_server = grpc.aio.server(
@@ -235,7 +240,7 @@ async def _start(
         options=_server_options(config),
     )
     enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server(
-        EnrollmentService(db, ca, quotas, metrics, config, agent_endpoint), api_server
+        EnrollmentService(db, ca, quotas, audit, metrics, config, agent_endpoint), api_server
     )
     task_pb2_grpc.add_TaskServiceServicer_to_server(
         TaskService(dispatcher, quotas, config), api_server
@@ -288,7 +293,11 @@ async def _start(
         _fanout=fanout,
         _quotas=quotas,
     )
-    handle._background.append(asyncio.create_task(_reaper(dispatcher, config), name="reaper"))
+    handle._background.append(
+        asyncio.create_task(
+            _reaper(dispatcher, config, renew_every=policy.inflight_lease_ttl / 3), name="reaper"
+        )
+    )
     _write_endpoints(handle)
     cleanup.pop_all()  # the handle owns everything now
     log.info(
@@ -326,10 +335,11 @@ def _server_options(config: ServerConfig) -> list[tuple[str, Any]]:
     ]
 
 
-async def _reaper(dispatcher: Dispatcher, config: ServerConfig) -> None:
-    """Requeues lost leases and times out late tasks; refreshes the queue gauges."""
+async def _reaper(dispatcher: Dispatcher, config: ServerConfig, renew_every: float) -> None:
+    """Requeues lost leases, times out late tasks, applies what other replicas changed,
+    renews in-flight slots and refreshes the queue gauges."""
     loop = asyncio.get_running_loop()
-    next_gauges = 0.0
+    next_gauges = next_renewal = loop.time()
     while True:
         try:
             await dispatcher.reap()
@@ -337,6 +347,9 @@ async def _reaper(dispatcher: Dispatcher, config: ServerConfig) -> None:
             if loop.time() >= next_gauges:
                 await dispatcher.refresh_queue_gauges()
                 next_gauges = loop.time() + GAUGE_REFRESH_SECONDS
+            if loop.time() >= next_renewal:
+                await dispatcher.renew_inflight()
+                next_renewal = loop.time() + renew_every
         except Exception:  # keep reaping; one bad pass must not stop requeueing forever
             log.exception("reaper pass failed")
         await asyncio.sleep(config.poll_interval.total_seconds())

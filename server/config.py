@@ -74,6 +74,10 @@ class ServerConfig:
     """Sustained task submissions per second allowed to one principal (API token name)."""
     submission_burst: int = 5000
     """Submissions one principal may make at once before the rate applies."""
+    inflight_per_tenant: int = 1000
+    """Attempts one tenant (API token name) may have assigned or running at once."""
+    inflight_per_pool: int = 0
+    """Attempts one pool may have assigned or running at once; 0 means no limit."""
     replica_id: str = ""
     """This replica's name in the audit chain and logs; default: the host name."""
     reuse_port: bool = False
@@ -130,6 +134,8 @@ class ServerConfig:
             raise ConfigError("redis_url: must start with redis://, rediss:// or unix://")
         if self.submission_rate <= 0 or self.submission_burst < 1:
             raise ConfigError("submission_rate must be > 0 and submission_burst >= 1")
+        if self.inflight_per_tenant < 1 or self.inflight_per_pool < 0:
+            raise ConfigError("inflight_per_tenant must be >= 1 and inflight_per_pool >= 0")
         if self.database_pool_size < 1:
             raise ConfigError("database_pool_size: must be at least 1")
         if self.max_payload_bytes < 1024:

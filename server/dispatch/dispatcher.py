@@ -16,6 +16,7 @@ from muster.v1 import agent_pb2
 from server.audit import AuditRecord, AuditWriter
 from server.config import ServerConfig
 from server.dispatch.fanout import Fanout
+from server.dispatch.inflight import InflightLimits
 from server.metrics import MusterMetrics, QueueStats
 from server.storage import identities
 from server.storage import tasks as task_store
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 MAX_RETRY_BACKOFF = timedelta(seconds=60)
 SYNC_OVERLAP = timedelta(seconds=2)
+INFLIGHT_RETRY = timedelta(seconds=1)
+"""How long a task refused by a full tenant or pool waits before it is considered again."""
 """Each sync re-reads a little of the previous window: commits land out of clock order."""
 
 
@@ -47,8 +50,10 @@ class Dispatcher:
         audit: AuditWriter,
         metrics: MusterMetrics,
         config: ServerConfig,
+        inflight: InflightLimits,
     ) -> None:
         self.db = db
+        self.inflight = inflight
         self.fanout = fanout
         self.hub = fanout.hub
         self._synced_until = utcnow()
@@ -134,6 +139,7 @@ class Dispatcher:
                 limit=limit,
                 accept_timeout=self.config.accept_timeout,
             )
+        claimed = await self._admit(claimed, session_id)
         now = utcnow()
         for task in claimed:
             self.metrics.schedule_to_start_seconds.labels(pool=pool).observe(
@@ -149,6 +155,32 @@ class Dispatcher:
                 )
             )
         return claimed
+
+    async def _admit(self, claimed: list[Task], session_id: str) -> list[Task]:
+        """Keep the claimed attempts whose tenant and pool have a free slot; give back the rest."""
+        admitted: list[Task] = []
+        refused: list[Task] = []
+        for task in claimed:
+            holder = f"{task.task_id}:{task.attempt}"
+            ok = await self.inflight.admit(task.owner, task.pool, holder)
+            (admitted if ok else refused).append(task)
+        if refused:
+            async with self.db.transaction() as session:
+                await task_store.unclaim(
+                    session,
+                    [(t.task_id, t.attempt) for t in refused],
+                    session_id,
+                    retry_at=utcnow() + INFLIGHT_RETRY,
+                )
+        return admitted
+
+    async def renew_inflight(self) -> None:
+        """Renew the in-flight slots of every attempt this replica's streams hold."""
+        sessions = {s.session_id for s in self.hub.streams()}
+        if sessions:
+            async with self.db.transaction() as session:
+                held = await task_store.held_by_sessions(session, sessions)
+            await self.inflight.renew(held)
 
     async def accept(self, task_id: str, attempt: int, session_id: str) -> bool:
         async with self.db.transaction() as session:
@@ -198,6 +230,7 @@ class Dispatcher:
                     return agent_pb2.ACK_STATUS_DUPLICATE
                 return agent_pb2.ACK_STATUS_STALE
             held_since = task.started_at
+        await self.inflight.release(task.owner, task.pool, f"{task.task_id}:{result.attempt}")
         if new_state in task_store.TERMINAL:
             self.metrics.tasks_finished.labels(outcome=new_state.lower()).inc()
             if held_since is not None:
@@ -286,6 +319,7 @@ class Dispatcher:
         for held, state in outcomes:
             if state is None:
                 continue
+            await self.inflight.release(held.owner, held.pool, held.holder)
             self.fanout.task_changed(held.task_id)
             if state == task_store.QUEUED:
                 self.fanout.wake_pool(held.pool)
@@ -336,6 +370,7 @@ class Dispatcher:
                 )
         await self._announce_requeues(outcomes, "lease expired or attempt overran")
         for h in timed_out:
+            await self.inflight.release(h.owner, h.pool, h.holder)
             self.fanout.cancel_attempt(h.session_id, h.task_id, h.attempt, "task timed out")
             self.fanout.task_changed(h.task_id)
             self.metrics.tasks_finished.labels(outcome="timed_out").inc()

@@ -72,6 +72,9 @@ class AgentSession:
         self._outbox: asyncio.Queue[agent_pb2.ServerMessage] = asyncio.Queue()
         self._wake = asyncio.Event()
         self._cancels_sent: set[tuple[str, int]] = set()
+        self._held: set[tuple[str, int]] = set()
+        """Attempts pushed to (or reported by) the agent and not yet ended by a Result."""
+        self.max_concurrency = 0
         self._closed: asyncio.Future[StreamClosed] = asyncio.get_running_loop().create_future()
         self._last_heard = asyncio.get_running_loop().time()
 
@@ -115,6 +118,8 @@ class AgentSession:
         in_flight = [(a.task_id, a.attempt) for a in hello.in_flight]
         adopted, lost = await dispatcher.adopt(self.agent_id, self.session_id, in_flight)
         self.kinds = sorted(set(hello.capabilities))
+        self.max_concurrency = hello.max_concurrency
+        self._held.update(in_flight)
         # Unadopted attempts still occupy a slot until the agent has cancelled them.
         self.credit = max(0, hello.max_concurrency - len(in_flight))
         await context.write(self._welcome())
@@ -270,6 +275,7 @@ class AgentSession:
                     continue
                 for task in claimed:
                     self.credit -= 1
+                    self._held.add((task.task_id, task.attempt))
                     self._send(
                         agent_pb2.ServerMessage(
                             assignment=agent_pb2.Assignment(
@@ -311,7 +317,10 @@ class AgentSession:
                     raise StreamClosed(
                         grpc.StatusCode.INVALID_ARGUMENT, "Credit.credits must not be negative"
                     )
-                self.credit = min(self.credit + message.credit.credits, MAX_CONCURRENCY)
+                # Never more than the agent said it runs at once, whatever it grants:
+                # in-flight per agent is the server's limit, not the agent's promise.
+                room = self.max_concurrency - len(self._held)
+                self.credit = max(0, min(self.credit + message.credit.credits, room))
                 self.wake()
             elif body == "accepted":
                 a = message.accepted
@@ -320,6 +329,7 @@ class AgentSession:
             elif body == "result":
                 r = message.result
                 status = await dispatcher.record_result(self.agent_id, r)
+                self._held.discard((r.task_id, r.attempt))
                 self._send(
                     agent_pb2.ServerMessage(
                         ack=agent_pb2.Ack(task_id=r.task_id, attempt=r.attempt, status=status)

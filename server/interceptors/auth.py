@@ -17,6 +17,7 @@ import grpc.aio
 from server import tokens
 from server.audit import AuditRecord, AuditWriter
 from server.interceptors._wrap import RpcInfo, guard_handler
+from server.lockout import count_auth_failure
 from server.metrics import MusterMetrics
 from server.principals import Principal, current_principal
 from server.quotas import Quotas
@@ -101,8 +102,14 @@ class ApiTokenAuth(grpc.aio.ServerInterceptor):
     async def _refuse(
         self, info: RpcInfo, context: grpc.aio.ServicerContext[Any, Any], peer: str
     ) -> None:
-        await self._quotas.record_auth_failure(peer)
-        self._metrics.auth_failures.labels(listener="api", reason="api_token").inc()
+        await count_auth_failure(
+            self._quotas,
+            self._audit,
+            self._metrics,
+            peer=peer,
+            credential="api_token",
+            request_id=request_id(context),
+        )
         await self._audit.submit(
             AuditRecord(
                 actor="anonymous",

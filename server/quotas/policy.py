@@ -95,6 +95,8 @@ class QuotaPolicy:
     ``auth_failure_window / auth_failure_threshold`` seconds."""
     inflight_per_tenant: int = 1000
     """Tasks one tenant may have assigned or running at once."""
+    inflight_per_pool: int = 0
+    """Tasks one pool may have assigned or running at once; 0 means no limit."""
     inflight_lease_ttl: float = 120.0
     """Seconds an in-flight slot lives unless renewed (a crashed holder frees it)."""
 
@@ -103,8 +105,8 @@ class QuotaPolicy:
             raise ValueError("auth_failure_threshold must be at least 1")
         if not (math.isfinite(self.auth_failure_window) and self.auth_failure_window > 0):
             raise ValueError("auth_failure_window must be a positive number of seconds")
-        if self.inflight_per_tenant < 0:
-            raise ValueError("inflight_per_tenant must not be negative")
+        if self.inflight_per_tenant < 0 or self.inflight_per_pool < 0:
+            raise ValueError("in-flight limits must not be negative")
         if not (math.isfinite(self.inflight_lease_ttl) and self.inflight_lease_ttl > 0):
             raise ValueError("inflight_lease_ttl must be a positive number of seconds")
 
@@ -280,16 +282,22 @@ class Quotas:
 
     # --- concurrency (fails closed) ---------------------------------------------------
 
-    async def acquire_inflight(self, tenant: str, holder: str) -> QuotaDecision:
-        """Take one of ``tenant``'s in-flight slots for ``holder`` (e.g. a task id).
+    async def acquire_inflight(
+        self, tenant: str, holder: str, *, scope: str = "tenant"
+    ) -> QuotaDecision:
+        """Take one of the in-flight slots of ``tenant`` (or, with ``scope="pool"``, of
+        a pool) for ``holder`` (an attempt). A pool limit of 0 means unlimited.
 
         Raises QuotaStoreUnavailable when the store is unreachable (fail closed)."""
-        subject = f"tenant:{tenant}"
+        subject = f"{scope}:{tenant}"
+        limit = self._inflight_limit(scope)
+        if limit == 0 and scope == "pool":
+            return QuotaDecision(True, INFLIGHT_TASKS, subject, None)
         try:
             lease = await self.store.acquire_lease(
-                f"inflight:{tenant}",
+                self._inflight_key(scope, tenant),
                 holder,
-                limit=self.policy.inflight_per_tenant,
+                limit=limit,
                 ttl=self.policy.inflight_lease_ttl,
             )
         except QuotaStoreUnavailable as err:
@@ -301,26 +309,42 @@ class Quotas:
         self._count(decision)
         return decision
 
-    async def renew_inflight(self, tenant: str, holder: str) -> bool:
+    async def renew_inflight(self, tenant: str, holder: str, *, scope: str = "tenant") -> bool:
         """Keep ``holder``'s slot alive; False if it had expired (take a new one).
 
         Raises QuotaStoreUnavailable when the store is unreachable: whether the slot is
         still held is unknown, and the caller decides (it expires after its ttl)."""
+        if scope == "pool" and self.policy.inflight_per_pool == 0:
+            return True
         try:
             return await self.store.renew_lease(
-                f"inflight:{tenant}", holder, self.policy.inflight_lease_ttl
+                self._inflight_key(scope, tenant), holder, self.policy.inflight_lease_ttl
             )
         except QuotaStoreUnavailable as err:
             self._outage.failed(INFLIGHT_TASKS, err)
             raise
 
-    async def release_inflight(self, tenant: str, holder: str) -> None:
+    async def release_inflight(self, tenant: str, holder: str, *, scope: str = "tenant") -> None:
         """Free ``holder``'s slot. If the store is unreachable the slot stays taken until
         its ttl ends (failing closed), so this logs instead of raising."""
+        if scope == "pool" and self.policy.inflight_per_pool == 0:
+            return
         try:
-            await self.store.release_lease(f"inflight:{tenant}", holder)
+            await self.store.release_lease(self._inflight_key(scope, tenant), holder)
         except QuotaStoreUnavailable as err:
             self._outage.failed(INFLIGHT_TASKS, err)
+
+    def _inflight_limit(self, scope: str) -> int:
+        if scope == "tenant":
+            return self.policy.inflight_per_tenant
+        if scope == "pool":
+            return self.policy.inflight_per_pool
+        raise ValueError(f"in-flight scope must be 'tenant' or 'pool', not {scope!r}")
+
+    @staticmethod
+    def _inflight_key(scope: str, name: str) -> str:
+        # Tenants keep the key they always had; pools get their own namespace.
+        return f"inflight:{name}" if scope == "tenant" else f"inflight-pool:{name}"
 
     # --- spend budgets (fail closed) --------------------------------------------------
 

@@ -16,9 +16,10 @@ import grpc
 from muster.spiffe import AGENT_ID
 from muster.v1 import enrollment_pb2, enrollment_pb2_grpc
 from server import tokens
-from server.audit import AuditRecord, record_in
+from server.audit import AuditRecord, AuditWriter, record_in
 from server.ca import CertificateAuthority, CsrError, public_key_fingerprint, public_key_from_csr
 from server.config import ServerConfig
+from server.lockout import count_auth_failure
 from server.metrics import MusterMetrics
 from server.quotas import Quotas
 from server.services import convert
@@ -50,6 +51,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
         db: Database,
         ca: CertificateAuthority,
         quotas: Quotas,
+        audit: AuditWriter,
         metrics: MusterMetrics,
         config: ServerConfig,
         agent_endpoint: str,
@@ -57,6 +59,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
         self._db = db
         self._ca = ca
         self._quotas = quotas
+        self._audit = audit
         self._metrics = metrics
         self._config = config
         self._agent_endpoint = agent_endpoint
@@ -242,8 +245,14 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
                 ),
             )
         if refusal.code == grpc.StatusCode.UNAUTHENTICATED:
-            await self._quotas.record_auth_failure(peer)
-            self._metrics.auth_failures.labels(listener="api", reason="bootstrap_token").inc()
+            await count_auth_failure(
+                self._quotas,
+                self._audit,
+                self._metrics,
+                peer=peer,
+                credential="bootstrap_token",
+                request_id=rid,
+            )
 
 
 def _token_problem(row: BootstrapToken, now: object) -> str:

@@ -39,6 +39,15 @@ class Held:
     agent_id: str | None
     session_id: str | None
     pool: str
+    owner: str
+
+    @property
+    def holder(self) -> str:
+        """Names this attempt in concurrency leases."""
+        return f"{self.task_id}:{self.attempt}"
+
+
+HELD_COLUMNS = (Task.task_id, Task.attempt, Task.agent_id, Task.session_id, Task.pool, Task.owner)
 
 
 async def insert_task(session: AsyncSession, values: dict[str, Any]) -> tuple[Task, bool]:
@@ -214,6 +223,45 @@ async def _claim_skip_locked(
     return claimed
 
 
+async def unclaim(
+    session: AsyncSession, attempts: Sequence[tuple[str, int]], session_id: str, retry_at: datetime
+) -> None:
+    """Give back claimed attempts that were not sent (an in-flight limit said no).
+
+    The attempt number stays: nothing was delivered. ``retry_at`` keeps the pump from
+    taking the same tasks straight back while their tenant or pool is full.
+    """
+    now = utcnow()
+    for task_id, attempt in attempts:
+        await session.execute(
+            update(Task)
+            .where(
+                Task.task_id == task_id,
+                Task.attempt == attempt,
+                Task.session_id == session_id,
+                Task.state == ASSIGNED,
+            )
+            .values(
+                state=QUEUED,
+                agent_id=None,
+                session_id=None,
+                lease_expires_at=None,
+                not_before=retry_at,
+                updated_at=now,
+            )
+        )
+
+
+async def held_by_sessions(session: AsyncSession, session_ids: set[str]) -> list[Held]:
+    """Every attempt held by the given streams (to renew their concurrency leases)."""
+    if not session_ids:
+        return []
+    rows = await session.execute(
+        select(*HELD_COLUMNS).where(Task.session_id.in_(session_ids), Task.state.in_(HELD))
+    )
+    return [Held(*row) for row in rows]
+
+
 async def accept(
     session: AsyncSession, task_id: str, attempt: int, session_id: str, lease: timedelta
 ) -> bool:
@@ -360,18 +408,14 @@ async def retry_or_fail(
 
 async def held_by_session(session: AsyncSession, session_id: str) -> list[Held]:
     rows = await session.execute(
-        select(Task.task_id, Task.attempt, Task.agent_id, Task.session_id, Task.pool).where(
-            Task.session_id == session_id, Task.state.in_(HELD)
-        )
+        select(*HELD_COLUMNS).where(Task.session_id == session_id, Task.state.in_(HELD))
     )
     return [Held(*row) for row in rows]
 
 
 async def expired_leases(session: AsyncSession, now: datetime, limit: int = 500) -> list[Held]:
     rows = await session.execute(
-        select(Task.task_id, Task.attempt, Task.agent_id, Task.session_id, Task.pool)
-        .where(Task.state.in_(HELD), Task.lease_expires_at < now)
-        .limit(limit)
+        select(*HELD_COLUMNS).where(Task.state.in_(HELD), Task.lease_expires_at < now).limit(limit)
     )
     return [Held(*row) for row in rows]
 
@@ -379,21 +423,13 @@ async def expired_leases(session: AsyncSession, now: datetime, limit: int = 500)
 async def overrun_attempts(session: AsyncSession, now: datetime, limit: int = 500) -> list[Held]:
     """Running attempts past their start-to-close timeout."""
     rows = await session.execute(
-        select(
-            Task.task_id,
-            Task.attempt,
-            Task.agent_id,
-            Task.session_id,
-            Task.pool,
-            Task.started_at,
-            Task.start_to_close_timeout,
-        )
+        select(*HELD_COLUMNS, Task.started_at, Task.start_to_close_timeout)
         .where(Task.state == RUNNING, Task.start_to_close_timeout.is_not(None))
         .limit(limit)
     )
     return [
-        Held(t, a, ag, s, p)
-        for t, a, ag, s, p, started, timeout in rows
+        Held(t, a, ag, s, p, o)
+        for t, a, ag, s, p, o, started, timeout in rows
         if started is not None
         and timeout is not None
         and started + timedelta(seconds=timeout) < now
@@ -407,11 +443,7 @@ async def time_out_expired(session: AsyncSession, now: datetime) -> list[Held]:
     """
     candidates = await session.execute(
         select(
-            Task.task_id,
-            Task.attempt,
-            Task.agent_id,
-            Task.session_id,
-            Task.pool,
+            *HELD_COLUMNS,
             Task.state,
             Task.deadline,
             Task.queued_at,
@@ -422,7 +454,18 @@ async def time_out_expired(session: AsyncSession, now: datetime) -> list[Held]:
         )
     )
     stopped: list[Held] = []
-    for task_id, attempt, agent_id, session_id, pool, state, deadline, queued_at, s2s in candidates:
+    for (
+        task_id,
+        attempt,
+        agent_id,
+        session_id,
+        pool,
+        owner,
+        state,
+        deadline,
+        queued_at,
+        s2s,
+    ) in candidates:
         if deadline is not None and deadline < now:
             reason = "deadline exceeded"
         elif state == QUEUED and s2s is not None and queued_at + timedelta(seconds=s2s) < now:
@@ -442,7 +485,7 @@ async def time_out_expired(session: AsyncSession, now: datetime) -> list[Held]:
             )
         )
         if _rowcount(result) == 1 and state in HELD:
-            stopped.append(Held(task_id, attempt, agent_id, session_id, pool))
+            stopped.append(Held(task_id, attempt, agent_id, session_id, pool, owner))
     return stopped
 
 
