@@ -69,7 +69,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     run.add_argument(
         "--agent-server",
         metavar="HOST:PORT",
-        help="agent listener (mTLS) to connect to (default: the endpoint learned at enrollment)",
+        help="agent listener (mTLS) to connect to: HOST:PORT or any gRPC target, e.g. "
+        "ipv4:10.0.0.1:7444,10.0.0.2:7444 to fail over between replicas (pair it with "
+        "--tls-server-name); default: the endpoint learned at enrollment",
     )
     run.add_argument(
         "--tls-server-name",

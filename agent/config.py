@@ -37,7 +37,8 @@ class AgentConfig:
     labels: Mapping[str, str] = field(default_factory=dict)
     """Labels to ask for at enrollment; after that the enrolled labels are used."""
     agent_server: str | None = None
-    """host:port of the agent listener; overrides the endpoint learned at enrollment."""
+    """The agent listener: host:port or a gRPC target listing several replicas
+    (``ipv4:a:7444,b:7444``); overrides the endpoint learned at enrollment."""
     tls_server_name: str | None = None
     """Name to verify in the server certificate when it differs from the dialled host."""
     concurrency: int = 4

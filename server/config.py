@@ -97,7 +97,9 @@ class ServerConfig:
     hello_timeout: timedelta = timedelta(seconds=10)
     """A stream that sends no Hello within this is closed."""
     poll_interval: timedelta = timedelta(seconds=1)
-    """Fallback polling for new work and for timeouts, should a wake-up be missed."""
+    """How often the reaper runs: lease and task timeouts, plus the polling backstop that
+    carries new work, cancellations, revocations and disabled agents between replicas
+    should a pub/sub message be missed."""
     max_payload_bytes: int = 1 << 20
     """Cap on task payloads and outputs."""
     default_max_attempts: int = 3

@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 
 MAX_RETRY_BACKOFF = timedelta(seconds=60)
 SYNC_OVERLAP = timedelta(seconds=2)
+"""Each sync re-reads a little of the previous window: commits land out of clock order."""
 INFLIGHT_RETRY = timedelta(seconds=1)
 """How long a task refused by a full tenant or pool waits before it is considered again."""
-"""Each sync re-reads a little of the previous window: commits land out of clock order."""
 
 
 def retry_backoff(attempt: int) -> timedelta:
