@@ -100,6 +100,9 @@ class ServerConfig:
     """How often the reaper runs: lease and task timeouts, plus the polling backstop that
     carries new work, cancellations, revocations and disabled agents between replicas
     should a pub/sub message be missed."""
+    max_stream_age: timedelta = timedelta(hours=1)
+    """An agent stream older than this (±10 %) is sent Drain: the agent finishes its work
+    and reconnects, which spreads agents over replicas again after one failed. 0: never."""
     max_payload_bytes: int = 1 << 20
     """Cap on task payloads and outputs."""
     default_max_attempts: int = 3

@@ -355,10 +355,15 @@ class AgentSession:
                 )
 
     async def _watchdog(self) -> None:
-        """Close a stream that went silent, and a stream whose certificate has expired."""
+        """Close a stream that went silent, and a stream whose certificate has expired;
+        drain one that reached its maximum age, so agents spread again over replicas."""
         loop = asyncio.get_running_loop()
         silence = self.config.lease_duration.total_seconds()
+        max_age = self.config.max_stream_age.total_seconds()
+        drain_at = loop.time() + max_age * random.uniform(0.9, 1.1) if max_age else None
         while True:
+            if drain_at is not None and loop.time() >= drain_at and not self.draining:
+                self.drain("maximum stream age reached; reconnect")
             if utcnow() >= self.not_after:
                 raise StreamClosed(grpc.StatusCode.UNAUTHENTICATED, "client certificate expired")
             if loop.time() - self._last_heard > silence:

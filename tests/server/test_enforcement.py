@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -144,3 +145,18 @@ async def test_with_the_quota_store_unreachable_submissions_fail_open_and_dispat
             await agent.close()
     finally:
         await server.stop(grace=1.0)
+
+
+async def test_an_old_stream_is_drained_so_agents_spread_again(
+    custom_server: ServerFactory,
+) -> None:
+    async with (
+        custom_server(max_stream_age=timedelta(seconds=1)) as server,
+        AsyncAdminClient(client_config(server)) as admin,
+    ):
+        agent = SimAgent.of(await Enroller(server, admin).enroll("aging"))
+        await agent.hello()
+        agent.keep_alive()
+        drain = await agent.expect("drain", timeout=5)
+        assert "maximum stream age" in drain.reason
+        await agent.close()
