@@ -97,6 +97,6 @@ def _wait_ready(ref: CeleryRef, worker: Any, workdir: Path) -> None:
             ref.noop.delay().get(timeout=5)
             ref.round_trips(20)
             return
-        except Exception:  # noqa: BLE001 (not ready yet: keep trying until the deadline)
+        except Exception:  # not ready yet: keep trying until the deadline
             time.sleep(0.2)
     raise TimeoutError("the celery worker did not answer within 60s")

@@ -43,7 +43,9 @@ def _parser() -> argparse.ArgumentParser:
         help="where benchmarks.md and benchmarks.json go (default: docs/ for a full run of "
         "every scenario, else bench/results/)",
     )
-    parser.add_argument("--no-profile", action="store_true", help="never run py-spy (--quick never does)")
+    parser.add_argument(
+        "--no-profile", action="store_true", help="never run py-spy (--quick never does)"
+    )
     return parser
 
 

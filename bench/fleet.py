@@ -231,7 +231,7 @@ async def _report(stats: Stats) -> None:
 
 
 def main() -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     asyncio.run(_worker())
     return 0

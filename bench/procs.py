@@ -31,7 +31,7 @@ atexit.register(_kill_all)
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """The harness environment without ``MUSTER_*`` (which would leak into servers), plus ``extra``."""
+    """The harness environment minus ``MUSTER_*`` (it would leak into servers), plus ``extra``."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("MUSTER_")}
     base["PYTHONUNBUFFERED"] = "1"
     return {**base, **extra}

@@ -91,7 +91,7 @@ def main() -> int:
     parser.add_argument("--trust-domain", default="muster.local")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     asyncio.run(serve(args.ca_dir, args.cert_dir, args.out, args.trust_domain))
     return 0

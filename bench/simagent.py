@@ -337,7 +337,7 @@ class RawAgent:
         channel = grpc.aio.secure_channel(self.endpoint, self._credentials, options=CHANNEL_OPTIONS)
         connected = False
         try:
-            call = channel.stream_stream(ECHO_METHOD)()
+            call: Any = channel.stream_stream(ECHO_METHOD)()
             await call.write(b"h" * HELLO_BYTES)
             await call.read()
             connected = True

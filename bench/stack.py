@@ -108,7 +108,7 @@ class Stack:
     @classmethod
     @asynccontextmanager
     async def create(cls, workdir: Path) -> AsyncIterator[Stack]:
-        """A fresh database migrated with ``muster db upgrade`` and a CA made by ``muster ca init``."""
+        """A fresh database migrated by ``muster db upgrade``, a CA made by ``muster ca init``."""
         workdir.mkdir(parents=True, exist_ok=True)
         token = secrets.token_hex(5)
         stack = cls(

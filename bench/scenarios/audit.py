@@ -70,9 +70,7 @@ async def _writer_run(url: str, chain: str, count: int, spool: object) -> tuple[
 
 async def _copy_run(dsn: str, table: str, count: int) -> float:
     rows = link([e.row() for e in _events(count)], f"copy-{secrets.token_hex(4)}", (0, "0" * 64))
-    records = [
-        tuple(json.dumps(r[c]) if c == "details" else r[c] for c in COLUMNS) for r in rows
-    ]
+    records = [tuple(json.dumps(r[c]) if c == "details" else r[c] for c in COLUMNS) for r in rows]
     conn = await asyncpg.connect(dsn)
     try:
         started = time.perf_counter()

@@ -25,9 +25,11 @@ def _ratios(a: list[float], b: list[float]) -> list[float]:
 async def _profile_dispatch(
     ctx: Context, result: ScenarioResult, replica: Replica, fleets: list[Fleet], count: int
 ) -> None:
-    async with replica.client() as client:
-        async with sampled(replica.pid, ctx.workdir / "profile.txt") as prof:
-            await dispatch([client], fleets, count)
+    async with (
+        replica.client() as client,
+        sampled(replica.pid, ctx.workdir / "profile.txt") as prof,
+    ):
+        await dispatch([client], fleets, count)
     result.profile = prof.markdown(f"server `{replica.name}` during one extra dispatch run")
 
 
@@ -36,11 +38,12 @@ async def run_dispatch(ctx: Context) -> ScenarioResult:
         "dispatch",
         "dispatch: 8 agents, no-op tasks, durable Postgres state, mTLS, quotas and audit on",
     )
-    count = ctx.scale(600, 150)
+    count = ctx.scale(400, 150)
     celery_count = ctx.scale(5000, 500)
     result.notes.append(
         f"{count} tasks per run for Muster (scaled down from 5,000: at ~25 tasks/s a run "
-        f"would take minutes), {celery_count} for Celery; Muster: 8 simulated agents (max_concurrency 4) in one "
+        f"would take minutes), {celery_count} for Celery; Muster: 8 simulated agents "
+        "(max_concurrency 4) in one "
         f"process, {AGENTS * 4} slots, 32 concurrent submitters on one channel, end = the agent "
         "holds the server's Ack (result durably recorded). Celery: apply_async x N, then "
         "ResultSet.join_native on the Redis backend; prefork worker, concurrency 2."
@@ -181,7 +184,7 @@ async def run_schedule(ctx: Context) -> ScenarioResult:
 
 async def run_quota(ctx: Context) -> ScenarioResult:
     result = ScenarioResult("quota", "quota cost: dispatch with Redis quotas on vs off")
-    count = ctx.scale(400, 100)
+    count = ctx.scale(300, 100)
     result.notes.append(
         f"{count} tasks per run through one replica, 8 agents. On: MUSTER_REDIS_URL set (every "
         "Submit checks the lockout and the submission rate in Redis, one Lua call each, and "
@@ -228,7 +231,7 @@ async def run_quota(ctx: Context) -> ScenarioResult:
 
 async def run_scaleout(ctx: Context) -> ScenarioResult:
     result = ScenarioResult("scaleout", "scale-out: 1 vs 2 server replicas on one Postgres + Redis")
-    count = ctx.scale(400, 100)
+    count = ctx.scale(300, 100)
     result.notes.append(
         f"{count} tasks per run, 8 agents: all on replica a, or 4 on a and 4 on b with "
         "submissions alternating between the two api listeners. Both replicas, Postgres, "

@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 import grpc.aio
 
-from bench.rawserver import raw_server
 from bench.profiling import sampled
+from bench.rawserver import raw_server
 from bench.results import Context, Figure, ScenarioResult, Summary
 from bench.simagent import CHANNEL_OPTIONS, UNARY_METHOD, enroll, make_csr
 from bench.stack import Replica, Stack
@@ -39,8 +40,9 @@ async def _muster_run(replica: Replica, count: int, run: int) -> tuple[float, in
     async with replica.admin() as admin:
         tokens = []
         for start in range(0, count, 16):
+            batch = range(start, min(count, start + 16))
             made = await asyncio.gather(
-                *(admin.create_bootstrap_token("default", ttl=3600) for _ in range(start, min(count, start + 16)))
+                *(admin.create_bootstrap_token("default", ttl=3600) for _ in batch)
             )
             tokens += [secret for _, secret in made]
     csrs = [make_csr(f"enr-{run}-{i}") for i in range(count)]
@@ -63,7 +65,8 @@ async def _raw_run(address: str, bundle: bytes, count: int, req: int, resp: int)
     async def one(_: int) -> None:
         channel = grpc.aio.secure_channel(address, creds, options=CHANNEL_OPTIONS)
         try:
-            await channel.unary_unary(UNARY_METHOD)(payload, timeout=30)
+            call: Any = channel.unary_unary(UNARY_METHOD)
+            await call(payload, timeout=30)
         finally:
             await channel.close()
 
