@@ -61,10 +61,12 @@ async def pair(
             await asyncio.gather(a.stop(grace=1.0), b.stop(grace=1.0))
 
 
-async def agent_on(replica: ServerHandle, enroller: Enroller, name: str) -> SimAgent:
+async def agent_on(
+    replica: ServerHandle, enroller: Enroller, name: str, concurrency: int = 1
+) -> SimAgent:
     enrolled = await enroller.enroll(name)
     agent = SimAgent(replica.agent_endpoint, enrolled.credentials())
-    await agent.hello()
+    await agent.hello(max_concurrency=concurrency)
     return agent
 
 
@@ -111,10 +113,12 @@ async def test_replicas_never_hand_one_attempt_to_two_agents(
     a, b = pair
     async with AsyncAdminClient(client_config(a)) as admin, AsyncClient(client_config(b)) as client:
         enroller = Enroller(a, admin)
-        agents = [await agent_on(r, enroller, f"racer-{i}") for i, r in enumerate((a, b, a, b))]
+        agents = [
+            await agent_on(r, enroller, f"racer-{i}", concurrency=20)
+            for i, r in enumerate((a, b, a, b))
+        ]
         for agent in agents:
             agent.keep_alive()
-            agent.send(credit=agent_pb2.Credit(credits=19))  # 20 slots each
         seen: list[tuple[str, int]] = []
 
         async def work(agent: SimAgent) -> None:
