@@ -54,6 +54,7 @@ from server.services.tasks import TaskService
 from server.storage import identities
 from server.storage.database import Database
 from server.storage.migrate import ensure_schema
+from server.token_cache import ApiTokenCache
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,7 @@ async def _start(
     dispatcher = Dispatcher(db, fanout, audit, metrics, config, InflightLimits(quotas))
 
     identity = [(server_cert.private_key_pem, server_cert.chain_pem)]
+    token_cache = ApiTokenCache()
     agent_server = grpc.aio.server(
         interceptors=[
             MetricsInterceptor(grpc_metrics),
@@ -235,7 +237,7 @@ async def _start(
         interceptors=[
             MetricsInterceptor(grpc_metrics),
             ErrorsInterceptor(),
-            ApiTokenAuth(db, quotas, audit, metrics),
+            ApiTokenAuth(db, quotas, audit, metrics, token_cache),
         ],
         options=_server_options(config),
     )
@@ -246,7 +248,7 @@ async def _start(
         TaskService(dispatcher, quotas, config), api_server
     )
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
-        AdminService(db, fanout, metrics, config.trust_domain), api_server
+        AdminService(db, fanout, metrics, config.trust_domain, token_cache), api_server
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, api_server)

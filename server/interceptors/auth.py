@@ -25,6 +25,7 @@ from server.services.context import peer_address, request_id
 from server.storage import identities
 from server.storage.database import Database
 from server.storage.types import utcnow
+from server.token_cache import ApiTokenCache, CachedToken
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,15 @@ ROLE_FOR_SERVICE = {"muster.v1.TaskService": "submitter", "muster.v1.AdminServic
 
 class ApiTokenAuth(grpc.aio.ServerInterceptor):
     def __init__(
-        self, db: Database, quotas: Quotas, audit: AuditWriter, metrics: MusterMetrics
+        self,
+        db: Database,
+        quotas: Quotas,
+        audit: AuditWriter,
+        metrics: MusterMetrics,
+        cache: ApiTokenCache,
     ) -> None:
         self._db = db
+        self._cache = cache
         self._quotas = quotas
         self._audit = audit
         self._metrics = metrics
@@ -91,13 +98,26 @@ class ApiTokenAuth(grpc.aio.ServerInterceptor):
         presented = tokens.parse(header[7:].strip(), tokens.API)
         if presented is None:
             return None
-        async with self._db.transaction() as session:
-            row = await identities.api_token(session, presented.token_id)
-        if row is None or row.deleted_at is not None or not presented.matches(row.secret_hash):
+        row = await self._cache.get(presented.token_id, self._load)
+        if row is None or row.deleted or not presented.matches(row.secret_hash):
             return None
         if row.expires_at is not None and row.expires_at <= utcnow():
             return None
         return Principal(name=row.name, role=row.role, token_id=row.token_id)
+
+    async def _load(self, token_id: str) -> CachedToken | None:
+        async with self._db.transaction() as session:
+            row = await identities.api_token(session, token_id)
+        if row is None:
+            return None
+        return CachedToken(
+            token_id=row.token_id,
+            name=row.name,
+            role=row.role,
+            secret_hash=row.secret_hash,
+            expires_at=row.expires_at,
+            deleted=row.deleted_at is not None,
+        )
 
     async def _refuse(
         self, info: RpcInfo, context: grpc.aio.ServicerContext[Any, Any], peer: str

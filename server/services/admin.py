@@ -27,6 +27,7 @@ from server.storage import identities
 from server.storage.database import Database
 from server.storage.models import ApiToken, AuditEvent, BootstrapToken
 from server.storage.types import utcnow
+from server.token_cache import ApiTokenCache
 
 DEFAULT_BOOTSTRAP_TTL = timedelta(hours=1)
 MAX_BOOTSTRAP_TTL = timedelta(days=30)
@@ -36,9 +37,15 @@ MAX_AUDIT_ROWS = 1000
 
 class AdminService(admin_pb2_grpc.AdminServiceServicer):
     def __init__(
-        self, db: Database, fanout: Fanout, metrics: MusterMetrics, trust_domain: str
+        self,
+        db: Database,
+        fanout: Fanout,
+        metrics: MusterMetrics,
+        trust_domain: str,
+        token_cache: ApiTokenCache,
     ) -> None:
         self._db = db
+        self._token_cache = token_cache
         self._fanout = fanout
         self._hub = fanout.hub
         self._metrics = metrics
@@ -190,6 +197,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
                 await record_in(
                     session, self._audit(context, "api_token.delete", row.token_id, name=row.name)
                 )
+        self._token_cache.forget(request.token_id)
         return admin_pb2.DeleteApiTokenResponse()
 
     # Agents
