@@ -1,16 +1,12 @@
 """``python -m bench.serve``: one Muster server for the harness, configured from ``MUSTER_*``.
 
-Why not ``muster server``: the harness needs two things the command does not offer. The
-open-file limit is raised to its hard limit (10,000 agents are 10,000 sockets), and
-``BENCH_ENROLLMENT_RATE`` replaces the per-peer enrollment rate limit (1/s, burst 30),
-because every simulated agent enrolls from 127.0.0.1. The limit is still checked on every
-enrollment, in Redis when ``MUSTER_REDIS_URL`` is set; only its numbers change.
+Why not ``muster server``: the harness raises the open-file limit to its hard limit
+(10,000 agents are 10,000 sockets), which the command does not do.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import resource
@@ -19,20 +15,12 @@ import sys
 
 from server import app
 from server.config import ServerConfig
-from server.quotas import QuotaPolicy, RateLimit
 
 
 def _raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def _override_enrollment_limit() -> None:
-    rate = os.environ.get("BENCH_ENROLLMENT_RATE")
-    if rate:
-        limit = RateLimit(float(rate), int(float(rate)))
-        vars(app)["QuotaPolicy"] = functools.partial(QuotaPolicy, enrollments=limit)
 
 
 async def _serve(config: ServerConfig) -> None:
@@ -54,7 +42,6 @@ def main() -> int:
         stream=sys.stderr,
     )
     _raise_nofile()
-    _override_enrollment_limit()
     asyncio.run(_serve(ServerConfig.from_env()))
     return 0
 

@@ -156,7 +156,9 @@ class Stack:
             MUSTER_SUBMISSION_RATE="1000000",
             MUSTER_SUBMISSION_BURST="1000000",
             MUSTER_SHUTDOWN_GRACE="2s",
-            BENCH_ENROLLMENT_RATE=ENROLLMENT_RATE,
+            # Every simulated agent enrolls from 127.0.0.1: the per-peer limit would refuse.
+            MUSTER_ENROLLMENT_RATE=ENROLLMENT_RATE,
+            MUSTER_ENROLLMENT_BURST=ENROLLMENT_RATE,
             **{f"MUSTER_{k.upper()}": v for k, v in settings.items()},
         )
         log_path = self.workdir / f"{name}.log"

@@ -180,6 +180,7 @@ async def _start(
     )
     policy = QuotaPolicy(
         submissions=RateLimit(config.submission_rate, config.submission_burst),
+        enrollments=RateLimit(config.enrollment_rate, config.enrollment_burst),
         inflight_per_tenant=config.inflight_per_tenant,
         inflight_per_pool=config.inflight_per_pool,
     )
@@ -345,6 +346,7 @@ async def _reaper(dispatcher: Dispatcher, config: ServerConfig, renew_every: flo
     while True:
         try:
             await dispatcher.reap()
+            await dispatcher.poll_queues()
             await dispatcher.sync_streams()
             if loop.time() >= next_gauges:
                 await dispatcher.refresh_queue_gauges()

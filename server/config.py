@@ -74,6 +74,10 @@ class ServerConfig:
     """Sustained task submissions per second allowed to one principal (API token name)."""
     submission_burst: int = 5000
     """Submissions one principal may make at once before the rate applies."""
+    enrollment_rate: float = 1.0
+    """Sustained enrollment attempts per second allowed from one peer address."""
+    enrollment_burst: int = 30
+    """Enrollment attempts one peer address may make at once (a fleet behind one NAT)."""
     inflight_per_tenant: int = 1000
     """Attempts one tenant (API token name) may have assigned or running at once."""
     inflight_per_pool: int = 0
@@ -139,6 +143,8 @@ class ServerConfig:
             raise ConfigError("redis_url: must start with redis://, rediss:// or unix://")
         if self.submission_rate <= 0 or self.submission_burst < 1:
             raise ConfigError("submission_rate must be > 0 and submission_burst >= 1")
+        if self.enrollment_rate <= 0 or self.enrollment_burst < 1:
+            raise ConfigError("enrollment_rate must be > 0 and enrollment_burst >= 1")
         if self.inflight_per_tenant < 1 or self.inflight_per_pool < 0:
             raise ConfigError("inflight_per_tenant must be >= 1 and inflight_per_pool >= 0")
         if self.database_pool_size < 1:

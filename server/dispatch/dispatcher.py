@@ -404,6 +404,17 @@ class Dispatcher:
         for task_id, attempt, session_id, reason in cancels:
             self.hub.cancel_attempt(session_id, task_id, attempt, reason)
 
+    async def poll_queues(self) -> None:
+        """The polling backstop for new work, once per replica rather than per stream:
+        count claimable tasks by pool and kind, wake that many idle streams able to run them."""
+        pools = self.hub.pools_wanting_work()
+        if not pools:
+            return
+        async with self.db.transaction() as session:
+            claimable = await task_store.claimable(session, pools)
+        for pool, kind, count in claimable:
+            self.hub.wake_for(pool, kind, count)
+
     async def refresh_queue_gauges(self) -> None:
         async with self.db.transaction() as session:
             stats = await task_store.queue_stats(session)

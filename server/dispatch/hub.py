@@ -22,6 +22,7 @@ class Stream(Protocol):
     agent_id: str
     pool: str
     serial: str
+    kinds: list[str]
 
     @property
     def wants_work(self) -> bool:
@@ -85,6 +86,25 @@ class Hub:
             if stream.wants_work:
                 stream.wake()
                 return
+
+    def pools_wanting_work(self) -> set[str]:
+        """Pools with at least one stream that has credit and is idle."""
+        return {
+            pool
+            for pool, members in self._by_pool.items()
+            if any(self._streams[s].wants_work for s in members)
+        }
+
+    def wake_for(self, pool: str, kind: str, count: int) -> None:
+        """Wake up to ``count`` idle streams of ``pool`` that can run ``kind``."""
+        members = self._by_pool.get(pool, [])
+        for session_id in list(members):
+            if count <= 0:
+                return
+            stream = self._streams[session_id]
+            if stream.wants_work and kind in stream.kinds:
+                stream.wake()
+                count -= 1
 
     def cancel_attempt(
         self, session_id: str | None, task_id: str, attempt: int, reason: str

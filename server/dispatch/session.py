@@ -27,6 +27,8 @@ from server.storage.types import utcnow
 log = logging.getLogger(__name__)
 
 MAX_CONCURRENCY = 1000
+IDLE_RECHECK = 30.0
+"""Seconds an idle stream waits for a wake-up before looking for work by itself."""
 DATABASE_ERRORS = (DBAPIError, OSError)
 """What a lost or refused database connection raises through SQLAlchemy and asyncpg."""
 MAX_CAPABILITIES = 100
@@ -293,8 +295,11 @@ class AgentSession:
                     )
                 if len(claimed) == limit:
                     continue  # credit used up, or more work may be waiting: look again
+            # Idle streams do not poll the database each: the replica looks once per
+            # poll_interval for claimable work and wakes as many streams as it found
+            # tasks (Dispatcher.poll_queues). The long timeout is only a safety net.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), poll)
+                await asyncio.wait_for(self._wake.wait(), IDLE_RECHECK * random.uniform(0.8, 1.2))
 
     async def _read(self, requests: AsyncIterator[agent_pb2.AgentMessage]) -> None:
         try:

@@ -46,7 +46,9 @@ class Database:
                 pool_size=pool_size,
                 max_overflow=pool_size,
                 pool_timeout=pool_timeout,
-                pool_pre_ping=True,
+                # No pre-ping (a round trip per transaction): a connection found dead
+                # fails one transaction, its callers retry, and the pool replaces it.
+                pool_recycle=3600,
             )
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.dialect == "sqlite":

@@ -531,6 +531,21 @@ async def cancel_requested(
     return [(t, a, s or "", e) for t, a, s, e in rows]
 
 
+async def claimable(session: AsyncSession, pools: set[str]) -> list[tuple[str, str, int]]:
+    """(pool, kind, count) of queued tasks that may be claimed now, in ``pools``."""
+    now = utcnow()
+    rows = await session.execute(
+        select(Task.pool, Task.kind, func.count())
+        .where(
+            Task.state == QUEUED,
+            Task.pool.in_(pools),
+            or_(Task.not_before.is_(None), Task.not_before <= now),
+        )
+        .group_by(Task.pool, Task.kind)
+    )
+    return [(pool, kind, count) for pool, kind, count in rows]
+
+
 async def queue_stats(session: AsyncSession) -> list[tuple[str, int, datetime | None]]:
     """(pool, queued count, oldest queued_at) for the metrics gauges."""
     rows = await session.execute(
