@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from google.protobuf.message import DecodeError
 
-from agent._files import TMP_SUFFIX, ensure_private_dir, remove_durably, write_atomic
+from muster.files import TMP_SUFFIX, ensure_private_dir, remove_durably, write_atomic
 from muster.v1 import agent_pb2
 
 log = logging.getLogger(__name__)

@@ -25,14 +25,14 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent import keys
-from agent._files import (
+from muster.errors import ConfigError
+from muster.files import (
     PRIVATE_FILE_MODE,
     PUBLIC_FILE_MODE,
     ensure_private_dir,
     fsync_dir,
     write_atomic,
 )
-from muster.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

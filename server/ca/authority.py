@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from muster.errors import MusterError
+from muster.files import PUBLIC_FILE_MODE, ensure_private_dir, write_atomic
 from muster.spiffe import SpiffeId
-from server.ca._files import PUBLIC_FILE_MODE, ensure_private_dir, write_atomic
 from server.ca.csr import public_key_fingerprint
 from server.ca.signer import (
     KEY_TYPES,

@@ -9,7 +9,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from server.ca._files import PRIVATE_FILE_MODE, PUBLIC_FILE_MODE, write_atomic
+from muster.files import PRIVATE_FILE_MODE, PUBLIC_FILE_MODE, write_atomic
 
 KEY_TYPES = ("ec-p256", "ec-p384", "ed25519")
 """Key types Muster generates for its own CA and server keys."""

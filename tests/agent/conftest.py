@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from agent._files import PRIVATE_FILE_MODE, write_atomic
 from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.executors import ExecutionResult, ExecutorRegistry, TaskContext
 from agent.executors.builtin import EchoExecutor, SleepExecutor
 from agent.state import Identity, StateDir
+from muster.files import PRIVATE_FILE_MODE, write_atomic
 from tests.agent.peer import ScriptedAgentService, serve
 from tests.testca import TestCA
 

@@ -9,9 +9,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent import keys
-from agent._files import write_atomic
 from agent.state import Identity, StateDir
 from muster.errors import ConfigError
+from muster.files import write_atomic
 from tests.agent.conftest import AGENT_ID, seed_state
 from tests.testca import TestCA
 

@@ -1,4 +1,6 @@
-"""Crash-safe file writes for the state dir: readers see the old file or the new, never half."""
+"""Crash-safe file writes shared by the server (CA material) and the agent (its state dir):
+a reader sees the old file or the new one, never half of one, and a key never exists with
+looser permissions than asked for."""
 
 from __future__ import annotations
 
@@ -30,12 +32,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, *, mode: int = PRIVATE_FILE_MODE) -> None:
-    """Replace ``path`` with ``data`` durably, with ``mode`` from the first byte on.
+def write_atomic(
+    path: Path, data: bytes, *, mode: int = PRIVATE_FILE_MODE, overwrite: bool = True
+) -> None:
+    """Write ``path`` with ``data`` durably, with ``mode`` from the first byte on.
 
     The bytes go to a fresh temporary file beside the target (O_EXCL, created
-    with ``mode``, so a key never exists with looser permissions), are fsynced,
-    renamed over the target, and the directory is fsynced.
+    with ``mode``), are fsynced, then put in place and the directory is fsynced:
+    ``os.replace`` swaps an existing file; with ``overwrite=False`` ``os.link``
+    refuses to, raising FileExistsError.
     """
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TMP_SUFFIX}")
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -49,7 +54,10 @@ def write_atomic(path: Path, data: bytes, *, mode: int = PRIVATE_FILE_MODE) -> N
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
