@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime
-from types import TracebackType
-
-import grpc.aio
 
 from muster import _requests
+from muster._base import AsyncClientBase, SyncClientBase
 from muster._convert import (
     Seconds,
     agent_from_proto,
@@ -20,36 +18,14 @@ from muster._convert import (
     audit_event_from_proto,
     bootstrap_token_from_proto,
 )
-from muster._transport import AsyncTransport, SyncTransport
 from muster._types import Agent, ApiToken, AuditEvent, BootstrapToken, Role
-from muster.config import ClientConfig
 from muster.v1 import admin_pb2, admin_pb2_grpc
 
 
-class AdminClient:
+class AdminClient(SyncClientBase[admin_pb2_grpc.AdminServiceStub]):
     """Blocking admin client; use ``with`` or call :meth:`close`."""
 
-    def __init__(self, config: ClientConfig | None = None) -> None:
-        self.config = config if config is not None else ClientConfig.from_env()
-        self._transport = SyncTransport(self.config)
-        self._stub = admin_pb2_grpc.AdminServiceStub(self._transport.channel)
-
-    def __repr__(self) -> str:
-        return f"AdminClient(address={self.config.address!r})"
-
-    def __enter__(self) -> AdminClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._transport.close()
+    _new_stub = admin_pb2_grpc.AdminServiceStub
 
     def create_bootstrap_token(
         self,
@@ -130,39 +106,10 @@ class AdminClient:
         return [audit_event_from_proto(e) for e in response.events]
 
 
-class AsyncAdminClient:
+class AsyncAdminClient(AsyncClientBase["admin_pb2_grpc.AdminServiceAsyncStub"]):
     """Asyncio admin client; the same API as :class:`AdminClient`, awaited."""
 
-    def __init__(self, config: ClientConfig | None = None) -> None:
-        self.config = config if config is not None else ClientConfig.from_env()
-        self._transport = AsyncTransport(self.config)
-        self._stub_channel: grpc.aio.Channel | None = None
-        self._stub_cache: admin_pb2_grpc.AdminServiceAsyncStub | None = None
-
-    def __repr__(self) -> str:
-        return f"AsyncAdminClient(address={self.config.address!r})"
-
-    @property
-    def _stub(self) -> admin_pb2_grpc.AdminServiceAsyncStub:
-        channel = self._transport.channel
-        if self._stub_cache is None or self._stub_channel is not channel:
-            self._stub_cache = admin_pb2_grpc.AdminServiceStub(channel)
-            self._stub_channel = channel
-        return self._stub_cache
-
-    async def __aenter__(self) -> AsyncAdminClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        await self._transport.close()
+    _new_stub = admin_pb2_grpc.AdminServiceStub
 
     async def create_bootstrap_token(
         self,

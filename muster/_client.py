@@ -7,61 +7,29 @@ import builtins
 import logging
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from datetime import datetime
-from types import TracebackType
 
 import grpc
 import grpc.aio
 
 from muster import _requests
+from muster._base import AsyncClientBase
 from muster._convert import Payload, Seconds, task_from_proto
 from muster._errors_map import translate
-from muster._transport import AsyncTransport
 from muster._types import Task, TaskState
 from muster._wait import Waiter
-from muster.config import ClientConfig
 from muster.v1 import task_pb2, task_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
 
-class AsyncClient:
+class AsyncClient(AsyncClientBase["task_pb2_grpc.TaskServiceAsyncStub"]):
     """Asyncio client for ``TaskService``; use ``async with`` or call :meth:`close`.
 
     With no config, settings come from :meth:`ClientConfig.from_env`. The channel is
     opened on first use, so the client may be built outside the event loop.
     """
 
-    def __init__(self, config: ClientConfig | None = None) -> None:
-        self.config = config if config is not None else ClientConfig.from_env()
-        self._transport = AsyncTransport(self.config)
-        self._stub_channel: grpc.aio.Channel | None = None
-        self._stub_cache: task_pb2_grpc.TaskServiceAsyncStub | None = None
-
-    def __repr__(self) -> str:
-        return f"AsyncClient(address={self.config.address!r})"
-
-    @property
-    def _stub(self) -> task_pb2_grpc.TaskServiceAsyncStub:
-        channel = self._transport.channel
-        if self._stub_cache is None or self._stub_channel is not channel:
-            self._stub_cache = task_pb2_grpc.TaskServiceStub(channel)
-            self._stub_channel = channel
-        return self._stub_cache
-
-    async def __aenter__(self) -> AsyncClient:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    async def close(self) -> None:
-        """Close the channel; in-flight calls are cancelled."""
-        await self._transport.close()
+    _new_stub = task_pb2_grpc.TaskServiceStub
 
     async def submit(
         self,

@@ -7,51 +7,28 @@ import logging
 import time
 from collections.abc import Generator, Iterable, Mapping
 from datetime import datetime
-from types import TracebackType
 
 import grpc
 
 from muster import _requests
+from muster._base import SyncClientBase
 from muster._convert import Payload, Seconds, task_from_proto
 from muster._errors_map import translate
-from muster._transport import SyncTransport
 from muster._types import Task, TaskState
 from muster._wait import Waiter
-from muster.config import ClientConfig
 from muster.v1 import task_pb2, task_pb2_grpc
 
 logger = logging.getLogger(__name__)
 
 
-class Client:
+class Client(SyncClientBase[task_pb2_grpc.TaskServiceStub]):
     """Blocking client for ``TaskService``; use ``with`` or call :meth:`close`.
 
     The same API as :class:`AsyncClient`. With no config, settings come from
     :meth:`ClientConfig.from_env`.
     """
 
-    def __init__(self, config: ClientConfig | None = None) -> None:
-        self.config = config if config is not None else ClientConfig.from_env()
-        self._transport = SyncTransport(self.config)
-        self._stub = task_pb2_grpc.TaskServiceStub(self._transport.channel)
-
-    def __repr__(self) -> str:
-        return f"Client(address={self.config.address!r})"
-
-    def __enter__(self) -> Client:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Close the channel; in-flight calls are cancelled."""
-        self._transport.close()
+    _new_stub = task_pb2_grpc.TaskServiceStub
 
     def submit(
         self,
