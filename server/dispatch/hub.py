@@ -42,6 +42,8 @@ class Hub:
         self._watchers: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._idle = asyncio.Event()
         self._idle.set()
+        self.closing = False
+        """Set when the replica drains: new streams would only be cut again, so they are refused."""
 
     # Streams
 
@@ -140,6 +142,8 @@ class Hub:
         return True
 
     def drain_all(self, reason: str) -> None:
+        """Drain every stream, and refuse new ones from now on (the server is stopping)."""
+        self.closing = True
         for stream in list(self._streams.values()):
             stream.drain(reason)
 

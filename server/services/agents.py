@@ -38,6 +38,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         request_iterator: AsyncIterator[agent_pb2.AgentMessage],
         context: grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.ServerMessage],
     ) -> None:
+        if self._dispatcher.hub.closing:
+            # Sent to another replica, or back here after a restart, the agent loses nothing.
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "server is shutting down; reconnect")
         identity = current_agent.get()
         session = AgentSession(
             self._dispatcher,

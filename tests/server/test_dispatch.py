@@ -250,3 +250,15 @@ async def test_a_silent_stream_is_closed_and_its_work_requeued(
     assert await asyncio.wait_for(agent.status(), 10) == grpc.StatusCode.DEADLINE_EXCEEDED
     assert (await client.get(task.task_id)).attempt == 2
     await agent.close()
+
+
+async def test_a_draining_server_refuses_new_streams(
+    enroller: Enroller, server: ServerHandle
+) -> None:
+    enrolled = await enroller.enroll("late-comer")
+    server.hub.drain_all("test: stopping")
+    agent = SimAgent.of(enrolled)
+    with pytest.raises((grpc.aio.AioRpcError, EOFError)):
+        await agent.hello()
+    assert await agent.status() == grpc.StatusCode.UNAVAILABLE
+    await agent.close()
