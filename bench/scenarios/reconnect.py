@@ -33,8 +33,8 @@ async def run(ctx: Context) -> ScenarioResult:
     )
     if not ctx.quick:
         result.notes.append(
-            "Scaled down from 1,000 agents: idle agents poll Postgres once a second each "
-            "(see idle), and 1,000 of them saturate this server before any restart."
+            "Scaled down from 1,000 agents to keep a full run short (first cut while idle "
+            "agents still polled Postgres each second; see idle and the analysis)."
         )
     muster: list[float] = []
     raw_times: list[float] = []
