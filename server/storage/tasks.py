@@ -110,6 +110,24 @@ async def list_tasks(
     return list((await session.execute(query)).scalars())
 
 
+def _ready(now: datetime) -> Any:
+    """A queued task may be claimed now: it has no retry backoff left to wait out."""
+    return or_(Task.not_before.is_(None), Task.not_before <= now)
+
+
+def _assignment(
+    agent_id: str, session_id: str, accept_by: datetime, now: datetime
+) -> dict[str, Any]:
+    """The columns a claim sets: who holds the attempt, and until when it must be Accepted."""
+    return {
+        "state": ASSIGNED,
+        "agent_id": agent_id,
+        "session_id": session_id,
+        "lease_expires_at": accept_by,
+        "updated_at": now,
+    }
+
+
 async def claim(
     session: AsyncSession,
     *,
@@ -146,7 +164,7 @@ async def claim(
             Task.state == QUEUED,
             Task.pool == pool,
             Task.kind.in_(kinds),
-            or_(Task.not_before.is_(None), Task.not_before <= now),
+            _ready(now),
         )
         .order_by(Task.priority.desc(), Task.queued_at, Task.task_id)
         .limit(CLAIM_SCAN)
@@ -160,13 +178,7 @@ async def claim(
         result = await session.execute(
             update(Task)
             .where(Task.task_id == task_id, Task.state == QUEUED, Task.attempt == attempt)
-            .values(
-                state=ASSIGNED,
-                agent_id=agent_id,
-                session_id=session_id,
-                lease_expires_at=now + accept_timeout,
-                updated_at=now,
-            )
+            .values(_assignment(agent_id, session_id, now + accept_timeout, now))
         )
         if _rowcount(result) == 1:
             claimed.append(task_id)
@@ -197,7 +209,7 @@ async def _claim_skip_locked(
             Task.state == QUEUED,
             Task.pool == pool,
             Task.kind.in_(kinds),
-            or_(Task.not_before.is_(None), Task.not_before <= now),
+            _ready(now),
             # The selector is satisfied when the agent's labels contain all of it.
             cast(Task.selector, JSONB).contained_by(literal(labels, JSONB)),
         )
@@ -208,13 +220,7 @@ async def _claim_skip_locked(
     result = await session.execute(
         update(Task)
         .where(Task.task_id.in_(picked.scalar_subquery()))
-        .values(
-            state=ASSIGNED,
-            agent_id=agent_id,
-            session_id=session_id,
-            lease_expires_at=now + accept_timeout,
-            updated_at=now,
-        )
+        .values(_assignment(agent_id, session_id, now + accept_timeout, now))
         .returning(Task)
         .execution_options(synchronize_session=False)
     )
@@ -539,7 +545,7 @@ async def claimable(session: AsyncSession, pools: set[str]) -> list[tuple[str, s
         .where(
             Task.state == QUEUED,
             Task.pool.in_(pools),
-            or_(Task.not_before.is_(None), Task.not_before <= now),
+            _ready(now),
         )
         .group_by(Task.pool, Task.kind)
     )
