@@ -314,9 +314,11 @@ class Agent:
             welcomed_at = session.welcomed_at
             lived = 0.0 if welcomed_at is None else asyncio.get_running_loop().time() - welcomed_at
             if outcome is SessionEnd.DRAINED or lived >= STABLE_STREAM:
-                # Only a stream that stayed up resets the backoff: a server that welcomes
-                # and then drops us at once must not be hammered every 0.2 s.
-                self._backoff.reset()
+                # The replica let us go (a drain, a restart, a broken healthy stream): it
+                # or another is back within seconds, so retry at a steady jittered pace
+                # for a while before backing off. Only a stream that stayed up counts: a
+                # server that welcomes and then drops us at once gets the growing backoff.
+                self._backoff.reset(steady=True)
             if isinstance(outcome, SessionEnd):
                 delay = self._backoff.next_delay()
                 log.info("stream to %s ended (%s); reconnecting", session.target, outcome.value)

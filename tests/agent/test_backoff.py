@@ -50,3 +50,42 @@ def test_a_very_long_outage_does_not_overflow() -> None:
 def test_nonsense_bounds_are_refused(initial: float, maximum: float) -> None:
     with pytest.raises(ValueError):
         Backoff(initial, maximum)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_after_a_drain_retries_stay_steady_then_grow() -> None:
+    clock = FakeClock()
+    backoff = Backoff(0.2, 30.0, rand=lambda low, high: high, clock=clock)
+    for _ in range(8):
+        backoff.next_delay()
+    backoff.reset(steady=True)
+    # A replica restarting: the fleet keeps retrying within one jittered second...
+    for _ in range(38):  # 15 s
+        assert backoff.next_delay() == pytest.approx(1.0)
+        clock.now += 0.4
+    # ...and once it has been gone for longer, the window grows to the cap as before.
+    assert not backoff.steady
+    delays = [backoff.next_delay() for _ in range(12)]
+    assert delays[:3] == pytest.approx([0.2, 0.4, 0.8])
+    assert delays[-1] == 30.0
+
+
+def test_steady_delays_are_jittered_and_never_beyond_the_cap() -> None:
+    backoff = Backoff(0.05, 0.2)
+    backoff.reset(steady=True)
+    delays = [backoff.next_delay() for _ in range(50)]
+    assert all(0.0 <= d <= 0.2 for d in delays)
+    assert len(set(delays)) > 1
+
+
+def test_a_plain_reset_is_not_steady() -> None:
+    backoff = Backoff(0.2, 30.0, rand=lambda low, high: high)
+    backoff.reset()
+    assert [backoff.next_delay() for _ in range(3)] == pytest.approx([0.2, 0.4, 0.8])
