@@ -8,6 +8,7 @@ import logging
 import secrets
 from collections.abc import Sequence
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 import grpc
@@ -76,8 +77,12 @@ class Dispatcher:
             "updated_at": now,
             "queued_at": now,
         }
-        async with self.db.transaction() as session:
-            task, created = await task_store.insert_task(session, values)
+        if values.get("idempotency_key"):
+            async with self.db.transaction() as session:
+                task, created = await task_store.insert_task(session, values)
+        else:
+            await self.db.group.run_many("insert", task_store.insert_many, values)
+            task, created = Task(**values), True
         if created:
             self.metrics.tasks_submitted.inc()
             self.fanout.wake_pool(task.pool)
@@ -127,10 +132,10 @@ class Dispatcher:
         labels: dict[str, str],
         kinds: Sequence[str],
         limit: int,
-    ) -> list[Task]:
-        async with self.db.transaction() as session:
-            claimed = await task_store.claim(
-                session,
+    ) -> list[task_store.Claimed]:
+        claimed = await self.db.batched(
+            partial(
+                task_store.claim,
                 pool=pool,
                 labels=labels,
                 kinds=kinds,
@@ -139,6 +144,7 @@ class Dispatcher:
                 limit=limit,
                 accept_timeout=self.config.accept_timeout,
             )
+        )
         claimed = await self._admit(claimed, session_id)
         now = utcnow()
         for task in claimed:
@@ -156,10 +162,12 @@ class Dispatcher:
             )
         return claimed
 
-    async def _admit(self, claimed: list[Task], session_id: str) -> list[Task]:
+    async def _admit(
+        self, claimed: list[task_store.Claimed], session_id: str
+    ) -> list[task_store.Claimed]:
         """Keep the claimed attempts whose tenant and pool have a free slot; give back the rest."""
-        admitted: list[Task] = []
-        refused: list[Task] = []
+        admitted: list[task_store.Claimed] = []
+        refused: list[task_store.Claimed] = []
         for task in claimed:
             holder = f"{task.task_id}:{task.attempt}"
             ok = await self.inflight.admit(task.owner, task.pool, holder)
@@ -183,20 +191,25 @@ class Dispatcher:
             await self.inflight.renew(held)
 
     async def accept(self, task_id: str, attempt: int, session_id: str) -> bool:
-        async with self.db.transaction() as session:
-            ok = await task_store.accept(
-                session, task_id, attempt, session_id, self.config.lease_duration
-            )
+        ok = await self.db.group.run_many(
+            "accept",
+            partial(task_store.accept_many, lease=self.config.lease_duration),
+            task_store.Acceptance(task_id, attempt, session_id),
+        )
         if ok:
             self.fanout.task_changed(task_id)
         return ok
 
     async def heartbeat(self, session_id: str, attempts: Sequence[tuple[str, int]]) -> None:
         if attempts:
-            async with self.db.transaction() as session:
-                await task_store.renew_leases(
-                    session, session_id, attempts, self.config.lease_duration
+            await self.db.batched(
+                partial(
+                    task_store.renew_leases,
+                    session_id=session_id,
+                    attempts=attempts,
+                    lease=self.config.lease_duration,
                 )
+            )
 
     async def adopt(
         self, agent_id: str, session_id: str, attempts: Sequence[tuple[str, int]]
@@ -217,25 +230,36 @@ class Dispatcher:
             outcome, output = agent_pb2.OUTCOME_FAILED, b""
             cap = self.config.max_payload_bytes
             error = f"output of {len(result.output)} bytes exceeds the {cap}-byte cap"
-        async with self.db.transaction() as session:
-            task = await task_store.get(session, result.task_id)
-            if task is None:
-                return agent_pb2.ACK_STATUS_STALE
-            new_state = await self._end_attempt(
-                session, task, agent_id, result, outcome, output, error, usage
+        if outcome == agent_pb2.OUTCOME_SUCCEEDED or (
+            outcome == agent_pb2.OUTCOME_FAILED and not result.retryable
+        ):
+            # The common end: one multi-row UPDATE, in a shared transaction.
+            ended: tuple[str, task_store.Finished] | agent_pb2.AckStatus
+            state = (
+                task_store.SUCCEEDED
+                if outcome == agent_pb2.OUTCOME_SUCCEEDED
+                else task_store.FAILED
             )
-            if new_state is None:
-                current = task.attempt == result.attempt and task.agent_id == agent_id
-                if current and task.state in task_store.TERMINAL:
-                    return agent_pb2.ACK_STATUS_DUPLICATE
-                return agent_pb2.ACK_STATUS_STALE
-            held_since = task.started_at
-        await self.inflight.release(task.owner, task.pool, f"{task.task_id}:{result.attempt}")
+            end = task_store.Ending(
+                result.task_id, result.attempt, agent_id, state, output, error, usage
+            )
+            answer = await self.db.group.run_many("finish", task_store.finish_many, end)
+            if isinstance(answer, tuple):
+                ended = answer
+            else:
+                ended = _unrecorded(result.attempt, agent_id, answer)
+        else:
+            ended = await self._end_otherwise(agent_id, result, outcome, output, error, usage)
+        if not isinstance(ended, tuple):
+            return ended
+        new_state, task = ended
+        holder = f"{result.task_id}:{result.attempt}"
+        await self.inflight.release(task.owner, task.pool, holder)
         if new_state in task_store.TERMINAL:
             self.metrics.tasks_finished.labels(outcome=new_state.lower()).inc()
-            if held_since is not None:
+            if task.started_at is not None:
                 self.metrics.task_run_seconds.labels(pool=task.pool, kind=task.kind).observe(
-                    (utcnow() - held_since).total_seconds()
+                    (utcnow() - task.started_at).total_seconds()
                 )
         else:
             self.fanout.wake_pool(task.pool)
@@ -243,58 +267,61 @@ class Dispatcher:
             self.metrics.llm_tokens.labels(kind="input").inc(usage[0])
             self.metrics.llm_tokens.labels(kind="output").inc(usage[1])
             self.metrics.llm_spend_micros.inc(usage[2])
-        self.fanout.task_changed(task.task_id)
+        self.fanout.task_changed(result.task_id)
         await self.audit.submit(
             AuditRecord(
                 actor=f"agent:{agent_id}",
                 action="task.finish",
-                target=task.task_id,
+                target=result.task_id,
                 outcome="ok" if new_state == task_store.SUCCEEDED else "error",
                 details={"attempt": result.attempt, "state": new_state},
             )
         )
         return agent_pb2.ACK_STATUS_RECORDED
 
-    async def _end_attempt(
+    async def _end_otherwise(
         self,
-        session: Any,
-        task: Task,
         agent_id: str,
         result: agent_pb2.Result,
         outcome: int,
         output: bytes,
         error: str,
         usage: tuple[int, int, int],
-    ) -> str | None:
-        if outcome == agent_pb2.OUTCOME_SUCCEEDED:
-            state = task_store.SUCCEEDED
-        elif outcome == agent_pb2.OUTCOME_CANCELLED and task.cancel_requested:
-            state = task_store.CANCELLED
-        elif outcome == agent_pb2.OUTCOME_FAILED and not result.retryable:
-            state = task_store.FAILED
-        else:
-            reason = error or (
-                "cancelled by the agent" if outcome == agent_pb2.OUTCOME_CANCELLED else "failed"
-            )
-            return await task_store.retry_or_fail(
-                session,
-                task_id=task.task_id,
-                attempt=result.attempt,
-                error=reason,
-                backoff=retry_backoff(result.attempt),
-                extra_where=[Task.agent_id == agent_id],
-            )
-        ok = await task_store.finish(
-            session,
-            task_id=task.task_id,
-            attempt=result.attempt,
-            agent_id=agent_id,
-            state=state,
-            output=output,
-            error=error if state != task_store.CANCELLED else (task.error or error),
-            usage=usage,
-        )
-        return state if ok else None
+    ) -> tuple[str, task_store.Finished] | agent_pb2.AckStatus:
+        """A cancelled or retryable end: what happens depends on the task's row."""
+        async with self.db.transaction() as session:
+            task = await task_store.get(session, result.task_id)
+            if task is None:
+                return agent_pb2.ACK_STATUS_STALE
+            new_state: str | None
+            if outcome == agent_pb2.OUTCOME_CANCELLED and task.cancel_requested:
+                finished = await task_store.finish(
+                    await session.connection(),
+                    task_id=task.task_id,
+                    attempt=result.attempt,
+                    agent_id=agent_id,
+                    state=task_store.CANCELLED,
+                    output=output,
+                    error=task.error or error,
+                    usage=usage,
+                )
+                new_state = task_store.CANCELLED if finished else None
+            else:
+                reason = error or (
+                    "cancelled by the agent" if outcome == agent_pb2.OUTCOME_CANCELLED else "failed"
+                )
+                new_state = await task_store.retry_or_fail(
+                    session,
+                    task_id=task.task_id,
+                    attempt=result.attempt,
+                    error=reason,
+                    backoff=retry_backoff(result.attempt),
+                    extra_where=[Task.agent_id == agent_id],
+                )
+            if new_state is None:
+                current = task_store.Current(task.attempt, task.agent_id, task.state)
+                return _unrecorded(result.attempt, agent_id, current)
+            return new_state, task_store.Finished(task.owner, task.pool, task.kind, task.started_at)
 
     async def release_session(self, session_id: str, reason: str) -> None:
         """A stream ended: every attempt it still holds goes back to the queue (or ends)."""
@@ -425,3 +452,16 @@ class Dispatcher:
                 for pool, count, oldest in stats
             }
         )
+
+
+def _unrecorded(
+    attempt: int, agent_id: str, current: task_store.Current | None
+) -> agent_pb2.AckStatus:
+    """DUPLICATE when this agent's attempt already ended (a resent Result), else STALE."""
+    if (
+        current is not None
+        and (current.attempt, current.agent_id) == (attempt, agent_id)
+        and current.state in task_store.TERMINAL
+    ):
+        return agent_pb2.ACK_STATUS_DUPLICATE
+    return agent_pb2.ACK_STATUS_STALE

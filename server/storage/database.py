@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
@@ -16,6 +16,10 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from server.storage.batch import GroupCommit, Work
+
+T = TypeVar("T")
+
 CHAIN_KEY = "audit_chain"
 """``AsyncSession.info`` key naming the audit chain this process appends to."""
 
@@ -23,7 +27,8 @@ log = logging.getLogger(__name__)
 
 
 class Database:
-    """Owns the engine. ``transaction()`` is the one way services touch the database."""
+    """Owns the engine. Services touch the database through ``transaction()`` (an ORM
+    session) or, for the small writes of the task hot path, ``batched()``."""
 
     def __init__(
         self,
@@ -57,6 +62,7 @@ class Database:
             self.engine, expire_on_commit=False, info={CHAIN_KEY: audit_chain}
         )
         self.audit_chain = audit_chain
+        self.group = GroupCommit(self.engine)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
@@ -64,7 +70,13 @@ class Database:
         async with self._sessions() as session, session.begin():
             yield session
 
+    async def batched(self, work: Work[T]) -> T:
+        """Run ``work`` (Core statements on the connection it is given) in a transaction
+        shared with whatever other small writes arrive meanwhile; see storage/batch.py."""
+        return await self.group.run(work)
+
     async def close(self) -> None:
+        await self.group.close()
         await self.engine.dispose()
 
 

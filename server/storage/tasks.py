@@ -8,13 +8,25 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, cast, func, literal, or_, select, update
+from sqlalchemy import (
+    Table,
+    and_,
+    bindparam,
+    cast,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from server.storage.models import Task
-from server.storage.types import utcnow
+from server.storage.types import UTCDateTime, utcnow
 
 QUEUED = "QUEUED"
 ASSIGNED = "ASSIGNED"
@@ -49,6 +61,40 @@ class Held:
 
 HELD_COLUMNS = (Task.task_id, Task.attempt, Task.agent_id, Task.session_id, Task.pool, Task.owner)
 
+TASKS: Table = Task.__table__  # type: ignore[assignment]
+"""The hot path (insert, claim, accept, heartbeat, finish) runs Core statements on this
+table in shared transactions (server/storage/batch.py): no ORM objects, no session."""
+_c = TASKS.c
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """A queued attempt a claim handed to one stream: what its Assignment carries."""
+
+    task_id: str
+    attempt: int
+    kind: str
+    payload: bytes
+    pool: str
+    owner: str
+    priority: int
+    queued_at: datetime
+    start_to_close_timeout: float | None
+    deadline: datetime | None
+
+
+CLAIMED_COLUMNS = tuple(_c[name] for name in Claimed.__slots__)
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """An attempt a Result ended, as its row says after the change."""
+
+    owner: str
+    pool: str
+    kind: str
+    started_at: datetime | None
+
 
 async def insert_task(session: AsyncSession, values: dict[str, Any]) -> tuple[Task, bool]:
     """Insert a task; with an idempotency key already used by this owner, return that task."""
@@ -68,6 +114,13 @@ async def insert_task(session: AsyncSession, values: dict[str, Any]) -> tuple[Ta
             raise
         return existing, False
     return task, True
+
+
+async def insert_many(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> list[None]:
+    """Insert tasks that have no idempotency key (nothing to look up first), in one
+    statement; every row must have the same columns."""
+    await conn.execute(insert(TASKS), list(rows))
+    return [None] * len(rows)
 
 
 async def _by_idempotency_key(session: AsyncSession, owner: str, key: str) -> Task | None:
@@ -112,7 +165,7 @@ async def list_tasks(
 
 def _ready(now: datetime) -> Any:
     """A queued task may be claimed now: it has no retry backoff left to wait out."""
-    return or_(Task.not_before.is_(None), Task.not_before <= now)
+    return or_(_c.not_before.is_(None), _c.not_before <= now)
 
 
 def _assignment(
@@ -129,7 +182,7 @@ def _assignment(
 
 
 async def claim(
-    session: AsyncSession,
+    conn: AsyncConnection,
     *,
     pool: str,
     labels: dict[str, str],
@@ -138,7 +191,7 @@ async def claim(
     session_id: str,
     limit: int,
     accept_timeout: timedelta,
-) -> list[Task]:
+) -> list[Claimed]:
     """Move up to ``limit`` matching QUEUED tasks to ASSIGNED for this stream.
 
     Highest priority first, then the longest-waiting. On Postgres one statement picks
@@ -146,87 +199,56 @@ async def claim(
     never take the same row). Elsewhere a compare-and-set on ``(state, attempt)`` per
     candidate makes the claim safe against every other claimer.
     """
-    if session.bind.dialect.name == "postgresql":
-        return await _claim_skip_locked(
-            session,
-            pool=pool,
-            labels=labels,
-            kinds=kinds,
-            agent_id=agent_id,
-            session_id=session_id,
-            limit=limit,
-            accept_timeout=accept_timeout,
-        )
     now = utcnow()
-    candidates = await session.execute(
-        select(Task.task_id, Task.attempt, Task.selector)
-        .where(
-            Task.state == QUEUED,
-            Task.pool == pool,
-            Task.kind.in_(kinds),
-            _ready(now),
+    assignment = _assignment(agent_id, session_id, now + accept_timeout, now)
+    if conn.dialect.name == "postgresql":
+        picked = (
+            select(_c.task_id)
+            .where(
+                _c.state == QUEUED,
+                _c.pool == pool,
+                _c.kind.in_(kinds),
+                _ready(now),
+                # The selector is satisfied when the agent's labels contain all of it.
+                cast(_c.selector, JSONB).contained_by(literal(labels, JSONB)),
+            )
+            .order_by(_c.priority.desc(), _c.queued_at, _c.task_id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
         )
-        .order_by(Task.priority.desc(), Task.queued_at, Task.task_id)
+        result = await conn.execute(
+            update(TASKS)
+            .where(_c.task_id.in_(picked.scalar_subquery()))
+            .values(assignment)
+            .returning(*CLAIMED_COLUMNS)
+        )
+        claimed = [Claimed(*row) for row in result]
+        claimed.sort(key=lambda t: (-t.priority, t.queued_at, t.task_id))
+        return claimed
+    candidates = await conn.execute(
+        select(_c.task_id, _c.attempt, _c.selector)
+        .where(_c.state == QUEUED, _c.pool == pool, _c.kind.in_(kinds), _ready(now))
+        .order_by(_c.priority.desc(), _c.queued_at, _c.task_id)
         .limit(CLAIM_SCAN)
     )
-    claimed: list[str] = []
-    for task_id, attempt, selector in candidates:
-        if len(claimed) >= limit:
+    taken: list[str] = []
+    for task_id, attempt, selector in candidates.all():
+        if len(taken) >= limit:
             break
         if any(labels.get(k) != v for k, v in (selector or {}).items()):
             continue
-        result = await session.execute(
-            update(Task)
-            .where(Task.task_id == task_id, Task.state == QUEUED, Task.attempt == attempt)
-            .values(_assignment(agent_id, session_id, now + accept_timeout, now))
+        result = await conn.execute(
+            update(TASKS)
+            .where(_c.task_id == task_id, _c.state == QUEUED, _c.attempt == attempt)
+            .values(assignment)
         )
         if _rowcount(result) == 1:
-            claimed.append(task_id)
-    if not claimed:
+            taken.append(task_id)
+    if not taken:
         return []
-    rows = await session.execute(
-        select(Task).where(Task.task_id.in_(claimed)).execution_options(populate_existing=True)
-    )
-    by_id = {t.task_id: t for t in rows.scalars()}
-    return [by_id[t] for t in claimed]
-
-
-async def _claim_skip_locked(
-    session: AsyncSession,
-    *,
-    pool: str,
-    labels: dict[str, str],
-    kinds: Sequence[str],
-    agent_id: str,
-    session_id: str,
-    limit: int,
-    accept_timeout: timedelta,
-) -> list[Task]:
-    now = utcnow()
-    picked = (
-        select(Task.task_id)
-        .where(
-            Task.state == QUEUED,
-            Task.pool == pool,
-            Task.kind.in_(kinds),
-            _ready(now),
-            # The selector is satisfied when the agent's labels contain all of it.
-            cast(Task.selector, JSONB).contained_by(literal(labels, JSONB)),
-        )
-        .order_by(Task.priority.desc(), Task.queued_at, Task.task_id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
-    result = await session.execute(
-        update(Task)
-        .where(Task.task_id.in_(picked.scalar_subquery()))
-        .values(_assignment(agent_id, session_id, now + accept_timeout, now))
-        .returning(Task)
-        .execution_options(synchronize_session=False)
-    )
-    claimed = list(result.scalars())
-    claimed.sort(key=lambda t: (-t.priority, t.queued_at, t.task_id))
-    return claimed
+    rows = await conn.execute(select(*CLAIMED_COLUMNS).where(_c.task_id.in_(taken)))
+    by_id = {row.task_id: Claimed(*row) for row in rows}
+    return [by_id[t] for t in taken]
 
 
 async def unclaim(
@@ -269,34 +291,74 @@ async def held_by_sessions(session: AsyncSession, session_ids: set[str]) -> list
 
 
 async def accept(
-    session: AsyncSession, task_id: str, attempt: int, session_id: str, lease: timedelta
+    conn: AsyncConnection, task_id: str, attempt: int, session_id: str, lease: timedelta
 ) -> bool:
     now = utcnow()
-    result = await session.execute(
-        update(Task)
+    result = await conn.execute(
+        update(TASKS)
         .where(
-            Task.task_id == task_id,
-            Task.attempt == attempt,
-            Task.session_id == session_id,
-            Task.state == ASSIGNED,
+            _c.task_id == task_id,
+            _c.attempt == attempt,
+            _c.session_id == session_id,
+            _c.state == ASSIGNED,
         )
         .values(state=RUNNING, started_at=now, lease_expires_at=now + lease, updated_at=now)
     )
     return _rowcount(result) == 1
 
 
+@dataclass(frozen=True, slots=True)
+class Acceptance:
+    task_id: str
+    attempt: int
+    session_id: str
+
+
+_ACCEPT_MANY = text(
+    """
+    UPDATE tasks SET state = 'RUNNING', started_at = :now, lease_expires_at = :lease,
+                     updated_at = :now
+    FROM unnest(CAST(:ids AS text[]), CAST(:attempts AS int[]), CAST(:sessions AS text[]))
+         AS v(task_id, attempt, session_id)
+    WHERE tasks.task_id = v.task_id AND tasks.attempt = v.attempt
+      AND tasks.session_id = v.session_id AND tasks.state = 'ASSIGNED'
+    RETURNING tasks.task_id, tasks.attempt
+    """
+).bindparams(bindparam("now", type_=UTCDateTime), bindparam("lease", type_=UTCDateTime))
+
+
+async def accept_many(
+    conn: AsyncConnection, items: Sequence[Acceptance], *, lease: timedelta
+) -> list[bool]:
+    """:func:`accept` for many attempts; on Postgres in one statement."""
+    if conn.dialect.name != "postgresql":
+        return [await accept(conn, a.task_id, a.attempt, a.session_id, lease) for a in items]
+    now = utcnow()
+    result = await conn.execute(
+        _ACCEPT_MANY,
+        {
+            "now": now,
+            "lease": now + lease,
+            "ids": [a.task_id for a in items],
+            "attempts": [a.attempt for a in items],
+            "sessions": [a.session_id for a in items],
+        },
+    )
+    accepted = {(task_id, attempt) for task_id, attempt in result}
+    return [(a.task_id, a.attempt) in accepted for a in items]
+
+
 async def renew_leases(
-    session: AsyncSession, session_id: str, attempts: Sequence[tuple[str, int]], lease: timedelta
+    conn: AsyncConnection, session_id: str, attempts: Sequence[tuple[str, int]], lease: timedelta
 ) -> int:
     """Extend the leases of the attempts this stream still reports; returns how many."""
     if not attempts:
         return 0
-    now = utcnow()
     ids = [task_id for task_id, _ in attempts]
-    result = await session.execute(
-        update(Task)
-        .where(Task.session_id == session_id, Task.state.in_(HELD), Task.task_id.in_(ids))
-        .values(lease_expires_at=now + lease)
+    result = await conn.execute(
+        update(TASKS)
+        .where(_c.session_id == session_id, _c.state.in_(HELD), _c.task_id.in_(ids))
+        .values(lease_expires_at=utcnow() + lease)
     )
     return _rowcount(result)
 
@@ -331,7 +393,7 @@ async def adopt(
 
 
 async def finish(
-    session: AsyncSession,
+    conn: AsyncConnection,
     *,
     task_id: str,
     attempt: int,
@@ -340,16 +402,16 @@ async def finish(
     output: bytes,
     error: str,
     usage: tuple[int, int, int],
-) -> bool:
-    """Record the end of the current attempt; False when it is not current (stale)."""
+) -> Finished | None:
+    """End the current attempt in ``state``; None when it is not current (stale)."""
     now = utcnow()
-    result = await session.execute(
-        update(Task)
+    result = await conn.execute(
+        update(TASKS)
         .where(
-            Task.task_id == task_id,
-            Task.attempt == attempt,
-            Task.agent_id == agent_id,
-            Task.state.in_(HELD),
+            _c.task_id == task_id,
+            _c.attempt == attempt,
+            _c.agent_id == agent_id,
+            _c.state.in_(HELD),
         )
         .values(
             state=state,
@@ -363,8 +425,109 @@ async def finish(
             output_tokens=usage[1],
             cost_micros=usage[2],
         )
+        .returning(_c.owner, _c.pool, _c.kind, _c.started_at)
     )
-    return _rowcount(result) == 1
+    row = result.first()
+    return Finished(*row) if row is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Ending:
+    """What a Result sets on the attempt it ends."""
+
+    task_id: str
+    attempt: int
+    agent_id: str
+    state: str
+    output: bytes
+    error: str
+    usage: tuple[int, int, int]
+
+
+_FINISH_MANY = text(
+    """
+    UPDATE tasks SET state = v.state, output = v.output, error = v.error,
+                     finished_at = :now, updated_at = :now, session_id = NULL,
+                     lease_expires_at = NULL, input_tokens = v.input_tokens,
+                     output_tokens = v.output_tokens, cost_micros = v.cost_micros
+    FROM unnest(CAST(:ids AS text[]), CAST(:attempts AS int[]), CAST(:agents AS text[]),
+                CAST(:states AS text[]), CAST(:outputs AS bytea[]), CAST(:errors AS text[]),
+                CAST(:input_tokens AS bigint[]), CAST(:output_tokens AS bigint[]),
+                CAST(:costs AS bigint[]))
+         AS v(task_id, attempt, agent_id, state, output, error, input_tokens, output_tokens,
+              cost_micros)
+    WHERE tasks.task_id = v.task_id AND tasks.attempt = v.attempt
+      AND tasks.agent_id = v.agent_id AND tasks.state IN ('ASSIGNED', 'RUNNING')
+    RETURNING tasks.task_id, tasks.attempt, tasks.owner, tasks.pool, tasks.kind,
+              tasks.started_at
+    """
+).bindparams(bindparam("now", type_=UTCDateTime))
+
+
+async def finish_many(
+    conn: AsyncConnection, items: Sequence[Ending]
+) -> list[tuple[str, Finished] | Current | None]:
+    """End many attempts (on Postgres in one statement). Per item: (state, Finished) when
+    it ended, else the task's current attempt to say why not (None: no such task)."""
+    if conn.dialect.name != "postgresql":
+        ended: dict[tuple[str, int], Finished] = {}
+        for e in items:
+            finished = await finish(
+                conn,
+                task_id=e.task_id,
+                attempt=e.attempt,
+                agent_id=e.agent_id,
+                state=e.state,
+                output=e.output,
+                error=e.error,
+                usage=e.usage,
+            )
+            if finished is not None:
+                ended[(e.task_id, e.attempt)] = finished
+    else:
+        now = utcnow()
+        result = await conn.execute(
+            _FINISH_MANY,
+            {
+                "now": now,
+                "ids": [e.task_id for e in items],
+                "attempts": [e.attempt for e in items],
+                "agents": [e.agent_id for e in items],
+                "states": [e.state for e in items],
+                "outputs": [e.output for e in items],
+                "errors": [e.error for e in items],
+                "input_tokens": [e.usage[0] for e in items],
+                "output_tokens": [e.usage[1] for e in items],
+                "costs": [e.usage[2] for e in items],
+            },
+        )
+        ended = {(row[0], row[1]): Finished(*row[2:]) for row in result}
+    answers: list[tuple[str, Finished] | Current | None] = []
+    for e in items:
+        # A Result handed in twice ends the attempt once: the second copy is told why not.
+        finished = ended.pop((e.task_id, e.attempt), None)
+        if finished is not None:
+            answers.append((e.state, finished))
+        else:
+            answers.append(await attempt_of(conn, e.task_id))
+    return answers
+
+
+@dataclass(frozen=True, slots=True)
+class Current:
+    """A task's current attempt, to tell a resent Result from a stale one."""
+
+    attempt: int
+    agent_id: str | None
+    state: str
+
+
+async def attempt_of(conn: AsyncConnection, task_id: str) -> Current | None:
+    result = await conn.execute(
+        select(_c.attempt, _c.agent_id, _c.state).where(_c.task_id == task_id)
+    )
+    row = result.first()
+    return Current(row[0], row[1], row[2]) if row is not None else None
 
 
 async def retry_or_fail(

@@ -1,0 +1,175 @@
+"""Group commit: the small writes of many concurrent callers share one transaction.
+
+A no-op task is a handful of one-row changes (insert, claim, accept, finish), each too
+small to be worth what every transaction costs: a pooled connection, BEGIN, COMMIT and
+its WAL flush, the driver's round trips. Callers hand their work to :class:`GroupCommit`
+instead; while one transaction runs, the work that arrives meanwhile waits and then
+goes into the next one together. An idle server pays one transaction per change, as
+before; a busy one pays one per batch, and batches grow with the load.
+
+Work of one kind can also share a statement: :meth:`GroupCommit.run_many` gathers the
+items handed in for the same key into one call of a function that changes them all
+(one multi-row UPDATE instead of one UPDATE per row).
+
+Work reads and writes only through the connection it is given and does nothing else
+that cannot be undone: when a shared transaction fails, each of its units runs again
+alone (a gathered call item by item), so one caller's error reaches only that caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import Any, Generic, TypeVar
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+T = TypeVar("T")
+I = TypeVar("I")  # noqa: E741 - an item of gathered work
+Work = Callable[[AsyncConnection], Awaitable[T]]
+ManyWork = Callable[[AsyncConnection, Sequence[I]], Awaitable[Sequence[T]]]
+"""Changes every item in one go; returns one result per item, in order."""
+
+MAX_BATCH = 256
+"""Units per transaction: bounds how long one batch holds its row locks."""
+
+log = logging.getLogger(__name__)
+
+
+class _Unit(Generic[I, T]):
+    """Items for one function, applied together, each with the future of its caller."""
+
+    __slots__ = ("futures", "items", "key", "work")
+
+    def __init__(self, work: ManyWork[I, T], key: Hashable = None) -> None:
+        self.work = work
+        self.key = key
+        self.items: list[I] = []
+        self.futures: list[asyncio.Future[T]] = []
+
+    def add(self, item: I) -> asyncio.Future[T]:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self.items.append(item)
+        self.futures.append(future)
+        return future
+
+    @property
+    def abandoned(self) -> bool:
+        return all(f.cancelled() for f in self.futures)
+
+    async def apply(self, conn: AsyncConnection) -> Sequence[T]:
+        results = await self.work(conn, self.items)
+        if len(results) != len(self.items):
+            raise RuntimeError(f"{self.work!r} returned {len(results)} results for {len(self)}")
+        return results
+
+    def split(self) -> list[_Unit[I, T]]:
+        """One unit per item, to find out whose item fails."""
+        units = []
+        for item, future in zip(self.items, self.futures, strict=True):
+            unit: _Unit[I, T] = _Unit(self.work)
+            unit.items.append(item)
+            unit.futures.append(future)
+            units.append(unit)
+        return units
+
+    def settle(self, results: Sequence[T]) -> None:
+        for future, result in zip(self.futures, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+
+    def fail(self, err: BaseException) -> None:
+        for future in self.futures:
+            if not future.done():
+                future.set_exception(err)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+class GroupCommit:
+    """Runs units of work in shared transactions, one transaction at a time."""
+
+    def __init__(self, engine: AsyncEngine, *, max_batch: int = MAX_BATCH) -> None:
+        self._engine = engine
+        self._max_batch = max_batch
+        self._pending: deque[_Unit[Any, Any]] = deque()
+        self._gathering: dict[Hashable, _Unit[Any, Any]] = {}
+        """Units of run_many still open for more items (not yet taken into a batch)."""
+        self._runner: asyncio.Task[None] | None = None
+        self.transactions = 0
+        self.items = 0
+        """Committed so far: items per transaction = items / transactions."""
+
+    async def run(self, work: Work[T]) -> T:
+        """Run ``work`` in the next shared transaction; its result once that has committed."""
+
+        async def one(conn: AsyncConnection, _: Sequence[None]) -> list[T]:
+            return [await work(conn)]
+
+        unit: _Unit[None, T] = _Unit(one)
+        future: asyncio.Future[T] = unit.add(None)
+        self._enqueue(unit)
+        return await future
+
+    async def run_many(self, key: Hashable, work: ManyWork[I, T], item: I) -> T:
+        """Hand ``item`` to the call of ``work`` gathering items for ``key`` in the next
+        transaction; the result ``work`` returned for it once that has committed."""
+        unit = self._gathering.get(key)
+        if unit is None or len(unit) >= self._max_batch:
+            unit = self._gathering[key] = _Unit(work, key)
+            self._enqueue(unit)
+        future: asyncio.Future[T] = unit.add(item)
+        return await future
+
+    async def close(self) -> None:
+        """Wait for the work already handed in."""
+        if self._runner is not None:
+            await asyncio.shield(self._runner)
+
+    def _enqueue(self, unit: _Unit[Any, Any]) -> None:
+        self._pending.append(unit)
+        if self._runner is None or self._runner.done():
+            self._runner = asyncio.create_task(self._drain(), name="group-commit")
+
+    async def _drain(self) -> None:
+        while self._pending:
+            batch: list[_Unit[Any, Any]] = []
+            size = 0
+            while self._pending and size < self._max_batch:
+                unit = self._pending.popleft()
+                if unit.key is not None and self._gathering.get(unit.key) is unit:
+                    del self._gathering[unit.key]  # closed: later items go to a new unit
+                size += len(unit)
+                batch.append(unit)
+            batch = [unit for unit in batch if not unit.abandoned]
+            if batch:
+                await self._commit(batch)
+
+    async def _commit(self, batch: list[_Unit[Any, Any]]) -> None:
+        results: list[Sequence[Any]] = []
+        try:
+            async with self._engine.begin() as conn:
+                for unit in batch:
+                    results.append(await unit.apply(conn))
+        except Exception as err:
+            if len(batch) == 1 and len(batch[0]) == 1:
+                batch[0].fail(err)
+                return
+            # Someone's item failed (or the commit did): nothing of the batch is written.
+            # Each item runs again alone, so only a failing one sees its error.
+            log.debug("shared transaction of %d units failed (%s); retrying alone", len(batch), err)
+            for unit in batch:
+                for single in unit.split():
+                    await self._commit([single])
+            return
+        except BaseException as err:  # cancelled while committing: callers must not hang
+            for unit in batch:
+                unit.fail(err)
+            raise
+        self.transactions += 1
+        for unit, result in zip(batch, results, strict=True):
+            self.items += len(unit)
+            unit.settle(result)
