@@ -112,18 +112,14 @@ async def test_a_failing_unit_leaves_the_shared_transaction_to_the_others(db: Da
     assert await count(db) == 2
 
 
-async def claim(db: Database, session_id: str, limit: int) -> list[task_store.Claimed]:
-    return await db.batched(
-        lambda conn: task_store.claim(
-            conn,
-            pool="default",
-            labels={},
-            kinds=["echo"],
-            agent_id="a1",
-            session_id=session_id,
-            limit=limit,
-            accept_timeout=LEASE,
-        )
+async def claim(
+    db: Database, session_id: str, limit: int, labels: dict[str, str] | None = None
+) -> list[task_store.Claimed]:
+    request = task_store.ClaimRequest("default", labels or {}, ("echo",), "a1", session_id, limit)
+    return await db.group.run_many(
+        request.key,
+        lambda conn, requests: task_store.claim_many(conn, requests, accept_timeout=LEASE),
+        request,
     )
 
 
@@ -134,6 +130,23 @@ async def test_claim_takes_by_priority_then_age(db: Database) -> None:
     assert [c.task_id for c in claimed] == ["t_0002", "t_0000", "t_0001"]
     assert await count(db, state=task_store.ASSIGNED, session_id="s1") == 3
     assert [c.task_id for c in await claim(db, "s2", 3)] == ["t_0003"]
+
+
+async def test_streams_claiming_together_share_the_queue_round_robin(db: Database) -> None:
+    for n in range(5):
+        await insert(db, task_values(n))
+    await insert(db, task_values(5, selector={"gpu": "yes"}))
+    got = await asyncio.gather(
+        claim(db, "s1", 3), claim(db, "s2", 1), claim(db, "s3", 3, labels={"gpu": "yes"})
+    )
+    ids = [sorted(c.task_id for c in claimed) for claimed in got]
+    if db.dialect == "postgresql":
+        # s1 and s2 share one statement and are dealt in turn.
+        assert ids[:2] == [["t_0000", "t_0002", "t_0003"], ["t_0001"]]
+    else:
+        assert ids[:2] == [["t_0000", "t_0001", "t_0002"], ["t_0003"]]
+    assert ids[2] == ["t_0004", "t_0005"]  # only s3 may take the gpu task
+    assert await count(db, state=task_store.QUEUED) == 0
 
 
 async def test_accept_many_moves_only_the_streams_own_assigned_attempts(db: Database) -> None:

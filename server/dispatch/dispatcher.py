@@ -133,17 +133,11 @@ class Dispatcher:
         kinds: Sequence[str],
         limit: int,
     ) -> list[task_store.Claimed]:
-        claimed = await self.db.batched(
-            partial(
-                task_store.claim,
-                pool=pool,
-                labels=labels,
-                kinds=kinds,
-                agent_id=agent_id,
-                session_id=session_id,
-                limit=limit,
-                accept_timeout=self.config.accept_timeout,
-            )
+        request = task_store.ClaimRequest(pool, labels, tuple(kinds), agent_id, session_id, limit)
+        claimed = await self.db.group.run_many(
+            request.key,
+            partial(task_store.claim_many, accept_timeout=self.config.accept_timeout),
+            request,
         )
         claimed = await self._admit(claimed, session_id)
         now = utcnow()

@@ -9,19 +9,17 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     Table,
     and_,
     bindparam,
-    cast,
     func,
     insert,
-    literal,
     or_,
     select,
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
@@ -181,61 +179,115 @@ def _assignment(
     }
 
 
-async def claim(
-    conn: AsyncConnection,
-    *,
-    pool: str,
-    labels: dict[str, str],
-    kinds: Sequence[str],
-    agent_id: str,
-    session_id: str,
-    limit: int,
-    accept_timeout: timedelta,
-) -> list[Claimed]:
-    """Move up to ``limit`` matching QUEUED tasks to ASSIGNED for this stream.
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """One stream asking for up to ``limit`` tasks it can run."""
 
-    Highest priority first, then the longest-waiting. On Postgres one statement picks
-    and takes the rows (``FOR UPDATE SKIP LOCKED``: replicas never wait on each other,
-    never take the same row). Elsewhere a compare-and-set on ``(state, attempt)`` per
-    candidate makes the claim safe against every other claimer.
+    pool: str
+    labels: dict[str, str]
+    kinds: tuple[str, ...]
+    agent_id: str
+    session_id: str
+    limit: int
+
+    @property
+    def key(self) -> tuple[object, ...]:
+        """Streams with the same key can run the same tasks: one statement serves them."""
+        return ("claim", self.pool, tuple(sorted(self.labels.items())), self.kinds)
+
+
+_CLAIM_MANY = text(
+    """
+    WITH picked AS (
+        SELECT task_id, priority, queued_at FROM tasks
+        WHERE state = 'QUEUED' AND pool = :pool AND kind = ANY(CAST(:kinds AS text[]))
+          AND (not_before IS NULL OR not_before <= :now)
+          AND CAST(selector AS jsonb) <@ CAST(:labels AS jsonb)
+        ORDER BY priority DESC, queued_at, task_id
+        LIMIT :total
+        FOR UPDATE SKIP LOCKED
+    ), ranked AS (
+        SELECT task_id, row_number() OVER (ORDER BY priority DESC, queued_at, task_id) AS n
+        FROM picked
+    ), slots AS (
+        SELECT * FROM unnest(CAST(:agents AS text[]), CAST(:sessions AS text[]))
+                      WITH ORDINALITY AS s(agent_id, session_id, n)
+    )
+    UPDATE tasks SET state = 'ASSIGNED', agent_id = slots.agent_id,
+                     session_id = slots.session_id, lease_expires_at = :accept_by,
+                     updated_at = :now
+    FROM ranked JOIN slots USING (n)
+    WHERE tasks.task_id = ranked.task_id
+    RETURNING tasks.session_id, tasks.task_id, tasks.attempt, tasks.kind, tasks.payload,
+              tasks.pool, tasks.owner, tasks.priority, tasks.queued_at,
+              tasks.start_to_close_timeout, tasks.deadline
+    """
+).bindparams(
+    bindparam("now", type_=UTCDateTime),
+    bindparam("accept_by", type_=UTCDateTime),
+    bindparam("labels", type_=JSON),
+)
+
+
+async def claim_many(
+    conn: AsyncConnection, requests: Sequence[ClaimRequest], *, accept_timeout: timedelta
+) -> list[list[Claimed]]:
+    """Move matching QUEUED tasks to ASSIGNED for several streams that share a
+    :attr:`ClaimRequest.key`; per request, the tasks it got (at most its ``limit``).
+
+    Highest priority first, then the longest-waiting; dealt round-robin, so a short queue
+    is spread over the streams. On Postgres one statement picks and takes the rows
+    (``FOR UPDATE SKIP LOCKED``: replicas never wait on each other, never take the same
+    row). Elsewhere a compare-and-set on ``(state, attempt)`` per candidate makes each
+    claim safe against every other claimer.
     """
     now = utcnow()
-    assignment = _assignment(agent_id, session_id, now + accept_timeout, now)
-    if conn.dialect.name == "postgresql":
-        picked = (
-            select(_c.task_id)
-            .where(
-                _c.state == QUEUED,
-                _c.pool == pool,
-                _c.kind.in_(kinds),
-                _ready(now),
-                # The selector is satisfied when the agent's labels contain all of it.
-                cast(_c.selector, JSONB).contained_by(literal(labels, JSONB)),
-            )
-            .order_by(_c.priority.desc(), _c.queued_at, _c.task_id)
-            .limit(limit)
-            .with_for_update(skip_locked=True)
-        )
-        result = await conn.execute(
-            update(TASKS)
-            .where(_c.task_id.in_(picked.scalar_subquery()))
-            .values(assignment)
-            .returning(*CLAIMED_COLUMNS)
-        )
-        claimed = [Claimed(*row) for row in result]
+    if conn.dialect.name != "postgresql":
+        return [await _claim_one(conn, r, now, accept_timeout) for r in requests]
+    deepest = max(r.limit for r in requests)
+    slots = [r for depth in range(deepest) for r in requests if r.limit > depth]
+    first = requests[0]
+    result = await conn.execute(
+        _CLAIM_MANY,
+        {
+            "pool": first.pool,
+            "kinds": list(first.kinds),
+            "labels": first.labels,
+            "now": now,
+            "accept_by": now + accept_timeout,
+            "total": len(slots),
+            "agents": [r.agent_id for r in slots],
+            "sessions": [r.session_id for r in slots],
+        },
+    )
+    by_session: dict[str, list[Claimed]] = {r.session_id: [] for r in requests}
+    for session_id, *columns in result:
+        by_session[session_id].append(Claimed(*columns))
+    for claimed in by_session.values():
         claimed.sort(key=lambda t: (-t.priority, t.queued_at, t.task_id))
-        return claimed
+    return [by_session[r.session_id] for r in requests]
+
+
+async def _claim_one(
+    conn: AsyncConnection, request: ClaimRequest, now: datetime, accept_timeout: timedelta
+) -> list[Claimed]:
     candidates = await conn.execute(
         select(_c.task_id, _c.attempt, _c.selector)
-        .where(_c.state == QUEUED, _c.pool == pool, _c.kind.in_(kinds), _ready(now))
+        .where(
+            _c.state == QUEUED,
+            _c.pool == request.pool,
+            _c.kind.in_(request.kinds),
+            _ready(now),
+        )
         .order_by(_c.priority.desc(), _c.queued_at, _c.task_id)
         .limit(CLAIM_SCAN)
     )
+    assignment = _assignment(request.agent_id, request.session_id, now + accept_timeout, now)
     taken: list[str] = []
     for task_id, attempt, selector in candidates.all():
-        if len(taken) >= limit:
+        if len(taken) >= request.limit:
             break
-        if any(labels.get(k) != v for k, v in (selector or {}).items()):
+        if any(request.labels.get(k) != v for k, v in (selector or {}).items()):
             continue
         result = await conn.execute(
             update(TASKS)
