@@ -2,10 +2,10 @@
 
 A :class:`SimAgent` enrolls through ``EnrollmentService`` like ``muster agent`` does and
 keeps one ``AgentService.Connect`` stream on its own TLS connection, reconnecting with the
-daemon's full-jitter backoff. Its tasks are no-ops: an Assignment is answered at once with
-Accepted, a successful Result and one Credit, so the load measures the control plane and
-not an executor. :class:`RawAgent` keeps the same kind of stream open against the raw
-grpc.aio echo server (the reference).
+daemon's pacing (:class:`agent.backoff.Backoff`). Its tasks are no-ops: an Assignment is
+answered at once with Accepted, a successful Result and one Credit, so the load measures
+the control plane and not an executor. :class:`RawAgent` keeps the same kind of stream
+open against the raw grpc.aio echo server (the reference).
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]
 REFUSED = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
 STABLE_STREAM = 10.0
+WELCOME_TIMEOUT = 15.0
+"""The daemon's default ``welcome_timeout``."""
 
 
 @dataclass(frozen=True)
@@ -195,7 +197,7 @@ class SimAgent:
                 self.refused = outcome
                 return
             if outcome == "drained" or time.monotonic() - started >= STABLE_STREAM:
-                self._backoff.reset()
+                self._backoff.reset(steady=True)
             await asyncio.sleep(self._backoff.next_delay())
 
     async def _session(self) -> grpc.StatusCode | str:
@@ -208,16 +210,19 @@ class SimAgent:
         try:
             call = agent_pb2_grpc.AgentServiceStub(channel).Connect()
             self._call = call
-            await call.write(
-                agent_pb2.AgentMessage(
-                    hello=agent_pb2.Hello(
-                        agent_version="bench-sim",
-                        capabilities=self.kinds,
-                        max_concurrency=self.max_concurrency,
-                    )
-                )
-            )
-            first = await call.read()
+            hello = agent_pb2.Hello(
+                agent_version="bench-sim", capabilities=self.kinds,
+                max_concurrency=self.max_concurrency,
+            )  # fmt: skip
+            try:
+                async with asyncio.timeout(WELCOME_TIMEOUT):
+                    await call.write(agent_pb2.AgentMessage(hello=hello))
+                    first = await call.read()
+            except TimeoutError:
+                # As the daemon does: a stream that never gets its Welcome is given up.
+                call.cancel()
+                stats.end("no-welcome-in-time")
+                return "timeout"
             if not isinstance(first, agent_pb2.ServerMessage) or not first.HasField("welcome"):
                 stats.end("no-welcome")
                 return "closed"
