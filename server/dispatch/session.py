@@ -100,6 +100,8 @@ class AgentSession:
         )
 
     def drain(self, reason: str) -> None:
+        if self.draining:
+            return  # told already, or the agent said it is leaving
         self.draining = True
         self._send(agent_pb2.ServerMessage(drain=agent_pb2.Drain(reason=reason)))
 
@@ -141,8 +143,8 @@ class AgentSession:
             asyncio.create_task(self._read(requests), name=f"read-{self.session_id}"),
             asyncio.create_task(self._pump(), name=f"pump-{self.session_id}"),
             asyncio.create_task(self._write(context), name=f"write-{self.session_id}"),
-            asyncio.create_task(self._watchdog(), name=f"watchdog-{self.session_id}"),
         ]
+        timers = self._arm_timers()
         ending: list[asyncio.Future[None] | asyncio.Future[StreamClosed]] = [*workers, self._closed]
         reason = "stream closed"
         try:
@@ -157,6 +159,8 @@ class AgentSession:
                     reason = exc.message if isinstance(exc, StreamClosed) else repr(exc)
                     raise exc
         finally:
+            for timer in timers:
+                timer.cancel()
             for worker in workers:
                 worker.cancel()
             for worker in workers:
@@ -359,27 +363,43 @@ class AgentSession:
                     grpc.StatusCode.INVALID_ARGUMENT, "empty or unknown agent message"
                 )
 
-    async def _watchdog(self) -> None:
-        """Close a stream that went silent, and a stream whose certificate has expired;
-        drain one that reached its maximum age, so agents spread again over replicas."""
+    def _arm_timers(self) -> list[asyncio.TimerHandle]:
+        """Close a stream that goes silent, and one whose certificate expires; drain one
+        that reaches its maximum age, so agents spread again over replicas.
+
+        Timers rather than a watchdog task: an idle stream costs no wake-ups but these.
+        """
         loop = asyncio.get_running_loop()
-        silence = self.config.lease_duration.total_seconds()
+        timers = [
+            loop.call_later(
+                max(0.0, (self.not_after - utcnow()).total_seconds()),
+                self.close,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "client certificate expired",
+            )
+        ]
         max_age = self.config.max_stream_age.total_seconds()
-        drain_at = loop.time() + max_age * random.uniform(0.9, 1.1) if max_age else None
-        while True:
-            if drain_at is not None and loop.time() >= drain_at and not self.draining:
-                self.drain("maximum stream age reached; reconnect")
-            if utcnow() >= self.not_after:
-                raise StreamClosed(grpc.StatusCode.UNAUTHENTICATED, "client certificate expired")
-            if loop.time() - self._last_heard > silence:
-                raise StreamClosed(
+        if max_age:
+            timers.append(
+                loop.call_later(
+                    max_age * random.uniform(0.9, 1.1),
+                    self.drain,
+                    "maximum stream age reached; reconnect",
+                )
+            )
+        silence = self.config.lease_duration.total_seconds()
+
+        def check_silence() -> None:
+            quiet_until = self._last_heard + silence
+            if loop.time() >= quiet_until:
+                self.close(
                     grpc.StatusCode.DEADLINE_EXCEEDED, "no message from the agent within the lease"
                 )
-            wait = min(
-                self.config.heartbeat_interval.total_seconds(),
-                max(0.05, (self.not_after - utcnow()).total_seconds()),
-            )
-            await asyncio.sleep(wait)
+            else:
+                timers[-1] = loop.call_at(quiet_until, check_silence)
+
+        timers.append(loop.call_at(self._last_heard + silence, check_silence))
+        return timers
 
     def _audit(self, action: str, details: dict[str, object]) -> AuditRecord:
         return AuditRecord(
