@@ -113,6 +113,10 @@ class CertificateAuthority:
         self._signer = signer
         self._root = issuer
         self._roots = tuple(roots)
+        # Fixed for this CA's life, and read on every issue: encode them once.
+        self._bundle_pem = b"".join(_pem(root) for root in self._roots)
+        self._intermediate_pem = _pem(intermediate)
+        self._issuer_aki = _aki(intermediate)
 
     # -- construction ------------------------------------------------------
 
@@ -238,11 +242,11 @@ class CertificateAuthority:
     @property
     def bundle_pem(self) -> bytes:
         """The trust bundle: the root certificates, PEM, as agents and the mTLS port use them."""
-        return b"".join(_pem(root) for root in self._roots)
+        return self._bundle_pem
 
     @property
     def intermediate_pem(self) -> bytes:
-        return _pem(self._signer.certificate)
+        return self._intermediate_pem
 
     @property
     def intermediate_not_after(self) -> datetime:
@@ -386,7 +390,7 @@ class CertificateAuthority:
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-            .add_extension(_aki(issuer), critical=False)
+            .add_extension(self._issuer_aki, critical=False)
         )
         cert = self._signer.sign(builder)
         return cert, not_before, not_after
