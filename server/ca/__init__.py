@@ -8,7 +8,7 @@ from server.ca.authority import (
     CertificateAuthority,
     IssuedCertificate,
 )
-from server.ca.csr import CsrError, public_key_fingerprint, public_key_from_csr
+from server.ca.csr import AgentPublicKey, CsrError, public_key_fingerprint, public_key_from_csr
 from server.ca.server_cert import (
     ServerCertificate,
     certificate_not_after,
@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_AGENT_LIFETIME",
     "DEFAULT_BACKDATE",
     "KEY_TYPES",
+    "AgentPublicKey",
     "CAError",
     "CertificateAuthority",
     "CsrError",

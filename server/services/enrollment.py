@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import secrets
+from datetime import datetime
 
 import grpc
 
@@ -17,7 +18,13 @@ from muster.spiffe import AGENT_ID
 from muster.v1 import enrollment_pb2, enrollment_pb2_grpc
 from server import tokens
 from server.audit import AuditRecord, AuditWriter, record_in
-from server.ca import CertificateAuthority, CsrError, public_key_fingerprint, public_key_from_csr
+from server.ca import (
+    AgentPublicKey,
+    CertificateAuthority,
+    CsrError,
+    public_key_fingerprint,
+    public_key_from_csr,
+)
 from server.config import ServerConfig
 from server.lockout import count_auth_failure
 from server.metrics import MusterMetrics
@@ -29,7 +36,6 @@ from server.services.issuing import issue_agent_certificate
 from server.services.validation import check_labels, check_name
 from server.storage import identities
 from server.storage.database import Database
-from server.storage.models import Agent, BootstrapToken, Certificate
 from server.storage.types import utcnow
 
 log = logging.getLogger(__name__)
@@ -95,73 +101,78 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
     ) -> enrollment_pb2.EnrollResponse:
         if presented is None:
             raise _Refusal(grpc.StatusCode.UNAUTHENTICATED, BAD_TOKEN, "malformed token")
-        async with self._db.transaction() as session:
-            row = await identities.bootstrap_token(session, presented.token_id)
-            if row is None or not presented.matches(row.secret_hash):
-                raise _Refusal(grpc.StatusCode.UNAUTHENTICATED, BAD_TOKEN, "unknown token")
+        # The CSR is read before the transaction (pure CPU), but a bad one is refused only
+        # after the token checks out, so a bad token always looks the same.
+        public_key: AgentPublicKey | None = None
+        csr_problem = ""
         try:
             public_key = public_key_from_csr(request.csr_pem)
         except CsrError as err:
-            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"csr_pem: {err}", "bad csr") from None
-        fingerprint = public_key_fingerprint(public_key)
+            csr_problem = str(err)
+        fingerprint = public_key_fingerprint(public_key) if public_key else ""
         now = utcnow()
-        actor = f"bootstrap:{row.token_id}"
+        actor = f"bootstrap:{presented.token_id}"
 
+        # One transaction: read, redeem, insert and audit, so nothing is half done.
         async with self._db.transaction() as session:
-            earlier = await identities.certificate_for_key(session, row.token_id, fingerprint, now)
-            if earlier is not None:
-                agent = await identities.agent(session, earlier.agent_id)
-                assert agent is not None
+            conn = await session.connection()
+            row = await identities.enrollment_token(conn, presented.token_id, fingerprint, now)
+            if row is None or not presented.matches(row.secret_hash):
+                raise _Refusal(grpc.StatusCode.UNAUTHENTICATED, BAD_TOKEN, "unknown token")
+            if public_key is None:
+                raise _Refusal(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"csr_pem: {csr_problem}", "bad csr"
+                )
+            if row.earlier is not None:
+                earlier = row.earlier
                 await record_in(
                     session,
                     AuditRecord(
                         actor=actor,
                         action="agent.enroll",
-                        target=agent.agent_id,
+                        target=earlier.agent_id,
                         peer=peer,
                         request_id=rid,
                         details={"serial": earlier.serial, "retry": True},
                     ),
                 )
-                return self._response(agent, earlier.chain_pem, earlier.not_after)
+                return self._response(
+                    earlier.agent_id,
+                    earlier.pool,
+                    earlier.labels,
+                    earlier.chain_pem,
+                    earlier.not_after,
+                )
 
             if row.deleted_at is not None or row.expires_at <= now or row.uses >= row.max_uses:
-                raise _Refusal(grpc.StatusCode.UNAUTHENTICATED, BAD_TOKEN, _token_problem(row, now))
+                raise _Refusal(grpc.StatusCode.UNAUTHENTICATED, BAD_TOKEN, _token_problem(row))
             pool, labels = _scope(row, request)
             agent_id = self._agent_id(row, request.name)
-            if await identities.agent(session, agent_id) is not None:
+            issued = issue_agent_certificate(
+                self._ca, public_key, agent_id, self._config.cert_lifetime
+            )
+            outcome = await identities.enroll_agent(
+                conn,
+                token_id=row.token_id,
+                now=now,
+                agent_id=agent_id,
+                pool=pool,
+                labels=labels,
+                serial=issued.serial,
+                fingerprint=fingerprint,
+                chain_pem=issued.chain_pem,
+                not_before=issued.not_before,
+                not_after=issued.not_after,
+            )
+            # Any refusal here rolls the transaction back, redemption included.
+            if outcome == "used up":
+                raise _Refusal(grpc.StatusCode.UNAUTHENTICATED, BAD_TOKEN, "used up concurrently")
+            if outcome == "name taken":
                 raise _Refusal(
                     grpc.StatusCode.ALREADY_EXISTS,
                     f"agent {agent_id!r} is already enrolled; choose another name",
                     "name taken",
                 )
-            if not await identities.redeem_bootstrap_token(session, row.token_id, now):
-                raise _Refusal(grpc.StatusCode.UNAUTHENTICATED, BAD_TOKEN, "used up concurrently")
-            issued = issue_agent_certificate(
-                self._ca, public_key, agent_id, self._config.cert_lifetime
-            )
-            agent = Agent(
-                agent_id=agent_id,
-                pool=pool,
-                labels=labels,
-                enabled=True,
-                token_id=row.token_id,
-                enrolled_at=now,
-            )
-            session.add(agent)
-            await session.flush()
-            session.add(
-                Certificate(
-                    serial=issued.serial,
-                    agent_id=agent_id,
-                    public_key_fingerprint=fingerprint,
-                    token_id=row.token_id,
-                    reason="enroll",
-                    chain_pem=issued.chain_pem,
-                    not_before=issued.not_before,
-                    not_after=issued.not_after,
-                )
-            )
             await record_in(
                 session,
                 AuditRecord(
@@ -197,9 +208,9 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
         log.info(
             "enrolled agent %s (serial %s) from token %s", agent_id, issued.serial, row.token_id
         )
-        return self._response(agent, issued.chain_pem, issued.not_after)
+        return self._response(agent_id, pool, labels, issued.chain_pem, issued.not_after)
 
-    def _agent_id(self, row: BootstrapToken, name: str) -> str:
+    def _agent_id(self, row: identities.EnrollmentToken, name: str) -> str:
         if name:
             check_name(name, "name", AGENT_ID)
             agent_id = name
@@ -215,17 +226,22 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
         return agent_id
 
     def _response(
-        self, agent: Agent, chain_pem: bytes, not_after: object
+        self,
+        agent_id: str,
+        pool: str,
+        labels: dict[str, str],
+        chain_pem: bytes,
+        not_after: datetime,
     ) -> enrollment_pb2.EnrollResponse:
         return enrollment_pb2.EnrollResponse(
-            agent_id=agent.agent_id,
-            spiffe_id=f"spiffe://{self._ca.trust_domain}/agent/{agent.agent_id}",
+            agent_id=agent_id,
+            spiffe_id=f"spiffe://{self._ca.trust_domain}/agent/{agent_id}",
             certificate_chain_pem=chain_pem,
             trust_bundle_pem=self._ca.bundle_pem,
             agent_endpoint=self._agent_endpoint,
-            not_after=convert.timestamp(not_after),  # type: ignore[arg-type]
-            pool=agent.pool,
-            labels=agent.labels,
+            not_after=convert.timestamp(not_after),
+            pool=pool,
+            labels=labels,
         )
 
     async def _record_refusal(
@@ -255,7 +271,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
             )
 
 
-def _token_problem(row: BootstrapToken, now: object) -> str:
+def _token_problem(row: identities.EnrollmentToken) -> str:
     if row.deleted_at is not None:
         return "token deleted"
     if row.uses >= row.max_uses:
@@ -264,7 +280,7 @@ def _token_problem(row: BootstrapToken, now: object) -> str:
 
 
 def _scope(
-    row: BootstrapToken, request: enrollment_pb2.EnrollRequest
+    row: identities.EnrollmentToken, request: enrollment_pb2.EnrollRequest
 ) -> tuple[str, dict[str, str]]:
     """The pool and labels an agent gets: the token's, plus labels that do not contradict them."""
     pool = request.pool or row.pool

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
+from typing import Literal
 
-from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+import asyncpg
+from sqlalchemy import and_, bindparam, insert, select, update
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from server.storage.models import Agent, ApiToken, BootstrapToken, Certificate
 from server.storage.types import utcnow
@@ -16,35 +21,193 @@ async def bootstrap_token(session: AsyncSession, token_id: str) -> BootstrapToke
     return await session.get(BootstrapToken, token_id, populate_existing=True)
 
 
-async def redeem_bootstrap_token(session: AsyncSession, token_id: str, now: datetime) -> bool:
-    """Use up one redemption atomically; False if the token is used up, expired or deleted."""
-    result = await session.execute(
-        update(BootstrapToken)
-        .where(
-            BootstrapToken.token_id == token_id,
-            BootstrapToken.uses < BootstrapToken.max_uses,
-            BootstrapToken.expires_at > now,
-            BootstrapToken.deleted_at.is_(None),
-        )
-        .values(uses=BootstrapToken.uses + 1)
-    )
-    return int(result.rowcount) == 1  # type: ignore[attr-defined]
+Enrolled = Literal["enrolled", "used up", "name taken"]
+"""What :func:`enroll_agent` did."""
 
 
-async def certificate_for_key(
-    session: AsyncSession, token_id: str, fingerprint: str, now: datetime
-) -> Certificate | None:
-    """A live enrollment certificate earlier issued from this token for this key (a retry)."""
-    result = await session.execute(
-        select(Certificate).where(
-            Certificate.token_id == token_id,
-            Certificate.public_key_fingerprint == fingerprint,
-            Certificate.reason == "enroll",
-            Certificate.revoked_at.is_(None),
-            Certificate.not_after > now,
-        )
+@dataclass(frozen=True, slots=True)
+class EarlierEnrollment:
+    """A live certificate this token already issued for this key: a retry gets it again."""
+
+    agent_id: str
+    pool: str
+    labels: dict[str, str]
+    serial: str
+    chain_pem: bytes
+    not_after: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class EnrollmentToken:
+    """A bootstrap token as enrollment reads it, with the earlier enrollment for the key."""
+
+    token_id: str
+    secret_hash: str
+    pool: str
+    labels: dict[str, str]
+    name_pattern: str
+    max_uses: int
+    uses: int
+    expires_at: datetime
+    deleted_at: datetime | None
+    earlier: EarlierEnrollment | None
+
+
+_EARLIER = and_(
+    Certificate.token_id == BootstrapToken.token_id,
+    Certificate.public_key_fingerprint == bindparam("fingerprint"),
+    Certificate.reason == "enroll",
+    Certificate.revoked_at.is_(None),
+    Certificate.not_after > bindparam("now"),
+)
+# Built once: the statement's cache key is memoised, so each call only binds values.
+_ENROLLMENT_TOKEN = (
+    select(
+        BootstrapToken.token_id,
+        BootstrapToken.secret_hash,
+        BootstrapToken.pool,
+        BootstrapToken.labels,
+        BootstrapToken.name_pattern,
+        BootstrapToken.max_uses,
+        BootstrapToken.uses,
+        BootstrapToken.expires_at,
+        BootstrapToken.deleted_at,
+        Agent.agent_id,
+        Agent.pool,
+        Agent.labels,
+        Certificate.serial,
+        Certificate.chain_pem,
+        Certificate.not_after,
     )
-    return result.scalars().first()
+    .select_from(BootstrapToken)
+    .outerjoin(Certificate, _EARLIER)
+    .outerjoin(Agent, Agent.agent_id == Certificate.agent_id)
+    .where(BootstrapToken.token_id == bindparam("token_id"))
+    .limit(1)
+)
+# enroll_agent's three steps on SQLite (Postgres runs them as one statement, _ENROLL_PG).
+_REDEEM = (
+    update(BootstrapToken)
+    .where(
+        BootstrapToken.token_id == bindparam("redeemed"),
+        BootstrapToken.uses < BootstrapToken.max_uses,
+        BootstrapToken.expires_at > bindparam("now"),
+        BootstrapToken.deleted_at.is_(None),
+    )
+    .values(uses=BootstrapToken.uses + 1)
+)
+_ADD_AGENT = sqlite_insert(Agent).on_conflict_do_nothing()
+_ADD_CERTIFICATE = insert(Certificate)
+
+
+async def enrollment_token(
+    conn: AsyncConnection, token_id: str, fingerprint: str, now: datetime
+) -> EnrollmentToken | None:
+    """The token, and what it earlier issued for the key ``fingerprint``: one round trip."""
+    result = await conn.execute(
+        _ENROLLMENT_TOKEN, {"token_id": token_id, "fingerprint": fingerprint, "now": now}
+    )
+    row = result.first()
+    if row is None:
+        return None
+    (token_id, secret_hash, pool, labels, pattern, max_uses, uses, expires_at, deleted_at,
+     agent_id, agent_pool, agent_labels, serial, chain_pem, not_after) = row  # fmt: skip
+    earlier = None
+    if agent_id is not None:
+        earlier = EarlierEnrollment(
+            agent_id, agent_pool, agent_labels, serial, chain_pem, not_after
+        )
+    return EnrollmentToken(
+        token_id,
+        secret_hash,
+        pool,
+        labels,
+        pattern,
+        max_uses,
+        uses,
+        expires_at,
+        deleted_at,
+        earlier,
+    )
+
+
+async def enroll_agent(
+    conn: AsyncConnection,
+    *,
+    token_id: str,
+    now: datetime,
+    agent_id: str,
+    pool: str,
+    labels: dict[str, str],
+    serial: str,
+    fingerprint: str,
+    chain_pem: bytes,
+    not_before: datetime,
+    not_after: datetime,
+) -> Enrolled:
+    """Use up one redemption of the token, add the agent and its first certificate.
+
+    Atomic per row: the token's ``uses`` only grows while below ``max_uses`` (so two
+    concurrent redemptions of a single-use token cannot both succeed), and the agent is
+    inserted with ON CONFLICT DO NOTHING (a concurrent enrollment of the same name waits
+    for the other one, then finds it taken). Anything but "enrolled" leaves the caller
+    to roll back, which also gives the redemption back.
+    """
+    if conn.dialect.name == "postgresql":
+        # One statement, one round trip: the same three steps as data-modifying CTEs.
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert isinstance(driver, asyncpg.Connection)
+        redeemed, added = await driver.fetchrow(
+            _ENROLL_PG, token_id, now, agent_id, pool, json.dumps(labels), serial,
+            fingerprint, chain_pem, not_before, not_after,
+        )  # fmt: skip
+    else:
+        added = 0
+        redeemed = (await conn.execute(_REDEEM, {"redeemed": token_id, "now": now})).rowcount
+        if redeemed:
+            agent = {
+                "agent_id": agent_id,
+                "pool": pool,
+                "labels": labels,
+                "enabled": True,
+                "token_id": token_id,
+                "enrolled_at": now,
+            }
+            if (await conn.execute(_ADD_AGENT, agent)).rowcount:
+                certificate = {
+                    "serial": serial,
+                    "agent_id": agent_id,
+                    "public_key_fingerprint": fingerprint,
+                    "token_id": token_id,
+                    "reason": "enroll",
+                    "chain_pem": chain_pem,
+                    "not_before": not_before,
+                    "not_after": not_after,
+                }
+                added = (await conn.execute(_ADD_CERTIFICATE, certificate)).rowcount
+    if not redeemed:
+        return "used up"
+    return "enrolled" if added else "name taken"
+
+
+_ENROLL_PG = """
+WITH redeemed AS (
+    UPDATE bootstrap_tokens SET uses = uses + 1
+    WHERE token_id = $1 AND uses < max_uses AND expires_at > $2 AND deleted_at IS NULL
+    RETURNING token_id
+), agent AS (
+    INSERT INTO agents (agent_id, pool, labels, enabled, token_id, enrolled_at)
+    SELECT $3, $4, $5::json, true, token_id, $2 FROM redeemed
+    ON CONFLICT (agent_id) DO NOTHING
+    RETURNING agent_id, token_id
+), certificate AS (
+    INSERT INTO certificates (serial, agent_id, public_key_fingerprint, token_id, reason,
+                              chain_pem, not_before, not_after)
+    SELECT $6, agent_id, $7, token_id, 'enroll', $8, $9, $10 FROM agent
+    RETURNING serial
+)
+SELECT (SELECT count(*) FROM redeemed), (SELECT count(*) FROM certificate)
+"""
 
 
 async def agent(session: AsyncSession, agent_id: str) -> Agent | None:

@@ -192,3 +192,30 @@ async def test_enrollment_is_audited_without_secrets(
         assert expected in actions
     secret_part = token.split(".", 1)[1]
     assert all(secret_part not in repr(e) for e in events)
+
+
+async def test_a_taken_name_is_already_exists_and_does_not_spend_the_token(
+    enroller: Enroller,
+) -> None:
+    await enroll_raw(enroller, token=await enroller.token(), csr_pem=make_csr()[0], name="dup")
+    token = await enroller.token()
+    await expect_code(
+        grpc.StatusCode.ALREADY_EXISTS, enroller, token=token, csr_pem=make_csr()[0], name="dup"
+    )
+    response = await enroll_raw(enroller, token=token, csr_pem=make_csr()[0], name="dup-2")
+    assert response.agent_id == "dup-2"
+
+
+async def test_concurrent_enrollments_of_one_name_enroll_one_agent(
+    enroller: Enroller, admin: AsyncAdminClient
+) -> None:
+    tokens = [await enroller.token() for _ in range(6)]
+    results = await asyncio.gather(
+        *(enroll_raw(enroller, token=t, csr_pem=make_csr()[0], name="same") for t in tokens),
+        return_exceptions=True,
+    )
+    ok = [r for r in results if isinstance(r, enrollment_pb2.EnrollResponse)]
+    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+    assert len(ok) == 1
+    assert {r.code() for r in refused} == {grpc.StatusCode.ALREADY_EXISTS}
+    assert [a.agent_id for a in await admin.list_agents()] == ["same"]
