@@ -128,6 +128,8 @@ class ScriptedAgentService(agent_pb2_grpc.AgentServiceServicer):
     streams: asyncio.Queue[PeerStream] = field(default_factory=asyncio.Queue)
     all_streams: list[PeerStream] = field(default_factory=list)
     renewals: list[bytes] = field(default_factory=list)
+    refused_at: list[float] = field(default_factory=list)
+    """Event-loop times of the streams refused with ``refuse``."""
     renew_lifetime: dt.timedelta = dt.timedelta(hours=1)
 
     # The servicer writes through the context rather than returning an iterator.
@@ -135,6 +137,7 @@ class ScriptedAgentService(agent_pb2_grpc.AgentServiceServicer):
         self, request_iterator: Any, context: grpc.aio.ServicerContext[Any, Any]
     ) -> None:
         if self.refuse is not None:
+            self.refused_at.append(asyncio.get_running_loop().time())
             await context.abort(self.refuse, "agent is revoked")
         first = await context.read()
         assert first.WhichOneof("body") == "hello", first

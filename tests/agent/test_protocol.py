@@ -358,6 +358,30 @@ async def test_refused_identity_keeps_retrying_slowly_without_the_flag(
         await eventually(agent.connected.is_set)
 
 
+async def test_after_a_drain_failed_reconnects_keep_a_steady_pace(
+    service: ScriptedAgentService, state: Any, registry: Any
+) -> None:
+    from agent.config import AgentConfig
+
+    config = AgentConfig(state_dir=state.path, backoff_initial=0.01, backoff_max=0.3)
+    agent = Agent(config, registry=registry, rand=lambda low, high: high)
+    run = asyncio.create_task(agent.run())
+    try:
+        first = await service.next_stream()
+        service.refuse = grpc.StatusCode.UNAVAILABLE  # the replica is restarting
+        await first.send(drain=agent_pb2.Drain(reason="restarting"))
+        await eventually(lambda: len(service.refused_at) >= 4)
+        service.refuse = None
+        await service.next_stream()
+        at = service.refused_at
+        # A growing window would retry after 0.01, 0.02 and 0.04 s; the steady one
+        # keeps its window (here the 0.3 s cap) until the replica is back.
+        assert all(later - earlier >= 0.25 for earlier, later in zip(at, at[1:4], strict=False))
+    finally:
+        agent.shutdown()
+        await asyncio.wait_for(run, 5)
+
+
 async def test_a_server_that_drops_us_right_after_welcome_is_backed_off(
     service: ScriptedAgentService, state: Any, registry: Any
 ) -> None:
