@@ -57,8 +57,10 @@ class Fleet:
         max_concurrency: int = 4,
         record: bool = False,
         wait_go: bool = False,
+        ramp: float = 0.0,
     ) -> Fleet:
-        """``assignments``: (credential index, endpoint) per agent."""
+        """``assignments``: (credential index, endpoint) per agent; with ``ramp``, the agents
+        start at that many per second instead of all at once."""
         proc = await procs.spawn(
             [procs.PYTHON, "-m", "bench.fleet"], log_path=log_path, pipe_stdio=True
         )
@@ -71,6 +73,7 @@ class Fleet:
                 "max_concurrency": max_concurrency,
                 "record": record,
                 "wait_go": wait_go,
+                "ramp": ramp,
             }
         )
         return fleet
@@ -187,11 +190,11 @@ async def _worker() -> None:
     status_task = asyncio.create_task(_report(stats))
     tasks: list[asyncio.Task[None]] = []
     if not config["wait_go"]:
-        tasks = [asyncio.create_task(a.run()) for a in agents]
+        tasks = _launch(agents, config["ramp"])
     while line := await reader.readline():
         cmd = json.loads(line)
         if cmd["cmd"] == "go" and not tasks:
-            tasks = [asyncio.create_task(a.run()) for a in agents]
+            tasks = _launch(agents, config["ramp"])
         elif cmd["cmd"] == "mark":
             stats.mark()
         elif cmd["cmd"] == "dump":
@@ -205,6 +208,19 @@ async def _worker() -> None:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     status_task.cancel()
+
+
+def _launch(agents: list[SimAgent | RawAgent], ramp: float) -> list[asyncio.Task[None]]:
+    """Run every agent, the n-th after ``n / ramp`` seconds when ``ramp`` is set."""
+
+    async def started_after(delay: float, agent: SimAgent | RawAgent) -> None:
+        await asyncio.sleep(delay)
+        await agent.run()
+
+    return [
+        asyncio.create_task(started_after(n / ramp if ramp > 0 else 0.0, a))
+        for n, a in enumerate(agents)
+    ]
 
 
 def _emit(data: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench import procs
-from bench.fleet import Fleet, start_fleets, wait_until
+from bench.fleet import MAX_PER_PROCESS, Fleet, start_fleets, wait_until
 from bench.profiling import Profile, sampled
 from bench.rawserver import raw_server
 from bench.results import Context, Figure, ScenarioResult, Summary
@@ -21,6 +21,9 @@ SETTLE = 3.0
 CPU_WINDOW = 5.0
 PROFILE_SECONDS = 10.0
 CONNECT_TIMEOUT = 300.0
+CONNECT_RATE = 100.0
+"""Agents started per second: idle measures holding agents, not a connect storm (that is
+reconnect), and a fleet booting all at once would time out its Welcomes on a busy core."""
 FULL_SIZES = [1000, 5000, 10000]
 QUICK_SIZES = [300]
 
@@ -49,9 +52,11 @@ async def _measure(
     try:
         for size in sizes:
             assignments = [(i, endpoint) for i in range(connected, size)]
+            processes = -(-len(assignments) // MAX_PER_PROCESS)
             fleets += await start_fleets(
-                creds, assignments, log_dir=workdir, name=f"{mode}-{size}", mode=mode
-            )
+                creds, assignments, log_dir=workdir, name=f"{mode}-{size}", mode=mode,
+                ramp=CONNECT_RATE / processes,
+            )  # fmt: skip
             try:
                 await wait_until(
                     fleets, lambda s, n=size: s.connected >= n, CONNECT_TIMEOUT, f"{size} agents"
@@ -77,7 +82,8 @@ async def run(ctx: Context) -> ScenarioResult:
     sizes = QUICK_SIZES if ctx.quick else FULL_SIZES
     result.notes.append(
         f"Sizes measured: {', '.join(f'{s:,}' for s in sizes)} agents, all on one server "
-        "process, each on its own mTLS connection, in fleet processes of up to 2,500 agents; "
+        "process, each on its own mTLS connection, in fleet processes of up to 2,500 agents, "
+        f"started at {CONNECT_RATE:.0f} per second; "
         f"per agent = (server RSS with N connected, {SETTLE:.0f} s after the last connected - "
         "RSS before any) / N. Raw: the same agents' certificates, the same sizes in the same "
         "run, one idle bidi echo stream each, Heartbeat-sized messages at Muster's heartbeat "
