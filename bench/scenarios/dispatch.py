@@ -38,12 +38,11 @@ async def run_dispatch(ctx: Context) -> ScenarioResult:
         "dispatch",
         "dispatch: 8 agents, no-op tasks, durable Postgres state, mTLS, quotas and audit on",
     )
-    count = ctx.scale(400, 150)
+    count = ctx.scale(5000, 150)
     celery_count = ctx.scale(5000, 500)
     result.notes.append(
-        f"{count} tasks per run for Muster (scaled down from 5,000: at ~25 tasks/s a run "
-        f"would take minutes), {celery_count} for Celery; Muster: 8 simulated agents "
-        "(max_concurrency 4) in one "
+        f"{count} tasks per run for Muster, {celery_count} for Celery; Muster: 8 simulated "
+        "agents (max_concurrency 4) in one "
         f"process, {AGENTS * 4} slots, 32 concurrent submitters on one channel, end = the agent "
         "holds the server's Ack (result durably recorded). Celery: apply_async x N, then "
         "ResultSet.join_native on the Redis backend; prefork worker, concurrency 2."
@@ -77,7 +76,7 @@ async def run_dispatch(ctx: Context) -> ScenarioResult:
             )
             result.figures.append(fig)
             if not fig.met and ctx.profile:
-                await _profile_dispatch(ctx, result, a, fleets, count)
+                await _profile_dispatch(ctx, result, a, fleets, min(count, 1000))
     return result
 
 
@@ -184,7 +183,7 @@ async def run_schedule(ctx: Context) -> ScenarioResult:
 
 async def run_quota(ctx: Context) -> ScenarioResult:
     result = ScenarioResult("quota", "quota cost: dispatch with Redis quotas on vs off")
-    count = ctx.scale(300, 100)
+    count = ctx.scale(1000, 100)
     result.notes.append(
         f"{count} tasks per run through one replica, 8 agents. On: MUSTER_REDIS_URL set (every "
         "Submit checks the lockout and the submission rate in Redis, one Lua call each, and "
@@ -231,7 +230,7 @@ async def run_quota(ctx: Context) -> ScenarioResult:
 
 async def run_scaleout(ctx: Context) -> ScenarioResult:
     result = ScenarioResult("scaleout", "scale-out: 1 vs 2 server replicas on one Postgres + Redis")
-    count = ctx.scale(300, 100)
+    count = ctx.scale(1000, 100)
     result.notes.append(
         f"{count} tasks per run, 8 agents: all on replica a, or 4 on a and 4 on b with "
         "submissions alternating between the two api listeners. Both replicas, Postgres, "
