@@ -10,6 +10,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select, text
@@ -18,13 +19,16 @@ from muster import AsyncAdminClient
 from muster.cli import main
 from server.app import ServerHandle
 from server.audit import AuditRecord, AuditWriter, record_in
-from server.audit.chain import row_hash
+from server.audit.chain import COLUMNS, GENESIS, link, row_hash
 from server.audit.record import append_new
 from server.audit.spool import Segment, adopt_all, decode, encode
 from server.audit.verify import verify
+from server.storage import migrate
 from server.storage.database import Database
 from server.storage.models import AuditEvent, Base
-from tests.pg import admin_execute, database_name, fresh_database
+from server.storage.roles import apply_roles
+from tests.pg import admin_execute, database_name, fresh_database, unique_name
+from tests.pg import database_url as pg_database_url
 
 BACKENDS = ["sqlite", "postgresql"]
 
@@ -156,17 +160,69 @@ async def test_append_new_skips_events_already_stored(db: Database) -> None:
 
 def test_row_hash_covers_the_time_in_utc_whatever_its_zone() -> None:
     record = event(1, time=datetime(2024, 5, 1, 14, 0, tzinfo=UTC))
-    row = {**record.row(), "chain": "c", "seq": 1, "prev_hash": "0" * 64}
+    row = as_stored(link([record.content()], "c", (0, GENESIS))[0])
     shifted = {**row, "time": row["time"].astimezone(timezone(timedelta(hours=2)))}
     assert row_hash(row) == row_hash(shifted)
     assert row_hash(row) != row_hash({**row, "time": row["time"] + timedelta(microseconds=1)})
 
 
+def as_stored(row: tuple[object, ...]) -> dict[str, Any]:
+    """A linked row as the database hands it back (details parsed)."""
+    values = dict(zip(COLUMNS, row, strict=True))
+    values["details"] = json.loads(str(values["details"]))
+    return values
+
+
+def tricky_events() -> list[AuditRecord]:
+    """Records whose canonical encoding is easy to get wrong."""
+    west = timezone(timedelta(hours=-3))
+    return [
+        event(1, actor='quote " backslash \\ tab \t nul \x00 é 😀 \u2028', target="x" * 500),
+        event(2, details={10: "int keys", 9: ("a", "tuple"), "n": {"b": [1, 2.5, None], "a": {}}}),
+        event(3, details={"f": 1e16, "neg": -0.0, "big": 10**30}, time=datetime.now(west)),
+        event(4, actor="", action="", outcome="", details={}),
+    ]
+
+
+def test_linked_hashes_are_the_row_hash_of_what_the_database_returns() -> None:
+    rows = [
+        as_stored(row) for row in link([r.content() for r in tricky_events()], "ü", (7, "a" * 64))
+    ]
+    assert [r["seq"] for r in rows] == [8, 9, 10, 11]
+    assert [r["prev_hash"] for r in rows] == ["a" * 64] + [r["hash"] for r in rows[:-1]]
+    assert all(row_hash(r) == r["hash"] for r in rows)
+    assert rows[0]["actor"].endswith("\ufffd é 😀 \u2028") and len(rows[0]["target"]) == 200
+    assert rows[1]["details"] == {
+        "10": "int keys",
+        "9": ["a", "tuple"],
+        "n": {"a": {}, "b": [1, 2.5, None]},
+    }
+
+
+async def test_tricky_records_are_stored_as_hashed(db: Database) -> None:
+    async with db.transaction() as session:
+        assert await append_new(session, tricky_events()) == 4  # COPY on Postgres
+    async with db.transaction() as session:
+        await record_in(session, *tricky_events())  # INSERT
+    assert (await verify(db)).rows == 8
+    assert (await verify(db)).ok
+
+
 def test_records_that_could_never_be_stored_are_refused_at_once() -> None:
+    circular: dict[str, object] = {}
+    circular["self"] = circular
     with pytest.raises(ValueError):
         event(1, details={"x": float("nan")}).check()
+    with pytest.raises(ValueError):
+        event(1, details={"x": [circular]}).check()
     with pytest.raises(TypeError):
         event(1, details={"x": object()}).check()
+    with pytest.raises(TypeError):
+        event(1, actor=None).check()
+    with pytest.raises(ValueError):
+        event(1, target="lone \ud800 surrogate").check()
+    with pytest.raises(ValueError):
+        event(1, details={"lone": "\udfff"}).check()
     with pytest.raises(ValueError):
         event(1, time=datetime(2024, 1, 1)).check()
     event(1).check()
@@ -642,3 +698,86 @@ async def test_a_hanging_database_does_not_stop_events_being_accepted(
     assert await stored_ids(db) == [r.event_id for r in produced]
     assert (await verify(db)).ok
     await db.close()
+
+
+async def test_a_slow_database_gets_back_pressure_not_the_spool(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Slower than the producers but answering: they wait, and nothing is spooled."""
+    db = await open_db(pg_url, pool_size=2)
+    writer = AuditWriter(
+        db, spool_path=tmp_path / "spool", max_queue=40, batch_size=10, flush_interval=0.01
+    )
+    writer.start()
+    produced = [event(i) for i in range(200)]
+    blocker = db.engine.connect()
+    conn = await blocker.start()
+    try:
+        await conn.begin()
+        await conn.execute(text("LOCK TABLE audit_events IN ACCESS EXCLUSIVE MODE"))
+        submitting = asyncio.ensure_future(submit_all(writer, produced))
+        await wait_until(lambda: writer.depth >= 40)
+        await asyncio.sleep(0.5)  # a slow write, well within stall_timeout
+        assert not submitting.done()  # the full buffer holds the producer back
+        await conn.rollback()
+        await asyncio.wait_for(submitting, 10)
+        await asyncio.wait_for(writer.flush(), 10)
+    finally:
+        await conn.close()
+        await writer.close()
+    assert not (tmp_path / "spool").exists()
+    assert await stored_ids(db) == [r.event_id for r in produced]
+    assert (await verify(db)).ok
+    await db.close()
+
+
+async def submit_all(writer: AuditWriter, records: list[AuditRecord]) -> None:
+    for record in records:
+        await writer.submit(record)
+
+
+async def test_a_backlog_is_written_in_bigger_batches(
+    db: Database, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sizes: list[int] = []
+
+    async def counted(session: Any, records: list[AuditRecord], *, unseen: bool = False) -> int:
+        sizes.append(len(records))
+        return await append_new(session, records, unseen=unseen)
+
+    monkeypatch.setattr("server.audit.writer.append_new", counted)
+    writer = AuditWriter(db, max_queue=300, batch_size=10, max_batch=100, flush_interval=0.01)
+    writer.start()
+    produced = [event(i) for i in range(600)]
+    try:
+        await submit_all(writer, produced)  # yields only when the buffer is full
+        await writer.flush()
+    finally:
+        await writer.close()
+    assert sum(sizes) == 600 and max(sizes) == 100
+    assert await stored_ids(db) == [r.event_id for r in produced]
+    assert (await verify(db)).ok
+
+
+async def test_the_application_role_appends_with_copy() -> None:
+    """COPY needs no more than the INSERT the least-privileged role has on the trail."""
+    owner, app = unique_name("muster_o"), unique_name("muster_a")
+    try:
+        async with fresh_database(migrated=False) as url:
+            await apply_roles(url, owner=owner, app=app)
+            name = database_name(url)
+            await migrate.upgrade(pg_database_url(name, user=owner))
+            db = await open_db(pg_database_url(name, user=app))
+            writer = AuditWriter(db, flush_interval=0.01)
+            writer.start()
+            produced = [event(i) for i in range(50)]
+            try:
+                await submit_all(writer, produced)
+                await writer.flush()
+            finally:
+                await writer.close()
+            assert await stored_ids(db) == [r.event_id for r in produced]
+            assert (await verify(db)).ok
+            await db.close()
+    finally:
+        await admin_execute(f'DROP ROLE IF EXISTS "{app}"', f'DROP ROLE IF EXISTS "{owner}"')

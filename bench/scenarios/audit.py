@@ -3,7 +3,6 @@ the same rows in batches of the same size, and a count of what was lost (must be
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import time
@@ -15,17 +14,13 @@ from bench.profiling import sampled
 from bench.results import Context, Figure, ScenarioResult, Summary
 from bench.stack import PG_ADMIN_URL, Stack
 from server.audit import AuditRecord, AuditWriter
-from server.audit.chain import link
+from server.audit.chain import COLUMNS, GENESIS, link
 from server.audit.verify import verify
 from server.storage.database import Database
 from server.storage.models import AuditEvent
 
 BATCH = 500
 """The writer's batch size, used for COPY too: one transaction per batch either way."""
-COLUMNS = [
-    "event_id", "time", "actor", "action", "target", "outcome", "peer", "request_id",
-    "details", "chain", "seq", "prev_hash", "hash",
-]  # fmt: skip
 
 
 def _events(count: int) -> list[AuditRecord]:
@@ -69,8 +64,8 @@ async def _writer_run(url: str, chain: str, count: int, spool: object) -> tuple[
 
 
 async def _copy_run(dsn: str, table: str, count: int) -> float:
-    rows = link([e.row() for e in _events(count)], f"copy-{secrets.token_hex(4)}", (0, "0" * 64))
-    records = [tuple(json.dumps(r[c]) if c == "details" else r[c] for c in COLUMNS) for r in rows]
+    chain = f"copy-{secrets.token_hex(4)}"
+    records = link([e.content() for e in _events(count)], chain, (0, GENESIS))
     conn = await asyncpg.connect(dsn)
     try:
         started = time.perf_counter()

@@ -9,13 +9,20 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from server.audit.chain import chain_tip, link
+from server.audit.chain import COLUMNS, Content, chain_tip, link
 from server.storage.database import CHAIN_KEY
 from server.storage.models import AuditEvent
 from server.storage.types import utcnow
+
+_JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
+_CANONICAL_JSON = json.JSONEncoder(  # only ever given acyclic values: no need to check
+    ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":"), check_circular=False
+)
+_JSON_SCALARS = frozenset({str, int, float, bool, type(None)})
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,24 +38,39 @@ class AuditRecord:
     details: dict[str, Any] = field(default_factory=dict)
     time: datetime = field(default_factory=utcnow)
     event_id: str = field(default_factory=lambda: secrets.token_hex(16))
+    _content: Content | None = field(default=None, init=False, repr=False, compare=False)
 
-    def row(self) -> dict[str, Any]:
-        """The columns of this record's row, cut to the column sizes.
+    def content(self) -> Content:
+        """This record's row content, cut to the column sizes and encoded (once, then kept).
 
-        ``details`` goes through JSON here so its hash is computed over what the database
-        will hand back (integer keys become strings, tuples lists).
+        Raises ValueError or TypeError if the record could never be stored. ``details``
+        is stored as canonical JSON of what JSON hands back (integer keys become strings,
+        tuples lists), so its hash is computed over what the database will return.
         """
-        return {
-            "event_id": self.event_id,
-            "time": self.time,
-            "actor": _text(self.actor, 200),
-            "action": _text(self.action, 64),
-            "target": _text(self.target, 200),
-            "outcome": _text(self.outcome, 16),
-            "peer": _text(self.peer, 100),
-            "request_id": _text(self.request_id, 64),
-            "details": json.loads(json.dumps(self.details)),
-        }
+        if self._content is not None:
+            return self._content
+        if self.time.tzinfo is None:
+            raise ValueError("audit record time must be timezone-aware")
+        if not 1 <= len(self.event_id) <= 32:
+            raise ValueError("audit record event_id must be 1 to 32 characters")
+        details: Any = self.details
+        if not _plain_json(details):
+            details = json.loads(_JSON.encode(details))
+        content = Content.of(
+            self.event_id,
+            self.time,
+            (
+                _text(self.actor, 200),
+                _text(self.action, 64),
+                _text(self.target, 200),
+                _text(self.outcome, 16),
+                _text(self.peer, 100),
+                _text(self.request_id, 64),
+            ),
+            _CANONICAL_JSON.encode(details),
+        )  # encodes to UTF-8: lone surrogates cannot be stored (nor hashed)
+        object.__setattr__(self, "_content", content)
+        return content
 
     def check(self) -> None:
         """Raise ValueError or TypeError now if this record could never be stored.
@@ -56,18 +78,32 @@ class AuditRecord:
         The batch writer calls it on submit, so a bad record fails at its source instead
         of blocking every later event behind it.
         """
-        if self.time.tzinfo is None:
-            raise ValueError("audit record time must be timezone-aware")
-        if not 1 <= len(self.event_id) <= 32:
-            raise ValueError("audit record event_id must be 1 to 32 characters")
-        texts = (self.actor, self.action, self.target, self.outcome, self.peer, self.request_id)
-        encoded = json.dumps([*texts, self.details], allow_nan=False, ensure_ascii=False)
-        encoded.encode()  # lone surrogates cannot be stored (nor hashed)
+        self.content()
 
 
 def _text(value: str, size: int) -> str:
     """``value`` cut to its column; NUL, which Postgres text refuses, shown as U+FFFD."""
+    if not isinstance(value, str):
+        raise TypeError(f"audit record text fields must be str, not {type(value).__name__}")
     return value.replace("\x00", "\ufffd")[:size]
+
+
+def _plain_json(value: Any, depth: int = 0) -> bool:
+    """Whether JSON hands ``value`` back as it is (str keys, lists, scalars): no round trip."""
+    if depth > 20:  # deep, or circular: let the encoder judge
+        return False
+    if type(value) is dict:
+        if any(type(key) is not str for key in value):
+            return False
+        children: Any = value.values()
+    elif type(value) is list:
+        children = value
+    else:
+        return type(value) in _JSON_SCALARS
+    for child in children:
+        if type(child) not in _JSON_SCALARS and not _plain_json(child, depth + 1):
+            return False
+    return True
 
 
 async def record_in(session: AsyncSession, *records: AuditRecord) -> None:
@@ -75,32 +111,68 @@ async def record_in(session: AsyncSession, *records: AuditRecord) -> None:
     if not records:
         return
     chain = session.info[CHAIN_KEY]
-    rows = link([r.row() for r in records], chain, await chain_tip(session, chain))
-    await session.execute(insert(AuditEvent), rows)
+    rows = link([r.content() for r in records], chain, await chain_tip(session, chain))
+    await _insert(session, rows)
 
 
-async def append_new(session: AsyncSession, records: Sequence[AuditRecord]) -> int:
+async def append_new(
+    session: AsyncSession, records: Sequence[AuditRecord], *, unseen: bool = False
+) -> int:
     """Append the records whose ``event_id`` is not stored yet, in order; returns how many.
 
     Makes retries exactly-once: a batch whose commit went through but whose
     acknowledgement was lost is found here and not inserted again. The chain is locked
-    before looking, so an earlier attempt still committing finishes first.
+    before looking, so an earlier attempt still committing finishes first. ``unseen``
+    (the first attempt at records never sent before) skips looking in the table; an
+    event id stored already then fails the append (a unique violation). On Postgres the
+    rows go in with COPY, in the same transaction (and under the same lock).
     """
     if not records:
         return 0
     chain = session.info[CHAIN_KEY]
+    contents = [r.content() for r in records]  # before the lock: nothing to encode under it
     tip = await chain_tip(session, chain)
-    ids = list({r.event_id for r in records})
-    present = set(
-        (await session.execute(select(AuditEvent.event_id).where(AuditEvent.event_id.in_(ids))))
-        .scalars()
-        .all()
-    )
+    present = set() if unseen else await _stored_event_ids(session, [r.event_id for r in records])
     fresh = []
-    for record in records:
+    for record, content in zip(records, contents, strict=True):
         if record.event_id not in present:
             present.add(record.event_id)
-            fresh.append(record.row())
-    if fresh:
-        await session.execute(insert(AuditEvent), link(fresh, chain, tip))
+            fresh.append(content)
+    if not fresh:
+        return 0
+    rows = link(fresh, chain, tip)
+    if session.bind.dialect.name == "postgresql":
+        driver = await _asyncpg(session)
+        await driver.copy_records_to_table("audit_events", records=rows, columns=COLUMNS)
+    else:
+        await _insert(session, rows)
     return len(fresh)
+
+
+async def _stored_event_ids(session: AsyncSession, ids: list[str]) -> set[str]:
+    if session.bind.dialect.name == "postgresql":  # one parameter, not one per id
+        driver = await _asyncpg(session)
+        sql = "SELECT event_id FROM audit_events WHERE event_id = ANY($1::text[])"
+        return {row[0] for row in await driver.fetch(sql, ids)}
+    query = select(AuditEvent.event_id).where(AuditEvent.event_id.in_(ids))
+    return set((await session.execute(query)).scalars())
+
+
+async def _asyncpg(session: AsyncSession) -> asyncpg.Connection:
+    """The asyncpg connection under ``session``, in its transaction (begun by then)."""
+    connection = await session.connection()
+    driver = (await connection.get_raw_connection()).driver_connection
+    assert isinstance(driver, asyncpg.Connection)
+    return driver
+
+
+async def _insert(session: AsyncSession, rows: list[tuple[Any, ...]]) -> None:
+    """Insert linked rows through SQLAlchemy (any backend)."""
+    details = COLUMNS.index("details")
+    await session.execute(
+        insert(AuditEvent),
+        [
+            {**dict(zip(COLUMNS, row, strict=True)), "details": json.loads(row[details])}
+            for row in rows
+        ],
+    )

@@ -1,8 +1,10 @@
 """A bounded batch writer for high-volume audit events (stream and task lifecycle) that loses none.
 
-Events are buffered without blocking the hot path and inserted in batches, each in one
-transaction that skips event ids already stored (so a retry after a lost commit
-acknowledgement inserts nothing twice). When a batch cannot be written, it goes to an
+Events are encoded once when submitted (canonical JSON for the hash chain, the column
+values), buffered without blocking the hot path and written in batches, each in one
+transaction (on Postgres with COPY); a retry skips event ids already stored (so a retry
+after a lost commit acknowledgement inserts nothing twice). A backlog is written in
+bigger batches (up to ``max_batch``). When a batch cannot be written, it goes to an
 fsynced spool on local disk (:mod:`server.audit.spool`) and so does every later event,
 until a replay has moved the whole spool, oldest first, into the database: the order of
 the batch-written events in the chain is the order they were submitted. A spool left
@@ -19,6 +21,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import asyncpg
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
@@ -31,13 +34,17 @@ log = logging.getLogger(__name__)
 
 MAX_RETRY_DELAY = 2.0
 """Longest pause between attempts to reach the database again (a refused attempt is cheap)."""
+MAX_BATCH = 2000
+"""Default for the most events written in one transaction when a backlog has built up."""
 
 
 class AuditWriter:
     """Buffers audit events and writes them in batches; spools them while the database is away.
 
     Without ``spool_path`` a batch that cannot be written is retried in memory (the
-    buffer then fills and ``submit`` waits).
+    buffer then fills and ``submit`` waits). A write still pending after
+    ``stall_timeout`` while the buffer is half full counts as a hanging database: the
+    batch and what follows go to the spool.
     """
 
     def __init__(
@@ -47,15 +54,19 @@ class AuditWriter:
         spool_path: Path | None = None,
         max_queue: int = 10_000,
         batch_size: int = 500,
+        max_batch: int = MAX_BATCH,
         flush_interval: float = 0.1,
         db_timeout: float = 5.0,
+        stall_timeout: float = 2.0,
     ) -> None:
         self._db = db
         self._spool_dir = spool_path
         self._max_queue = max_queue
         self._batch_size = batch_size
+        self._max_batch = max(batch_size, max_batch)
         self._flush_interval = flush_interval
         self._db_timeout = db_timeout
+        self._stall_timeout = stall_timeout
         self._buffer: collections.deque[AuditRecord] = collections.deque()
         self._in_flight = 0
         self._wake = asyncio.Event()
@@ -157,7 +168,8 @@ class AuditWriter:
             self._progress.set()  # flush() waiters see that the writer is gone
 
     async def _collect(self) -> list[AuditRecord]:
-        """The next batch: up to ``batch_size`` events, waiting ``flush_interval`` for more."""
+        """The next batch: up to ``batch_size`` events, waiting ``flush_interval`` for more;
+        everything waiting (up to ``max_batch``) when there is more than that."""
         loop = asyncio.get_running_loop()
         if not self._buffer and not self._closing:
             timeout = None
@@ -176,7 +188,7 @@ class AuditWriter:
         ):
             self._wake.clear()
             await _wait(self._wake, deadline - loop.time())
-        return self._take(self._batch_size)
+        return self._take(min(max(len(self._buffer), self._batch_size), self._max_batch))
 
     def _take(self, count: int) -> list[AuditRecord]:
         batch = [self._buffer.popleft() for _ in range(min(count, len(self._buffer)))]
@@ -193,7 +205,7 @@ class AuditWriter:
         while True:
             if not self._segments:
                 try:
-                    await self._guarded_store(batch, spool_meanwhile=False)
+                    await self._guarded_store(batch, spool_meanwhile=False, unseen=not attempts)
                 except Exception as err:
                     failed: BaseException | None = err
                 else:
@@ -236,16 +248,19 @@ class AuditWriter:
                 await self._replay(drain=False)  # nothing may overtake this batch
 
     async def _guarded_store(
-        self, records: Sequence[AuditRecord], *, spool_meanwhile: bool
+        self, records: Sequence[AuditRecord], *, spool_meanwhile: bool, unseen: bool = False
     ) -> None:
         """:meth:`_store`, without letting a hanging database stop events from being accepted.
 
         While the insert is pending, new events are spooled behind it (``spool_meanwhile``,
-        when ``records`` come from the spool), or else, once the buffer is half full, the
-        insert is abandoned (TimeoutError) so the caller spools ``records`` and what follows.
+        when ``records`` come from the spool), or else, once the buffer is half full and the
+        insert has taken ``stall_timeout``, it is abandoned (TimeoutError) so the caller
+        spools ``records`` and what follows.
         An abandoned insert may still commit: replaying skips what is already stored.
+        ``unseen``: no attempt to store ``records`` was made before (see :func:`append_new`).
         """
-        task = asyncio.ensure_future(self._store(records))
+        task = asyncio.ensure_future(self._store(records, unseen))
+        stalled = asyncio.get_running_loop().time() + self._stall_timeout
         try:
             while not task.done():
                 await asyncio.wait({task}, timeout=self._flush_interval)
@@ -253,7 +268,11 @@ class AuditWriter:
                     continue
                 if spool_meanwhile and self._buffer:
                     await self._spool_buffer()
-                elif not spool_meanwhile and len(self._buffer) >= self._max_queue // 2:
+                elif (
+                    not spool_meanwhile
+                    and len(self._buffer) >= self._max_queue // 2
+                    and asyncio.get_running_loop().time() >= stalled
+                ):
                     raise TimeoutError("database too slow while events pile up")
             task.result()
         finally:
@@ -274,7 +293,7 @@ class AuditWriter:
         finally:
             self._in_flight -= len(batch)
 
-    async def _store(self, records: Sequence[AuditRecord]) -> None:
+    async def _store(self, records: Sequence[AuditRecord], unseen: bool) -> None:
         """Insert in one transaction; events the database refuses as invalid are set aside.
 
         Raises when the database is unreachable (or too slow): the caller spools or retries.
@@ -282,7 +301,7 @@ class AuditWriter:
         if not records:
             return
         try:
-            await self._insert(records)
+            await self._insert(records, unseen=unseen)
         except Exception as err:
             if not _is_bad_data(err):
                 raise
@@ -299,10 +318,10 @@ class AuditWriter:
                     if attempt == 2:
                         self._set_aside(record, err)
 
-    async def _insert(self, records: Sequence[AuditRecord]) -> None:
+    async def _insert(self, records: Sequence[AuditRecord], *, unseen: bool = False) -> None:
         async def attempt() -> None:
             async with self._db.transaction() as session:
-                await append_new(session, records)
+                await append_new(session, records, unseen=unseen)
 
         await asyncio.wait_for(attempt(), self._db_timeout)
 
@@ -356,7 +375,7 @@ class AuditWriter:
                 segment = self._segments[0]
                 while segment.read_offset < segment.size:
                     records, end = await asyncio.to_thread(
-                        segment.read, segment.read_offset, self._batch_size
+                        segment.read, segment.read_offset, self._max_batch
                     )
                     await self._guarded_store(records, spool_meanwhile=drain)
                     segment.read_offset = end
@@ -417,6 +436,8 @@ def _is_bad_data(err: BaseException) -> bool:
     """The database refused the data itself: retrying the same rows can never succeed."""
     if isinstance(err, sa_exc.DBAPIError):
         return isinstance(err, sa_exc.DataError | sa_exc.IntegrityError)
+    if isinstance(err, asyncpg.PostgresError):  # from COPY, which bypasses SQLAlchemy
+        return isinstance(err, asyncpg.DataError | asyncpg.IntegrityConstraintViolationError)
     return isinstance(err, sa_exc.StatementError | TypeError | ValueError)
 
 
