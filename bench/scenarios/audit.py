@@ -16,11 +16,13 @@ from bench.stack import PG_ADMIN_URL, Stack
 from server.audit import AuditRecord, AuditWriter
 from server.audit.chain import COLUMNS, GENESIS, link
 from server.audit.verify import verify
+from server.audit.writer import MAX_BATCH
 from server.storage.database import Database
 from server.storage.models import AuditEvent
 
-BATCH = 500
-"""The writer's batch size, used for COPY too: one transaction per batch either way."""
+BATCH = MAX_BATCH
+"""The writer's batch size when a backlog builds up (as here), used for COPY too: one
+transaction per batch either way."""
 
 
 def _events(count: int) -> list[AuditRecord]:
