@@ -1,8 +1,10 @@
 """One agent's Connect stream: Hello/Welcome, credit-based push, and reconciliation.
 
-The stream runs three coroutines: a reader (agent messages), a pump (claims work while
-the agent has credit) and a writer (the only one that writes to the stream). The first
-to finish ends the stream; whatever attempts it still holds go back to the queue.
+A stream is a reader (agent messages) and, only while they have something to do, a
+pump (claims work while the agent has credit and the stream was woken) and a writer
+(the only one that writes to the stream, while the outbox has messages): an idle stream
+costs its reader, a future and three timers. The reader ending, or a close, ends the
+stream; whatever attempts it still holds go back to the queue.
 """
 
 from __future__ import annotations
@@ -12,11 +14,14 @@ import contextlib
 import logging
 import random
 import secrets
+from collections import deque
 from collections.abc import AsyncIterator
 from datetime import datetime
+from typing import Any, TypeAlias
 
 import grpc
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from muster.v1 import agent_pb2
 from server.audit import AuditRecord
@@ -29,8 +34,12 @@ log = logging.getLogger(__name__)
 MAX_CONCURRENCY = 1000
 IDLE_RECHECK = 30.0
 """Seconds an idle stream waits for a wake-up before looking for work by itself."""
-DATABASE_ERRORS = (DBAPIError, OSError)
-"""What a lost or refused database connection raises through SQLAlchemy and asyncpg."""
+DATABASE_ERRORS = (DBAPIError, OSError, PoolTimeout)
+"""What a lost or refused database connection, or a pool with none free, raises through
+SQLAlchemy and asyncpg."""
+FLUSH_TIMEOUT = 1.0
+"""How long a closing stream waits for its outbox to be written."""
+Context: TypeAlias = grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.ServerMessage]
 MAX_CAPABILITIES = 100
 
 
@@ -71,8 +80,14 @@ class AgentSession:
         self.kinds: list[str] = []
         self.credit = 0
         self.draining = False
-        self._outbox: asyncio.Queue[agent_pb2.ServerMessage] = asyncio.Queue()
-        self._wake = asyncio.Event()
+        self._context: Context | None = None
+        self._outbox: deque[agent_pb2.ServerMessage] = deque()
+        self._writer: asyncio.Task[None] | None = None
+        self._pump_task: asyncio.Task[None] | None = None
+        self._woken = False
+        """A wake-up the pump has not acted on yet."""
+        self._claiming = False
+        """A claim is under way: tasks may be assigned to this stream that it never saw."""
         self._cancels_sent: set[tuple[str, int]] = set()
         self._held: set[tuple[str, int]] = set()
         """Attempts pushed to (or reported by) the agent and not yet ended by a Result."""
@@ -84,10 +99,16 @@ class AgentSession:
 
     @property
     def wants_work(self) -> bool:
-        return self.credit > 0 and not self.draining and not self._wake.is_set()
+        return self.credit > 0 and not self.draining and not self._woken
 
     def wake(self) -> None:
-        self._wake.set()
+        """Look for work: start the pump, or make the running one look once more."""
+        self._woken = True
+        if self._closed.done() or self.credit <= 0 or self.draining:
+            return
+        if self._pump_task is None or self._pump_task.done():
+            self._pump_task = asyncio.create_task(self._pump(), name=f"pump-{self.session_id}")
+            self._pump_task.add_done_callback(self._worker_done)
 
     def cancel_attempt(self, task_id: str, attempt: int, reason: str) -> None:
         if (task_id, attempt) in self._cancels_sent:
@@ -109,6 +130,12 @@ class AgentSession:
         if not self._closed.done():
             self._closed.set_result(StreamClosed(code, message))
 
+    def _worker_done(self, task: asyncio.Task[None]) -> None:
+        """A pump or writer that failed ends the stream with its error."""
+        failed = not task.cancelled() and task.exception() is not None
+        if failed and not self._closed.done():
+            self._closed.set_exception(task.exception())  # type: ignore[arg-type]
+
     # The stream
 
     async def run(
@@ -116,6 +143,7 @@ class AgentSession:
         requests: AsyncIterator[agent_pb2.AgentMessage],
         context: grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.ServerMessage],
     ) -> None:
+        self._context = context
         hello = await self._receive_hello(requests)
         self._check_hello(hello)
         dispatcher = self.dispatcher
@@ -139,28 +167,29 @@ class AgentSession:
             self.session_id,
             self.credit,
         )
-        workers = [
-            asyncio.create_task(self._read(requests), name=f"read-{self.session_id}"),
-            asyncio.create_task(self._pump(), name=f"pump-{self.session_id}"),
-            asyncio.create_task(self._write(context), name=f"write-{self.session_id}"),
-        ]
+        reader = asyncio.create_task(self._read(requests), name=f"read-{self.session_id}")
         timers = self._arm_timers()
-        ending: list[asyncio.Future[None] | asyncio.Future[StreamClosed]] = [*workers, self._closed]
+        self.wake()
         reason = "stream closed"
         try:
-            done, _ = await asyncio.wait(ending, return_when=asyncio.FIRST_COMPLETED)
-            if self._closed in done:
+            ending: list[asyncio.Future[Any]] = [reader, self._closed]
+            await asyncio.wait(ending, return_when=asyncio.FIRST_COMPLETED)
+            if self._closed.done():
+                if (failure := self._closed.exception()) is not None:
+                    reason = repr(failure)
+                    raise failure
                 closed = self._closed.result()
                 reason = closed.message
-                await self._flush_outbox(context)
+                await self._flush_outbox()
                 raise closed
-            for finished in done:
-                if (exc := finished.exception()) is not None:
-                    reason = exc.message if isinstance(exc, StreamClosed) else repr(exc)
-                    raise exc
+            if (exc := reader.exception()) is not None:
+                reason = exc.message if isinstance(exc, StreamClosed) else repr(exc)
+                raise exc
         finally:
-            for timer in timers:
+            for timer in timers.values():
                 timer.cancel()
+            self.close(grpc.StatusCode.CANCELLED, reason)  # no pump or writer starts now
+            workers = [t for t in (reader, self._pump_task, self._writer) if t is not None]
             for worker in workers:
                 worker.cancel()
             for worker in workers:
@@ -175,7 +204,10 @@ class AgentSession:
 
     async def _release(self, reason: str) -> None:
         try:
-            await self.dispatcher.release_session(self.session_id, f"agent stream ended: {reason}")
+            if self._held or self._claiming:
+                await self.dispatcher.release_session(
+                    self.session_id, f"agent stream ended: {reason}"
+                )
         except DATABASE_ERRORS as err:
             # The leases of whatever this stream held expire, and a reaper requeues them.
             log.warning(
@@ -243,67 +275,74 @@ class AgentSession:
         )
 
     def _send(self, message: agent_pb2.ServerMessage) -> None:
-        self._outbox.put_nowait(message)
+        self._outbox.append(message)
+        if self._closed.done() or self._context is None:
+            return  # a closing stream writes what is left itself (_flush_outbox)
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(
+                self._write(self._context), name=f"write-{self.session_id}"
+            )
+            self._writer.add_done_callback(self._worker_done)
 
-    async def _write(
-        self, context: grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.ServerMessage]
-    ) -> None:
-        while True:
-            message = await self._outbox.get()
-            await context.write(message)
+    async def _write(self, context: Context) -> None:
+        while self._outbox:
+            await context.write(self._outbox.popleft())
 
-    async def _flush_outbox(
-        self, context: grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.ServerMessage]
-    ) -> None:
+    async def _flush_outbox(self) -> None:
+        """Let the writer finish, then write what is left (a closing stream's last words)."""
         with contextlib.suppress(Exception):
-            while not self._outbox.empty():
-                await context.write(self._outbox.get_nowait())
+            if self._writer is not None and not self._writer.done():
+                await asyncio.wait_for(asyncio.shield(self._writer), FLUSH_TIMEOUT)
+            if self._context is not None:
+                while self._outbox:
+                    await asyncio.wait_for(
+                        self._context.write(self._outbox.popleft()), FLUSH_TIMEOUT
+                    )
 
     async def _pump(self) -> None:
-        poll = self.config.poll_interval.total_seconds()
-        while True:
-            self._wake.clear()
-            if self.credit > 0 and not self.draining:
-                limit = self.credit
-                try:
-                    claimed = await self.dispatcher.claim(
-                        agent_id=self.agent_id,
-                        session_id=self.session_id,
-                        pool=self.pool,
-                        labels=self.labels,
-                        kinds=self.kinds,
-                        limit=limit,
-                    )
-                except DATABASE_ERRORS as err:
-                    # Nothing was claimed; keep the stream and look again after a pause.
-                    log.warning("claim for %s failed (%s)", self.agent_id, type(err).__name__)
-                    await asyncio.sleep(poll)
-                    continue
-                for task in claimed:
-                    self.credit -= 1
-                    self._held.add((task.task_id, task.attempt))
-                    self._send(
-                        agent_pb2.ServerMessage(
-                            assignment=agent_pb2.Assignment(
-                                task_id=task.task_id,
-                                attempt=task.attempt,
-                                kind=task.kind,
-                                payload=task.payload,
-                                start_to_close_timeout=convert.duration(
-                                    task.start_to_close_timeout
-                                ),
-                                deadline=convert.timestamp(task.deadline),
-                                accept_within=convert.duration(self.config.accept_timeout),
-                            )
+        """Claim while woken and the agent has credit; then stop until the next wake-up."""
+        while self._woken and self.credit > 0 and not self.draining:
+            self._woken = False
+            limit = self.credit
+            self._claiming = True
+            try:
+                claimed = await self.dispatcher.claim(
+                    agent_id=self.agent_id,
+                    session_id=self.session_id,
+                    pool=self.pool,
+                    labels=self.labels,
+                    kinds=self.kinds,
+                    limit=limit,
+                )
+            except DATABASE_ERRORS as err:
+                # Nothing was claimed; keep the stream and look again after a pause.
+                log.warning("claim for %s failed (%s)", self.agent_id, type(err).__name__)
+                self._claiming = False
+                await asyncio.sleep(self.config.poll_interval.total_seconds())
+                self._woken = True
+                continue
+            for task in claimed:
+                self.credit -= 1
+                self._held.add((task.task_id, task.attempt))
+                self._send(
+                    agent_pb2.ServerMessage(
+                        assignment=agent_pb2.Assignment(
+                            task_id=task.task_id,
+                            attempt=task.attempt,
+                            kind=task.kind,
+                            payload=task.payload,
+                            start_to_close_timeout=convert.duration(task.start_to_close_timeout),
+                            deadline=convert.timestamp(task.deadline),
+                            accept_within=convert.duration(self.config.accept_timeout),
                         )
                     )
-                if len(claimed) == limit:
-                    continue  # credit used up, or more work may be waiting: look again
-            # Idle streams do not poll the database each: the replica looks once per
-            # poll_interval for claimable work and wakes as many streams as it found
-            # tasks (Dispatcher.poll_queues). The long timeout is only a safety net.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), IDLE_RECHECK * random.uniform(0.8, 1.2))
+                )
+            self._claiming = False
+            if len(claimed) == limit:
+                self._woken = True  # credit used up, or more work may be waiting: look again
+        # Idle streams do not poll the database each: the replica looks once per
+        # poll_interval for claimable work and wakes as many streams as it found tasks
+        # (Dispatcher.poll_queues); a timer wakes each stream now and then as a safety net.
 
     async def _read(self, requests: AsyncIterator[agent_pb2.AgentMessage]) -> None:
         try:
@@ -363,30 +402,35 @@ class AgentSession:
                     grpc.StatusCode.INVALID_ARGUMENT, "empty or unknown agent message"
                 )
 
-    def _arm_timers(self) -> list[asyncio.TimerHandle]:
+    def _arm_timers(self) -> dict[str, asyncio.TimerHandle]:
         """Close a stream that goes silent, and one whose certificate expires; drain one
-        that reaches its maximum age, so agents spread again over replicas.
+        that reaches its maximum age, so agents spread again over replicas; look for
+        work now and then even without a wake-up.
 
         Timers rather than a watchdog task: an idle stream costs no wake-ups but these.
+        Timers that re-arm replace their entry, so cancelling the values stops them all.
         """
         loop = asyncio.get_running_loop()
-        timers = [
-            loop.call_later(
+        timers = {
+            "expiry": loop.call_later(
                 max(0.0, (self.not_after - utcnow()).total_seconds()),
                 self.close,
                 grpc.StatusCode.UNAUTHENTICATED,
                 "client certificate expired",
             )
-        ]
-        max_age = self.config.max_stream_age.total_seconds()
-        if max_age:
-            timers.append(
-                loop.call_later(
-                    max_age * random.uniform(0.9, 1.1),
-                    self.drain,
-                    "maximum stream age reached; reconnect",
-                )
+        }
+        if max_age := self.config.max_stream_age.total_seconds():
+            timers["max_age"] = loop.call_later(
+                max_age * random.uniform(0.9, 1.1),
+                self.drain,
+                "maximum stream age reached; reconnect",
             )
+
+        def recheck() -> None:
+            self.wake()
+            timers["recheck"] = loop.call_later(IDLE_RECHECK * random.uniform(0.8, 1.2), recheck)
+
+        timers["recheck"] = loop.call_later(IDLE_RECHECK * random.uniform(0.8, 1.2), recheck)
         silence = self.config.lease_duration.total_seconds()
 
         def check_silence() -> None:
@@ -396,9 +440,9 @@ class AgentSession:
                     grpc.StatusCode.DEADLINE_EXCEEDED, "no message from the agent within the lease"
                 )
             else:
-                timers[-1] = loop.call_at(quiet_until, check_silence)
+                timers["silence"] = loop.call_at(quiet_until, check_silence)
 
-        timers.append(loop.call_at(self._last_heard + silence, check_silence))
+        timers["silence"] = loop.call_at(self._last_heard + silence, check_silence)
         return timers
 
     def _audit(self, action: str, details: dict[str, object]) -> AuditRecord:
