@@ -117,10 +117,10 @@ class AgentIdentityAuth(grpc.aio.ServerInterceptor):
         assert agent_id is not None
         serial = format(certificate.serial_number, "x")
         denied = grpc.StatusCode.PERMISSION_DENIED
-        async with self._db.transaction() as session:
-            issued = await identities.certificate(session, serial)
-            agent = await identities.agent(session, agent_id)
-        if issued is None or issued.agent_id != agent_id or agent is None:
+        # Shared with the other connections arriving meanwhile: a reconnecting fleet is
+        # checked a batch at a time, not a transaction per agent.
+        issued = await self._db.group.run_many("presented", identities.presented_many, serial)
+        if issued is None or issued.agent_id != agent_id:
             raise Refused(
                 denied,
                 "client certificate is not one this server issued to that agent",
@@ -128,7 +128,7 @@ class AgentIdentityAuth(grpc.aio.ServerInterceptor):
             )
         if issued.revoked_at is not None:
             raise Refused(denied, "client certificate has been revoked", "revoked")
-        if not agent.enabled:
+        if not issued.enabled:
             raise Refused(denied, f"agent {agent_id} is disabled", "disabled")
         if certificate.not_valid_after_utc <= utcnow():
             raise Refused(grpc.StatusCode.UNAUTHENTICATED, "client certificate expired", "expired")
@@ -138,6 +138,6 @@ class AgentIdentityAuth(grpc.aio.ServerInterceptor):
             serial=serial,
             not_before=certificate.not_valid_before_utc,
             not_after=certificate.not_valid_after_utc,
-            pool=agent.pool,
-            labels=dict(agent.labels),
+            pool=issued.pool,
+            labels=dict(issued.labels),
         )

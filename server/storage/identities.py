@@ -262,13 +262,47 @@ async def revoked_since(session: AsyncSession, since: datetime) -> list[tuple[st
 
 
 async def disabled_agents(session: AsyncSession, agent_ids: set[str]) -> list[str]:
-    """Which of ``agent_ids`` are disabled."""
+    """Which of ``agent_ids`` are disabled.
+
+    Asks for the disabled agents (few) and intersects here, rather than sending every
+    connected agent's id (thousands) as parameters every poll."""
     if not agent_ids:
         return []
-    result = await session.execute(
-        select(Agent.agent_id).where(Agent.agent_id.in_(agent_ids), Agent.enabled.is_(False))
+    result = await session.execute(select(Agent.agent_id).where(Agent.enabled.is_(False)))
+    return [agent_id for agent_id in result.scalars() if agent_id in agent_ids]
+
+
+@dataclass(frozen=True, slots=True)
+class Presented:
+    """What the agent listener needs to know about a presented certificate's serial."""
+
+    agent_id: str
+    revoked_at: datetime | None
+    enabled: bool
+    pool: str
+    labels: dict[str, str]
+
+
+async def presented_many(conn: AsyncConnection, serials: Sequence[str]) -> list[Presented | None]:
+    """Per serial: its certificate's agent, revocation and the agent's state and scope
+    (None: not a certificate this server issued). One query for many new connections."""
+    rows = await conn.execute(
+        select(
+            Certificate.serial,
+            Certificate.agent_id,
+            Certificate.revoked_at,
+            Agent.enabled,
+            Agent.pool,
+            Agent.labels,
+        )
+        .join(Agent, Agent.agent_id == Certificate.agent_id)
+        .where(Certificate.serial.in_(set(serials)))
     )
-    return list(result.scalars())
+    found = {
+        serial: Presented(agent_id, revoked_at, enabled, pool, labels)
+        for serial, agent_id, revoked_at, enabled, pool, labels in rows
+    }
+    return [found.get(serial) for serial in serials]
 
 
 async def api_token(session: AsyncSession, token_id: str) -> ApiToken | None:
