@@ -20,6 +20,7 @@ from muster.cli import main
 from server.app import ServerHandle
 from server.audit import AuditRecord, AuditWriter, record_in
 from server.audit.chain import COLUMNS, GENESIS, link, row_hash
+from server.audit.record import _tips as tips
 from server.audit.record import append_new
 from server.audit.spool import Segment, adopt_all, decode, encode
 from server.audit.verify import verify
@@ -144,6 +145,36 @@ async def test_two_replicas_append_to_their_own_chains(db_url: str) -> None:
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_wrong_guess_of_the_tip_is_found_and_the_chain_stays_whole(db: Database) -> None:
+    """On Postgres an append guesses the tip (this process's last append) instead of reading
+    it; a rolled-back append, or another process on the same chain, makes the guess wrong."""
+
+    async def append(*records: AuditRecord) -> None:
+        async with db.transaction() as session:
+            await session.execute(text("SELECT 1"))  # the transaction has begun, as usual
+            await record_in(session, *records)
+
+    await append(event(1))
+    with pytest.raises(ZeroDivisionError):  # rolled back after its rows were linked
+        async with db.transaction() as session:
+            await record_in(session, event(2), event(3))
+            _ = 1 / 0
+    await append(event(4))
+    tip = tips.get("r1")
+    await append(event(5), event(6))  # as if by another process: the guess falls behind
+    if tip is not None:
+        tips["r1"] = tip
+    await append(event(7))
+    if tip is not None:
+        tips["r1"] = (tip[0] + 1, tip[1])  # the right seq with the wrong hash
+    await append(event(8))
+    rows = await rows_by_seq(db)
+    assert [(r.seq, r.target) for r in rows] == list(
+        enumerate(["t1", "t4", "t5", "t6", "t7", "t8"], start=1)
+    )
+    assert (await verify(db)).ok
 
 
 async def test_append_new_skips_events_already_stored(db: Database) -> None:

@@ -135,7 +135,7 @@ def link(contents: Sequence[Content], chain: str, tip: tuple[int, str]) -> list[
     return rows
 
 
-def _lock_key(chain: str) -> int:
+def lock_key(chain: str) -> int:
     """A stable signed 64-bit advisory-lock key for ``chain``."""
     return int.from_bytes(
         hashlib.sha256(b"muster-audit:" + chain.encode()).digest()[:8], "big", signed=True
@@ -145,7 +145,7 @@ def _lock_key(chain: str) -> int:
 async def chain_tip(session: AsyncSession, chain: str) -> tuple[int, str]:
     """Lock ``chain`` for this transaction and return its last (seq, hash)."""
     if session.bind.dialect.name == "postgresql":
-        await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _lock_key(chain)})
+        await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key(chain)})
     last = await session.execute(
         select(AuditEvent.seq, AuditEvent.hash).where(
             AuditEvent.chain == chain,

@@ -13,7 +13,7 @@ import asyncpg
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from server.audit.chain import COLUMNS, Content, chain_tip, link
+from server.audit.chain import COLUMNS, GENESIS, Content, chain_tip, link, lock_key
 from server.storage.database import CHAIN_KEY
 from server.storage.models import AuditEvent
 from server.storage.types import utcnow
@@ -111,8 +111,25 @@ async def record_in(session: AsyncSession, *records: AuditRecord) -> None:
     if not records:
         return
     chain = session.info[CHAIN_KEY]
-    rows = link([r.content() for r in records], chain, await chain_tip(session, chain))
-    await _insert(session, rows)
+    contents = [r.content() for r in records]
+    if session.bind.dialect.name != "postgresql":
+        await _insert(session, link(contents, chain, await chain_tip(session, chain)))
+        return
+    # The lock is the last thing taken before the caller commits: held for one insert.
+    driver = await _asyncpg(session)
+    if driver.is_in_transaction():
+        await driver.execute(_LOCK, lock_key(chain))
+        tip = _tips.get(chain, (0, GENESIS))
+    else:  # nothing ran in this transaction yet: SQLAlchemy begins it with its first statement
+        tip = await chain_tip(session, chain)
+    rows = link(contents, chain, tip)
+    if not await _insert_after(driver, rows, chain, tip):
+        # Another transaction or process moved the tip since this one saw it: read it.
+        tip = await _read_tip(driver, chain)
+        rows = link(contents, chain, tip)
+        if not await _insert_after(driver, rows, chain, tip):
+            raise RuntimeError(f"audit chain {chain!r} moved while locked")
+    _remember(chain, rows)
 
 
 async def append_new(
@@ -144,6 +161,7 @@ async def append_new(
     if session.bind.dialect.name == "postgresql":
         driver = await _asyncpg(session)
         await driver.copy_records_to_table("audit_events", records=rows, columns=COLUMNS)
+        _remember(chain, rows)
     else:
         await _insert(session, rows)
     return len(fresh)
@@ -159,11 +177,51 @@ async def _stored_event_ids(session: AsyncSession, ids: list[str]) -> set[str]:
 
 
 async def _asyncpg(session: AsyncSession) -> asyncpg.Connection:
-    """The asyncpg connection under ``session``, in its transaction (begun by then)."""
+    """The asyncpg connection under ``session``. SQLAlchemy begins the transaction on it with
+    its first statement: until then, what runs here runs outside of it."""
     connection = await session.connection()
     driver = (await connection.get_raw_connection()).driver_connection
     assert isinstance(driver, asyncpg.Connection)
     return driver
+
+
+# Postgres: record_in appends with asyncpg directly (no ORM, prepared statements), in two
+# round trips: the chain's lock, then an insert after the tip this process last wrote,
+# which inserts nothing unless that is still the tip.
+_tips: dict[str, tuple[int, str]] = {}
+"""The (seq, hash) this process last appended to each chain: a guess that saves reading
+the tip. A transaction that rolled back, or another process on the same chain, makes it
+stale; the insert then finds a different tip and inserts nothing, and the tip is read."""
+_SEQ, _HASH = COLUMNS.index("seq"), COLUMNS.index("hash")
+_LOCK = "SELECT pg_advisory_xact_lock($1)"
+_TIP = "SELECT seq, hash FROM audit_events WHERE chain = $1 ORDER BY seq DESC LIMIT 1"
+_INSERT_AFTER = """
+INSERT INTO audit_events (event_id, time, actor, action, target, outcome, peer, request_id,
+                          details, chain, seq, prev_hash, hash)
+SELECT * FROM unnest($1::text[], $2::timestamptz[], $3::text[], $4::text[], $5::text[],
+                     $6::text[], $7::text[], $8::text[], $9::json[], $10::text[],
+                     $11::bigint[], $12::text[], $13::text[])
+WHERE NOT EXISTS (SELECT FROM audit_events WHERE chain = $14 AND seq > $15)
+  AND ($15 = 0 OR EXISTS (SELECT FROM audit_events WHERE chain = $14 AND seq = $15
+                                                        AND hash = $16))
+"""
+
+
+async def _insert_after(
+    driver: asyncpg.Connection, rows: list[tuple[Any, ...]], chain: str, tip: tuple[int, str]
+) -> bool:
+    """Insert ``rows`` if ``tip`` is the chain's last row (the lock is held); else nothing."""
+    status = await driver.execute(_INSERT_AFTER, *zip(*rows, strict=True), chain, *tip)
+    return bool(status != "INSERT 0 0")
+
+
+async def _read_tip(driver: asyncpg.Connection, chain: str) -> tuple[int, str]:
+    row = await driver.fetchrow(_TIP, chain)
+    return (row[0], row[1]) if row is not None else (0, GENESIS)
+
+
+def _remember(chain: str, rows: list[tuple[Any, ...]]) -> None:
+    _tips[chain] = (rows[-1][_SEQ], rows[-1][_HASH])
 
 
 async def _insert(session: AsyncSession, rows: list[tuple[Any, ...]]) -> None:
