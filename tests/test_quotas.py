@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 from server.metrics import MusterMetrics
 from server.quotas import (
     AUTH_FAILURES,
+    ENROLLMENTS,
     INFLIGHT_TASKS,
     SPEND,
     SUBMISSIONS,
@@ -40,6 +41,7 @@ from server.quotas import (
     Quotas,
     QuotaStore,
     QuotaStoreUnavailable,
+    RateCheck,
     RateDecision,
     RateLimit,
     RedisQuotaStore,
@@ -159,6 +161,30 @@ async def test_gcra_cost_zero_only_looks(store: QuotaStore, clock: FakeClock, ke
     assert await store.rate_limit(key, rate=1, burst=2, cost=0) == RateDecision(False, 1.0, 0)
     clock.advance(1)
     assert await store.rate_limit(key, rate=1, burst=2, cost=0) == RateDecision(True, 0.0, 1)
+
+
+async def test_several_limits_decide_in_turn_up_to_the_first_refusal(
+    store: QuotaStore, clock: FakeClock, key: str
+) -> None:
+    look, take = RateCheck(f"{key}:a", 1, 2, cost=0), RateCheck(f"{key}:b", 1, 1)
+    assert await store.rate_limits([look, take]) == [
+        RateDecision(True, 0.0, 2),
+        RateDecision(True, 0.0, 0),
+    ]
+    assert await store.rate_limits([look, take]) == [
+        RateDecision(True, 0.0, 2),
+        RateDecision(False, 1.0, 0),
+    ]
+    # A refusal ends the answers, and the limits after it are not spent.
+    await store.rate_limit(look.key, rate=1, burst=2, cost=2)
+    assert await store.rate_limits([look, take]) == [RateDecision(False, 1.0, 0)]
+    clock.advance(1)
+    assert await store.rate_limits([take, look]) == [
+        RateDecision(True, 0.0, 0),
+        RateDecision(True, 0.0, 1),
+    ]
+    with pytest.raises(ValueError):
+        await store.rate_limits([take, RateCheck(key, 1, 1, cost=2)])
 
 
 async def test_gcra_fractional_rate(store: QuotaStore, clock: FakeClock, key: str) -> None:
@@ -487,6 +513,48 @@ async def test_auth_failures_lock_a_peer_out(
     assert decisions(registry, AUTH_FAILURES, "rejected") == 5
 
 
+async def test_an_enrollment_attempt_is_refused_while_locked_out_and_spends_nothing(
+    quotas: Quotas, clock: FakeClock, registry: CollectorRegistry
+) -> None:
+    peer = f"peer-{uuid.uuid4().hex}"
+    first = await quotas.check_enrollment_attempt(peer)
+    assert (first.allowed, first.limit, first.subject) == (True, ENROLLMENTS, f"peer:{peer}")
+    refused = await quotas.check_enrollment_attempt(peer)
+    assert (refused.allowed, refused.limit, refused.retry_after) == (False, ENROLLMENTS, 1.0)
+    assert refused.status().code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    for _ in range(3):  # failed authentications still count, and lock the peer out
+        await quotas.record_auth_failure(peer)
+    clock.advance(1)
+    locked = await quotas.check_enrollment_attempt(peer)
+    assert (locked.allowed, locked.limit, locked.retry_after) == (False, AUTH_FAILURES, 9.0)
+    assert unpack(details_of(locked.status()))["RetryInfo"].retry_delay.ToSeconds() == 9
+    clock.advance(9)  # the lockout took no enrollment: one is left after it
+    assert (await quotas.check_enrollment_attempt(peer)).allowed
+    # The same decisions as asking check_lockout and then check_enrollment.
+    assert decisions(registry, ENROLLMENTS, "allowed") == 2
+    assert decisions(registry, ENROLLMENTS, "rejected") == 1
+    assert decisions(registry, AUTH_FAILURES, "rejected") == 2  # the third failure, the lockout
+
+
+async def test_an_enrollment_attempt_fails_open_to_a_local_cap(
+    registry: CollectorRegistry, clock: FakeClock
+) -> None:
+    quotas = Quotas(
+        DownStore(),
+        POLICY,
+        metrics=MusterMetrics(registry),
+        fallback=InMemoryQuotaStore(clock=clock),
+    )
+    answers = [await quotas.check_enrollment_attempt("10.0.0.1") for _ in range(2)]
+    assert [(a.allowed, a.limit, a.degraded) for a in answers] == [
+        (True, ENROLLMENTS, True),
+        (False, ENROLLMENTS, True),
+    ]
+    assert decisions(registry, ENROLLMENTS, "degraded") == 2
+    assert decisions(registry, AUTH_FAILURES, "degraded") == 2
+
+
 async def test_inflight_slots_per_tenant(quotas: Quotas, clock: FakeClock) -> None:
     tenant = uuid.uuid4().hex
     assert (await quotas.acquire_inflight(tenant, "t1")).allowed
@@ -504,6 +572,9 @@ class DownStore(InMemoryQuotaStore):
     """A store whose backend is unreachable."""
 
     async def rate_limit(self, key: str, *, rate: float, burst: int, cost: int = 1) -> RateDecision:
+        raise QuotaStoreUnavailable("connection refused")
+
+    async def rate_limits(self, checks: Sequence[RateCheck]) -> list[RateDecision]:
         raise QuotaStoreUnavailable("connection refused")
 
     async def acquire_lease(

@@ -30,6 +30,7 @@ from server.quotas import (
     InMemoryQuotaStore,
     Quotas,
     QuotaStoreUnavailable,
+    RateCheck,
     RateDecision,
     RedisQuotaStore,
 )
@@ -225,6 +226,7 @@ async def test_each_decision_is_one_round_trip(admin: aioredis.Redis, prefix: st
     store = RedisQuotaStore.from_url(redis_url(), prefix=prefix, client_name=name)
     calls: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
         ("EVALSHA", lambda: store.rate_limit("r", rate=1, burst=5)),
+        ("EVALSHA", lambda: store.rate_limits([RateCheck("r", 1, 5, 0), RateCheck("s", 1, 5)])),
         ("EVALSHA", lambda: store.acquire_lease("l", "a", limit=2, ttl=30)),
         ("EVALSHA", lambda: store.renew_lease("l", "a", 30)),
         ("EVALSHA", lambda: store.lease_count("l")),

@@ -7,6 +7,7 @@ from server.quotas.base import (
     LeaseDecision,
     QuotaStore,
     QuotaStoreUnavailable,
+    RateCheck,
     RateDecision,
 )
 from server.quotas.memory import InMemoryQuotaStore
@@ -39,6 +40,7 @@ __all__ = [
     "QuotaStore",
     "QuotaStoreUnavailable",
     "Quotas",
+    "RateCheck",
     "RateDecision",
     "RateLimit",
     "RedisQuotaStore",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "LeaseDecision",
     "QuotaStore",
     "QuotaStoreUnavailable",
+    "RateCheck",
     "RateDecision",
     "emission_interval_us",
     "gcra",
@@ -46,6 +48,16 @@ class RateDecision:
     """Seconds until this request would be allowed; 0 when allowed."""
     remaining: int
     """Requests of cost 1 that would still be allowed right now, after this one."""
+
+
+@dataclass(frozen=True, slots=True)
+class RateCheck:
+    """One limit of :meth:`QuotaStore.rate_limits`: the arguments of a ``rate_limit`` call."""
+
+    key: str
+    rate: float
+    burst: int
+    cost: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +115,15 @@ class QuotaStore(abc.ABC):
         A refused request spends nothing. ``cost=0`` only looks: ``allowed`` then
         says whether a request of cost 1 would pass now. ``cost > burst`` is a
         ValueError (it could never pass).
+        """
+
+    @abc.abstractmethod
+    async def rate_limits(self, checks: Sequence[RateCheck]) -> list[RateDecision]:
+        """:meth:`rate_limit` for each of ``checks`` in turn, as one atomic decision.
+
+        Stops at the first refusal: the answers end with it, and the checks after it
+        spend nothing. One call where a request must pass several limits (a peer's
+        lockout, then its enrollment rate), with the same answers as calls in a row.
         """
 
     # --- Concurrency leases -----------------------------------------------------------

@@ -8,7 +8,7 @@ It is not meant to be shared between threads, nor between replicas (use Redis).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from server.quotas.base import (
@@ -17,6 +17,7 @@ from server.quotas.base import (
     BudgetUsage,
     LeaseDecision,
     QuotaStore,
+    RateCheck,
     RateDecision,
     emission_interval_us,
     gcra,
@@ -72,16 +73,29 @@ class InMemoryQuotaStore(QuotaStore):
 
     async def rate_limit(self, key: str, *, rate: float, burst: int, cost: int = 1) -> RateDecision:
         validate_rate(rate, burst, cost)
+        return self._rate(RateCheck(key, rate, burst, cost), self._now())
+
+    async def rate_limits(self, checks: Sequence[RateCheck]) -> list[RateDecision]:
+        for check in checks:
+            validate_rate(check.rate, check.burst, check.cost)
         now = self._now()
+        answers = []
+        for check in checks:
+            answers.append(answer := self._rate(check, now))
+            if not answer.allowed:
+                break
+        return answers
+
+    def _rate(self, check: RateCheck, now: int) -> RateDecision:
         result = gcra(
-            self._tats.get(key),
+            self._tats.get(check.key),
             now,
-            interval_us=emission_interval_us(rate),
-            burst=burst,
-            cost=cost,
+            interval_us=emission_interval_us(check.rate),
+            burst=check.burst,
+            cost=check.cost,
         )
-        if result.allowed and cost > 0:
-            self._tats[key] = result.tat_us
+        if result.allowed and check.cost > 0:
+            self._tats[check.key] = result.tat_us
         return RateDecision(result.allowed, result.retry_after_us / MICROS, result.remaining)
 
     # --- leases -----------------------------------------------------------------------

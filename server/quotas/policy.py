@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from server.quotas.base import (
     LeaseDecision,
     QuotaStore,
     QuotaStoreUnavailable,
+    RateCheck,
     RateDecision,
 )
 from server.quotas.memory import InMemoryQuotaStore
@@ -259,6 +260,20 @@ class Quotas:
         """May the peer address ``peer`` (no port) attempt an enrollment now?"""
         return await self._rate(ENROLLMENTS, f"peer:{peer}", self.policy.enrollments)
 
+    async def check_enrollment_attempt(self, peer: str) -> QuotaDecision:
+        """May ``peer`` attempt an enrollment now? :meth:`check_lockout`, then (unless it
+        is locked out) :meth:`check_enrollment`, in one store call; the answer is the
+        refusal, or the enrollment limit's decision when both allow."""
+        subject = f"peer:{peer}"
+        decisions = await self._rates(
+            subject,
+            (
+                (AUTH_FAILURES, self.policy.auth_failures, 0),
+                (ENROLLMENTS, self.policy.enrollments, 1),
+            ),
+        )
+        return decisions[-1]
+
     async def record_auth_failure(self, peer: str) -> QuotaDecision:
         """Count a failed authentication; ``allowed`` is False once ``peer`` is locked out."""
         rule = self.policy.auth_failures
@@ -402,6 +417,26 @@ class Quotas:
         decision = self._decision(limit, subject, answer, degraded)
         self._count(decision)
         return decision
+
+    async def _rates(
+        self, subject: str, limits: Sequence[tuple[str, RateLimit, int]]
+    ) -> list[QuotaDecision]:
+        """Several limits of ``subject`` (name, rule, cost) in turn, in one store call,
+        up to the first refusal; each decision made is counted."""
+        checks = [RateCheck(f"{name}:{subject}", r.rate, r.burst, cost) for name, r, cost in limits]
+        try:
+            answers, degraded = await self.store.rate_limits(checks), False
+        except QuotaStoreUnavailable as err:
+            for name, _, _ in limits:
+                self._outage.failed(name, err, fail_open=True)
+            answers, degraded = await self._fallback.rate_limits(checks), True
+        else:
+            self._outage.recovered()
+        decisions = []
+        for (name, _, _), answer in zip(limits, answers, strict=False):
+            decisions.append(self._decision(name, subject, answer, degraded))
+            self._count(decisions[-1])
+        return decisions
 
     async def _ask(
         self, limit: str, subject: str, rule: RateLimit, *, cost: int

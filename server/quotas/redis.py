@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import importlib.resources
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -47,6 +47,7 @@ from server.quotas.base import (
     LeaseDecision,
     QuotaStore,
     QuotaStoreUnavailable,
+    RateCheck,
     RateDecision,
     emission_interval_us,
     to_micros,
@@ -97,9 +98,11 @@ def _script(name: str) -> str:
 
 def _load_scripts() -> dict[str, str]:
     common = _script("common.lua")
+    gcra = common + _script("gcra_common.lua")
     budget = common + _script("budget_common.lua")
     return {
-        "gcra": common + _script("gcra.lua"),
+        "gcra": gcra + _script("gcra.lua"),
+        "gcra_all": gcra + _script("gcra_all.lua"),
         "lease_acquire": common + _script("lease_acquire.lua"),
         "lease_renew": common + _script("lease_renew.lua"),
         "lease_count": common + _script("lease_count.lua"),
@@ -245,6 +248,18 @@ class RedisQuotaStore(QuotaStore):
         )
         return RateDecision(bool(allowed), int(retry_us) / MICROS, int(remaining))
 
+    async def rate_limits(self, checks: Sequence[RateCheck]) -> list[RateDecision]:
+        args: list[str | int] = [self._slack_ms]
+        for check in checks:
+            validate_rate(check.rate, check.burst, check.cost)
+            args += [emission_interval_us(check.rate), check.burst, check.cost]
+        keys = [f"{self._prefix}rate:{check.key}" for check in checks]
+        flat = await self._eval("gcra_all", keys, args)
+        return [
+            RateDecision(bool(flat[i]), int(flat[i + 1]) / MICROS, int(flat[i + 2]))
+            for i in range(0, len(flat), 3)
+        ]
+
     # --- leases -----------------------------------------------------------------------
 
     async def acquire_lease(
@@ -310,9 +325,13 @@ class RedisQuotaStore(QuotaStore):
 
     async def _run(self, script: str, key: str, *args: str | int) -> Any:
         """One EVALSHA of ``script`` on ``<prefix><key>``; ARGV[1] is the clock."""
+        return await self._eval(script, [self._prefix + key], args)
+
+    async def _eval(self, script: str, keys: list[str], args: Sequence[str | int]) -> Any:
+        """One EVALSHA of ``script`` on ``keys`` (prefixed); ARGV[1] is the clock."""
         now = "" if self._clock is None else to_micros(self._clock())
         run = self._scripts[script]
-        return await self._call(lambda: run(keys=[self._prefix + key], args=[now, *args]))
+        return await self._call(lambda: run(keys=keys, args=[now, *args]))
 
     async def _call(self, request: Callable[[], Awaitable[Any]]) -> Any:
         """Make one Redis call, turning every way of not getting an answer into

@@ -78,12 +78,9 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
         ],
     ) -> enrollment_pb2.EnrollResponse:
         peer, rid = peer_address(context), request_id(context)
-        for decision in (
-            await self._quotas.check_lockout(peer),
-            await self._quotas.check_enrollment(peer),
-        ):
-            if not decision.allowed:
-                await context.abort_with_status(decision.status())
+        decision = await self._quotas.check_enrollment_attempt(peer)
+        if not decision.allowed:
+            await context.abort_with_status(decision.status())
         presented = tokens.parse(request.token, tokens.BOOTSTRAP)
         try:
             response = await self._enroll(request, presented, peer, rid)
