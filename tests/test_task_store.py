@@ -201,3 +201,21 @@ async def test_finish_many_ends_each_attempt_once(db: Database) -> None:
             3,
             None,
         )
+
+
+async def test_an_accepted_handed_in_without_waiting_is_written_before_the_result(
+    db: Database,
+) -> None:
+    await insert(db, task_values(0))
+    await claim(db, "s1", 1)
+    accepted = db.group.submit_many(
+        "accept",
+        lambda conn, items: task_store.accept_many(conn, items, lease=LEASE),
+        task_store.Acceptance("t_0000", 1, "s1"),
+    )
+    ending = task_store.Ending("t_0000", 1, "a1", task_store.SUCCEEDED, b"", "", (0, 0, 0))
+    state, finished = await db.group.run_many("finish", task_store.finish_many, ending)
+    assert await accepted
+    assert state == task_store.SUCCEEDED
+    assert finished.started_at is not None  # the accept ran first: it sets started_at
+    assert db.group.transactions == 3  # insert, claim, then accept and finish together

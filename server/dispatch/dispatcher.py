@@ -4,6 +4,7 @@ audit, count). Streams, the reaper and TaskService all go through here."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import Sequence
@@ -184,15 +185,22 @@ class Dispatcher:
                 held = await task_store.held_by_sessions(session, sessions)
             await self.inflight.renew(held)
 
-    async def accept(self, task_id: str, attempt: int, session_id: str) -> bool:
-        ok = await self.db.group.run_many(
+    def accept(self, task_id: str, attempt: int, session_id: str) -> asyncio.Future[bool]:
+        """Queue the move of an assigned attempt to RUNNING; the future says whether it
+        moved. Queued at once, so the attempt's Result, handed in after, is written after
+        it (often in the same transaction: an agent that finishes at once costs one)."""
+        moved = self.db.group.submit_many(
             "accept",
             partial(task_store.accept_many, lease=self.config.lease_duration),
             task_store.Acceptance(task_id, attempt, session_id),
         )
-        if ok:
-            self.fanout.task_changed(task_id)
-        return ok
+
+        def announce(done: asyncio.Future[bool]) -> None:
+            if not done.cancelled() and done.exception() is None and done.result():
+                self.fanout.task_changed(task_id)
+
+        moved.add_done_callback(announce)
+        return moved
 
     async def heartbeat(self, session_id: str, attempts: Sequence[tuple[str, int]]) -> None:
         if attempts:

@@ -17,6 +17,7 @@ import secrets
 from collections import deque
 from collections.abc import AsyncIterator
 from datetime import datetime
+from functools import partial
 from typing import Any, TypeAlias
 
 import grpc
@@ -88,6 +89,8 @@ class AgentSession:
         """A wake-up the pump has not acted on yet."""
         self._claiming = False
         """A claim is under way: tasks may be assigned to this stream that it never saw."""
+        self._accepting: set[asyncio.Future[bool]] = set()
+        """Accepted messages not yet written (the reader does not wait for each)."""
         self._cancels_sent: set[tuple[str, int]] = set()
         self._held: set[tuple[str, int]] = set()
         """Attempts pushed to (or reported by) the agent and not yet ended by a Result."""
@@ -129,6 +132,18 @@ class AgentSession:
     def close(self, code: grpc.StatusCode, message: str) -> None:
         if not self._closed.done():
             self._closed.set_result(StreamClosed(code, message))
+
+    def _accepted(self, task_id: str, attempt: int, moved: asyncio.Future[bool]) -> None:
+        """An Accepted was written (the reader did not wait for it)."""
+        if moved.cancelled():
+            return
+        if (err := moved.exception()) is not None:
+            self.close(
+                grpc.StatusCode.UNAVAILABLE,
+                f"database unavailable ({type(err).__name__}); reconnect and resend",
+            )
+        elif not moved.result():
+            self.cancel_attempt(task_id, attempt, "attempt is no longer current")
 
     def _worker_done(self, task: asyncio.Task[None]) -> None:
         """A pump or writer that failed ends the stream with its error."""
@@ -372,8 +387,12 @@ class AgentSession:
                 self.wake()
             elif body == "accepted":
                 a = message.accepted
-                if not await dispatcher.accept(a.task_id, a.attempt, self.session_id):
-                    self.cancel_attempt(a.task_id, a.attempt, "attempt is no longer current")
+                moved = dispatcher.accept(a.task_id, a.attempt, self.session_id)
+                moved.add_done_callback(partial(self._accepted, a.task_id, a.attempt))
+                self._accepting.add(moved)
+                moved.add_done_callback(self._accepting.discard)
+                if len(self._accepting) > self.max_concurrency:
+                    await asyncio.wait([moved])  # an agent flooding Accepted waits for them
             elif body == "result":
                 r = message.result
                 status = await dispatcher.record_result(self.agent_id, r)

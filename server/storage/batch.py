@@ -117,12 +117,17 @@ class GroupCommit:
     async def run_many(self, key: Hashable, work: ManyWork[I, T], item: I) -> T:
         """Hand ``item`` to the call of ``work`` gathering items for ``key`` in the next
         transaction; the result ``work`` returned for it once that has committed."""
+        return await self.submit_many(key, work, item)
+
+    def submit_many(self, key: Hashable, work: ManyWork[I, T], item: I) -> asyncio.Future[T]:
+        """:meth:`run_many` without waiting: the item is queued before this returns, so
+        work handed in afterwards runs after it (in the same transaction or a later one)."""
         unit = self._gathering.get(key)
         if unit is None or len(unit) >= self._max_batch:
             unit = self._gathering[key] = _Unit(work, key)
             self._enqueue(unit)
         future: asyncio.Future[T] = unit.add(item)
-        return await future
+        return future
 
     async def close(self) -> None:
         """Wait for the work already handed in."""
