@@ -142,10 +142,15 @@ def lock_key(chain: str) -> int:
     )
 
 
-async def chain_tip(session: AsyncSession, chain: str) -> tuple[int, str]:
-    """Lock ``chain`` for this transaction and return its last (seq, hash)."""
+async def lock_chain(session: AsyncSession, chain: str) -> None:
+    """Lock ``chain`` until this transaction ends (Postgres; SQLite has one writer)."""
     if session.bind.dialect.name == "postgresql":
         await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key(chain)})
+
+
+async def chain_tip(session: AsyncSession, chain: str) -> tuple[int, str]:
+    """Lock ``chain`` for this transaction and return its last (seq, hash)."""
+    await lock_chain(session, chain)
     last = await session.execute(
         select(AuditEvent.seq, AuditEvent.hash).where(
             AuditEvent.chain == chain,

@@ -13,7 +13,7 @@ import asyncpg
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from server.audit.chain import COLUMNS, GENESIS, Content, chain_tip, link, lock_key
+from server.audit.chain import COLUMNS, GENESIS, Content, chain_tip, link, lock_chain, lock_key
 from server.storage.database import CHAIN_KEY
 from server.storage.models import AuditEvent
 from server.storage.types import utcnow
@@ -115,13 +115,13 @@ async def record_in(session: AsyncSession, *records: AuditRecord) -> None:
     if session.bind.dialect.name != "postgresql":
         await _insert(session, link(contents, chain, await chain_tip(session, chain)))
         return
-    # The lock is the last thing taken before the caller commits: held for one insert.
+    # Locked from here to the caller's commit, with one insert between (two on a wrong guess).
     driver = await _asyncpg(session)
     if driver.is_in_transaction():
         await driver.execute(_LOCK, lock_key(chain))
-        tip = _tips.get(chain, (0, GENESIS))
     else:  # nothing ran in this transaction yet: SQLAlchemy begins it with its first statement
-        tip = await chain_tip(session, chain)
+        await lock_chain(session, chain)
+    tip = _tips.get(chain, (0, GENESIS))
     rows = link(contents, chain, tip)
     if not await _insert_after(driver, rows, chain, tip):
         # Another transaction or process moved the tip since this one saw it: read it.
