@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from json.encoder import encode_basestring
 from typing import Any, NamedTuple
 
-from sqlalchemy import func, select, text
+from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.storage.models import AuditEvent
@@ -142,21 +142,26 @@ def lock_key(chain: str) -> int:
     )
 
 
+_LOCK = text("SELECT pg_advisory_xact_lock(:key)")  # built once: its cache key is kept
+
+
 async def lock_chain(session: AsyncSession, chain: str) -> None:
     """Lock ``chain`` until this transaction ends (Postgres; SQLite has one writer)."""
     if session.bind.dialect.name == "postgresql":
-        await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": lock_key(chain)})
+        await session.execute(_LOCK, {"key": lock_key(chain)})
+
+
+_TIP = select(AuditEvent.seq, AuditEvent.hash).where(
+    AuditEvent.chain == bindparam("chain"),
+    AuditEvent.seq
+    == select(func.max(AuditEvent.seq))
+    .where(AuditEvent.chain == bindparam("chain"))
+    .scalar_subquery(),
+)
 
 
 async def chain_tip(session: AsyncSession, chain: str) -> tuple[int, str]:
     """Lock ``chain`` for this transaction and return its last (seq, hash)."""
     await lock_chain(session, chain)
-    last = await session.execute(
-        select(AuditEvent.seq, AuditEvent.hash).where(
-            AuditEvent.chain == chain,
-            AuditEvent.seq
-            == select(func.max(AuditEvent.seq)).where(AuditEvent.chain == chain).scalar_subquery(),
-        )
-    )
-    row = last.first()
+    row = (await session.execute(_TIP, {"chain": chain})).first()
     return (row[0], row[1]) if row is not None else (0, GENESIS)
