@@ -94,6 +94,8 @@ class GroupCommit:
 
     def __init__(self, engine: AsyncEngine, *, max_batch: int = MAX_BATCH) -> None:
         self._engine = engine
+        self._lone_autocommit = engine.dialect.name == "postgresql"
+        """A lone gathered unit runs without BEGIN and COMMIT (see run_many)."""
         self._max_batch = max_batch
         self._pending: deque[_Unit[Any, Any]] = deque()
         self._gathering: dict[Hashable, _Unit[Any, Any]] = {}
@@ -116,7 +118,12 @@ class GroupCommit:
 
     async def run_many(self, key: Hashable, work: ManyWork[I, T], item: I) -> T:
         """Hand ``item`` to the call of ``work`` gathering items for ``key`` in the next
-        transaction; the result ``work`` returned for it once that has committed."""
+        transaction; the result ``work`` returned for it once that has committed.
+
+        ``work`` must be correct without a transaction around it: one statement, or
+        statements each safe alone. On Postgres a transaction that would hold nothing but
+        this one call runs it in autocommit instead, saving BEGIN and COMMIT (two of its
+        three round trips): an idle server answers sooner."""
         return await self.submit_many(key, work, item)
 
     def submit_many(self, key: Hashable, work: ManyWork[I, T], item: I) -> asyncio.Future[T]:
@@ -156,9 +163,14 @@ class GroupCommit:
     async def _commit(self, batch: list[_Unit[Any, Any]]) -> None:
         results: list[Sequence[Any]] = []
         try:
-            async with self._engine.begin() as conn:
-                for unit in batch:
-                    results.append(await unit.apply(conn))
+            if self._lone_autocommit and len(batch) == 1 and batch[0].key is not None:
+                async with self._engine.connect() as conn:
+                    await conn.execution_options(isolation_level="AUTOCOMMIT")
+                    results.append(await batch[0].apply(conn))
+            else:
+                async with self._engine.begin() as conn:
+                    for unit in batch:
+                        results.append(await unit.apply(conn))
         except Exception as err:
             if len(batch) == 1 and len(batch[0]) == 1:
                 batch[0].fail(err)
