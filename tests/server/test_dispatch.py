@@ -262,3 +262,25 @@ async def test_a_draining_server_refuses_new_streams(
         await agent.hello()
     assert await agent.status() == grpc.StatusCode.UNAVAILABLE
     await agent.close()
+
+
+async def test_idle_streams_do_not_look_for_work_by_themselves(
+    server: ServerHandle, enroller: Enroller, client: AsyncClient
+) -> None:
+    agents = [await connected(enroller, f"idle{i}", concurrency=2) for i in range(5)]
+    for agent in agents:
+        agent.keep_alive(interval=0.2)  # heartbeats come, and must not cost a write
+    await asyncio.sleep(0.5)  # each stream looks once when it connects
+    before = server.db.group.items
+    await asyncio.sleep(2.5)  # more than two poll intervals
+    assert server.db.group.items == before
+    task = await client.submit("echo", b"wake one")
+    got = await asyncio.wait(
+        [asyncio.create_task(a.expect("assignment", timeout=5)) for a in agents],
+        return_when=asyncio.FIRST_COMPLETED,
+    )
+    assert [t.result().task_id for t in got[0]] == [task.task_id]
+    for pending in got[1]:
+        pending.cancel()
+    for agent in agents:
+        await agent.close()
