@@ -2,8 +2,10 @@
 
 Each announcement is applied to this replica's hub at once and, with Redis configured,
 published on one channel that every other replica applies to its own hub. Publishing
-never blocks the caller: messages queue and go out in pipelined batches. Pub/sub is the
-fast path only; the reaper's database polling is the backstop when a message is lost.
+never blocks the caller: announcements queue, and what queued meanwhile goes out as one
+message (a busy replica announces several changes per task: one Redis message each cost
+more than the rest of the task's quota work). Pub/sub is the fast path only; the
+reaper's database polling is the backstop when a message is lost.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from server.dispatch.hub import Hub
 log = logging.getLogger(__name__)
 
 MAX_QUEUE = 100_000
+MAX_BATCH = 500
+"""Announcements per published message."""
 RECONNECT_DELAY = 1.0
 
 
@@ -38,7 +42,7 @@ class Fanout:
             if redis_url
             else None
         )
-        self._queue: asyncio.Queue[str] = asyncio.Queue(MAX_QUEUE)
+        self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(MAX_QUEUE)
         self._tasks: list[asyncio.Task[None]] = []
         self._subscribed = asyncio.Event()
 
@@ -109,9 +113,8 @@ class Fanout:
         _apply(self.hub, message)
         if self._redis is None:
             return
-        message["o"] = self._origin
         try:
-            self._queue.put_nowait(json.dumps(message, separators=(",", ":")))
+            self._queue.put_nowait(message)
         except asyncio.QueueFull:
             log.warning("fan-out queue full; dropping an announcement (polling will catch up)")
 
@@ -121,13 +124,11 @@ class Fanout:
         assert self._redis is not None
         while True:
             batch = [await self._queue.get()]
-            while not self._queue.empty() and len(batch) < 500:
+            while not self._queue.empty() and len(batch) < MAX_BATCH:
                 batch.append(self._queue.get_nowait())
+            payload = json.dumps({"o": self._origin, "m": batch}, separators=(",", ":"))
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for message in batch:
-                        pipe.publish(self._channel, message)
-                    await pipe.execute()
+                await self._redis.publish(self._channel, payload)
             except (RedisError, OSError) as err:
                 log.warning(
                     "fan-out publish failed (%s); other replicas will poll", type(err).__name__
@@ -152,11 +153,12 @@ class Fanout:
             return
         try:
             message = json.loads(item["data"])
-        except (ValueError, TypeError):
+            if message["o"] == self._origin:
+                return
+            for announcement in message["m"]:
+                _apply(self.hub, announcement)
+        except (ValueError, TypeError, KeyError):
             log.warning("ignoring a malformed fan-out message")
-            return
-        if message.get("o") != self._origin:
-            _apply(self.hub, message)
 
 
 def _apply(hub: Hub, message: dict[str, Any]) -> None:
