@@ -88,6 +88,7 @@ class ServerHandle:
     _metrics_http: MetricsServer | None
     _audit: AuditWriter
     _fanout: Fanout
+    _inflight: InflightLimits
     _quotas: Quotas
     _background: list[asyncio.Task[None]] = field(default_factory=list)
     _stopped: bool = False
@@ -127,6 +128,7 @@ class ServerHandle:
         if self._metrics_http is not None:
             await self._metrics_http.close()
         await self._fanout.close()
+        await self._inflight.close()  # the releases of the last attempts
         await self._quotas.close()
         await self._audit.close()
         await self.db.close()
@@ -207,7 +209,8 @@ async def _start(
     await fanout.start()
     cleanup.push_async_callback(fanout.close)
     metrics.agents_connected.set_function(hub.connected_by_pool)
-    dispatcher = Dispatcher(db, fanout, audit, metrics, config, InflightLimits(quotas))
+    inflight = InflightLimits(quotas)
+    dispatcher = Dispatcher(db, fanout, audit, metrics, config, inflight)
 
     identity = [(server_cert.private_key_pem, server_cert.chain_pem)]
     token_cache = ApiTokenCache()
@@ -294,6 +297,7 @@ async def _start(
         _metrics_http=metrics_http,
         _audit=audit,
         _fanout=fanout,
+        _inflight=inflight,
         _quotas=quotas,
     )
     handle._background.append(

@@ -267,6 +267,17 @@ async def test_release_frees_a_slot(store: QuotaStore, key: str) -> None:
     assert (await store.acquire_lease(key, "b", limit=1, ttl=10)).acquired
 
 
+async def test_release_many_frees_every_slot_named(store: QuotaStore, key: str) -> None:
+    other = key + "-other"
+    for holder in ("a", "b", "c"):
+        await store.acquire_lease(key, holder, limit=3, ttl=10)
+    await store.acquire_lease(other, "a", limit=1, ttl=10)
+    await store.release_leases([(key, "a"), (key, "c"), (other, "a"), (key, "nobody")])
+    assert await store.lease_count(key) == 1  # b
+    assert await store.lease_count(other) == 0
+    await store.release_leases([])
+
+
 async def test_leases_hold_under_concurrency(store: QuotaStore, key: str) -> None:
     decisions = await asyncio.gather(
         *(store.acquire_lease(key, f"h{i}", limit=10, ttl=30) for i in range(200))

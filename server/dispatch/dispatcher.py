@@ -256,7 +256,7 @@ class Dispatcher:
             return ended
         new_state, task = ended
         holder = f"{result.task_id}:{result.attempt}"
-        await self.inflight.release(task.owner, task.pool, holder)
+        self.inflight.release(task.owner, task.pool, holder)
         if new_state in task_store.TERMINAL:
             self.metrics.tasks_finished.labels(outcome=new_state.lower()).inc()
             if task.started_at is not None:
@@ -348,7 +348,7 @@ class Dispatcher:
         for held, state in outcomes:
             if state is None:
                 continue
-            await self.inflight.release(held.owner, held.pool, held.holder)
+            self.inflight.release(held.owner, held.pool, held.holder)
             self.fanout.task_changed(held.task_id)
             if state == task_store.QUEUED:
                 self.fanout.wake_pool(held.pool)
@@ -399,7 +399,7 @@ class Dispatcher:
                 )
         await self._announce_requeues(outcomes, "lease expired or attempt overran")
         for h in timed_out:
-            await self.inflight.release(h.owner, h.pool, h.holder)
+            self.inflight.release(h.owner, h.pool, h.holder)
             self.fanout.cancel_attempt(h.session_id, h.task_id, h.attempt, "task timed out")
             self.fanout.task_changed(h.task_id)
             self.metrics.tasks_finished.labels(outcome="timed_out").inc()

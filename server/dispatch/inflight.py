@@ -8,6 +8,7 @@ nothing is admitted: concurrency limits fail closed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 
@@ -20,6 +21,8 @@ log = logging.getLogger(__name__)
 class InflightLimits:
     def __init__(self, quotas: Quotas) -> None:
         self._quotas = quotas
+        self._releasing: list[tuple[str, str, str]] = []
+        self._releaser: asyncio.Task[None] | None = None
 
     async def admit(self, owner: str, pool: str, holder: str) -> bool:
         """Take a tenant slot and a pool slot for ``holder``; False (holding none) if
@@ -36,9 +39,23 @@ class InflightLimits:
             return False
         return True
 
-    async def release(self, owner: str, pool: str, holder: str) -> None:
-        await self._quotas.release_inflight(owner, holder)
-        await self._quotas.release_inflight(pool, holder, scope="pool")
+    def release(self, owner: str, pool: str, holder: str) -> None:
+        """Give back ``holder``'s slots, without waiting: the releases of every attempt
+        that ends meanwhile go to the store together, in one round trip. If that fails,
+        the slots stay taken until their leases expire (fail closed)."""
+        self._releasing.append((owner, pool, holder))
+        if self._releaser is None or self._releaser.done():
+            self._releaser = asyncio.create_task(self._release_all(), name="inflight-release")
+
+    async def _release_all(self) -> None:
+        while self._releasing:
+            batch, self._releasing = self._releasing, []
+            await self._quotas.release_inflight_many(batch)
+
+    async def close(self) -> None:
+        """Send the releases still waiting."""
+        if self._releaser is not None:
+            await self._releaser
 
     async def renew(self, held: Iterable[Held]) -> None:
         """Keep the slots of attempts still running; retake one that expired meanwhile."""

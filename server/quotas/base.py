@@ -146,6 +146,11 @@ class QuotaStore(abc.ABC):
     async def release_lease(self, key: str, holder: str) -> None:
         """Give the slot back; releasing a lease not held is a no-op."""
 
+    async def release_leases(self, leases: Sequence[tuple[str, str]]) -> None:
+        """:meth:`release_lease` for each (key, holder); stores may do it in one call."""
+        for key, holder in leases:
+            await self.release_lease(key, holder)
+
     @abc.abstractmethod
     async def lease_count(self, key: str) -> int:
         """Live leases on ``key``."""

@@ -349,6 +349,17 @@ class Quotas:
         except QuotaStoreUnavailable as err:
             self._outage.failed(INFLIGHT_TASKS, err)
 
+    async def release_inflight_many(self, attempts: Sequence[tuple[str, str, str]]) -> None:
+        """:meth:`release_inflight` of the tenant and pool slots of many (tenant, pool,
+        holder) at once: one round trip to the store."""
+        leases = [(self._inflight_key("tenant", t), holder) for t, _, holder in attempts]
+        if self.policy.inflight_per_pool:
+            leases += [(self._inflight_key("pool", p), holder) for _, p, holder in attempts]
+        try:
+            await self.store.release_leases(leases)
+        except QuotaStoreUnavailable as err:
+            self._outage.failed(INFLIGHT_TASKS, err)
+
     def _inflight_limit(self, scope: str) -> int:
         if scope == "tenant":
             return self.policy.inflight_per_tenant

@@ -282,6 +282,16 @@ class RedisQuotaStore(QuotaStore):
         # One ZREM is atomic on its own; no script, no clock needed.
         await self._call(lambda: self._client.zrem(self._prefix + f"lease:{key}", holder))
 
+    async def release_leases(self, leases: Sequence[tuple[str, str]]) -> None:
+        async def release_all() -> None:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for key, holder in leases:
+                    pipe.zrem(self._prefix + f"lease:{key}", holder)
+                await pipe.execute()
+
+        if leases:
+            await self._call(release_all)
+
     async def lease_count(self, key: str) -> int:
         return int(await self._run("lease_count", f"lease:{key}"))
 
