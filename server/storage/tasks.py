@@ -333,13 +333,14 @@ async def unclaim(
 
 
 async def held_by_sessions(session: AsyncSession, session_ids: set[str]) -> list[Held]:
-    """Every attempt held by the given streams (to renew their concurrency leases)."""
+    """Every attempt held by the given streams (to renew their concurrency leases).
+
+    Reads every held attempt and keeps this replica's here: sending thousands of stream
+    ids as parameters cost more than the rows."""
     if not session_ids:
         return []
-    rows = await session.execute(
-        select(*HELD_COLUMNS).where(Task.session_id.in_(session_ids), Task.state.in_(HELD))
-    )
-    return [Held(*row) for row in rows]
+    rows = await session.execute(select(*HELD_COLUMNS).where(Task.state.in_(HELD)))
+    return [Held(*row) for row in rows if row.session_id in session_ids]
 
 
 async def accept(
@@ -741,15 +742,16 @@ async def request_cancel(session: AsyncSession, task_id: str, reason: str) -> Ta
 async def cancel_requested(
     session: AsyncSession, session_ids: set[str]
 ) -> list[tuple[str, int, str, str]]:
-    """(task_id, attempt, session_id, reason) of held attempts whose cancel was requested."""
+    """(task_id, attempt, session_id, reason) of held attempts whose cancel was requested,
+    held by the given streams (few rows; filtered here rather than by thousands of ids)."""
     if not session_ids:
         return []
     rows = await session.execute(
         select(Task.task_id, Task.attempt, Task.session_id, Task.error).where(
-            Task.session_id.in_(session_ids), Task.cancel_requested.is_(True), Task.state.in_(HELD)
+            Task.cancel_requested.is_(True), Task.state.in_(HELD)
         )
     )
-    return [(t, a, s or "", e) for t, a, s, e in rows]
+    return [(t, a, s, e) for t, a, s, e in rows if s in session_ids]
 
 
 async def claimable(session: AsyncSession, pools: set[str]) -> list[tuple[str, str, int]]:
