@@ -176,7 +176,9 @@ class AgentSession:
         await dispatcher.audit.submit(
             self._audit("stream.connect", {"adopted": len(adopted), "lost": len(lost)})
         )
-        log.info(
+        # Per-stream lines are DEBUG: a fleet reconnecting writes thousands a second, and
+        # the audit trail has every connect and disconnect with its reason.
+        log.debug(
             "agent %s connected (session %s, credit %d)",
             self.agent_id,
             self.session_id,
@@ -233,7 +235,7 @@ class AgentSession:
         await self.dispatcher.audit.submit(
             self._audit("stream.disconnect", {"reason": reason[:200]})
         )
-        log.info("agent %s disconnected (session %s): %s", self.agent_id, self.session_id, reason)
+        log.debug("agent %s disconnected (session %s): %s", self.agent_id, self.session_id, reason)
 
     async def _receive_hello(
         self, requests: AsyncIterator[agent_pb2.AgentMessage]
@@ -411,7 +413,7 @@ class AgentSession:
                 await dispatcher.heartbeat(self.session_id, [(p.task_id, p.attempt)])
             elif body == "draining":
                 self.draining = True
-                log.info("agent %s is draining: %s", self.agent_id, message.draining.reason[:200])
+                log.debug("agent %s is draining: %s", self.agent_id, message.draining.reason[:200])
             elif body == "hello":
                 raise StreamClosed(
                     grpc.StatusCode.INVALID_ARGUMENT, "Hello may only be the first message"
