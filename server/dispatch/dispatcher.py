@@ -438,11 +438,15 @@ class Dispatcher:
         count claimable tasks by pool and kind, wake that many idle streams able to run them."""
         pools = self.hub.pools_wanting_work()
         if not pools:
+            self.hub.found_claimable({})
             return
         async with self.db.transaction() as session:
             claimable = await task_store.claimable(session, pools)
+        found: dict[str, set[str]] = {}
         for pool, kind, count in claimable:
+            found.setdefault(pool, set()).add(kind)
             self.hub.wake_for(pool, kind, count)
+        self.hub.found_claimable(found)
 
     async def refresh_queue_gauges(self) -> None:
         async with self.db.transaction() as session:

@@ -38,7 +38,11 @@ class Stream(Protocol):
 class Hub:
     def __init__(self) -> None:
         self._streams: dict[str, Stream] = {}
-        self._by_pool: dict[str, list[str]] = defaultdict(list)
+        self._by_pool: dict[str, dict[str, None]] = defaultdict(dict)
+        """Session ids per pool, in the order they are next woken (a dict: an ordered set,
+        so a stream leaves in O(1) however many share its pool)."""
+        self._claimable: dict[str, set[str]] = {}
+        """Kinds per pool the last poll found claimable work for (see ``may_find_work``)."""
         self._watchers: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -49,15 +53,16 @@ class Hub:
 
     def register(self, stream: Stream) -> None:
         self._streams[stream.session_id] = stream
-        self._by_pool[stream.pool].append(stream.session_id)
+        self._by_pool[stream.pool][stream.session_id] = None
         self._idle.clear()
 
     def unregister(self, stream: Stream) -> None:
         self._streams.pop(stream.session_id, None)
-        if stream.session_id in self._by_pool[stream.pool]:
-            self._by_pool[stream.pool].remove(stream.session_id)
-        if not self._by_pool[stream.pool]:
-            del self._by_pool[stream.pool]
+        members = self._by_pool.get(stream.pool)
+        if members is not None:
+            members.pop(stream.session_id, None)
+            if not members:
+                del self._by_pool[stream.pool]
         if not self._streams:
             self._idle.set()
 
@@ -82,12 +87,24 @@ class Hub:
         if not members:
             return
         for _ in range(len(members)):
-            session_id = members.pop(0)
-            members.append(session_id)
+            session_id = next(iter(members))
+            del members[session_id]
+            members[session_id] = None  # to the back: the next wake-up goes to another
             stream = self._streams[session_id]
             if stream.wants_work:
                 stream.wake()
                 return
+
+    def found_claimable(self, claimable: dict[str, set[str]]) -> None:
+        """What the last poll found: kinds with claimable work, per pool."""
+        self._claimable = claimable
+
+    def may_find_work(self, pool: str, kinds: list[str]) -> bool:
+        """Whether a stream looking by itself could find anything: only if the last poll
+        saw claimable work of its pool and kinds (it may have woken other streams, whose
+        labels the tasks' selectors did not match)."""
+        found = self._claimable.get(pool, set())
+        return any(kind in found for kind in kinds)
 
     def pools_wanting_work(self) -> set[str]:
         """Pools with at least one stream that has credit and is idle."""
@@ -99,7 +116,7 @@ class Hub:
 
     def wake_for(self, pool: str, kind: str, count: int) -> None:
         """Wake up to ``count`` idle streams of ``pool`` that can run ``kind``."""
-        members = self._by_pool.get(pool, [])
+        members = self._by_pool.get(pool, {})
         for session_id in list(members):
             if count <= 0:
                 return

@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 
 MAX_CONCURRENCY = 1000
 IDLE_RECHECK = 30.0
-"""Seconds an idle stream waits for a wake-up before looking for work by itself."""
+"""Seconds an idle stream waits for a wake-up before looking for work by itself, if the
+replica's last poll saw work it might run (its wake-ups went to streams that did not
+match a selector)."""
 DATABASE_ERRORS = (DBAPIError, OSError, PoolTimeout)
 """What a lost or refused database connection, or a pool with none free, raises through
 SQLAlchemy and asyncpg."""
@@ -448,7 +450,8 @@ class AgentSession:
             )
 
         def recheck() -> None:
-            self.wake()
+            if self.dispatcher.hub.may_find_work(self.pool, self.kinds):
+                self.wake()
             timers["recheck"] = loop.call_later(IDLE_RECHECK * random.uniform(0.8, 1.2), recheck)
 
         timers["recheck"] = loop.call_later(IDLE_RECHECK * random.uniform(0.8, 1.2), recheck)
