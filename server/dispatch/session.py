@@ -3,7 +3,7 @@
 A stream is a reader (agent messages) and, only while they have something to do, a
 pump (claims work while the agent has credit and the stream was woken) and a writer
 (the only one that writes to the stream, while the outbox has messages): an idle stream
-costs its reader, a future and three timers. The reader ending, or a close, ends the
+costs its reader, a future and four timers. The reader ending, or a close, ends the
 stream; whatever attempts it still holds go back to the queue.
 """
 
@@ -160,7 +160,6 @@ class AgentSession:
         requests: AsyncIterator[agent_pb2.AgentMessage],
         context: grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.ServerMessage],
     ) -> None:
-        self._context = context
         hello = await self._receive_hello(requests)
         self._check_hello(hello)
         dispatcher = self.dispatcher
@@ -172,6 +171,7 @@ class AgentSession:
         # Unadopted attempts still occupy a slot until the agent has cancelled them.
         self.credit = max(0, hello.max_concurrency - len(in_flight))
         await context.write(self._welcome())
+        self._context = context  # from here on, only the writer writes
         for task_id, attempt in lost:
             self.cancel_attempt(task_id, attempt, "attempt is no longer current")
         dispatcher.hub.register(self)
@@ -311,7 +311,9 @@ class AgentSession:
         """Let the writer finish, then write what is left (a closing stream's last words)."""
         with contextlib.suppress(Exception):
             if self._writer is not None and not self._writer.done():
-                await asyncio.wait_for(asyncio.shield(self._writer), FLUSH_TIMEOUT)
+                await asyncio.wait([self._writer], timeout=FLUSH_TIMEOUT)
+                if not self._writer.done():
+                    return  # a write is stuck: never write beside it
             if self._context is not None:
                 while self._outbox:
                     await asyncio.wait_for(
