@@ -16,8 +16,11 @@ class Principal:
     """A client authenticated by an API token."""
 
     name: str
+    """The token's name: the audit actor and a task's ``submitted_by``."""
     role: str
     token_id: str
+    tenant: str
+    """Owns the tasks, idempotency keys and budgets this token touches."""
 
     @property
     def is_admin(self) -> bool:

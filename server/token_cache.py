@@ -21,6 +21,7 @@ MAX_ENTRIES = 10_000
 class CachedToken:
     token_id: str
     name: str
+    tenant: str
     role: str
     secret_hash: str
     expires_at: datetime | None

@@ -95,6 +95,46 @@ class AdminServiceStub:
                 request_serializer=muster_dot_v1_dot_admin__pb2.QueryAuditRequest.SerializeToString,
                 response_deserializer=muster_dot_v1_dot_admin__pb2.QueryAuditResponse.FromString,
                 _registered_method=True)
+        self.SetBudget = channel.unary_unary(
+                '/muster.v1.AdminService/SetBudget',
+                request_serializer=muster_dot_v1_dot_admin__pb2.SetBudgetRequest.SerializeToString,
+                response_deserializer=muster_dot_v1_dot_admin__pb2.Budget.FromString,
+                _registered_method=True)
+        self.GetBudget = channel.unary_unary(
+                '/muster.v1.AdminService/GetBudget',
+                request_serializer=muster_dot_v1_dot_admin__pb2.GetBudgetRequest.SerializeToString,
+                response_deserializer=muster_dot_v1_dot_admin__pb2.Budget.FromString,
+                _registered_method=True)
+        self.ListBudgets = channel.unary_unary(
+                '/muster.v1.AdminService/ListBudgets',
+                request_serializer=muster_dot_v1_dot_admin__pb2.ListBudgetsRequest.SerializeToString,
+                response_deserializer=muster_dot_v1_dot_admin__pb2.ListBudgetsResponse.FromString,
+                _registered_method=True)
+        self.DeleteBudget = channel.unary_unary(
+                '/muster.v1.AdminService/DeleteBudget',
+                request_serializer=muster_dot_v1_dot_admin__pb2.DeleteBudgetRequest.SerializeToString,
+                response_deserializer=muster_dot_v1_dot_admin__pb2.DeleteBudgetResponse.FromString,
+                _registered_method=True)
+        self.SetPoolSettings = channel.unary_unary(
+                '/muster.v1.AdminService/SetPoolSettings',
+                request_serializer=muster_dot_v1_dot_admin__pb2.SetPoolSettingsRequest.SerializeToString,
+                response_deserializer=muster_dot_v1_dot_admin__pb2.PoolSettings.FromString,
+                _registered_method=True)
+        self.GetPoolSettings = channel.unary_unary(
+                '/muster.v1.AdminService/GetPoolSettings',
+                request_serializer=muster_dot_v1_dot_admin__pb2.GetPoolSettingsRequest.SerializeToString,
+                response_deserializer=muster_dot_v1_dot_admin__pb2.PoolSettings.FromString,
+                _registered_method=True)
+        self.ListPoolSettings = channel.unary_unary(
+                '/muster.v1.AdminService/ListPoolSettings',
+                request_serializer=muster_dot_v1_dot_admin__pb2.ListPoolSettingsRequest.SerializeToString,
+                response_deserializer=muster_dot_v1_dot_admin__pb2.ListPoolSettingsResponse.FromString,
+                _registered_method=True)
+        self.ListTenants = channel.unary_unary(
+                '/muster.v1.AdminService/ListTenants',
+                request_serializer=muster_dot_v1_dot_admin__pb2.ListTenantsRequest.SerializeToString,
+                response_deserializer=muster_dot_v1_dot_admin__pb2.ListTenantsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -180,6 +220,59 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetBudget(self, request, context):
+        """Sets (creates or changes) a spend budget. Takes effect on the next dispatch;
+        lowering a limit below what is spent holds further AI work of that scope back.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetBudget(self, request, context):
+        """Reads one budget with what is spent and reserved in its current period.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListBudgets(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteBudget(self, request, context):
+        """Removes a budget: its scope is no longer limited.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPoolSettings(self, request, context):
+        """Sets a pool's settings (today: the models AI tasks in it may use).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPoolSettings(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListPoolSettings(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTenants(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -242,6 +335,46 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.QueryAudit,
                     request_deserializer=muster_dot_v1_dot_admin__pb2.QueryAuditRequest.FromString,
                     response_serializer=muster_dot_v1_dot_admin__pb2.QueryAuditResponse.SerializeToString,
+            ),
+            'SetBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetBudget,
+                    request_deserializer=muster_dot_v1_dot_admin__pb2.SetBudgetRequest.FromString,
+                    response_serializer=muster_dot_v1_dot_admin__pb2.Budget.SerializeToString,
+            ),
+            'GetBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetBudget,
+                    request_deserializer=muster_dot_v1_dot_admin__pb2.GetBudgetRequest.FromString,
+                    response_serializer=muster_dot_v1_dot_admin__pb2.Budget.SerializeToString,
+            ),
+            'ListBudgets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListBudgets,
+                    request_deserializer=muster_dot_v1_dot_admin__pb2.ListBudgetsRequest.FromString,
+                    response_serializer=muster_dot_v1_dot_admin__pb2.ListBudgetsResponse.SerializeToString,
+            ),
+            'DeleteBudget': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteBudget,
+                    request_deserializer=muster_dot_v1_dot_admin__pb2.DeleteBudgetRequest.FromString,
+                    response_serializer=muster_dot_v1_dot_admin__pb2.DeleteBudgetResponse.SerializeToString,
+            ),
+            'SetPoolSettings': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPoolSettings,
+                    request_deserializer=muster_dot_v1_dot_admin__pb2.SetPoolSettingsRequest.FromString,
+                    response_serializer=muster_dot_v1_dot_admin__pb2.PoolSettings.SerializeToString,
+            ),
+            'GetPoolSettings': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPoolSettings,
+                    request_deserializer=muster_dot_v1_dot_admin__pb2.GetPoolSettingsRequest.FromString,
+                    response_serializer=muster_dot_v1_dot_admin__pb2.PoolSettings.SerializeToString,
+            ),
+            'ListPoolSettings': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListPoolSettings,
+                    request_deserializer=muster_dot_v1_dot_admin__pb2.ListPoolSettingsRequest.FromString,
+                    response_serializer=muster_dot_v1_dot_admin__pb2.ListPoolSettingsResponse.SerializeToString,
+            ),
+            'ListTenants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTenants,
+                    request_deserializer=muster_dot_v1_dot_admin__pb2.ListTenantsRequest.FromString,
+                    response_serializer=muster_dot_v1_dot_admin__pb2.ListTenantsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -569,6 +702,222 @@ class AdminService:
             '/muster.v1.AdminService/QueryAudit',
             muster_dot_v1_dot_admin__pb2.QueryAuditRequest.SerializeToString,
             muster_dot_v1_dot_admin__pb2.QueryAuditResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/muster.v1.AdminService/SetBudget',
+            muster_dot_v1_dot_admin__pb2.SetBudgetRequest.SerializeToString,
+            muster_dot_v1_dot_admin__pb2.Budget.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/muster.v1.AdminService/GetBudget',
+            muster_dot_v1_dot_admin__pb2.GetBudgetRequest.SerializeToString,
+            muster_dot_v1_dot_admin__pb2.Budget.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListBudgets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/muster.v1.AdminService/ListBudgets',
+            muster_dot_v1_dot_admin__pb2.ListBudgetsRequest.SerializeToString,
+            muster_dot_v1_dot_admin__pb2.ListBudgetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteBudget(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/muster.v1.AdminService/DeleteBudget',
+            muster_dot_v1_dot_admin__pb2.DeleteBudgetRequest.SerializeToString,
+            muster_dot_v1_dot_admin__pb2.DeleteBudgetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPoolSettings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/muster.v1.AdminService/SetPoolSettings',
+            muster_dot_v1_dot_admin__pb2.SetPoolSettingsRequest.SerializeToString,
+            muster_dot_v1_dot_admin__pb2.PoolSettings.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPoolSettings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/muster.v1.AdminService/GetPoolSettings',
+            muster_dot_v1_dot_admin__pb2.GetPoolSettingsRequest.SerializeToString,
+            muster_dot_v1_dot_admin__pb2.PoolSettings.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListPoolSettings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/muster.v1.AdminService/ListPoolSettings',
+            muster_dot_v1_dot_admin__pb2.ListPoolSettingsRequest.SerializeToString,
+            muster_dot_v1_dot_admin__pb2.ListPoolSettingsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTenants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/muster.v1.AdminService/ListTenants',
+            muster_dot_v1_dot_admin__pb2.ListTenantsRequest.SerializeToString,
+            muster_dot_v1_dot_admin__pb2.ListTenantsResponse.FromString,
             options,
             channel_credentials,
             insecure,

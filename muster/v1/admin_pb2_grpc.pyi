@@ -52,6 +52,20 @@ class AdminServiceStub:
     """Revokes one certificate by serial."""
     QueryAudit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.QueryAuditRequest, _admin_pb2.QueryAuditResponse]
     """Reads the audit trail, newest first."""
+    SetBudget: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetBudgetRequest, _admin_pb2.Budget]
+    """Sets (creates or changes) a spend budget. Takes effect on the next dispatch;
+    lowering a limit below what is spent holds further AI work of that scope back.
+    """
+    GetBudget: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetBudgetRequest, _admin_pb2.Budget]
+    """Reads one budget with what is spent and reserved in its current period."""
+    ListBudgets: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListBudgetsRequest, _admin_pb2.ListBudgetsResponse]
+    DeleteBudget: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeleteBudgetRequest, _admin_pb2.DeleteBudgetResponse]
+    """Removes a budget: its scope is no longer limited."""
+    SetPoolSettings: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetPoolSettingsRequest, _admin_pb2.PoolSettings]
+    """Sets a pool's settings (today: the models AI tasks in it may use)."""
+    GetPoolSettings: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetPoolSettingsRequest, _admin_pb2.PoolSettings]
+    ListPoolSettings: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListPoolSettingsRequest, _admin_pb2.ListPoolSettingsResponse]
+    ListTenants: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListTenantsRequest, _admin_pb2.ListTenantsResponse]
 
 @_typing.type_check_only
 class AdminServiceAsyncStub(AdminServiceStub):
@@ -77,6 +91,20 @@ class AdminServiceAsyncStub(AdminServiceStub):
     """Revokes one certificate by serial."""
     QueryAudit: _aio.UnaryUnaryMultiCallable[_admin_pb2.QueryAuditRequest, _admin_pb2.QueryAuditResponse]  # type: ignore[assignment]
     """Reads the audit trail, newest first."""
+    SetBudget: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetBudgetRequest, _admin_pb2.Budget]  # type: ignore[assignment]
+    """Sets (creates or changes) a spend budget. Takes effect on the next dispatch;
+    lowering a limit below what is spent holds further AI work of that scope back.
+    """
+    GetBudget: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetBudgetRequest, _admin_pb2.Budget]  # type: ignore[assignment]
+    """Reads one budget with what is spent and reserved in its current period."""
+    ListBudgets: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListBudgetsRequest, _admin_pb2.ListBudgetsResponse]  # type: ignore[assignment]
+    DeleteBudget: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteBudgetRequest, _admin_pb2.DeleteBudgetResponse]  # type: ignore[assignment]
+    """Removes a budget: its scope is no longer limited."""
+    SetPoolSettings: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetPoolSettingsRequest, _admin_pb2.PoolSettings]  # type: ignore[assignment]
+    """Sets a pool's settings (today: the models AI tasks in it may use)."""
+    GetPoolSettings: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetPoolSettingsRequest, _admin_pb2.PoolSettings]  # type: ignore[assignment]
+    ListPoolSettings: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListPoolSettingsRequest, _admin_pb2.ListPoolSettingsResponse]  # type: ignore[assignment]
+    ListTenants: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListTenantsRequest, _admin_pb2.ListTenantsResponse]  # type: ignore[assignment]
 
 class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """Served on the api listener; every call needs an API token with the `admin` role."""
@@ -171,5 +199,67 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.QueryAuditResponse, _abc.Awaitable[_admin_pb2.QueryAuditResponse]]:
         """Reads the audit trail, newest first."""
+
+    @_abc_1.abstractmethod
+    def SetBudget(
+        self,
+        request: _admin_pb2.SetBudgetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Budget, _abc.Awaitable[_admin_pb2.Budget]]:
+        """Sets (creates or changes) a spend budget. Takes effect on the next dispatch;
+        lowering a limit below what is spent holds further AI work of that scope back.
+        """
+
+    @_abc_1.abstractmethod
+    def GetBudget(
+        self,
+        request: _admin_pb2.GetBudgetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.Budget, _abc.Awaitable[_admin_pb2.Budget]]:
+        """Reads one budget with what is spent and reserved in its current period."""
+
+    @_abc_1.abstractmethod
+    def ListBudgets(
+        self,
+        request: _admin_pb2.ListBudgetsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListBudgetsResponse, _abc.Awaitable[_admin_pb2.ListBudgetsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteBudget(
+        self,
+        request: _admin_pb2.DeleteBudgetRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.DeleteBudgetResponse, _abc.Awaitable[_admin_pb2.DeleteBudgetResponse]]:
+        """Removes a budget: its scope is no longer limited."""
+
+    @_abc_1.abstractmethod
+    def SetPoolSettings(
+        self,
+        request: _admin_pb2.SetPoolSettingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.PoolSettings, _abc.Awaitable[_admin_pb2.PoolSettings]]:
+        """Sets a pool's settings (today: the models AI tasks in it may use)."""
+
+    @_abc_1.abstractmethod
+    def GetPoolSettings(
+        self,
+        request: _admin_pb2.GetPoolSettingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.PoolSettings, _abc.Awaitable[_admin_pb2.PoolSettings]]: ...
+
+    @_abc_1.abstractmethod
+    def ListPoolSettings(
+        self,
+        request: _admin_pb2.ListPoolSettingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListPoolSettingsResponse, _abc.Awaitable[_admin_pb2.ListPoolSettingsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListTenants(
+        self,
+        request: _admin_pb2.ListTenantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListTenantsResponse, _abc.Awaitable[_admin_pb2.ListTenantsResponse]]: ...
 
 def add_AdminServiceServicer_to_server(servicer: AdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16muster/v1/common.proto\x12\tmuster.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x80\x06\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x0c\n\x04pool\x18\x04 \x01(\t\x12/\n\x08selector\x18\x05 \x03(\x0b\x32\x1d.muster.v1.Task.SelectorEntry\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12#\n\x05state\x18\x07 \x01(\x0e\x32\x14.muster.v1.TaskState\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\t \x01(\x05\x12\r\n\x05owner\x18\n \x01(\t\x12\x17\n\x0fidempotency_key\x18\x0b \x01(\t\x12\x10\n\x08\x61gent_id\x18\x0c \x01(\t\x12\x0e\n\x06output\x18\r \x01(\x0c\x12\r\n\x05\x65rror\x18\x0e \x01(\t\x12\x18\n\x10\x63\x61ncel_requested\x18\x0f \x01(\x08\x12<\n\x19schedule_to_start_timeout\x18\x10 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x39\n\x16start_to_close_timeout\x18\x11 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x08\x64\x65\x61\x64line\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x05usage\x18\x17 \x01(\x0b\x32\x10.muster.v1.Usage\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"I\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x13\n\x0b\x63ost_micros\x18\x03 \x01(\x03\".\n\nAttemptRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05*\xd4\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x17\n\x13TASK_STATE_ASSIGNED\x10\x02\x12\x16\n\x12TASK_STATE_RUNNING\x10\x03\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x04\x12\x15\n\x11TASK_STATE_FAILED\x10\x05\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x06\x12\x18\n\x14TASK_STATE_TIMED_OUT\x10\x07\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16muster/v1/common.proto\x12\tmuster.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8e\x07\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x0c\n\x04pool\x18\x04 \x01(\t\x12/\n\x08selector\x18\x05 \x03(\x0b\x32\x1d.muster.v1.Task.SelectorEntry\x12\x10\n\x08priority\x18\x06 \x01(\x05\x12#\n\x05state\x18\x07 \x01(\x0e\x32\x14.muster.v1.TaskState\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\t \x01(\x05\x12\r\n\x05owner\x18\n \x01(\t\x12\x17\n\x0fidempotency_key\x18\x0b \x01(\t\x12\x10\n\x08\x61gent_id\x18\x0c \x01(\t\x12\x0e\n\x06output\x18\r \x01(\x0c\x12\r\n\x05\x65rror\x18\x0e \x01(\t\x12\x18\n\x10\x63\x61ncel_requested\x18\x0f \x01(\x08\x12<\n\x19schedule_to_start_timeout\x18\x10 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x39\n\x16start_to_close_timeout\x18\x11 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x08\x64\x65\x61\x64line\x18\x12 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\ncreated_at\x18\x13 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1f\n\x05usage\x18\x17 \x01(\x0b\x32\x10.muster.v1.Usage\x12\x16\n\x0ewaiting_reason\x18\x18 \x01(\t\x12\x14\n\x0csubmitted_by\x18\x19 \x01(\t\x12\x17\n\x0fmax_cost_micros\x18\x1a \x01(\x03\x12.\n\rattempt_usage\x18\x1b \x03(\x0b\x32\x17.muster.v1.AttemptUsage\x12\x15\n\routput_schema\x18\x1c \x01(\t\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"R\n\x0c\x41ttemptUsage\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x1f\n\x05usage\x18\x03 \x01(\x0b\x32\x10.muster.v1.Usage\"\xe4\x01\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x13\n\x0b\x63ost_micros\x18\x03 \x01(\x03\x12\r\n\x05model\x18\x04 \x01(\t\x12#\n\x1b\x63\x61\x63he_creation_input_tokens\x18\x05 \x01(\x03\x12\x1f\n\x17\x63\x61\x63he_read_input_tokens\x18\x06 \x01(\x03\x12\x1c\n\x14reported_cost_micros\x18\x07 \x01(\x03\x12&\n\x1e\x63\x61\x63he_creation_1h_input_tokens\x18\x08 \x01(\x03\".\n\nAttemptRef\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05*\xd4\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x17\n\x13TASK_STATE_ASSIGNED\x10\x02\x12\x16\n\x12TASK_STATE_RUNNING\x10\x03\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x04\x12\x15\n\x11TASK_STATE_FAILED\x10\x05\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x06\x12\x18\n\x14TASK_STATE_TIMED_OUT\x10\x07\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,14 +35,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TASK_SELECTORENTRY']._loaded_options = None
   _globals['_TASK_SELECTORENTRY']._serialized_options = b'8\001'
-  _globals['_TASKSTATE']._serialized_start=997
-  _globals['_TASKSTATE']._serialized_end=1209
+  _globals['_TASKSTATE']._serialized_start=1379
+  _globals['_TASKSTATE']._serialized_end=1591
   _globals['_TASK']._serialized_start=103
-  _globals['_TASK']._serialized_end=871
-  _globals['_TASK_SELECTORENTRY']._serialized_start=824
-  _globals['_TASK_SELECTORENTRY']._serialized_end=871
-  _globals['_USAGE']._serialized_start=873
-  _globals['_USAGE']._serialized_end=946
-  _globals['_ATTEMPTREF']._serialized_start=948
-  _globals['_ATTEMPTREF']._serialized_end=994
+  _globals['_TASK']._serialized_end=1013
+  _globals['_TASK_SELECTORENTRY']._serialized_start=966
+  _globals['_TASK_SELECTORENTRY']._serialized_end=1013
+  _globals['_ATTEMPTUSAGE']._serialized_start=1015
+  _globals['_ATTEMPTUSAGE']._serialized_end=1097
+  _globals['_USAGE']._serialized_start=1100
+  _globals['_USAGE']._serialized_end=1328
+  _globals['_ATTEMPTREF']._serialized_start=1330
+  _globals['_ATTEMPTREF']._serialized_end=1376
 # @@protoc_insertion_point(module_scope)

@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("kind", "payload", "pool", "selector", "priority", "schedule_to_start_timeout", "start_to_close_timeout", "deadline", "max_attempts", "idempotency_key")
+    __slots__ = ("kind", "payload", "pool", "selector", "priority", "schedule_to_start_timeout", "start_to_close_timeout", "deadline", "max_attempts", "idempotency_key", "max_cost_usd", "output_schema")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,8 @@ class SubmitRequest(_message.Message):
     DEADLINE_FIELD_NUMBER: _ClassVar[int]
     MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    MAX_COST_USD_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     kind: str
     payload: bytes
     pool: str
@@ -40,7 +42,9 @@ class SubmitRequest(_message.Message):
     deadline: _timestamp_pb2.Timestamp
     max_attempts: int
     idempotency_key: str
-    def __init__(self, kind: _Optional[str] = ..., payload: _Optional[bytes] = ..., pool: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., schedule_to_start_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., start_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_attempts: _Optional[int] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
+    max_cost_usd: float
+    output_schema: str
+    def __init__(self, kind: _Optional[str] = ..., payload: _Optional[bytes] = ..., pool: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., schedule_to_start_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., start_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_attempts: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., max_cost_usd: _Optional[float] = ..., output_schema: _Optional[str] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
     __slots__ = ("task", "created")

@@ -103,7 +103,7 @@ class ApiTokenAuth(grpc.aio.ServerInterceptor):
             return None
         if row.expires_at is not None and row.expires_at <= utcnow():
             return None
-        return Principal(name=row.name, role=row.role, token_id=row.token_id)
+        return Principal(name=row.name, role=row.role, token_id=row.token_id, tenant=row.tenant)
 
     async def _load(self, token_id: str) -> CachedToken | None:
         async with self._db.transaction() as session:
@@ -113,6 +113,7 @@ class ApiTokenAuth(grpc.aio.ServerInterceptor):
         return CachedToken(
             token_id=row.token_id,
             name=row.name,
+            tenant=row.tenant,
             role=row.role,
             secret_hash=row.secret_hash,
             expires_at=row.expires_at,

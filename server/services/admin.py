@@ -23,7 +23,7 @@ from server.services import convert
 from server.services.context import peer_address, request_id
 from server.services.errors import invalid, not_found
 from server.services.validation import check_labels, check_name
-from server.storage import identities
+from server.storage import identities, tenants
 from server.storage.database import Database
 from server.storage.models import ApiToken, AuditEvent, BootstrapToken
 from server.storage.types import utcnow
@@ -162,11 +162,26 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         expires = None
         if request.HasField("ttl") and request.ttl.ToTimedelta() > timedelta(0):
             expires = utcnow() + request.ttl.ToTimedelta()
+        tenant = check_name(request.tenant, "tenant") if request.tenant else ""
         async with self._db.transaction() as session:
-            row, secret = await create_api_token(session, name, role, expires_at=expires)
+            row, secret = await create_api_token(
+                session,
+                name,
+                role,
+                tenant=tenant,
+                created_by=current_principal.get().name,
+                expires_at=expires,
+            )
             await record_in(
                 session,
-                self._audit(context, "api_token.create", row.token_id, name=name, role=role),
+                self._audit(
+                    context,
+                    "api_token.create",
+                    row.token_id,
+                    name=name,
+                    role=role,
+                    tenant=row.tenant,
+                ),
             )
         return admin_pb2.CreateApiTokenResponse(token=convert.api_token(row), secret=secret)
 
@@ -338,13 +353,27 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
 
 
 async def create_api_token(
-    session: Any, name: str, role: str, *, expires_at: Any = None
+    session: Any,
+    name: str,
+    role: str,
+    *,
+    tenant: str = "",
+    created_by: str = "server",
+    expires_at: Any = None,
 ) -> tuple[ApiToken, str]:
-    """Mint and store an API token; returns the row and the secret (shown once)."""
+    """Mint and store an API token; returns the row and the secret (shown once).
+
+    The token joins ``tenant`` (created when new); without one it gets a new tenant of
+    its own, so it never inherits what an earlier token of the same name owned."""
     minted = tokens.mint(tokens.API)
+    if tenant:
+        await tenants.ensure(session, tenant, created_by=created_by)
+    else:
+        tenant = await tenants.create_own(session, name, minted.token_id, created_by=created_by)
     row = ApiToken(
         token_id=minted.token_id,
         name=name,
+        tenant=tenant,
         secret_hash=minted.secret_hash,
         role=role,
         created_at=utcnow(),

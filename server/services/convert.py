@@ -64,7 +64,15 @@ def task(row: models.Task) -> common_pb2.Task:
             input_tokens=row.input_tokens,
             output_tokens=row.output_tokens,
             cost_micros=row.cost_micros,
+            model=row.model or "",
+            cache_creation_input_tokens=row.cache_creation_tokens,
+            cache_read_input_tokens=row.cache_read_tokens,
+            reported_cost_micros=row.reported_cost_micros,
         ),
+        waiting_reason=row.waiting_reason if row.state == "QUEUED" else "",
+        submitted_by=row.submitted_by,
+        max_cost_micros=row.max_cost_micros or 0,
+        output_schema=row.output_schema or "",
     )
 
 
@@ -87,6 +95,7 @@ def api_token(row: models.ApiToken) -> admin_pb2.ApiToken:
     return admin_pb2.ApiToken(
         token_id=row.token_id,
         name=row.name,
+        tenant=row.tenant,
         role=_ROLES.get(row.role, admin_pb2.ROLE_UNSPECIFIED),
         created_at=timestamp(row.created_at),
         expires_at=timestamp(row.expires_at),

@@ -49,7 +49,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         if not decision.allowed:
             await context.abort_with_status(decision.status())
         task, created = await self._dispatcher.submit(
-            {**values, "owner": principal.name},
+            {**values, "owner": principal.tenant, "submitted_by": principal.name},
             actor=principal.name,
             peer=peer_address(context),
             request_id=request_id(context),
@@ -120,7 +120,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                 states=states,
                 pool=request.pool,
                 kind=request.kind,
-                owner=None if principal.is_admin else principal.name,
+                owner=None if principal.is_admin else principal.tenant,
                 limit=limit + 1,
                 before=before,
             )
@@ -175,7 +175,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         async with self._db.transaction() as session:
             task = await task_store.get(session, task_id)
         principal = current_principal.get()
-        if task is None or not (principal.is_admin or task.owner == principal.name):
+        if task is None or not (principal.is_admin or task.owner == principal.tenant):
             raise not_found(f"no task {task_id[:60]!r}")
         return task
 

@@ -79,6 +79,17 @@ class BootstrapToken(Base):
     deleted_at: Mapped[datetime | None]
 
 
+class Tenant(Base):
+    """Who owns tasks, idempotency keys and budgets. API tokens belong to one; its name is
+    unique and never reused, so a new token with an old token's name owns nothing old."""
+
+    __tablename__ = "tenants"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    created_at: Mapped[datetime]
+    created_by: Mapped[str] = mapped_column(String(100))
+
+
 class ApiToken(Base):
     """A client credential for TaskService/AdminService; only its hash is stored."""
 
@@ -86,6 +97,8 @@ class ApiToken(Base):
 
     token_id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(100))
+    tenant: Mapped[str] = mapped_column(String(63), index=True)
+    """The tenant it belongs to (tenants.name)."""
     secret_hash: Mapped[str] = mapped_column(String(64))
     role: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime]
@@ -108,6 +121,9 @@ class Task(Base):
     attempt: Mapped[int] = mapped_column(Integer, default=1)
     max_attempts: Mapped[int] = mapped_column(Integer)
     owner: Mapped[str] = mapped_column(String(100))
+    """The tenant (tenants.name) that owns the task."""
+    submitted_by: Mapped[str] = mapped_column(String(100), default="")
+    """The API token name that submitted it."""
     idempotency_key: Mapped[str | None] = mapped_column(String(128))
     agent_id: Mapped[str | None] = mapped_column(String(63))
     session_id: Mapped[str | None] = mapped_column(String(40), index=True)
@@ -127,14 +143,72 @@ class Task(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Usage totals over every attempt (attempt_usage has each one)."""
     output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     cost_micros: Mapped[int] = mapped_column(BigInteger, default=0)
+    cache_creation_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cache_read_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    reported_cost_micros: Mapped[int] = mapped_column(BigInteger, default=0)
+    model: Mapped[str | None] = mapped_column(String(100))
+    """AI kinds: the model the payload names (budgets, provider back-off, metrics)."""
+    reserve_micros: Mapped[int] = mapped_column(BigInteger, default=0)
+    """AI kinds: one attempt's worst-case cost, reserved at dispatch; 0: not budgeted."""
+    max_cost_micros: Mapped[int | None] = mapped_column(BigInteger)
+    """The task's own spend cap over all attempts (SubmitRequest.max_cost_usd)."""
+    output_schema: Mapped[str | None] = mapped_column(Text)
+    waiting_reason: Mapped[str] = mapped_column(Text, default="")
+    """Why a QUEUED task was last held back at dispatch (budget, provider back-off)."""
+    rate_limited: Mapped[int] = mapped_column(Integer, default=0)
+    """Attempts the provider refused for its rate limit: not counted against max_attempts."""
 
     __table_args__ = (
         UniqueConstraint("owner", "idempotency_key", name="uq_tasks_owner_idempotency_key"),
         Index("ix_tasks_queue", "state", "pool", "priority", "queued_at"),
         Index("ix_tasks_created", "created_at"),
     )
+
+
+class AttemptUsage(Base):
+    """What one attempt consumed, as the agent reported it and the server priced it."""
+
+    __tablename__ = "attempt_usage"
+
+    task_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    agent_id: Mapped[str] = mapped_column(String(63))
+    model: Mapped[str] = mapped_column(String(100), default="")
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cache_creation_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cache_creation_1h_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cache_read_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cost_micros: Mapped[int] = mapped_column(BigInteger, default=0)
+    reported_cost_micros: Mapped[int] = mapped_column(BigInteger, default=0)
+    recorded_at: Mapped[datetime]
+
+
+class Budget(Base):
+    """A spend limit on a scope ("global", "tenant:<name>", "pool:<name>"). The running
+    totals live in the quota store (Redis); the definition lives here."""
+
+    __tablename__ = "budgets"
+
+    scope: Mapped[str] = mapped_column(String(80), primary_key=True)
+    limit_micros: Mapped[int] = mapped_column(BigInteger)
+    period: Mapped[str] = mapped_column(String(8))
+    updated_at: Mapped[datetime]
+    updated_by: Mapped[str] = mapped_column(String(100))
+
+
+class PoolSettings(Base):
+    """Per-pool settings; today the models AI tasks in the pool may name (empty: any priced)."""
+
+    __tablename__ = "pool_settings"
+
+    pool: Mapped[str] = mapped_column(String(63), primary_key=True)
+    allowed_models: Mapped[list[str]] = mapped_column(JSON)
+    updated_at: Mapped[datetime]
+    updated_by: Mapped[str] = mapped_column(String(100))
 
 
 class AuditEvent(Base):
