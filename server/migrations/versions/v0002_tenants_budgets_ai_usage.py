@@ -13,6 +13,8 @@ becomes a tenant of the same name, its tokens belong to it, and tasks keep their
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -23,8 +25,8 @@ depends_on = None
 
 UTC_TIME = sa.DateTime(timezone=True)
 MIGRATED_BY = "migration 0002"
-_EMPTY = {"nullable": False, "server_default": ""}
-_ZERO = {"nullable": False, "server_default": "0"}
+_EMPTY = ""
+_ZERO = "0"
 
 
 def upgrade() -> None:
@@ -49,11 +51,15 @@ def upgrade() -> None:
     # Plain ADD COLUMN with a default works on both backends without copying tables; the
     # defaults only fill the rows already there (the code always sets these columns), so
     # Postgres drops them again. SQLite cannot drop a default without rebuilding the table.
-    op.add_column("api_tokens", sa.Column("tenant", sa.String(63), **_EMPTY))
+    op.add_column(
+        "api_tokens", sa.Column("tenant", sa.String(63), nullable=False, server_default=_EMPTY)
+    )
     op.execute("UPDATE api_tokens SET tenant = name")
     op.create_index("ix_api_tokens_tenant", "api_tokens", ["tenant"])
-    _added = [("api_tokens", "tenant", sa.String(63))]
-    for column, type_, default in (
+    added: list[tuple[str, str, sa.types.TypeEngine[Any]]] = [
+        ("api_tokens", "tenant", sa.String(63))
+    ]
+    column_defaults: tuple[tuple[str, sa.types.TypeEngine[Any], str], ...] = (
         ("submitted_by", sa.String(100), _EMPTY),
         ("cache_creation_tokens", sa.BigInteger(), _ZERO),
         ("cache_read_tokens", sa.BigInteger(), _ZERO),
@@ -61,15 +67,16 @@ def upgrade() -> None:
         ("reserve_micros", sa.BigInteger(), _ZERO),
         ("waiting_reason", sa.Text(), _EMPTY),
         ("rate_limited", sa.Integer(), _ZERO),
-    ):
-        op.add_column("tasks", sa.Column(column, type_, **default))
-        _added.append(("tasks", column, type_))
+    )
+    for column, type_, default in column_defaults:
+        op.add_column("tasks", sa.Column(column, type_, nullable=False, server_default=default))
+        added.append(("tasks", column, type_))
     op.add_column("tasks", sa.Column("model", sa.String(100), nullable=True))
     op.add_column("tasks", sa.Column("max_cost_micros", sa.BigInteger(), nullable=True))
     op.add_column("tasks", sa.Column("output_schema", sa.Text(), nullable=True))
     op.execute("UPDATE tasks SET submitted_by = owner")
     if op.get_context().dialect.name == "postgresql":
-        for table, column, type_ in _added:
+        for table, column, type_ in added:
             op.alter_column(table, column, existing_type=type_, server_default=None)
 
     op.create_table(
