@@ -538,7 +538,9 @@ MUSTER_METRICS = (
     "muster_audit_queue_depth",
     "muster_audit_spool_bytes",
     "muster_llm_tokens_total",
-    "muster_llm_spend_micros_total",
+    "muster_llm_cost_usd_total",
+    "muster_budget_remaining_usd",
+    "muster_budget_reservations_total",
     "muster_auth_failures_total",
 )
 

@@ -265,10 +265,6 @@ class Dispatcher:
                 )
         else:
             self.fanout.wake_pool(task.pool)
-        if usage[0] or usage[1]:
-            self.metrics.llm_tokens.labels(kind="input").inc(usage[0])
-            self.metrics.llm_tokens.labels(kind="output").inc(usage[1])
-            self.metrics.llm_spend_micros.inc(usage[2])
         self.fanout.task_changed(result.task_id)
         await self.audit.submit(
             AuditRecord(

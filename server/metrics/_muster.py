@@ -141,15 +141,33 @@ class MusterMetrics:
             ("limit", "outcome"),
             registry=registry,
         )
+        # AI work. No tenant label on counters (cardinality); tenants appear only in the
+        # budget gauge, one series per budget an operator set.
         self.llm_tokens = Counter(
             "muster_llm_tokens_total",
-            "LLM tokens used by tasks, by kind (input, output).",
-            ("kind",),
+            "AI tokens reported by attempts, by task kind, model and type (input, output, "
+            "cache_creation, cache_read).",
+            ("kind", "model", "type"),
             registry=registry,
         )
-        self.llm_spend_micros = Counter(
-            "muster_llm_spend_micros_total",
-            "LLM spend settled against budgets, in millionths of the budget currency.",
+        self.llm_cost_usd = Counter(
+            "muster_llm_cost_usd_total",
+            "Cost of AI attempts in US dollars, computed by the server from reported tokens "
+            "and its price table, by task kind and model.",
+            ("kind", "model"),
+            registry=registry,
+        )
+        self.budget_remaining_usd = StateGauge(
+            "muster_budget_remaining_usd",
+            "What is left of each budget with a limit in its current period (limit minus "
+            "spent and reserved), in US dollars, by scope.",
+            ("scope",),
+            registry,
+        )
+        self.budget_reservations = Counter(
+            "muster_budget_reservations_total",
+            "Budget reservations at dispatch, by outcome (reserved, refused, degraded).",
+            ("outcome",),
             registry=registry,
         )
 
