@@ -16,7 +16,9 @@ from dataclasses import dataclass
 __all__ = [
     "MICROS",
     "BudgetDecision",
+    "BudgetHold",
     "BudgetUsage",
+    "BudgetVerdict",
     "GcraResult",
     "LeaseDecision",
     "QuotaStore",
@@ -83,6 +85,34 @@ class BudgetDecision:
     def remaining(self) -> int:
         """What is left to reserve."""
         return max(0, self.limit - self.used)
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetHold:
+    """One budget an amount is reserved against: its period's key and limit."""
+
+    key: str
+    limit: int
+    """Micro-dollars: spent plus reserved never exceeds it through a reservation."""
+    expires_at: float | None
+    """Unix seconds when the period ends; the key may expire some slack after it.
+    None: the budget never ends (its key is kept)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetVerdict:
+    """The answer of :meth:`QuotaStore.reserve_budgets`: all holds taken, or none."""
+
+    allowed: bool
+    refused: BudgetHold | None
+    """The first hold that could not take the amount (None when allowed)."""
+    used: int
+    """That hold's spent plus reserved before this call (0 when allowed)."""
+
+    @property
+    def left(self) -> int:
+        """What the refusing budget could still take (0 when allowed)."""
+        return 0 if self.refused is None else max(0, self.refused.limit - self.used)
 
 
 @dataclass(frozen=True, slots=True)
