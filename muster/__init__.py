@@ -13,12 +13,16 @@ from muster._sync_client import Client
 from muster._types import (
     Agent,
     ApiToken,
+    AttemptUsage,
     AuditEvent,
     BootstrapToken,
+    Budget,
     Certificate,
+    PoolSettings,
     Role,
     Task,
     TaskState,
+    Tenant,
     Usage,
 )
 from muster.config import ClientConfig
@@ -47,12 +51,16 @@ __all__ = [  # noqa: RUF022
     # Types
     "Agent",
     "ApiToken",
+    "AttemptUsage",
     "AuditEvent",
     "BootstrapToken",
+    "Budget",
     "Certificate",
+    "PoolSettings",
     "Role",
     "Task",
     "TaskState",
+    "Tenant",
     "Usage",
     # Errors
     "AuthenticationError",

@@ -1,4 +1,5 @@
-"""Admin clients (sync and asyncio) for ``AdminService``: tokens, agents, certificates, audit.
+"""Admin clients (sync and asyncio) for ``AdminService``: tokens, tenants, agents,
+certificates, spend budgets, pool settings and the audit trail.
 
 Kept apart from the task clients because every call here needs the ``admin`` role.
 Secrets returned by the create calls are handed back once and never logged.
@@ -6,7 +7,7 @@ Secrets returned by the create calls are handed back once and never logged.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime
 
 from muster import _requests
@@ -17,8 +18,20 @@ from muster._convert import (
     api_token_from_proto,
     audit_event_from_proto,
     bootstrap_token_from_proto,
+    budget_from_proto,
+    pool_settings_from_proto,
+    tenant_from_proto,
 )
-from muster._types import Agent, ApiToken, AuditEvent, BootstrapToken, Role
+from muster._types import (
+    Agent,
+    ApiToken,
+    AuditEvent,
+    BootstrapToken,
+    Budget,
+    PoolSettings,
+    Role,
+    Tenant,
+)
 from muster.v1 import admin_pb2, admin_pb2_grpc
 
 
@@ -53,10 +66,19 @@ class AdminClient(SyncClientBase[admin_pb2_grpc.AdminServiceStub]):
         self._transport.unary(self._stub.DeleteBootstrapToken, request)
 
     def create_api_token(
-        self, name: str, role: Role | str, ttl: Seconds | None = None
+        self,
+        name: str,
+        role: Role | str,
+        ttl: Seconds | None = None,
+        *,
+        tenant: str | None = None,
     ) -> tuple[ApiToken, str]:
-        """Create a client token; returns (record, secret). No ttl: it never expires."""
-        request = _requests.create_api_token(name, role, ttl)
+        """Create a client token; returns (record, secret). No ttl: it never expires.
+
+        ``tenant``: the tenant it joins (created if new); None gives it a new tenant of
+        its own, which never holds anything an earlier token of the same name owned.
+        """
+        request = _requests.create_api_token(name, role, ttl, tenant)
         response = self._transport.unary(self._stub.CreateApiToken, request)
         return api_token_from_proto(response.token), response.secret
 
@@ -105,6 +127,51 @@ class AdminClient(SyncClientBase[admin_pb2_grpc.AdminServiceStub]):
         response = self._transport.unary(self._stub.QueryAudit, request)
         return [audit_event_from_proto(e) for e in response.events]
 
+    # Tenants, budgets and pool settings
+
+    def list_tenants(self) -> list[Tenant]:
+        response = self._transport.unary(self._stub.ListTenants, admin_pb2.ListTenantsRequest())
+        return [tenant_from_proto(t) for t in response.tenants]
+
+    def set_budget(self, scope: str, limit_usd: float, period: str | None = None) -> Budget:
+        """Limit ``scope`` (``global``, ``tenant:<name>``, ``pool:<name>``) to ``limit_usd``
+        per ``period`` (``day``, ``month`` or ``none``; None: the server default, month).
+
+        The limit is kept in whole micro-dollars; 0 stops all AI work of the scope.
+        """
+        request = _requests.set_budget(scope, limit_usd, period)
+        return budget_from_proto(self._transport.unary(self._stub.SetBudget, request))
+
+    def get_budget(self, scope: str) -> Budget:
+        """The budget with its current period's spent and reserved; NotFoundError if none."""
+        request = admin_pb2.GetBudgetRequest(scope=scope)
+        return budget_from_proto(self._transport.unary(self._stub.GetBudget, request))
+
+    def list_budgets(self) -> list[Budget]:
+        response = self._transport.unary(self._stub.ListBudgets, admin_pb2.ListBudgetsRequest())
+        return [budget_from_proto(b) for b in response.budgets]
+
+    def delete_budget(self, scope: str) -> None:
+        """Stop limiting ``scope``; NotFoundError if it had no budget."""
+        request = admin_pb2.DeleteBudgetRequest(scope=scope)
+        self._transport.unary(self._stub.DeleteBudget, request)
+
+    def set_pool_models(self, pool: str, models: Iterable[str]) -> PoolSettings:
+        """Allow AI tasks in ``pool`` only these models (each needs a price on the
+        server); an empty list allows any priced model again."""
+        request = admin_pb2.SetPoolSettingsRequest(pool=pool, allowed_models=list(models))
+        return pool_settings_from_proto(self._transport.unary(self._stub.SetPoolSettings, request))
+
+    def get_pool_settings(self, pool: str) -> PoolSettings:
+        """The pool's settings (the defaults for a pool nobody configured)."""
+        request = admin_pb2.GetPoolSettingsRequest(pool=pool)
+        return pool_settings_from_proto(self._transport.unary(self._stub.GetPoolSettings, request))
+
+    def list_pool_settings(self) -> list[PoolSettings]:
+        request = admin_pb2.ListPoolSettingsRequest()
+        response = self._transport.unary(self._stub.ListPoolSettings, request)
+        return [pool_settings_from_proto(p) for p in response.pools]
+
 
 class AsyncAdminClient(AsyncClientBase["admin_pb2_grpc.AdminServiceAsyncStub"]):
     """Asyncio admin client; the same API as :class:`AdminClient`, awaited."""
@@ -133,9 +200,14 @@ class AsyncAdminClient(AsyncClientBase["admin_pb2_grpc.AdminServiceAsyncStub"]):
         await self._transport.unary(self._stub.DeleteBootstrapToken, request)
 
     async def create_api_token(
-        self, name: str, role: Role | str, ttl: Seconds | None = None
+        self,
+        name: str,
+        role: Role | str,
+        ttl: Seconds | None = None,
+        *,
+        tenant: str | None = None,
     ) -> tuple[ApiToken, str]:
-        request = _requests.create_api_token(name, role, ttl)
+        request = _requests.create_api_token(name, role, ttl, tenant)
         response = await self._transport.unary(self._stub.CreateApiToken, request)
         return api_token_from_proto(response.token), response.secret
 
@@ -181,3 +253,40 @@ class AsyncAdminClient(AsyncClientBase["admin_pb2_grpc.AdminServiceAsyncStub"]):
         request = _requests.query_audit(actor, action, since, until, limit)
         response = await self._transport.unary(self._stub.QueryAudit, request)
         return [audit_event_from_proto(e) for e in response.events]
+
+    async def list_tenants(self) -> list[Tenant]:
+        request = admin_pb2.ListTenantsRequest()
+        response = await self._transport.unary(self._stub.ListTenants, request)
+        return [tenant_from_proto(t) for t in response.tenants]
+
+    async def set_budget(self, scope: str, limit_usd: float, period: str | None = None) -> Budget:
+        request = _requests.set_budget(scope, limit_usd, period)
+        return budget_from_proto(await self._transport.unary(self._stub.SetBudget, request))
+
+    async def get_budget(self, scope: str) -> Budget:
+        request = admin_pb2.GetBudgetRequest(scope=scope)
+        return budget_from_proto(await self._transport.unary(self._stub.GetBudget, request))
+
+    async def list_budgets(self) -> list[Budget]:
+        request = admin_pb2.ListBudgetsRequest()
+        response = await self._transport.unary(self._stub.ListBudgets, request)
+        return [budget_from_proto(b) for b in response.budgets]
+
+    async def delete_budget(self, scope: str) -> None:
+        request = admin_pb2.DeleteBudgetRequest(scope=scope)
+        await self._transport.unary(self._stub.DeleteBudget, request)
+
+    async def set_pool_models(self, pool: str, models: Iterable[str]) -> PoolSettings:
+        request = admin_pb2.SetPoolSettingsRequest(pool=pool, allowed_models=list(models))
+        response = await self._transport.unary(self._stub.SetPoolSettings, request)
+        return pool_settings_from_proto(response)
+
+    async def get_pool_settings(self, pool: str) -> PoolSettings:
+        request = admin_pb2.GetPoolSettingsRequest(pool=pool)
+        response = await self._transport.unary(self._stub.GetPoolSettings, request)
+        return pool_settings_from_proto(response)
+
+    async def list_pool_settings(self) -> list[PoolSettings]:
+        request = admin_pb2.ListPoolSettingsRequest()
+        response = await self._transport.unary(self._stub.ListPoolSettings, request)
+        return [pool_settings_from_proto(p) for p in response.pools]

@@ -1,4 +1,10 @@
-"""Rendering SDK results for a terminal: compact tables, key/value blocks and JSON."""
+"""Rendering SDK results for a terminal: compact tables, key/value blocks and JSON.
+
+Everything a table or a key/value block shows passes through
+:func:`muster.sanitize.neutralize`: task output, errors and waiting reasons come from
+agents (and models), and even names the server checked are cheaper to escape than to
+reason about. JSON output is escaped by ``json.dumps`` instead.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from muster._types import Task
+from muster._types import MICROS_PER_USD, Budget, PoolSettings, Task, Usage
+from muster.sanitize import neutralize
 
 
 def format_time(value: datetime | None) -> str:
@@ -24,8 +31,28 @@ def format_labels(labels: Mapping[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
 
 
+def format_usd(micros: int) -> str:
+    """Micro-dollars as dollars, exactly: at least two decimals, at most six
+    (``12.50``, ``0.00711``)."""
+    sign = "-" if micros < 0 else ""
+    dollars, rest = divmod(abs(micros), MICROS_PER_USD)
+    return f"{sign}{dollars}.{f'{rest:06d}'.rstrip('0').ljust(2, '0')}"
+
+
+def key_values(pairs: Sequence[tuple[str, str]], *, indent: str = "") -> str:
+    """``key: value`` lines with the values aligned; values are neutralised (a value
+    may span lines: its line breaks are kept and its later lines indented)."""
+    width = max(len(k) for k, _ in pairs) + 1
+    pad = "\n" + indent + " " * (width + 1)
+    return "\n".join(
+        f"{indent}{(k + ':').ljust(width)} {neutralize(v).replace(chr(10), pad)}" for k, v in pairs
+    )
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, indent: str = "") -> str:
-    """Left-aligned columns two spaces apart, like ``kubectl get``."""
+    """Left-aligned columns two spaces apart, like ``kubectl get``; cells are neutralised
+    to one line each, so no cell can forge a row or move the cursor."""
+    rows = [[neutralize(cell, single_line=True) for cell in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         widths = [max(w, len(cell)) for w, cell in zip(widths, row, strict=True)]
@@ -83,17 +110,44 @@ def task_row(task: Task) -> list[str]:
 TASK_HEADERS = ("TASK_ID", "KIND", "POOL", "STATE", "ATTEMPT", "AGENT", "CREATED")
 
 
+def format_usage(usage: Usage) -> str:
+    """One line: the model, tokens by type, and the cost the server computed."""
+    parts = [usage.model or "-", f"input={usage.input_tokens}", f"output={usage.output_tokens}"]
+    if usage.cache_creation_input_tokens:
+        write = f"cache_write={usage.cache_creation_input_tokens}"
+        if usage.cache_creation_1h_input_tokens:
+            write += f" (1h={usage.cache_creation_1h_input_tokens})"
+        parts.append(write)
+    if usage.cache_read_input_tokens:
+        parts.append(f"cache_read={usage.cache_read_input_tokens}")
+    parts.append(f"cost={format_usd(usage.cost_micros)} USD")
+    if usage.reported_cost_micros:
+        parts.append(f"(tool reported {format_usd(usage.reported_cost_micros)} USD)")
+    return " ".join(parts)
+
+
+def _has_usage(usage: Usage | None) -> bool:
+    return usage is not None and bool(
+        usage.total_tokens or usage.cost_micros or usage.model or usage.reported_cost_micros
+    )
+
+
 def task_details(task: Task) -> str:
-    """A ``key: value`` block for ``muster task get``."""
+    """A ``key: value`` block for ``muster task get``; every value is neutralised."""
     pairs: list[tuple[str, str]] = [
         ("task_id", task.task_id),
         ("kind", task.kind),
         ("state", task.state.name + (" (cancel requested)" if task.cancel_requested else "")),
+    ]
+    if task.waiting_reason:
+        pairs.append(("waiting", task.waiting_reason))
+    pairs += [
         ("pool", task.pool),
         ("selector", format_labels(task.selector)),
         ("priority", str(task.priority)),
         ("attempt", f"{task.attempt}/{task.max_attempts}"),
         ("owner", task.owner or "-"),
+        ("submitted_by", task.submitted_by or "-"),
         ("agent", task.agent_id or "-"),
         ("created", format_time(task.created_at)),
         ("started", format_time(task.started_at)),
@@ -101,9 +155,69 @@ def task_details(task: Task) -> str:
     ]
     if task.idempotency_key:
         pairs.append(("idempotency_key", task.idempotency_key))
+    if task.max_cost_micros:
+        pairs.append(("max_cost", f"{format_usd(task.max_cost_micros)} USD"))
+    if _has_usage(task.usage):
+        assert task.usage is not None
+        pairs.append(("usage", format_usage(task.usage)))
+    for attempt in task.attempt_usage:
+        agent = f" on {attempt.agent_id}" if attempt.agent_id else ""
+        pairs.append((f"attempt {attempt.attempt}", format_usage(attempt.usage) + agent))
+    if task.output_schema:
+        pairs.append(("output_schema", " ".join(task.output_schema.split())))
     if task.error:
         pairs.append(("error", task.error))
     if task.output:
-        pairs.append(("output", task.output_text))
-    width = max(len(k) for k, _ in pairs) + 1
-    return "\n".join(f"{(k + ':').ljust(width)} {v}" for k, v in pairs)
+        # Its final line break would only print an empty, indented line.
+        pairs.append(("output", task.output_text.removesuffix("\n")))
+    return key_values(pairs)
+
+
+BUDGET_HEADERS = ("SCOPE", "LIMIT_USD", "SPENT_USD", "RESERVED_USD", "LEFT_USD", "PERIOD", "ENDS")
+
+
+def budget_row(budget: Budget) -> list[str]:
+    return [
+        budget.scope,
+        format_usd(budget.limit_micros),
+        format_usd(budget.spent_micros),
+        format_usd(budget.reserved_micros),
+        format_usd(budget.left_micros),
+        budget.period,
+        format_time(budget.period_end),
+    ]
+
+
+def budget_details(budget: Budget) -> str:
+    """``muster budget get``: the limit, what the current period used, and its window."""
+    window = (
+        f"{format_time(budget.period_start)} to {format_time(budget.period_end)}"
+        if budget.period_start is not None or budget.period_end is not None
+        else "all time"
+    )
+    return key_values(
+        [
+            ("scope", budget.scope),
+            ("limit", f"{format_usd(budget.limit_micros)} USD per {budget.period}"),
+            ("spent", f"{format_usd(budget.spent_micros)} USD"),
+            ("reserved", f"{format_usd(budget.reserved_micros)} USD"),
+            ("left", f"{format_usd(budget.left_micros)} USD"),
+            ("period", f"{budget.period} ({window})"),
+            ("updated", f"{format_time(budget.updated_at)} by {budget.updated_by or '-'}"),
+        ]
+    )
+
+
+def format_models(settings: PoolSettings) -> str:
+    return ",".join(settings.allowed_models) or "any priced model"
+
+
+def pool_details(settings: PoolSettings) -> str:
+    updated = (
+        f"{format_time(settings.updated_at)} by {settings.updated_by or '-'}"
+        if settings.updated_at is not None
+        else "never (defaults)"
+    )
+    return key_values(
+        [("pool", settings.pool), ("models", format_models(settings)), ("updated", updated)]
+    )

@@ -7,6 +7,7 @@ import builtins
 import logging
 from collections.abc import AsyncGenerator, Iterable, Mapping
 from datetime import datetime
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -44,11 +45,15 @@ class AsyncClient(AsyncClientBase["task_pb2_grpc.TaskServiceAsyncStub"]):
         schedule_to_start_timeout: Seconds | None = None,
         start_to_close_timeout: Seconds | None = None,
         deadline: datetime | None = None,
+        max_cost_usd: float | None = None,
+        output_schema: str | Mapping[str, Any] | None = None,
     ) -> Task:
         """Queue a task and return it (the first task again on a repeated idempotency key).
 
         ``payload``: bytes as is, str as UTF-8, dict/list as compact JSON. Timeouts are
         timedeltas or seconds; None means the server default. ``deadline`` must be aware.
+        ``max_cost_usd`` caps what the task may spend over all its attempts (AI kinds);
+        ``output_schema`` is a JSON Schema (text or a dict) the output must satisfy.
         """
         request = _requests.submit(
             kind,
@@ -61,6 +66,8 @@ class AsyncClient(AsyncClientBase["task_pb2_grpc.TaskServiceAsyncStub"]):
             schedule_to_start_timeout=schedule_to_start_timeout,
             start_to_close_timeout=start_to_close_timeout,
             deadline=deadline,
+            max_cost_usd=max_cost_usd,
+            output_schema=output_schema,
         )
         response = await self._transport.unary(self._stub.Submit, request)
         return task_from_proto(response.task)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -11,14 +12,19 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from muster._types import (
+    MICROS_PER_USD,
     Agent,
     ApiToken,
+    AttemptUsage,
     AuditEvent,
     BootstrapToken,
+    Budget,
     Certificate,
+    PoolSettings,
     Role,
     Task,
     TaskState,
+    Tenant,
     Usage,
 )
 from muster.errors import InvalidArgumentError, MusterError
@@ -77,11 +83,28 @@ def task_from_proto(msg: common_pb2.Task) -> Task:
         updated_at=_time(msg, "updated_at"),
         started_at=_time(msg, "started_at"),
         finished_at=_time(msg, "finished_at"),
-        usage=(
-            Usage(usage.input_tokens, usage.output_tokens, usage.cost_micros)
-            if usage is not None
-            else None
+        usage=usage_from_proto(usage) if usage is not None else None,
+        waiting_reason=msg.waiting_reason,
+        submitted_by=msg.submitted_by,
+        max_cost_micros=msg.max_cost_micros,
+        attempt_usage=tuple(
+            AttemptUsage(a.attempt, a.agent_id, usage_from_proto(a.usage))
+            for a in msg.attempt_usage
         ),
+        output_schema=msg.output_schema,
+    )
+
+
+def usage_from_proto(msg: common_pb2.Usage) -> Usage:
+    return Usage(
+        input_tokens=msg.input_tokens,
+        output_tokens=msg.output_tokens,
+        cost_micros=msg.cost_micros,
+        model=msg.model,
+        cache_creation_input_tokens=msg.cache_creation_input_tokens,
+        cache_read_input_tokens=msg.cache_read_input_tokens,
+        cache_creation_1h_input_tokens=msg.cache_creation_1h_input_tokens,
+        reported_cost_micros=msg.reported_cost_micros,
     )
 
 
@@ -112,6 +135,34 @@ def api_token_from_proto(msg: admin_pb2.ApiToken) -> ApiToken:
         created_at=_time(msg, "created_at"),
         expires_at=_time(msg, "expires_at"),
         deleted=msg.deleted,
+        tenant=msg.tenant,
+    )
+
+
+def tenant_from_proto(msg: admin_pb2.Tenant) -> Tenant:
+    return Tenant(name=msg.name, created_at=_time(msg, "created_at"), tokens=msg.tokens)
+
+
+def budget_from_proto(msg: admin_pb2.Budget) -> Budget:
+    return Budget(
+        scope=msg.scope,
+        limit_micros=msg.limit_micros,
+        period=msg.period,
+        spent_micros=msg.spent_micros,
+        reserved_micros=msg.reserved_micros,
+        period_start=_time(msg, "period_start"),
+        period_end=_time(msg, "period_end"),
+        updated_at=_time(msg, "updated_at"),
+        updated_by=msg.updated_by,
+    )
+
+
+def pool_settings_from_proto(msg: admin_pb2.PoolSettings) -> PoolSettings:
+    return PoolSettings(
+        pool=msg.pool,
+        allowed_models=tuple(msg.allowed_models),
+        updated_at=_time(msg, "updated_at"),
+        updated_by=msg.updated_by,
     )
 
 
@@ -166,6 +217,27 @@ def encode_payload(payload: Payload) -> bytes:
         return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     except (TypeError, ValueError) as err:
         raise InvalidArgumentError(f"payload: not JSON-serialisable: {err}") from err
+
+
+def usd_to_micros(value: float, name: str) -> int:
+    """US dollars as whole micro-dollars (rounded to nearest); refuses NaN and infinities,
+    which have no integer to stand for."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidArgumentError(f"{name}: must be a finite number of US dollars")
+    return round(value * MICROS_PER_USD)
+
+
+def encode_schema(schema: str | Mapping[str, Any] | None) -> str:
+    """An output schema as JSON text: text is sent as given (the server checks it), a
+    mapping as compact JSON."""
+    if schema is None:
+        return ""
+    if isinstance(schema, str):
+        return schema
+    try:
+        return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError) as err:
+        raise InvalidArgumentError(f"output_schema: not JSON-serialisable: {err}") from err
 
 
 def to_duration(value: Seconds, name: str) -> duration_pb2.Duration:

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from datetime import datetime
+from typing import Any
 
-from muster._convert import Payload, Seconds, encode_payload, to_duration, to_timestamp
+from muster._convert import (
+    Payload,
+    Seconds,
+    encode_payload,
+    encode_schema,
+    to_duration,
+    to_timestamp,
+    usd_to_micros,
+)
 from muster._types import Role, TaskState
 from muster.errors import InvalidArgumentError
 from muster.v1 import admin_pb2, task_pb2
@@ -28,11 +37,15 @@ def submit(
     schedule_to_start_timeout: Seconds | None,
     start_to_close_timeout: Seconds | None,
     deadline: datetime | None,
+    max_cost_usd: float | None = None,
+    output_schema: str | Mapping[str, Any] | None = None,
 ) -> task_pb2.SubmitRequest:
     # The server validates everything; the client only refuses what it cannot encode
-    # faithfully (0 attempts would read as "server default" on the wire).
+    # faithfully (0 attempts, or a 0 cap, would read as "none given" on the wire).
     if max_attempts is not None and max_attempts < 1:
         raise InvalidArgumentError("max_attempts: must be at least 1")
+    if max_cost_usd is not None and not usd_to_micros(max_cost_usd, "max_cost_usd") > 0:
+        raise InvalidArgumentError("max_cost_usd: must be at least 0.000001 (None: no cap)")
     req = task_pb2.SubmitRequest(
         kind=kind,
         payload=encode_payload(payload),
@@ -41,6 +54,8 @@ def submit(
         priority=priority,
         max_attempts=max_attempts or 0,
         idempotency_key=idempotency_key or "",
+        max_cost_usd=max_cost_usd or 0.0,
+        output_schema=encode_schema(output_schema),
     )
     if schedule_to_start_timeout is not None:
         req.schedule_to_start_timeout.CopyFrom(
@@ -101,13 +116,17 @@ def create_bootstrap_token(
 
 
 def create_api_token(
-    name: str, role: Role | str, ttl: Seconds | None
+    name: str, role: Role | str, ttl: Seconds | None, tenant: str | None = None
 ) -> admin_pb2.CreateApiTokenRequest:
     try:
         wire_role = int(Role.parse(role))
     except ValueError as err:
         raise InvalidArgumentError(f"role: {err}") from err
-    req = admin_pb2.CreateApiTokenRequest(name=name, role=wire_role)  # type: ignore[arg-type]
+    req = admin_pb2.CreateApiTokenRequest(
+        name=name,
+        role=wire_role,  # type: ignore[arg-type]
+        tenant=tenant or "",
+    )
     if ttl is not None:
         req.ttl.CopyFrom(to_duration(ttl, "ttl"))
     return req
@@ -127,3 +146,10 @@ def query_audit(
     if until is not None:
         req.until.CopyFrom(to_timestamp(until, "until"))
     return req
+
+
+def set_budget(scope: str, limit_usd: float, period: str | None) -> admin_pb2.SetBudgetRequest:
+    limit = usd_to_micros(limit_usd, "limit_usd")
+    if limit < 0:
+        raise InvalidArgumentError("limit_usd: must be at least 0 (0 stops the scope's AI work)")
+    return admin_pb2.SetBudgetRequest(scope=scope, limit_micros=limit, period=period or "")

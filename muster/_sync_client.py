@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Generator, Iterable, Mapping
 from datetime import datetime
+from typing import Any
 
 import grpc
 
@@ -43,6 +44,8 @@ class Client(SyncClientBase[task_pb2_grpc.TaskServiceStub]):
         schedule_to_start_timeout: Seconds | None = None,
         start_to_close_timeout: Seconds | None = None,
         deadline: datetime | None = None,
+        max_cost_usd: float | None = None,
+        output_schema: str | Mapping[str, Any] | None = None,
     ) -> Task:
         """Queue a task and return it; see :meth:`AsyncClient.submit`."""
         request = _requests.submit(
@@ -56,6 +59,8 @@ class Client(SyncClientBase[task_pb2_grpc.TaskServiceStub]):
             schedule_to_start_timeout=schedule_to_start_timeout,
             start_to_close_timeout=start_to_close_timeout,
             deadline=deadline,
+            max_cost_usd=max_cost_usd,
+            output_schema=output_schema,
         )
         return task_from_proto(self._transport.unary(self._stub.Submit, request).task)
 

@@ -68,14 +68,60 @@ def _text(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
 
+MICROS_PER_USD = 1_000_000
+"""Money is kept in whole micro-dollars (USD * 10^6); USD floats are for display only."""
+
+
+def usd(micros: int) -> float:
+    """Micro-dollars as US dollars."""
+    return micros / MICROS_PER_USD
+
+
 @dataclass(frozen=True, slots=True)
 class Usage:
-    """Resource usage the agent reported for a task's final attempt."""
+    """What AI work consumed: tokens as the agent reported them, and their cost as the
+    server computed it from its price table (never a figure taken from the agent)."""
 
     input_tokens: int = 0
+    """Uncached input tokens."""
     output_tokens: int = 0
     cost_micros: int = 0
     """Spend in millionths of a dollar."""
+    model: str = ""
+    """The model that did the work."""
+    cache_creation_input_tokens: int = 0
+    """Input tokens written to the prompt cache (every TTL)."""
+    cache_read_input_tokens: int = 0
+    cache_creation_1h_input_tokens: int = 0
+    """Of the cache writes, those with the 1-hour TTL."""
+    reported_cost_micros: int = 0
+    """The tool's own figure (claude-code), recorded for comparison, never charged."""
+
+    @property
+    def cost_usd(self) -> float:
+        return usd(self.cost_micros)
+
+    @property
+    def reported_cost_usd(self) -> float:
+        return usd(self.reported_cost_micros)
+
+    @property
+    def total_tokens(self) -> int:
+        return (
+            self.input_tokens
+            + self.output_tokens
+            + self.cache_creation_input_tokens
+            + self.cache_read_input_tokens
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptUsage:
+    """What one attempt of a task consumed."""
+
+    attempt: int
+    agent_id: str = ""
+    usage: Usage = field(default_factory=Usage)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +151,22 @@ class Task:
     started_at: datetime | None = None
     finished_at: datetime | None = None
     usage: Usage | None = None
+    """Every attempt together (see ``attempt_usage`` for each one)."""
+    waiting_reason: str = ""
+    """Why a QUEUED task is held back (a budget, a provider back-off); empty otherwise."""
+    submitted_by: str = ""
+    """The API token name that submitted it (``owner`` is its tenant)."""
+    max_cost_micros: int = 0
+    """The task's own spend cap over all its attempts; 0: none."""
+    attempt_usage: tuple[AttemptUsage, ...] = ()
+    """Each attempt that reported usage, oldest first."""
+    output_schema: str = ""
+    """The JSON Schema (as text) the output must satisfy, if one was given."""
+
+    @property
+    def max_cost_usd(self) -> float | None:
+        """The task's spend cap in US dollars; None when it has none."""
+        return usd(self.max_cost_micros) if self.max_cost_micros else None
 
     @property
     def is_terminal(self) -> bool:
@@ -158,6 +220,73 @@ class ApiToken:
     created_at: datetime | None = None
     expires_at: datetime | None = None
     deleted: bool = False
+    tenant: str = ""
+    """The tenant it belongs to: its tasks, idempotency keys and budgets are the tenant's."""
+
+
+@dataclass(frozen=True, slots=True)
+class Tenant:
+    """Who owns tasks, idempotency keys and budgets; API tokens belong to one."""
+
+    name: str
+    created_at: datetime | None = None
+    tokens: int = 0
+    """Live (not deleted) API tokens that belong to it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A spend limit on one scope and what its current period has used.
+
+    Amounts are exact whole micro-dollars; the ``*_usd`` properties are for display.
+    """
+
+    scope: str
+    """``global``, ``tenant:<name>`` or ``pool:<name>``."""
+    limit_micros: int
+    period: str = "month"
+    """``day`` or ``month`` (UTC calendar periods) or ``none`` (one period forever)."""
+    spent_micros: int = 0
+    """Settled spend in the current period."""
+    reserved_micros: int = 0
+    """Held by attempts in flight (their worst case)."""
+    period_start: datetime | None = None
+    period_end: datetime | None = None
+    """When the current period started and ends; None for period ``none``."""
+    updated_at: datetime | None = None
+    updated_by: str = ""
+
+    @property
+    def left_micros(self) -> int:
+        """What further work may still reserve in this period (never negative)."""
+        return max(0, self.limit_micros - self.spent_micros - self.reserved_micros)
+
+    @property
+    def limit_usd(self) -> float:
+        return usd(self.limit_micros)
+
+    @property
+    def spent_usd(self) -> float:
+        return usd(self.spent_micros)
+
+    @property
+    def reserved_usd(self) -> float:
+        return usd(self.reserved_micros)
+
+    @property
+    def left_usd(self) -> float:
+        return usd(self.left_micros)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """A pool's settings: the models its AI tasks may name (empty: any with a price)."""
+
+    pool: str
+    allowed_models: tuple[str, ...] = ()
+    updated_at: datetime | None = None
+    """None for a pool nobody has configured (it has the defaults)."""
+    updated_by: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""The client subcommands of ``muster`` (submit, task, token, api-token, agents, cert, audit).
+"""The client subcommands of ``muster`` (submit, task, token, api-token, tenant, agents,
+cert, budget, pool, audit).
 
 Registered through the ``muster.commands`` entry point ``client``. Each handler uses
 the blocking SDK clients and returns an exit code; MusterErrors reach the dispatcher,
@@ -8,6 +9,7 @@ which prints them as one line.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from datetime import UTC, datetime
@@ -15,9 +17,15 @@ from pathlib import Path
 
 from muster._admin import AdminClient
 from muster._cli_format import (
+    BUDGET_HEADERS,
     TASK_HEADERS,
+    budget_details,
+    budget_row,
     format_labels,
+    format_models,
     format_time,
+    key_values,
+    pool_details,
     table,
     task_details,
     task_row,
@@ -29,6 +37,7 @@ from muster.cli import Subparsers, command_group
 from muster.config import ClientConfig
 from muster.durations import parse_duration, parse_time
 from muster.errors import ConfigError
+from muster.sanitize import neutralize
 
 
 def register(subparsers: Subparsers) -> None:
@@ -38,8 +47,11 @@ def register(subparsers: Subparsers) -> None:
     _add_task(subparsers, common)
     _add_token(subparsers, common)
     _add_api_token(subparsers, common)
+    _add_tenant(subparsers, common)
     _add_agents(subparsers, common)
     _add_cert(subparsers, common)
+    _add_budget(subparsers, common)
+    _add_pool(subparsers, common)
     _add_audit(subparsers, common)
 
 
@@ -86,6 +98,29 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _usd_arg(text: str) -> float:
+    """A non-negative, finite amount of US dollars."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected US dollars, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite amount of at least 0, got {text!r}")
+    return value
+
+
+def _positive_usd_arg(text: str) -> float:
+    value = _usd_arg(text)
+    if round(value * 1_000_000) < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0.000001, got {text!r}")
+    return value
+
+
+def _models_arg(text: str) -> list[str]:
+    """``M1,M2``; the empty string is the empty list (any priced model)."""
+    return [m.strip() for m in text.split(",") if m.strip()]
 
 
 def _state_arg(text: str) -> TaskState:
@@ -159,6 +194,17 @@ def _add_submit(subparsers: Subparsers, common: argparse.ArgumentParser) -> None
     p.add_argument("--idempotency-key", metavar="KEY", help="a repeat returns the first task")
     p.add_argument("--schedule-to-start-timeout", type=_duration_arg, metavar="DURATION")
     p.add_argument("--start-to-close-timeout", type=_duration_arg, metavar="DURATION")
+    p.add_argument(
+        "--max-cost-usd",
+        type=_positive_usd_arg,
+        metavar="X",
+        help="spend cap for the task over all its attempts (AI kinds)",
+    )
+    p.add_argument(
+        "--output-schema",
+        metavar="FILE_OR_JSON",
+        help="JSON Schema the output must satisfy: inline JSON (starting with '{') or a file",
+    )
     p.add_argument("--wait", action="store_true", help="wait for the result and print its output")
     p.add_argument(
         "--timeout", type=_duration_arg, metavar="DURATION", help="with --wait: give up after this"
@@ -182,8 +228,23 @@ def _read_payload(args: argparse.Namespace) -> bytes:
         ) from err
 
 
+def _read_schema(value: str | None) -> str | None:
+    """Inline JSON when it starts with '{', otherwise a file to read (the server checks
+    that it is a valid schema)."""
+    if value is None:
+        return None
+    if value.lstrip().startswith("{"):
+        return value
+    try:
+        return Path(value).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        raise ConfigError(f"cannot read --output-schema file {value!r}: {reason}") from err
+
+
 def _submit(args: argparse.Namespace) -> int:
     payload = _read_payload(args)
+    schema = _read_schema(args.output_schema)
     with _client(args) as client:
         task = client.submit(
             args.kind,
@@ -195,6 +256,8 @@ def _submit(args: argparse.Namespace) -> int:
             idempotency_key=args.idempotency_key,
             schedule_to_start_timeout=args.schedule_to_start_timeout,
             start_to_close_timeout=args.start_to_close_timeout,
+            max_cost_usd=args.max_cost_usd,
+            output_schema=schema,
         )
         if not args.wait:
             _out(to_json(task) if args.json else task.task_id)
@@ -207,10 +270,12 @@ def _report_final(task: Task, as_json: bool) -> int:
     if as_json:
         _out(to_json(task))
     elif task.succeeded:
-        text = task.output_text
+        # Output is untrusted (model output included): shown, never obeyed. --json has
+        # the exact text.
+        text = neutralize(task.output_text)
         sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
     else:
-        reason = f": {task.error}" if task.error else ""
+        reason = f": {neutralize(task.error, single_line=True)}" if task.error else ""
         _err(f"muster: task {task.task_id} {task.state.name}{reason}")
     return 0 if task.succeeded else 1
 
@@ -280,7 +345,13 @@ def _task_watch(args: argparse.Namespace) -> int:
     with _client(args) as client:
         for task in client.watch(args.task_id):
             last = task
-            key = (task.state, task.attempt, task.agent_id, task.cancel_requested)
+            key = (
+                task.state,
+                task.attempt,
+                task.agent_id,
+                task.cancel_requested,
+                task.waiting_reason,
+            )
             if key == seen:
                 continue
             seen = key
@@ -289,9 +360,12 @@ def _task_watch(args: argparse.Namespace) -> int:
                 continue
             extra = f" agent={task.agent_id}" if task.agent_id else ""
             extra += " cancel-requested" if task.cancel_requested else ""
-            extra += f" error={task.error!r}" if task.error and task.is_terminal else ""
+            if task.waiting_reason and not task.is_terminal:
+                extra += f' waiting="{task.waiting_reason}"'
+            extra += f' error="{task.error}"' if task.error and task.is_terminal else ""
             stamp = format_time(task.updated_at or task.created_at)
-            _out(f"{stamp} {task.task_id} {task.state.name} attempt={task.attempt}{extra}")
+            line = f"{stamp} {task.task_id} {task.state.name} attempt={task.attempt}{extra}"
+            _out(neutralize(line, single_line=True))
     return 0 if last is not None and last.succeeded else 1
 
 
@@ -379,9 +453,14 @@ def _add_api_token(subparsers: Subparsers, common: argparse.ArgumentParser) -> N
     group = command_group(subparsers, "api-token", help="API tokens for clients")
 
     p = _leaf(group, "create", common, "Create an API token; prints only the secret")
-    p.add_argument("name", metavar="NAME", help="the principal recorded as owner and actor")
+    p.add_argument("name", metavar="NAME", help="the principal recorded as actor and submitter")
     p.add_argument("--role", required=True, choices=[str(r) for r in Role])
     p.add_argument("--ttl", type=_duration_arg, metavar="DURATION", help="default: never expires")
+    p.add_argument(
+        "--tenant",
+        metavar="T",
+        help="the tenant it joins, created if new (default: a new tenant of its own)",
+    )
     p.set_defaults(func=_api_token_create)
 
     p = _leaf(group, "list", common, "List API tokens (never their secrets)")
@@ -395,12 +474,16 @@ def _add_api_token(subparsers: Subparsers, common: argparse.ArgumentParser) -> N
 
 def _api_token_create(args: argparse.Namespace) -> int:
     with _admin(args) as admin:
-        token, secret = admin.create_api_token(args.name, args.role, ttl=args.ttl)
+        token, secret = admin.create_api_token(
+            args.name, args.role, ttl=args.ttl, tenant=args.tenant
+        )
     _out(secret)
-    _err(
-        f"api token {token.token_id}: name={token.name} role={token.role} "
+    line = (
+        f"api token {token.token_id}: name={token.name} tenant={token.tenant or '-'} "
+        f"role={token.role} "
         f"expires={format_time(token.expires_at) if token.expires_at else 'never'}"
     )
+    _err(neutralize(line, single_line=True))
     return 0
 
 
@@ -415,13 +498,14 @@ def _api_token_list(args: argparse.Namespace) -> int:
             t.token_id,
             t.name,
             str(t.role) if t.role is not None else "?",
+            t.tenant or "-",
             format_time(t.created_at),
             format_time(t.expires_at) if t.expires_at else "never",
             "deleted" if t.deleted else "active",
         ]
         for t in tokens
     ]
-    _out(table(("TOKEN_ID", "NAME", "ROLE", "CREATED", "EXPIRES", "STATUS"), rows))
+    _out(table(("TOKEN_ID", "NAME", "ROLE", "TENANT", "CREATED", "EXPIRES", "STATUS"), rows))
     return 0
 
 
@@ -429,6 +513,27 @@ def _api_token_delete(args: argparse.Namespace) -> int:
     with _admin(args) as admin:
         admin.delete_api_token(args.token_id)
     _err(f"deleted api token {args.token_id}")
+    return 0
+
+
+# tenants
+
+
+def _add_tenant(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
+    group = command_group(subparsers, "tenant", help="Tenants: who owns tasks and budgets")
+    p = _leaf(group, "list", common, "List tenants and their live API tokens")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_tenant_list)
+
+
+def _tenant_list(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        tenants = admin.list_tenants()
+    if args.json:
+        _out(to_json(tenants))
+        return 0
+    rows = [[t.name, str(t.tokens), format_time(t.created_at)] for t in tenants]
+    _out(table(("TENANT", "TOKENS", "CREATED"), rows))
     return 0
 
 
@@ -490,21 +595,21 @@ def _agents_get(args: argparse.Namespace) -> int:
         _out(to_json(agent))
         return 0
     _out(
-        "\n".join(
+        key_values(
             [
-                f"agent_id:    {agent.agent_id}",
-                f"spiffe_id:   {agent.spiffe_id}",
-                f"pool:        {agent.pool}",
-                f"labels:      {format_labels(agent.labels)}",
-                f"status:      {'enabled' if agent.enabled else 'disabled'}",
-                f"connected:   {'yes' if agent.connected else 'no'}",
-                f"enrolled:    {format_time(agent.enrolled_at)}",
-                f"last_seen:   {format_time(agent.last_seen_at)}",
-                f"token_id:    {agent.token_id or '-'}",
-                "certificates:",
+                ("agent_id", agent.agent_id),
+                ("spiffe_id", agent.spiffe_id),
+                ("pool", agent.pool),
+                ("labels", format_labels(agent.labels)),
+                ("status", "enabled" if agent.enabled else "disabled"),
+                ("connected", "yes" if agent.connected else "no"),
+                ("enrolled", format_time(agent.enrolled_at)),
+                ("last_seen", format_time(agent.last_seen_at)),
+                ("token_id", agent.token_id or "-"),
             ]
         )
     )
+    _out("certificates:")
     rows = [
         [
             c.serial,
@@ -546,6 +651,124 @@ def _cert_revoke(args: argparse.Namespace) -> int:
     with _admin(args) as admin:
         admin.revoke_certificate(args.serial, reason=args.reason)
     _err(f"revoked certificate {args.serial}")
+    return 0
+
+
+# budgets and pools
+
+
+def _add_budget(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
+    group = command_group(subparsers, "budget", help="Spend budgets for AI work")
+
+    p = _leaf(group, "set", common, "Set (create or change) the budget of a scope")
+    p.add_argument("scope", metavar="SCOPE", help="global, tenant:<name> or pool:<name>")
+    p.add_argument(
+        "--limit-usd",
+        required=True,
+        type=_usd_arg,
+        metavar="X",
+        help="at most this much per period (0 stops the scope's AI work)",
+    )
+    p.add_argument(
+        "--period",
+        choices=("day", "month", "none"),
+        default="month",
+        help="UTC calendar day or month, or none (one period forever); default %(default)s",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_budget_set)
+
+    p = _leaf(group, "get", common, "Show a budget: limit, spent, reserved, left, period")
+    p.add_argument("scope", metavar="SCOPE")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_budget_get)
+
+    p = _leaf(group, "list", common, "List budgets with their current period's figures")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_budget_list)
+
+    p = _leaf(group, "delete", common, "Remove a budget: the scope is no longer limited")
+    p.add_argument("scope", metavar="SCOPE")
+    p.set_defaults(func=_budget_delete)
+
+
+def _budget_set(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        budget = admin.set_budget(args.scope, args.limit_usd, args.period)
+    _out(to_json(budget) if args.json else budget_details(budget))
+    return 0
+
+
+def _budget_get(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        budget = admin.get_budget(args.scope)
+    _out(to_json(budget) if args.json else budget_details(budget))
+    return 0
+
+
+def _budget_list(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        budgets = admin.list_budgets()
+    _out(to_json(budgets) if args.json else table(BUDGET_HEADERS, [budget_row(b) for b in budgets]))
+    return 0
+
+
+def _budget_delete(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        admin.delete_budget(args.scope)
+    _err(neutralize(f"deleted the budget of {args.scope}", single_line=True))
+    return 0
+
+
+def _add_pool(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
+    group = command_group(subparsers, "pool", help="Pool settings (the models AI tasks may use)")
+
+    p = _leaf(group, "set", common, "Set the models AI tasks in a pool may name")
+    p.add_argument("pool", metavar="POOL")
+    p.add_argument(
+        "--models",
+        required=True,
+        type=_models_arg,
+        metavar="M1,M2",
+        help="comma-separated, each with a price on the server; '' allows any priced model",
+    )
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_pool_set)
+
+    p = _leaf(group, "get", common, "Show a pool's settings")
+    p.add_argument("pool", metavar="POOL")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_pool_get)
+
+    p = _leaf(group, "list", common, "List pools that have settings")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_pool_list)
+
+
+def _pool_set(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        settings = admin.set_pool_models(args.pool, args.models)
+    _out(to_json(settings) if args.json else pool_details(settings))
+    return 0
+
+
+def _pool_get(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        settings = admin.get_pool_settings(args.pool)
+    _out(to_json(settings) if args.json else pool_details(settings))
+    return 0
+
+
+def _pool_list(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        pools = admin.list_pool_settings()
+    if args.json:
+        _out(to_json(pools))
+        return 0
+    rows = [
+        [p.pool, format_models(p), format_time(p.updated_at), p.updated_by or "-"] for p in pools
+    ]
+    _out(table(("POOL", "MODELS", "UPDATED", "BY"), rows))
     return 0
 
 

@@ -75,6 +75,8 @@ class State:
     metadata: list[dict[str, str]] = field(default_factory=list)
     requests: list[Any] = field(default_factory=list)
     watch_calls: int = 0
+    budgets: dict[str, admin_pb2.Budget] = field(default_factory=dict)
+    pools: dict[str, admin_pb2.PoolSettings] = field(default_factory=dict)
 
 
 def seed(state: State, count: int, kind: str = "echo") -> list[str]:
@@ -130,6 +132,9 @@ class FakeTasks(task_pb2_grpc.TaskServiceServicer):
             idempotency_key=request.idempotency_key,
             created_at=_now(),
             updated_at=_now(),
+            submitted_by="tester",
+            max_cost_micros=round(request.max_cost_usd * 1_000_000),
+            output_schema=request.output_schema,
         )
         self.state.tasks[task_id] = task
         if request.kind in self.state.kind_scripts:
@@ -217,6 +222,12 @@ def _ts(dt: datetime) -> timestamp_pb2.Timestamp:
 
 EXPIRES = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
 
+PERIOD_START = datetime(2026, 12, 1, tzinfo=UTC)
+PERIOD_END = datetime(2027, 1, 1, tzinfo=UTC)
+SPENT = 1_250_000
+"""What every budget the doubles hold has spent (1.25 USD) and reserved (0.40 USD)."""
+RESERVED = 400_000
+
 BOOTSTRAP_SECRET = "mbt_secret_value_abc"
 API_SECRET = "mst_new_api_secret_xyz"
 
@@ -267,7 +278,9 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.CreateApiTokenRequest, context: Ctx
     ) -> admin_pb2.CreateApiTokenResponse:
         await _authorize(self.state, request, context)
-        token = admin_pb2.ApiToken(token_id="at-1", name=request.name, role=request.role)
+        token = admin_pb2.ApiToken(
+            token_id="at-1", name=request.name, role=request.role, tenant=request.tenant or "own"
+        )
         return admin_pb2.CreateApiTokenResponse(token=token, secret=API_SECRET)
 
     async def ListApiTokens(
@@ -275,7 +288,11 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.ListApiTokensResponse:
         await _authorize(self.state, request, context)
         return admin_pb2.ListApiTokensResponse(
-            tokens=[admin_pb2.ApiToken(token_id="at-1", name="ci", role=admin_pb2.ROLE_SUBMITTER)]
+            tokens=[
+                admin_pb2.ApiToken(
+                    token_id="at-1", name="ci", role=admin_pb2.ROLE_SUBMITTER, tenant="acme"
+                )
+            ]
         )
 
     async def DeleteApiToken(
@@ -341,6 +358,94 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
             details='{"pool": "gpu"}',
         )
         return admin_pb2.QueryAuditResponse(events=[event])
+
+    # Tenants, budgets, pool settings: kept in the state, so set-then-get round-trips.
+
+    async def ListTenants(
+        self, request: admin_pb2.ListTenantsRequest, context: Ctx
+    ) -> admin_pb2.ListTenantsResponse:
+        await _authorize(self.state, request, context)
+        return admin_pb2.ListTenantsResponse(
+            tenants=[
+                admin_pb2.Tenant(name="acme", created_at=_ts(PERIOD_START), tokens=2),
+                admin_pb2.Tenant(name="ci", created_at=_ts(PERIOD_START), tokens=0),
+            ]
+        )
+
+    async def SetBudget(
+        self, request: admin_pb2.SetBudgetRequest, context: Ctx
+    ) -> admin_pb2.Budget:
+        await _authorize(self.state, request, context)
+        if request.limit_micros < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "limit_micros: must be >= 0")
+        period = request.period or "month"
+        budget = admin_pb2.Budget(
+            scope=request.scope,
+            limit_micros=request.limit_micros,
+            period=period,
+            spent_micros=SPENT,
+            reserved_micros=RESERVED,
+            updated_at=_ts(PERIOD_START),
+            updated_by="admin",
+        )
+        if period != "none":
+            budget.period_start.CopyFrom(_ts(PERIOD_START))
+            budget.period_end.CopyFrom(_ts(PERIOD_END))
+        self.state.budgets[request.scope] = budget
+        return budget
+
+    async def GetBudget(
+        self, request: admin_pb2.GetBudgetRequest, context: Ctx
+    ) -> admin_pb2.Budget:
+        await _authorize(self.state, request, context)
+        budget = self.state.budgets.get(request.scope)
+        if budget is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no budget for scope {request.scope!r}")
+        assert budget is not None
+        return budget
+
+    async def ListBudgets(
+        self, request: admin_pb2.ListBudgetsRequest, context: Ctx
+    ) -> admin_pb2.ListBudgetsResponse:
+        await _authorize(self.state, request, context)
+        return admin_pb2.ListBudgetsResponse(
+            budgets=[self.state.budgets[k] for k in sorted(self.state.budgets)]
+        )
+
+    async def DeleteBudget(
+        self, request: admin_pb2.DeleteBudgetRequest, context: Ctx
+    ) -> admin_pb2.DeleteBudgetResponse:
+        await _authorize(self.state, request, context)
+        if self.state.budgets.pop(request.scope, None) is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no budget for scope {request.scope!r}")
+        return admin_pb2.DeleteBudgetResponse()
+
+    async def SetPoolSettings(
+        self, request: admin_pb2.SetPoolSettingsRequest, context: Ctx
+    ) -> admin_pb2.PoolSettings:
+        await _authorize(self.state, request, context)
+        settings = admin_pb2.PoolSettings(
+            pool=request.pool,
+            allowed_models=request.allowed_models,
+            updated_at=_ts(PERIOD_START),
+            updated_by="admin",
+        )
+        self.state.pools[request.pool] = settings
+        return settings
+
+    async def GetPoolSettings(
+        self, request: admin_pb2.GetPoolSettingsRequest, context: Ctx
+    ) -> admin_pb2.PoolSettings:
+        await _authorize(self.state, request, context)
+        return self.state.pools.get(request.pool) or admin_pb2.PoolSettings(pool=request.pool)
+
+    async def ListPoolSettings(
+        self, request: admin_pb2.ListPoolSettingsRequest, context: Ctx
+    ) -> admin_pb2.ListPoolSettingsResponse:
+        await _authorize(self.state, request, context)
+        return admin_pb2.ListPoolSettingsResponse(
+            pools=[self.state.pools[k] for k in sorted(self.state.pools)]
+        )
 
 
 class ServerThread:

@@ -6,10 +6,27 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from muster import AdminClient, AsyncAdminClient, ClientConfig, InvalidArgumentError, Role
+from muster import (
+    AdminClient,
+    AsyncAdminClient,
+    Budget,
+    ClientConfig,
+    InvalidArgumentError,
+    NotFoundError,
+    Role,
+)
 from muster.v1 import admin_pb2
 
-from .fakes import API_SECRET, BOOTSTRAP_SECRET, EXPIRES, State
+from .fakes import (
+    API_SECRET,
+    BOOTSTRAP_SECRET,
+    EXPIRES,
+    PERIOD_END,
+    PERIOD_START,
+    RESERVED,
+    SPENT,
+    State,
+)
 
 
 def test_bootstrap_tokens(config: ClientConfig, fake: State) -> None:
@@ -59,8 +76,80 @@ def test_api_tokens(config: ClientConfig, fake: State) -> None:
     assert sent.ttl.ToTimedelta() == timedelta(hours=1)
     assert secret == API_SECRET
     assert (token.token_id, token.name, token.role) == ("at-1", "ci", Role.SUBMITTER)
-    assert [t.role for t in listed] == [Role.SUBMITTER]
+    assert sent.tenant == ""  # the server gives the token a tenant of its own
+    assert [(t.role, t.tenant) for t in listed] == [(Role.SUBMITTER, "acme")]
     assert len(fake.requests) == 3  # the bad role never left the client
+
+
+def test_api_token_of_a_named_tenant_and_tenants(config: ClientConfig, fake: State) -> None:
+    with AdminClient(config) as admin:
+        token, _ = admin.create_api_token("ci-2", Role.SUBMITTER, tenant="acme")
+        tenants = admin.list_tenants()
+    assert fake.requests[0].tenant == "acme"
+    assert token.tenant == "acme"
+    assert [(t.name, t.tokens, t.created_at) for t in tenants] == [
+        ("acme", 2, PERIOD_START),
+        ("ci", 0, PERIOD_START),
+    ]
+
+
+def test_budgets(config: ClientConfig, fake: State) -> None:
+    with AdminClient(config) as admin:
+        set_ = admin.set_budget("tenant:acme", 10.5, "day")
+        admin.set_budget("global", 0.1)
+        got = admin.get_budget("tenant:acme")
+        listed = admin.list_budgets()
+        admin.delete_budget("global")
+        with pytest.raises(NotFoundError, match="no budget"):
+            admin.get_budget("global")
+        with pytest.raises(InvalidArgumentError, match=r"^limit_usd: must be at least 0"):
+            admin.set_budget("global", -1)
+        with pytest.raises(InvalidArgumentError, match=r"^limit_usd: must be a finite"):
+            admin.set_budget("global", float("nan"))
+    sent: admin_pb2.SetBudgetRequest = fake.requests[0]
+    assert (sent.scope, sent.limit_micros, sent.period) == ("tenant:acme", 10_500_000, "day")
+    assert (fake.requests[1].limit_micros, fake.requests[1].period) == (100_000, "")
+    assert set_ == got
+    assert got == Budget(
+        scope="tenant:acme",
+        limit_micros=10_500_000,
+        period="day",
+        spent_micros=SPENT,
+        reserved_micros=RESERVED,
+        period_start=PERIOD_START,
+        period_end=PERIOD_END,
+        updated_at=PERIOD_START,
+        updated_by="admin",
+    )
+    assert (got.limit_usd, got.spent_usd, got.reserved_usd) == (10.5, 1.25, 0.4)
+    assert got.left_micros == 10_500_000 - SPENT - RESERVED
+    assert got.left_usd == pytest.approx(8.85)
+    assert [b.scope for b in listed] == ["global", "tenant:acme"]
+    assert fake.requests[4].scope == "global"
+    assert len(fake.requests) == 6  # the bad limits never left the client
+
+
+def test_left_is_never_negative() -> None:
+    over = Budget(scope="global", limit_micros=10, spent_micros=8, reserved_micros=5)
+    assert (over.left_micros, over.left_usd) == (0, 0.0)
+
+
+def test_pool_settings(config: ClientConfig, fake: State) -> None:
+    with AdminClient(config) as admin:
+        default = admin.get_pool_settings("gpu")
+        set_ = admin.set_pool_models("gpu", ["claude-sonnet-4-5", "llama3"])
+        admin.set_pool_models("cpu", [])
+        got = admin.get_pool_settings("gpu")
+        listed = admin.list_pool_settings()
+    assert (default.pool, default.allowed_models, default.updated_at) == ("gpu", (), None)
+    assert list(fake.requests[1].allowed_models) == ["claude-sonnet-4-5", "llama3"]
+    assert set_ == got
+    assert got.allowed_models == ("claude-sonnet-4-5", "llama3")
+    assert (got.updated_at, got.updated_by) == (PERIOD_START, "admin")
+    assert [(p.pool, p.allowed_models) for p in listed] == [
+        ("cpu", ()),
+        ("gpu", ("claude-sonnet-4-5", "llama3")),
+    ]
 
 
 def test_agents_and_certificates(config: ClientConfig, fake: State) -> None:
@@ -112,4 +201,15 @@ async def test_async_admin_client(config: ClientConfig, fake: State) -> None:
         assert await admin.revoke_agent("a-1") == ["0abc", "0def"]
         await admin.revoke_certificate("0abc")
         assert (await admin.query_audit())[0].action == "token.create"
-    assert len(fake.requests) == 12
+        tenant_token, _ = await admin.create_api_token("ops-2", "admin", tenant="ops")
+        assert tenant_token.tenant == "ops"
+        assert [t.name for t in await admin.list_tenants()] == ["acme", "ci"]
+        budget = await admin.set_budget("pool:gpu", 3, "none")
+        assert (budget.limit_micros, budget.period, budget.period_end) == (3_000_000, "none", None)
+        assert await admin.get_budget("pool:gpu") == budget
+        assert await admin.list_budgets() == [budget]
+        await admin.delete_budget("pool:gpu")
+        assert (await admin.set_pool_models("gpu", ("m",))).allowed_models == ("m",)
+        assert (await admin.get_pool_settings("gpu")).allowed_models == ("m",)
+        assert len(await admin.list_pool_settings()) == 1
+    assert len(fake.requests) == 21

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,9 +17,10 @@ import pytest
 
 from muster import cli
 from muster.cli import ENTRY_POINT_GROUP, build_parser, main
+from muster.sanitize import neutralize
 from muster.v1 import admin_pb2, common_pb2
 
-from .fakes import API_SECRET, BOOTSTRAP_SECRET, TOKEN, State, Step
+from .fakes import API_SECRET, BOOTSTRAP_SECRET, TOKEN, State, Step, seed
 
 S = common_pb2.TaskState
 
@@ -97,6 +99,14 @@ def test_the_client_commands_exist() -> None:
                 ("agents", "revoke"),
                 ("cert", "revoke"),
                 ("audit", "query"),
+                ("tenant", "list"),
+                ("budget", "set"),
+                ("budget", "get"),
+                ("budget", "list"),
+                ("budget", "delete"),
+                ("pool", "set"),
+                ("pool", "get"),
+                ("pool", "list"),
             ]
         )
         == CLIENT_COMMANDS
@@ -391,10 +401,270 @@ def test_api_token_commands(
     sent: admin_pb2.CreateApiTokenRequest = fake.requests[0]
     assert (sent.name, sent.role) == ("ci", admin_pb2.ROLE_ADMIN)
     assert sent.ttl.ToTimedelta() == timedelta(days=7)
+    assert sent.tenant == ""
+    assert "tenant=own" in captured.err
+    assert (
+        main(["api-token", "create", "ci-2", "--role", "submitter", "--tenant", "acme", *conn]) == 0
+    )
+    assert fake.requests[-1].tenant == "acme"
+    assert "tenant=acme" in capsys.readouterr().err
     assert main(["api-token", "list", *conn]) == 0
-    assert capsys.readouterr().out.splitlines()[1].split()[:3] == ["at-1", "ci", "submitter"]
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].split()[:4] == ["TOKEN_ID", "NAME", "ROLE", "TENANT"]
+    assert rows[1].split()[:4] == ["at-1", "ci", "submitter", "acme"]
     assert main(["api-token", "delete", "at-1", *conn]) == 0
     assert main(["api-token", "create", "x", "--role", "root", *conn]) == 2
+
+
+def test_tenant_list(conn: list[str], fake: State, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["tenant", "list", *conn]) == 0
+    rows = [r.split() for r in capsys.readouterr().out.splitlines()]
+    assert rows == [
+        ["TENANT", "TOKENS", "CREATED"],
+        ["acme", "2", "2026-12-01T00:00:00Z"],
+        ["ci", "0", "2026-12-01T00:00:00Z"],
+    ]
+    assert main(["tenant", "list", "--json", *conn]) == 0
+    assert json.loads(capsys.readouterr().out)[0] == {
+        "name": "acme",
+        "created_at": "2026-12-01T00:00:00Z",
+        "tokens": 2,
+    }
+
+
+def test_budget_commands(conn: list[str], fake: State, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["budget", "set", "tenant:acme", "--limit-usd", "10", "--period", "day", *conn]
+    assert main(args) == 0
+    sent: admin_pb2.SetBudgetRequest = fake.requests[-1]
+    assert (sent.scope, sent.limit_micros, sent.period) == ("tenant:acme", 10_000_000, "day")
+    assert main(["budget", "set", "global", "--limit-usd", "0.5", *conn]) == 0
+    assert (fake.requests[-1].limit_micros, fake.requests[-1].period) == (500_000, "month")
+    capsys.readouterr()
+
+    assert main(["budget", "get", "tenant:acme", *conn]) == 0
+    details = dict(
+        (k, v.strip())
+        for k, v in (line.split(":", 1) for line in capsys.readouterr().out.splitlines())
+    )
+    assert details == {
+        "scope": "tenant:acme",
+        "limit": "10.00 USD per day",
+        "spent": "1.25 USD",
+        "reserved": "0.40 USD",
+        "left": "8.35 USD",
+        "period": "day (2026-12-01T00:00:00Z to 2027-01-01T00:00:00Z)",
+        "updated": "2026-12-01T00:00:00Z by admin",
+    }
+
+    assert main(["budget", "list", *conn]) == 0
+    rows = [r.split() for r in capsys.readouterr().out.splitlines()]
+    assert rows == [
+        ["SCOPE", "LIMIT_USD", "SPENT_USD", "RESERVED_USD", "LEFT_USD", "PERIOD", "ENDS"],
+        ["global", "0.50", "1.25", "0.40", "0.00", "month", "2027-01-01T00:00:00Z"],
+        ["tenant:acme", "10.00", "1.25", "0.40", "8.35", "day", "2027-01-01T00:00:00Z"],
+    ]
+    assert main(["budget", "get", "global", "--json", *conn]) == 0
+    as_json = json.loads(capsys.readouterr().out)
+    assert (as_json["limit_micros"], as_json["spent_micros"]) == (500_000, 1_250_000)
+
+    assert main(["budget", "delete", "global", *conn]) == 0
+    assert capsys.readouterr().err == "deleted the budget of global\n"
+    assert main(["budget", "get", "global", *conn]) == 1
+    assert capsys.readouterr().err == "muster: error: no budget for scope 'global'\n"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["budget", "set", "global"],
+        ["budget", "set", "global", "--limit-usd", "-1"],
+        ["budget", "set", "global", "--limit-usd", "nan"],
+        ["budget", "set", "global", "--limit-usd", "ten"],
+        ["budget", "set", "global", "--limit-usd", "1", "--period", "week"],
+        ["submit", "echo", "--max-cost-usd", "0"],
+        ["submit", "echo", "--max-cost-usd", "inf"],
+        ["pool", "set", "gpu"],
+    ],
+    ids=" ".join,
+)
+def test_budget_and_pool_usage_errors(bad: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(bad) == 2
+    assert "usage: muster" in capsys.readouterr().err
+
+
+def test_pool_commands(conn: list[str], fake: State, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["pool", "get", "gpu", *conn]) == 0
+    out = capsys.readouterr().out
+    assert "models:  any priced model" in out and "never (defaults)" in out
+    args = ["pool", "set", "gpu", "--models", "claude-sonnet-4-5, claude-haiku-4-5", *conn]
+    assert main(args) == 0
+    assert list(fake.requests[-1].allowed_models) == ["claude-sonnet-4-5", "claude-haiku-4-5"]
+    assert "models:  claude-sonnet-4-5,claude-haiku-4-5" in capsys.readouterr().out
+    assert main(["pool", "set", "cpu", "--models", "", *conn]) == 0
+    assert list(fake.requests[-1].allowed_models) == []
+    capsys.readouterr()
+    assert main(["pool", "list", *conn]) == 0
+    rows = [r.split() for r in capsys.readouterr().out.splitlines()]
+    assert rows == [
+        ["POOL", "MODELS", "UPDATED", "BY"],
+        ["cpu", "any", "priced", "model", "2026-12-01T00:00:00Z", "admin"],
+        ["gpu", "claude-sonnet-4-5,claude-haiku-4-5", "2026-12-01T00:00:00Z", "admin"],
+    ]
+    assert main(["pool", "get", "gpu", "--json", *conn]) == 0
+    assert json.loads(capsys.readouterr().out)["allowed_models"] == [
+        "claude-sonnet-4-5",
+        "claude-haiku-4-5",
+    ]
+
+
+def test_submit_with_a_cost_cap_and_an_output_schema(
+    conn: list[str], fake: State, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "required": ["answer"]}\n')
+    args = ["submit", "anthropic.messages", "--payload", "{}", "--max-cost-usd", "0.25", *conn]
+    assert main([*args, "--output-schema", str(schema)]) == 0
+    sent = fake.requests[-1]
+    assert (sent.max_cost_usd, sent.output_schema) == (0.25, schema.read_text())
+    assert main([*args, "--output-schema", ' {"type": "string"}']) == 0
+    assert fake.requests[-1].output_schema == ' {"type": "string"}'
+    assert main([*args, "--output-schema", str(tmp_path / "missing.json")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("muster: error: cannot read --output-schema file ")
+    assert "No such file" in err
+
+
+def test_task_get_shows_waiting_reason_and_usage(
+    conn: list[str], fake: State, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (waiting_id, done_id) = seed(fake, 2, kind="anthropic.messages")
+    fake.tasks[
+        waiting_id
+    ].waiting_reason = "waiting for budget tenant:acme: 0.12 of 10.00 USD left, 0.40 needed"
+    done = fake.tasks[done_id]
+    done.state = S.TASK_STATE_SUCCEEDED
+    done.attempt = 2
+    done.max_cost_micros = 2_000_000
+    done.usage.CopyFrom(
+        common_pb2.Usage(
+            model="claude-sonnet-4-5",
+            input_tokens=1200,
+            output_tokens=350,
+            cache_creation_input_tokens=100,
+            cache_creation_1h_input_tokens=40,
+            cache_read_input_tokens=800,
+            cost_micros=9_315,
+        )
+    )
+    done.attempt_usage.add(
+        attempt=1,
+        agent_id="agent-1",
+        usage=common_pb2.Usage(model="claude-sonnet-4-5", input_tokens=600, cost_micros=1_800),
+    )
+    done.attempt_usage.add(
+        attempt=2,
+        agent_id="agent-2",
+        usage=common_pb2.Usage(
+            model="claude-sonnet-4-5", input_tokens=600, output_tokens=350, cost_micros=7_515
+        ),
+    )
+    assert main(["task", "get", waiting_id, *conn]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [re.sub(" +", " ", line) for line in lines if line.startswith("waiting:")] == [
+        "waiting: waiting for budget tenant:acme: 0.12 of 10.00 USD left, 0.40 needed"
+    ]
+    assert not any(line.startswith("usage:") for line in lines)
+
+    assert main(["task", "get", done_id, *conn]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    fields = {k: v.strip() for k, v in (line.split(":", 1) for line in lines)}
+    assert "waiting" not in fields
+    assert fields["max_cost"] == "2.00 USD"
+    assert fields["usage"] == (
+        "claude-sonnet-4-5 input=1200 output=350 cache_write=100 (1h=40) cache_read=800 "
+        "cost=0.009315 USD"
+    )
+    assert fields["attempt 1"] == (
+        "claude-sonnet-4-5 input=600 output=0 cost=0.0018 USD on agent-1"
+    )
+    assert fields["attempt 2"] == (
+        "claude-sonnet-4-5 input=600 output=350 cost=0.007515 USD on agent-2"
+    )
+
+
+HOSTILE = "ok\x1b]0;pwned\x07\x1b[2J\u202egnp.exe\x00\rfake prompt$ \x9b31m"
+RAW = ["\x1b", "\x07", "\u202e", "\x00", "\r", "\x9b"]
+
+
+def _clean(text: str) -> None:
+    for char in RAW:
+        assert char not in text, f"{char!r} reached the terminal"
+
+
+def test_output_and_errors_are_neutralised_on_a_terminal(
+    conn: list[str], fake: State, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Model output is untrusted: no escape sequence, bidi override, NUL or CR reaches the
+    terminal in plain or table mode, and --json keeps the exact text."""
+    fake.kind_scripts["ai"] = [
+        Step(S.TASK_STATE_RUNNING),
+        Step(S.TASK_STATE_SUCCEEDED, output=f"line one\n{HOSTILE}\n".encode()),
+    ]
+    fake.kind_scripts["bad"] = [Step(S.TASK_STATE_FAILED, error=f"it broke: {HOSTILE}")]
+    assert main(["submit", "ai", "--wait", *conn]) == 0
+    out = capsys.readouterr().out
+    _clean(out)
+    assert out == (
+        "line one\nok\\x1b]0;pwned\\x07\\x1b[2J\\u202egnp.exe\\x00\\rfake prompt$ \\x9b31m\n"
+    )
+
+    assert main(["submit", "bad", "--wait", *conn]) == 1
+    captured = capsys.readouterr()
+    _clean(captured.err)
+    assert captured.err.startswith("muster: task t-0002 FAILED: it broke: ok\\x1b]0;pwned")
+    assert captured.err.count("\n") == 1
+
+    fake.tasks["t-0002"].waiting_reason = HOSTILE  # shown only while queued
+    fake.tasks["t-0002"].state = S.TASK_STATE_QUEUED
+    fake.tasks["t-0002"].agent_id = HOSTILE
+    for command in (
+        ["task", "get", "t-0001"],
+        ["task", "get", "t-0002"],
+        ["task", "list"],
+        ["submit", "bad", "--wait"],
+    ):
+        main([*command, *conn])
+        captured = capsys.readouterr()
+        _clean(captured.out + captured.err)
+    assert main(["task", "get", "t-0002", *conn]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^waiting: +ok\\x1b\]0;pwned", out, re.MULTILINE)
+
+    # Multi-line output stays multi-line but cannot forge a field: later lines are indented.
+    assert main(["task", "get", "t-0001", *conn]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"output: +line one", lines[-2])
+    indent = lines[-2].index("line one")
+    assert lines[-1] == " " * indent + neutralize(HOSTILE)
+
+    assert main(["task", "get", "t-0001", "--json", *conn]) == 0
+    assert json.loads(capsys.readouterr().out)["output"] == f"line one\n{HOSTILE}\n"
+
+
+def test_watch_lines_are_neutralised(
+    conn: list[str], fake: State, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake.kind_scripts["bad"] = [Step(S.TASK_STATE_FAILED, error=f"x\n{HOSTILE}")]
+    assert main(["submit", "bad", *conn]) == 0
+    fake.tasks["t-0001"].waiting_reason = "waiting for budget global\x1b[2J"
+    capsys.readouterr()
+    assert main(["task", "watch", "t-0001", *conn]) == 1
+    out = capsys.readouterr().out
+    _clean(out)
+    lines = out.splitlines()
+    assert len(lines) == 2
+    assert 'waiting="waiting for budget global\\x1b[2J"' in lines[0]
+    assert 'error="x\\nok\\x1b]0;pwned' in lines[1]
 
 
 def test_agent_and_cert_commands(

@@ -68,6 +68,10 @@ def test_submit_encodes_payload_and_options(config: ClientConfig, fake: State) -
         )
         client.submit("raw", b"\x00\xff")
         client.submit("text", "héllo")
+        capped = client.submit(
+            "anthropic.messages", "{}", max_cost_usd=0.25, output_schema={"type": "object"}
+        )
+        client.submit("claude-code", "{}", output_schema='{"type": "string"}')
     sent: task_pb2.SubmitRequest = fake.requests[0]
     assert sent.payload == '{"frames":[1,2],"name":"é"}'.encode()
     assert (sent.pool, dict(sent.selector), sent.priority) == ("gpu", {"zone": "a"}, 5)
@@ -77,6 +81,14 @@ def test_submit_encodes_payload_and_options(config: ClientConfig, fake: State) -
     assert sent.deadline.ToDatetime(tzinfo=UTC) == deadline
     assert fake.requests[1].payload == b"\x00\xff"
     assert fake.requests[2].payload == "héllo".encode()
+    assert (fake.requests[3].max_cost_usd, fake.requests[3].output_schema) == (
+        0.25,
+        '{"type":"object"}',
+    )
+    assert fake.requests[4].output_schema == '{"type": "string"}'
+    assert (capped.max_cost_micros, capped.max_cost_usd) == (250_000, 0.25)
+    assert capped.output_schema == '{"type":"object"}'
+    assert (task.max_cost_micros, task.max_cost_usd, task.output_schema) == (0, None, "")
     assert task.state is TaskState.QUEUED
     assert task.payload_json() == {"frames": [1, 2], "name": "é"}
     assert task.selector == {"zone": "a"}
@@ -90,6 +102,7 @@ def test_defaults_leave_server_defaults_unset(config: ClientConfig, fake: State)
     sent: task_pb2.SubmitRequest = fake.requests[0]
     assert sent.pool == "default"
     assert sent.max_attempts == 0
+    assert (sent.max_cost_usd, sent.output_schema) == (0.0, "")
     assert not sent.HasField("schedule_to_start_timeout")
     assert not sent.HasField("deadline")
 
@@ -101,6 +114,10 @@ def test_defaults_leave_server_defaults_unset(config: ClientConfig, fake: State)
         ({"kind": "x", "deadline": datetime(2030, 1, 1)}, "^deadline: .*timezone-aware"),
         ({"kind": "x", "start_to_close_timeout": -1}, "^start_to_close_timeout: .*positive"),
         ({"kind": "x", "payload": {"bad": object()}}, "^payload: .*JSON"),
+        ({"kind": "x", "max_cost_usd": 0}, "^max_cost_usd: must be at least 0.000001"),
+        ({"kind": "x", "max_cost_usd": -2.5}, "^max_cost_usd: must be at least"),
+        ({"kind": "x", "max_cost_usd": float("inf")}, "^max_cost_usd: must be a finite"),
+        ({"kind": "x", "output_schema": {"bad": object()}}, "^output_schema: .*JSON"),
     ],
 )
 def test_invalid_submit_fails_before_sending(

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from muster import Role, TaskState
+from muster import AttemptUsage, Role, TaskState, Usage
 from muster._convert import task_from_proto
 from muster.durations import parse_duration, parse_time
 from muster.errors import MusterError
@@ -104,3 +104,51 @@ def test_parse_time() -> None:
     assert parse_time("2026-01-02T03:04:05").tzinfo is not None
     with pytest.raises(ValueError, match="ISO 8601"):
         parse_time("yesterday")
+
+
+def test_task_from_proto_ai_fields() -> None:
+    msg = common_pb2.Task(
+        task_id="t",
+        kind="anthropic.messages",
+        state=common_pb2.TASK_STATE_QUEUED,
+        waiting_reason="waiting for budget tenant:acme: 0.12 of 10.00 USD left, 0.40 needed",
+        submitted_by="ci",
+        max_cost_micros=2_000_000,
+        output_schema='{"type":"object"}',
+        usage=common_pb2.Usage(
+            input_tokens=100,
+            output_tokens=50,
+            cost_micros=1_050,
+            model="claude-sonnet-4-5",
+            cache_creation_input_tokens=20,
+            cache_read_input_tokens=30,
+            reported_cost_micros=1_100,
+            cache_creation_1h_input_tokens=5,
+        ),
+        attempt_usage=[
+            common_pb2.AttemptUsage(
+                attempt=1, agent_id="a1", usage=common_pb2.Usage(input_tokens=1, model="m")
+            ),
+            common_pb2.AttemptUsage(attempt=2, agent_id="a2"),
+        ],
+    )
+    task = task_from_proto(msg)
+    assert task.waiting_reason.startswith("waiting for budget tenant:acme")
+    assert (task.submitted_by, task.max_cost_micros, task.max_cost_usd) == ("ci", 2_000_000, 2.0)
+    assert task.output_schema == '{"type":"object"}'
+    assert task.usage == Usage(
+        input_tokens=100,
+        output_tokens=50,
+        cost_micros=1_050,
+        model="claude-sonnet-4-5",
+        cache_creation_input_tokens=20,
+        cache_read_input_tokens=30,
+        cache_creation_1h_input_tokens=5,
+        reported_cost_micros=1_100,
+    )
+    assert (task.usage.cost_usd, task.usage.reported_cost_usd) == (0.00105, 0.0011)
+    assert task.usage.total_tokens == 200
+    assert task.attempt_usage == (
+        AttemptUsage(1, "a1", Usage(input_tokens=1, model="m")),
+        AttemptUsage(2, "a2", Usage()),
+    )
