@@ -113,6 +113,20 @@ class ServerConfig:
     """Attempts for a task that does not say."""
     shutdown_grace: timedelta = timedelta(seconds=10)
     """On SIGTERM: how long agents get to finish and report before streams are cut."""
+    prices_file: str = ""
+    """A JSON price table merged over the shipped one (same format as
+    ``server/ai/prices.json``): add a model or correct a price without a release."""
+    ai_max_tokens: int = 64_000
+    """The largest ``max_tokens`` an AI task may ask for."""
+    ai_max_messages: int = 1000
+    """The most messages an AI task's payload may hold."""
+    claude_code_max_cost_usd: float = 1.0
+    """What a ``claude-code`` attempt reserves (and is capped at, ``--max-budget-usd``)
+    when its task sets no ``max_cost_usd``: its cost is not bounded by tokens."""
+    ai_requests_per_minute: int = 600
+    """AI task submissions per minute allowed to one tenant."""
+    ai_tokens_per_minute: int = 2_000_000
+    """Estimated AI tokens (input estimate + max_tokens) submitted per minute by one tenant."""
 
     def __post_init__(self) -> None:
         for name in ("api_addr", "agent_addr"):
@@ -151,6 +165,12 @@ class ServerConfig:
             raise ConfigError("database_pool_size: must be at least 1")
         if self.max_payload_bytes < 1024:
             raise ConfigError("max_payload_bytes: must be at least 1024")
+        if not 1 <= self.ai_max_tokens <= 10_000_000 or self.ai_max_messages < 1:
+            raise ConfigError("ai_max_tokens must be 1..10000000 and ai_max_messages >= 1")
+        if not 0 < self.claude_code_max_cost_usd <= 10_000:
+            raise ConfigError("claude_code_max_cost_usd: must be more than 0 and at most 10000")
+        if self.ai_requests_per_minute < 1 or self.ai_tokens_per_minute < 1:
+            raise ConfigError("ai_requests_per_minute and ai_tokens_per_minute must be >= 1")
 
     @property
     def ca_dir(self) -> Path:

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -17,11 +18,14 @@ import grpc
 from muster.v1 import agent_pb2
 from server.audit import AuditRecord, AuditWriter
 from server.config import ServerConfig
+from server.dispatch.budgets import BudgetGate
 from server.dispatch.fanout import Fanout
 from server.dispatch.inflight import InflightLimits
+from server.dispatch.metering import Metering
 from server.metrics import MusterMetrics, QueueStats
 from server.storage import identities
 from server.storage import tasks as task_store
+from server.storage import usage as usage_store
 from server.storage.database import Database
 from server.storage.models import Task
 from server.storage.types import utcnow
@@ -32,6 +36,12 @@ MAX_RETRY_BACKOFF = timedelta(seconds=60)
 SYNC_OVERLAP = timedelta(seconds=2)
 """Each sync re-reads a little of the previous window: commits land out of clock order."""
 INFLIGHT_RETRY = timedelta(seconds=1)
+DEFAULT_PROVIDER_BACKOFF = timedelta(seconds=5)
+"""How long a model is held back in a pool after a provider rate limit without retry-after."""
+MAX_PROVIDER_BACKOFF = 3600.0
+"""The longest retry-after honoured (seconds): a provider's answer, not our schedule."""
+RESERVATION_GRACE = timedelta(minutes=2)
+"""A reservation whose attempt ended this long ago without settling is closed by the reaper."""
 """How long a task refused by a full tenant or pool waits before it is considered again."""
 
 
@@ -53,9 +63,13 @@ class Dispatcher:
         metrics: MusterMetrics,
         config: ServerConfig,
         inflight: InflightLimits,
+        budgets: BudgetGate,
+        metering: Metering,
     ) -> None:
         self.db = db
         self.inflight = inflight
+        self.budgets = budgets
+        self.metering = metering
         self.fanout = fanout
         self.hub = fanout.hub
         self._synced_until = utcnow()
@@ -160,21 +174,61 @@ class Dispatcher:
     async def _admit(
         self, claimed: list[task_store.Claimed], session_id: str
     ) -> list[task_store.Claimed]:
-        """Keep the claimed attempts whose tenant and pool have a free slot; give back the rest."""
+        """Keep the claimed attempts whose tenant and pool have a free slot and, for AI
+        kinds, whose worst case is reserved on every budget; give back the rest (or end a
+        task whose own spend cap is used up)."""
         admitted: list[task_store.Claimed] = []
-        refused: list[task_store.Claimed] = []
+        held_back: list[task_store.HoldBack] = []
+        failed: list[tuple[task_store.Claimed, str]] = []
+        audits: list[AuditRecord] = []
         for task in claimed:
-            holder = f"{task.task_id}:{task.attempt}"
-            ok = await self.inflight.admit(task.owner, task.pool, holder)
-            (admitted if ok else refused).append(task)
-        if refused:
+            holder = task_store.attempt_key(task.task_id, task.attempt)
+            if not await self.inflight.admit(task.owner, task.pool, holder):
+                retry_at = utcnow() + INFLIGHT_RETRY
+                held_back.append(task_store.HoldBack(task.task_id, task.attempt, retry_at))
+                continue
+            verdict = await self.budgets.admit(task)
+            if verdict.audit is not None:
+                audits.append(verdict.audit)
+            if verdict.hold is None and verdict.fail is None:
+                admitted.append(replace(task, ceiling_micros=verdict.ceiling))
+                continue
+            self.inflight.release(task.owner, task.pool, holder)
+            if verdict.hold is not None:
+                held_back.append(verdict.hold)
+            elif verdict.fail is not None:
+                failed.append((task, verdict.fail))
+        if held_back or failed:
             async with self.db.transaction() as session:
-                await task_store.unclaim(
-                    session,
-                    [(t.task_id, t.attempt) for t in refused],
-                    session_id,
-                    retry_at=utcnow() + INFLIGHT_RETRY,
+                await task_store.unclaim(session, held_back, session_id)
+                ended = [
+                    task
+                    for task, error in failed
+                    if await task_store.fail_claimed(
+                        session, task.task_id, task.attempt, session_id, error
+                    )
+                ]
+            for task in ended:
+                self.metrics.tasks_finished.labels(outcome="failed").inc()
+                self.fanout.task_changed(task.task_id)
+                audits.append(
+                    AuditRecord(
+                        actor="server",
+                        action="task.finish",
+                        target=task.task_id,
+                        outcome="error",
+                        details={
+                            "attempt": task.attempt,
+                            "state": task_store.FAILED,
+                            "reason": "task spend cap used up",
+                        },
+                    )
                 )
+            for hold in held_back:
+                if hold.reason:
+                    self.fanout.task_changed(hold.task_id)
+        for record in audits:
+            await self.audit.submit(record)
         return admitted
 
     async def renew_inflight(self) -> None:
@@ -226,12 +280,12 @@ class Dispatcher:
     async def record_result(self, agent_id: str, result: agent_pb2.Result) -> agent_pb2.AckStatus:
         """Record an attempt's end; says whether it was new, a resend, or stale."""
         outcome = result.outcome
-        usage = (result.usage.input_tokens, result.usage.output_tokens, result.usage.cost_micros)
         output, error = result.output, result.error[:4000]
         if len(output) > self.config.max_payload_bytes:
             outcome, output = agent_pb2.OUTCOME_FAILED, b""
             cap = self.config.max_payload_bytes
             error = f"output of {len(result.output)} bytes exceeds the {cap}-byte cap"
+        usage = await self._priced(result)
         if outcome == agent_pb2.OUTCOME_SUCCEEDED or (
             outcome == agent_pb2.OUTCOME_FAILED and not result.retryable
         ):
@@ -255,8 +309,12 @@ class Dispatcher:
         if not isinstance(ended, tuple):
             return ended
         new_state, task = ended
-        holder = f"{result.task_id}:{result.attempt}"
+        holder = task_store.attempt_key(result.task_id, result.attempt)
         self.inflight.release(task.owner, task.pool, holder)
+        if task.reserve_micros:
+            await self._close_reservation(holder, task, result, usage)
+        if usage is not None:
+            self.metering.count(task.kind, usage)
         if new_state in task_store.TERMINAL:
             self.metrics.tasks_finished.labels(outcome=new_state.lower()).inc()
             if task.started_at is not None:
@@ -266,16 +324,48 @@ class Dispatcher:
         else:
             self.fanout.wake_pool(task.pool)
         self.fanout.task_changed(result.task_id)
+        details: dict[str, Any] = {"attempt": result.attempt, "state": new_state}
+        if usage is not None:
+            details["cost_micros"] = usage.cost_micros
         await self.audit.submit(
             AuditRecord(
                 actor=f"agent:{agent_id}",
                 action="task.finish",
                 target=result.task_id,
                 outcome="ok" if new_state == task_store.SUCCEEDED else "error",
-                details={"attempt": result.attempt, "state": new_state},
+                details=details,
             )
         )
         return agent_pb2.ACK_STATUS_RECORDED
+
+    async def _priced(self, result: agent_pb2.Result) -> usage_store.AttemptCost | None:
+        """The attempt's usage at the server's prices for the task's kind and model; None
+        when it reported none (every non-AI result: it costs no extra query)."""
+        if not Metering.reports_usage(result.usage):
+            return None
+        async with self.db.transaction() as session:
+            found = await task_store.kind_and_model(session, result.task_id)
+        if found is None:
+            return None  # no such task: the result is stale anyway
+        kind, model = found
+        return self.metering.cost(kind, model, result.usage)
+
+    async def _close_reservation(
+        self,
+        holder: str,
+        task: task_store.Finished,
+        result: agent_pb2.Result,
+        usage: usage_store.AttemptCost | None,
+    ) -> None:
+        """Settle the attempt's budget hold to what it cost, or release it unspent; after a
+        provider rate limit, hold the model back in the pool for its retry-after."""
+        if usage is not None:
+            await self.budgets.settle(holder, usage.cost_micros)
+        else:
+            await self.budgets.release(holder)
+        if result.rate_limited and task.model:
+            wait = _retry_after(result) or DEFAULT_PROVIDER_BACKOFF.total_seconds()
+            await self.budgets.hold_off(task.pool, task.model, wait)
 
     async def _end_otherwise(
         self,
@@ -284,7 +374,7 @@ class Dispatcher:
         outcome: int,
         output: bytes,
         error: str,
-        usage: tuple[int, int, int],
+        usage: usage_store.AttemptCost | None,
     ) -> tuple[str, task_store.Finished] | agent_pb2.AckStatus:
         """A cancelled or retryable end: what happens depends on the task's row."""
         async with self.db.transaction() as session:
@@ -308,18 +398,29 @@ class Dispatcher:
                 reason = error or (
                     "cancelled by the agent" if outcome == agent_pb2.OUTCOME_CANCELLED else "failed"
                 )
+                backoff = max(
+                    retry_backoff(result.attempt), timedelta(seconds=_retry_after(result))
+                )
                 new_state = await task_store.retry_or_fail(
                     session,
                     task_id=task.task_id,
                     attempt=result.attempt,
                     error=reason,
-                    backoff=retry_backoff(result.attempt),
+                    backoff=backoff,
                     extra_where=[Task.agent_id == agent_id],
+                    rate_limited=result.rate_limited,
                 )
+                if new_state is not None and usage is not None:
+                    await usage_store.record(
+                        await session.connection(),
+                        [usage_store.Used(task.task_id, result.attempt, agent_id, usage)],
+                    )
             if new_state is None:
                 current = task_store.Current(task.attempt, task.agent_id, task.state)
                 return _unrecorded(result.attempt, agent_id, current)
-            return new_state, task_store.Finished(task.owner, task.pool, task.kind, task.started_at)
+            return new_state, task_store.Finished(
+                task.owner, task.pool, task.kind, task.started_at, task.model, task.reserve_micros
+            )
 
     async def release_session(self, session_id: str, reason: str) -> None:
         """A stream ended: every attempt it still holds goes back to the queue (or ends)."""
@@ -344,7 +445,7 @@ class Dispatcher:
         for held, state in outcomes:
             if state is None:
                 continue
-            self.inflight.release(held.owner, held.pool, held.holder)
+            await self._let_go(held)
             self.fanout.task_changed(held.task_id)
             if state == task_store.QUEUED:
                 self.fanout.wake_pool(held.pool)
@@ -359,6 +460,12 @@ class Dispatcher:
                     details={"attempt": held.attempt, "state": state, "reason": reason},
                 )
             )
+
+    async def _let_go(self, held: task_store.Held) -> None:
+        """An attempt ended without a result: free its slots and release its budget hold."""
+        self.inflight.release(held.owner, held.pool, held.holder)
+        if held.reserve_micros:
+            await self.budgets.release(held.holder)
 
     # Reaper side
 
@@ -394,8 +501,9 @@ class Dispatcher:
                     h.session_id, h.task_id, h.attempt, "attempt lost its lease or overran"
                 )
         await self._announce_requeues(outcomes, "lease expired or attempt overran")
+        await self.budgets.reconcile(RESERVATION_GRACE)
         for h in timed_out:
-            self.inflight.release(h.owner, h.pool, h.holder)
+            await self._let_go(h)
             self.fanout.cancel_attempt(h.session_id, h.task_id, h.attempt, "task timed out")
             self.fanout.task_changed(h.task_id)
             self.metrics.tasks_finished.labels(outcome="timed_out").inc()
@@ -444,6 +552,11 @@ class Dispatcher:
             self.hub.wake_for(pool, kind, count)
         self.hub.found_claimable(found)
 
+    async def refresh_gauges(self) -> None:
+        """The queue and budget gauges."""
+        await self.refresh_queue_gauges()
+        await self.budgets.refresh_gauges()
+
     async def refresh_queue_gauges(self) -> None:
         async with self.db.transaction() as session:
             stats = await task_store.queue_stats(session)
@@ -454,6 +567,14 @@ class Dispatcher:
                 for pool, count, oldest in stats
             }
         )
+
+
+def _retry_after(result: agent_pb2.Result) -> float:
+    """The provider's retry-after a Result carries, in seconds (0 when none), bounded."""
+    if not result.HasField("retry_after"):
+        return 0.0
+    seconds = result.retry_after.seconds + result.retry_after.nanos / 1e9
+    return min(max(seconds, 0.0), MAX_PROVIDER_BACKOFF)
 
 
 def _unrecorded(

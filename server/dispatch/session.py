@@ -355,6 +355,8 @@ class AgentSession:
                             start_to_close_timeout=convert.duration(task.start_to_close_timeout),
                             deadline=convert.timestamp(task.deadline),
                             accept_within=convert.duration(self.config.accept_timeout),
+                            max_cost_micros=task.ceiling_micros,
+                            output_schema=task.output_schema or "",
                         )
                     )
                 )

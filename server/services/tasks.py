@@ -5,22 +5,26 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import math
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
 
+from muster.ai import AI_KINDS, PayloadError, parse_output_schema
 from muster.v1 import common_pb2, task_pb2, task_pb2_grpc
 from server.config import ServerConfig
 from server.dispatch.dispatcher import Dispatcher
 from server.principals import current_principal
 from server.quotas import Quotas
 from server.services import convert
+from server.services.ai_submit import AiAdmission
 from server.services.context import peer_address, request_id
 from server.services.errors import invalid, not_found
 from server.services.validation import KIND, check_labels, check_name
 from server.storage import tasks as task_store
+from server.storage import usage as usage_store
 from server.storage.models import Task
 from server.storage.types import utcnow
 
@@ -29,14 +33,20 @@ MAX_PRIORITY = 1000
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
 MAX_TIMEOUT = timedelta(days=30)
+MAX_COST_USD = 1_000_000.0
+"""The largest per-task spend cap accepted (a typo guard, not a policy)."""
+MAX_OUTPUT_SCHEMA_BYTES = 64 * 1024
 
 
 class TaskService(task_pb2_grpc.TaskServiceServicer):
-    def __init__(self, dispatcher: Dispatcher, quotas: Quotas, config: ServerConfig) -> None:
+    def __init__(
+        self, dispatcher: Dispatcher, quotas: Quotas, config: ServerConfig, ai: AiAdmission
+    ) -> None:
         self._dispatcher = dispatcher
         self._db = dispatcher.db
         self._quotas = quotas
         self._config = config
+        self._ai = ai
 
     async def Submit(
         self,
@@ -45,9 +55,23 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
     ) -> task_pb2.SubmitResponse:
         principal = current_principal.get()
         values = self._validate_submit(request)
+        ai_task = None
+        if request.kind in AI_KINDS:
+            ai_task = await self._ai.check(
+                kind=request.kind,
+                payload=request.payload,
+                pool=values["pool"],
+                tenant=principal.tenant,
+                max_cost_micros=values["max_cost_micros"],
+            )
+            values.update(model=ai_task.model, reserve_micros=ai_task.reserve_micros)
         decision = await self._quotas.check_submission(principal.name)
         if not decision.allowed:
             await context.abort_with_status(decision.status())
+        if ai_task is not None:
+            decision = await self._ai.check_rates(principal.tenant, ai_task)
+            if not decision.allowed:
+                await context.abort_with_status(decision.status())
         task, created = await self._dispatcher.submit(
             {**values, "owner": principal.tenant, "submitted_by": principal.name},
             actor=principal.name,
@@ -79,6 +103,8 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             if deadline <= utcnow():
                 raise invalid("deadline: must be in the future")
         return {
+            "max_cost_micros": _max_cost(request.max_cost_usd),
+            "output_schema": _output_schema(request.output_schema),
             "kind": request.kind,
             "payload": request.payload,
             "pool": pool,
@@ -96,7 +122,10 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         request: task_pb2.GetTaskRequest,
         context: grpc.aio.ServicerContext[task_pb2.GetTaskRequest, common_pb2.Task],
     ) -> common_pb2.Task:
-        return convert.task(await self._load(request.task_id))
+        task = await self._load(request.task_id)
+        async with self._db.transaction() as session:
+            used = await usage_store.of_tasks(session, [task.task_id])
+        return convert.task(task, used.get(task.task_id, ()))
 
     async def List(
         self,
@@ -124,12 +153,16 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                 limit=limit + 1,
                 before=before,
             )
-        next_token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            next_token = _encode_page_token(rows[-1].created_at, rows[-1].task_id)
+            rows = rows[:limit] if len(rows) > limit else rows
+            next_token = ""
+            if len(rows) == limit:
+                next_token = _encode_page_token(rows[-1].created_at, rows[-1].task_id)
+            used = await usage_store.of_tasks(
+                session, [r.task_id for r in rows if r.cost_micros or r.input_tokens]
+            )
         return task_pb2.ListTasksResponse(
-            tasks=[convert.task(r) for r in rows], next_page_token=next_token
+            tasks=[convert.task(r, used.get(r.task_id, ())) for r in rows],
+            next_page_token=next_token,
         )
 
     async def Cancel(
@@ -201,3 +234,26 @@ def _decode_page_token(token: str) -> tuple[datetime, str]:
         return datetime.fromisoformat(created), task_id
     except (ValueError, UnicodeDecodeError):
         raise invalid("page_token: not a token from a previous response") from None
+
+
+def _max_cost(value: float) -> int | None:
+    """``max_cost_usd`` in micro-dollars; None when not set (0)."""
+    if not math.isfinite(value) or not 0 <= value <= MAX_COST_USD:
+        raise invalid(f"max_cost_usd: must be between 0 and {MAX_COST_USD:,.0f} US dollars")
+    micros = round(value * 1_000_000)
+    if value and micros == 0:
+        raise invalid("max_cost_usd: less than one micro-dollar")
+    return micros or None
+
+
+def _output_schema(text: str) -> str | None:
+    """A checked JSON Schema, as the text the agent will be given; None when not set."""
+    if not text:
+        return None
+    if len(text.encode()) > MAX_OUTPUT_SCHEMA_BYTES:
+        raise invalid(f"output_schema: larger than {MAX_OUTPUT_SCHEMA_BYTES // 1024} KiB")
+    try:
+        parse_output_schema(text)
+    except PayloadError as err:
+        raise invalid(str(err)) from None
+    return text

@@ -23,8 +23,10 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from server.storage import usage as usage_store
 from server.storage.models import Task
 from server.storage.types import UTCDateTime, utcnow
+from server.storage.usage import AttemptCost, Used
 
 QUEUED = "QUEUED"
 ASSIGNED = "ASSIGNED"
@@ -35,6 +37,9 @@ CANCELLED = "CANCELLED"
 TIMED_OUT = "TIMED_OUT"
 HELD = (ASSIGNED, RUNNING)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED, TIMED_OUT})
+
+MAX_RATE_LIMITED = 20
+"""Attempts a provider's rate limit may cost a task without counting against max_attempts."""
 
 CLAIM_SCAN = 200
 """How many queued candidates one claim looks at; label selectors are matched in Python."""
@@ -50,14 +55,35 @@ class Held:
     session_id: str | None
     pool: str
     owner: str
+    reserve_micros: int = 0
+    """Non-zero when the attempt holds a budget reservation (an AI kind)."""
 
     @property
     def holder(self) -> str:
-        """Names this attempt in concurrency leases."""
-        return f"{self.task_id}:{self.attempt}"
+        """Names this attempt in concurrency leases and budget reservations."""
+        return attempt_key(self.task_id, self.attempt)
 
 
-HELD_COLUMNS = (Task.task_id, Task.attempt, Task.agent_id, Task.session_id, Task.pool, Task.owner)
+def attempt_key(task_id: str, attempt: int) -> str:
+    """``task:attempt``: how concurrency leases and budget reservations name an attempt."""
+    return f"{task_id}:{attempt}"
+
+
+HELD_COLUMNS = (
+    Task.task_id,
+    Task.attempt,
+    Task.agent_id,
+    Task.session_id,
+    Task.pool,
+    Task.owner,
+    Task.reserve_micros,
+)
+
+
+def _held(row: Any) -> Held:
+    mapping = row._mapping
+    return Held(**{name: mapping[name] for name in Held.__slots__})
+
 
 TASKS: Table = Task.__table__  # type: ignore[assignment]
 """The hot path (insert, claim, accept, heartbeat, finish) runs Core statements on this
@@ -79,9 +105,24 @@ class Claimed:
     queued_at: datetime
     start_to_close_timeout: float | None
     deadline: datetime | None
+    model: str | None
+    reserve_micros: int
+    """An AI attempt's worst-case cost, to reserve before it is sent; 0: not budgeted."""
+    max_cost_micros: int | None
+    output_schema: str | None
+    waiting_reason: str
+    """Why the task was last held back (to audit a new reason once, not every claim)."""
+    ceiling_micros: int = 0
+    """What was reserved for this attempt (set after the claim): the Assignment's ceiling."""
 
 
-CLAIMED_COLUMNS = tuple(_c[name] for name in Claimed.__slots__)
+CLAIMED_NAMES = tuple(name for name in Claimed.__slots__ if name != "ceiling_micros")
+CLAIMED_COLUMNS = tuple(_c[name] for name in CLAIMED_NAMES)
+
+
+def _claimed(row: Any) -> Claimed:
+    mapping = row._mapping
+    return Claimed(**{name: mapping[name] for name in CLAIMED_NAMES})
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +133,16 @@ class Finished:
     pool: str
     kind: str
     started_at: datetime | None
+    model: str | None
+    reserve_micros: int
+
+
+FINISHED_COLUMNS = tuple(_c[name] for name in Finished.__slots__)
+
+
+def _finished(row: Any) -> Finished:
+    mapping = row._mapping
+    return Finished(**{name: mapping[name] for name in Finished.__slots__})
 
 
 async def insert_task(session: AsyncSession, values: dict[str, Any]) -> tuple[Task, bool]:
@@ -220,7 +271,8 @@ _CLAIM_MANY = text(
     WHERE tasks.task_id = ranked.task_id
     RETURNING tasks.session_id, tasks.task_id, tasks.attempt, tasks.kind, tasks.payload,
               tasks.pool, tasks.owner, tasks.priority, tasks.queued_at,
-              tasks.start_to_close_timeout, tasks.deadline
+              tasks.start_to_close_timeout, tasks.deadline, tasks.model, tasks.reserve_micros,
+              tasks.max_cost_micros, tasks.output_schema, tasks.waiting_reason
     """
 ).bindparams(
     bindparam("now", type_=UTCDateTime),
@@ -261,8 +313,8 @@ async def claim_many(
         },
     )
     by_session: dict[str, list[Claimed]] = {r.session_id: [] for r in requests}
-    for session_id, *columns in result:
-        by_session[session_id].append(Claimed(*columns))
+    for row in result:
+        by_session[row.session_id].append(_claimed(row))
     for claimed in by_session.values():
         claimed.sort(key=lambda t: (-t.priority, t.queued_at, t.task_id))
     return [by_session[r.session_id] for r in requests]
@@ -299,25 +351,34 @@ async def _claim_one(
     if not taken:
         return []
     rows = await conn.execute(select(*CLAIMED_COLUMNS).where(_c.task_id.in_(taken)))
-    by_id = {row.task_id: Claimed(*row) for row in rows}
+    by_id = {row.task_id: _claimed(row) for row in rows}
     return [by_id[t] for t in taken]
 
 
-async def unclaim(
-    session: AsyncSession, attempts: Sequence[tuple[str, int]], session_id: str, retry_at: datetime
-) -> None:
-    """Give back claimed attempts that were not sent (an in-flight limit said no).
+@dataclass(frozen=True, slots=True)
+class HoldBack:
+    """A claimed attempt that may not be sent yet, why, and until when."""
+
+    task_id: str
+    attempt: int
+    retry_at: datetime
+    reason: str = ""
+    """Shown as the task's waiting reason (empty: a passing limit not worth showing)."""
+
+
+async def unclaim(session: AsyncSession, items: Sequence[HoldBack], session_id: str) -> None:
+    """Give back claimed attempts that were not sent (a limit or a budget said no).
 
     The attempt number stays: nothing was delivered. ``retry_at`` keeps the pump from
-    taking the same tasks straight back while their tenant or pool is full.
+    taking the same tasks straight back while what held them back lasts.
     """
     now = utcnow()
-    for task_id, attempt in attempts:
+    for item in items:
         await session.execute(
             update(Task)
             .where(
-                Task.task_id == task_id,
-                Task.attempt == attempt,
+                Task.task_id == item.task_id,
+                Task.attempt == item.attempt,
                 Task.session_id == session_id,
                 Task.state == ASSIGNED,
             )
@@ -326,10 +387,36 @@ async def unclaim(
                 agent_id=None,
                 session_id=None,
                 lease_expires_at=None,
-                not_before=retry_at,
+                not_before=item.retry_at,
+                waiting_reason=item.reason,
                 updated_at=now,
             )
         )
+
+
+async def fail_claimed(
+    session: AsyncSession, task_id: str, attempt: int, session_id: str, error: str
+) -> bool:
+    """End a claimed, unsent attempt's task as FAILED (its own spend cap is used up)."""
+    now = utcnow()
+    result = await session.execute(
+        update(Task)
+        .where(
+            Task.task_id == task_id,
+            Task.attempt == attempt,
+            Task.session_id == session_id,
+            Task.state == ASSIGNED,
+        )
+        .values(
+            state=FAILED,
+            error=error,
+            session_id=None,
+            lease_expires_at=None,
+            finished_at=now,
+            updated_at=now,
+        )
+    )
+    return _rowcount(result) == 1
 
 
 async def held_by_sessions(session: AsyncSession, session_ids: set[str]) -> list[Held]:
@@ -340,7 +427,7 @@ async def held_by_sessions(session: AsyncSession, session_ids: set[str]) -> list
     if not session_ids:
         return []
     rows = await session.execute(select(*HELD_COLUMNS).where(Task.state.in_(HELD)))
-    return [Held(*row) for row in rows if row.session_id in session_ids]
+    return [_held(row) for row in rows if row.session_id in session_ids]
 
 
 async def accept(
@@ -454,9 +541,10 @@ async def finish(
     state: str,
     output: bytes,
     error: str,
-    usage: tuple[int, int, int],
+    usage: AttemptCost | None = None,
 ) -> Finished | None:
-    """End the current attempt in ``state``; None when it is not current (stale)."""
+    """End the current attempt in ``state``, keeping its usage; None when it is not
+    current (stale)."""
     now = utcnow()
     result = await conn.execute(
         update(TASKS)
@@ -474,14 +562,15 @@ async def finish(
             updated_at=now,
             session_id=None,
             lease_expires_at=None,
-            input_tokens=usage[0],
-            output_tokens=usage[1],
-            cost_micros=usage[2],
         )
-        .returning(_c.owner, _c.pool, _c.kind, _c.started_at)
+        .returning(*FINISHED_COLUMNS)
     )
     row = result.first()
-    return Finished(*row) if row is not None else None
+    if row is None:
+        return None
+    if usage is not None:
+        await usage_store.record(conn, [Used(task_id, attempt, agent_id, usage)])
+    return _finished(row)
 
 
 @dataclass(frozen=True, slots=True)
@@ -494,25 +583,21 @@ class Ending:
     state: str
     output: bytes
     error: str
-    usage: tuple[int, int, int]
+    usage: AttemptCost | None = None
 
 
 _FINISH_MANY = text(
     """
     UPDATE tasks SET state = v.state, output = v.output, error = v.error,
                      finished_at = :now, updated_at = :now, session_id = NULL,
-                     lease_expires_at = NULL, input_tokens = v.input_tokens,
-                     output_tokens = v.output_tokens, cost_micros = v.cost_micros
+                     lease_expires_at = NULL
     FROM unnest(CAST(:ids AS text[]), CAST(:attempts AS int[]), CAST(:agents AS text[]),
-                CAST(:states AS text[]), CAST(:outputs AS bytea[]), CAST(:errors AS text[]),
-                CAST(:input_tokens AS bigint[]), CAST(:output_tokens AS bigint[]),
-                CAST(:costs AS bigint[]))
-         AS v(task_id, attempt, agent_id, state, output, error, input_tokens, output_tokens,
-              cost_micros)
+                CAST(:states AS text[]), CAST(:outputs AS bytea[]), CAST(:errors AS text[]))
+         AS v(task_id, attempt, agent_id, state, output, error)
     WHERE tasks.task_id = v.task_id AND tasks.attempt = v.attempt
       AND tasks.agent_id = v.agent_id AND tasks.state IN ('ASSIGNED', 'RUNNING')
     RETURNING tasks.task_id, tasks.attempt, tasks.owner, tasks.pool, tasks.kind,
-              tasks.started_at
+              tasks.started_at, tasks.model, tasks.reserve_micros
     """
 ).bindparams(bindparam("now", type_=UTCDateTime))
 
@@ -549,12 +634,17 @@ async def finish_many(
                 "states": [e.state for e in items],
                 "outputs": [e.output for e in items],
                 "errors": [e.error for e in items],
-                "input_tokens": [e.usage[0] for e in items],
-                "output_tokens": [e.usage[1] for e in items],
-                "costs": [e.usage[2] for e in items],
             },
         )
-        ended = {(row[0], row[1]): Finished(*row[2:]) for row in result}
+        ended = {(row.task_id, row.attempt): _finished(row) for row in result}
+        await usage_store.record(
+            conn,
+            (
+                Used(e.task_id, e.attempt, e.agent_id, e.usage)
+                for e in items
+                if e.usage is not None and (e.task_id, e.attempt) in ended
+            ),
+        )
     answers: list[tuple[str, Finished] | Current | None] = []
     for e in items:
         # A Result handed in twice ends the attempt once: the second copy is told why not.
@@ -592,19 +682,24 @@ async def retry_or_fail(
     backoff: timedelta,
     exhausted_state: str = FAILED,
     extra_where: Sequence[Any] = (),
+    rate_limited: bool = False,
 ) -> str | None:
     """End the held attempt: requeue as attempt + 1, or end the task once attempts run out.
 
-    A task whose cancellation was requested ends CANCELLED instead. Returns the new state,
-    or None when the attempt was not current.
+    A task whose cancellation was requested ends CANCELLED instead. An attempt the
+    provider refused for its rate limit (``rate_limited``) does not count against
+    ``max_attempts``, up to :data:`MAX_RATE_LIMITED` of them. Returns the new state, or
+    None when the attempt was not current.
     """
     now = utcnow()
     task = await session.get(Task, task_id, populate_existing=True)
     if task is None or task.attempt != attempt or task.state not in HELD:
         return None
+    free = rate_limited and task.rate_limited < MAX_RATE_LIMITED
+    counted = task.attempt - task.rate_limited - (1 if free else 0)
     if task.cancel_requested:
         new_state, values = CANCELLED, {"error": task.error or "cancelled", "finished_at": now}
-    elif task.attempt >= task.max_attempts:
+    elif counted >= task.max_attempts:
         new_state = exhausted_state
         values = {
             "error": f"{error} (attempt {attempt} of {task.max_attempts})",
@@ -619,6 +714,8 @@ async def retry_or_fail(
             "not_before": now + backoff if backoff > timedelta(0) else None,
             "agent_id": None,
             "started_at": None,
+            "waiting_reason": "",
+            "rate_limited": task.rate_limited + (1 if free else 0),
         }
     result = await session.execute(
         update(Task)
@@ -628,18 +725,41 @@ async def retry_or_fail(
     return new_state if _rowcount(result) == 1 else None
 
 
+async def kind_and_model(session: AsyncSession, task_id: str) -> tuple[str, str | None] | None:
+    """A task's kind and model (to price what its attempt reports); None if no such task."""
+    row = (
+        await session.execute(select(Task.kind, Task.model).where(Task.task_id == task_id))
+    ).first()
+    return (row.kind, row.model) if row is not None else None
+
+
+async def held_attempts(
+    session: AsyncSession, attempts: Sequence[tuple[str, int]]
+) -> set[tuple[str, int]]:
+    """Which of ``attempts`` an agent still holds (their task's current, ASSIGNED or RUNNING)."""
+    if not attempts:
+        return set()
+    rows = await session.execute(
+        select(Task.task_id, Task.attempt).where(
+            Task.task_id.in_({task_id for task_id, _ in attempts}), Task.state.in_(HELD)
+        )
+    )
+    wanted = set(attempts)
+    return {(t, a) for t, a in rows if (t, a) in wanted}
+
+
 async def held_by_session(session: AsyncSession, session_id: str) -> list[Held]:
     rows = await session.execute(
         select(*HELD_COLUMNS).where(Task.session_id == session_id, Task.state.in_(HELD))
     )
-    return [Held(*row) for row in rows]
+    return [_held(row) for row in rows]
 
 
 async def expired_leases(session: AsyncSession, now: datetime, limit: int = 500) -> list[Held]:
     rows = await session.execute(
         select(*HELD_COLUMNS).where(Task.state.in_(HELD), Task.lease_expires_at < now).limit(limit)
     )
-    return [Held(*row) for row in rows]
+    return [_held(row) for row in rows]
 
 
 async def overrun_attempts(session: AsyncSession, now: datetime, limit: int = 500) -> list[Held]:
@@ -650,11 +770,11 @@ async def overrun_attempts(session: AsyncSession, now: datetime, limit: int = 50
         .limit(limit)
     )
     return [
-        Held(t, a, ag, s, p, o)
-        for t, a, ag, s, p, o, started, timeout in rows
-        if started is not None
-        and timeout is not None
-        and started + timedelta(seconds=timeout) < now
+        _held(row)
+        for row in rows
+        if row.started_at is not None
+        and row.start_to_close_timeout is not None
+        and row.started_at + timedelta(seconds=row.start_to_close_timeout) < now
     ]
 
 
@@ -670,33 +790,26 @@ async def time_out_expired(session: AsyncSession, now: datetime) -> list[Held]:
             Task.deadline,
             Task.queued_at,
             Task.schedule_to_start_timeout,
+            Task.waiting_reason,
         ).where(
             Task.state.in_((QUEUED, *HELD)),
             or_(Task.deadline < now, Task.schedule_to_start_timeout.is_not(None)),
         )
     )
     stopped: list[Held] = []
-    for (
-        task_id,
-        attempt,
-        agent_id,
-        session_id,
-        pool,
-        owner,
-        state,
-        deadline,
-        queued_at,
-        s2s,
-    ) in candidates:
+    for row in candidates:
+        state, deadline, s2s = row.state, row.deadline, row.schedule_to_start_timeout
         if deadline is not None and deadline < now:
             reason = "deadline exceeded"
-        elif state == QUEUED and s2s is not None and queued_at + timedelta(seconds=s2s) < now:
+        elif state == QUEUED and s2s is not None and row.queued_at + timedelta(seconds=s2s) < now:
             reason = "schedule-to-start timeout exceeded"
         else:
             continue
+        if state == QUEUED and row.waiting_reason:
+            reason = f"{reason} ({row.waiting_reason})"
         result = await session.execute(
             update(Task)
-            .where(Task.task_id == task_id, Task.attempt == attempt, Task.state == state)
+            .where(Task.task_id == row.task_id, Task.attempt == row.attempt, Task.state == state)
             .values(
                 state=TIMED_OUT,
                 error=reason,
@@ -707,7 +820,7 @@ async def time_out_expired(session: AsyncSession, now: datetime) -> list[Held]:
             )
         )
         if _rowcount(result) == 1 and state in HELD:
-            stopped.append(Held(task_id, attempt, agent_id, session_id, pool, owner))
+            stopped.append(_held(row))
     return stopped
 
 
