@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -27,13 +29,15 @@ from prometheus_client import CollectorRegistry
 
 from server.metrics import MusterMetrics
 from server.quotas import (
+    AI_REQUESTS,
+    AI_TOKENS,
     AUTH_FAILURES,
     ENROLLMENTS,
     INFLIGHT_TASKS,
-    SPEND,
     SUBMISSIONS,
-    BudgetDecision,
+    BudgetHold,
     BudgetUsage,
+    BudgetVerdict,
     InMemoryQuotaStore,
     LeaseDecision,
     QuotaDecision,
@@ -47,6 +51,7 @@ from server.quotas import (
     RedisQuotaStore,
     quota_exceeded_status,
 )
+from server.quotas.base import MAX_AMOUNT
 
 REDIS_URL = os.environ.get("MUSTER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -297,76 +302,258 @@ async def test_lease_rejects_impossible_arguments(
 # --- spend budgets -------------------------------------------------------------------
 
 
-async def test_budget_never_exceeds_limit_under_concurrency(store: QuotaStore, key: str) -> None:
-    decisions = await asyncio.gather(
-        *(store.reserve(key, f"r{i}", 7, limit=1000) for i in range(200))
+def hold(key: str, limit: int, expires_at: float | None = None) -> BudgetHold:
+    return BudgetHold(key, limit, expires_at)
+
+
+async def usages(store: QuotaStore, *holds: BudgetHold) -> list[BudgetUsage]:
+    return [await store.budget_usage(h.key) for h in holds]
+
+
+async def test_a_reservation_takes_every_budget_or_none(
+    store: QuotaStore, clock: FakeClock, key: str
+) -> None:
+    a, b, c = hold(f"{key}:a", 100), hold(f"{key}:b", 50), hold(f"{key}:c", 1000)
+    assert await store.reserve_budgets("r1", 40, [a, b, c]) == BudgetVerdict(True, None, 0)
+    assert await usages(store, a, b, c) == [BudgetUsage(0, 40)] * 3
+    # b cannot take 20 more (60 > 50): nothing is reserved anywhere, a included.
+    assert await store.reserve_budgets("r2", 20, [a, b, c]) == BudgetVerdict(False, b, 40)
+    assert await usages(store, a, b, c) == [BudgetUsage(0, 40)] * 3
+    clock.advance(1)
+    assert await store.stale_reservations(0) == ["r1"]  # the refusal recorded nothing
+    # Exactly up to the limit passes.
+    assert (await store.reserve_budgets("r3", 10, [a, b])).allowed
+    assert await usages(store, a, b, c) == [
+        BudgetUsage(0, 50),
+        BudgetUsage(0, 50),
+        BudgetUsage(0, 40),
+    ]
+
+
+async def test_a_refusal_names_the_first_budget_that_cannot_take_it(
+    store: QuotaStore, key: str
+) -> None:
+    a, b = hold(f"{key}:a", 10), hold(f"{key}:b", 10)
+    assert (await store.reserve_budgets("r1", 8, [a, b])).allowed
+    verdict = await store.reserve_budgets("r2", 5, [b, a])
+    assert verdict == BudgetVerdict(False, b, 8)
+    assert verdict.left == 2
+    assert (await store.reserve_budgets("r2", 5, [a, b])).refused == a
+
+
+async def test_reserving_an_open_id_again_counts_once(store: QuotaStore, key: str) -> None:
+    a = hold(f"{key}:a", 100)
+    assert (await store.reserve_budgets("r1", 30, [a])).allowed
+    # A retry (even one that would no longer fit, or names other budgets) changes nothing.
+    assert (await store.reserve_budgets("r1", 30, [a])).allowed
+    assert (await store.reserve_budgets("r1", 90, [a, hold(f"{key}:b", 1)])).allowed
+    assert await store.budget_usage(a.key) == BudgetUsage(0, 30)
+    assert await store.budget_usage(f"{key}:b") == BudgetUsage(0, 0)
+
+
+async def test_settle_replaces_the_hold_by_the_spend_on_every_budget(
+    store: QuotaStore, key: str
+) -> None:
+    a, b = hold(f"{key}:a", 150), hold(f"{key}:b", 1000)
+    assert (await store.reserve_budgets("r1", 100, [a, b])).allowed
+    assert (await store.reserve_budgets("r2", 20, [b])).allowed
+    assert await store.settle_reservation("r1", 40)
+    assert await usages(store, a, b) == [BudgetUsage(40, 0), BudgetUsage(40, 20)]
+    assert not await store.settle_reservation("r1", 40)  # settled once
+    assert not await store.release_reservation("r1")
+    assert await usages(store, a, b) == [BudgetUsage(40, 0), BudgetUsage(40, 20)]
+    # The id is free again: a new reservation under it counts afresh.
+    assert (await store.reserve_budgets("r1", 110, [a])).allowed
+    assert await store.budget_usage(a.key) == BudgetUsage(40, 110)
+    assert await store.reserve_budgets("r3", 1, [a]) == BudgetVerdict(False, a, 150)
+
+
+async def test_spend_beyond_the_hold_counts_in_full(store: QuotaStore, key: str) -> None:
+    a = hold(f"{key}:a", 100)
+    assert (await store.reserve_budgets("r1", 60, [a])).allowed
+    assert await store.settle_reservation("r1", 130)  # money spent is money spent
+    assert await store.budget_usage(a.key) == BudgetUsage(130, 0)
+    assert await store.reserve_budgets("r2", 0, [a]) == BudgetVerdict(False, a, 130)
+
+
+async def test_release_frees_every_budget(store: QuotaStore, key: str) -> None:
+    a, b = hold(f"{key}:a", 100), hold(f"{key}:b", 100)
+    await store.reserve_budgets("r1", 100, [a, b])
+    assert not (await store.reserve_budgets("r2", 1, [b])).allowed
+    assert await store.release_reservation("r1")
+    assert not await store.release_reservation("r1")
+    assert not await store.settle_reservation("r1", 100)
+    assert await usages(store, a, b) == [BudgetUsage(0, 0)] * 2
+    assert (await store.reserve_budgets("r2", 100, [b, a])).allowed
+
+
+async def test_unknown_reservations_and_budgets(store: QuotaStore, key: str) -> None:
+    assert await store.budget_usage(f"{key}:nothing") == BudgetUsage(0, 0)
+    assert not await store.release_reservation(f"{key}:r")
+    assert not await store.settle_reservation(f"{key}:r", 1)
+
+
+async def test_zero_amounts_zero_limits_and_no_budgets(store: QuotaStore, key: str) -> None:
+    zero, full = hold(f"{key}:zero", 0), hold(f"{key}:full", 5)
+    assert (await store.reserve_budgets("r0", 0, [zero])).allowed
+    assert await store.reserve_budgets("r1", 1, [zero]) == BudgetVerdict(False, zero, 0)
+    assert (await store.reserve_budgets("r2", 5, [full])).allowed
+    assert (await store.reserve_budgets("r3", 0, [full])).allowed  # used + 0 <= limit
+    # No budgets at all: allowed, and still a reservation to settle.
+    assert (await store.reserve_budgets("r4", 7, [])).allowed
+    assert await store.settle_reservation("r4", 7)
+    assert not await store.settle_reservation("r4", 7)
+
+
+async def test_stale_reservations_are_the_old_open_ones(
+    store: QuotaStore, clock: FakeClock, key: str
+) -> None:
+    a = hold(f"{key}:a", 1000)
+    await store.reserve_budgets("r1", 1, [a])
+    clock.advance(10)
+    await store.reserve_budgets("r2", 1, [a])
+    await store.reserve_budgets("r0", 1, [a])
+    clock.advance(5)
+    assert await store.stale_reservations(12) == ["r1"]
+    assert await store.stale_reservations(5) == ["r1"]  # r0 and r2 are exactly 5 s old
+    assert await store.stale_reservations(4.5) == ["r1", "r0", "r2"]  # by time, then id
+    assert await store.stale_reservations(4.5, limit=2) == ["r1", "r0"]
+    assert await store.stale_reservations(20) == []
+    assert await store.settle_reservation("r1", 1)
+    assert await store.release_reservation("r0")
+    assert await store.stale_reservations(0) == ["r2"]
+
+
+async def test_period_keys_expire_some_slack_after_the_period(store: QuotaStore, key: str) -> None:
+    # The same kind of store, with a budget slack short enough to wait for.
+    short: QuotaStore
+    if isinstance(store, RedisQuotaStore):
+        short = RedisQuotaStore.from_url(redis_url(), prefix=store.prefix, budget_slack=0.3)
+    else:
+        short = InMemoryQuotaStore(budget_slack=0.3)
+    now = time.time()
+    ending = hold(f"{key}:ending", 100, now + 0.2)  # goes 0.3 s after its end
+    ended = hold(f"{key}:ended", 100, now - 100)  # goes 0.3 s after this reservation
+    later = hold(f"{key}:later", 100, now + 60)
+    forever = hold(f"{key}:forever", 100)
+    budgets = (ending, ended, later, forever)
+    try:
+        assert (await short.reserve_budgets("r1", 30, budgets)).allowed
+        assert await usages(short, *budgets) == [BudgetUsage(0, 30)] * 4
+        await asyncio.sleep(0.2)
+        assert await usages(short, *budgets) == [BudgetUsage(0, 30)] * 4
+        await asyncio.sleep(0.45)
+        assert await usages(short, *budgets) == [BudgetUsage(0, 0)] * 2 + [BudgetUsage(0, 30)] * 2
+        # Settling counts on the budgets that are left and does not revive the others.
+        assert await short.settle_reservation("r1", 20)
+        assert await usages(short, *budgets) == [BudgetUsage(0, 0)] * 2 + [BudgetUsage(20, 0)] * 2
+    finally:
+        await short.close()
+
+
+async def test_budgets_hold_under_concurrency(store: QuotaStore, key: str) -> None:
+    await check_concurrent_budgets([store], key, seed=1)
+
+
+async def check_concurrent_budgets(stores: Sequence[QuotaStore], key: str, *, seed: int) -> None:
+    """200 concurrent reservations of random amounts on random overlapping sets of three
+    budgets (spread over ``stores``, as over replicas): what is accepted never exceeds a
+    limit, every refusal really did not fit, and settling and releasing everything
+    leaves exactly the settled spend."""
+    rng = random.Random(seed)
+    budgets = [hold(f"{key}:x", 5_000), hold(f"{key}:y", 3_000), hold(f"{key}:z", 8_000)]
+    plans = []
+    for i in range(200):
+        chosen = [b for b in budgets if rng.random() < 0.7] or [rng.choice(budgets)]
+        rng.shuffle(chosen)
+        plans.append((f"{key}:r{i}", rng.randint(1, 400), chosen))
+    verdicts = await asyncio.gather(
+        *(
+            stores[i % len(stores)].reserve_budgets(rid, n, hs)
+            for i, (rid, n, hs) in enumerate(plans)
+        )
     )
-    allowed = [d for d in decisions if d.allowed]
-    assert len(allowed) == 1000 // 7
-    assert max(d.used for d in decisions) <= 1000
-    assert await store.budget_usage(key) == BudgetUsage(spent=0, reserved=7 * (1000 // 7))
+    accepted = [plan for plan, v in zip(plans, verdicts, strict=True) if v.allowed]
+    assert 0 < len(accepted) < len(plans)
+    for budget in budgets:
+        held = sum(n for _, n, hs in accepted if budget in hs)
+        assert held <= budget.limit
+        assert await stores[0].budget_usage(budget.key) == BudgetUsage(0, held)
+    for (_, amount, chosen), verdict in zip(plans, verdicts, strict=True):
+        if not verdict.allowed:
+            assert verdict.refused in chosen
+            assert verdict.used + amount > verdict.refused.limit
 
-
-async def test_settle_replaces_the_reservation_by_actual_spend(store: QuotaStore, key: str) -> None:
-    assert await store.reserve(key, "r1", 100, limit=150) == BudgetDecision(True, 100, 150)
-    assert await store.reserve(key, "r2", 60, limit=150) == BudgetDecision(False, 100, 150)
-    assert await store.settle(key, "r1", 40)
-    assert await store.budget_usage(key) == BudgetUsage(spent=40, reserved=0)
-    assert await store.reserve(key, "r2", 110, limit=150) == BudgetDecision(True, 150, 150)
-    refused = await store.reserve(key, "r3", 1, limit=150)
-    assert refused == BudgetDecision(False, 150, 150)
-    assert refused.remaining == 0
-    # Settling twice (a retried result) counts once.
-    assert not await store.settle(key, "r1", 40)
-    assert await store.budget_usage(key) == BudgetUsage(spent=40, reserved=110)
-
-
-async def test_release_frees_the_reservation(store: QuotaStore, key: str) -> None:
-    await store.reserve(key, "r1", 100, limit=100)
-    assert not (await store.reserve(key, "r2", 1, limit=100)).allowed
-    assert await store.release(key, "r1")
-    assert not await store.release(key, "r1")
-    assert not await store.settle(key, "r1", 100)
-    assert await store.budget_usage(key) == BudgetUsage(0, 0)
-    assert (await store.reserve(key, "r2", 100, limit=100)).allowed
-
-
-async def test_reserving_the_same_id_twice_counts_once(store: QuotaStore, key: str) -> None:
-    assert await store.reserve(key, "r1", 30, limit=100) == BudgetDecision(True, 30, 100)
-    assert await store.reserve(key, "r1", 30, limit=100) == BudgetDecision(True, 30, 100)
-    assert await store.budget_usage(key) == BudgetUsage(0, 30)
-
-
-async def test_budget_window_resets(store: QuotaStore, clock: FakeClock, key: str) -> None:
-    assert (await store.reserve(key, "r1", 100, limit=100, window=60)).allowed
-    clock.advance(59.9)
-    assert not (await store.reserve(key, "r2", 1, limit=100, window=60)).allowed
-    clock.advance(0.1)
-    assert await store.budget_usage(key) == BudgetUsage(0, 0)
-    # The old window's reservation is gone with it.
-    assert not await store.settle(key, "r1", 100)
-    assert (await store.reserve(key, "r2", 100, limit=100, window=60)).allowed
-
-
-async def test_unknown_budget_is_empty(store: QuotaStore, key: str) -> None:
-    assert await store.budget_usage(key) == BudgetUsage(0, 0)
-    assert not await store.release(key, "r")
-    assert not await store.settle(key, "r", 1)
+    # Settle half (some above their hold) and release the rest, all at once.
+    actual = {rid: rng.randint(0, n + 50) if rng.random() < 0.5 else None for rid, n, _ in accepted}
+    closed = await asyncio.gather(
+        *(
+            stores[i % len(stores)].release_reservation(rid)
+            if cost is None
+            else stores[i % len(stores)].settle_reservation(rid, cost)
+            for i, (rid, cost) in enumerate(actual.items())
+        )
+    )
+    assert all(closed)
+    for budget in budgets:
+        spent = sum(actual[rid] or 0 for rid, _, hs in accepted if budget in hs)
+        assert await stores[-1].budget_usage(budget.key) == BudgetUsage(spent, 0)
+    assert await stores[0].stale_reservations(0) == []
 
 
 @pytest.mark.parametrize(
-    "arguments",
+    ("reservation_id", "amount", "holds"),
     [
-        {"amount": -1, "limit": 1},
-        {"amount": 1, "limit": -1},
-        {"amount": 1, "limit": 1, "window": 0},
+        ("r", -1, []),
+        ("r", 1.5, []),
+        ("r", MAX_AMOUNT + 1, []),
+        ("", 1, []),
+        ("r", 1, [BudgetHold("k", -1, None)]),
+        ("r", 1, [BudgetHold("k", MAX_AMOUNT + 1, None)]),
+        ("r", 1, [BudgetHold("k", 1, float("nan"))]),
+        ("r", 1, [BudgetHold("k", 1, None), BudgetHold("k", 2, None)]),
     ],
 )
-async def test_budget_rejects_impossible_arguments(
-    store: QuotaStore, key: str, arguments: dict[str, Any]
+async def test_reserve_rejects_impossible_arguments(
+    store: QuotaStore, reservation_id: str, amount: int, holds: list[BudgetHold]
 ) -> None:
     with pytest.raises(ValueError):
-        await store.reserve(key, "r", **arguments)
+        await store.reserve_budgets(reservation_id, amount, holds)
+
+
+async def test_other_budget_calls_reject_impossible_arguments(store: QuotaStore) -> None:
+    with pytest.raises(ValueError):
+        await store.settle_reservation("r", -1)
+    with pytest.raises(ValueError):
+        await store.stale_reservations(-1)
+    with pytest.raises(ValueError):
+        await store.stale_reservations(1, limit=0)
+    with pytest.raises(ValueError):
+        await store.hold_off("k", -1)
+    with pytest.raises(ValueError):
+        await store.hold_off("k", float("nan"))
+
+
+# --- provider back-off ---------------------------------------------------------------
+
+
+async def test_hold_off_keeps_the_later_end(store: QuotaStore, clock: FakeClock, key: str) -> None:
+    a, b = f"{key}:a", f"{key}:b"
+    assert await store.held_off([a, b]) == {}
+    assert await store.held_off([]) == {}
+    await store.hold_off(a, 10)
+    assert await store.held_off([a, b]) == {a: 10.0}
+    clock.advance(4)
+    await store.hold_off(a, 2)  # an earlier end: the later one stays
+    assert await store.held_off([a, b]) == {a: 6.0}
+    await store.hold_off(a, 20)
+    await store.hold_off(b, 0.5)
+    assert await store.held_off([a, b]) == {a: 20.0, b: 0.5}
+    clock.advance(0.5)
+    assert await store.held_off([b, a]) == {a: 19.5}
+    await store.hold_off(b, 0)  # nothing to hold off
+    clock.advance(19.5)
+    assert await store.held_off([a, b]) == {}
 
 
 # --- the RESOURCE_EXHAUSTED status ---------------------------------------------------
@@ -405,7 +592,8 @@ def test_retry_delay_rounds_up_to_the_microsecond() -> None:
 
 
 def test_exhausted_budget_is_terminal() -> None:
-    status = quota_exceeded_status(BudgetDecision(False, 100, 100), "llm_spend", "tenant:t")
+    verdict = BudgetVerdict(False, BudgetHold("budget:tenant:t:all", 100, None), 100)
+    status = quota_exceeded_status(verdict, "budget", "tenant:t")
     found = unpack(details_of(status))
     assert "RetryInfo" not in found
     assert found["QuotaFailure"].violations[0].subject == "tenant:t"
@@ -599,21 +787,27 @@ class DownStore(InMemoryQuotaStore):
     async def release_lease(self, key: str, holder: str) -> None:
         raise QuotaStoreUnavailable("connection refused")
 
-    async def reserve(
-        self,
-        budget_key: str,
-        reservation_id: str,
-        amount: int,
-        *,
-        limit: int,
-        window: float | None = None,
-    ) -> BudgetDecision:
+    async def reserve_budgets(
+        self, reservation_id: str, amount: int, holds: Sequence[BudgetHold]
+    ) -> BudgetVerdict:
         raise QuotaStoreUnavailable("connection refused")
 
-    async def settle(self, budget_key: str, reservation_id: str, actual: int) -> bool:
+    async def settle_reservation(self, reservation_id: str, actual: int) -> bool:
         raise QuotaStoreUnavailable("connection refused")
 
-    async def release(self, budget_key: str, reservation_id: str) -> bool:
+    async def release_reservation(self, reservation_id: str) -> bool:
+        raise QuotaStoreUnavailable("connection refused")
+
+    async def budget_usage(self, key: str) -> BudgetUsage:
+        raise QuotaStoreUnavailable("connection refused")
+
+    async def stale_reservations(self, older_than: float, limit: int = 1000) -> list[str]:
+        raise QuotaStoreUnavailable("connection refused")
+
+    async def hold_off(self, key: str, seconds: float) -> None:
+        raise QuotaStoreUnavailable("connection refused")
+
+    async def held_off(self, keys: Sequence[str]) -> dict[str, float]:
         raise QuotaStoreUnavailable("connection refused")
 
 
@@ -634,23 +828,34 @@ async def test_rate_limits_fail_open_to_a_local_cap(
     assert answers[3].status().code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-async def test_concurrency_and_spend_fail_closed(registry: CollectorRegistry) -> None:
+async def test_concurrency_budgets_and_back_offs_fail_closed(
+    registry: CollectorRegistry,
+) -> None:
     quotas = Quotas(DownStore(), POLICY, metrics=MusterMetrics(registry))
     with pytest.raises(QuotaStoreUnavailable):
         await quotas.acquire_inflight("tenant", "t1")
     with pytest.raises(QuotaStoreUnavailable):
         await quotas.renew_inflight("tenant", "t1")
     await quotas.release_inflight("tenant", "t1")  # the slot's ttl frees it; no error
-    with pytest.raises(QuotaStoreUnavailable):
-        await quotas.reserve_spend("tenant", "r1", 10, limit=100)
-    with pytest.raises(QuotaStoreUnavailable):
-        await quotas.settle_spend("tenant", "r1", 10)
-    with pytest.raises(QuotaStoreUnavailable):
-        await quotas.release_spend("tenant", "r1")
+    budget = BudgetHold("budget:tenant:t:all", 100, None)
+    failing: list[Any] = [
+        lambda: quotas.reserve_budget("r1", 10, [budget]),
+        lambda: quotas.reserve_budget("r2", 10, [budget]),
+        lambda: quotas.settle_budget("r1", 10),
+        lambda: quotas.release_budget("r1"),
+        lambda: quotas.budget_usage(budget.key),
+        lambda: quotas.stale_reservations(60),
+        lambda: quotas.hold_off("backoff:pool:model", 5),
+        lambda: quotas.held_off(["backoff:pool:model"]),
+    ]
+    for call in failing:
+        with pytest.raises(QuotaStoreUnavailable):
+            await call()
     assert decisions(registry, INFLIGHT_TASKS, "degraded") == 1
-    assert decisions(registry, SPEND, "degraded") == 1
     assert decisions(registry, INFLIGHT_TASKS, "rejected") == 0
     assert decisions(registry, INFLIGHT_TASKS, "allowed") == 0
+    # Only reservations are decisions: two of them, both degraded.
+    assert reservations(registry) == {"degraded": 2}
 
 
 async def test_degraded_decisions_are_logged_once_per_interval(
@@ -717,23 +922,114 @@ async def test_recovery_is_logged_once(
     assert sum(r.levelno == logging.WARNING for r in caplog.records) == 1
 
 
-async def test_spend_budget_per_tenant(quotas: Quotas, registry: CollectorRegistry) -> None:
+def reservations(registry: CollectorRegistry) -> dict[str, float]:
+    found = {}
+    for outcome in ("reserved", "refused", "degraded"):
+        value = registry.get_sample_value("muster_budget_reservations_total", {"outcome": outcome})
+        if value:
+            found[outcome] = value
+    return found
+
+
+async def test_budget_reservations_through_the_facade(
+    quotas: Quotas, registry: CollectorRegistry, clock: FakeClock
+) -> None:
+    prefix = uuid.uuid4().hex
+    tenant = BudgetHold(f"budget:tenant:{prefix}:2026-12", 1000, None)
+    task = BudgetHold(f"budget:task:{prefix}:all", 700, None)
+    assert await quotas.reserve_budget("t1:1", 600, [tenant, task]) == BudgetVerdict(True, None, 0)
+    assert (await quotas.reserve_budget("t1:1", 600, [tenant, task])).allowed  # a retry
+    refused = await quotas.reserve_budget("t2:1", 600, [tenant])
+    assert refused == BudgetVerdict(False, tenant, 600)
+    assert "RetryInfo" not in unpack(details_of(quota_exceeded_status(refused, "budget", "x")))
+    clock.advance(61)
+    assert await quotas.stale_reservations(60) == ["t1:1"]
+    assert await quotas.settle_budget("t1:1", 250)
+    assert not await quotas.settle_budget("t1:1", 250)  # settled once
+    assert await quotas.budget_usage(task.key) == BudgetUsage(250, 0)
+    assert (await quotas.reserve_budget("t2:1", 600, [tenant])).allowed
+    assert await quotas.release_budget("t2:1")
+    assert not await quotas.release_budget("t2:1")
+    assert await quotas.budget_usage(tenant.key) == BudgetUsage(250, 0)
+    assert reservations(registry) == {"reserved": 3, "refused": 1}
+    await quotas.hold_off(f"backoff:{prefix}", 30)
+    assert await quotas.held_off([f"backoff:{prefix}"]) == {f"backoff:{prefix}": 30.0}
+
+
+AI_POLICY = QuotaPolicy(ai_requests_per_minute=3, ai_tokens_per_minute=1000)
+
+
+async def test_ai_submissions_are_limited_in_requests_and_tokens(
+    store: QuotaStore, registry: CollectorRegistry, clock: FakeClock
+) -> None:
+    quotas = Quotas(store, AI_POLICY, metrics=MusterMetrics(registry))
     tenant = uuid.uuid4().hex
-    first = await quotas.reserve_spend(tenant, "task-1", 600, limit=1000)
-    assert first == QuotaDecision(True, SPEND, f"tenant:{tenant}", None)
-    assert (await quotas.reserve_spend(tenant, "task-1", 600, limit=1000)).allowed  # a retry
-    refused = await quotas.reserve_spend(tenant, "task-2", 600, limit=1000)
-    assert refused == QuotaDecision(False, SPEND, f"tenant:{tenant}", None)
-    # An exhausted budget is terminal: no RetryInfo.
+    subject = f"tenant:{tenant}"
+    first = await quotas.check_ai_submission(tenant, 400)
+    assert first == QuotaDecision(True, AI_REQUESTS, subject, None)
+    assert (await quotas.check_ai_submission(tenant, 400)).allowed
+    # 200 tokens are left of this minute's 1000; 400 more come back in 12 s (1000/min).
+    tokens = await quotas.check_ai_submission(tenant, 400)
+    assert (tokens.allowed, tokens.limit, tokens.subject) == (False, AI_TOKENS, subject)
+    assert tokens.retry_after == pytest.approx(12.0)
+    # The refusal spent no request: this is the third.
+    assert (await quotas.check_ai_submission(tenant, 200)).allowed
+    # Three requests per minute: the fourth waits 20 s, whatever its tokens.
+    requests = await quotas.check_ai_submission(tenant, 0)
+    assert (requests.allowed, requests.limit) == (False, AI_REQUESTS)
+    assert requests.retry_after == pytest.approx(20.0)
+    status = requests.status()
+    assert status.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert unpack(details_of(status))["QuotaFailure"].violations[0].description == AI_REQUESTS
+    clock.advance(20)
+    assert (await quotas.check_ai_submission(tenant, 300)).allowed
+    # Other tenants have their own limits.
+    assert (await quotas.check_ai_submission(uuid.uuid4().hex, 1000)).allowed
+    assert decisions(registry, AI_REQUESTS, "allowed") == 5
+    assert decisions(registry, AI_REQUESTS, "rejected") == 1
+    assert decisions(registry, AI_TOKENS, "allowed") == 5
+    assert decisions(registry, AI_TOKENS, "rejected") == 1
+
+
+async def test_an_ai_task_larger_than_a_minute_of_tokens_never_passes(
+    store: QuotaStore, registry: CollectorRegistry
+) -> None:
+    quotas = Quotas(store, AI_POLICY, metrics=MusterMetrics(registry))
+    tenant = uuid.uuid4().hex
+    refused = await quotas.check_ai_submission(tenant, 1001)
+    assert refused == QuotaDecision(False, AI_TOKENS, f"tenant:{tenant}", None)
     assert "RetryInfo" not in unpack(details_of(refused.status()))
-    assert await quotas.settle_spend(tenant, "task-1", 250)
-    assert not await quotas.settle_spend(tenant, "task-1", 250)  # settled once
-    assert (await quotas.reserve_spend(tenant, "task-2", 600, limit=1000)).allowed
-    assert await quotas.release_spend(tenant, "task-2")
-    assert not await quotas.release_spend(tenant, "task-2")
-    assert await quotas.store.budget_usage(f"spend:{tenant}") == BudgetUsage(250, 0)
-    assert decisions(registry, SPEND, "allowed") == 3
-    assert decisions(registry, SPEND, "rejected") == 1
+    # It spent nothing: the whole allowance is still there.
+    assert (await quotas.check_ai_submission(tenant, 1000)).allowed
+    assert decisions(registry, AI_TOKENS, "rejected") == 1
+    with pytest.raises(ValueError):
+        await quotas.check_ai_submission(tenant, -1)
+
+
+async def test_ai_limits_of_zero_are_off(store: QuotaStore) -> None:
+    tenant = uuid.uuid4().hex
+    quotas = Quotas(store, QuotaPolicy(ai_requests_per_minute=0, ai_tokens_per_minute=0))
+    for _ in range(5):
+        assert (await quotas.check_ai_submission(tenant, 10**9)).allowed
+    tokens_only = Quotas(store, QuotaPolicy(ai_requests_per_minute=0, ai_tokens_per_minute=10))
+    assert (await tokens_only.check_ai_submission(tenant, 10)).allowed
+    assert (await tokens_only.check_ai_submission(tenant, 1)).limit == AI_TOKENS
+
+
+async def test_ai_submissions_fail_open_to_a_local_cap(
+    registry: CollectorRegistry, clock: FakeClock
+) -> None:
+    quotas = Quotas(
+        DownStore(),
+        AI_POLICY,
+        metrics=MusterMetrics(registry),
+        fallback=InMemoryQuotaStore(clock=clock),
+    )
+    answers = [await quotas.check_ai_submission("acme", 100) for _ in range(4)]
+    assert [(a.allowed, a.degraded) for a in answers] == [(True, True)] * 3 + [(False, True)]
+    assert answers[3].limit == AI_REQUESTS
+    assert decisions(registry, AI_REQUESTS, "degraded") == 4
+    assert decisions(registry, AI_TOKENS, "degraded") == 3
 
 
 async def test_from_config_picks_the_store(registry: CollectorRegistry) -> None:
@@ -763,6 +1059,9 @@ async def test_from_config_picks_the_store(registry: CollectorRegistry) -> None:
         lambda: QuotaPolicy(auth_failure_window=-1),
         lambda: QuotaPolicy(inflight_per_tenant=-1),
         lambda: QuotaPolicy(inflight_lease_ttl=0),
+        lambda: QuotaPolicy(ai_requests_per_minute=-1),
+        lambda: QuotaPolicy(ai_tokens_per_minute=-1),
+        lambda: QuotaPolicy(ai_tokens_per_minute=1.5),  # type: ignore[arg-type]
     ],
 )
 def test_policy_is_validated_when_built(build: Any) -> None:

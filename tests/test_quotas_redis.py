@@ -24,8 +24,8 @@ from prometheus_client import CollectorRegistry
 from server.metrics import MusterMetrics
 from server.quotas import (
     INFLIGHT_TASKS,
-    SPEND,
     SUBMISSIONS,
+    BudgetHold,
     BudgetUsage,
     InMemoryQuotaStore,
     Quotas,
@@ -34,12 +34,15 @@ from server.quotas import (
     RateDecision,
     RedisQuotaStore,
 )
+from server.quotas.base import DEFAULT_BUDGET_SLACK
 from tests.test_quotas import (
     POLICY,
     FakeClock,
+    check_concurrent_budgets,
     decisions,
     delete_prefix,
     redis_url,
+    reservations,
     unique_prefix,
 )
 from tests.testca import TestCA
@@ -151,8 +154,9 @@ class Proxy:
 
 async def test_limits_hold_across_replicas(replicas: list[RedisQuotaStore]) -> None:
     n = len(replicas)
+    b = BudgetHold("b", 1000, None)
     budget = await asyncio.gather(
-        *(replicas[i % n].reserve("b", f"r{i}", 7, limit=1000) for i in range(400))
+        *(replicas[i % n].reserve_budgets(f"r{i}", 7, [b]) for i in range(400))
     )
     assert sum(d.allowed for d in budget) == 1000 // 7
     assert max(d.used for d in budget) <= 1000
@@ -195,19 +199,21 @@ async def test_churn_across_replicas_never_exceeds_limits(
 
     settled = 0
 
+    budget = BudgetHold("b", 1000, None)
+
     async def spend(worker: int) -> None:
         nonlocal settled
         store, other = replicas[worker % n], replicas[(worker + 1) % n]
         for i in range(15):
             rid = f"w{worker}-{i}"
-            decision = await store.reserve("b", rid, 20, limit=1000)
+            decision = await store.reserve_budgets(rid, 20, [budget])
             assert decision.used <= 1000
             if not decision.allowed:
                 continue
-            assert (await other.reserve("b", rid, 20, limit=1000)).allowed  # a retry
+            assert (await other.reserve_budgets(rid, 20, [budget])).allowed  # a retry
             actual = (worker + i) % 21
-            assert await store.settle("b", rid, actual)
-            assert not await other.settle("b", rid, actual)  # settled once, wherever
+            assert await other.settle_reservation(rid, actual)  # by id alone, anywhere
+            assert not await store.settle_reservation(rid, actual)  # settled once
             settled += actual
 
     await asyncio.gather(*(hold_slots(w) for w in range(40)), *(spend(w) for w in range(40)))
@@ -218,11 +224,55 @@ async def test_churn_across_replicas_never_exceeds_limits(
     assert usage.spent <= 1000
 
 
+async def test_budgets_hold_across_replicas(replicas: list[RedisQuotaStore]) -> None:
+    for seed in range(3):
+        await check_concurrent_budgets(replicas, f"round{seed}", seed=seed)
+
+
+async def test_a_reservation_is_recorded_in_redis(
+    admin: aioredis.Redis, replicas: list[RedisQuotaStore], prefix: str
+) -> None:
+    """The record holds the keys and the amount, so any replica settles by id alone."""
+    tenant = BudgetHold("budget:tenant:acme:2026-12", 100, time.time() + 3600)
+    task = BudgetHold("budget:task:t_1:all", 50, None)
+    assert (await replicas[0].reserve_budgets("t_1:1", 40, [tenant, task])).allowed
+    record = await admin.hgetall(f"{prefix}:reservation:t_1:1")
+    assert record["amount"] == "40"
+    assert record["n"] == "2"
+    assert [record["1"], record["2"]] == [
+        f"{prefix}:spend:budget:tenant:acme:2026-12",
+        f"{prefix}:spend:budget:task:t_1:all",
+    ]
+    assert await admin.zrange(f"{prefix}:reservations", 0, -1) == ["t_1:1"]
+    assert await admin.hgetall(f"{prefix}:spend:budget:task:t_1:all") == {"reserved": "40"}
+
+    assert await replicas[3].settle_reservation("t_1:1", 55)
+    assert not await admin.exists(f"{prefix}:reservation:t_1:1")
+    assert await admin.zcard(f"{prefix}:reservations") == 0
+    assert await replicas[1].budget_usage(task.key) == BudgetUsage(55, 0)
+    assert await replicas[2].budget_usage(tenant.key) == BudgetUsage(55, 0)
+
+
+async def test_redis_time_ages_reservations_and_hold_offs(
+    replicas: list[RedisQuotaStore],
+) -> None:
+    """Without an injected clock the scripts use Redis TIME, the clock of all replicas."""
+    await replicas[0].reserve_budgets("old", 1, [])
+    await replicas[1].hold_off("model", 0.2)
+    assert 0 < (await replicas[2].held_off(["model"]))["model"] <= 0.2
+    await asyncio.sleep(0.25)
+    assert await replicas[3].held_off(["model"]) == {}
+    assert await replicas[0].stale_reservations(0.2) == ["old"]
+    assert await replicas[0].stale_reservations(10) == []
+
+
 # --- one round trip ------------------------------------------------------------------
 
 
 async def test_each_decision_is_one_round_trip(admin: aioredis.Redis, prefix: str) -> None:
     name = f"muster-test-{uuid.uuid4().hex}"
+    b = BudgetHold("b", 10, time.time() + 60)
+    c = BudgetHold("c", 10, None)
     store = RedisQuotaStore.from_url(redis_url(), prefix=prefix, client_name=name)
     calls: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
         ("EVALSHA", lambda: store.rate_limit("r", rate=1, burst=5)),
@@ -231,10 +281,14 @@ async def test_each_decision_is_one_round_trip(admin: aioredis.Redis, prefix: st
         ("EVALSHA", lambda: store.renew_lease("l", "a", 30)),
         ("EVALSHA", lambda: store.lease_count("l")),
         ("ZREM", lambda: store.release_lease("l", "a")),
-        ("EVALSHA", lambda: store.reserve("b", "r1", 5, limit=10, window=60)),
-        ("EVALSHA", lambda: store.settle("b", "r1", 3)),
-        ("EVALSHA", lambda: store.release("b", "r1")),
-        ("EVALSHA", lambda: store.budget_usage("b")),
+        ("EVALSHA", lambda: store.reserve_budgets("r1", 5, [b, c])),
+        ("EVALSHA", lambda: store.settle_reservation("r1", 3)),
+        ("EVALSHA", lambda: store.reserve_budgets("r2", 5, [b, c])),
+        ("EVALSHA", lambda: store.release_reservation("r2")),
+        ("HMGET", lambda: store.budget_usage("b")),
+        ("EVALSHA", lambda: store.stale_reservations(60)),
+        ("EVALSHA", lambda: store.hold_off("h", 5)),
+        ("EVALSHA", lambda: store.held_off(["h", "i"])),
     ]
     watcher = aioredis.Redis.from_url(redis_url())
     try:
@@ -271,10 +325,13 @@ def every_call(store: RedisQuotaStore) -> list[Callable[[], Awaitable[Any]]]:
         lambda: store.renew_lease("l", "a", 1),
         lambda: store.release_lease("l", "a"),
         lambda: store.lease_count("l"),
-        lambda: store.reserve("b", "r", 1, limit=1),
-        lambda: store.settle("b", "r", 1),
-        lambda: store.release("b", "r"),
+        lambda: store.reserve_budgets("r", 1, [BudgetHold("b", 1, None)]),
+        lambda: store.settle_reservation("r", 1),
+        lambda: store.release_reservation("r"),
         lambda: store.budget_usage("b"),
+        lambda: store.stale_reservations(60),
+        lambda: store.hold_off("h", 1),
+        lambda: store.held_off(["h"]),
     ]
 
 
@@ -332,7 +389,7 @@ async def test_a_redis_that_never_answers_times_out() -> None:
 
         started = time.monotonic()
         with pytest.raises(QuotaStoreUnavailable, match="no answer in time"):
-            await bare.reserve("b", "r", 1, limit=1)
+            await bare.reserve_budgets("r", 1, [BudgetHold("b", 1, None)])
         assert 0.25 < time.monotonic() - started < 1.0
     finally:
         await store.close()
@@ -428,7 +485,7 @@ async def test_connections_killed_mid_run(admin: aioredis.Redis, prefix: str) ->
 # --- the façade's policy when Redis is unreachable -----------------------------------
 
 
-async def test_facade_fails_open_for_rates_and_closed_for_leases_and_spend(
+async def test_facade_fails_open_for_rates_and_closed_for_leases_and_budgets(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     clock = FakeClock()
@@ -451,13 +508,14 @@ async def test_facade_fails_open_for_rates_and_closed_for_leases_and_spend(
             with pytest.raises(QuotaStoreUnavailable):
                 await quotas.acquire_inflight("tenant", f"t{i}")
             with pytest.raises(QuotaStoreUnavailable):
-                await quotas.reserve_spend("tenant", f"t{i}", 10, limit=1000)
+                await quotas.reserve_budget(f"t{i}:1", 10, [BudgetHold("b", 1000, None)])
     finally:
         await quotas.close()
-    for limit in (SUBMISSIONS, INFLIGHT_TASKS, SPEND):
+    for limit in (SUBMISSIONS, INFLIGHT_TASKS):
         assert decisions(registry, limit, "degraded") == 5
         assert decisions(registry, limit, "allowed") == 0
         assert decisions(registry, limit, "rejected") == 0
+    assert reservations(registry) == {"degraded": 5}
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 3  # one per limit class for 15 degraded decisions
     assert all("127.0.0.1:1" in w for w in warnings)
@@ -494,7 +552,7 @@ async def test_acl_user_with_a_password_from_the_url(
     try:
         await store.ping()
         assert (await store.acquire_lease("l", "a", limit=1, ttl=30)).acquired
-        assert (await store.reserve("b", "r", 5, limit=10)).allowed
+        assert (await store.reserve_budgets("r", 5, [BudgetHold("b", 10, None)])).allowed
         assert any(c.get("user") == user for c in await admin.client_list())
         assert password not in repr(store)
         assert quote(password, safe="") not in repr(store)
@@ -592,19 +650,31 @@ async def test_keys_live_under_the_prefix_and_idle_ones_expire(
     try:
         await store.rate_limit("r", rate=10, burst=5)
         await store.acquire_lease("l", "a", limit=2, ttl=30)
-        await store.reserve("w", "r1", 5, limit=10, window=60)
-        await store.reserve("forever", "r1", 5, limit=10)
+        month = BudgetHold("budget:global:2026-12", 10, time.time() + 60)
+        forever = BudgetHold("budget:global:all", 10, None)
+        await store.reserve_budgets("t_1:1", 5, [month, forever])
+        await store.hold_off("model", 30)
         ttls = {key: await admin.pttl(key) async for key in admin.scan_iter(f"{prefix}:*")}
         assert set(ttls) == {
             f"{prefix}:rate:r",
             f"{prefix}:lease:l",
-            f"{prefix}:budget:w",
-            f"{prefix}:budget:forever",
+            f"{prefix}:spend:budget:global:2026-12",
+            f"{prefix}:spend:budget:global:all",
+            f"{prefix}:reservation:t_1:1",
+            f"{prefix}:reservations",
+            f"{prefix}:holdoff:model",
         }
         assert 0 < ttls[f"{prefix}:rate:r"] <= 1_100  # the TAT (0.1 s ahead) + 1 s slack
         assert 30_000 < ttls[f"{prefix}:lease:l"] <= 31_000
-        assert 60_000 < ttls[f"{prefix}:budget:w"] <= 61_000
-        assert ttls[f"{prefix}:budget:forever"] == -1  # spend without a window is kept
+        # A period's budget lives until the period's end plus the slack.
+        slack_ms = DEFAULT_BUDGET_SLACK * 1000
+        assert (
+            59_000 + slack_ms < ttls[f"{prefix}:spend:budget:global:2026-12"] <= 61_000 + slack_ms
+        )
+        assert ttls[f"{prefix}:spend:budget:global:all"] == -1  # spend without a period is kept
+        assert ttls[f"{prefix}:reservation:t_1:1"] == -1  # open until settled or reaped
+        assert ttls[f"{prefix}:reservations"] == -1
+        assert 30_000 < ttls[f"{prefix}:holdoff:model"] <= 31_000
 
         # A lease key lives as long as its longest lease.
         await store.acquire_lease("l", "b", limit=2, ttl=300)

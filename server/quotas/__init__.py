@@ -2,8 +2,9 @@
 implementations, and the policy façade the services call (``Quotas``)."""
 
 from server.quotas.base import (
-    BudgetDecision,
+    BudgetHold,
     BudgetUsage,
+    BudgetVerdict,
     LeaseDecision,
     QuotaStore,
     QuotaStoreUnavailable,
@@ -12,10 +13,11 @@ from server.quotas.base import (
 )
 from server.quotas.memory import InMemoryQuotaStore
 from server.quotas.policy import (
+    AI_REQUESTS,
+    AI_TOKENS,
     AUTH_FAILURES,
     ENROLLMENTS,
     INFLIGHT_TASKS,
-    SPEND,
     SUBMISSIONS,
     QuotaDecision,
     QuotaPolicy,
@@ -26,13 +28,15 @@ from server.quotas.policy import (
 from server.quotas.redis import RedisQuotaStore
 
 __all__ = [
+    "AI_REQUESTS",
+    "AI_TOKENS",
     "AUTH_FAILURES",
     "ENROLLMENTS",
     "INFLIGHT_TASKS",
-    "SPEND",
     "SUBMISSIONS",
-    "BudgetDecision",
+    "BudgetHold",
     "BudgetUsage",
+    "BudgetVerdict",
     "InMemoryQuotaStore",
     "LeaseDecision",
     "QuotaDecision",

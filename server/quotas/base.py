@@ -1,5 +1,5 @@
-"""The quota store interface: rate limits, concurrency leases and spend budgets, one
-call per decision, so the Redis store can make each decision in one atomic script.
+"""The quota store interface: rate limits, concurrency leases, spend budgets and provider
+back-offs, one call per decision, so the Redis store can make each decision in one atomic script.
 
 Time is counted in whole microseconds and amounts in integers: a Redis script (Lua
 doubles hold integers exactly up to 2**53) can then reproduce every decision of the
@@ -14,8 +14,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "DEFAULT_BUDGET_SLACK",
+    "MAX_AMOUNT",
     "MICROS",
-    "BudgetDecision",
     "BudgetHold",
     "BudgetUsage",
     "BudgetVerdict",
@@ -28,13 +29,22 @@ __all__ = [
     "emission_interval_us",
     "gcra",
     "to_micros",
-    "validate_budget",
+    "validate_amount",
+    "validate_hold_off",
     "validate_lease",
     "validate_rate",
+    "validate_reservation",
+    "validate_stale",
 ]
 
 MICROS = 1_000_000
 """Microseconds per second: the store's unit of time."""
+MAX_AMOUNT = 2**50
+"""Largest amount or limit (micro-dollars: over a billion USD). Sums of a few such
+values stay below 2**53, where Lua's doubles stop holding integers exactly."""
+DEFAULT_BUDGET_SLACK = 3 * 24 * 3600.0
+"""Seconds a budget key outlives its period: settlements of attempts that straddle
+the period's end still find it."""
 
 
 class QuotaStoreUnavailable(Exception):
@@ -70,21 +80,6 @@ class LeaseDecision:
     count: int
     """Live leases on the key after the call (including this holder's, if acquired)."""
     limit: int
-
-
-@dataclass(frozen=True, slots=True)
-class BudgetDecision:
-    """The answer of a budget reservation. A refusal is terminal: no retry time."""
-
-    allowed: bool
-    used: int
-    """Spent plus reserved after the call."""
-    limit: int
-
-    @property
-    def remaining(self) -> int:
-        """What is left to reserve."""
-        return max(0, self.limit - self.used)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,35 +183,47 @@ class QuotaStore(abc.ABC):
     # --- Spend budgets ----------------------------------------------------------------
 
     @abc.abstractmethod
-    async def reserve(
-        self,
-        budget_key: str,
-        reservation_id: str,
-        amount: int,
-        *,
-        limit: int,
-        window: float | None = None,
-    ) -> BudgetDecision:
-        """Reserve ``amount`` if spent + reserved + amount stays within ``limit``.
+    async def reserve_budgets(
+        self, reservation_id: str, amount: int, holds: Sequence[BudgetHold]
+    ) -> BudgetVerdict:
+        """Reserve ``amount`` on every hold at once, or on none: each hold's spent plus
+        reserved plus ``amount`` must stay within its limit.
 
-        Reserving an id that is already reserved changes nothing and is allowed
-        (retries are safe). ``window``: the budget (spend and open reservations)
-        resets ``window`` seconds after the first reservation of the window; None
-        means one budget forever.
+        The reservation is recorded (its keys, amount and time) under ``reservation_id``,
+        so settling or releasing it needs only the id. Reserving an id that is already
+        open changes nothing and is allowed, whatever the arguments (retries are safe);
+        once settled or released, the id may be reserved afresh. Hold keys must differ.
+        A key with ``expires_at`` expires the store's slack after it (spend of an ended
+        period is then forgotten); a key without one is kept.
         """
 
     @abc.abstractmethod
-    async def settle(self, budget_key: str, reservation_id: str, actual: int) -> bool:
-        """Replace a reservation by the ``actual`` spend. False (and nothing changes) if
-        the reservation is unknown: already settled or released, or its window ended."""
+    async def settle_reservation(self, reservation_id: str, actual: int) -> bool:
+        """Replace the reservation by the ``actual`` spend on every key it holds (more
+        than was held counts in full: it was spent). False if the id is not open."""
 
     @abc.abstractmethod
-    async def release(self, budget_key: str, reservation_id: str) -> bool:
-        """Drop a reservation without spending; False if it was unknown."""
+    async def release_reservation(self, reservation_id: str) -> bool:
+        """Drop the reservation unspent on every key it holds; False if not open."""
 
     @abc.abstractmethod
-    async def budget_usage(self, budget_key: str) -> BudgetUsage:
-        """The budget's spend and open reservations in the current window."""
+    async def budget_usage(self, key: str) -> BudgetUsage:
+        """Spent and reserved on ``key`` (zeros for a key never used, or expired)."""
+
+    @abc.abstractmethod
+    async def stale_reservations(self, older_than: float, limit: int = 1000) -> list[str]:
+        """Ids of open reservations made more than ``older_than`` seconds ago, oldest
+        first, at most ``limit``: for a reaper to settle or release."""
+
+    # --- Provider back-off ------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def hold_off(self, key: str, seconds: float) -> None:
+        """Mark ``key`` held off for ``seconds`` from now; an end already later stays."""
+
+    @abc.abstractmethod
+    async def held_off(self, keys: Sequence[str]) -> dict[str, float]:
+        """Seconds left of each key's hold-off, for the keys still held off (> 0)."""
 
     async def close(self) -> None:  # noqa: B027 (optional hook, nothing to do by default)
         """Release connections; the default has none."""
@@ -273,10 +280,32 @@ def validate_lease(limit: int, ttl: float) -> None:
         raise ValueError(f"lease ttl must be a positive number of seconds, not {ttl!r}")
 
 
-def validate_budget(amount: int, limit: int, window: float | None) -> None:
-    if amount < 0:
-        raise ValueError(f"budget amounts must not be negative, not {amount!r}")
-    if limit < 0:
-        raise ValueError(f"budget limit must not be negative, not {limit!r}")
-    if window is not None and not (math.isfinite(window) and window > 0):
-        raise ValueError(f"budget window must be a positive number of seconds, not {window!r}")
+def validate_amount(name: str, value: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_AMOUNT:
+        raise ValueError(f"{name} must be an integer from 0 to {MAX_AMOUNT}, not {value!r}")
+
+
+def validate_reservation(reservation_id: str, amount: int, holds: Sequence[BudgetHold]) -> None:
+    if not reservation_id:
+        raise ValueError("a reservation needs an id")
+    validate_amount("reserved amount", amount)
+    keys = set()
+    for hold in holds:
+        validate_amount(f"limit of {hold.key!r}", hold.limit)
+        if hold.expires_at is not None and not math.isfinite(hold.expires_at):
+            raise ValueError(f"expires_at of {hold.key!r} must be finite, not {hold.expires_at!r}")
+        if hold.key in keys:
+            raise ValueError(f"budget key {hold.key!r} is held twice in one reservation")
+        keys.add(hold.key)
+
+
+def validate_hold_off(seconds: float) -> None:
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise ValueError(f"hold-off must be a non-negative number of seconds, not {seconds!r}")
+
+
+def validate_stale(older_than: float, limit: int) -> None:
+    if not (math.isfinite(older_than) and older_than >= 0):
+        raise ValueError(f"older_than must be a non-negative number of seconds, not {older_than!r}")
+    if limit < 1:
+        raise ValueError(f"limit must be at least 1, not {limit!r}")

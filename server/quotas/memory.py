@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from server.quotas.base import (
+    DEFAULT_BUDGET_SLACK,
     MICROS,
-    BudgetDecision,
+    BudgetHold,
     BudgetUsage,
+    BudgetVerdict,
     LeaseDecision,
     QuotaStore,
     RateCheck,
@@ -22,9 +24,12 @@ from server.quotas.base import (
     emission_interval_us,
     gcra,
     to_micros,
-    validate_budget,
+    validate_amount,
+    validate_hold_off,
     validate_lease,
     validate_rate,
+    validate_reservation,
+    validate_stale,
 )
 
 __all__ = ["InMemoryQuotaStore"]
@@ -36,22 +41,38 @@ _SWEEP_EVERY = 1024
 @dataclass(slots=True)
 class _Budget:
     spent: int = 0
-    reservations: dict[str, int] = field(default_factory=dict)
-    window_end_us: int | None = None
+    reserved: int = 0
+    expires_at: float | None = None
+    """Wall-clock seconds from which the budget is forgotten (None: never)."""
 
-    @property
-    def reserved(self) -> int:
-        return sum(self.reservations.values())
+
+@dataclass(frozen=True, slots=True)
+class _Reservation:
+    amount: int
+    keys: tuple[str, ...]
+    at_us: int
 
 
 class InMemoryQuotaStore(QuotaStore):
-    """Quotas for a single server process. ``clock`` returns monotonic seconds."""
+    """Quotas for a single server process. ``clock`` returns monotonic seconds (rates,
+    leases, reservation ages, hold-offs); ``wall_clock`` returns Unix seconds, against
+    which budget keys expire ``budget_slack`` seconds after their ``expires_at``."""
 
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+        budget_slack: float = DEFAULT_BUDGET_SLACK,
+    ) -> None:
         self._clock = clock
+        self._wall = wall_clock
+        self._budget_slack = budget_slack
         self._tats: dict[str, int] = {}
         self._leases: dict[str, dict[str, int]] = {}
         self._budgets: dict[str, _Budget] = {}
+        self._reservations: dict[str, _Reservation] = {}
+        self._hold_offs: dict[str, int] = {}
         self._decisions = 0
 
     def _now(self) -> int:
@@ -66,8 +87,10 @@ class InMemoryQuotaStore(QuotaStore):
         for key in list(self._leases):
             if not self._live_leases(key, now):
                 del self._leases[key]
+        wall = self._wall()
         for key in list(self._budgets):
-            self._current_budget(key, now)
+            self._budget(key, wall)
+        self._hold_offs = {k: end for k, end in self._hold_offs.items() if end > now}
 
     # --- rate limits ------------------------------------------------------------------
 
@@ -135,53 +158,77 @@ class InMemoryQuotaStore(QuotaStore):
 
     # --- budgets ----------------------------------------------------------------------
 
-    def _current_budget(self, key: str, now: int) -> _Budget | None:
+    def _budget(self, key: str, wall: float) -> _Budget | None:
+        """The budget of ``key``, or None if never used or expired (then forgotten)."""
         budget = self._budgets.get(key)
-        if budget is not None and budget.window_end_us is not None and now >= budget.window_end_us:
+        if budget is not None and budget.expires_at is not None and wall >= budget.expires_at:
             del self._budgets[key]
             return None
         return budget
 
-    async def reserve(
-        self,
-        budget_key: str,
-        reservation_id: str,
-        amount: int,
-        *,
-        limit: int,
-        window: float | None = None,
-    ) -> BudgetDecision:
-        validate_budget(amount, limit, window)
-        now = self._now()
-        budget = self._current_budget(budget_key, now)
-        if budget is None:
-            budget = _Budget(window_end_us=None if window is None else now + to_micros(window))
-        used = budget.spent + budget.reserved
-        if reservation_id in budget.reservations:
-            return BudgetDecision(True, used, limit)
-        if used + amount > limit:
-            return BudgetDecision(False, used, limit)
-        budget.reservations[reservation_id] = amount
-        self._budgets[budget_key] = budget
-        return BudgetDecision(True, used + amount, limit)
+    async def reserve_budgets(
+        self, reservation_id: str, amount: int, holds: Sequence[BudgetHold]
+    ) -> BudgetVerdict:
+        validate_reservation(reservation_id, amount, holds)
+        now, wall = self._now(), self._wall()
+        if reservation_id in self._reservations:
+            return BudgetVerdict(True, None, 0)
+        for hold in holds:
+            budget = self._budget(hold.key, wall)
+            used = 0 if budget is None else budget.spent + budget.reserved
+            if used + amount > hold.limit:
+                return BudgetVerdict(False, hold, used)
+        for hold in holds:
+            budget = self._budget(hold.key, wall) or self._budgets.setdefault(hold.key, _Budget())
+            budget.reserved += amount
+            if hold.expires_at is not None:
+                # As Redis PEXPIREAT: the period's end plus slack, never already past.
+                budget.expires_at = max(hold.expires_at, wall) + self._budget_slack
+        self._reservations[reservation_id] = _Reservation(amount, tuple(h.key for h in holds), now)
+        return BudgetVerdict(True, None, 0)
 
-    async def settle(self, budget_key: str, reservation_id: str, actual: int) -> bool:
-        validate_budget(actual, 0, None)
-        budget = self._current_budget(budget_key, self._now())
-        if budget is None or reservation_id not in budget.reservations:
+    def _close(self, reservation_id: str, actual: int | None) -> bool:
+        self._now()
+        reservation = self._reservations.pop(reservation_id, None)
+        if reservation is None:
             return False
-        del budget.reservations[reservation_id]
-        budget.spent += actual
+        wall = self._wall()
+        for key in reservation.keys:
+            budget = self._budget(key, wall)
+            if budget is None:
+                continue  # its period ended long ago: nothing left to count against
+            budget.reserved -= reservation.amount
+            if actual is not None:
+                budget.spent += actual
         return True
 
-    async def release(self, budget_key: str, reservation_id: str) -> bool:
-        budget = self._current_budget(budget_key, self._now())
-        if budget is None:
-            return False
-        return budget.reservations.pop(reservation_id, None) is not None
+    async def settle_reservation(self, reservation_id: str, actual: int) -> bool:
+        validate_amount("actual spend", actual)
+        return self._close(reservation_id, actual)
 
-    async def budget_usage(self, budget_key: str) -> BudgetUsage:
-        budget = self._current_budget(budget_key, self._now())
-        if budget is None:
-            return BudgetUsage(0, 0)
-        return BudgetUsage(budget.spent, budget.reserved)
+    async def release_reservation(self, reservation_id: str) -> bool:
+        return self._close(reservation_id, None)
+
+    async def budget_usage(self, key: str) -> BudgetUsage:
+        self._now()
+        budget = self._budget(key, self._wall())
+        return BudgetUsage(0, 0) if budget is None else BudgetUsage(budget.spent, budget.reserved)
+
+    async def stale_reservations(self, older_than: float, limit: int = 1000) -> list[str]:
+        validate_stale(older_than, limit)
+        before = self._now() - to_micros(older_than)
+        stale = sorted((r.at_us, rid) for rid, r in self._reservations.items() if r.at_us < before)
+        return [rid for _, rid in stale[:limit]]
+
+    # --- provider back-off ------------------------------------------------------------
+
+    async def hold_off(self, key: str, seconds: float) -> None:
+        validate_hold_off(seconds)
+        end = self._now() + to_micros(seconds)
+        if end > self._hold_offs.get(key, 0):
+            self._hold_offs[key] = end
+
+    async def held_off(self, keys: Sequence[str]) -> dict[str, float]:
+        now = self._now()
+        left = {key: self._hold_offs.get(key, now) - now for key in keys}
+        return {key: us / MICROS for key, us in left.items() if us > 0}

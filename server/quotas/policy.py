@@ -21,7 +21,9 @@ from grpc_status import rpc_status
 
 from server.metrics import MusterMetrics
 from server.quotas.base import (
-    BudgetDecision,
+    BudgetHold,
+    BudgetUsage,
+    BudgetVerdict,
     LeaseDecision,
     QuotaStore,
     QuotaStoreUnavailable,
@@ -32,12 +34,15 @@ from server.quotas.memory import InMemoryQuotaStore
 from server.quotas.redis import RedisQuotaStore
 
 __all__ = [
+    "AI_REQUESTS",
+    "AI_TOKENS",
     "AUTH_FAILURES",
+    "BUDGETS",
     "DEGRADED_LOG_INTERVAL",
     "ENROLLMENTS",
     "INFLIGHT_TASKS",
     "LEASE_RETRY_AFTER",
-    "SPEND",
+    "PROVIDER_BACKOFF",
     "SUBMISSIONS",
     "QuotaDecision",
     "QuotaPolicy",
@@ -56,8 +61,15 @@ AUTH_FAILURES = "auth_failures"
 """Limit name of failed authentications per peer address (the lockout)."""
 INFLIGHT_TASKS = "inflight_tasks"
 """Limit name of tasks in flight per tenant."""
-SPEND = "spend"
-"""Limit name of spend budgets (e.g. LLM tokens) per tenant."""
+AI_REQUESTS = "ai_requests"
+"""Limit name of AI task submissions per tenant per minute."""
+AI_TOKENS = "ai_tokens"
+"""Limit name of AI tokens submitted per tenant per minute."""
+BUDGETS = "budgets"
+"""Names spend budgets in outage warnings (their decisions are counted in
+``muster_budget_reservations_total``)."""
+PROVIDER_BACKOFF = "provider_backoff"
+"""Names provider back-offs in outage warnings."""
 
 LEASE_RETRY_AFTER = 1.0
 """Retry hint (seconds) for a full concurrency limit, whose freeing time is unknown."""
@@ -100,6 +112,11 @@ class QuotaPolicy:
     """Tasks one pool may have assigned or running at once; 0 means no limit."""
     inflight_lease_ttl: float = 120.0
     """Seconds an in-flight slot lives unless renewed (a crashed holder frees it)."""
+    ai_requests_per_minute: int = 600
+    """AI tasks one tenant may submit per minute (a minute's worth at once); 0: no limit."""
+    ai_tokens_per_minute: int = 2_000_000
+    """Tokens (input estimate plus ``max_tokens``) of the AI tasks one tenant may submit
+    per minute; 0: no limit."""
 
     def __post_init__(self) -> None:
         if self.auth_failure_threshold < 1:
@@ -110,6 +127,10 @@ class QuotaPolicy:
             raise ValueError("in-flight limits must not be negative")
         if not (math.isfinite(self.inflight_lease_ttl) and self.inflight_lease_ttl > 0):
             raise ValueError("inflight_lease_ttl must be a positive number of seconds")
+        for name in ("ai_requests_per_minute", "ai_tokens_per_minute"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer (0: no limit)")
 
     @property
     def auth_failures(self) -> RateLimit:
@@ -144,7 +165,7 @@ class QuotaDecision:
 
 
 def quota_exceeded_status(
-    decision: QuotaDecision | RateDecision | LeaseDecision | BudgetDecision,
+    decision: QuotaDecision | RateDecision | LeaseDecision | BudgetVerdict,
     limit: str,
     subject: str,
 ) -> grpc.Status:
@@ -180,9 +201,9 @@ def quota_exceeded_status(
 
 
 def _retry_after(
-    decision: QuotaDecision | RateDecision | LeaseDecision | BudgetDecision,
+    decision: QuotaDecision | RateDecision | LeaseDecision | BudgetVerdict,
 ) -> float | None:
-    if isinstance(decision, BudgetDecision):
+    if isinstance(decision, BudgetVerdict):
         return None
     if isinstance(decision, LeaseDecision):
         return LEASE_RETRY_AFTER
@@ -192,10 +213,12 @@ def _retry_after(
 class Quotas:
     """The quota questions services ask, answered from ``store`` under ``policy``.
 
-    Every decision is counted in ``muster_quota_decisions_total``. When the store is
+    Every rate and concurrency decision is counted in ``muster_quota_decisions_total``,
+    every budget reservation in ``muster_budget_reservations_total``. When the store is
     unreachable the policy is explicit per limit class: rate limits fail open to a
-    per-process cap (the same limits kept in ``fallback``); concurrency and spend fail
-    closed, raising :class:`QuotaStoreUnavailable` for the caller to answer UNAVAILABLE.
+    per-process cap (the same limits kept in ``fallback``); concurrency, budgets and
+    provider back-offs fail closed, raising :class:`QuotaStoreUnavailable` for the
+    caller to answer UNAVAILABLE or to hold the task back.
     Either way the decision is counted with outcome ``degraded`` and logged, once per
     ``degraded_log_interval`` seconds per limit class (``clock`` times that, in seconds).
     """
@@ -372,51 +395,122 @@ class Quotas:
         # Tenants keep the key they always had; pools get their own namespace.
         return f"inflight:{name}" if scope == "tenant" else f"inflight-pool:{name}"
 
-    # --- spend budgets (fail closed) --------------------------------------------------
+    # --- AI submissions ---------------------------------------------------------------
 
-    async def reserve_spend(
-        self,
-        tenant: str,
-        reservation_id: str,
-        amount: int,
-        *,
-        limit: int,
-        window: float | None = None,
-    ) -> QuotaDecision:
-        """Reserve ``amount`` of ``tenant``'s budget of ``limit`` (per ``window`` seconds,
-        or ever) before dispatch; retrying with the same ``reservation_id`` counts once.
+    async def check_ai_submission(self, tenant: str, tokens: int) -> QuotaDecision:
+        """May ``tenant`` submit one more AI task of about ``tokens`` tokens now?
 
-        A refusal is terminal (no retry time). Raises QuotaStoreUnavailable when the
-        store is unreachable (fail closed)."""
+        Its requests per minute and its tokens per minute (GCRA), in one store call: a
+        look at the request limit, then the tokens, then the request, so a refusal by
+        either limit spends neither. The answer is the refusal, else the last decision.
+        A task of more tokens than a minute's allowance is refused without a retry time
+        (waiting will not help). Fails open to a local cap, like every rate limit."""
+        if tokens < 0:
+            raise ValueError(f"tokens must not be negative, not {tokens!r}")
         subject = f"tenant:{tenant}"
-        try:
-            answer = await self.store.reserve(
-                f"spend:{tenant}", reservation_id, amount, limit=limit, window=window
-            )
-        except QuotaStoreUnavailable as err:
-            self._closed(SPEND, err)
-            raise
-        self._outage.recovered()
-        decision = QuotaDecision(answer.allowed, SPEND, subject, None)
-        self._count(decision)
+        rpm, tpm = self.policy.ai_requests_per_minute, self.policy.ai_tokens_per_minute
+        if tpm and tokens > tpm:
+            decision = QuotaDecision(False, AI_TOKENS, subject, None)
+            self._count(decision)
+            return decision
+        steps: list[tuple[str, RateLimit, int]] = []
+        if rpm:
+            requests = RateLimit(rate=rpm / 60, burst=rpm)
+            steps.append((AI_REQUESTS, requests, 0))
+        if tpm:
+            steps.append((AI_TOKENS, RateLimit(rate=tpm / 60, burst=tpm), tokens))
+        if rpm:
+            steps.append((AI_REQUESTS, requests, 1))
+        if not steps:
+            return QuotaDecision(True, AI_REQUESTS, subject, None)
+        checks = [RateCheck(f"{name}:{subject}", r.rate, r.burst, cost) for name, r, cost in steps]
+        answers, degraded = await self._rate_checks(checks, (AI_REQUESTS, AI_TOKENS))
+        decision = QuotaDecision(True, AI_REQUESTS, subject, None)
+        for (name, _, cost), answer in zip(steps, answers, strict=False):
+            decision = self._decision(name, subject, answer, degraded)
+            if cost > 0 or not answer.allowed or name == AI_TOKENS:
+                self._count(decision)  # the look at the request limit counts if it refuses
         return decision
 
-    async def settle_spend(self, tenant: str, reservation_id: str, actual: int) -> bool:
-        """Replace the reservation by the ``actual`` spend; False if it was unknown (already
-        settled or released). Raises QuotaStoreUnavailable: retry later, spend must count."""
+    # --- spend budgets (fail closed) --------------------------------------------------
+
+    async def reserve_budget(
+        self, reservation_id: str, amount: int, holds: Sequence[BudgetHold]
+    ) -> BudgetVerdict:
+        """Reserve ``amount`` on every budget in ``holds`` at once, or on none (see
+        :meth:`QuotaStore.reserve_budgets`); counted in
+        ``muster_budget_reservations_total`` as ``reserved`` or ``refused``.
+
+        Raises QuotaStoreUnavailable when the store is unreachable (fail closed: nothing
+        is dispatched on an unknown budget), counted as ``degraded``."""
         try:
-            return await self.store.settle(f"spend:{tenant}", reservation_id, actual)
+            verdict = await self.store.reserve_budgets(reservation_id, amount, holds)
         except QuotaStoreUnavailable as err:
-            self._outage.failed(SPEND, err)
+            self._outage.failed(BUDGETS, err)
+            self._reservation("degraded")
+            raise
+        self._outage.recovered()
+        self._reservation("reserved" if verdict.allowed else "refused")
+        return verdict
+
+    async def settle_budget(self, reservation_id: str, actual: int) -> bool:
+        """Replace the reservation by the ``actual`` spend on every budget it held; False
+        if it was not open (already settled or released). Raises QuotaStoreUnavailable:
+        until settled, the reservation keeps its budgets held (fail closed)."""
+        try:
+            settled = await self.store.settle_reservation(reservation_id, actual)
+        except QuotaStoreUnavailable as err:
+            self._outage.failed(BUDGETS, err)
+            raise
+        self._outage.recovered()
+        return settled
+
+    async def release_budget(self, reservation_id: str) -> bool:
+        """Drop the reservation unspent; False if it was not open. Raises
+        QuotaStoreUnavailable (the amount stays reserved until released)."""
+        try:
+            released = await self.store.release_reservation(reservation_id)
+        except QuotaStoreUnavailable as err:
+            self._outage.failed(BUDGETS, err)
+            raise
+        self._outage.recovered()
+        return released
+
+    async def budget_usage(self, key: str) -> BudgetUsage:
+        """Spent and reserved on a budget key (see :meth:`BudgetRule.key`). Raises
+        QuotaStoreUnavailable."""
+        try:
+            return await self.store.budget_usage(key)
+        except QuotaStoreUnavailable as err:
+            self._outage.failed(BUDGETS, err)
             raise
 
-    async def release_spend(self, tenant: str, reservation_id: str) -> bool:
-        """Drop the reservation unspent (the task failed before using it). Raises
-        QuotaStoreUnavailable: until released the amount stays reserved (fail closed)."""
+    async def stale_reservations(self, older_than: float, limit: int = 1000) -> list[str]:
+        """Open reservations older than ``older_than`` seconds, for the reaper. Raises
+        QuotaStoreUnavailable."""
         try:
-            return await self.store.release(f"spend:{tenant}", reservation_id)
+            return await self.store.stale_reservations(older_than, limit)
         except QuotaStoreUnavailable as err:
-            self._outage.failed(SPEND, err)
+            self._outage.failed(BUDGETS, err)
+            raise
+
+    # --- provider back-off ------------------------------------------------------------
+
+    async def hold_off(self, key: str, seconds: float) -> None:
+        """Hold ``key`` (say, a model in a pool) off for ``seconds``; a later end already
+        set stays. Raises QuotaStoreUnavailable."""
+        try:
+            await self.store.hold_off(key, seconds)
+        except QuotaStoreUnavailable as err:
+            self._outage.failed(PROVIDER_BACKOFF, err)
+            raise
+
+    async def held_off(self, keys: Sequence[str]) -> dict[str, float]:
+        """Seconds left for each of ``keys`` still held off. Raises QuotaStoreUnavailable."""
+        try:
+            return await self.store.held_off(keys)
+        except QuotaStoreUnavailable as err:
+            self._outage.failed(PROVIDER_BACKOFF, err)
             raise
 
     # --- internals --------------------------------------------------------------------
@@ -435,19 +529,26 @@ class Quotas:
         """Several limits of ``subject`` (name, rule, cost) in turn, in one store call,
         up to the first refusal; each decision made is counted."""
         checks = [RateCheck(f"{name}:{subject}", r.rate, r.burst, cost) for name, r, cost in limits]
-        try:
-            answers, degraded = await self.store.rate_limits(checks), False
-        except QuotaStoreUnavailable as err:
-            for name, _, _ in limits:
-                self._outage.failed(name, err, fail_open=True)
-            answers, degraded = await self._fallback.rate_limits(checks), True
-        else:
-            self._outage.recovered()
+        answers, degraded = await self._rate_checks(checks, [name for name, _, _ in limits])
         decisions = []
         for (name, _, _), answer in zip(limits, answers, strict=False):
             decisions.append(self._decision(name, subject, answer, degraded))
             self._count(decisions[-1])
         return decisions
+
+    async def _rate_checks(
+        self, checks: Sequence[RateCheck], names: Sequence[str]
+    ) -> tuple[list[RateDecision], bool]:
+        """The store's answers to ``checks``, or the local fallback's (degraded) if the
+        store is down; ``names`` are the limit classes to warn about then."""
+        try:
+            answers = await self.store.rate_limits(checks)
+        except QuotaStoreUnavailable as err:
+            for name in dict.fromkeys(names):
+                self._outage.failed(name, err, fail_open=True)
+            return await self._fallback.rate_limits(checks), True
+        self._outage.recovered()
+        return answers, False
 
     async def _ask(
         self, limit: str, subject: str, rule: RateLimit, *, cost: int
@@ -487,6 +588,10 @@ class Quotas:
     def _record(self, limit: str, outcome: str) -> None:
         if self._metrics is not None:
             self._metrics.quota_decision(limit, outcome)
+
+    def _reservation(self, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.budget_reservations.labels(outcome=outcome).inc()
 
 
 class _OutageLog:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.resources
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -41,9 +42,11 @@ from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
 from server.quotas.base import (
+    DEFAULT_BUDGET_SLACK,
     MICROS,
-    BudgetDecision,
+    BudgetHold,
     BudgetUsage,
+    BudgetVerdict,
     LeaseDecision,
     QuotaStore,
     QuotaStoreUnavailable,
@@ -51,9 +54,12 @@ from server.quotas.base import (
     RateDecision,
     emission_interval_us,
     to_micros,
-    validate_budget,
+    validate_amount,
+    validate_hold_off,
     validate_lease,
     validate_rate,
+    validate_reservation,
+    validate_stale,
 )
 
 __all__ = ["DEFAULT_SOCKET_TIMEOUT", "RedisQuotaStore", "redact_url"]
@@ -75,6 +81,9 @@ _SLACK_MS_REDIS_TIME = 1_000
 _SLACK_MS_INJECTED_CLOCK = 300_000
 """With an injected clock, key expiry (Redis time) and decisions (that clock) disagree;
 generous slack keeps keys alive for as long as a test can need them."""
+
+_OPEN = "reservations"
+"""The ZSET of open reservation ids, scored by reservation time (microseconds)."""
 
 _UNREACHABLE: tuple[type[Exception], ...] = (
     rexc.ConnectionError,  # includes authentication failures, busy loading, pool exhaustion
@@ -99,16 +108,17 @@ def _script(name: str) -> str:
 def _load_scripts() -> dict[str, str]:
     common = _script("common.lua")
     gcra = common + _script("gcra_common.lua")
-    budget = common + _script("budget_common.lua")
     return {
         "gcra": gcra + _script("gcra.lua"),
         "gcra_all": gcra + _script("gcra_all.lua"),
         "lease_acquire": common + _script("lease_acquire.lua"),
         "lease_renew": common + _script("lease_renew.lua"),
         "lease_count": common + _script("lease_count.lua"),
-        "budget_reserve": budget + _script("budget_reserve.lua"),
-        "budget_settle": budget + _script("budget_settle.lua"),
-        "budget_usage": budget + _script("budget_usage.lua"),
+        "budget_reserve": common + _script("budget_reserve.lua"),
+        "budget_close": common + _script("budget_close.lua"),
+        "budget_stale": common + _script("budget_stale.lua"),
+        "hold_off": common + _script("hold_off.lua"),
+        "held_off": common + _script("held_off.lua"),
     }
 
 
@@ -136,9 +146,14 @@ class RedisQuotaStore(QuotaStore):
     """Quotas shared by every replica through one Redis (7 or later).
 
     Keys: ``<prefix>:rate:<key>`` (a TAT string), ``<prefix>:lease:<key>`` (a ZSET of
-    holder -> expiry) and ``<prefix>:budget:<key>`` (a hash of spend, reservations and
-    window end). Rate and lease keys expire once idle; windowed budgets expire with
-    their window; budgets without a window are kept (deleting them would forget spend).
+    holder -> expiry), ``<prefix>:spend:<key>`` (a budget: a hash of ``spent`` and
+    ``reserved``), ``<prefix>:reservation:<id>`` (an open reservation: its amount,
+    time and budget keys), ``<prefix>:reservations`` (a ZSET of open reservation ids by
+    time) and ``<prefix>:holdoff:<key>`` (the end of a provider back-off). Rate, lease
+    and hold-off keys expire once idle; a budget ``budget_slack`` seconds after the end
+    of its period; a budget without a period and open reservations are kept (deleting
+    them would forget spend). Settling reads a reservation's budget keys from its record
+    inside the script, so the store needs one Redis, not a Redis Cluster.
 
     ``client`` is used as given (its timeouts and retries too) and not closed by
     :meth:`close`; :meth:`from_url` builds one with short timeouts that it owns.
@@ -146,6 +161,7 @@ class RedisQuotaStore(QuotaStore):
     share that clock. ``deadline`` caps one decision (seconds); for ``cooldown`` seconds
     after a connection failure calls fail at once, so an outage costs requests no waiting.
     ``where`` names the server in messages (default: host, port and db of ``client``).
+    ``budget_slack``: seconds a budget key outlives its period's ``expires_at``.
     """
 
     def __init__(
@@ -157,6 +173,7 @@ class RedisQuotaStore(QuotaStore):
         deadline: float = DEFAULT_DEADLINE,
         cooldown: float = DEFAULT_COOLDOWN,
         where: str | None = None,
+        budget_slack: float = DEFAULT_BUDGET_SLACK,
     ) -> None:
         prefix = prefix.rstrip(":")
         if not prefix:
@@ -165,6 +182,7 @@ class RedisQuotaStore(QuotaStore):
         self._prefix = prefix + ":"
         self._clock = clock
         self._slack_ms = _SLACK_MS_REDIS_TIME if clock is None else _SLACK_MS_INJECTED_CLOCK
+        self._budget_slack_ms = math.ceil(budget_slack * 1000)
         self._deadline = deadline
         self._cooldown = cooldown
         self._down_until = 0.0
@@ -184,6 +202,7 @@ class RedisQuotaStore(QuotaStore):
         clock: Callable[[], float] | None = None,
         deadline: float = DEFAULT_DEADLINE,
         cooldown: float = DEFAULT_COOLDOWN,
+        budget_slack: float = DEFAULT_BUDGET_SLACK,
         **redis_options: Any,
     ) -> RedisQuotaStore:
         """A store on its own connection pool to ``url`` (see the module docstring).
@@ -213,7 +232,13 @@ class RedisQuotaStore(QuotaStore):
             raise ValueError(f"invalid Redis URL {where}: {reason}") from None
         client = aioredis.Redis.from_pool(pool)
         store = cls(
-            client, prefix=prefix, clock=clock, deadline=deadline, cooldown=cooldown, where=where
+            client,
+            prefix=prefix,
+            clock=clock,
+            deadline=deadline,
+            cooldown=cooldown,
+            where=where,
+            budget_slack=budget_slack,
         )
         store._owns_client = True
         return store
@@ -253,7 +278,7 @@ class RedisQuotaStore(QuotaStore):
         for check in checks:
             validate_rate(check.rate, check.burst, check.cost)
             args += [emission_interval_us(check.rate), check.burst, check.cost]
-        keys = [f"{self._prefix}rate:{check.key}" for check in checks]
+        keys = [f"rate:{check.key}" for check in checks]
         flat = await self._eval("gcra_all", keys, args)
         return [
             RateDecision(bool(flat[i]), int(flat[i + 1]) / MICROS, int(flat[i + 2]))
@@ -297,51 +322,69 @@ class RedisQuotaStore(QuotaStore):
 
     # --- budgets ----------------------------------------------------------------------
 
-    async def reserve(
-        self,
-        budget_key: str,
-        reservation_id: str,
-        amount: int,
-        *,
-        limit: int,
-        window: float | None = None,
-    ) -> BudgetDecision:
-        validate_budget(amount, limit, window)
-        allowed, used = await self._run(
-            "budget_reserve",
-            f"budget:{budget_key}",
-            reservation_id,
-            amount,
-            limit,
-            "" if window is None else to_micros(window),
-            self._slack_ms,
+    async def reserve_budgets(
+        self, reservation_id: str, amount: int, holds: Sequence[BudgetHold]
+    ) -> BudgetVerdict:
+        validate_reservation(reservation_id, amount, holds)
+        keys = [f"reservation:{reservation_id}", _OPEN, *(f"spend:{h.key}" for h in holds)]
+        args: list[str | int] = [reservation_id, amount, self._budget_slack_ms]
+        for hold in holds:
+            expire: str | int = ""
+            if hold.expires_at is not None:
+                expire = math.ceil(hold.expires_at * 1000) + self._budget_slack_ms
+            args += [hold.limit, expire]
+        allowed, index, used = await self._eval("budget_reserve", keys, args)
+        if allowed:
+            return BudgetVerdict(True, None, 0)
+        return BudgetVerdict(False, holds[int(index) - 1], int(used))
+
+    async def settle_reservation(self, reservation_id: str, actual: int) -> bool:
+        validate_amount("actual spend", actual)
+        return await self._close_reservation(reservation_id, actual)
+
+    async def release_reservation(self, reservation_id: str) -> bool:
+        return await self._close_reservation(reservation_id, "")
+
+    async def _close_reservation(self, reservation_id: str, actual: int | str) -> bool:
+        keys = [f"reservation:{reservation_id}", _OPEN]
+        return bool(await self._eval("budget_close", keys, [reservation_id, actual]))
+
+    async def budget_usage(self, key: str) -> BudgetUsage:
+        # One HMGET is atomic on its own; an expired period's key is simply gone.
+        spent, reserved = await self._call(
+            lambda: self._client.hmget(f"{self._prefix}spend:{key}", ["spent", "reserved"])
         )
-        return BudgetDecision(bool(allowed), int(used), limit)
+        return BudgetUsage(int(spent or 0), int(reserved or 0))
 
-    async def settle(self, budget_key: str, reservation_id: str, actual: int) -> bool:
-        validate_budget(actual, 0, None)
-        settled = await self._run("budget_settle", f"budget:{budget_key}", reservation_id, actual)
-        return bool(settled)
+    async def stale_reservations(self, older_than: float, limit: int = 1000) -> list[str]:
+        validate_stale(older_than, limit)
+        ids = await self._run("budget_stale", _OPEN, to_micros(older_than), limit)
+        return [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
 
-    async def release(self, budget_key: str, reservation_id: str) -> bool:
-        released = await self._run("budget_settle", f"budget:{budget_key}", reservation_id, "")
-        return bool(released)
+    # --- provider back-off ------------------------------------------------------------
 
-    async def budget_usage(self, budget_key: str) -> BudgetUsage:
-        spent, reserved = await self._run("budget_usage", f"budget:{budget_key}")
-        return BudgetUsage(int(spent), int(reserved))
+    async def hold_off(self, key: str, seconds: float) -> None:
+        validate_hold_off(seconds)
+        await self._run("hold_off", f"holdoff:{key}", to_micros(seconds), self._slack_ms)
+
+    async def held_off(self, keys: Sequence[str]) -> dict[str, float]:
+        if not keys:
+            return {}
+        left = await self._eval("held_off", [f"holdoff:{key}" for key in keys], [])
+        return {key: int(us) / MICROS for key, us in zip(keys, left, strict=True) if int(us) > 0}
 
     # --- plumbing ---------------------------------------------------------------------
 
     async def _run(self, script: str, key: str, *args: str | int) -> Any:
         """One EVALSHA of ``script`` on ``<prefix><key>``; ARGV[1] is the clock."""
-        return await self._eval(script, [self._prefix + key], args)
+        return await self._eval(script, [key], args)
 
     async def _eval(self, script: str, keys: list[str], args: Sequence[str | int]) -> Any:
-        """One EVALSHA of ``script`` on ``keys`` (prefixed); ARGV[1] is the clock."""
+        """One EVALSHA of ``script`` on ``keys`` (prefixed here); ARGV[1] is the clock."""
         now = "" if self._clock is None else to_micros(self._clock())
         run = self._scripts[script]
-        return await self._call(lambda: run(keys=keys, args=[now, *args]))
+        full = [self._prefix + key for key in keys]
+        return await self._call(lambda: run(keys=full, args=[now, *args]))
 
     async def _call(self, request: Callable[[], Awaitable[Any]]) -> Any:
         """Make one Redis call, turning every way of not getting an answer into
