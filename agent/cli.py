@@ -5,14 +5,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 from pathlib import Path
 
 from dotenv import load_dotenv
 
 from agent.config import (
+    ANTHROPIC_BASE_URL_ENV,
+    ANTHROPIC_KEY_FILE_ENV,
     CA_FILE_ENV,
+    CLAUDE_BIN_ENV,
     DEFAULT_CA_FILE,
+    OLLAMA_URL_ENV,
     STATE_DIR_ENV,
     TOKEN_ENV,
     AgentConfig,
@@ -99,6 +104,37 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     run.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", help="log verbosity (default info)"
     )
+    ai = parser.add_argument_group(
+        "AI executors",
+        "Provider keys stay on the agent: they are read from its environment or files, "
+        "never from a task. Without --executors, an AI executor that lacks what it needs "
+        "(a key, the claude binary, an Ollama URL) is skipped and not advertised.",
+    )
+    ai.add_argument(
+        "--anthropic-base-url",
+        metavar="URL",
+        help=f"Messages API endpoint for anthropic.messages (default ${ANTHROPIC_BASE_URL_ENV}, "
+        "else $ANTHROPIC_BASE_URL, else the SDK's default)",
+    )
+    ai.add_argument(
+        "--anthropic-key-file",
+        type=Path,
+        metavar="FILE",
+        help=f"file holding the Anthropic API key (default ${ANTHROPIC_KEY_FILE_ENV}, "
+        "else the key in $ANTHROPIC_API_KEY)",
+    )
+    ai.add_argument(
+        "--claude-bin",
+        metavar="PATH",
+        help=f"Claude Code executable for claude-code (default ${CLAUDE_BIN_ENV}, else "
+        "`claude` on PATH)",
+    )
+    ai.add_argument(
+        "--ollama-url",
+        metavar="URL",
+        help=f"Ollama server for ollama.chat (default ${OLLAMA_URL_ENV}, else $OLLAMA_HOST, "
+        "else http://127.0.0.1:11434)",
+    )
     parser.set_defaults(func=handle)
 
 
@@ -123,7 +159,20 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         executors=executors,
         drain_timeout=args.drain_timeout,
         exit_on_revoke=args.exit_on_revoke,
+        anthropic_base_url=args.anthropic_base_url or _env(ANTHROPIC_BASE_URL_ENV),
+        anthropic_key_file=args.anthropic_key_file or _env_path(ANTHROPIC_KEY_FILE_ENV),
+        claude_bin=args.claude_bin or _env(CLAUDE_BIN_ENV) or "claude",
+        ollama_url=args.ollama_url or _env(OLLAMA_URL_ENV),
     )
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(name, "").strip() or None
+
+
+def _env_path(name: str) -> Path | None:
+    value = _env(name)
+    return Path(value) if value else None
 
 
 def handle(args: argparse.Namespace) -> int:

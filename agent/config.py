@@ -7,6 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.executors.base import ExecutorSettings
 from muster.errors import ConfigError
 from muster.spiffe import AGENT_ID
 
@@ -16,6 +17,10 @@ TOKEN_ENV = "MUSTER_BOOTSTRAP_TOKEN"  # noqa: S105 (a variable name, not a secre
 DEFAULT_STATE_DIR = Path(".muster-agent")
 DEFAULT_CA_FILE = Path(".muster/ca/bundle.pem")
 MAX_CONCURRENCY = 1024
+ANTHROPIC_BASE_URL_ENV = "MUSTER_ANTHROPIC_BASE_URL"
+ANTHROPIC_KEY_FILE_ENV = "MUSTER_ANTHROPIC_KEY_FILE"
+CLAUDE_BIN_ENV = "MUSTER_CLAUDE_BIN"
+OLLAMA_URL_ENV = "MUSTER_OLLAMA_URL"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +60,15 @@ class AgentConfig:
     """How long to wait for Welcome after Hello before giving the stream up."""
     rpc_timeout: float = 30.0
     """Deadline for the unary Enroll and Renew calls."""
+    anthropic_base_url: str | None = None
+    """Messages API endpoint for ``anthropic.messages`` (None: the SDK's own default or
+    ``$ANTHROPIC_BASE_URL``)."""
+    anthropic_key_file: Path | None = None
+    """File holding the Anthropic API key (None: ``$ANTHROPIC_API_KEY``)."""
+    claude_bin: str = "claude"
+    """The Claude Code executable for ``claude-code``: a path or a name on PATH."""
+    ollama_url: str | None = None
+    """Ollama server for ``ollama.chat`` (None: ``$OLLAMA_HOST`` or http://127.0.0.1:11434)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.concurrency <= MAX_CONCURRENCY:
@@ -82,6 +96,23 @@ class AgentConfig:
             raise ConfigError("--executors names no executor")
         if self.token is not None and not self.token.strip():
             raise ConfigError("the bootstrap token is empty")
+        for flag, url in (
+            ("--anthropic-base-url", self.anthropic_base_url),
+            ("--ollama-url", self.ollama_url),
+        ):
+            if url is not None and not url.startswith(("http://", "https://")):
+                raise ConfigError(f"{flag} must be an http:// or https:// URL, got {url[:80]!r}")
+        if not self.claude_bin.strip():
+            raise ConfigError("--claude-bin is empty")
+
+    def executor_settings(self) -> ExecutorSettings:
+        """What the executors may read of this configuration (plus the environment)."""
+        return ExecutorSettings(
+            anthropic_base_url=self.anthropic_base_url,
+            anthropic_key_file=self.anthropic_key_file,
+            claude_bin=self.claude_bin,
+            ollama_url=self.ollama_url,
+        )
 
     def resolved_ca_file(self) -> Path:
         """The CA bundle for enrollment: the flag, then $MUSTER_CA_FILE, then the dev default."""

@@ -151,10 +151,12 @@ class Agent:
             self._changed.clear()
             await self._changed.wait()
 
-    def _on_progress(self, task_id: str, attempt: int, message: str, percent: int) -> None:
+    def _on_progress(
+        self, task_id: str, attempt: int, message: str, percent: int, output_tokens: int
+    ) -> None:
         session = self._active
         if session is not None and session.established:
-            session.send_progress(task_id, attempt, message, percent)
+            session.send_progress(task_id, attempt, message, percent, output_tokens)
 
     # Lifecycle --------------------------------------------------------------
 
@@ -221,7 +223,9 @@ class Agent:
             identity, credentials = await self._reenroll(identity, credentials)
         self._identity = identity
         self._credentials = credentials
-        registry = self._registry or ExecutorRegistry.discover(self.config.executors)
+        registry = self._registry or ExecutorRegistry.discover(
+            self.config.executors, settings=self.config.executor_settings()
+        )
         self._outbox = Outbox(self.state.outbox_path)
         self._runner = TaskRunner(
             registry, self.config.concurrency, self.record_result, self._on_progress

@@ -13,6 +13,9 @@ import datetime as dt
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import duration_pb2
 
 from agent.executors import (
     ExecutionResult,
@@ -20,7 +23,9 @@ from agent.executors import (
     ExecutorRegistry,
     ProgressFn,
     TaskContext,
+    Usage,
 )
+from muster.ai import PayloadError, check_output, parse_output_schema
 from muster.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger(__name__)
@@ -29,7 +34,8 @@ AttemptKey = tuple[str, int]
 MAX_ERROR_CHARS = 4096
 
 FinishedFn = Callable[[agent_pb2.Result], None]
-ProgressSink = Callable[[str, int, str, int], None]
+ProgressSink = Callable[[str, int, str, int, int], None]
+"""``(task_id, attempt, message, percent, output_tokens)``."""
 
 
 @dataclass(slots=True)
@@ -142,6 +148,12 @@ class TaskRunner:
                 f"this agent has no executor for task kind {assignment.kind!r}",
                 retryable=True,
             )
+        schema: dict[str, Any] | None = None
+        if assignment.output_schema:
+            try:
+                schema = parse_output_schema(assignment.output_schema)
+            except PayloadError as err:
+                return _failed(entry.key, str(err), retryable=False)
         limit, deadline = _limits(assignment)
         ctx = TaskContext(
             task_id=task_id,
@@ -149,6 +161,8 @@ class TaskRunner:
             kind=assignment.kind,
             payload=assignment.payload,
             deadline=deadline,
+            max_cost_micros=max(0, assignment.max_cost_micros),
+            output_schema=assignment.output_schema,
             on_progress=self._progress_fn(entry.key),
         )
         remaining = ctx.time_remaining()
@@ -169,22 +183,37 @@ class TaskRunner:
                     attempt=attempt,
                     outcome=agent_pb2.OUTCOME_CANCELLED,
                     error=entry.cancel_reason,
+                    usage=_usage(ctx.meter.usage),
                 )
             log.info("attempt %s#%d abandoned", task_id, attempt)
             raise
         except TimeoutError as err:
             if not timeout.expired():
                 log.warning("attempt %s#%d failed: %s", task_id, attempt, _message(err))
-                return _failed(entry.key, _message(err), retryable=True)
+                return _failed(entry.key, _message(err), retryable=True, usage=ctx.meter.usage)
             log.warning("attempt %s#%d timed out", task_id, attempt)
-            return _failed(entry.key, _timeout_message(limit, deadline, assignment), retryable=True)
+            return _failed(
+                entry.key,
+                _timeout_message(limit, deadline, assignment),
+                retryable=True,
+                usage=ctx.meter.usage,
+            )
         except ExecutorError as err:
             log.warning("attempt %s#%d failed: %s", task_id, attempt, err)
-            return _failed(entry.key, _message(err), retryable=err.retryable)
+            result = _failed(
+                entry.key,
+                _message(err),
+                retryable=err.retryable,
+                usage=err.usage or ctx.meter.usage,
+            )
+            if err.retryable and err.retry_after is not None and err.retry_after > 0:
+                result.retry_after.CopyFrom(_duration(err.retry_after))
+            result.rate_limited = err.retryable and err.rate_limited
+            return result
         except Exception as err:
             # The traceback stays here; only the message travels to the server.
             log.exception("attempt %s#%d: executor %r raised", task_id, attempt, assignment.kind)
-            return _failed(entry.key, _message(err), retryable=True)
+            return _failed(entry.key, _message(err), retryable=True, usage=ctx.meter.usage)
         output: object = outcome
         if isinstance(output, bytes):
             output = ExecutionResult(output=output)
@@ -195,24 +224,27 @@ class TaskRunner:
                 "not an ExecutionResult",
                 retryable=False,
             )
+        if schema is not None:
+            try:
+                check_output(schema, output.answer if output.answer is not None else output.output)
+            except PayloadError as err:
+                # The model answered, so tokens were spent; the same prompt would
+                # most likely miss the schema again: do not retry.
+                log.warning("attempt %s#%d failed the output schema: %s", task_id, attempt, err)
+                return _failed(entry.key, str(err), retryable=False, usage=output.usage)
         log.info("attempt %s#%d succeeded", task_id, attempt)
-        usage = output.usage
         return agent_pb2.Result(
             task_id=task_id,
             attempt=attempt,
             outcome=agent_pb2.OUTCOME_SUCCEEDED,
             output=output.output,
-            usage=common_pb2.Usage(
-                input_tokens=usage.input_tokens,
-                output_tokens=usage.output_tokens,
-                cost_micros=usage.cost_micros,
-            ),
+            usage=_usage(output.usage),
         )
 
     def _progress_fn(self, key: AttemptKey) -> ProgressFn:
-        async def progress(message: str, percent: int) -> None:
+        async def progress(message: str, percent: int, output_tokens: int) -> None:
             if self._on_progress is not None and key in self._running:
-                self._on_progress(key[0], key[1], message, percent)
+                self._on_progress(key[0], key[1], message, percent, output_tokens)
 
         return progress
 
@@ -253,11 +285,35 @@ def _message(err: BaseException) -> str:
     return str(err).strip() or type(err).__name__
 
 
-def _failed(key: AttemptKey, error: str, *, retryable: bool) -> agent_pb2.Result:
+def _failed(
+    key: AttemptKey, error: str, *, retryable: bool, usage: Usage | None = None
+) -> agent_pb2.Result:
     return agent_pb2.Result(
         task_id=key[0],
         attempt=key[1],
         outcome=agent_pb2.OUTCOME_FAILED,
         error=error[:MAX_ERROR_CHARS],
         retryable=retryable,
+        usage=_usage(usage),
     )
+
+
+def _usage(usage: Usage | None) -> common_pb2.Usage | None:
+    """The wire Usage (never money: the server prices tokens); None when nothing is known."""
+    if usage is None:
+        return None
+    return common_pb2.Usage(
+        input_tokens=max(0, usage.input_tokens),
+        output_tokens=max(0, usage.output_tokens),
+        model=usage.model,
+        cache_creation_input_tokens=max(0, usage.cache_creation_input_tokens),
+        cache_creation_1h_input_tokens=max(0, usage.cache_creation_1h_input_tokens),
+        cache_read_input_tokens=max(0, usage.cache_read_input_tokens),
+        reported_cost_micros=max(0, usage.reported_cost_micros),
+    )
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromTimedelta(dt.timedelta(seconds=min(seconds, 24 * 3600.0)))
+    return duration

@@ -204,9 +204,15 @@ class Session:
             if self.accepting:
                 self.send(agent_pb2.AgentMessage(credit=agent_pb2.Credit(credits=1)))
 
-    def send_progress(self, task_id: str, attempt: int, message: str, percent: int) -> None:
+    def send_progress(
+        self, task_id: str, attempt: int, message: str, percent: int, output_tokens: int = 0
+    ) -> None:
         progress = agent_pb2.Progress(
-            task_id=task_id, attempt=attempt, message=message, percent=percent
+            task_id=task_id,
+            attempt=attempt,
+            message=message,
+            percent=percent,
+            output_tokens=output_tokens,
         )
         self.send(agent_pb2.AgentMessage(progress=progress))
 

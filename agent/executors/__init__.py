@@ -4,9 +4,13 @@ from agent.executors.base import (
     ExecutionResult,
     Executor,
     ExecutorError,
+    ExecutorSettings,
+    ExecutorUnavailable,
     ProgressFn,
+    ProgressThrottle,
     TaskContext,
     Usage,
+    UsageMeter,
 )
 from agent.executors.registry import ENTRY_POINT_GROUP, ExecutorRegistry
 
@@ -16,7 +20,11 @@ __all__ = [
     "Executor",
     "ExecutorError",
     "ExecutorRegistry",
+    "ExecutorSettings",
+    "ExecutorUnavailable",
     "ProgressFn",
+    "ProgressThrottle",
     "TaskContext",
     "Usage",
+    "UsageMeter",
 ]

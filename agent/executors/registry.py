@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib.metadata import EntryPoint, entry_points
 
-from agent.executors.base import Executor
+from agent.executors.base import Executor, ExecutorSettings, ExecutorUnavailable
 from muster.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -51,14 +53,22 @@ class ExecutorRegistry:
 
     @classmethod
     def discover(
-        cls, names: Sequence[str] | None = None, *, group: str = ENTRY_POINT_GROUP
+        cls,
+        names: Sequence[str] | None = None,
+        *,
+        settings: ExecutorSettings | None = None,
+        group: str = ENTRY_POINT_GROUP,
     ) -> ExecutorRegistry:
         """Load the entry points named ``names`` (all of them when None).
 
-        Each entry point names a class (or factory) called with no arguments.
-        The entry point's name is how ``--executors`` selects it; the executor's
-        own ``kind`` is what the server matches tasks against.
+        Each entry point names a class (or factory) called with no arguments,
+        or with the :class:`ExecutorSettings` when it takes one. The entry
+        point's name is how ``--executors`` selects it; the executor's own
+        ``kind`` is what the server matches tasks against. Loading all, an
+        executor that raises :class:`ExecutorUnavailable` (no API key, no
+        binary) is skipped and so not advertised; named, it stops the start.
         """
+        settings = settings if settings is not None else ExecutorSettings()
         found = {ep.name: ep for ep in entry_points(group=group)}
         if names is None:
             selected = sorted(found)
@@ -72,19 +82,40 @@ class ExecutorRegistry:
             selected = list(dict.fromkeys(names))
         registry = cls()
         for name in selected:
-            registry.register(_instantiate(found[name]))
+            try:
+                executor = _instantiate(
+                    found[name], dataclasses.replace(settings, selected=names is not None)
+                )
+            except ExecutorUnavailable as err:
+                if names is not None:
+                    raise ConfigError(f"executor {name!r} cannot run here: {err}") from err
+                log.info("executor %s not loaded: %s", name, err)
+                continue
+            registry.register(executor)
         if not registry:
             raise ConfigError(f"no executors found in the {group!r} entry-point group")
         log.debug("executors: %s", ", ".join(registry.kinds))
         return registry
 
 
-def _instantiate(ep: EntryPoint) -> Executor:
+def _instantiate(ep: EntryPoint, settings: ExecutorSettings) -> Executor:
     try:
         factory = ep.load()
-        executor = factory()
+        executor = factory(settings) if _takes_settings(factory) else factory()
+    except ExecutorUnavailable:
+        raise
     except Exception as err:
         raise ConfigError(f"cannot load executor {ep.name!r} ({ep.value}): {err}") from err
     if not isinstance(executor, Executor):
         raise ConfigError(f"executor {ep.name!r} ({ep.value}) lacks `kind` or `run`")
     return executor
+
+
+def _takes_settings(factory: Callable[..., object]) -> bool:
+    """Whether the factory accepts one positional argument (the settings)."""
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return any(p.kind in positional or p.kind is inspect.Parameter.VAR_POSITIONAL for p in params)

@@ -91,14 +91,22 @@ async def test_sleep_rejects_bad_payloads_for_good(payload: bytes) -> None:
 
 
 async def test_progress_is_clamped_and_forwarded() -> None:
-    seen: list[tuple[str, int]] = []
+    seen: list[tuple[str, int, int]] = []
 
-    async def sink(message: str, percent: int) -> None:
-        seen.append((message, percent))
+    async def sink(message: str, percent: int, output_tokens: int) -> None:
+        seen.append((message, percent, output_tokens))
 
     context = TaskContext(task_id="t", attempt=1, kind="k", payload=b"", on_progress=sink)
     await context.progress("half", 50)
     await context.progress("over", 250)
     await context.progress("unknown")
-    assert seen == [("half", 50), ("over", 100), ("unknown", -1)]
+    await context.progress("tokens", output_tokens=42)
+    await context.progress("negative tokens", output_tokens=-3)
+    assert seen == [
+        ("half", 50, 0),
+        ("over", 100, 0),
+        ("unknown", -1, 0),
+        ("tokens", -1, 42),
+        ("negative tokens", -1, 0),
+    ]
     assert context.time_remaining() is None
