@@ -14,9 +14,11 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from server.storage import tasks as task_store
+from server.storage import usage as usage_store
 from server.storage.database import Database
 from server.storage.models import Base, Task
 from server.storage.types import utcnow
+from server.storage.usage import AttemptCost
 from tests.pg import fresh_database
 
 LEASE = timedelta(seconds=30)
@@ -177,7 +179,8 @@ async def test_finish_many_ends_each_attempt_once(db: Database) -> None:
     await claim(db, "s1", 3)
 
     def end(task_id: str, agent: str = "a1", state: str = task_store.SUCCEEDED) -> Any:
-        ending = task_store.Ending(task_id, 1, agent, state, b"out", "", (1, 2, 3))
+        usage = AttemptCost(model="m", input_tokens=1, output_tokens=2, cost_micros=3)
+        ending = task_store.Ending(task_id, 1, agent, state, b"out", "", usage)
         return db.group.run_many("finish", task_store.finish_many, ending)
 
     first, resent, failed, foreign, missing = await asyncio.gather(
@@ -187,7 +190,10 @@ async def test_finish_many_ends_each_attempt_once(db: Database) -> None:
         end("t_0002", agent="a2"),  # held by a1
         end("t_9999"),
     )
-    assert first == (task_store.SUCCEEDED, task_store.Finished("alice", "default", "echo", None))
+    assert first == (
+        task_store.SUCCEEDED,
+        task_store.Finished("alice", "default", "echo", None, None, 0),
+    )
     assert resent == task_store.Current(1, "a1", task_store.SUCCEEDED)
     assert failed[0] == task_store.FAILED
     assert foreign == task_store.Current(1, "a1", task_store.ASSIGNED)
@@ -201,6 +207,12 @@ async def test_finish_many_ends_each_attempt_once(db: Database) -> None:
             3,
             None,
         )
+        used = await usage_store.of_tasks(session, ["t_0000", "t_0001"])
+    # Each attempt that ended is recorded once (not the resent copy, not the refused ones).
+    assert [(u.task_id, u.attempt, u.cost_micros) for rows in used.values() for u in rows] == [
+        ("t_0000", 1, 3),
+        ("t_0001", 1, 3),
+    ]
 
 
 async def test_an_accepted_handed_in_without_waiting_is_written_before_the_result(
@@ -213,7 +225,7 @@ async def test_an_accepted_handed_in_without_waiting_is_written_before_the_resul
         lambda conn, items: task_store.accept_many(conn, items, lease=LEASE),
         task_store.Acceptance("t_0000", 1, "s1"),
     )
-    ending = task_store.Ending("t_0000", 1, "a1", task_store.SUCCEEDED, b"", "", (0, 0, 0))
+    ending = task_store.Ending("t_0000", 1, "a1", task_store.SUCCEEDED, b"", "")
     state, finished = await db.group.run_many("finish", task_store.finish_many, ending)
     assert await accepted
     assert state == task_store.SUCCEEDED

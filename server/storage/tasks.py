@@ -637,14 +637,13 @@ async def finish_many(
             },
         )
         ended = {(row.task_id, row.attempt): _finished(row) for row in result}
-        await usage_store.record(
-            conn,
-            (
-                Used(e.task_id, e.attempt, e.agent_id, e.usage)
-                for e in items
-                if e.usage is not None and (e.task_id, e.attempt) in ended
-            ),
-        )
+        # The usage of the copy that ended the attempt (a resent Result is not counted).
+        used = {
+            (e.task_id, e.attempt): Used(e.task_id, e.attempt, e.agent_id, e.usage)
+            for e in reversed(items)
+            if e.usage is not None and (e.task_id, e.attempt) in ended
+        }
+        await usage_store.record(conn, used.values())
     answers: list[tuple[str, Finished] | Current | None] = []
     for e in items:
         # A Result handed in twice ends the attempt once: the second copy is told why not.
