@@ -1,4 +1,5 @@
-"""AdminService: bootstrap and API tokens, agents, revocation and the audit trail.
+"""AdminService: bootstrap and API tokens, tenants, agents, revocation, spend budgets,
+pool settings and the audit trail.
 
 Every mutation commits together with its audit row. Revocation and disabling also close
 the agent's open streams at once through the hub.
@@ -6,8 +7,10 @@ the agent's open streams at once through the hub.
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
-from datetime import UTC, timedelta
+import re
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
@@ -15,17 +18,20 @@ from sqlalchemy import select
 
 from muster.v1 import admin_pb2, admin_pb2_grpc
 from server import tokens
+from server.ai.budgets import PERIODS, check_scope
+from server.ai.prices import PriceTable
 from server.audit import AuditRecord, record_in
 from server.dispatch.fanout import Fanout
 from server.metrics import MusterMetrics
 from server.principals import current_principal
+from server.quotas import Quotas, QuotaStoreUnavailable
 from server.services import convert
 from server.services.context import peer_address, request_id
-from server.services.errors import invalid, not_found
+from server.services.errors import ServiceError, invalid, not_found
 from server.services.validation import check_labels, check_name
-from server.storage import identities, tenants
+from server.storage import budgets, identities, tenants
 from server.storage.database import Database
-from server.storage.models import ApiToken, AuditEvent, BootstrapToken
+from server.storage.models import ApiToken, AuditEvent, BootstrapToken, Budget
 from server.storage.types import utcnow
 from server.token_cache import ApiTokenCache
 
@@ -33,6 +39,12 @@ DEFAULT_BOOTSTRAP_TTL = timedelta(hours=1)
 MAX_BOOTSTRAP_TTL = timedelta(days=30)
 MAX_USES = 10_000
 MAX_AUDIT_ROWS = 1000
+MAX_POOL_MODELS = 100
+MAX_LIMIT_MICROS = 10**15
+"""A billion dollars: anything above is a typo, and stays far from int64 overflow in sums."""
+PRICED_PROVIDERS = ("anthropic", "ollama")
+"""Where a pool's allowed model must have a price (any one of them)."""
+MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,99}$")
 
 
 class AdminService(admin_pb2_grpc.AdminServiceServicer):
@@ -43,8 +55,12 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         metrics: MusterMetrics,
         trust_domain: str,
         token_cache: ApiTokenCache,
+        quotas: Quotas,
+        prices: PriceTable,
     ) -> None:
         self._db = db
+        self._quotas = quotas
+        self._prices = prices
         self._token_cache = token_cache
         self._fanout = fanout
         self._hub = fanout.hub
@@ -215,6 +231,19 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         self._token_cache.forget(request.token_id)
         return admin_pb2.DeleteApiTokenResponse()
 
+    # Tenants
+
+    async def ListTenants(
+        self,
+        request: admin_pb2.ListTenantsRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.ListTenantsRequest, admin_pb2.ListTenantsResponse
+        ],
+    ) -> admin_pb2.ListTenantsResponse:
+        async with self._db.transaction() as session:
+            rows = await tenants.list_with_token_counts(session)
+        return admin_pb2.ListTenantsResponse(tenants=[convert.tenant(t, n) for t, n in rows])
+
     # Agents
 
     async def ListAgents(
@@ -351,6 +380,175 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             rows = (await session.execute(query)).scalars()
             return admin_pb2.QueryAuditResponse(events=[convert.audit_event(r) for r in rows])
 
+    # Budgets
+
+    async def SetBudget(
+        self,
+        request: admin_pb2.SetBudgetRequest,
+        context: grpc.aio.ServicerContext[admin_pb2.SetBudgetRequest, admin_pb2.Budget],
+    ) -> admin_pb2.Budget:
+        scope = _budget_scope(request.scope)
+        if not 0 <= request.limit_micros <= MAX_LIMIT_MICROS:
+            raise invalid(
+                f"limit_micros: must be between 0 and {MAX_LIMIT_MICROS} "
+                f"({MAX_LIMIT_MICROS // 10**6} USD)"
+            )
+        period = request.period or "month"
+        if period not in PERIODS:
+            raise invalid(f"period: {period[:20]!r} is not one of {', '.join(PERIODS)}")
+        async with self._db.transaction() as session:
+            before = await budgets.get_budget(session, scope)
+            previous = (
+                {"previous_limit_micros": before.limit_micros, "previous_period": before.period}
+                if before is not None
+                else {}
+            )
+            row = await budgets.set_budget(
+                session, scope, request.limit_micros, period, by=current_principal.get().name
+            )
+            await record_in(
+                session,
+                self._audit(
+                    context,
+                    "budget.set",
+                    scope,
+                    limit_micros=row.limit_micros,
+                    period=row.period,
+                    **previous,
+                ),
+            )
+        # Read after the commit: the change stands even when the figures cannot be read.
+        return await self._budget(row, saved=True)
+
+    async def GetBudget(
+        self,
+        request: admin_pb2.GetBudgetRequest,
+        context: grpc.aio.ServicerContext[admin_pb2.GetBudgetRequest, admin_pb2.Budget],
+    ) -> admin_pb2.Budget:
+        scope = _budget_scope(request.scope)
+        async with self._db.transaction() as session:
+            row = await budgets.get_budget(session, scope)
+        if row is None:
+            raise not_found(f"no budget for scope {scope!r}")
+        return await self._budget(row)
+
+    async def ListBudgets(
+        self,
+        request: admin_pb2.ListBudgetsRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.ListBudgetsRequest, admin_pb2.ListBudgetsResponse
+        ],
+    ) -> admin_pb2.ListBudgetsResponse:
+        async with self._db.transaction() as session:
+            rows = await budgets.list_budgets(session)
+        return admin_pb2.ListBudgetsResponse(
+            budgets=await asyncio.gather(*(self._budget(r) for r in rows))
+        )
+
+    async def DeleteBudget(
+        self,
+        request: admin_pb2.DeleteBudgetRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.DeleteBudgetRequest, admin_pb2.DeleteBudgetResponse
+        ],
+    ) -> admin_pb2.DeleteBudgetResponse:
+        scope = _budget_scope(request.scope)
+        async with self._db.transaction() as session:
+            row = await budgets.get_budget(session, scope)
+            if row is None:
+                raise not_found(f"no budget for scope {scope!r}")
+            details = {"limit_micros": row.limit_micros, "period": row.period}
+            await budgets.delete_budget(session, scope)
+            await record_in(session, self._audit(context, "budget.delete", scope, **details))
+        return admin_pb2.DeleteBudgetResponse()
+
+    async def _budget(self, row: Budget, *, saved: bool = False) -> admin_pb2.Budget:
+        """The row with what is spent and reserved in its current period (from the quota
+        store: UNAVAILABLE when it cannot answer, never a made-up zero)."""
+        rule = budgets.rule(row)
+        now = datetime.now(UTC)
+        try:
+            usage = await self._quotas.budget_usage(rule.key(now))
+        except QuotaStoreUnavailable as err:
+            done = f"budget {row.scope} was saved, but " if saved else ""
+            raise ServiceError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"{done}its spent and reserved figures are unknown: the quota store is "
+                f"unreachable ({err})",
+            ) from err
+        return convert.budget(row, usage, rule.window(now))
+
+    # Pool settings
+
+    async def SetPoolSettings(
+        self,
+        request: admin_pb2.SetPoolSettingsRequest,
+        context: grpc.aio.ServicerContext[admin_pb2.SetPoolSettingsRequest, admin_pb2.PoolSettings],
+    ) -> admin_pb2.PoolSettings:
+        pool = check_name(request.pool, "pool")
+        models = self._check_models(request.allowed_models)
+        async with self._db.transaction() as session:
+            row = await budgets.set_pool_settings(
+                session, pool, models, by=current_principal.get().name
+            )
+            await record_in(session, self._audit(context, "pool.set", pool, allowed_models=models))
+        return convert.pool_settings(row)
+
+    async def GetPoolSettings(
+        self,
+        request: admin_pb2.GetPoolSettingsRequest,
+        context: grpc.aio.ServicerContext[admin_pb2.GetPoolSettingsRequest, admin_pb2.PoolSettings],
+    ) -> admin_pb2.PoolSettings:
+        """A pool nobody configured has the defaults (any priced model), not NOT_FOUND:
+        pools exist wherever agents and tasks name them."""
+        pool = check_name(request.pool, "pool")
+        async with self._db.transaction() as session:
+            row = await budgets.pool_settings(session, pool)
+        return convert.pool_settings(row) if row is not None else admin_pb2.PoolSettings(pool=pool)
+
+    async def ListPoolSettings(
+        self,
+        request: admin_pb2.ListPoolSettingsRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.ListPoolSettingsRequest, admin_pb2.ListPoolSettingsResponse
+        ],
+    ) -> admin_pb2.ListPoolSettingsResponse:
+        async with self._db.transaction() as session:
+            rows = await budgets.list_pool_settings(session)
+        return admin_pb2.ListPoolSettingsResponse(pools=[convert.pool_settings(r) for r in rows])
+
+    def _check_models(self, names: Any) -> list[str]:
+        """Each model named once, in the order given, and each with a price: a model the
+        server cannot price could never be budgeted."""
+        models = list(dict.fromkeys(str(n) for n in names))
+        if len(models) > MAX_POOL_MODELS:
+            raise invalid(f"allowed_models: at most {MAX_POOL_MODELS} models")
+        for model in models:
+            if not MODEL.match(model):
+                raise invalid(f"allowed_models: {model[:100]!r} is not a valid model name")
+            if not self._priced(model):
+                raise invalid(
+                    f"allowed_models: {model!r} has no price in the server's price table "
+                    f"(priced by name: {', '.join(self._priced_models())})"
+                )
+        return models
+
+    def _priced(self, model: str) -> bool:
+        """Priced by name (or dated alias) by some provider; or, through a provider's
+        ``"*"`` entry (Ollama's local models), any other name except an Anthropic one
+        (``claude...``): those go to the paid API, where a typo must not pass for a free
+        local model."""
+        for provider in PRICED_PROVIDERS:
+            price = self._prices.price(provider, model)
+            if price is not None and price is not self._prices.price(provider, "*"):
+                return True
+        if model.startswith("claude"):
+            return False
+        return any(self._prices.price(p, model) is not None for p in PRICED_PROVIDERS)
+
+    def _priced_models(self) -> list[str]:
+        return [m for p in PRICED_PROVIDERS for m in self._prices.models(p) if m != "*"]
+
 
 async def create_api_token(
     session: Any,
@@ -382,3 +580,17 @@ async def create_api_token(
     session.add(row)
     await session.flush()
     return row, minted.secret
+
+
+def _budget_scope(scope: str) -> str:
+    """A scope an administrator may limit: per-task caps come with the task, not from here."""
+    try:
+        checked = check_scope(scope)
+    except ValueError as err:
+        raise invalid(f"scope: {err}") from None
+    if checked.startswith("task:"):
+        raise invalid(
+            "scope: task budgets are per-task caps: give one with the task "
+            "(SubmitRequest.max_cost_usd, muster submit --max-cost-usd)"
+        )
+    return checked

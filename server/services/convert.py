@@ -10,6 +10,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from muster.v1 import admin_pb2, common_pb2
+from server.quotas import BudgetUsage
 from server.storage import models
 
 _ROLES = {"submitter": admin_pb2.ROLE_SUBMITTER, "admin": admin_pb2.ROLE_ADMIN}
@@ -146,4 +147,37 @@ def audit_event(row: models.AuditEvent) -> admin_pb2.AuditEvent:
         peer=row.peer,
         request_id=row.request_id,
         details=json.dumps(row.details, sort_keys=True),
+    )
+
+
+def tenant(row: models.Tenant, live_tokens: int) -> admin_pb2.Tenant:
+    return admin_pb2.Tenant(name=row.name, created_at=timestamp(row.created_at), tokens=live_tokens)
+
+
+def budget(
+    row: models.Budget,
+    usage: BudgetUsage,
+    window: tuple[datetime | None, datetime | None],
+) -> admin_pb2.Budget:
+    """A budget's definition with its current period's figures (from the quota store)."""
+    start, end = window
+    return admin_pb2.Budget(
+        scope=row.scope,
+        limit_micros=row.limit_micros,
+        period=row.period,
+        spent_micros=usage.spent,
+        reserved_micros=usage.reserved,
+        period_start=timestamp(start),
+        period_end=timestamp(end),
+        updated_at=timestamp(row.updated_at),
+        updated_by=row.updated_by,
+    )
+
+
+def pool_settings(row: models.PoolSettings) -> admin_pb2.PoolSettings:
+    return admin_pb2.PoolSettings(
+        pool=row.pool,
+        allowed_models=list(row.allowed_models),
+        updated_at=timestamp(row.updated_at),
+        updated_by=row.updated_by,
     )
