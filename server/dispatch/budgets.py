@@ -10,9 +10,7 @@ that ends otherwise releases it; the reaper settles or releases what a dead repl
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -35,8 +33,6 @@ BUDGET_RETRY = timedelta(seconds=2)
 """How long a task that did not fit waits before it is considered again."""
 STORE_RETRY = timedelta(seconds=1)
 """How long AI work waits when the quota store is unreachable (budgets fail closed)."""
-RULES_TTL = 1.0
-"""Seconds budget definitions are cached: a changed limit applies within this."""
 WAITING_FOR_BUDGET = "waiting for budget"
 WAITING_FOR_STORE = "waiting for the quota store"
 WAITING_FOR_PROVIDER = "waiting for the provider"
@@ -77,33 +73,22 @@ class BudgetGate:
         self._quotas = quotas
         self._metrics = metrics
         self._clock = clock
-        self._rules: list[BudgetRule] = []
-        self._rules_until = 0.0
-        self._rules_lock = asyncio.Lock()
 
     async def rules(self) -> list[BudgetRule]:
-        """The budgets operators set, at most :data:`RULES_TTL` old."""
-        if time.monotonic() < self._rules_until:
-            return self._rules
-        async with self._rules_lock:
-            if time.monotonic() >= self._rules_until:
-                async with self._db.transaction() as session:
-                    rows = await budget_store.list_budgets(session)
-                self._rules = [budget_store.rule(row) for row in rows]
-                self._rules_until = time.monotonic() + RULES_TTL
-        return self._rules
+        """The budgets operators set, read afresh: a new or lowered limit holds from the
+        next claim on, on every replica (a cache would let work slip past a new budget)."""
+        async with self._db.transaction() as session:
+            rows = await budget_store.list_budgets(session)
+        return [budget_store.rule(row) for row in rows]
 
-    def forget_rules(self) -> None:
-        """A budget changed on this replica: read the definitions again at the next claim."""
-        self._rules_until = 0.0
-
-    async def admit(self, task: Claimed) -> Verdict:
-        """Reserve ``task``'s worst case on every budget that applies, or say why not."""
+    async def admit(self, task: Claimed, rules: Sequence[BudgetRule]) -> Verdict:
+        """Reserve ``task``'s worst case on every budget of ``rules`` that applies (read
+        with :meth:`rules` once per claim), or say why not."""
         if task.reserve_micros <= 0:
             return Verdict()
         now = self._clock()
         holder = task_store.attempt_key(task.task_id, task.attempt)
-        rules = self._applicable(await self.rules(), task)
+        rules = self._applicable(rules, task)
         holds = [_hold(rule, now) for rule in rules]
         try:
             if task.model:

@@ -181,13 +181,15 @@ class Dispatcher:
         held_back: list[task_store.HoldBack] = []
         failed: list[tuple[task_store.Claimed, str]] = []
         audits: list[AuditRecord] = []
+        budgeted = any(task.reserve_micros for task in claimed)
+        rules = await self.budgets.rules() if budgeted else []
         for task in claimed:
             holder = task_store.attempt_key(task.task_id, task.attempt)
             if not await self.inflight.admit(task.owner, task.pool, holder):
                 retry_at = utcnow() + INFLIGHT_RETRY
                 held_back.append(task_store.HoldBack(task.task_id, task.attempt, retry_at))
                 continue
-            verdict = await self.budgets.admit(task)
+            verdict = await self.budgets.admit(task, rules)
             if verdict.audit is not None:
                 audits.append(verdict.audit)
             if verdict.hold is None and verdict.fail is None:
