@@ -34,13 +34,16 @@ from muster.v1 import (
     task_pb2,
     task_pb2_grpc,
 )
+from server.ai.prices import PriceTable
 from server.audit import AuditRecord, AuditWriter, record_in
 from server.ca import CertificateAuthority, ensure_server_certificate
 from server.config import ServerConfig, parse_address
+from server.dispatch.budgets import BudgetGate
 from server.dispatch.dispatcher import Dispatcher
 from server.dispatch.fanout import Fanout
 from server.dispatch.hub import Hub
 from server.dispatch.inflight import InflightLimits
+from server.dispatch.metering import Metering
 from server.interceptors.auth import ApiTokenAuth
 from server.interceptors.errors import ErrorsInterceptor
 from server.interceptors.identity import AgentIdentityAuth
@@ -49,6 +52,7 @@ from server.metrics import MetricsServer, MusterMetrics, start_metrics_server
 from server.quotas import QuotaPolicy, Quotas, QuotaStoreUnavailable, RateLimit
 from server.services.admin import AdminService, create_api_token
 from server.services.agents import AgentService
+from server.services.ai_submit import AiAdmission
 from server.services.enrollment import EnrollmentService
 from server.services.tasks import TaskService
 from server.storage import identities
@@ -185,7 +189,10 @@ async def _start(
         enrollments=RateLimit(config.enrollment_rate, config.enrollment_burst),
         inflight_per_tenant=config.inflight_per_tenant,
         inflight_per_pool=config.inflight_per_pool,
+        ai_requests_per_minute=config.ai_requests_per_minute,
+        ai_tokens_per_minute=config.ai_tokens_per_minute,
     )
+    prices = PriceTable.load(Path(config.prices_file) if config.prices_file else None)
     quotas = Quotas.from_config(config.redis_url, config.redis_prefix, policy, metrics)
     if config.redis_url:
         try:
@@ -210,7 +217,10 @@ async def _start(
     cleanup.push_async_callback(fanout.close)
     metrics.agents_connected.set_function(hub.connected_by_pool)
     inflight = InflightLimits(quotas)
-    dispatcher = Dispatcher(db, fanout, audit, metrics, config, inflight)
+    budgets = BudgetGate(db, quotas, metrics)
+    dispatcher = Dispatcher(
+        db, fanout, audit, metrics, config, inflight, budgets, Metering(prices, metrics)
+    )
 
     identity = [(server_cert.private_key_pem, server_cert.chain_pem)]
     token_cache = ApiTokenCache()
@@ -249,10 +259,12 @@ async def _start(
         EnrollmentService(db, ca, quotas, audit, metrics, config, agent_endpoint), api_server
     )
     task_pb2_grpc.add_TaskServiceServicer_to_server(
-        TaskService(dispatcher, quotas, config), api_server
+        TaskService(dispatcher, quotas, config, AiAdmission(db, quotas, prices, config, budgets)),
+        api_server,
     )
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
-        AdminService(db, fanout, metrics, config.trust_domain, token_cache), api_server
+        AdminService(db, fanout, metrics, config.trust_domain, token_cache, quotas, prices),
+        api_server,
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, api_server)
@@ -353,7 +365,7 @@ async def _reaper(dispatcher: Dispatcher, config: ServerConfig, renew_every: flo
             await dispatcher.poll_queues()
             await dispatcher.sync_streams()
             if loop.time() >= next_gauges:
-                await dispatcher.refresh_queue_gauges()
+                await dispatcher.refresh_gauges()
                 next_gauges = loop.time() + GAUGE_REFRESH_SECONDS
             if loop.time() >= next_renewal:
                 await dispatcher.renew_inflight()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import cast
 
@@ -37,7 +38,8 @@ def task_state(state: str) -> common_pb2.TaskState:
     return cast(common_pb2.TaskState, common_pb2.TaskState.Value(f"TASK_STATE_{state}"))
 
 
-def task(row: models.Task) -> common_pb2.Task:
+def task(row: models.Task, attempts: Iterable[models.AttemptUsage] = ()) -> common_pb2.Task:
+    """A task as the API shows it; ``attempts``: its per-attempt usage rows, if loaded."""
     return common_pb2.Task(
         task_id=row.task_id,
         kind=row.kind,
@@ -74,6 +76,23 @@ def task(row: models.Task) -> common_pb2.Task:
         submitted_by=row.submitted_by,
         max_cost_micros=row.max_cost_micros or 0,
         output_schema=row.output_schema or "",
+        attempt_usage=[
+            common_pb2.AttemptUsage(
+                attempt=u.attempt,
+                agent_id=u.agent_id,
+                usage=common_pb2.Usage(
+                    model=u.model,
+                    input_tokens=u.input_tokens,
+                    output_tokens=u.output_tokens,
+                    cache_creation_input_tokens=u.cache_creation_tokens,
+                    cache_creation_1h_input_tokens=u.cache_creation_1h_tokens,
+                    cache_read_input_tokens=u.cache_read_tokens,
+                    cost_micros=u.cost_micros,
+                    reported_cost_micros=u.reported_cost_micros,
+                ),
+            )
+            for u in attempts
+        ],
     )
 
 
