@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.fakes._http import Recorded, read_request, send_json
+
 _ids = itertools.count(1)
 
 
@@ -54,26 +56,6 @@ class Reply:
             error_message=message,
             headers=dict(headers or {}),
         )
-
-
-@dataclass
-class Recorded:
-    method: str
-    path: str
-    headers: dict[str, str]
-    body: bytes
-
-    @property
-    def json(self) -> Any:
-        return json.loads(self.body) if self.body else None
-
-    @property
-    def api_key(self) -> str | None:
-        """The key as sent: ``x-api-key``, or ``Authorization: Bearer`` (newer SDKs use that)."""
-        if "x-api-key" in self.headers:
-            return self.headers["x-api-key"]
-        scheme, _, token = self.headers.get("authorization", "").partition(" ")
-        return token if scheme.lower() == "bearer" else None
 
 
 class FakeAnthropicAPI:
@@ -120,7 +102,7 @@ class FakeAnthropicAPI:
         self._writers.add(writer)
         try:
             while True:
-                request = await _read_request(reader)
+                request = await read_request(reader)
                 if request is None:
                     return
                 self.requests.append(request)
@@ -139,30 +121,30 @@ class FakeAnthropicAPI:
         self, req: Recorded, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> bool:
         if req.method != "POST" or req.path.split("?")[0] != "/v1/messages":
-            await _send_json(writer, 404, _error("not_found_error", "Not found"))
+            await send_json(writer, 404, _error("not_found_error", "Not found"))
             return True
         if self.api_key is not None and req.api_key != self.api_key:
-            await _send_json(writer, 401, _error("authentication_error", "invalid x-api-key"))
+            await send_json(writer, 401, _error("authentication_error", "invalid x-api-key"))
             return True
         if "anthropic-version" not in req.headers:
-            await _send_json(writer, 400, _error("invalid_request_error", "anthropic-version"))
+            await send_json(writer, 400, _error("invalid_request_error", "anthropic-version"))
             return True
         reply = self.replies.popleft() if self.replies else Reply()
         if reply.status != 200:
-            await _send_json(
+            await send_json(
                 writer, reply.status, _error(reply.error_type, reply.error_message), reply.headers
             )
             return True
         try:
             body = req.json
         except ValueError:
-            await _send_json(writer, 400, _error("invalid_request_error", "body is not JSON"))
+            await send_json(writer, 400, _error("invalid_request_error", "body is not JSON"))
             return True
         message = self._message(body, reply)
         if not body.get("stream"):
             message["content"] = [{"type": "text", "text": reply.text}]
             message["stop_reason"] = reply.stop_reason
-            await _send_json(writer, 200, message, reply.headers)
+            await send_json(writer, 200, message, reply.headers)
             return True
         await self._stream(message, reply, reader, writer)
         return False
@@ -255,52 +237,8 @@ class FakeAnthropicAPI:
         self.abandoned_event.set()
 
 
-async def _read_request(reader: asyncio.StreamReader) -> Recorded | None:
-    line = await reader.readline()
-    if not line:
-        return None
-    method, path, _version = line.decode("latin-1").split(" ", 2)
-    headers: dict[str, str] = {}
-    while True:
-        raw = await reader.readline()
-        if raw in (b"\r\n", b"\n", b""):
-            break
-        name, _, value = raw.decode("latin-1").partition(":")
-        headers[name.strip().lower()] = value.strip()
-    body = b""
-    if "content-length" in headers:
-        body = await reader.readexactly(int(headers["content-length"]))
-    elif headers.get("transfer-encoding", "").lower() == "chunked":
-        while True:
-            size = int((await reader.readline()).split(b";")[0], 16)
-            chunk = await reader.readexactly(size + 2)
-            if size == 0:
-                break
-            body += chunk[:-2]
-    return Recorded(method=method, path=path, headers=headers, body=body)
-
-
 def _error(error_type: str, message: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": error_type, "message": message}}
-
-
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden"}
-
-
-async def _send_json(
-    writer: asyncio.StreamWriter,
-    status: int,
-    doc: dict[str, Any],
-    headers: Mapping[str, str] | None = None,
-) -> None:
-    body = json.dumps(doc).encode()
-    head = f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}\r\n"
-    head += "content-type: application/json\r\n"
-    head += f"content-length: {len(body)}\r\nrequest-id: req_fake{next(_ids):06d}\r\n"
-    for name, value in (headers or {}).items():
-        head += f"{name}: {value}\r\n"
-    writer.write((head + "\r\n").encode() + body)
-    await writer.drain()
 
 
 async def _send_event(writer: asyncio.StreamWriter, event: str, data: dict[str, Any]) -> None:
