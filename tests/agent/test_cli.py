@@ -96,3 +96,52 @@ def test_ca_file_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 def test_parse_labels() -> None:
     assert parse_labels([]) == {}
     assert parse_labels(["k=", " z =1"]) == {"k": "", "z": "1"}
+
+
+def test_ai_executor_flags_and_their_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in (
+        "MUSTER_ANTHROPIC_BASE_URL",
+        "MUSTER_ANTHROPIC_KEY_FILE",
+        "MUSTER_CLAUDE_BIN",
+        "MUSTER_OLLAMA_URL",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    defaults = config_from_args(parse())
+    assert (defaults.anthropic_base_url, defaults.anthropic_key_file) == (None, None)
+    assert (defaults.claude_bin, defaults.ollama_url) == ("claude", None)
+    args = parse(
+        "--anthropic-base-url", "http://127.0.0.1:8080",
+        "--anthropic-key-file", str(tmp_path / "key"),
+        "--claude-bin", "/opt/claude/bin/claude",
+        "--ollama-url", "http://gpu-1:11434",
+    )  # fmt: skip
+    flags = config_from_args(args)
+    settings = flags.executor_settings()
+    assert settings.anthropic_base_url == "http://127.0.0.1:8080"
+    assert settings.anthropic_key_file == tmp_path / "key"
+    assert settings.claude_bin == "/opt/claude/bin/claude"
+    assert settings.ollama_endpoint() == "http://gpu-1:11434"
+    monkeypatch.setenv("MUSTER_ANTHROPIC_BASE_URL", "https://proxy.internal")
+    monkeypatch.setenv("MUSTER_ANTHROPIC_KEY_FILE", str(tmp_path / "env-key"))
+    monkeypatch.setenv("MUSTER_CLAUDE_BIN", "claude-beta")
+    monkeypatch.setenv("MUSTER_OLLAMA_URL", "http://ollama:11434")
+    env = config_from_args(parse())
+    assert env.anthropic_base_url == "https://proxy.internal"
+    assert env.anthropic_key_file == tmp_path / "env-key"
+    assert (env.claude_bin, env.ollama_url) == ("claude-beta", "http://ollama:11434")
+    assert config_from_args(parse("--claude-bin", "mine")).claude_bin == "mine"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--anthropic-base-url", "api.anthropic.com"], "--anthropic-base-url"),
+        (["--ollama-url", "ftp://x"], "--ollama-url"),
+        (["--claude-bin", " "], "--claude-bin"),
+    ],
+)
+def test_bad_ai_flags(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config_from_args(parse(*argv))
