@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from server.token_cache import ApiTokenCache, CachedToken
 
-ROW = CachedToken("id1", "alice", "submitter", "h", None, False)
+ROW = CachedToken("id1", "alice", "alice", "submitter", "h", None, False)
 
 
 class Clock:

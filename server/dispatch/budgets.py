@@ -33,6 +33,9 @@ BUDGET_RETRY = timedelta(seconds=2)
 """How long a task that did not fit waits before it is considered again."""
 STORE_RETRY = timedelta(seconds=1)
 """How long AI work waits when the quota store is unreachable (budgets fail closed)."""
+TASK_CAP_KEEP = timedelta(days=35)
+"""How long a task's own cap is remembered after its last reservation (timeouts are at
+most 30 days)."""
 WAITING_FOR_BUDGET = "waiting for budget"
 WAITING_FOR_STORE = "waiting for the quota store"
 WAITING_FOR_PROVIDER = "waiting for the provider"
@@ -220,4 +223,8 @@ class BudgetGate:
 
 def _hold(rule: BudgetRule, now: datetime) -> BudgetHold:
     _, end = rule.window(now)
+    if end is None and rule.scope.startswith("task:"):
+        # A task's cap has no period, but its key must not outlive the task: each
+        # reservation keeps it for TASK_CAP_KEEP more (longer than any task may wait).
+        end = now + TASK_CAP_KEEP
     return BudgetHold(rule.key(now), rule.limit_micros, end.timestamp() if end else None)

@@ -185,9 +185,10 @@ class Dispatcher:
         rules = await self.budgets.rules() if budgeted else []
         for task in claimed:
             holder = task_store.attempt_key(task.task_id, task.attempt)
-            if not await self.inflight.admit(task.owner, task.pool, holder):
+            full = await self.inflight.admit(task.owner, task.pool, holder)
+            if full is not None:
                 retry_at = utcnow() + INFLIGHT_RETRY
-                held_back.append(task_store.HoldBack(task.task_id, task.attempt, retry_at))
+                held_back.append(task_store.HoldBack(task.task_id, task.attempt, retry_at, full))
                 continue
             verdict = await self.budgets.admit(task, rules)
             if verdict.audit is not None:

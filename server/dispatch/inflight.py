@@ -17,6 +17,8 @@ from server.storage.tasks import Held
 
 log = logging.getLogger(__name__)
 
+STORE_DOWN = "waiting for the quota store: dispatch stops while it is unreachable"
+
 
 class InflightLimits:
     def __init__(self, quotas: Quotas) -> None:
@@ -24,20 +26,23 @@ class InflightLimits:
         self._releasing: list[tuple[str, str, str]] = []
         self._releaser: asyncio.Task[None] | None = None
 
-    async def admit(self, owner: str, pool: str, holder: str) -> bool:
-        """Take a tenant slot and a pool slot for ``holder``; False (holding none) if
-        either is full or the store is unreachable."""
+    async def admit(self, owner: str, pool: str, holder: str) -> str | None:
+        """Take a tenant slot and a pool slot for ``holder``: None when both are taken,
+        else why not (holding none): a full tenant or pool, or an unreachable store."""
         quotas = self._quotas
+        policy = quotas.policy
         try:
             if not (await quotas.acquire_inflight(owner, holder)).allowed:
-                return False
+                limit = policy.inflight_per_tenant
+                return f"waiting for a slot: tenant {owner} has {limit} tasks in flight"
             if not (await quotas.acquire_inflight(pool, holder, scope="pool")).allowed:
                 await quotas.release_inflight(owner, holder)
-                return False
+                limit = policy.inflight_per_pool
+                return f"waiting for a slot: pool {pool} has {limit} tasks in flight"
         except QuotaStoreUnavailable:
             await quotas.release_inflight(owner, holder)
-            return False
-        return True
+            return STORE_DOWN
+        return None
 
     def release(self, owner: str, pool: str, holder: str) -> None:
         """Give back ``holder``'s slots, without waiting: the releases of every attempt

@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from google.protobuf import duration_pb2
 
+from muster import AsyncAdminClient
 from muster.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -22,8 +25,9 @@ from muster.v1 import (
     task_pb2,
     task_pb2_grpc,
 )
-from server.app import ServerHandle
+from server.app import ServerHandle, start_server
 from tests.agentsim import Enroller, SimAgent
+from tests.conftest import client_config, server_config
 
 MODEL = "claude-sonnet-4-5"  # $3 input, $15 output per million tokens (shipped table)
 AI = ("anthropic.messages",)
@@ -209,7 +213,7 @@ async def test_submit_checks_the_output_schema(api: Api) -> None:
 
 
 async def test_dispatch_reserves_the_worst_case_and_settles_at_the_server_price(
-    api: Api, enroller: Enroller
+    api: Api, enroller: Enroller, server: ServerHandle
 ) -> None:
     await api.budget("global", 1_000_000)
     agent = await ai_agent(enroller, "ai-1")
@@ -237,6 +241,12 @@ async def test_dispatch_reserves_the_worst_case_and_settles_at_the_server_price(
     budget = await api.wait_budget("global", lambda b: b.reserved_micros == 0)
     assert (budget.spent_micros, budget.reserved_micros) == (3600, 0)
     await agent.close()
+    sample = server.registry.get_sample_value
+    labels = {"kind": "anthropic.messages", "model": MODEL}
+    assert sample("muster_llm_tokens_total", {**labels, "type": "output"}) == 200
+    assert sample("muster_llm_tokens_total", {**labels, "type": "cache_read"}) == 1000
+    assert sample("muster_llm_cost_usd_total", labels) == pytest.approx(0.0036)
+    assert sample("muster_budget_reservations_total", {"outcome": "reserved"}) == 1
 
 
 async def test_what_does_not_fit_waits_with_its_reason_until_the_limit_is_raised(
@@ -366,3 +376,31 @@ async def test_the_tasks_own_cap_ends_it_when_used_up(api: Api, enroller: Enroll
     assert done.error.startswith("the task's spend cap is used up")
     assert done.usage.cost_micros == 15_000
     await agent.close()
+
+
+async def test_budgets_fail_closed_without_the_quota_store(tmp_path: Path) -> None:
+    """Redis unreachable: AI work waits with its reason, everything else (submission
+    included) goes on, and each refused reservation is counted as degraded."""
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        dead = f"redis://127.0.0.1:{probe.getsockname()[1]}/0"
+    handle = await start_server(server_config(tmp_path / "data", redis_url=dead))
+    api = Api(handle)
+    try:
+        async with AsyncAdminClient(client_config(handle)) as admin:
+            enroller = Enroller(handle, admin)
+            agent = SimAgent.of(await enroller.enroll("no-redis"))
+            await agent.hello(max_concurrency=2, capabilities=AI)
+            agent.keep_alive()
+            task = await api.submit()
+            seen = await api.wait(task.task_id, lambda t: t.waiting_reason != "")
+            assert seen.state == common_pb2.TASK_STATE_QUEUED
+            assert seen.waiting_reason.startswith("waiting for the quota store")
+            degraded = handle.registry.get_sample_value(
+                "muster_quota_decisions_total", {"limit": "inflight_tasks", "outcome": "degraded"}
+            )
+            assert degraded
+            await agent.close()
+    finally:
+        await api.channel.close()
+        await handle.stop(grace=1.0)
