@@ -182,6 +182,7 @@ class Agent:
                     "stopped %d attempt(s) before they finished; the server will requeue them",
                     len(abandoned),
                 )
+            await self.runner.registry.aclose()
             self.connected.clear()
             log.info("agent stopped")
 

@@ -51,6 +51,17 @@ class ExecutorRegistry:
     def __len__(self) -> int:
         return len(self._by_kind)
 
+    async def aclose(self) -> None:
+        """Let executors that hold connections (an HTTP client pool) close them."""
+        for executor in self._by_kind.values():
+            close = getattr(executor, "aclose", None)
+            if close is None:
+                continue
+            try:
+                await close()
+            except Exception:
+                log.warning("closing executor %r failed", executor.kind, exc_info=True)
+
     @classmethod
     def discover(
         cls,

@@ -160,7 +160,6 @@ async def test_a_streamed_call_returns_the_final_message_and_its_usage(
     # Progress carried output tokens, throttled, ending with the real count.
     assert seen and seen[-1][2] == 9
     assert all(tokens >= 1 for _, _, tokens in seen)
-    assert len(seen) <= 3
     # The request: the payload as given plus stream, and the key only in a header.
     (request,) = api.requests
     body = request.json
@@ -829,3 +828,14 @@ def test_factories_without_arguments_still_work() -> None:
     assert ExecutorRegistry.discover(["echo"], settings=ExecutorSettings(environ={})).kinds == [
         "echo"
     ]
+
+
+async def test_the_registry_closes_executors_that_hold_connections(
+    api: FakeAnthropicAPI, anthropic_executor: AnthropicMessagesExecutor
+) -> None:
+    registry = ExecutorRegistry([anthropic_executor])
+    await anthropic_executor.run(ctx("anthropic.messages", messages_payload()))
+    client = anthropic_executor.client
+    await registry.aclose()
+    assert client.is_closed()
+    await anthropic_executor.run(ctx("anthropic.messages", messages_payload()))  # a new client
