@@ -417,3 +417,30 @@ def test_local_refs_work_and_nothing_is_fetched() -> None:
     with pytest.raises(PayloadError) as info:
         check_output(schema, b'{"a": "x"}')
     assert info.value.path == "output.a"
+
+
+def test_random_schemas_and_outputs_only_ever_raise_payload_error() -> None:
+    rng = random.Random(9)
+    keywords = ["type", "properties", "required", "items", "minimum", "enum", "anyOf", "$ref"]
+    values: list[object] = [None, True, 0, -1, 2.5, "", "string", "#/x", [], {}, ["a"], {"a": {}}]
+    checked = 0
+    for _ in range(2000):
+        schema_doc = {rng.choice(keywords): rng.choice(values) for _ in range(rng.randrange(4))}
+        try:
+            schema = parse_output_schema(json.dumps(schema_doc))
+        except PayloadError as err:
+            assert err.path.startswith("output_schema")
+            assert "cannot be checked" not in err.message
+            continue
+        output = rng.choice(
+            [json.dumps(rng.choice(values)).encode(), bytes(rng.randrange(256) for _ in range(8))]
+        )
+        try:
+            check_output(schema, output)
+            checked += 1
+        except PayloadError as err:
+            assert err.path.startswith(("output", "output_schema"))
+            assert "cannot be checked" not in err.message
+    assert checked > 0
+    with pytest.raises(PayloadError):
+        parse_output_schema(b"\xff")  # type: ignore[arg-type]
