@@ -3,6 +3,7 @@ what happens when the shared quota store is unreachable."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from datetime import timedelta
@@ -137,7 +138,15 @@ async def test_with_the_quota_store_unreachable_submissions_fail_open_and_dispat
             task = await client.submit("echo", b"x")  # rate limit: local cap, allowed
             with pytest.raises(TimeoutError):
                 await agent.expect("assignment", timeout=1.5)  # in-flight: refused
-            assert (await client.get(task.task_id)).state is TaskState.QUEUED
+            # Each claim is given back at once, with the reason (the claim itself is
+            # visible for a moment as ASSIGNED, so look until the reason shows).
+            for _ in range(50):
+                seen = await client.get(task.task_id)
+                if seen.state is TaskState.QUEUED and seen.waiting_reason:
+                    break
+                await asyncio.sleep(0.1)
+            assert seen.state is TaskState.QUEUED
+            assert seen.waiting_reason.startswith("waiting for the quota store")
             degraded = server.registry.get_sample_value(
                 "muster_quota_decisions_total", {"limit": "submissions", "outcome": "degraded"}
             )

@@ -48,17 +48,14 @@ def upgrade() -> None:
             ") AS owners GROUP BY name"
         ).bindparams(by=MIGRATED_BY)
     )
-    # Plain ADD COLUMN with a default works on both backends without copying tables; the
-    # defaults only fill the rows already there (the code always sets these columns), so
-    # Postgres drops them again. SQLite cannot drop a default without rebuilding the table.
+    # Plain ADD COLUMN with a default works on both backends without copying tables. The
+    # defaults stay: the code always sets these columns, but rows written by other tools
+    # (a restore, a seeding script) get the same neutral values.
     op.add_column(
         "api_tokens", sa.Column("tenant", sa.String(63), nullable=False, server_default=_EMPTY)
     )
     op.execute("UPDATE api_tokens SET tenant = name")
     op.create_index("ix_api_tokens_tenant", "api_tokens", ["tenant"])
-    added: list[tuple[str, str, sa.types.TypeEngine[Any]]] = [
-        ("api_tokens", "tenant", sa.String(63))
-    ]
     column_defaults: tuple[tuple[str, sa.types.TypeEngine[Any], str], ...] = (
         ("submitted_by", sa.String(100), _EMPTY),
         ("cache_creation_tokens", sa.BigInteger(), _ZERO),
@@ -70,14 +67,10 @@ def upgrade() -> None:
     )
     for column, type_, default in column_defaults:
         op.add_column("tasks", sa.Column(column, type_, nullable=False, server_default=default))
-        added.append(("tasks", column, type_))
     op.add_column("tasks", sa.Column("model", sa.String(100), nullable=True))
     op.add_column("tasks", sa.Column("max_cost_micros", sa.BigInteger(), nullable=True))
     op.add_column("tasks", sa.Column("output_schema", sa.Text(), nullable=True))
     op.execute("UPDATE tasks SET submitted_by = owner")
-    if op.get_context().dialect.name == "postgresql":
-        for table, column, type_ in added:
-            op.alter_column(table, column, existing_type=type_, server_default=None)
 
     op.create_table(
         "attempt_usage",
