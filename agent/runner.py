@@ -26,6 +26,7 @@ from agent.executors import (
     Usage,
 )
 from muster.ai import PayloadError, check_output, parse_output_schema
+from muster.sanitize import neutralize
 from muster.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,9 @@ class TaskRunner:
                 current = asyncio.current_task()
                 if current is not None:
                     current.uncancel()
-                log.info("attempt %s#%d cancelled: %s", task_id, attempt, entry.cancel_reason)
+                log.info(
+                    "attempt %s#%d cancelled: %s", task_id, attempt, _shown(entry.cancel_reason)
+                )
                 return agent_pb2.Result(
                     task_id=task_id,
                     attempt=attempt,
@@ -189,7 +192,7 @@ class TaskRunner:
             raise
         except TimeoutError as err:
             if not timeout.expired():
-                log.warning("attempt %s#%d failed: %s", task_id, attempt, _message(err))
+                log.warning("attempt %s#%d failed: %s", task_id, attempt, _shown(_message(err)))
                 return _failed(entry.key, _message(err), retryable=True, usage=ctx.meter.usage)
             log.warning("attempt %s#%d timed out", task_id, attempt)
             return _failed(
@@ -199,7 +202,7 @@ class TaskRunner:
                 usage=ctx.meter.usage,
             )
         except ExecutorError as err:
-            log.warning("attempt %s#%d failed: %s", task_id, attempt, err)
+            log.warning("attempt %s#%d failed: %s", task_id, attempt, _shown(str(err)))
             result = _failed(
                 entry.key,
                 _message(err),
@@ -230,7 +233,9 @@ class TaskRunner:
             except PayloadError as err:
                 # The model answered, so tokens were spent; the same prompt would
                 # most likely miss the schema again: do not retry.
-                log.warning("attempt %s#%d failed the output schema: %s", task_id, attempt, err)
+                log.warning(
+                    "attempt %s#%d failed the output schema: %s", task_id, attempt, _shown(str(err))
+                )
                 return _failed(entry.key, str(err), retryable=False, usage=output.usage)
         log.info("attempt %s#%d succeeded", task_id, attempt)
         return agent_pb2.Result(
@@ -279,6 +284,12 @@ def _timeout_message(
         if task_deadline is None or deadline < task_deadline:
             return f"timed out after {limit.total_seconds():g}s (start-to-close timeout)"
     return "timed out: the task deadline passed"
+
+
+def _shown(text: str) -> str:
+    """Text from a provider, a server or an executor as a log line may show it: one line,
+    terminal controls and bidi overrides made visible (model output is untrusted)."""
+    return neutralize(text, single_line=True)
 
 
 def _message(err: BaseException) -> str:

@@ -15,7 +15,9 @@ from agent.executors import (
     TaskContext,
 )
 from agent.executors.builtin import EchoExecutor, SleepExecutor
+from agent.runner import TaskRunner
 from muster.errors import ConfigError
+from muster.v1 import agent_pb2
 
 
 def ctx(kind: str, payload: bytes) -> TaskContext:
@@ -110,3 +112,26 @@ async def test_progress_is_clamped_and_forwarded() -> None:
         ("negative tokens", -1, 0),
     ]
     assert context.time_remaining() is None
+
+
+async def test_the_runner_logs_an_executors_error_with_terminal_controls_made_visible(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Provider and model text is untrusted: a log line never carries it raw."""
+
+    class Hostile:
+        kind = "hostile"
+
+        async def run(self, ctx: TaskContext) -> ExecutionResult:
+            raise ExecutorError("bad \x1b]0;pwned\x07 \x1b[2J \u202egnp.exe\nforged line")
+
+    results: list[agent_pb2.Result] = []
+    runner = TaskRunner(ExecutorRegistry([Hostile()]), 1, results.append)
+    runner.start(agent_pb2.Assignment(task_id="t1", attempt=1, kind="hostile"))
+    while runner.running():
+        await asyncio.sleep(0.01)
+    assert results[0].error.startswith("bad \x1b]0;")  # the Result keeps the bytes as they were
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "failed: bad" in logged
+    for raw in ("\x1b", "\x07", "\u202e", "\nforged line"):
+        assert raw not in logged
