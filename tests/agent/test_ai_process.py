@@ -112,3 +112,29 @@ async def test_cancel_through_the_server_closes_the_agents_stream_within_a_secon
             assert api.abandoned[0] - cancelled_at < 1.0
             done = await client.wait(task.task_id, timeout=15)
             assert done.state == TaskState.CANCELLED
+
+
+async def test_a_429_storm_slows_dispatch_instead_of_failing_tasks(
+    tmp_path: Path, server: ServerHandle, admin: AsyncAdminClient, client: AsyncClient
+) -> None:
+    """Six rate-limit answers in a row, each asking for a second: tasks allowed a single
+    attempt still all succeed, because a provider's 429 costs no attempt and holds the
+    model back in the pool for the retry-after instead of sending more into the refusal."""
+    storm = [
+        Reply.error(429, "rate_limit_error", "slow down", {"retry-after": "1"}) for _ in range(6)
+    ]
+    async with FakeAnthropicAPI(api_key=KEY) as api:
+        api.queue(*storm)
+        async with agent_process(tmp_path, server, admin, api):
+            started = time.monotonic()
+            tasks = [
+                await client.submit("anthropic.messages", PAYLOAD, max_attempts=1) for _ in range(3)
+            ]
+            done = [await client.wait(t.task_id, timeout=60) for t in tasks]
+            elapsed = time.monotonic() - started
+    assert [t.state for t in done] == [TaskState.SUCCEEDED] * 3, [t.error for t in done]
+    assert sum(t.attempt for t in done) == 3 + 6  # every 429 was an attempt, none counted
+    assert len(api.requests) == 9
+    # Each 429 held the model back for its second: the storm was spread over time rather
+    # than answered by six immediate retries.
+    assert elapsed >= 2.0
