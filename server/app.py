@@ -218,6 +218,8 @@ async def _start(
     metrics.agents_connected.set_function(hub.connected_by_pool)
     inflight = InflightLimits(quotas)
     budgets = BudgetGate(db, quotas, metrics)
+    if not config.redis_url:
+        await budgets.restore()  # the in-process store starts empty
     dispatcher = Dispatcher(
         db, fanout, audit, metrics, config, inflight, budgets, Metering(prices, metrics)
     )

@@ -208,6 +208,43 @@ class BudgetGate:
             closed += 1
         return closed
 
+    async def restore(self) -> None:
+        """Rebuild an in-process store's budgets after a start: each budget's spend in its
+        current period and each live task's cap from the recorded usage, and the holds of
+        the attempts agents still hold. Redis keeps all of this across restarts; the
+        embedded store would otherwise forget every budget at each restart."""
+        now = self._clock()
+        rules = await self.rules()
+        async with self._db.transaction() as session:
+            spent: list[tuple[BudgetRule, int]] = []
+            for rule in rules:
+                start, _ = rule.window(now)
+                kind, _, name = rule.scope.partition(":")
+                total = await usage_store.spent_since(
+                    session,
+                    start,
+                    owner=name if kind == "tenant" else None,
+                    pool=name if kind == "pool" else None,
+                )
+                spent.append((rule, total))
+            live = (task_store.QUEUED, *task_store.HELD)
+            for task_id, cap, total in await usage_store.capped_tasks_spent(session, live):
+                spent.append((BudgetRule(f"task:{task_id}", cap, "none"), total))
+            held = await task_store.held_with_reservations(session)
+        for rule, total in spent:
+            if total:
+                holder = f"restored:{rule.key(now)}"
+                await self._quotas.reserve_budget(holder, 0, [_hold(rule, now)])
+                await self._quotas.settle_budget(holder, total)
+        for task in held:
+            holder = task_store.attempt_key(task.task_id, task.attempt)
+            holds = [_hold(rule, now) for rule in self._applicable(rules, task)]
+            verdict = await self._quotas.reserve_budget(holder, task.reserve_micros, holds)
+            if not verdict.allowed:
+                log.warning("restoring the hold of %s went over a budget", holder)
+        if spent or held:
+            log.info("budgets restored: %d spends, %d holds", len(spent), len(held))
+
     async def refresh_gauges(self) -> None:
         """``muster_budget_remaining_usd`` for every budget with a limit."""
         now = self._clock()

@@ -732,6 +732,14 @@ async def kind_and_model(session: AsyncSession, task_id: str) -> tuple[str, str 
     return (row.kind, row.model) if row is not None else None
 
 
+async def held_with_reservations(session: AsyncSession) -> list[Claimed]:
+    """Every attempt agents hold that reserved budget (to restore an in-process store)."""
+    rows = await session.execute(
+        select(*CLAIMED_COLUMNS).where(Task.state.in_(HELD), Task.reserve_micros > 0)
+    )
+    return [_claimed(row) for row in rows]
+
+
 async def held_attempts(
     session: AsyncSession, attempts: Sequence[tuple[str, int]]
 ) -> set[tuple[str, int]]:

@@ -6,7 +6,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import Table, insert, select, update
+from datetime import datetime
+
+from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from server.storage.models import AttemptUsage, Task
@@ -124,3 +126,35 @@ async def cost_of(
     )
     wanted = set(attempts)
     return {(t, a): cost for t, a, cost in rows if (t, a) in wanted}
+
+
+async def spent_since(
+    session: AsyncSession,
+    since: datetime | None,
+    *,
+    owner: str | None = None,
+    pool: str | None = None,
+) -> int:
+    """What attempts recorded since ``since`` (ever, if None) cost, of one tenant or pool."""
+    query = select(func.coalesce(func.sum(AttemptUsage.cost_micros), 0))
+    if owner is not None or pool is not None:
+        query = query.join(Task, Task.task_id == AttemptUsage.task_id)
+    if since is not None:
+        query = query.where(AttemptUsage.recorded_at >= since)
+    if owner is not None:
+        query = query.where(Task.owner == owner)
+    if pool is not None:
+        query = query.where(Task.pool == pool)
+    return int((await session.execute(query)).scalar_one())
+
+
+async def capped_tasks_spent(
+    session: AsyncSession, states: Sequence[str]
+) -> list[tuple[str, int, int]]:
+    """(task_id, cap, spent so far) of tasks in ``states`` that have their own spend cap."""
+    rows = await session.execute(
+        select(Task.task_id, Task.max_cost_micros, Task.cost_micros).where(
+            Task.state.in_(states), Task.max_cost_micros.is_not(None)
+        )
+    )
+    return [(t, int(cap), int(spent)) for t, cap, spent in rows]

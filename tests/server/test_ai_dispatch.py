@@ -414,3 +414,39 @@ async def test_budgets_fail_closed_without_the_quota_store(tmp_path: Path) -> No
     finally:
         await api.channel.close()
         await handle.stop(grace=1.0)
+
+
+async def test_the_embedded_store_remembers_budgets_across_a_restart(
+    tmp_path: Path, backend: dict[str, object]
+) -> None:
+    """Spend and live holds are rebuilt from the database when the in-process store starts
+    empty, so restarting `muster dev` does not reset a budget."""
+    if backend:
+        pytest.skip("Redis keeps budgets itself")
+    config = server_config(tmp_path / "data")
+    handle = await start_server(config)
+    api = Api(handle)
+    try:
+        await api.budget("global", 1_000_000, period="day")
+        async with AsyncAdminClient(client_config(handle)) as admin:
+            agent = SimAgent.of(await Enroller(handle, admin).enroll("restart"))
+            await agent.hello(max_concurrency=2, capabilities=AI)
+            agent.keep_alive()
+            await api.submit()
+            await run(agent, common_pb2.Usage(model=MODEL, input_tokens=1000, output_tokens=100))
+            await api.submit()
+            held = await agent.expect("assignment")
+            before = await api.wait_budget("global", lambda b: b.spent_micros > 0)
+            await agent.close()
+    finally:
+        await api.channel.close()
+        await handle.stop(grace=0.1)
+    assert (before.spent_micros, before.reserved_micros) == (4500, held.max_cost_micros)
+    handle = await start_server(config)
+    api = Api(handle)
+    try:
+        after = await api.get_budget("global")
+        assert after.spent_micros == 4500
+    finally:
+        await api.channel.close()
+        await handle.stop(grace=0.1)
