@@ -65,3 +65,26 @@ def test_an_unknown_scenario_is_refused_before_anything_starts(tmp_path: Path) -
     assert proc.returncode == 2
     assert "unknown scenario" in proc.stderr
     assert not (tmp_path / "benchmarks.json").exists()
+
+
+@pytest.mark.timeout(180)
+def test_a_quick_ai_run_measures_budget_overhead_and_finds_no_overspend(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--runs", "1", "--output", str(tmp_path), "ai"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [scenario] = json.loads((tmp_path / "benchmarks.json").read_text())["scenarios"]
+    assert scenario["name"] == "ai"
+    assert scenario["error"] == ""
+    figures = {f["figure"]: f for f in scenario["figures"]}
+    rate = figures["throughput, budgets set"]
+    assert len(rate["muster"]) == len(rate["reference"]) == len(rate["ratio"]) == 1
+    assert all(v > 0 for v in rate["muster"] + rate["reference"])
+    assert figures["largest overspend (settled - limit)"]["muster"] == [0.0]
+    assert figures["largest spent + reserved above limit (sampled)"]["muster"] == [0.0]
+    assert figures["tasks run before the budget held"]["muster"][0] > 0
+    assert "| ai | largest overspend" in (tmp_path / "benchmarks.md").read_text()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from bench.results import Context, ScenarioResult
-from bench.scenarios import audit, dispatch, enrollment, idle, reconnect, revocation
+from bench.scenarios import ai, audit, dispatch, enrollment, idle, reconnect, revocation
 
 Scenario = Callable[[Context], Awaitable[ScenarioResult]]
 
@@ -20,4 +20,5 @@ SCENARIOS: dict[str, Scenario] = {
     "audit": audit.run,
     "revocation": revocation.run,
     "scaleout": dispatch.run_scaleout,
+    "ai": ai.run,
 }
