@@ -7,6 +7,8 @@ reserve and settle through the server's own ``Quotas`` to see the figures move.
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,11 +16,20 @@ from pathlib import Path
 import grpc
 import pytest
 
-from muster import AsyncAdminClient, Budget, InvalidArgumentError, MusterError, NotFoundError
-from muster.v1 import admin_pb2, admin_pb2_grpc
+from muster import (
+    AsyncAdminClient,
+    AsyncClient,
+    Budget,
+    InvalidArgumentError,
+    MusterError,
+    NotFoundError,
+)
+from muster.cli import main
+from muster.v1 import admin_pb2, admin_pb2_grpc, agent_pb2
 from server.ai.budgets import BudgetRule
 from server.ai.prices import PriceTable
 from server.app import ServerHandle, start_server
+from tests.agentsim import Enroller, SimAgent
 from tests.conftest import client_config, server_config
 
 
@@ -270,3 +281,111 @@ async def test_budget_figures_are_unavailable_without_the_quota_store(tmp_path: 
             await admin.delete_budget("global")  # the definition was there
     finally:
         await handle.stop(grace=0.5)
+
+
+# The CLI against the real server (blocking, so it runs in a thread beside the server)
+
+
+async def cli(server: ServerHandle, *args: str) -> int:
+    conn = ["--addr", server.api_address, "--token-file", str(server.config.admin_token_file)]
+    conn += ["--ca-file", str(server.config.ca_dir / "bundle.pem")]
+    return await asyncio.to_thread(main, [*args, *conn])
+
+
+async def test_the_cli_spellings_against_the_server(
+    server: ServerHandle, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await cli(server, "budget", "set", "tenant:acme", "--limit-usd", "12.5") == 0
+    out = capsys.readouterr().out
+    assert "limit:    12.50 USD per month" in out and "left:     12.50 USD" in out
+    assert await cli(server, "budget", "set", "global", "--limit-usd", "0", "--period", "none") == 0
+    assert await cli(server, "budget", "get", "global") == 0
+    assert "period:   none (all time)" in capsys.readouterr().out
+    assert await cli(server, "budget", "list") == 0
+    rows = [r.split() for r in capsys.readouterr().out.splitlines()]
+    assert [r[:6] for r in rows[1:]] == [
+        ["global", "0.00", "0.00", "0.00", "0.00", "none"],
+        ["tenant:acme", "12.50", "0.00", "0.00", "12.50", "month"],
+    ]
+    assert await cli(server, "budget", "delete", "global") == 0
+    assert await cli(server, "budget", "get", "global") == 1
+    assert await cli(server, "budget", "set", "task:t-1", "--limit-usd", "1") == 1
+    err = capsys.readouterr().err
+    assert "muster: error: no budget for scope 'global'" in err
+    assert "muster: error: scope: task budgets are per-task caps" in err
+
+    assert await cli(server, "pool", "set", "gpu", "--models", "claude-sonnet-4-5,llama3.1") == 0
+    assert "models:  claude-sonnet-4-5,llama3.1" in capsys.readouterr().out
+    assert await cli(server, "pool", "set", "gpu", "--models", "claude-nope") == 1
+    assert "'claude-nope' has no price" in capsys.readouterr().err
+    assert await cli(server, "pool", "set", "cpu", "--models", "") == 0
+    assert await cli(server, "pool", "list") == 0
+    rows = [r.split() for r in capsys.readouterr().out.splitlines()]
+    assert [r[:2] for r in rows[-2:]] == [["cpu", "any"], ["gpu", "claude-sonnet-4-5,llama3.1"]]
+
+    assert (
+        await cli(server, "api-token", "create", "ci", "--role", "submitter", "--tenant", "acme")
+        == 0
+    )
+    assert (
+        await cli(server, "api-token", "create", "ci", "--role", "submitter", "--tenant", "Acme!")
+        == 1
+    )
+    assert "muster: error: tenant: 'Acme!' is not valid" in capsys.readouterr().err
+    assert await cli(server, "tenant", "list") == 0
+    rows = [r.split()[:2] for r in capsys.readouterr().out.splitlines()]
+    assert ["acme", "1"] in rows and ["admin", "1"] in rows
+    assert await cli(server, "api-token", "list") == 0
+    assert any(
+        r.split()[1:4] == ["ci", "submitter", "acme"] for r in capsys.readouterr().out.splitlines()
+    )
+
+
+HOSTILE = "ok\x1b]0;pwned\x07\x1b[2J\u202egnp.exe\x00\rfake prompt$ \x9b31m\u2066"
+RAW = ("\x1b", "\x07", "\u202e", "\x00", "\r", "\x9b", "\u2066")
+
+
+async def test_agent_text_reaches_the_terminal_neutralised(
+    server: ServerHandle,
+    enroller: Enroller,
+    client: AsyncClient,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """What an agent reports (output, error) is stored byte for byte and shown by the CLI
+    with none of its control, escape or bidi characters live."""
+    agent = SimAgent.of(await enroller.enroll("d1"))
+    await agent.hello(max_concurrency=2)
+    good = await client.submit("echo", b"x")
+    bad = await client.submit("echo", b"y")
+    assignments = {}
+    for _ in range(2):
+        assignment = await agent.expect("assignment")
+        assignments[assignment.task_id] = assignment
+        agent.send(accepted=agent_pb2.Accepted(task_id=assignment.task_id, attempt=1))
+    await agent.finish(assignments[good.task_id], output=f"line one\n{HOSTILE}".encode())
+    # No NUL in the error: Postgres text columns cannot hold one (the output is bytes).
+    error = "broke: " + HOSTILE.replace("\x00", "")
+    await agent.finish(assignments[bad.task_id], outcome=agent_pb2.OUTCOME_FAILED, error=error)
+    stored = await client.wait(good.task_id, timeout=10)
+    assert stored.output == f"line one\n{HOSTILE}".encode()  # byte for byte
+    assert (await client.wait(bad.task_id, timeout=10)).error.startswith("broke: ok\x1b]")
+    await agent.close()
+
+    capsys.readouterr()
+    for args in (
+        ("task", "get", good.task_id),
+        ("task", "get", bad.task_id),
+        ("task", "list"),
+        ("task", "watch", bad.task_id),
+        ("audit", "query"),
+    ):
+        await cli(server, *args)
+        captured = capsys.readouterr()
+        shown = captured.out + captured.err
+        assert not [c for c in RAW if c in shown], (args, shown)
+    assert await cli(server, "task", "get", good.task_id) == 0
+    assert "ok\\x1b]0;pwned\\x07\\x1b[2J\\u202egnp.exe\\x00\\rfake prompt$ \\x9b31m\\u2066" in (
+        capsys.readouterr().out
+    )
+    assert await cli(server, "task", "get", good.task_id, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["output"] == f"line one\n{HOSTILE}"
