@@ -15,6 +15,7 @@ from importlib.metadata import EntryPoint, PackageNotFoundError, entry_points, v
 from typing import TypeAlias, cast
 
 from muster.errors import MusterError
+from muster.sanitize import neutralize
 
 ENTRY_POINT_GROUP = "muster.commands"
 
@@ -71,7 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler(args)
     except MusterError as err:
-        message = " ".join(str(err).split()) or type(err).__name__
+        # Server messages may quote what agents or models wrote: shown, never obeyed.
+        message = neutralize(" ".join(str(err).split()), single_line=True) or type(err).__name__
         print(f"muster: error: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

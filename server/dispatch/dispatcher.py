@@ -283,7 +283,9 @@ class Dispatcher:
     async def record_result(self, agent_id: str, result: agent_pb2.Result) -> agent_pb2.AckStatus:
         """Record an attempt's end; says whether it was new, a resend, or stale."""
         outcome = result.outcome
-        output, error = result.output, result.error[:4000]
+        # Outputs are bytes, kept as they are; an error is text, and Postgres text cannot
+        # hold a NUL, so one is kept visibly escaped instead of failing the whole Result.
+        output, error = result.output, result.error[:4000].replace("\x00", "\\x00")
         if len(output) > self.config.max_payload_bytes:
             outcome, output = agent_pb2.OUTCOME_FAILED, b""
             cap = self.config.max_payload_bytes

@@ -450,3 +450,23 @@ async def test_the_embedded_store_remembers_budgets_across_a_restart(
     finally:
         await api.channel.close()
         await handle.stop(grace=0.1)
+
+
+async def test_outputs_are_kept_byte_for_byte_and_errors_with_a_nul_are_recorded(
+    api: Api, enroller: Enroller
+) -> None:
+    agent = SimAgent.of(await enroller.enroll("bytes"))
+    await agent.hello(max_concurrency=2)
+    hostile = b"\x00\x1b]0;pwned\x07\x1b[2J\xe2\x80\xaeok\xff"
+    ok = await api.submit(kind="echo", payload=b"{}")
+    assignment = await agent.expect("assignment")
+    assert (await agent.finish(assignment, output=hostile)).status == agent_pb2.ACK_STATUS_RECORDED
+    assert (await api.get(ok.task_id)).output == hostile
+    failed = await api.submit(kind="echo", payload=b"{}", max_attempts=1)
+    assignment = await agent.expect("assignment")
+    ack = await agent.finish(
+        assignment, outcome=agent_pb2.OUTCOME_FAILED, error="bad\x00byte", retryable=False
+    )
+    assert ack.status == agent_pb2.ACK_STATUS_RECORDED
+    assert (await api.get(failed.task_id)).error == "bad\\x00byte"
+    await agent.close()
