@@ -16,7 +16,8 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from muster._types import MICROS_PER_USD, Budget, PoolSettings, Task, Usage
+from muster._types import Budget, PoolSettings, Task, Usage
+from muster.money import format_usd
 from muster.sanitize import neutralize
 
 
@@ -29,14 +30,6 @@ def format_time(value: datetime | None) -> str:
 
 def format_labels(labels: Mapping[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(labels.items())) or "-"
-
-
-def format_usd(micros: int) -> str:
-    """Micro-dollars as dollars, exactly: at least two decimals, at most six
-    (``12.50``, ``0.00711``)."""
-    sign = "-" if micros < 0 else ""
-    dollars, rest = divmod(abs(micros), MICROS_PER_USD)
-    return f"{sign}{dollars}.{f'{rest:06d}'.rstrip('0').ljust(2, '0')}"
 
 
 def key_values(pairs: Sequence[tuple[str, str]], *, indent: str = "") -> str:

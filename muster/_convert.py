@@ -12,7 +12,6 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from muster._types import (
-    MICROS_PER_USD,
     Agent,
     ApiToken,
     AttemptUsage,
@@ -28,6 +27,7 @@ from muster._types import (
     Usage,
 )
 from muster.errors import InvalidArgumentError, MusterError
+from muster.money import MICROS_PER_USD
 from muster.v1 import admin_pb2, common_pb2
 
 Payload = bytes | str | Mapping[str, Any] | list[Any] | None

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from muster.money import usd
+
 
 class TaskState(enum.IntEnum):
     """A task's lifecycle state; values match ``muster.v1.TaskState`` on the wire."""
@@ -66,15 +68,6 @@ class Role(enum.IntEnum):
 
 def _text(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
-
-
-MICROS_PER_USD = 1_000_000
-"""Money is kept in whole micro-dollars (USD * 10^6); USD floats are for display only."""
-
-
-def usd(micros: int) -> float:
-    """Micro-dollars as US dollars."""
-    return micros / MICROS_PER_USD
 
 
 @dataclass(frozen=True, slots=True)

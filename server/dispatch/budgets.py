@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from muster.money import format_usd
 from server.ai.budgets import BudgetRule
 from server.audit import AuditRecord
 from server.metrics import MusterMetrics
@@ -44,10 +45,6 @@ WAITING_FOR_PROVIDER = "waiting for the provider"
 def backoff_key(pool: str, model: str) -> str:
     """The quota-store key that holds back a model in a pool after its provider said 429."""
     return f"provider-backoff:{pool}:{model}"
-
-
-def usd(micros: int) -> str:
-    return f"{micros / 1_000_000:.2f}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,18 +111,16 @@ class BudgetGate:
         if rule is None:  # the store named a scope we did not send: a bug, refuse safely
             log.error("budget store refused an unknown scope %r", refused)
             return self._wait(task, now + BUDGET_RETRY, f"{WAITING_FOR_BUDGET}: refused")
-        left = max(0, rule.limit_micros - verdict.used)
+        left = format_usd(max(0, rule.limit_micros - verdict.used))
+        limit, need = format_usd(rule.limit_micros), format_usd(task.reserve_micros)
         if rule.scope.startswith("task:"):
             return Verdict(
                 fail=(
-                    f"the task's spend cap is used up: {usd(left)} of {usd(rule.limit_micros)} "
-                    f"USD left, {usd(task.reserve_micros)} needed for another attempt"
+                    f"the task's spend cap is used up: {left} of {limit} USD left, "
+                    f"{need} needed for another attempt"
                 )
             )
-        reason = (
-            f"{WAITING_FOR_BUDGET} {rule.scope}: {usd(left)} of {usd(rule.limit_micros)} USD "
-            f"left, {usd(task.reserve_micros)} needed"
-        )
+        reason = f"{WAITING_FOR_BUDGET} {rule.scope}: {left} of {limit} USD left, {need} needed"
         return self._wait(task, now + BUDGET_RETRY, reason, scope=rule.scope)
 
     def _wait(

@@ -10,9 +10,10 @@ import time
 from dataclasses import dataclass
 
 from muster.ai import PROVIDERS, PayloadError, PayloadLimits, parse_ai_payload
+from muster.money import format_usd
 from server.ai.prices import PriceTable
 from server.config import ServerConfig
-from server.dispatch.budgets import BudgetGate, usd
+from server.dispatch.budgets import BudgetGate
 from server.quotas import QuotaDecision, Quotas
 from server.services.errors import failed_precondition, invalid
 from server.storage import budgets as budget_store
@@ -84,18 +85,18 @@ class AiAdmission:
             worst = price.worst_case_micros(request.input_bytes, request.max_tokens)
             if max_cost_micros is not None and max_cost_micros < worst:
                 raise invalid(
-                    f"max_cost_usd: {usd(max_cost_micros)} USD is below one attempt's worst "
-                    f"case of {usd(worst)} USD (up to {request.input_bytes} input tokens and "
-                    f"max_tokens {request.max_tokens} of {request.model}); raise it or lower "
-                    "max_tokens"
+                    f"max_cost_usd: {format_usd(max_cost_micros)} USD is below one attempt's "
+                    f"worst case of {format_usd(worst)} USD (up to {request.input_bytes} input "
+                    f"tokens and max_tokens {request.max_tokens} of {request.model}); raise it "
+                    "or lower max_tokens"
                 )
         scopes = ("global", f"tenant:{tenant}", f"pool:{pool}")
         for rule in await self._budgets.rules():
             if rule.scope in scopes and rule.limit_micros < worst:
                 raise failed_precondition(
-                    f"budget {rule.scope} allows {usd(rule.limit_micros)} USD per "
+                    f"budget {rule.scope} allows {format_usd(rule.limit_micros)} USD per "
                     f"{rule.period}, but one attempt of this task may cost up to "
-                    f"{usd(worst)} USD; it could never run"
+                    f"{format_usd(worst)} USD; it could never run"
                 )
         tokens = request.input_bytes // BYTES_PER_TOKEN_ESTIMATE + request.max_tokens
         return AiTask(request.model, worst, max(1, tokens))

@@ -187,7 +187,7 @@ async def test_submit_checks_caps_against_the_worst_case(api: Api) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await api.submit(payload=payload, max_cost_usd=0.01)
     assert code(err) == grpc.StatusCode.INVALID_ARGUMENT
-    assert "below one attempt's worst case of 0.02 USD" in (err.value.details() or "")
+    assert "below one attempt's worst case of 0.015192 USD" in (err.value.details() or "")
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await api.submit(payload=payload, max_cost_usd=bad)
@@ -267,7 +267,7 @@ async def test_what_does_not_fit_waits_with_its_reason_until_the_limit_is_raised
         seen = await api.wait(task.task_id, lambda t: "waiting for budget" in t.waiting_reason)
         assert seen.state == common_pb2.TASK_STATE_QUEUED
         assert seen.waiting_reason == (
-            "waiting for budget tenant:admin: 0.00 of 0.03 USD left, 0.02 needed"
+            "waiting for budget tenant:admin: 0.001 of 0.031384 USD left, 0.015192 needed"
         )
     budget = await api.get_budget("tenant:admin")
     assert budget.reserved_micros == 2 * need
