@@ -9,6 +9,7 @@ the SDK must not depend on the control plane just because they share one command
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from importlib.metadata import EntryPoint, PackageNotFoundError, entry_points, version
@@ -63,6 +64,18 @@ def build_parser(commands: Iterable[EntryPoint] | None = None) -> argparse.Argum
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``muster`` command; returns the process exit code."""
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # here, where a closed pipe can still be answered quietly
+        return code
+    except BrokenPipeError:
+        # The reader left early (`muster task list | head`): what it wanted, it got.
+        # Point stdout at nothing so the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -389,3 +391,15 @@ async def test_agent_text_reaches_the_terminal_neutralised(
     )
     assert await cli(server, "task", "get", good.task_id, "--json") == 0
     assert json.loads(capsys.readouterr().out)["output"] == f"line one\n{HOSTILE}"
+
+
+async def test_a_reader_that_leaves_early_is_not_an_error(
+    server: ServerHandle, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`muster budget list | head`: a closed pipe ends the command quietly, exit 0."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first line
+    stdout = os.fdopen(write_end, "w")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert await cli(server, "budget", "list") == 0
+    stdout.close()  # flushes into /dev/null: the command pointed its stdout there
