@@ -100,6 +100,8 @@ class BudgetGate:
                         f"{task.pool} for {seconds:.0f}s more (retry-after)"
                     )
                     return self._wait(task, now + timedelta(seconds=seconds), reason)
+            if not holds:  # no budget applies: nothing to hold, the ceiling still goes out
+                return Verdict(ceiling=task.reserve_micros)
             verdict = await self._quotas.reserve_budget(holder, task.reserve_micros, holds)
         except QuotaStoreUnavailable:
             reason = f"{WAITING_FOR_STORE}: AI dispatch stops while the quota store is unreachable"
