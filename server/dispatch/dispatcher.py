@@ -40,8 +40,7 @@ DEFAULT_PROVIDER_BACKOFF = timedelta(seconds=5)
 """How long a model is held back in a pool after a provider rate limit without retry-after."""
 MAX_PROVIDER_BACKOFF = 3600.0
 """The longest retry-after honoured (seconds): a provider's answer, not our schedule."""
-RESERVATION_GRACE = timedelta(minutes=2)
-"""A reservation whose attempt ended this long ago without settling is closed by the reaper."""
+
 """How long a task refused by a full tenant or pool waits before it is considered again."""
 
 
@@ -506,7 +505,9 @@ class Dispatcher:
                     h.session_id, h.task_id, h.attempt, "attempt lost its lease or overran"
                 )
         await self._announce_requeues(outcomes, "lease expired or attempt overran")
-        await self.budgets.reconcile(RESERVATION_GRACE)
+        # Older than a lease: a settle racing with this pass would write the same figure
+        # (usage is recorded with the attempt's end), so the margin only saves work.
+        await self.budgets.reconcile(self.config.lease_duration)
         for h in timed_out:
             await self._let_go(h)
             self.fanout.cancel_attempt(h.session_id, h.task_id, h.attempt, "task timed out")

@@ -25,7 +25,10 @@ from muster.v1 import (
     task_pb2,
     task_pb2_grpc,
 )
+from server.ai.budgets import BudgetRule
 from server.app import ServerHandle, start_server
+from server.quotas.base import BudgetHold
+from server.storage.types import utcnow
 from tests.agentsim import Enroller, SimAgent
 from tests.conftest import client_config, server_config
 
@@ -470,3 +473,34 @@ async def test_outputs_are_kept_byte_for_byte_and_errors_with_a_nul_are_recorded
     assert ack.status == agent_pb2.ACK_STATUS_RECORDED
     assert (await api.get(failed.task_id)).error == "bad\\x00byte"
     await agent.close()
+
+
+async def test_the_reaper_closes_a_reservation_whose_attempt_is_gone(
+    api: Api, server: ServerHandle
+) -> None:
+    """What a dead replica leaves (a hold on an attempt no agent holds) is released, or
+    settled at the recorded cost, within a lease or so."""
+    await api.budget("global", 1_000_000)
+    task = await api.submit(max_attempts=1)
+    await api.tasks.Cancel(task_pb2.CancelTaskRequest(task_id=task.task_id), metadata=api.metadata)
+    hold = BudgetHold(BudgetRule("global", 1_000_000, "month").key(utcnow()), 1_000_000, None)
+    assert (await server._quotas.reserve_budget(f"{task.task_id}:1", 5000, [hold])).allowed
+    assert (await api.get_budget("global")).reserved_micros == 5000
+    budget = await api.wait_budget("global", lambda b: b.reserved_micros == 0, timeout=15)
+    assert (budget.spent_micros, budget.reserved_micros) == (0, 0)
+
+
+async def test_ai_submissions_have_per_tenant_rates(tmp_path: Path) -> None:
+    handle = await start_server(server_config(tmp_path / "data", ai_requests_per_minute=2))
+    api = Api(handle)
+    try:
+        await api.submit()
+        await api.submit()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await api.submit()
+        assert code(err) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "ai_requests" in (err.value.details() or "")
+        await api.submit(kind="echo", payload=b"{}")  # other kinds are not AI requests
+    finally:
+        await api.channel.close()
+        await handle.stop(grace=0.1)
