@@ -143,11 +143,7 @@ async def _serve(
     handle = await start_server(config)
     try:
         if handle.admin_token is not None:
-            print(
-                f"Admin API token (shown once; also saved to {config.admin_token_file}):\n"
-                f"  {handle.admin_token}",
-                file=sys.stderr,
-            )
+            _announce_admin_token(handle.admin_token, config.admin_token_file)
         if companion is not None:
             await companion(handle, stop)
         else:
@@ -170,3 +166,15 @@ def _ca_init(args: argparse.Namespace) -> int:
     print(f"created CA for trust domain {ca.trust_domain} in {config.ca_dir}")
     print(f"trust bundle: {config.ca_dir / 'bundle.pem'}")
     return 0
+
+
+def _announce_admin_token(secret: str, path: Path) -> None:
+    """Show the first-start admin token to the person at the terminal, once. Standard
+    error that is not a terminal is a log (systemd, docker, a file): the token stays in
+    its 0600 file and only where it is gets said."""
+    if sys.stderr.isatty():
+        print(f"Admin API token (shown once; also saved to {path}):\n  {secret}", file=sys.stderr)
+    else:
+        print(
+            f"Admin API token created in {path} (mode 0600); it is not shown here", file=sys.stderr
+        )

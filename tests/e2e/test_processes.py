@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import pty
 import signal
 from pathlib import Path
 
@@ -132,3 +134,49 @@ async def test_the_readme_flow_with_the_real_cli(tmp_path: Path) -> None:
         code = await procs.stop(dev, sig=signal.SIGINT, timeout=40)
     assert code == 0, (tmp_path / "dev.log").read_text()
     assert not (tmp_path / ".muster" / "endpoints.json").exists()
+
+
+async def test_the_first_admin_token_is_shown_on_a_terminal_and_never_in_a_log(
+    tmp_path: Path,
+) -> None:
+    """Standard error that is a file (a log) gets where the token is, not the token; a
+    terminal gets the token itself, once."""
+    for name, terminal in (("logged", False), ("terminal", True)):
+        data = tmp_path / name
+        environ = procs.env(
+            MUSTER_API_ADDR="127.0.0.1:0",
+            MUSTER_AGENT_ADDR="127.0.0.1:0",
+            MUSTER_METRICS_ADDR="",
+        )
+        primary, secondary = pty.openpty() if terminal else (-1, -1)
+        log = (tmp_path / f"{name}.log").open("wb")
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *procs.MUSTER,
+                "server",
+                "--data-dir",
+                str(data),
+                cwd=tmp_path,
+                env=environ,
+                stdout=log,
+                stderr=secondary if terminal else log,
+                stdin=asyncio.subprocess.DEVNULL,
+            )
+            await procs.wait_for_file(data / "endpoints.json")
+            token = (data / "admin.token").read_text().strip()
+            shown = b""
+            if terminal:
+                os.close(secondary)
+                await asyncio.sleep(0.5)
+                shown = os.read(primary, 65536)
+            await procs.stop(proc)
+        finally:
+            log.close()
+            if terminal:
+                os.close(primary)
+        logged = (tmp_path / f"{name}.log").read_bytes()
+        if terminal:
+            assert token.encode() in shown
+        else:
+            assert token.encode() not in logged
+            assert b"it is not shown here" in logged
