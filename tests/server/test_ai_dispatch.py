@@ -131,6 +131,14 @@ async def run(agent: SimAgent, usage: common_pb2.Usage | None = None) -> agent_p
     return assignment
 
 
+async def keep_leases(agent: SimAgent, held: list[agent_pb2.Assignment]) -> None:
+    """Heartbeat the attempts ``agent`` holds, so their leases do not run out."""
+    refs = [common_pb2.AttemptRef(task_id=a.task_id, attempt=a.attempt) for a in held]
+    while True:
+        agent.send(heartbeat=agent_pb2.Heartbeat(in_flight=refs))
+        await asyncio.sleep(0.5)
+
+
 def code(err: pytest.ExceptionInfo[grpc.aio.AioRpcError]) -> grpc.StatusCode:
     return err.value.code()
 
@@ -271,6 +279,7 @@ async def test_what_does_not_fit_waits_with_its_reason_until_the_limit_is_raised
     held = [await agent.expect("assignment") for _ in range(2)]
     for assignment in held:
         agent.send(accepted=agent_pb2.Accepted(task_id=assignment.task_id, attempt=1))
+    beats = asyncio.create_task(keep_leases(agent, held))  # as a running agent does
     with pytest.raises(TimeoutError):
         await agent.expect("assignment", timeout=1.0)
     waiting = [t for t in tasks if t.task_id not in {a.task_id for a in held}]
@@ -288,6 +297,7 @@ async def test_what_does_not_fit_waits_with_its_reason_until_the_limit_is_raised
         admin_pb2.QueryAuditRequest(action="task.budget_wait"), metadata=api.metadata
     )
     assert sorted(e.target for e in audit.events) == sorted(t.task_id for t in waiting)
+    beats.cancel()
     await agent.close()
 
 
