@@ -22,7 +22,7 @@ PERIODS = ("day", "month", "none")
 SCOPE_KINDS = ("global", "tenant", "pool", "task")
 """``global``, ``tenant:<name>``, ``pool:<name>``, ``task:<task_id>``."""
 
-_TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_TASK_ID = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 
 
 def check_scope(scope: str) -> str:
@@ -35,7 +35,7 @@ def check_scope(scope: str) -> str:
     if not sep:
         raise ValueError(f"budget scope {scope[:70]!r} is not valid: {expected}")
     if kind in ("tenant", "pool"):
-        if not NAME.match(name):
+        if not NAME.fullmatch(name):
             raise ValueError(
                 f"budget scope {scope[:70]!r}: {kind} name {name[:63]!r} is not valid "
                 "(1-63 lower-case letters, digits, '.', '_', '-', starting with a letter "
@@ -43,7 +43,7 @@ def check_scope(scope: str) -> str:
             )
         return scope
     if kind == "task":
-        if not _TASK_ID.match(name):
+        if not _TASK_ID.fullmatch(name):
             raise ValueError(f"budget scope {scope[:70]!r}: {name[:63]!r} is not a task id")
         return scope
     raise ValueError(f"budget scope {scope[:70]!r} has an unknown kind {kind[:20]!r}: {expected}")

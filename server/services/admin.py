@@ -28,7 +28,14 @@ from server.quotas import Quotas, QuotaStoreUnavailable
 from server.services import convert
 from server.services.context import peer_address, request_id
 from server.services.errors import ServiceError, invalid, not_found
-from server.services.validation import check_labels, check_name
+from server.services.validation import (
+    NAME_PATTERN,
+    check_labels,
+    check_name,
+    check_text,
+    duration,
+    timestamp,
+)
 from server.storage import budgets, identities, tenants
 from server.storage.database import Database
 from server.storage.models import ApiToken, AuditEvent, BootstrapToken, Budget
@@ -44,7 +51,13 @@ MAX_LIMIT_MICROS = 10**15
 """A billion dollars: anything above is a typo, and stays far from int64 overflow in sums."""
 PRICED_PROVIDERS = ("anthropic", "ollama")
 """Where a pool's allowed model must have a price (any one of them)."""
-MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@-]{0,99}$")
+MAX_API_TOKEN_TTL = timedelta(days=3660)
+"""About ten years: a longer-lived token is one that never expires (ttl 0)."""
+MAX_ID = 128
+"""Token ids, agent ids, serials given to look something up (opaque strings)."""
+MAX_REASON = 500
+MAX_AUDIT_FILTER = 200
+MODEL = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._:/@-]{0,99}\Z")
 
 
 class AdminService(admin_pb2_grpc.AdminServiceServicer):
@@ -90,13 +103,14 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.CreateBootstrapTokenResponse:
         pool = check_name(request.pool or "default", "pool")
         labels = check_labels(dict(request.labels), "labels")
-        pattern = request.name_pattern or "*"
-        if len(pattern) > 100 or not fnmatch.translate(pattern):
-            raise invalid("name_pattern: at most 100 characters")
+        pattern = check_name(request.name_pattern or "*", "name_pattern", NAME_PATTERN)
+        fnmatch.translate(pattern)
         max_uses = request.max_uses or 1
         if not 1 <= max_uses <= MAX_USES:
             raise invalid(f"max_uses: must be between 1 and {MAX_USES}")
-        ttl = request.ttl.ToTimedelta() if request.HasField("ttl") else DEFAULT_BOOTSTRAP_TTL
+        ttl = DEFAULT_BOOTSTRAP_TTL
+        if request.HasField("ttl"):
+            ttl = duration(request.ttl, "ttl", maximum=MAX_BOOTSTRAP_TTL, maximum_text="30 days")
         if not timedelta(seconds=1) <= ttl <= MAX_BOOTSTRAP_TTL:
             raise invalid("ttl: must be between 1s and 30 days")
         minted = tokens.mint(tokens.BOOTSTRAP)
@@ -154,7 +168,8 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         ],
     ) -> admin_pb2.DeleteBootstrapTokenResponse:
         async with self._db.transaction() as session:
-            row = await identities.bootstrap_token(session, request.token_id)
+            token_id = check_text(request.token_id, "token_id", MAX_ID)
+            row = await identities.bootstrap_token(session, token_id)
             if row is None:
                 raise not_found(f"no bootstrap token {request.token_id[:40]!r}")
             if row.deleted_at is None:
@@ -176,8 +191,9 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         if role is None:
             raise invalid("role: must be ROLE_SUBMITTER or ROLE_ADMIN")
         expires = None
-        if request.HasField("ttl") and request.ttl.ToTimedelta() > timedelta(0):
-            expires = utcnow() + request.ttl.ToTimedelta()
+        if request.HasField("ttl"):
+            ttl = duration(request.ttl, "ttl", maximum=MAX_API_TOKEN_TTL, maximum_text="10 years")
+            expires = utcnow() + ttl if ttl else None  # 0: never expires
         tenant = check_name(request.tenant, "tenant") if request.tenant else ""
         async with self._db.transaction() as session:
             row, secret = await create_api_token(
@@ -220,7 +236,8 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         ],
     ) -> admin_pb2.DeleteApiTokenResponse:
         async with self._db.transaction() as session:
-            row = await identities.api_token(session, request.token_id)
+            token_id = check_text(request.token_id, "token_id", MAX_ID)
+            row = await identities.api_token(session, token_id)
             if row is None:
                 raise not_found(f"no API token {request.token_id[:40]!r}")
             if row.deleted_at is None:
@@ -253,6 +270,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             admin_pb2.ListAgentsRequest, admin_pb2.ListAgentsResponse
         ],
     ) -> admin_pb2.ListAgentsResponse:
+        check_text(request.pool, "pool", MAX_ID)
         async with self._db.transaction() as session:
             rows = await identities.agents(session, request.pool)
             certs = await identities.certificates_of(session, [r.agent_id for r in rows])
@@ -265,6 +283,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         request: admin_pb2.GetAgentRequest,
         context: grpc.aio.ServicerContext[admin_pb2.GetAgentRequest, admin_pb2.Agent],
     ) -> admin_pb2.Agent:
+        check_text(request.agent_id, "agent_id", MAX_ID)
         async with self._db.transaction() as session:
             row = await identities.agent(session, request.agent_id)
             if row is None:
@@ -277,6 +296,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         request: admin_pb2.SetAgentEnabledRequest,
         context: grpc.aio.ServicerContext[admin_pb2.SetAgentEnabledRequest, admin_pb2.Agent],
     ) -> admin_pb2.Agent:
+        check_text(request.agent_id, "agent_id", MAX_ID)
         async with self._db.transaction() as session:
             row = await identities.agent(session, request.agent_id)
             if row is None:
@@ -299,7 +319,9 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             admin_pb2.RevokeAgentRequest, admin_pb2.RevokeAgentResponse
         ],
     ) -> admin_pb2.RevokeAgentResponse:
-        reason = request.reason[:200] or "revoked by an administrator"
+        check_text(request.agent_id, "agent_id", MAX_ID)
+        reason = check_text(request.reason, "reason", MAX_REASON)[:200]
+        reason = reason or "revoked by an administrator"
         async with self._db.transaction() as session:
             if await identities.agent(session, request.agent_id) is None:
                 raise not_found(f"no agent {request.agent_id[:63]!r}")
@@ -325,8 +347,9 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             admin_pb2.RevokeCertificateRequest, admin_pb2.RevokeCertificateResponse
         ],
     ) -> admin_pb2.RevokeCertificateResponse:
-        serial = request.serial.lower().removeprefix("0x")
-        reason = request.reason[:200] or "revoked by an administrator"
+        serial = check_text(request.serial, "serial", MAX_ID).lower().removeprefix("0x")
+        reason = check_text(request.reason, "reason", MAX_REASON)[:200]
+        reason = reason or "revoked by an administrator"
         async with self._db.transaction() as session:
             cert = await identities.certificate(session, serial)
             if cert is None:
@@ -365,15 +388,17 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         limit = request.limit or 100
         if not 1 <= limit <= MAX_AUDIT_ROWS:
             raise invalid(f"limit: must be between 1 and {MAX_AUDIT_ROWS}")
+        check_text(request.actor, "actor", MAX_AUDIT_FILTER)
+        check_text(request.action, "action", MAX_AUDIT_FILTER)
         query = select(AuditEvent)
         if request.actor:
             query = query.where(AuditEvent.actor == request.actor)
         if request.action:
             query = query.where(AuditEvent.action == request.action)
         if request.HasField("since"):
-            query = query.where(AuditEvent.time >= request.since.ToDatetime(tzinfo=UTC))
+            query = query.where(AuditEvent.time >= timestamp(request.since, "since"))
         if request.HasField("until"):
-            query = query.where(AuditEvent.time < request.until.ToDatetime(tzinfo=UTC))
+            query = query.where(AuditEvent.time < timestamp(request.until, "until"))
         # Newest by when it happened: a replayed spool inserts old events after new ones.
         query = query.order_by(AuditEvent.time.desc(), AuditEvent.id.desc()).limit(limit)
         async with self._db.transaction() as session:
@@ -524,8 +549,8 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         if len(models) > MAX_POOL_MODELS:
             raise invalid(f"allowed_models: at most {MAX_POOL_MODELS} models")
         for model in models:
-            if not MODEL.match(model):
-                raise invalid(f"allowed_models: {model[:100]!r} is not a valid model name")
+            if MODEL.fullmatch(model) is None:
+                raise invalid(f"allowed_models: {model[:100]!a} is not a valid model name")
             if not self._priced(model):
                 raise invalid(
                     f"allowed_models: {model!r} has no price in the server's price table "

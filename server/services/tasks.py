@@ -21,8 +21,16 @@ from server.quotas import Quotas
 from server.services import convert
 from server.services.ai_submit import AiAdmission
 from server.services.context import peer_address, request_id
-from server.services.errors import invalid, not_found
-from server.services.validation import KIND, check_labels, check_name
+from server.services.errors import ServiceError, invalid, not_found
+from server.services.validation import (
+    KIND,
+    check_labels,
+    check_name,
+    check_text,
+    duration,
+    enum_value,
+    timestamp,
+)
 from server.storage import tasks as task_store
 from server.storage import usage as usage_store
 from server.storage.models import Task
@@ -33,6 +41,11 @@ MAX_PRIORITY = 1000
 DEFAULT_PAGE = 50
 MAX_PAGE = 500
 MAX_TIMEOUT = timedelta(days=30)
+MAX_DEADLINE = timedelta(days=3660)
+"""How far ahead a deadline may be (about ten years; a typo guard)."""
+MAX_IDEMPOTENCY_KEY = 128
+MAX_TASK_ID = 128
+MAX_REASON = 500
 MAX_COST_USD = 1_000_000.0
 """The largest per-task spend cap accepted (a typo guard, not a policy)."""
 MAX_OUTPUT_SCHEMA_BYTES = 64 * 1024
@@ -95,13 +108,15 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         max_attempts = request.max_attempts or self._config.default_max_attempts
         if not 1 <= max_attempts <= MAX_ATTEMPTS:
             raise invalid(f"max_attempts: must be between 1 and {MAX_ATTEMPTS}")
-        if len(request.idempotency_key) > 128:
-            raise invalid("idempotency_key: at most 128 characters")
+        check_text(request.idempotency_key, "idempotency_key", MAX_IDEMPOTENCY_KEY)
         deadline = None
         if request.HasField("deadline"):
-            deadline = request.deadline.ToDatetime(tzinfo=UTC)
-            if deadline <= utcnow():
+            deadline = timestamp(request.deadline, "deadline")
+            now = utcnow()
+            if deadline <= now:
                 raise invalid("deadline: must be in the future")
+            if deadline > now + MAX_DEADLINE:
+                raise invalid("deadline: at most ten years from now")
         return {
             "max_cost_micros": _max_cost(request.max_cost_usd),
             "output_schema": _output_schema(request.output_schema),
@@ -137,10 +152,14 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             raise invalid(f"page_size: must be between 1 and {MAX_PAGE}")
         states = []
         for state in request.states:
-            name = common_pb2.TaskState.Name(state).removeprefix("TASK_STATE_")
+            name = enum_value(common_pb2.TaskState, state, "states").removeprefix("TASK_STATE_")
             if name == "UNSPECIFIED":
                 raise invalid("states: TASK_STATE_UNSPECIFIED is not a state")
             states.append(name)
+        # Filters: what no task can have matches nothing, but NUL and control
+        # characters are refused rather than sent to the database.
+        check_text(request.pool, "pool", 63)
+        check_text(request.kind, "kind", 64)
         before = _decode_page_token(request.page_token) if request.page_token else None
         principal = current_principal.get()
         async with self._db.transaction() as session:
@@ -170,8 +189,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         request: task_pb2.CancelTaskRequest,
         context: grpc.aio.ServicerContext[task_pb2.CancelTaskRequest, common_pb2.Task],
     ) -> common_pb2.Task:
-        if len(request.reason) > 500:
-            raise invalid("reason: at most 500 characters")
+        check_text(request.reason, "reason", MAX_REASON)
         principal = current_principal.get()
         await self._load(request.task_id)
         task = await self._dispatcher.cancel(
@@ -205,6 +223,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         """The task, if the caller may see it: submitters see their own tasks, admins all."""
         if not task_id:
             raise invalid("task_id: required")
+        check_text(task_id, "task_id", MAX_TASK_ID)
         async with self._db.transaction() as session:
             task = await task_store.get(session, task_id)
         principal = current_principal.get()
@@ -214,14 +233,12 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
 
 
 def _timeout(request: task_pb2.SubmitRequest, field: str) -> float | None:
+    """The timeout in seconds; None (the server default) when absent or 0. Negative is
+    INVALID_ARGUMENT, not the default."""
     if not request.HasField(field):
         return None
-    value: timedelta = getattr(request, field).ToTimedelta()
-    if value <= timedelta(0):
-        return None
-    if value > MAX_TIMEOUT:
-        raise invalid(f"{field}: at most 30 days")
-    return value.total_seconds()
+    value = duration(getattr(request, field), field, maximum=MAX_TIMEOUT, maximum_text="30 days")
+    return value.total_seconds() or None
 
 
 def _encode_page_token(created: datetime, task_id: str) -> str:
@@ -229,11 +246,24 @@ def _encode_page_token(created: datetime, task_id: str) -> str:
 
 
 def _decode_page_token(token: str) -> tuple[datetime, str]:
+    """What ``_encode_page_token`` made: an aware time and a task id. Anything else
+    (a naive or out-of-range time, control characters) is INVALID_ARGUMENT."""
+    refused = invalid("page_token: not a token from a previous response")
+    if len(token) > 512:
+        raise refused
     try:
         created, task_id = base64.urlsafe_b64decode(token.encode()).decode().split("|", 1)
-        return datetime.fromisoformat(created), task_id
+        when = datetime.fromisoformat(created)
     except (ValueError, UnicodeDecodeError):
-        raise invalid("page_token: not a token from a previous response") from None
+        raise refused from None
+    if when.tzinfo is None or when.utcoffset() is None:
+        raise refused
+    try:
+        check_text(task_id, "page_token", MAX_TASK_ID)
+        when = when.astimezone(UTC)
+    except (ServiceError, OverflowError, ValueError):
+        raise refused from None
+    return when, task_id
 
 
 def _max_cost(value: float) -> int | None:
