@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,12 @@ class ServerHandle:
         await self._api.wait_for_termination()
 
 
-async def start_server(config: ServerConfig) -> ServerHandle:
+async def start_server(
+    config: ServerConfig, *, extra_api_handlers: Sequence[grpc.GenericRpcHandler] = ()
+) -> ServerHandle:
+    """Start the control plane. ``extra_api_handlers`` are served on the api listener
+    too (behind the same interceptors); tests use it to show that a service without an
+    access rule is refused."""
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     db = Database(
         config.resolved_database_url,
@@ -155,7 +161,7 @@ async def start_server(config: ServerConfig) -> ServerHandle:
     cleanup = contextlib.AsyncExitStack()
     cleanup.push_async_callback(db.close)
     try:
-        return await _start(config, db, cleanup)
+        return await _start(config, db, cleanup, tuple(extra_api_handlers))
     except BaseException:
         # Whatever started is stopped again: no half-running server, no leaked sockets.
         await cleanup.aclose()
@@ -163,7 +169,10 @@ async def start_server(config: ServerConfig) -> ServerHandle:
 
 
 async def _start(
-    config: ServerConfig, db: Database, cleanup: contextlib.AsyncExitStack
+    config: ServerConfig,
+    db: Database,
+    cleanup: contextlib.AsyncExitStack,
+    extra_api_handlers: tuple[grpc.GenericRpcHandler, ...],
 ) -> ServerHandle:
     await ensure_schema(db, config.migrate)
     ca = CertificateAuthority.load_or_create(config.ca_dir, config.trust_domain)
@@ -253,7 +262,7 @@ async def _start(
         interceptors=[
             MetricsInterceptor(grpc_metrics),
             ErrorsInterceptor(),
-            ApiTokenAuth(db, quotas, audit, metrics, token_cache),
+            ApiTokenAuth(db, quotas, audit, metrics, token_cache, reflection=config.reflection),
         ],
         options=_server_options(config),
     )
@@ -270,8 +279,13 @@ async def _start(
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, api_server)
-    names = [s.full_name for s in API_SERVICES] + [health.SERVICE_NAME, reflection.SERVICE_NAME]
-    reflection.enable_server_reflection(names, api_server)
+    if config.reflection:
+        names = [s.full_name for s in API_SERVICES]
+        reflection.enable_server_reflection(
+            [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], api_server
+        )
+    if extra_api_handlers:
+        api_server.add_generic_rpc_handlers(extra_api_handlers)
     cleanup.push_async_callback(api_server.stop, None)
     api_port = _bind(api_server, config.api_addr, grpc.ssl_server_credentials(identity), "api_addr")
 

@@ -127,6 +127,14 @@ class ServerConfig:
     """AI task submissions per minute allowed to one tenant."""
     ai_tokens_per_minute: int = 2_000_000
     """Estimated AI tokens (input estimate + max_tokens) submitted per minute by one tenant."""
+    reflection: bool = True
+    """Serve gRPC server reflection on the api listener, without an API token, so
+    ``grpcurl`` and similar tools can list and describe the services. It reveals the
+    public API schema (what ``proto/`` holds) and nothing else. On by default for the
+    embedded and development setup; turn it off (``MUSTER_REFLECTION=false``) on an
+    exposed production listener, so a stranger probing it learns no method names: with
+    it off, reflection calls are UNIMPLEMENTED, like any method the listener does not
+    serve."""
 
     def __post_init__(self) -> None:
         for name in ("api_addr", "agent_addr"):

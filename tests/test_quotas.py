@@ -693,47 +693,71 @@ async def test_auth_failures_lock_a_peer_out(
     quotas: Quotas, clock: FakeClock, registry: CollectorRegistry
 ) -> None:
     peer = f"peer-{uuid.uuid4().hex}"
-    assert (await quotas.record_auth_failure(peer)).allowed
-    assert (await quotas.record_auth_failure(peer)).allowed
+    assert (await quotas.record_auth_failure(peer)).decision.allowed
+    assert (await quotas.record_auth_failure(peer)).decision.allowed
     assert not await quotas.is_locked_out(peer)
-    third = await quotas.record_auth_failure(peer)
-    assert (third.allowed, third.limit, third.retry_after) == (False, AUTH_FAILURES, 10.0)
+    third = await quotas.record_auth_failure(peer)  # counted, and it locks the peer out
+    assert (third.decision.allowed, third.locked_now, third.retry_after) == (True, True, 10.0)
     assert await quotas.is_locked_out(peer)
     lockout = await quotas.check_lockout(peer)
-    assert (lockout.allowed, lockout.retry_after) == (False, 10.0)
+    assert (lockout.allowed, lockout.limit, lockout.retry_after) == (False, AUTH_FAILURES, 10.0)
+    fourth = await quotas.record_auth_failure(peer)  # refused: nothing more is counted
+    assert (fourth.decision.allowed, fourth.locked_now) == (False, False)
+    assert fourth.decision.status().code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert not await quotas.is_locked_out(f"{peer}-elsewhere")
 
     clock.advance(10)  # 3 failures per 30 s: one attempt back every 10 s
     assert not await quotas.is_locked_out(peer)
-    assert not (await quotas.record_auth_failure(peer)).allowed
+    assert (await quotas.record_auth_failure(peer)).locked_now
     assert await quotas.is_locked_out(peer)
     # Every failure recorded and every lockout check is a decision.
-    assert decisions(registry, AUTH_FAILURES, "allowed") == 5
-    assert decisions(registry, AUTH_FAILURES, "rejected") == 5
+    assert decisions(registry, AUTH_FAILURES, "allowed") == 7
+    assert decisions(registry, AUTH_FAILURES, "rejected") == 4
 
 
-async def test_an_enrollment_attempt_is_refused_while_locked_out_and_spends_nothing(
+async def test_a_known_token_has_its_own_lockout_at_each_address(quotas: Quotas) -> None:
+    peer, token = f"peer-{uuid.uuid4().hex}", "mat_0123456789abcdef"
+    for _ in range(3):
+        await quotas.record_auth_failure(peer, token)
+    assert await quotas.is_locked_out(peer, token)
+    # Neither the address's own allowance, another token there, nor the token elsewhere.
+    assert not await quotas.is_locked_out(peer)
+    assert not await quotas.is_locked_out(peer, "mat_fedcba9876543210")
+    assert not await quotas.is_locked_out(f"{peer}-elsewhere", token)
+    for _ in range(3):
+        await quotas.record_auth_failure(peer)
+    assert await quotas.is_locked_out(peer)
+    assert not await quotas.is_locked_out(peer, "mbt_0123456789abcdef")
+
+
+async def test_an_enrollment_attempt_is_refused_while_its_token_is_locked_out(
     quotas: Quotas, clock: FakeClock, registry: CollectorRegistry
 ) -> None:
-    peer = f"peer-{uuid.uuid4().hex}"
-    first = await quotas.check_enrollment_attempt(peer)
+    peer, token = f"peer-{uuid.uuid4().hex}", "mbt_0123456789abcdef"
+    first = await quotas.check_enrollment_attempt(peer, token)
     assert (first.allowed, first.limit, first.subject) == (True, ENROLLMENTS, f"peer:{peer}")
-    refused = await quotas.check_enrollment_attempt(peer)
+    refused = await quotas.check_enrollment_attempt(peer, token)
     assert (refused.allowed, refused.limit, refused.retry_after) == (False, ENROLLMENTS, 1.0)
     assert refused.status().code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    for _ in range(3):  # failed authentications still count, and lock the peer out
-        await quotas.record_auth_failure(peer)
+    for _ in range(3):  # failed authentications with this token lock it out here
+        await quotas.record_auth_failure(peer, token)
     clock.advance(1)
-    locked = await quotas.check_enrollment_attempt(peer)
+    locked = await quotas.check_enrollment_attempt(peer, token)
     assert (locked.allowed, locked.limit, locked.retry_after) == (False, AUTH_FAILURES, 9.0)
+    assert locked.subject == f"peer:{peer}/token:{token}"
     assert unpack(details_of(locked.status()))["RetryInfo"].retry_delay.ToSeconds() == 9
+    # The address's failures (malformed or unknown tokens) do not lock this token out.
+    other = f"peer-{uuid.uuid4().hex}"
+    for _ in range(3):
+        await quotas.record_auth_failure(other)
+    assert (await quotas.check_enrollment_attempt(other, token)).allowed
     clock.advance(9)  # the lockout took no enrollment: one is left after it
-    assert (await quotas.check_enrollment_attempt(peer)).allowed
+    assert (await quotas.check_enrollment_attempt(peer, token)).allowed
     # The same decisions as asking check_lockout and then check_enrollment.
-    assert decisions(registry, ENROLLMENTS, "allowed") == 2
+    assert decisions(registry, ENROLLMENTS, "allowed") == 3
     assert decisions(registry, ENROLLMENTS, "rejected") == 1
-    assert decisions(registry, AUTH_FAILURES, "rejected") == 2  # the third failure, the lockout
+    assert decisions(registry, AUTH_FAILURES, "rejected") == 1  # the locked-out attempt
 
 
 async def test_an_enrollment_attempt_fails_open_to_a_local_cap(
@@ -745,7 +769,8 @@ async def test_an_enrollment_attempt_fails_open_to_a_local_cap(
         metrics=MusterMetrics(registry),
         fallback=InMemoryQuotaStore(clock=clock),
     )
-    answers = [await quotas.check_enrollment_attempt("10.0.0.1") for _ in range(2)]
+    token = "mbt_0123456789abcdef"
+    answers = [await quotas.check_enrollment_attempt("10.0.0.1", token) for _ in range(2)]
     assert [(a.allowed, a.limit, a.degraded) for a in answers] == [
         (True, ENROLLMENTS, True),
         (False, ENROLLMENTS, True),

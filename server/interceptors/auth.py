@@ -1,15 +1,23 @@
-"""Bearer API tokens for TaskService and AdminService on the api listener.
+"""Bearer API tokens on the api listener, failing closed.
 
-Missing or wrong token: UNAUTHENTICATED (audited, counted against the peer). A valid
-token without the role a method needs: PERMISSION_DENIED. Enrollment, health and
-reflection need no API token.
+Every method served on the api listener is in exactly one of three places:
+``PUBLIC_METHODS``/``PUBLIC_SERVICES`` (no API token: enrollment, which brings its own
+bootstrap token, and health), ``REFLECTION_SERVICES`` (no API token, and only while the
+``reflection`` setting is on), or ``ROLE_FOR_SERVICE`` (a token with that role). A
+method in none of them is a server bug (a service added without an access rule): it is
+answered UNIMPLEMENTED, exactly like a method that does not exist, so a prober learns
+nothing, and logged as an error once per method. No token is read for it.
+
+Missing or wrong token: UNAUTHENTICATED (audited, counted against its lockout key, see
+:mod:`server.lockout`). A valid token without the role a method needs:
+PERMISSION_DENIED.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
@@ -31,6 +39,15 @@ log = logging.getLogger(__name__)
 
 ROLE_FOR_SERVICE = {"muster.v1.TaskService": "submitter", "muster.v1.AdminService": "admin"}
 """The least role each protected service needs; admins may call everything."""
+PUBLIC_METHODS = frozenset({"/muster.v1.EnrollmentService/Enroll"})
+"""Methods that need no API token (Enroll checks its own bootstrap token)."""
+PUBLIC_SERVICES = frozenset({"grpc.health.v1.Health"})
+"""Services every method of which needs no API token."""
+REFLECTION_SERVICES = frozenset(
+    {"grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
+)
+"""Server reflection: no API token, served only while the ``reflection`` setting is on."""
+NOT_SERVED = "method not served on this listener"
 
 
 class ApiTokenAuth(grpc.aio.ServerInterceptor):
@@ -41,12 +58,16 @@ class ApiTokenAuth(grpc.aio.ServerInterceptor):
         audit: AuditWriter,
         metrics: MusterMetrics,
         cache: ApiTokenCache,
+        *,
+        reflection: bool = False,
     ) -> None:
         self._db = db
         self._cache = cache
         self._quotas = quotas
         self._audit = audit
         self._metrics = metrics
+        self._reflection = reflection
+        self._unmapped_logged: set[str] = set()
 
     async def intercept_service(
         self,
@@ -55,21 +76,29 @@ class ApiTokenAuth(grpc.aio.ServerInterceptor):
         ],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        method = handler_call_details.method
         handler = await continuation(handler_call_details)
-        service = handler_call_details.method.lstrip("/").rpartition("/")[0]
-        if service not in ROLE_FOR_SERVICE:
+        if handler is None:
+            return None  # grpc answers UNIMPLEMENTED; nothing is served
+        service = method.lstrip("/").rpartition("/")[0]
+        if method in PUBLIC_METHODS or service in PUBLIC_SERVICES:
             return handler
-        return guard_handler(handler, handler_call_details.method, self._check)
+        if service in REFLECTION_SERVICES and self._reflection:
+            return handler
+        if service in ROLE_FOR_SERVICE:
+            return guard_handler(handler, method, self._check)
+        if method not in self._unmapped_logged:
+            self._unmapped_logged.add(method)
+            log.error(
+                "misconfigured: %s is registered on the api listener but has no access rule "
+                "in server/interceptors/auth.py; refusing every call (this is a bug)",
+                method,
+            )
+        return guard_handler(handler, method, _not_served)
 
     async def _check(self, info: RpcInfo, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         peer = peer_address(context)
-        lockout = await self._quotas.check_lockout(peer)
-        if not lockout.allowed:
-            await context.abort_with_status(lockout.status())
-        principal = await self._authenticate(context)
-        if principal is None:
-            await self._refuse(info, context, peer)
-            return
+        principal = await self._authenticate(info, context, peer)
         needed = ROLE_FOR_SERVICE[info.service]
         if needed == "admin" and not principal.is_admin:
             await self._audit.submit(
@@ -89,20 +118,37 @@ class ApiTokenAuth(grpc.aio.ServerInterceptor):
             )
         current_principal.set(principal)
 
-    async def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> Principal | None:
+    async def _authenticate(
+        self, info: RpcInfo, context: grpc.aio.ServicerContext[Any, Any], peer: str
+    ) -> Principal:
+        """The caller's principal, or the call is aborted.
+
+        A failure is counted before it is answered, and a success is answered only while
+        its token is not locked out at this address: however many guesses are in flight,
+        at most the lockout's threshold of them get an answer other than RESOURCE_EXHAUSTED.
+        """
         header = next(
             (v for k, v in context.invocation_metadata() or () if k == "authorization"), None
         )
-        if not isinstance(header, str) or not header.lower().startswith("bearer "):
-            return None
-        presented = tokens.parse(header[7:].strip(), tokens.API)
+        presented = None
+        if isinstance(header, str) and header.lower().startswith("bearer "):
+            presented = tokens.parse(header[7:].strip(), tokens.API)
         if presented is None:
-            return None
+            reason = "missing" if header is None else "malformed"
+            await self._refuse(info, context, peer, None, reason)
         row = await self._cache.get(presented.token_id, self._load)
-        if row is None or row.deleted or not presented.matches(row.secret_hash):
-            return None
+        if row is None:
+            await self._refuse(info, context, peer, None, "unknown token")
+        token = f"{tokens.API}_{presented.token_id}"
+        if not presented.matches(row.secret_hash):
+            await self._refuse(info, context, peer, token, "wrong secret")
+        if row.deleted:
+            await self._refuse(info, context, peer, token, "deleted")
         if row.expires_at is not None and row.expires_at <= utcnow():
-            return None
+            await self._refuse(info, context, peer, token, "expired")
+        lockout = await self._quotas.check_lockout(peer, token)
+        if not lockout.allowed:
+            await context.abort_with_status(lockout.status())
         return Principal(name=row.name, role=row.role, token_id=row.token_id, tenant=row.tenant)
 
     async def _load(self, token_id: str) -> CachedToken | None:
@@ -121,16 +167,30 @@ class ApiTokenAuth(grpc.aio.ServerInterceptor):
         )
 
     async def _refuse(
-        self, info: RpcInfo, context: grpc.aio.ServicerContext[Any, Any], peer: str
-    ) -> None:
-        await count_auth_failure(
+        self,
+        info: RpcInfo,
+        context: grpc.aio.ServicerContext[Any, Any],
+        peer: str,
+        token: str | None,
+        reason: str,
+    ) -> NoReturn:
+        """Count the failure, then answer UNAUTHENTICATED, or RESOURCE_EXHAUSTED if its
+        key is locked out."""
+        rid = request_id(context)
+        failure = await count_auth_failure(
             self._quotas,
             self._audit,
             self._metrics,
             peer=peer,
             credential="api_token",
-            request_id=request_id(context),
+            token=token,
+            request_id=rid,
         )
+        if not failure.decision.allowed:
+            await context.abort_with_status(failure.decision.status())
+        details = {"credential": "api_token", "reason": reason}
+        if token is not None:
+            details["token"] = token
         await self._audit.submit(
             AuditRecord(
                 actor="anonymous",
@@ -138,11 +198,15 @@ class ApiTokenAuth(grpc.aio.ServerInterceptor):
                 target=info.method,
                 outcome="denied",
                 peer=peer,
-                request_id=request_id(context),
-                details={"credential": "api_token"},
+                request_id=rid,
+                details=details,
             )
         )
         await context.abort(
             grpc.StatusCode.UNAUTHENTICATED,
             "missing or invalid API token (send 'authorization: Bearer <token>')",
         )
+
+
+async def _not_served(info: RpcInfo, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, NOT_SERVED)

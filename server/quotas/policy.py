@@ -44,10 +44,12 @@ __all__ = [
     "LEASE_RETRY_AFTER",
     "PROVIDER_BACKOFF",
     "SUBMISSIONS",
+    "AuthFailure",
     "QuotaDecision",
     "QuotaPolicy",
     "Quotas",
     "RateLimit",
+    "auth_failure_subject",
     "quota_exceeded_status",
 ]
 
@@ -162,6 +164,31 @@ class QuotaDecision:
     def status(self) -> grpc.Status:
         """RESOURCE_EXHAUSTED with RetryInfo and QuotaFailure, for ``abort_with_status``."""
         return quota_exceeded_status(self, self.limit, self.subject)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthFailure:
+    """The answer of :meth:`Quotas.record_auth_failure`."""
+
+    decision: QuotaDecision
+    """Allowed: the failure was counted within the allowance (answer UNAUTHENTICATED).
+    Refused: its key is locked out (answer ``decision.status()``); nothing was counted."""
+    locked_now: bool
+    """This failure used the key's last attempt: it is locked out from now (audit that)."""
+    retry_after: float | None
+    """When ``locked_now``: seconds until the key regains one attempt."""
+
+
+def auth_failure_subject(peer: str, token: str | None = None) -> str:
+    """The lockout key of a failed authentication from the address ``peer``.
+
+    ``token`` is the public part of a well-formed token of a known id (``mat_<id>``,
+    ``mbt_<id>``): guessing that token's secret locks out only that token at that
+    address, so a broken script behind a shared address cannot lock out the others'
+    valid tokens. Without it (no token, a malformed one, an unknown id) the address's
+    own allowance is spent, which bounds guessing of random tokens.
+    """
+    return f"peer:{peer}" if token is None else f"peer:{peer}/token:{token}"
 
 
 def quota_exceeded_status(
@@ -283,40 +310,61 @@ class Quotas:
         """May the peer address ``peer`` (no port) attempt an enrollment now?"""
         return await self._rate(ENROLLMENTS, f"peer:{peer}", self.policy.enrollments)
 
-    async def check_enrollment_attempt(self, peer: str) -> QuotaDecision:
-        """May ``peer`` attempt an enrollment now? :meth:`check_lockout`, then (unless it
-        is locked out) :meth:`check_enrollment`, in one store call; the answer is the
-        refusal, or the enrollment limit's decision when both allow."""
-        subject = f"peer:{peer}"
-        decisions = await self._rates(
-            subject,
-            (
-                (AUTH_FAILURES, self.policy.auth_failures, 0),
-                (ENROLLMENTS, self.policy.enrollments, 1),
-            ),
-        )
+    async def check_enrollment_attempt(self, peer: str, token: str) -> QuotaDecision:
+        """May an enrollment with the well-formed bootstrap token ``token`` (its public
+        ``mbt_<id>``, whose secret just checked out) go ahead from ``peer``? A look at
+        the token's lockout at that address (:meth:`check_lockout`), then (unless it is
+        locked out) one of the address's enrollments, in one store call; the answer is
+        the refusal, or the enrollment limit's decision when both allow."""
+        lockout, failures = auth_failure_subject(peer, token), self.policy.auth_failures
+        enrollments = self.policy.enrollments
+        checks = [
+            RateCheck(f"{AUTH_FAILURES}:{lockout}", failures.rate, failures.burst, 0),
+            RateCheck(f"{ENROLLMENTS}:peer:{peer}", enrollments.rate, enrollments.burst, 1),
+        ]
+        answers, degraded = await self._rate_checks(checks, (AUTH_FAILURES, ENROLLMENTS))
+        subjects = ((AUTH_FAILURES, lockout), (ENROLLMENTS, f"peer:{peer}"))
+        decisions = [
+            self._decision(limit, subject, answer, degraded)
+            for (limit, subject), answer in zip(subjects, answers, strict=False)
+        ]
+        for decision in decisions:
+            self._count(decision)
         return decisions[-1]
 
-    async def record_auth_failure(self, peer: str) -> QuotaDecision:
-        """Count a failed authentication; ``allowed`` is False once ``peer`` is locked out."""
+    async def record_auth_failure(self, peer: str, token: str | None = None) -> AuthFailure:
+        """Count one failed authentication against its lockout key (see
+        :func:`auth_failure_subject`): ``token`` is the public part (``mat_<id>``,
+        ``mbt_<id>``) of a well-formed token whose id is known; None for a missing or
+        malformed token or an unknown id, which count against the address alone.
+
+        Counted before the caller answers, atomically: however many failures are in
+        flight, at most ``auth_failure_threshold`` per key per window are counted (the
+        caller answers UNAUTHENTICATED); the others are refused (the caller answers the
+        lockout's RESOURCE_EXHAUSTED) and spend nothing."""
         rule = self.policy.auth_failures
-        subject = f"peer:{peer}"
+        subject = auth_failure_subject(peer, token)
         answer, degraded = await self._ask(AUTH_FAILURES, subject, rule, cost=1)
-        if answer.allowed and answer.remaining == 0:
-            # This failure used the last attempt: locked out for at most one interval.
-            decision = QuotaDecision(False, AUTH_FAILURES, subject, 1 / rule.rate, degraded)
+        if answer.allowed:
+            decision = QuotaDecision(True, AUTH_FAILURES, subject, None, degraded)
         else:
             decision = self._decision(AUTH_FAILURES, subject, answer, degraded)
         self._count(decision)
-        return decision
+        locked_now = answer.allowed and answer.remaining == 0
+        # The failure that used the last attempt: locked out for at most one interval.
+        return AuthFailure(decision, locked_now, 1 / rule.rate if locked_now else None)
 
-    async def check_lockout(self, peer: str) -> QuotaDecision:
-        """May ``peer`` try to authenticate? Not allowed while it is locked out."""
-        return await self._rate(AUTH_FAILURES, f"peer:{peer}", self.policy.auth_failures, cost=0)
+    async def check_lockout(self, peer: str, token: str | None = None) -> QuotaDecision:
+        """May ``peer`` authenticate with ``token`` (as in :meth:`record_auth_failure`)?
+        Not allowed while that key is locked out; spends nothing. A success is answered
+        only after this allows it, so a right guess among many in flight counts only if
+        it came within the allowance."""
+        rule = self.policy.auth_failures
+        return await self._rate(AUTH_FAILURES, auth_failure_subject(peer, token), rule, cost=0)
 
-    async def is_locked_out(self, peer: str) -> bool:
-        """True while ``peer`` has used up its failed authentications."""
-        return not (await self.check_lockout(peer)).allowed
+    async def is_locked_out(self, peer: str, token: str | None = None) -> bool:
+        """True while that lockout key has used up its failed authentications."""
+        return not (await self.check_lockout(peer, token)).allowed
 
     # --- concurrency (fails closed) ---------------------------------------------------
 
@@ -522,19 +570,6 @@ class Quotas:
         decision = self._decision(limit, subject, answer, degraded)
         self._count(decision)
         return decision
-
-    async def _rates(
-        self, subject: str, limits: Sequence[tuple[str, RateLimit, int]]
-    ) -> list[QuotaDecision]:
-        """Several limits of ``subject`` (name, rule, cost) in turn, in one store call,
-        up to the first refusal; each decision made is counted."""
-        checks = [RateCheck(f"{name}:{subject}", r.rate, r.burst, cost) for name, r, cost in limits]
-        answers, degraded = await self._rate_checks(checks, [name for name, _, _ in limits])
-        decisions = []
-        for (name, _, _), answer in zip(limits, answers, strict=False):
-            decisions.append(self._decision(name, subject, answer, degraded))
-            self._count(decisions[-1])
-        return decisions
 
     async def _rate_checks(
         self, checks: Sequence[RateCheck], names: Sequence[str]

@@ -28,7 +28,7 @@ from server.ca import (
 from server.config import ServerConfig
 from server.lockout import count_auth_failure
 from server.metrics import MusterMetrics
-from server.quotas import Quotas
+from server.quotas import QuotaDecision, Quotas
 from server.services import convert
 from server.services.context import peer_address, request_id
 from server.services.errors import ServiceError
@@ -44,11 +44,25 @@ BAD_TOKEN = "bootstrap token is invalid, expired or used up"  # noqa: S105 (a me
 
 
 class _Refusal(ServiceError):
-    """A refused enrollment; ``audit_reason`` is the precise cause, which the caller never sees."""
+    """A refused enrollment; ``audit_reason`` is the precise cause, which the caller never
+    sees. ``known_token``: the token's id names a row, so a failed authentication counts
+    against that token's lockout at the caller's address, not the address's own."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, audit_reason: str) -> None:
+    def __init__(
+        self, code: grpc.StatusCode, message: str, audit_reason: str, *, known_token: bool = False
+    ) -> None:
         super().__init__(code, message)
         self.audit_reason = audit_reason
+        self.known_token = known_token
+
+
+class _Throttled(Exception):
+    """The attempt is refused by a limit (a lockout, the enrollment rate): answered with
+    the decision's RESOURCE_EXHAUSTED, not audited one by one (the decision is counted)."""
+
+    def __init__(self, decision: QuotaDecision) -> None:
+        super().__init__(decision.limit)
+        self.decision = decision
 
 
 class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
@@ -78,16 +92,15 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
         ],
     ) -> enrollment_pb2.EnrollResponse:
         peer, rid = peer_address(context), request_id(context)
-        decision = await self._quotas.check_enrollment_attempt(peer)
-        if not decision.allowed:
-            await context.abort_with_status(decision.status())
         presented = tokens.parse(request.token, tokens.BOOTSTRAP)
         try:
-            response = await self._enroll(request, presented, peer, rid)
-        except ServiceError as refusal:
-            await self._record_refusal(presented, refusal, peer, rid)
-            raise
-        return response
+            try:
+                return await self._enroll(request, presented, peer, rid)
+            except ServiceError as refusal:
+                await self._record_refusal(presented, refusal, peer, rid)
+                raise
+        except _Throttled as throttled:
+            await context.abort_with_status(throttled.decision.status())
 
     async def _enroll(
         self,
@@ -114,8 +127,21 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
         async with self._db.transaction() as session:
             conn = await session.connection()
             row = await identities.enrollment_token(conn, presented.token_id, fingerprint, now)
-            if row is None or not presented.matches(row.secret_hash):
+            if row is None:
                 raise _Refusal(grpc.StatusCode.UNAUTHENTICATED, BAD_TOKEN, "unknown token")
+            if not presented.matches(row.secret_hash):
+                raise _Refusal(
+                    grpc.StatusCode.UNAUTHENTICATED, BAD_TOKEN, "wrong secret", known_token=True
+                )
+            # The secret checked out: answered only while this token is not locked out
+            # at this address (a right guess among many in flight counts only within the
+            # allowance), and only then is one of the address's enrollments spent, so a
+            # failing script cannot use them up for the others behind its address.
+            decision = await self._quotas.check_enrollment_attempt(
+                peer, f"{tokens.BOOTSTRAP}_{presented.token_id}"
+            )
+            if not decision.allowed:
+                raise _Throttled(decision)
             if public_key is None:
                 raise _Refusal(
                     grpc.StatusCode.INVALID_ARGUMENT, f"csr_pem: {csr_problem}", "bad csr"
@@ -142,7 +168,12 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
                 )
 
             if row.deleted_at is not None or row.expires_at <= now or row.uses >= row.max_uses:
-                raise _Refusal(grpc.StatusCode.UNAUTHENTICATED, BAD_TOKEN, _token_problem(row))
+                raise _Refusal(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    BAD_TOKEN,
+                    _token_problem(row),
+                    known_token=True,
+                )
             pool, labels = _scope(row, request)
             agent_id = self._agent_id(row, request.name)
             issued = issue_agent_certificate(
@@ -163,7 +194,12 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
             )
             # Any refusal here rolls the transaction back, redemption included.
             if outcome == "used up":
-                raise _Refusal(grpc.StatusCode.UNAUTHENTICATED, BAD_TOKEN, "used up concurrently")
+                raise _Refusal(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    BAD_TOKEN,
+                    "used up concurrently",
+                    known_token=True,
+                )
             if outcome == "name taken":
                 raise _Refusal(
                     grpc.StatusCode.ALREADY_EXISTS,
@@ -244,7 +280,23 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
     async def _record_refusal(
         self, presented: tokens.PresentedToken | None, refusal: ServiceError, peer: str, rid: str
     ) -> None:
+        """Count a failed authentication (raising :class:`_Throttled` if its key is
+        locked out: then nothing is audited), and audit the refusal."""
         reason = refusal.audit_reason if isinstance(refusal, _Refusal) else refusal.message
+        if refusal.code == grpc.StatusCode.UNAUTHENTICATED:
+            known = presented is not None and isinstance(refusal, _Refusal) and refusal.known_token
+            token = f"{tokens.BOOTSTRAP}_{presented.token_id}" if known and presented else None
+            failure = await count_auth_failure(
+                self._quotas,
+                self._audit,
+                self._metrics,
+                peer=peer,
+                credential="bootstrap_token",
+                token=token,
+                request_id=rid,
+            )
+            if not failure.decision.allowed:
+                raise _Throttled(failure.decision)
         async with self._db.transaction() as session:
             await record_in(
                 session,
@@ -256,15 +308,6 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
                     request_id=rid,
                     details={"reason": reason, "code": refusal.code.name},
                 ),
-            )
-        if refusal.code == grpc.StatusCode.UNAUTHENTICATED:
-            await count_auth_failure(
-                self._quotas,
-                self._audit,
-                self._metrics,
-                peer=peer,
-                credential="bootstrap_token",
-                request_id=rid,
             )
 
 

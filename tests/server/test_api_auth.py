@@ -96,10 +96,10 @@ async def test_repeated_failures_lock_the_peer_out(server: ServerHandle) -> None
         with pytest.raises(QuotaExceededError) as info:
             await bad.list()
     assert info.value.retry_after is not None and info.value.retry_after > 0
-    # Locked out means locked out, even with a good token, until the window refills.
+    # Only guessing is locked out: a valid token from the same address still works
+    # (tests/server/test_guessing.py has the rest).
     async with AsyncClient(client_config(server)) as good:
-        with pytest.raises(QuotaExceededError):
-            await good.list()
+        await good.list()
 
 
 async def test_failures_are_audited_and_counted(
