@@ -7,6 +7,7 @@ policy for an unreachable store stay here.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import time
@@ -50,6 +51,7 @@ __all__ = [
     "Quotas",
     "RateLimit",
     "auth_failure_subject",
+    "lockout_address",
     "quota_exceeded_status",
 ]
 
@@ -187,8 +189,25 @@ def auth_failure_subject(peer: str, token: str | None = None) -> str:
     address, so a broken script behind a shared address cannot lock out the others'
     valid tokens. Without it (no token, a malformed one, an unknown id) the address's
     own allowance is spent, which bounds guessing of random tokens.
+
+    An IPv6 address counts as its /64, the block one host or site is usually given
+    (else each of its 2**64 addresses would guess afresh); an IPv4-mapped one as IPv4.
     """
-    return f"peer:{peer}" if token is None else f"peer:{peer}/token:{token}"
+    address = lockout_address(peer)
+    return f"peer:{address}" if token is None else f"peer:{address}/token:{token}"
+
+
+def lockout_address(peer: str) -> str:
+    """The address a lockout counts ``peer`` under: IPv4 as is, IPv6 as its /64."""
+    try:
+        ip = ipaddress.ip_address(peer)
+    except ValueError:
+        return peer  # not an IP (a Unix socket peer, say): itself
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
 
 
 def quota_exceeded_status(

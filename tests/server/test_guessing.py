@@ -15,6 +15,7 @@ import grpc.aio
 from muster import AsyncAdminClient
 from muster.v1 import enrollment_pb2, enrollment_pb2_grpc, task_pb2, task_pb2_grpc
 from server.app import ServerHandle
+from server.quotas.policy import auth_failure_subject, lockout_address
 from tests.agentsim import Enroller, make_csr
 
 AT_ONCE = 200
@@ -164,3 +165,16 @@ async def test_random_tokens_of_either_kind_spend_one_allowance_per_address(
     assert boot == {UNAUTHENTICATED: THRESHOLD - half, LOCKED: 1}
     assert (await enroller.enroll("still-fine")).agent_id == "still-fine"
     assert [a.agent_id for a in await admin.list_agents()] == ["still-fine"]
+
+
+def test_an_ipv6_address_counts_as_its_slash_64() -> None:
+    """Else a host given a /64 (the usual) would get 2**64 fresh allowances."""
+    one, other = "2001:db8:1:2::10", "2001:db8:1:2:ffff:ffff:ffff:ffff"
+    assert auth_failure_subject(one) == auth_failure_subject(other) == "peer:2001:db8:1:2::/64"
+    assert auth_failure_subject(one, "mat_0123456789abcdef") == (
+        "peer:2001:db8:1:2::/64/token:mat_0123456789abcdef"
+    )
+    assert lockout_address("2001:db8:1:3::10") == "2001:db8:1:3::/64"
+    assert lockout_address("::ffff:10.0.0.7") == "10.0.0.7"  # IPv4-mapped: the IPv4 address
+    assert lockout_address("10.0.0.7") == "10.0.0.7"
+    assert lockout_address("unix:/run/muster.sock") == "unix:/run/muster.sock"
