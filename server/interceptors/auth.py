@@ -47,7 +47,8 @@ REFLECTION_SERVICES = frozenset(
     {"grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection"}
 )
 """Server reflection: no API token, served only while the ``reflection`` setting is on."""
-NOT_SERVED = "method not served on this listener"
+NOT_SERVED = "Method not found!"
+"""grpc's own details for a method that does not exist: the two answers are the same."""
 
 
 class ApiTokenAuth(grpc.aio.ServerInterceptor):

@@ -121,9 +121,12 @@ async def test_a_service_without_an_access_rule_is_refused_to_everyone(
     assert calls == []  # the handler never ran
     # The same answer as a method that does not exist: a prober learns nothing.
     async with channel(server) as ch:
-        with pytest.raises(grpc.aio.AioRpcError) as info:
-            await ch.unary_unary("/test.v1.Dummy/Nothing")(b"hi")
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        answers = []
+        for method in ("/test.v1.Dummy/Poke", "/test.v1.Dummy/Nothing"):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await ch.unary_unary(method)(b"hi")
+            answers.append((info.value.code(), info.value.details()))
+    assert answers[0] == answers[1] == (grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
     # Refused before any token is looked at: not a failed authentication.
     failures = server.registry.get_sample_value(
         "muster_auth_failures_total", {"listener": "api", "reason": "api_token"}
