@@ -15,6 +15,7 @@ import os
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -241,7 +242,7 @@ async def _start(
             ErrorsInterceptor(),
             AgentIdentityAuth(db, config.trust_domain, audit, metrics),
         ],
-        options=_server_options(config),
+        options=_server_options(config, agent=True),
     )
     agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(dispatcher, ca), agent_server)
     cleanup.push_async_callback(agent_server.stop, None)
@@ -264,7 +265,7 @@ async def _start(
             ErrorsInterceptor(),
             ApiTokenAuth(db, quotas, audit, metrics, token_cache, reflection=config.reflection),
         ],
-        options=_server_options(config),
+        options=_server_options(config, agent=False),
     )
     enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server(
         EnrollmentService(db, ca, quotas, audit, metrics, config, agent_endpoint), api_server
@@ -358,16 +359,34 @@ def _bind(
     return port
 
 
-def _server_options(config: ServerConfig) -> list[tuple[str, Any]]:
-    return [
+def _server_options(config: ServerConfig, *, agent: bool) -> list[tuple[str, Any]]:
+    """grpc core channel arguments of one listener (``agent``: the agent listener)."""
+    options: list[tuple[str, Any]] = [
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.max_receive_message_length", 4 << 20),
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        # Covers the TLS handshake and the client's HTTP/2 preface: a socket that never
+        # speaks is closed after this, not after grpc's default of 120 s.
+        ("grpc.server_handshake_timeout_ms", _milliseconds(config.handshake_timeout)),
         # Off unless asked: a second server on the same port by mistake must fail to bind.
         ("grpc.so_reuseport", 1 if config.reuse_port else 0),
     ]
+    if config.connection_idle_timeout:
+        idle = _milliseconds(config.connection_idle_timeout)
+        options.append(("grpc.max_connection_idle_ms", idle))
+    if agent:
+        # Advertised in SETTINGS; a stream beyond it is reset with REFUSED_STREAM. The
+        # api listener has no such cap: one client multiplexes many calls on purpose.
+        streams = config.agent_max_streams_per_connection
+        options.append(("grpc.max_concurrent_streams", streams))
+    return options
+
+
+def _milliseconds(duration: timedelta) -> int:
+    """A duration as a grpc channel argument (a C int of milliseconds, at least 1)."""
+    return max(1, min(int(duration.total_seconds() * 1000), 2**31 - 1))
 
 
 async def _reaper(dispatcher: Dispatcher, config: ServerConfig, renew_every: float) -> None:

@@ -127,6 +127,18 @@ class ServerConfig:
     """AI task submissions per minute allowed to one tenant."""
     ai_tokens_per_minute: int = 2_000_000
     """Estimated AI tokens (input estimate + max_tokens) submitted per minute by one tenant."""
+    handshake_timeout: timedelta = timedelta(seconds=10)
+    """A connection to either listener that has not finished its TLS handshake and sent its
+    HTTP/2 preface within this is closed, so silent or slow sockets cannot pile up."""
+    connection_idle_timeout: timedelta = timedelta(minutes=5)
+    """A connection that carries no call for this long is closed (HTTP/2 GOAWAY; a client
+    reconnects on its next call). An agent's open stream keeps its connection busy. 0: never."""
+    agent_max_streams_per_connection: int = 4
+    """Calls one agent connection may carry at once (an agent needs its Connect stream and
+    now and then a Renew); more are refused with HTTP/2 REFUSED_STREAM."""
+    max_message_bytes: int = 4 << 20
+    """The largest message either listener accepts (larger: RESOURCE_EXHAUSTED); at least
+    ``max_payload_bytes`` + 64 KiB, as a message carries a payload and its envelope."""
     reflection: bool = True
     """Serve gRPC server reflection on the api listener, without an API token, so
     ``grpcurl`` and similar tools can list and describe the services. It reveals the
@@ -179,6 +191,16 @@ class ServerConfig:
             raise ConfigError("claude_code_max_cost_usd: must be more than 0 and at most 10000")
         if self.ai_requests_per_minute < 1 or self.ai_tokens_per_minute < 1:
             raise ConfigError("ai_requests_per_minute and ai_tokens_per_minute must be >= 1")
+        if not timedelta(0) < self.handshake_timeout <= timedelta(minutes=10):
+            raise ConfigError("handshake_timeout: must be more than 0 and at most 10m")
+        if self.connection_idle_timeout < timedelta(0):
+            raise ConfigError("connection_idle_timeout: must not be negative (0: never)")
+        if not 2 <= self.agent_max_streams_per_connection <= 1000:
+            raise ConfigError("agent_max_streams_per_connection: must be between 2 and 1000")
+        if not self.max_payload_bytes + (64 << 10) <= self.max_message_bytes <= (1 << 30):
+            raise ConfigError(
+                "max_message_bytes: must be at least max_payload_bytes + 65536 and at most 1 GiB"
+            )
 
     @property
     def ca_dir(self) -> Path:
