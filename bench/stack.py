@@ -100,6 +100,8 @@ class Stack:
     database: str
     prefix: str
     replicas: list[Replica] = field(default_factory=list)
+    fanout_secret: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
+    """The key the replicas sign their Redis fan-out with (required with Redis)."""
 
     @property
     def database_url(self) -> str:
@@ -152,6 +154,7 @@ class Stack:
             MUSTER_REPLICA_ID=name,
             MUSTER_REDIS_URL=REDIS_URL if redis else "",
             MUSTER_REDIS_PREFIX=self.prefix,
+            MUSTER_FANOUT_SECRET=self.fanout_secret,
             # Quotas are checked on every submission; the rate is set so they never refuse.
             MUSTER_SUBMISSION_RATE="1000000",
             MUSTER_SUBMISSION_BURST="1000000",

@@ -43,6 +43,7 @@ from server.config import ServerConfig, parse_address
 from server.dispatch.budgets import BudgetGate
 from server.dispatch.dispatcher import Dispatcher
 from server.dispatch.fanout import Fanout
+from server.dispatch.fanout_auth import REASONS as FANOUT_REJECTIONS
 from server.dispatch.hub import Hub
 from server.dispatch.inflight import InflightLimits
 from server.dispatch.metering import Metering
@@ -217,11 +218,15 @@ async def _start(
     metrics.audit_queue_depth.set_function(lambda: audit.depth)
     metrics.audit_spool_bytes.set_function(lambda: audit.spool_bytes)
     hub = Hub()
+    for reason in FANOUT_REJECTIONS:
+        metrics.fanout_rejected.labels(reason)
     fanout = Fanout(
         hub,
         origin=f"{config.resolved_replica_id}:{os.getpid()}:{secrets.token_hex(4)}",
         redis_url=config.redis_url,
         prefix=config.redis_prefix,
+        secret=config.resolved_fanout_secret() if config.redis_url else b"",
+        rejected=lambda reason: metrics.fanout_rejected.labels(reason).inc(),
     )
     await fanout.start()
     cleanup.push_async_callback(fanout.close)

@@ -11,7 +11,7 @@ import os
 import re
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -139,6 +139,13 @@ class ServerConfig:
     max_message_bytes: int = 4 << 20
     """The largest message either listener accepts (larger: RESOURCE_EXHAUSTED); at least
     ``max_payload_bytes`` + 64 KiB, as a message carries a payload and its envelope."""
+    fanout_secret: str = field(default="", repr=False)
+    """The key (at least 32 characters) every replica signs and checks its Redis fan-out
+    messages with (HMAC-SHA256); messages without a valid tag are dropped. Required when
+    ``redis_url`` is set; the same on every replica. Never logged."""
+    fanout_secret_file: str = ""
+    """A file holding ``fanout_secret`` (surrounding whitespace ignored), so the secret
+    need not sit in the environment; set one or the other."""
     reflection: bool = True
     """Serve gRPC server reflection on the api listener, without an API token, so
     ``grpcurl`` and similar tools can list and describe the services. It reveals the
@@ -201,6 +208,15 @@ class ServerConfig:
             raise ConfigError(
                 "max_message_bytes: must be at least max_payload_bytes + 65536 and at most 1 GiB"
             )
+        if self.fanout_secret and self.fanout_secret_file:
+            raise ConfigError("fanout_secret and fanout_secret_file: set one, not both")
+        if self.fanout_secret and len(self.fanout_secret.strip()) < MIN_FANOUT_SECRET:
+            raise ConfigError(f"fanout_secret: must be at least {MIN_FANOUT_SECRET} characters")
+        if self.redis_url and not (self.fanout_secret or self.fanout_secret_file):
+            raise ConfigError(
+                "fanout_secret: required with redis_url (replicas sign their fan-out "
+                "messages with it); set MUSTER_FANOUT_SECRET or MUSTER_FANOUT_SECRET_FILE"
+            )
 
     @property
     def ca_dir(self) -> Path:
@@ -222,6 +238,22 @@ class ServerConfig:
     @property
     def resolved_replica_id(self) -> str:
         return self.replica_id or socket.gethostname()
+
+    def resolved_fanout_secret(self) -> bytes:
+        """The fan-out key: ``fanout_secret``, or read from ``fanout_secret_file``."""
+        if not self.fanout_secret_file:
+            return self.fanout_secret.strip().encode()
+        try:
+            secret = Path(self.fanout_secret_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(
+                f"fanout_secret_file: cannot read {self.fanout_secret_file}: {type(err).__name__}"
+            ) from None
+        if len(secret) < MIN_FANOUT_SECRET:
+            raise ConfigError(
+                f"fanout_secret_file: the secret must be at least {MIN_FANOUT_SECRET} characters"
+            )
+        return secret.encode()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> ServerConfig:
@@ -270,3 +302,7 @@ def _convert(name: str, raw: str, cls: type[ServerConfig]) -> Any:
         except ValueError:
             raise ConfigError(f"{name}: {raw!r} is not a number") from None
     return raw
+
+
+MIN_FANOUT_SECRET = 32
+"""Characters a fan-out secret must have at least (``secrets.token_hex(32)`` gives 64)."""

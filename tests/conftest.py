@@ -35,6 +35,8 @@ def server_config(data_dir: Path, **overrides: object) -> ServerConfig:
         "poll_interval": timedelta(seconds=0.2),
         "shutdown_grace": timedelta(seconds=2),
     }
+    if overrides.get("redis_url") and not overrides.get("fanout_secret_file"):
+        values["fanout_secret"] = FANOUT_SECRET  # required with Redis; shared by replicas
     values.update(overrides)
     return ServerConfig(**values)  # type: ignore[arg-type]
 
@@ -43,6 +45,8 @@ BACKEND = os.environ.get("MUSTER_TEST_BACKEND", "embedded")
 """``embedded`` (SQLite, in-process quotas and fan-out) or ``postgres`` (a fresh Postgres
 database per test, Redis quotas and fan-out under a key prefix of the test's own)."""
 REDIS_URL = os.environ.get("MUSTER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+FANOUT_SECRET = secrets.token_hex(32)
+"""The fan-out key of every server a test run starts with Redis (replicas must share it)."""
 
 
 @pytest.fixture

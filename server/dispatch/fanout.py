@@ -6,20 +6,25 @@ never blocks the caller: announcements queue, and what queued meanwhile goes out
 message (a busy replica announces several changes per task: one Redis message each cost
 more than the rest of the task's quota work). Pub/sub is the fast path only; the
 reaper's database polling is the backstop when a message is lost.
+
+Every message on the channel is sealed with the replicas' shared key
+(:mod:`server.dispatch.fanout_auth`); one that does not verify is dropped and counted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from server.dispatch.fanout_auth import Rejected, Sealer
 from server.dispatch.hub import Hub
 
 log = logging.getLogger(__name__)
@@ -28,12 +33,23 @@ MAX_QUEUE = 100_000
 MAX_BATCH = 500
 """Announcements per published message."""
 RECONNECT_DELAY = 1.0
+REJECTION_LOG_INTERVAL = 60.0
+"""Seconds between warnings about dropped (unverifiable) messages: a flood logs little."""
 
 
 class Fanout:
     def __init__(
-        self, hub: Hub, *, origin: str, redis_url: str = "", prefix: str = "muster"
+        self,
+        hub: Hub,
+        *,
+        origin: str,
+        redis_url: str = "",
+        prefix: str = "muster",
+        secret: bytes = b"",
+        rejected: Callable[[str], None] = lambda reason: None,
     ) -> None:
+        """``secret``: the key shared by the replicas, required with ``redis_url``;
+        ``rejected(reason)`` is called for each message dropped as unverifiable."""
         self.hub = hub
         self._origin = origin
         self._channel = f"{prefix}:fanout"
@@ -42,6 +58,12 @@ class Fanout:
             if redis_url
             else None
         )
+        if self._redis is not None and not secret:
+            raise ValueError("fan-out over Redis needs the replicas' shared secret")
+        self._sealer = Sealer(secret, channel=self._channel, origin=origin) if secret else None
+        self._rejected = rejected
+        self._rejections_unlogged = 0
+        self._next_rejection_log = 0.0
         self._queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue(MAX_QUEUE)
         self._tasks: list[asyncio.Task[None]] = []
         self._subscribed = asyncio.Event()
@@ -126,7 +148,8 @@ class Fanout:
             batch = [await self._queue.get()]
             while not self._queue.empty() and len(batch) < MAX_BATCH:
                 batch.append(self._queue.get_nowait())
-            payload = json.dumps({"o": self._origin, "m": batch}, separators=(",", ":"))
+            assert self._sealer is not None
+            payload = self._sealer.seal(batch)
             try:
                 await self._redis.publish(self._channel, payload)
             except (RedisError, OSError) as err:
@@ -151,14 +174,34 @@ class Fanout:
     def _receive(self, item: dict[str, Any]) -> None:
         if item.get("type") != "message":
             return
+        assert self._sealer is not None
         try:
-            message = json.loads(item["data"])
-            if message["o"] == self._origin:
-                return
-            for announcement in message["m"]:
+            opened = self._sealer.open(item.get("data") or b"")
+        except Rejected as rejected:
+            self._reject(rejected.reason)
+            return
+        if opened.origin == self._origin:
+            return
+        try:
+            for announcement in opened.messages:
                 _apply(self.hub, announcement)
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, AttributeError):
             log.warning("ignoring a malformed fan-out message")
+
+    def _reject(self, reason: str) -> None:
+        """Count a dropped message; warn now and then (never with its content)."""
+        self._rejected(reason)
+        self._rejections_unlogged += 1
+        now = time.monotonic()
+        if now >= self._next_rejection_log:
+            log.warning(
+                "dropped %d fan-out message(s) that did not verify (last: %s); is every "
+                "replica configured with the same fanout_secret, and are clocks in sync?",
+                self._rejections_unlogged,
+                reason,
+            )
+            self._rejections_unlogged = 0
+            self._next_rejection_log = now + REJECTION_LOG_INTERVAL
 
 
 def _apply(hub: Hub, message: dict[str, Any]) -> None:

@@ -186,6 +186,12 @@ def _guarded(
             if checked is not None and checked.undecodable:
                 # However the handler let the error out, the caller's bytes were the cause.
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
+            code = context.code()
+            if code is not None and code is not grpc.StatusCode.OK:
+                # The handler chose the status before it raised, as a generated servicer
+                # base does for a method it does not implement (grpc's health List):
+                # that status stands, as it would without this interceptor.
+                await context.abort(code, context.details() or code.name)
             incident = secrets.token_hex(6)
             log.exception("unexpected error in %s (incident %s)", method, incident)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")

@@ -183,6 +183,15 @@ class MusterMetrics:
             registry=registry,
         )
 
+        # Replicas.
+        self.fanout_rejected = Counter(
+            "muster_fanout_rejected_total",
+            "Fan-out messages received on Redis and dropped because they did not verify, by "
+            "reason (unsigned, bad_tag, stale, replayed).",
+            ("reason",),
+            registry=registry,
+        )
+
     def update_queues(self, stats: Mapping[str, QueueStats]) -> None:
         """Replace the per-pool queue gauges; pools missing from ``stats`` disappear."""
         self.queue_depth.update({pool: s.depth for pool, s in stats.items()})

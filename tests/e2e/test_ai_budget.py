@@ -31,7 +31,7 @@ from server.ai.prices import PriceTable, TokenUsage
 from server.dispatch.budgets import BUDGET_RETRY
 from server.storage.models import AuditEvent
 from server.storage.models import Task as TaskRow
-from tests.conftest import BACKEND, REDIS_URL
+from tests.conftest import BACKEND, FANOUT_SECRET, REDIS_URL
 from tests.e2e import procs
 from tests.fakes.anthropic_api import FakeAnthropicAPI, Reply
 from tests.pg import fresh_database
@@ -102,6 +102,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
             environ = procs.env(
                 MUSTER_DATABASE_URL=url,
                 MUSTER_REDIS_URL=REDIS_URL,
+                MUSTER_FANOUT_SECRET=FANOUT_SECRET,
                 MUSTER_REDIS_PREFIX=prefix,
                 MUSTER_REPLICA_ID=name,
                 MUSTER_API_ADDR="127.0.0.1:0",

@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from muster import AsyncAdminClient, AsyncClient, ClientConfig, TaskState
 from server.storage.models import AuditEvent, Task
-from tests.conftest import BACKEND, REDIS_URL
+from tests.conftest import BACKEND, FANOUT_SECRET, REDIS_URL
 from tests.e2e import procs
 from tests.pg import fresh_database
 
@@ -60,6 +60,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[tuple[str, list[Replica]]]:
             environ = procs.env(
                 MUSTER_DATABASE_URL=url,
                 MUSTER_REDIS_URL=REDIS_URL,
+                MUSTER_FANOUT_SECRET=FANOUT_SECRET,
                 MUSTER_REDIS_PREFIX=prefix,
                 MUSTER_REPLICA_ID=name,
                 MUSTER_API_ADDR="127.0.0.1:0",
