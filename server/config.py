@@ -146,6 +146,14 @@ class ServerConfig:
     fanout_secret_file: str = ""
     """A file holding ``fanout_secret`` (surrounding whitespace ignored), so the secret
     need not sit in the environment; set one or the other."""
+    renewal_overlap: timedelta = timedelta(seconds=60)
+    """How long a stream on an agent's older certificate may stay open beside a new stream
+    on its renewed one (the make-before-break handover of a renewal); then it is closed
+    with ABORTED. Any other second stream of an agent replaces the older one at once."""
+    suspicious_policy: str = ""
+    """Per kind of suspicious agent behaviour, ``log`` (the default) or ``disable`` the
+    agent: ``kind=action,...`` with kinds two_addresses, unheld_attempt, message_rate,
+    renewal_rate, hello_refused, excess_credit (see server/dispatch/suspicion.py)."""
     reflection: bool = True
     """Serve gRPC server reflection on the api listener, without an API token, so
     ``grpcurl`` and similar tools can list and describe the services. It reveals the
@@ -217,6 +225,14 @@ class ServerConfig:
                 "fanout_secret: required with redis_url (replicas sign their fan-out "
                 "messages with it); set MUSTER_FANOUT_SECRET or MUSTER_FANOUT_SECRET_FILE"
             )
+        if not timedelta(0) <= self.renewal_overlap <= timedelta(hours=1):
+            raise ConfigError("renewal_overlap: must be between 0 and 1h")
+        from server.dispatch.suspicion import parse_policy  # here: dispatch imports config
+
+        try:
+            parse_policy(self.suspicious_policy)
+        except ValueError as err:
+            raise ConfigError(f"suspicious_policy: {err}") from None
 
     @property
     def ca_dir(self) -> Path:

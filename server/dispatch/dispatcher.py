@@ -22,6 +22,7 @@ from server.dispatch.budgets import BudgetGate
 from server.dispatch.fanout import Fanout
 from server.dispatch.inflight import InflightLimits
 from server.dispatch.metering import Metering
+from server.dispatch.suspicion import Suspicion, parse_policy
 from server.metrics import MusterMetrics, QueueStats
 from server.storage import identities
 from server.storage import tasks as task_store
@@ -75,6 +76,15 @@ class Dispatcher:
         self.audit = audit
         self.metrics = metrics
         self.config = config
+        self.suspicion = Suspicion(
+            db,
+            fanout,
+            audit,
+            metrics,
+            parse_policy(config.suspicious_policy),
+            heartbeat_interval=config.heartbeat_interval,
+            cert_lifetime=config.cert_lifetime,
+        )
 
     # Submission and cancellation (TaskService)
 

@@ -1,4 +1,5 @@
-"""Announcements every replica must hear: new work, cancellations, revocations, task changes.
+"""Announcements every replica must hear: new work, cancellations, revocations, task changes,
+new agent streams (which replace older ones of the same agent).
 
 Each announcement is applied to this replica's hub at once and, with Redis configured,
 published on one channel that every other replica applies to its own hub. Publishing
@@ -25,7 +26,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from server.dispatch.fanout_auth import Rejected, Sealer
-from server.dispatch.hub import Hub
+from server.dispatch.hub import Hub, NewStream
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,21 @@ class Fanout:
     def task_changed(self, task_id: str) -> None:
         self._announce({"t": "task", "task": task_id})
 
+    def stream_started(self, new: NewStream) -> None:
+        """An agent's stream was welcomed: older streams of that agent, on any replica,
+        are replaced (or handed over, for a renewed certificate: see Hub.stream_started)."""
+        self._announce(
+            {
+                "t": "stream",
+                "agent": new.agent_id,
+                "session": new.session_id,
+                "serial": new.serial,
+                "not_before": new.not_before,
+                "peer": new.peer,
+                "started_at": new.started_at,
+            }
+        )
+
     def _announce(self, message: dict[str, Any]) -> None:
         _apply(self.hub, message)
         if self._redis is None:
@@ -213,6 +229,17 @@ def _apply(hub: Hub, message: dict[str, Any]) -> None:
     elif kind == "cancel":
         hub.cancel_attempt(
             message["session"], message["task"], message["attempt"], message["reason"]
+        )
+    elif kind == "stream":
+        hub.stream_started(
+            NewStream(
+                agent_id=str(message["agent"]),
+                session_id=str(message["session"]),
+                serial=str(message["serial"]),
+                not_before=float(message["not_before"]),
+                peer=str(message["peer"]),
+                started_at=float(message["started_at"]),
+            )
         )
     elif kind == "close":
         serials = message.get("serials")

@@ -10,9 +10,29 @@ import asyncio
 import contextlib
 from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
+
+
+@dataclass(frozen=True, slots=True)
+class NewStream:
+    """A welcomed agent stream, as announced to every replica (see ``stream_started``)."""
+
+    agent_id: str
+    session_id: str
+    serial: str
+    not_before: float
+    """Its certificate's notBefore (POSIX seconds): another serial, not older, is a renewal."""
+    peer: str
+    started_at: float
+    """When it was welcomed (POSIX seconds, the welcoming replica's clock)."""
+
+    def newer_than(self, stream: Stream) -> bool:
+        """Whether this stream came after ``stream`` (ties broken by session id, so two
+        replicas announcing at once agree on which one stays)."""
+        return (self.started_at, self.session_id) > (stream.started_at, stream.session_id)
 
 
 class Stream(Protocol):
@@ -23,6 +43,8 @@ class Stream(Protocol):
     pool: str
     serial: str
     kinds: list[str]
+    started_at: float
+    cert_not_before: float
 
     @property
     def wants_work(self) -> bool:
@@ -33,6 +55,7 @@ class Stream(Protocol):
     def cancel_attempt(self, task_id: str, attempt: int, reason: str) -> None: ...
     def drain(self, reason: str) -> None: ...
     def close(self, code: grpc.StatusCode, message: str) -> None: ...
+    def replaced_by(self, new: NewStream, *, handover: bool) -> None: ...
 
 
 class Hub:
@@ -149,6 +172,21 @@ class Hub:
         for stream in closing:
             stream.close(code, message)
         return len(closing)
+
+    def stream_started(self, new: NewStream) -> None:
+        """One live stream per agent: ``new`` replaces this replica's older streams of its
+        agent. One whose certificate is older than ``new``'s (a renewal's make-before-break
+        handover) stops taking work and is closed after ``renewal_overlap``; any other is
+        closed at once. A stream newer than ``new`` (the announcements crossed) stays:
+        its own announcement replaces ``new`` wherever that one is."""
+        for stream in list(self._streams.values()):
+            if (
+                stream.agent_id == new.agent_id
+                and stream.session_id != new.session_id
+                and new.newer_than(stream)
+            ):
+                handover = stream.serial != new.serial and new.not_before >= stream.cert_not_before
+                stream.replaced_by(new, handover=handover)
 
     async def wait_idle(self, within: float) -> bool:
         """Wait until no stream is open, for at most ``within`` seconds; True if none is."""

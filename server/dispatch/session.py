@@ -14,6 +14,7 @@ import contextlib
 import logging
 import random
 import secrets
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -27,7 +28,10 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from muster.v1 import agent_pb2
 from server.audit import AuditRecord
 from server.dispatch.dispatcher import Dispatcher
+from server.dispatch.hub import NewStream
+from server.dispatch.suspicion import RATE_WINDOW, RateWatch
 from server.services import convert
+from server.storage import tasks as task_store
 from server.storage.types import utcnow
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,9 @@ FLUSH_TIMEOUT = 1.0
 """How long a closing stream waits for its outbox to be written."""
 Context: TypeAlias = grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.ServerMessage]
 MAX_CAPABILITIES = 100
+OUTCOMES = frozenset(
+    {agent_pb2.OUTCOME_SUCCEEDED, agent_pb2.OUTCOME_FAILED, agent_pb2.OUTCOME_CANCELLED}
+)
 
 
 class StreamClosed(Exception):
@@ -79,7 +86,14 @@ class AgentSession:
         self.labels = labels
         self.not_before = not_before
         self.not_after = not_after
+        self.cert_not_before = not_before.timestamp()
         self.peer = peer
+        self.started_at = 0.0
+        """When it was welcomed (POSIX seconds): of two streams of an agent, the later stays."""
+        self.welcomed = False
+        self._replaced: tuple[NewStream, bool] | None = None
+        """The stream that replaced this one, and whether as a renewal's handover."""
+        self._rate: RateWatch | None = None
         self.kinds: list[str] = []
         self.credit = 0
         self.draining = False
@@ -135,6 +149,44 @@ class AgentSession:
         if not self._closed.done():
             self._closed.set_result(StreamClosed(code, message))
 
+    def replaced_by(self, new: NewStream, *, handover: bool) -> None:
+        """A newer stream of this agent was welcomed (here or on another replica)."""
+        if self._replaced is not None or self._closed.done():
+            return
+        self._replaced = (new, handover)
+        metrics = self.dispatcher.metrics
+        metrics.streams_replaced.labels(reason="renewal" if handover else "reconnect").inc()
+        if new.peer != self.peer:
+            self.dispatcher.suspicion.flag(
+                "two_addresses",
+                self.agent_id,
+                actor=self.spiffe_id,
+                peer=new.peer,
+                details={
+                    "old_peer": self.peer,
+                    "new_peer": new.peer,
+                    "old_session": self.session_id,
+                    "new_session": new.session_id,
+                },
+            )
+        if not handover:
+            self.close(
+                grpc.StatusCode.ABORTED,
+                f"replaced by a newer stream of agent {self.agent_id} (session "
+                f"{new.session_id}): one live stream per agent",
+            )
+            return
+        # Make-before-break: the agent moves to the renewed certificate's stream and closes
+        # this one itself; until then this one takes no new work, and is cut after the overlap.
+        self.draining = True
+        overlap = self.config.renewal_overlap.total_seconds()
+        asyncio.get_running_loop().call_later(
+            overlap,
+            self.close,
+            grpc.StatusCode.ABORTED,
+            "replaced by the stream of this agent's renewed certificate",
+        )
+
     def _accepted(self, task_id: str, attempt: int, moved: asyncio.Future[bool]) -> None:
         """An Accepted was written (the reader did not wait for it)."""
         if moved.cancelled():
@@ -171,10 +223,24 @@ class AgentSession:
         # Unadopted attempts still occupy a slot until the agent has cancelled them.
         self.credit = max(0, hello.max_concurrency - len(in_flight))
         await context.write(self._welcome())
+        self.welcomed = True
         self._context = context  # from here on, only the writer writes
         for task_id, attempt in lost:
             self.cancel_attempt(task_id, attempt, "attempt is no longer current")
+        self._rate = dispatcher.suspicion.rate_watch(self.max_concurrency)
+        self.started_at = time.time()
         dispatcher.hub.register(self)
+        # One live stream per agent: older streams of this agent, on any replica, go.
+        dispatcher.fanout.stream_started(
+            NewStream(
+                agent_id=self.agent_id,
+                session_id=self.session_id,
+                serial=self.serial,
+                not_before=self.cert_not_before,
+                peer=self.peer,
+                started_at=self.started_at,
+            )
+        )
         await dispatcher.audit.submit(
             self._audit("stream.connect", {"adopted": len(adopted), "lost": len(lost)})
         )
@@ -233,6 +299,20 @@ class AgentSession:
                 "could not release session %s (%s); its leases will expire",
                 self.session_id,
                 type(err).__name__,
+            )
+        if self._replaced is not None:
+            new, handover = self._replaced
+            await self.dispatcher.audit.submit(
+                self._audit(
+                    "stream.replaced",
+                    {
+                        "old_peer": self.peer,
+                        "new_peer": new.peer,
+                        "new_session": new.session_id,
+                        "new_serial": new.serial,
+                        "handover": handover,
+                    },
+                )
             )
         await self.dispatcher.audit.submit(
             self._audit("stream.disconnect", {"reason": reason[:200]})
@@ -342,6 +422,8 @@ class AgentSession:
                 await asyncio.sleep(self.config.poll_interval.total_seconds())
                 self._woken = True
                 continue
+            if self._rate is not None:
+                self._rate.assigned(len(claimed))
             for task in claimed:
                 self.credit -= 1
                 self._held.add((task.task_id, task.attempt))
@@ -383,18 +465,38 @@ class AgentSession:
         async for message in requests:
             self._last_heard = asyncio.get_running_loop().time()
             body = message.WhichOneof("body")
+            # Results are not counted: an outbox resend after a reconnect is a burst.
+            rate = self._rate
+            if body != "result" and rate is not None and (seen := rate.count()) is not None:
+                self._suspicious(
+                    "message_rate",
+                    {"messages": seen, "window_s": RATE_WINDOW, "allowance": rate.limit()},
+                )
             if body == "credit":
                 if message.credit.credits < 0:
                     raise StreamClosed(
                         grpc.StatusCode.INVALID_ARGUMENT, "Credit.credits must not be negative"
                     )
                 # Never more than the agent said it runs at once, whatever it grants:
-                # in-flight per agent is the server's limit, not the agent's promise.
+                # in-flight per agent is the server's limit, not the agent's promise. An
+                # excess is capped, and counted as suspicious (an agent that keeps count
+                # as agent.proto says never grants one).
                 room = self.max_concurrency - len(self._held)
-                self.credit = max(0, min(self.credit + message.credit.credits, room))
+                wanted = self.credit + message.credit.credits
+                if wanted > room:
+                    self._suspicious(
+                        "excess_credit",
+                        {"granted": message.credit.credits, "credit": self.credit, "room": room},
+                    )
+                self.credit = max(0, min(wanted, room))
                 self.wake()
             elif body == "accepted":
                 a = message.accepted
+                if (a.task_id, a.attempt) not in self._held:
+                    self._suspicious(
+                        "unheld_attempt",
+                        {"message": "accepted", "task": a.task_id[:64], "attempt": a.attempt},
+                    )
                 moved = dispatcher.accept(a.task_id, a.attempt, self.session_id)
                 moved.add_done_callback(partial(self._accepted, a.task_id, a.attempt))
                 self._accepting.add(moved)
@@ -403,8 +505,17 @@ class AgentSession:
                     await asyncio.wait([moved])  # an agent flooding Accepted waits for them
             elif body == "result":
                 r = message.result
+                if r.outcome not in OUTCOMES:
+                    raise StreamClosed(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        "Result.outcome must be OUTCOME_SUCCEEDED, OUTCOME_FAILED or "
+                        "OUTCOME_CANCELLED",
+                    )
                 status = await dispatcher.record_result(self.agent_id, r)
-                self._held.discard((r.task_id, r.attempt))
+                key = (r.task_id, r.attempt)
+                if status == agent_pb2.ACK_STATUS_STALE and key not in self._held:
+                    await self._check_stale(r.task_id, r.attempt)
+                self._held.discard(key)
                 self._send(
                     agent_pb2.ServerMessage(
                         ack=agent_pb2.Ack(task_id=r.task_id, attempt=r.attempt, status=status)
@@ -472,6 +583,37 @@ class AgentSession:
 
         timers["silence"] = loop.call_at(self._last_heard + silence, check_silence)
         return timers
+
+    def _suspicious(self, kind: str, details: dict[str, object]) -> None:
+        self.dispatcher.suspicion.flag(
+            kind,
+            self.agent_id,
+            actor=self.spiffe_id,
+            peer=self.peer,
+            details={"session": self.session_id, **details},
+        )
+
+    async def _check_stale(self, task_id: str, attempt: int) -> None:
+        """A stale Result for an attempt this stream does not hold: an outbox resend of an
+        attempt the agent lost (fine), or one it never held (suspicious): no such task, an
+        attempt that never was, or the current attempt of another agent."""
+        async with self.dispatcher.db.transaction() as session:
+            current = await task_store.attempt_of(await session.connection(), task_id)
+        if (
+            current is None
+            or attempt > current.attempt
+            or (
+                attempt == current.attempt
+                and (
+                    current.agent_id not in (None, self.agent_id)
+                    or current.state == task_store.QUEUED  # a queued attempt nobody held
+                )
+            )
+        ):
+            self._suspicious(
+                "unheld_attempt",
+                {"message": "result", "task": task_id[:64], "attempt": attempt},
+            )
 
     def _audit(self, action: str, details: dict[str, object]) -> AuditRecord:
         return AuditRecord(

@@ -182,6 +182,19 @@ class MusterMetrics:
             "Bytes of audit events spooled to local disk while the database is unreachable.",
             registry=registry,
         )
+        self.streams_replaced = Counter(
+            "muster_streams_replaced_total",
+            "Agent streams closed because a newer stream of the same agent connected, by "
+            "reason (reconnect: at once; renewal: after the renewal overlap).",
+            ("reason",),
+            registry=registry,
+        )
+        self.suspicious_events = Counter(
+            "muster_suspicious_events_total",
+            "Suspicious agent behaviour seen, by kind (see server/dispatch/suspicion.py).",
+            ("kind",),
+            registry=registry,
+        )
 
         # Replicas.
         self.fanout_rejected = Counter(

@@ -25,6 +25,16 @@ from server.storage.models import Certificate
 
 log = logging.getLogger(__name__)
 
+HELLO_REFUSALS = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+)
+"""How a stream ends when its Hello is refused (a bad or missing Hello, labels outside the
+enrolled scope); repeated, the agent is suspicious (``hello_refused``)."""
+
 
 class AgentService(agent_pb2_grpc.AgentServiceServicer):
     def __init__(self, dispatcher: Dispatcher, ca: CertificateAuthority) -> None:
@@ -56,6 +66,13 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         try:
             await session.run(request_iterator, context)
         except StreamClosed as closed:
+            if not session.welcomed and closed.code in HELLO_REFUSALS:
+                self._dispatcher.suspicion.hello_refused(
+                    identity.agent_id,
+                    actor=identity.spiffe_id,
+                    peer=session.peer,
+                    reason=closed.message,
+                )
             raise ServiceError(closed.code, closed.message) from None
 
     async def Renew(
@@ -103,6 +120,9 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                 ),
             )
         dispatcher.metrics.certificates_issued.labels(reason="renew").inc()
+        await dispatcher.suspicion.renewed(
+            identity.agent_id, actor=identity.spiffe_id, peer=peer_address(context)
+        )
         log.info(
             "renewed the certificate of agent %s (serial %s)", identity.agent_id, issued.serial
         )
