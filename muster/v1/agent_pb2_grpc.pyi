@@ -38,10 +38,50 @@ class AgentServiceStub:
     Connect: _grpc.StreamStreamMultiCallable[_agent_pb2.AgentMessage, _agent_pb2.ServerMessage]
     """The one long-lived stream per agent. The agent opens with Hello; the server
     answers Welcome, then pushes Assignments only while the agent has credit.
+
+    One live stream per agent identity, across all replicas: when a stream is
+    welcomed, every older stream of the same agent (on any replica) is closed
+    with ABORTED ("replaced by a newer stream"). The newest wins, so an agent
+    that reconnects after a network cut is never locked out by its dead stream;
+    whatever the older stream held that the new Hello does not list is requeued.
+    The exception is the make-before-break handover of a renewal: when the new
+    stream uses another certificate of the same agent, not older than the live
+    stream's, the older stream gets no new work and stays open for at most the
+    server's `renewal_overlap` (default 60 s) for the agent to half-close it;
+    then it is closed with ABORTED. Every replacement is audited
+    (`stream.replaced`, with both peer addresses) and counted
+    (`muster_streams_replaced_total`).
+
+    Silence limit: a stream on which the agent sends nothing at all for
+    Welcome.lease_duration is closed with DEADLINE_EXCEEDED (Heartbeats every
+    Welcome.heartbeat_interval keep it open).
+
+    How a stream ends, besides OK (the agent half-closed):
+      INVALID_ARGUMENT   a protocol error: the first message is not Hello, a
+                         second Hello, an empty message, a Hello outside its
+                         limits, a negative Credit, a Result without outcome;
+      PERMISSION_DENIED  Hello labels outside the enrolled scope, the
+                         certificate revoked, the agent disabled;
+      UNAUTHENTICATED    the certificate expired;
+      DEADLINE_EXCEEDED  no Hello in time, or the silence limit;
+      ABORTED            replaced by a newer stream of the same agent;
+      UNAVAILABLE        the server is stopping, or its database is unreachable:
+                         reconnect and resend unacknowledged Results.
+
+    The server flags (audit action `agent.suspicious`, metric
+    `muster_suspicious_events_total{kind}`) and, if its `suspicious_policy`
+    says `disable` for the kind, disables the agent: two_addresses (one
+    identity streaming from two addresses), unheld_attempt (Accepted or Result
+    for an attempt the agent does not hold), message_rate (messages far above
+    what its heartbeats and credit explain), renewal_rate (renewals far more
+    often than the certificate lifetime needs), hello_refused (repeated
+    refused Hellos), excess_credit (see Credit).
     """
     Renew: _grpc.UnaryUnaryMultiCallable[_agent_pb2.RenewRequest, _agent_pb2.RenewResponse]
     """Issues a fresh certificate for the calling agent's identity from a CSR with
-    a new key. The current certificate stays valid until it expires.
+    a new key. The current certificate stays valid until it expires. Renew at
+    Welcome.renew_after (1/2 to 2/3 of the lifetime); more than 3 renewals
+    within half a lifetime are flagged (renewal_rate).
     """
 
 @_typing.type_check_only
@@ -54,10 +94,50 @@ class AgentServiceAsyncStub(AgentServiceStub):
     Connect: _aio.StreamStreamMultiCallable[_agent_pb2.AgentMessage, _agent_pb2.ServerMessage]  # type: ignore[assignment]
     """The one long-lived stream per agent. The agent opens with Hello; the server
     answers Welcome, then pushes Assignments only while the agent has credit.
+
+    One live stream per agent identity, across all replicas: when a stream is
+    welcomed, every older stream of the same agent (on any replica) is closed
+    with ABORTED ("replaced by a newer stream"). The newest wins, so an agent
+    that reconnects after a network cut is never locked out by its dead stream;
+    whatever the older stream held that the new Hello does not list is requeued.
+    The exception is the make-before-break handover of a renewal: when the new
+    stream uses another certificate of the same agent, not older than the live
+    stream's, the older stream gets no new work and stays open for at most the
+    server's `renewal_overlap` (default 60 s) for the agent to half-close it;
+    then it is closed with ABORTED. Every replacement is audited
+    (`stream.replaced`, with both peer addresses) and counted
+    (`muster_streams_replaced_total`).
+
+    Silence limit: a stream on which the agent sends nothing at all for
+    Welcome.lease_duration is closed with DEADLINE_EXCEEDED (Heartbeats every
+    Welcome.heartbeat_interval keep it open).
+
+    How a stream ends, besides OK (the agent half-closed):
+      INVALID_ARGUMENT   a protocol error: the first message is not Hello, a
+                         second Hello, an empty message, a Hello outside its
+                         limits, a negative Credit, a Result without outcome;
+      PERMISSION_DENIED  Hello labels outside the enrolled scope, the
+                         certificate revoked, the agent disabled;
+      UNAUTHENTICATED    the certificate expired;
+      DEADLINE_EXCEEDED  no Hello in time, or the silence limit;
+      ABORTED            replaced by a newer stream of the same agent;
+      UNAVAILABLE        the server is stopping, or its database is unreachable:
+                         reconnect and resend unacknowledged Results.
+
+    The server flags (audit action `agent.suspicious`, metric
+    `muster_suspicious_events_total{kind}`) and, if its `suspicious_policy`
+    says `disable` for the kind, disables the agent: two_addresses (one
+    identity streaming from two addresses), unheld_attempt (Accepted or Result
+    for an attempt the agent does not hold), message_rate (messages far above
+    what its heartbeats and credit explain), renewal_rate (renewals far more
+    often than the certificate lifetime needs), hello_refused (repeated
+    refused Hellos), excess_credit (see Credit).
     """
     Renew: _aio.UnaryUnaryMultiCallable[_agent_pb2.RenewRequest, _agent_pb2.RenewResponse]  # type: ignore[assignment]
     """Issues a fresh certificate for the calling agent's identity from a CSR with
-    a new key. The current certificate stays valid until it expires.
+    a new key. The current certificate stays valid until it expires. Renew at
+    Welcome.renew_after (1/2 to 2/3 of the lifetime); more than 3 renewals
+    within half a lifetime are flagged (renewal_rate).
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -73,6 +153,44 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.ServerMessage], _abc.AsyncIterator[_agent_pb2.ServerMessage]]:
         """The one long-lived stream per agent. The agent opens with Hello; the server
         answers Welcome, then pushes Assignments only while the agent has credit.
+
+        One live stream per agent identity, across all replicas: when a stream is
+        welcomed, every older stream of the same agent (on any replica) is closed
+        with ABORTED ("replaced by a newer stream"). The newest wins, so an agent
+        that reconnects after a network cut is never locked out by its dead stream;
+        whatever the older stream held that the new Hello does not list is requeued.
+        The exception is the make-before-break handover of a renewal: when the new
+        stream uses another certificate of the same agent, not older than the live
+        stream's, the older stream gets no new work and stays open for at most the
+        server's `renewal_overlap` (default 60 s) for the agent to half-close it;
+        then it is closed with ABORTED. Every replacement is audited
+        (`stream.replaced`, with both peer addresses) and counted
+        (`muster_streams_replaced_total`).
+
+        Silence limit: a stream on which the agent sends nothing at all for
+        Welcome.lease_duration is closed with DEADLINE_EXCEEDED (Heartbeats every
+        Welcome.heartbeat_interval keep it open).
+
+        How a stream ends, besides OK (the agent half-closed):
+          INVALID_ARGUMENT   a protocol error: the first message is not Hello, a
+                             second Hello, an empty message, a Hello outside its
+                             limits, a negative Credit, a Result without outcome;
+          PERMISSION_DENIED  Hello labels outside the enrolled scope, the
+                             certificate revoked, the agent disabled;
+          UNAUTHENTICATED    the certificate expired;
+          DEADLINE_EXCEEDED  no Hello in time, or the silence limit;
+          ABORTED            replaced by a newer stream of the same agent;
+          UNAVAILABLE        the server is stopping, or its database is unreachable:
+                             reconnect and resend unacknowledged Results.
+
+        The server flags (audit action `agent.suspicious`, metric
+        `muster_suspicious_events_total{kind}`) and, if its `suspicious_policy`
+        says `disable` for the kind, disables the agent: two_addresses (one
+        identity streaming from two addresses), unheld_attempt (Accepted or Result
+        for an attempt the agent does not hold), message_rate (messages far above
+        what its heartbeats and credit explain), renewal_rate (renewals far more
+        often than the certificate lifetime needs), hello_refused (repeated
+        refused Hellos), excess_credit (see Credit).
         """
 
     @_abc_1.abstractmethod
@@ -82,7 +200,9 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.RenewResponse, _abc.Awaitable[_agent_pb2.RenewResponse]]:
         """Issues a fresh certificate for the calling agent's identity from a CSR with
-        a new key. The current certificate stays valid until it expires.
+        a new key. The current certificate stays valid until it expires. Renew at
+        Welcome.renew_after (1/2 to 2/3 of the lifetime); more than 3 renewals
+        within half a lifetime are flagged (renewal_rate).
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
