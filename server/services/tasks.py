@@ -282,6 +282,7 @@ def _output_schema(text: str) -> str | None:
         return None
     if len(text.encode()) > MAX_OUTPUT_SCHEMA_BYTES:
         raise invalid(f"output_schema: larger than {MAX_OUTPUT_SCHEMA_BYTES // 1024} KiB")
+    check_text(text, "output_schema", MAX_OUTPUT_SCHEMA_BYTES, multiline=True)
     try:
         parse_output_schema(text)
     except PayloadError as err:

@@ -15,7 +15,9 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
+from agent.config import AgentConfig
 from muster import AsyncAdminClient
+from muster.errors import ConfigError
 from muster.spiffe import AGENT_ID, SpiffeId
 from muster.v1 import (
     admin_pb2,
@@ -85,6 +87,14 @@ def test_the_grammar_is_a_full_match() -> None:
     with pytest.raises(ValueError):
         SpiffeId.parse("spiffe://muster.test\n/agent/web-01")
     assert SpiffeId.for_agent("muster.test", "web-01").agent_id == "web-01"
+
+
+def test_the_agent_refuses_such_a_name_before_it_asks() -> None:
+    """``muster agent --name`` uses the same grammar (muster.spiffe.AGENT_ID)."""
+    for name in SPOOFS:
+        with pytest.raises(ConfigError, match="--name"):
+            AgentConfig(name=name)
+    assert AgentConfig(name="web-01").name == "web-01"
 
 
 def test_opaque_text_refuses_control_characters() -> None:
@@ -184,6 +194,11 @@ async def test_opaque_task_strings_refuse_nul_and_control_characters(
         await api.refused(api.tasks.Cancel, task_pb2.CancelTaskRequest(task_id=bad), "task_id")
         await api.refused(api.tasks.List, task_pb2.ListTasksRequest(pool=bad), "pool")
         await api.refused(api.tasks.List, task_pb2.ListTasksRequest(kind=bad), "kind")
+    await api.refused(
+        api.tasks.Submit,
+        task_pb2.SubmitRequest(kind="echo", output_schema='{"type":\n "object"\x00}'),
+        "output_schema",
+    )
     task = (await api.tasks.Submit(task_pb2.SubmitRequest(kind="echo"), metadata=api.metadata)).task
     await api.refused(
         api.tasks.Cancel,
