@@ -56,6 +56,9 @@ class Stream(Protocol):
     def drain(self, reason: str) -> None: ...
     def close(self, code: grpc.StatusCode, message: str) -> None: ...
     def replaced_by(self, new: NewStream, *, handover: bool) -> None: ...
+    def outlived(self, new: NewStream) -> None:
+        """``new`` was announced, but this stream is newer: announce this one again."""
+        ...
 
 
 class Hub:
@@ -177,16 +180,17 @@ class Hub:
         """One live stream per agent: ``new`` replaces this replica's older streams of its
         agent. One whose certificate is older than ``new``'s (a renewal's make-before-break
         handover) stops taking work and is closed after ``renewal_overlap``; any other is
-        closed at once. A stream newer than ``new`` (the announcements crossed) stays:
-        its own announcement replaces ``new`` wherever that one is."""
+        closed at once. A stream here that is newer than ``new`` (the announcements
+        crossed, or the replicas' clocks disagree) stays and announces itself again, so
+        ``new`` is replaced wherever it is: whatever the clocks, one stream is left."""
         for stream in list(self._streams.values()):
-            if (
-                stream.agent_id == new.agent_id
-                and stream.session_id != new.session_id
-                and new.newer_than(stream)
-            ):
+            if stream.agent_id != new.agent_id or stream.session_id == new.session_id:
+                continue
+            if new.newer_than(stream):
                 handover = stream.serial != new.serial and new.not_before >= stream.cert_not_before
                 stream.replaced_by(new, handover=handover)
+            else:
+                stream.outlived(new)
 
     async def wait_idle(self, within: float) -> bool:
         """Wait until no stream is open, for at most ``within`` seconds; True if none is."""

@@ -94,6 +94,8 @@ class AgentSession:
         self._replaced: tuple[NewStream, bool] | None = None
         """The stream that replaced this one, and whether as a renewal's handover."""
         self._rate: RateWatch | None = None
+        self._outlived: set[str] = set()
+        """Older streams of this agent whose announcement this one answered (``outlived``)."""
         self.kinds: list[str] = []
         self.credit = 0
         self.draining = False
@@ -148,6 +150,22 @@ class AgentSession:
     def close(self, code: grpc.StatusCode, message: str) -> None:
         if not self._closed.done():
             self._closed.set_result(StreamClosed(code, message))
+
+    def outlived(self, new: NewStream) -> None:
+        if self._closed.done() or self._replaced is not None or new.session_id in self._outlived:
+            return
+        self._outlived.add(new.session_id)  # once per older stream: no announcement storms
+        self.dispatcher.fanout.stream_started(self._as_new())
+
+    def _as_new(self) -> NewStream:
+        return NewStream(
+            agent_id=self.agent_id,
+            session_id=self.session_id,
+            serial=self.serial,
+            not_before=self.cert_not_before,
+            peer=self.peer,
+            started_at=self.started_at,
+        )
 
     def replaced_by(self, new: NewStream, *, handover: bool) -> None:
         """A newer stream of this agent was welcomed (here or on another replica)."""
@@ -231,16 +249,7 @@ class AgentSession:
         self.started_at = time.time()
         dispatcher.hub.register(self)
         # One live stream per agent: older streams of this agent, on any replica, go.
-        dispatcher.fanout.stream_started(
-            NewStream(
-                agent_id=self.agent_id,
-                session_id=self.session_id,
-                serial=self.serial,
-                not_before=self.cert_not_before,
-                peer=self.peer,
-                started_at=self.started_at,
-            )
-        )
+        dispatcher.fanout.stream_started(self._as_new())
         await dispatcher.audit.submit(
             self._audit("stream.connect", {"adopted": len(adopted), "lost": len(lost)})
         )

@@ -20,6 +20,7 @@ from muster import AsyncAdminClient, AsyncClient
 from muster._types import AuditEvent
 from muster.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from server.app import ServerHandle, start_server
+from server.dispatch.hub import Hub, NewStream
 from tests.agentsim import Enrolled, Enroller, SimAgent, make_csr
 from tests.conftest import BACKEND, client_config, server_config
 
@@ -58,6 +59,50 @@ async def status_within(agent: SimAgent, seconds: float) -> grpc.StatusCode:
 
 def accept(agent: SimAgent, assignment: agent_pb2.Assignment) -> None:
     agent.send(accepted=agent_pb2.Accepted(task_id=assignment.task_id, attempt=assignment.attempt))
+
+
+class FakeStream:
+    """A registered stream, for the hub's ordering rule alone."""
+
+    def __init__(self, session_id: str, started_at: float, serial: str = "s1") -> None:
+        self.session_id, self.started_at, self.serial = session_id, started_at, serial
+        self.agent_id, self.pool, self.kinds, self.cert_not_before = "a", "p", ["echo"], 100.0
+        self.wants_work = False
+        self.replaced: list[tuple[str, bool]] = []
+        self.outlived_by: list[str] = []
+
+    def wake(self) -> None: ...
+    def cancel_attempt(self, task_id: str, attempt: int, reason: str) -> None: ...
+    def drain(self, reason: str) -> None: ...
+    def close(self, code: grpc.StatusCode, message: str) -> None: ...
+
+    def replaced_by(self, new: NewStream, *, handover: bool) -> None:
+        self.replaced.append((new.session_id, handover))
+
+    def outlived(self, new: NewStream) -> None:
+        self.outlived_by.append(new.session_id)
+
+
+def test_the_hub_replaces_older_streams_and_answers_an_announcement_of_an_older_one() -> None:
+    hub = Hub()
+    local = FakeStream("s_local", started_at=50.0)
+    hub.register(local)  # type: ignore[arg-type]
+
+    def announced(session: str, at: float, serial: str = "s1", nb: float = 100.0) -> NewStream:
+        return NewStream("a", session, serial, nb, "10.0.0.9", at)
+
+    # An announcement of an older stream (a lagging clock, or crossed messages): the local
+    # one stays and announces itself again, so the other replica closes the older one.
+    hub.stream_started(announced("s_old", at=40.0))
+    assert (local.replaced, local.outlived_by) == ([], ["s_old"])
+    hub.stream_started(announced("s_new", at=60.0, serial="s2", nb=99.0))  # older cert
+    assert local.replaced == [("s_new", False)]
+    other = FakeStream("s_other", started_at=50.0)
+    hub.register(other)  # type: ignore[arg-type]
+    hub.stream_started(announced("s_renewed", at=70.0, serial="s2", nb=100.0))
+    assert other.replaced == [("s_renewed", True)]  # another serial, not older: handover
+    hub.stream_started(announced("s_other", at=50.0))  # its own announcement: nothing
+    assert other.replaced == [("s_renewed", True)]
 
 
 async def test_a_second_stream_with_the_same_certificate_replaces_the_first(
