@@ -185,6 +185,11 @@ class AgentSession:
                     "new_peer": new.peer,
                     "old_session": self.session_id,
                     "new_session": new.session_id,
+                    # Recent: the old stream was alive (a copy beside the agent); long ago:
+                    # more likely the agent itself, back from a cut on a new address.
+                    "old_last_heard_s": round(
+                        asyncio.get_running_loop().time() - self._last_heard, 1
+                    ),
                 },
             )
         if not handover:

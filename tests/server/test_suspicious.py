@@ -103,6 +103,7 @@ async def test_one_identity_streaming_from_two_addresses_is_disabled_by_policy(
     details = await suspicious(admin, "two_addresses", "copied")
     assert details["policy"] == "disable"
     assert details["old_peer"] != details["new_peer"]
+    assert details["old_last_heard_s"] < 1  # the first stream was alive: a copy beside it
     disabled = await audited(admin, "agent.disable", lambda e: e.target == "copied")
     assert disabled.actor == "server"
     assert disabled.details_json()["reason"] == "suspicious: two_addresses"
@@ -204,17 +205,21 @@ async def test_repeated_hello_refusals_are_flagged_and_can_disable(
     server: ServerHandle, enroller: Enroller, admin: AsyncAdminClient
 ) -> None:
     enrolled = await enroller.enroll("fumbler")
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
     refusals = [
-        agent_pb2.Hello(capabilities=["echo"], max_concurrency=0),
-        agent_pb2.Hello(capabilities=[], max_concurrency=1),
-        agent_pb2.Hello(capabilities=["echo"], max_concurrency=1, labels={"zone": "x"}),
-        None,  # no Hello within hello_timeout
+        (agent_pb2.Hello(capabilities=["echo"], max_concurrency=0), invalid),
+        (agent_pb2.Hello(capabilities=[], max_concurrency=1), invalid),
+        (
+            agent_pb2.Hello(capabilities=["echo"], max_concurrency=1, labels={"zone": "x"}),
+            grpc.StatusCode.PERMISSION_DENIED,
+        ),
+        (None, grpc.StatusCode.DEADLINE_EXCEEDED),  # no Hello within hello_timeout
     ]
-    for hello in refusals:
+    for hello, code in refusals:
         agent = SimAgent.of(enrolled)
         if hello is not None:
             agent.send(hello=hello)
-        assert await status_within(agent, 3) != grpc.StatusCode.OK
+        assert await status_within(agent, 3) == code
         await agent.close()
     assert flagged(server, "hello_refused") == 0
     agent = SimAgent.of(enrolled)
