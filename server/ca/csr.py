@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
@@ -49,13 +50,13 @@ def public_key_from_csr(csr_pem: bytes) -> AgentPublicKey:
 
     try:
         key = csr.public_key()
-    except (ValueError, x509.UnsupportedGeneralNameType, NotImplementedError):
+    except (ValueError, x509.UnsupportedGeneralNameType, NotImplementedError, UnsupportedAlgorithm):
         raise CsrError(f"CSR public key is of an unsupported type; use {_ALLOWED}") from None
     checked = _check_key(key)
 
     try:
         valid = csr.is_signature_valid
-    except (ValueError, x509.UnsupportedGeneralNameType, NotImplementedError):
+    except (ValueError, x509.UnsupportedGeneralNameType, NotImplementedError, UnsupportedAlgorithm):
         raise CsrError("CSR signature uses an unsupported algorithm") from None
     if not valid:
         raise CsrError("CSR signature does not verify with its own public key")

@@ -34,6 +34,8 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from google.protobuf import descriptor as pbd
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
@@ -680,5 +682,41 @@ async def test_zero_durations_still_mean_the_default(server: ServerHandle) -> No
             assert api.call(create, [token.SerializeToString()])[0] == grpc.StatusCode.OK
         finally:
             api.close()
+
+    await asyncio.to_thread(check)
+
+
+def unknown_key_type_csr() -> bytes:
+    """A CSR whose key algorithm OID is not one cryptography knows (1.1.840.10045.2.1
+    for id-ecPublicKey 1.2.840.10045.2.1): what the property test found."""
+    der = x509.load_pem_x509_csr(CSR).public_bytes(serialization.Encoding.DER)
+    bad = der.replace(bytes.fromhex("2a8648ce3d0201"), bytes.fromhex("298648ce3d0201"))
+    assert bad != der
+    return bad
+
+
+async def test_a_csr_with_an_unknown_key_type_is_invalid_argument(
+    server: ServerHandle, enroller: Enroller, agent: Enrolled
+) -> None:
+    """Before: cryptography's UnsupportedAlgorithm escaped as INTERNAL from Renew (and
+    from Enroll with a good token)."""
+    csr = unknown_key_type_csr()
+    token = await enroller.token()
+
+    def check() -> None:
+        api, mtls = Target(server, None), Target(server, agent)
+        try:
+            renew = SERVICES["agent"].methods_by_name["Renew"]
+            code, details = mtls.call(
+                renew, [agent_pb2.RenewRequest(csr_pem=csr).SerializeToString()]
+            )
+            assert (code, details.split(":")[0]) == (grpc.StatusCode.INVALID_ARGUMENT, "csr_pem")
+            enroll = SERVICES["enrollment"].methods_by_name["Enroll"]
+            request = enrollment_pb2.EnrollRequest(token=token, csr_pem=csr, name="web-09")
+            code, details = api.call(enroll, [request.SerializeToString()])
+            assert (code, details.split(":")[0]) == (grpc.StatusCode.INVALID_ARGUMENT, "csr_pem")
+        finally:
+            api.close()
+            mtls.close()
 
     await asyncio.to_thread(check)
