@@ -72,8 +72,15 @@ async def prefix() -> AsyncIterator[str]:
 
 @pytest.fixture
 async def replicas(prefix: str) -> AsyncIterator[list[RedisQuotaStore]]:
-    """Four stores on four connection pools, as four server replicas would have."""
-    stores = [RedisQuotaStore.from_url(redis_url(), prefix=prefix) for _ in range(4)]
+    """Four stores on four connection pools, as four server replicas would have (with
+    patient timeouts: these tests are about answers under concurrency, not latency, and
+    the machine may be busy)."""
+    stores = [
+        RedisQuotaStore.from_url(
+            redis_url(), prefix=prefix, socket_timeout=5.0, socket_connect_timeout=5.0
+        )
+        for _ in range(4)
+    ]
     try:
         yield stores
     finally:
