@@ -303,7 +303,8 @@ def _failed(
         task_id=key[0],
         attempt=key[1],
         outcome=agent_pb2.OUTCOME_FAILED,
-        error=error[:MAX_ERROR_CHARS],
+        # The server refuses a NUL in any string (the stream would close over it).
+        error=error[:MAX_ERROR_CHARS].replace("\x00", "\\x00"),
         retryable=retryable,
         usage=_usage(usage),
     )

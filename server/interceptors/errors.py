@@ -4,15 +4,16 @@ A :class:`~server.services.errors.ServiceError` becomes its own code and message
 other exception is a bug: the traceback goes to the log with a request id, and the
 caller gets INTERNAL with that id, never the exception text.
 
-A request that is not a valid protobuf message gets INVALID_ARGUMENT with a short
-message. grpc-python decodes a request with the handler's ``request_deserializer``
-before any interceptor's behaviour runs (for streams: as the handler reads), and a
-decode error there would become UNKNOWN or INTERNAL with the Python exception in the
-details. So this interceptor replaces the deserializer with one that returns the
-:data:`UNDECODABLE` marker instead of raising, and its behaviour refuses the call when
-it meets the marker: before the handler runs for a unary request, and when the handler
-reads it for a request stream. The interceptor sees every handler of its server,
-grpc's own health and reflection services included.
+A request that is not a valid protobuf message (or holds a NUL in a string) gets
+INVALID_ARGUMENT with a short message. grpc-python decodes a request with the
+handler's ``request_deserializer`` before any interceptor's behaviour runs (for
+streams: as the handler reads), and a decode error there would become UNKNOWN or
+INTERNAL with the Python exception in the details. So this interceptor replaces the
+deserializer with one that returns a :class:`~server.interceptors.decode.Refused`
+marker instead of raising (see :mod:`server.interceptors.decode`), and its behaviour
+refuses the call when it meets the marker: before the handler runs for a unary
+request, and when the handler reads it for a request stream. The interceptor sees
+every handler of its server, grpc's own health and reflection services included.
 """
 
 from __future__ import annotations
@@ -27,52 +28,16 @@ import grpc
 import grpc.aio
 
 from server.interceptors._wrap import RpcType, _call, _stream
+from server.interceptors.decode import Refused, safe_deserializer
 from server.services.errors import ServiceError
 
-__all__ = ["UNDECODABLE", "ErrorsInterceptor", "UndecodableRequest"]
+__all__ = ["ErrorsInterceptor", "UndecodableRequest"]
 
 log = logging.getLogger(__name__)
 
 
-class _Undecodable:
-    """The type of :data:`UNDECODABLE`."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "UNDECODABLE"
-
-
-UNDECODABLE = _Undecodable()
-"""What the safe deserializer returns for bytes that are not a valid request message."""
-
-
 class UndecodableRequest(Exception):
-    """Raised to the handler when it reads an undecodable message from a request stream."""
-
-
-def _message_name(deserialize: Callable[[bytes], Any] | None) -> str:
-    """The message type a generated deserializer (``Message.FromString``) decodes."""
-    owner = getattr(deserialize, "__self__", None)
-    descriptor = getattr(owner, "DESCRIPTOR", None)
-    return str(getattr(descriptor, "full_name", "")) or "request"
-
-
-def _safe_deserializer(
-    deserialize: Callable[[bytes], Any] | None,
-) -> Callable[[bytes], Any] | None:
-    if deserialize is None:
-        return None
-
-    def safe(raw: bytes) -> Any:
-        try:
-            return deserialize(raw)
-        except Exception:
-            # Whatever the decoder says (wire format, recursion depth, invalid UTF-8 in a
-            # string field) is not for the caller: the status below says it all.
-            return UNDECODABLE
-
-    return safe
+    """Raised to the handler when it reads a refused message from a request stream."""
 
 
 class ErrorsInterceptor(grpc.aio.ServerInterceptor):
@@ -88,43 +53,42 @@ class ErrorsInterceptor(grpc.aio.ServerInterceptor):
             return None
         method = handler_call_details.method
         rpc_type = RpcType.of(handler.request_streaming, handler.response_streaming)
-        message = _message_name(handler.request_deserializer)
-        deserialize = _safe_deserializer(handler.request_deserializer)
+        deserialize = safe_deserializer(handler.request_deserializer)
         serialize = handler.response_serializer
         if rpc_type is RpcType.UNARY:
             return grpc.unary_unary_rpc_method_handler(
-                _guarded(method, handler.unary_unary, rpc_type, message), deserialize, serialize
+                _guarded(method, handler.unary_unary, rpc_type), deserialize, serialize
             )
         if rpc_type is RpcType.SERVER_STREAM:
             return grpc.unary_stream_rpc_method_handler(
-                _guarded(method, handler.unary_stream, rpc_type, message), deserialize, serialize
+                _guarded(method, handler.unary_stream, rpc_type), deserialize, serialize
             )
         if rpc_type is RpcType.CLIENT_STREAM:
             return grpc.stream_unary_rpc_method_handler(
-                _guarded(method, handler.stream_unary, rpc_type, message), deserialize, serialize
+                _guarded(method, handler.stream_unary, rpc_type), deserialize, serialize
             )
         return grpc.stream_stream_rpc_method_handler(
-            _guarded(method, handler.stream_stream, rpc_type, message), deserialize, serialize
+            _guarded(method, handler.stream_stream, rpc_type), deserialize, serialize
         )
 
 
 class _Checked:
     """Request stream and context in one: raises :class:`UndecodableRequest` (and
-    remembers it) when the handler reads an undecodable message, by iterating the
-    requests or through ``context.read()``."""
+    remembers why) when the handler reads a refused message, by iterating the requests
+    or through ``context.read()``."""
 
-    __slots__ = ("_context", "_iterator", "_requests", "undecodable")
+    __slots__ = ("_context", "_iterator", "_requests", "refused")
 
     def __init__(self, requests: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         self._requests = requests
         self._iterator: AsyncIterator[Any] | None = None
         self._context = context
-        self.undecodable = False
+        self.refused: Refused | None = None
 
-    def _check(self, message: Any) -> Any:
-        if message is UNDECODABLE:
-            self.undecodable = True
-            raise UndecodableRequest("request stream carried an undecodable message")
+    def check(self, message: Any) -> Any:
+        if isinstance(message, Refused):
+            self.refused = message
+            raise UndecodableRequest(message.detail)
         return message
 
     def __aiter__(self) -> _Checked:
@@ -133,7 +97,7 @@ class _Checked:
     async def __anext__(self) -> Any:
         if self._iterator is None:
             self._iterator = aiter(self._requests)  # lazily, as _wrap._ObservedRequests
-        return self._check(await anext(self._iterator))
+        return self.check(await anext(self._iterator))
 
 
 class _CheckedContext:
@@ -149,27 +113,27 @@ class _CheckedContext:
         message = await self._context.read()
         if message is grpc.aio.EOF:
             return message
-        return self._checked._check(message)
+        return self._checked.check(message)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
 
 
 def _guarded(
-    method: str, behavior: Callable[..., Any] | None, rpc_type: RpcType, message: str
+    method: str, behavior: Callable[..., Any] | None, rpc_type: RpcType
 ) -> Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]:
     assert behavior is not None
     streaming = rpc_type in (RpcType.SERVER_STREAM, RpcType.BIDI_STREAM)
     request_streaming = rpc_type in (RpcType.CLIENT_STREAM, RpcType.BIDI_STREAM)
-    refusal = f"request is not a valid {message} message"
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
 
     async def run(argument: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         checked: _Checked | None = None
         if request_streaming:
             checked = _Checked(argument, context)
             argument, context = checked, _CheckedContext(context, checked)  # type: ignore[assignment]
-        elif argument is UNDECODABLE:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
+        elif isinstance(argument, Refused):
+            await context.abort(invalid, argument.detail)
         try:
             if streaming:
                 await _stream(behavior, argument, context)  # type: ignore[arg-type]
@@ -177,15 +141,15 @@ def _guarded(
             else:
                 result = await _call(behavior, argument, context)
         except ServiceError as err:
-            if checked is not None and checked.undecodable:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
+            if checked is not None and checked.refused is not None:
+                await context.abort(invalid, checked.refused.detail)
             await context.abort(err.code, err.message)
         except (asyncio.CancelledError, grpc.aio.AbortError):
             raise
         except Exception:
-            if checked is not None and checked.undecodable:
+            if checked is not None and checked.refused is not None:
                 # However the handler let the error out, the caller's bytes were the cause.
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
+                await context.abort(invalid, checked.refused.detail)
             code = context.code()
             if code is not None and code is not grpc.StatusCode.OK:
                 # The handler chose the status before it raised, as a generated servicer
@@ -195,9 +159,9 @@ def _guarded(
             incident = secrets.token_hex(6)
             log.exception("unexpected error in %s (incident %s)", method, incident)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
-        if checked is not None and checked.undecodable:
+        if checked is not None and checked.refused is not None:
             # The handler swallowed the error and returned: the call still failed.
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, refusal)
+            await context.abort(invalid, checked.refused.detail)
         return result
 
     return run

@@ -720,3 +720,58 @@ async def test_a_csr_with_an_unknown_key_type_is_invalid_argument(
             mtls.close()
 
     await asyncio.to_thread(check)
+
+
+async def test_a_nul_in_any_string_is_invalid_argument_naming_the_field(
+    server: ServerHandle, agent: Enrolled
+) -> None:
+    """Before: a NUL reached Postgres from Hello.in_flight (INTERNAL), Hello.capabilities
+    (a claim failing as "database unavailable") and every unchecked string field."""
+    in_flight = agent_pb2.AgentMessage(
+        hello=agent_pb2.Hello(
+            agent_version="t",
+            capabilities=["echo"],
+            max_concurrency=1,
+            in_flight=[common_pb2.AttemptRef(task_id="a\x00b", attempt=1)],
+        )
+    )
+    kinds = agent_pb2.AgentMessage(
+        hello=agent_pb2.Hello(agent_version="t", capabilities=["echo", "e\x00"], max_concurrency=1)
+    )
+    hello = agent_pb2.AgentMessage(
+        hello=agent_pb2.Hello(agent_version="t", capabilities=["echo"], max_concurrency=1)
+    )
+    result = agent_pb2.AgentMessage(
+        result=agent_pb2.Result(task_id="x\x00", attempt=1, outcome=agent_pb2.OUTCOME_SUCCEEDED)
+    )
+    connect = SERVICES["agent"].methods_by_name["Connect"]
+    check = SERVICES["health"].methods_by_name["Check"]
+    submit = SERVICES["task"].methods_by_name["Submit"]
+
+    def run() -> None:
+        api, mtls = Target(server, None), Target(server, agent)
+        try:
+            for sent, expected in [
+                ([in_flight], "hello.in_flight[0].task_id: NUL characters are not allowed"),
+                ([kinds], "hello.capabilities[1]: NUL characters are not allowed"),
+                ([hello, result], "result.task_id: NUL characters are not allowed"),
+            ]:
+                payloads = [m.SerializeToString() for m in sent]
+                assert mtls.call(connect, payloads) == (grpc.StatusCode.INVALID_ARGUMENT, expected)
+            request = health_pb2.HealthCheckRequest(service="\x00").SerializeToString()
+            assert api.call(check, [request]) == (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "service: NUL characters are not allowed",
+            )
+            request = task_pb2.SubmitRequest(kind="echo", selector={"zone": "a\x00"})
+            assert api.call(submit, [request.SerializeToString()]) == (
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "selector['zone']: NUL characters are not allowed",
+            )
+        finally:
+            api.close()
+            mtls.close()
+
+    before = await counts(server)
+    await asyncio.to_thread(run)
+    assert await counts(server) == before

@@ -9,6 +9,7 @@ nothing. Raw stubs are used so that no client-side check hides the server's.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import grpc
@@ -62,7 +63,8 @@ class Api:
         error = caught.value
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (request, error.details())
         details = error.details() or ""
-        assert details.startswith(f"{field}:"), (field, details)
+        # The field, or a path inside it: "labels['zone']: ...", "hello.in_flight[0]...".
+        assert re.match(rf"{re.escape(field)}[:\[.]", details), (field, details)
         assert "\n" not in details and "\x00" not in details and "\u202e" not in details
 
     async def close(self) -> None:
