@@ -8,7 +8,6 @@ the agent's open streams at once through the hub.
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -104,7 +103,6 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         pool = check_name(request.pool or "default", "pool")
         labels = check_labels(dict(request.labels), "labels")
         pattern = check_name(request.name_pattern or "*", "name_pattern", NAME_PATTERN)
-        fnmatch.translate(pattern)
         max_uses = request.max_uses or 1
         if not 1 <= max_uses <= MAX_USES:
             raise invalid(f"max_uses: must be between 1 and {MAX_USES}")
