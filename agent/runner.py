@@ -303,8 +303,7 @@ def _failed(
         task_id=key[0],
         attempt=key[1],
         outcome=agent_pb2.OUTCOME_FAILED,
-        # The server refuses a NUL in any string (the stream would close over it).
-        error=error[:MAX_ERROR_CHARS].replace("\x00", "\\x00"),
+        error=error[:MAX_ERROR_CHARS],
         retryable=retryable,
         usage=_usage(usage),
     )

@@ -15,7 +15,10 @@ Two things are refused at this door, for every method of every service:
 - a NUL character in any string field, however deep: no Muster field has a use for
   one, Postgres cannot store one (a NUL reaching a query was INTERNAL), and it cuts
   strings short in C code and logs. The message names the field path, e.g.
-  ``hello.in_flight[0].task_id: NUL characters are not allowed``.
+  ``hello.in_flight[0].task_id: NUL characters are not allowed``. The exception is
+  :data:`NUL_ALLOWED`: an attempt's error text, which the dispatcher stores with each
+  NUL escaped (an executor's stderr may hold one; refusing the Result would close the
+  stream over it, again and again).
 """
 
 from __future__ import annotations
@@ -27,7 +30,10 @@ from typing import Any
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-__all__ = ["Refused", "message_name", "nul_field", "safe_deserializer"]
+__all__ = ["NUL_ALLOWED", "Refused", "message_name", "nul_field", "safe_deserializer"]
+
+NUL_ALLOWED = frozenset({"muster.v1.Result.error"})
+"""Fields (full names) whose service handles a NUL itself."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +77,7 @@ def nul_field(message: Message, prefix: str = "") -> str | None:
     """The path of the first string field (or map key) holding a NUL, else None."""
     for field, value in message.ListFields():
         path = prefix + field.name
-        if field.type == FieldDescriptor.TYPE_STRING:
+        if field.type == FieldDescriptor.TYPE_STRING and field.full_name not in NUL_ALLOWED:
             items = value if field.is_repeated else (value,)
             for index, item in enumerate(items):
                 if "\x00" in item:
