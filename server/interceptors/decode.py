@@ -17,8 +17,9 @@ Two things are refused at this door, for every method of every service:
   strings short in C code and logs. The message names the field path, e.g.
   ``hello.in_flight[0].task_id: NUL characters are not allowed``. The exception is
   :data:`NUL_ALLOWED`: an attempt's error text, which the dispatcher stores with each
-  NUL escaped (an executor's stderr may hold one; refusing the Result would close the
-  stream over it, again and again).
+  NUL escaped, and a progress message, which is not stored (an executor's stderr or a
+  model's output may hold a NUL; refusing would close the stream over it, again and
+  again).
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ from google.protobuf.message import Message
 
 __all__ = ["NUL_ALLOWED", "Refused", "message_name", "nul_field", "safe_deserializer"]
 
-NUL_ALLOWED = frozenset({"muster.v1.Result.error"})
-"""Fields (full names) whose service handles a NUL itself."""
+NUL_ALLOWED = frozenset({"muster.v1.Result.error", "muster.v1.Progress.message"})
+"""Fields (full names) that carry an executor's or a model's text and that the server
+handles with a NUL in it: an attempt's error (stored with each NUL escaped) and a
+progress message (never stored)."""
 
 
 @dataclass(frozen=True, slots=True)
