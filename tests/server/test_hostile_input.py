@@ -53,6 +53,7 @@ from sqlalchemy import func, select
 from muster import AsyncClient
 from muster.v1 import admin_pb2, agent_pb2, common_pb2, enrollment_pb2, task_pb2
 from server.app import ServerHandle
+from server.interceptors.decode import nul_field
 from server.storage import models
 from tests.agentsim import Enrolled, Enroller, make_csr
 from tests.conftest import client_config
@@ -790,3 +791,14 @@ async def test_a_nul_in_any_string_is_invalid_argument_naming_the_field(
     before = await counts(server)
     await asyncio.to_thread(run)
     assert await counts(server) == before
+
+
+def test_the_nul_check_names_the_path_and_spares_executor_text() -> None:
+    assert nul_field(task_pb2.SubmitRequest(kind="echo", selector={"a\x00": "b"})) == "selector"
+    message = agent_pb2.AgentMessage(
+        result=agent_pb2.Result(task_id="t", error="stderr\x00", usage=common_pb2.Usage(model="m"))
+    )
+    assert nul_field(message) is None  # the dispatcher stores it escaped
+    assert nul_field(agent_pb2.AgentMessage(progress=agent_pb2.Progress(message="\x00"))) is None
+    message.result.usage.model = "m\x00"
+    assert nul_field(message) == "result.usage.model"
