@@ -31,6 +31,7 @@ from server.dispatch.dispatcher import Dispatcher
 from server.dispatch.hub import NewStream
 from server.dispatch.suspicion import RATE_WINDOW, RateWatch
 from server.services import convert
+from server.services.validation import KIND
 from server.storage import tasks as task_store
 from server.storage.types import utcnow
 
@@ -362,13 +363,18 @@ class AgentSession:
             raise StreamClosed(
                 invalid, f"Hello.capabilities must list 1 to {MAX_CAPABILITIES} task kinds"
             )
+        for kind in hello.capabilities:
+            if KIND.fullmatch(kind) is None:
+                raise StreamClosed(
+                    invalid, f"Hello.capabilities: {kind[:70]!a} is not a task kind name"
+                )
         if len(hello.in_flight) > hello.max_concurrency:
             raise StreamClosed(invalid, "Hello.in_flight lists more attempts than max_concurrency")
         for key, value in hello.labels.items():
             if self.labels.get(key) != value:
                 raise StreamClosed(
                     grpc.StatusCode.PERMISSION_DENIED,
-                    f"label {key}={value[:50]} is not in this agent's enrolled scope",
+                    f"label {key[:50]!a}={value[:50]!a} is not in this agent's enrolled scope",
                 )
 
     def _welcome(self) -> agent_pb2.ServerMessage:

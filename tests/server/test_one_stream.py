@@ -249,6 +249,8 @@ async def test_hello_limits_are_what_agent_proto_says(
         {"capabilities": ()},
         {"capabilities": tuple(f"k{i}" for i in range(101))},
         {"max_concurrency": 1, "in_flight": (("a", 1), ("b", 1))},
+        {"capabilities": ("echo\n",)},  # kinds are names a person reads: no spoofing
+        {"capabilities": ("ec\u202eho",)},
     ]
     for hello in bad:
         agent = SimAgent.of(enrolled)
