@@ -72,6 +72,8 @@ API_SERVICES = (
 )
 AGENT_SERVICES = (agent_pb2.DESCRIPTOR.services_by_name["AgentService"],)
 GAUGE_REFRESH_SECONDS = 5.0
+BACKGROUND_STOP_TIMEOUT = 10.0
+"""How long :meth:`ServerHandle.stop` lets background loops finish their pass."""
 
 
 @dataclass
@@ -98,6 +100,8 @@ class ServerHandle:
     _inflight: InflightLimits
     _quotas: Quotas
     _background: list[asyncio.Task[None]] = field(default_factory=list)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set by :meth:`stop`: background loops finish their pass and return."""
     _stopped: bool = False
 
     @property
@@ -127,8 +131,13 @@ class ServerHandle:
         await self.hub.wait_idle(grace)
         await asyncio.gather(self._api.stop(1.0), self._agent.stop(1.0))
         await self.hub.wait_idle(5.0)  # cancelled streams release their work first
+        # Background loops end between passes: one cancelled inside a database call can
+        # leave its connection half-used and the audit writer's last flush waiting on it.
+        self._stopping.set()
+        if self._background:
+            await asyncio.wait(self._background, timeout=BACKGROUND_STOP_TIMEOUT)
         for task in self._background:
-            task.cancel()
+            task.cancel()  # the backstop, for a pass that hangs
         for task in self._background:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -336,7 +345,13 @@ async def _start(
     )
     handle._background.append(
         asyncio.create_task(
-            _reaper(dispatcher, config, renew_every=policy.inflight_lease_ttl / 3), name="reaper"
+            _reaper(
+                dispatcher,
+                config,
+                renew_every=policy.inflight_lease_ttl / 3,
+                stopping=handle._stopping,
+            ),
+            name="reaper",
         )
     )
     _write_endpoints(handle)
@@ -394,12 +409,14 @@ def _milliseconds(duration: timedelta) -> int:
     return max(1, min(int(duration.total_seconds() * 1000), 2**31 - 1))
 
 
-async def _reaper(dispatcher: Dispatcher, config: ServerConfig, renew_every: float) -> None:
+async def _reaper(
+    dispatcher: Dispatcher, config: ServerConfig, renew_every: float, stopping: asyncio.Event
+) -> None:
     """Requeues lost leases, times out late tasks, applies what other replicas changed,
-    renews in-flight slots and refreshes the queue gauges."""
+    renews in-flight slots and refreshes the queue gauges, until ``stopping`` is set."""
     loop = asyncio.get_running_loop()
     next_gauges = next_renewal = loop.time()
-    while True:
+    while not stopping.is_set():
         try:
             await dispatcher.reap()
             await dispatcher.poll_queues()
@@ -412,7 +429,8 @@ async def _reaper(dispatcher: Dispatcher, config: ServerConfig, renew_every: flo
                 next_renewal = loop.time() + renew_every
         except Exception:  # keep reaping; one bad pass must not stop requeueing forever
             log.exception("reaper pass failed")
-        await asyncio.sleep(config.poll_interval.total_seconds())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopping.wait(), config.poll_interval.total_seconds())
 
 
 async def _ensure_admin_token(db: Database, path: Path) -> str | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import grpc
@@ -20,10 +20,11 @@ def sim_with(server: ServerHandle, creds: Credentials) -> SimAgent:
 
 
 async def connect_status(agent: SimAgent) -> grpc.StatusCode:
-    with contextlib.suppress(grpc.aio.AioRpcError, EOFError):
-        await agent.hello()
+    """How the stream ends without the agent saying anything: identity is checked before
+    the handler runs. (Sending a Hello meanwhile would race the server's refusal: grpc's
+    client then reports its own failed write as INTERNAL instead of the server's status.)"""
     try:
-        return await agent.status()
+        return await asyncio.wait_for(agent.status(), 10)
     finally:
         await agent.close()
 
