@@ -197,8 +197,12 @@ async def test_two_replicas_finish_every_task_exactly_once_even_when_one_is_kill
         first = await submit_all(replicas, TASKS, "echo", b"x")
         await until_all_done(url, first, timeout=120)
         print(f"{TASKS} tasks on 2 replicas: {TASKS / (loop.time() - started):.0f} tasks/s")
-        finishes = await finishes_per_task(url, first)
-        assert set(finishes.values()) == {1} and len(finishes) == TASKS
+        # The finish audit rows are written by each replica's batch writer, a moment after
+        # the state changes: wait for all of them, then check none is doubled.
+        async with asyncio.timeout(30):
+            while len(finishes := await finishes_per_task(url, first)) < TASKS:
+                await asyncio.sleep(0.3)
+        assert set(finishes.values()) == {1}, finishes
 
         # Again, and kill replica a with SIGKILL while the work is running.
         second_batch = asyncio.create_task(
