@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 from grpc import aio
 
-from agent.state import Credentials
+from muster.agent.state import Credentials
 
 # Reconnects are paced by our own backoff; keep grpc's from adding a second, slower layer.
 _OPTIONS: list[tuple[str, str | int]] = [

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dotenv import load_dotenv
 
-from agent.config import (
+from muster.agent.config import (
     ANTHROPIC_BASE_URL_ENV,
     ANTHROPIC_KEY_FILE_ENV,
     CA_FILE_ENV,
@@ -25,7 +25,7 @@ from agent.config import (
     parse_labels,
     read_token,
 )
-from agent.daemon import Agent
+from muster.agent.daemon import Agent
 from muster.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.executors.base import ExecutorSettings
+from muster.agent.executors.base import ExecutorSettings
 from muster.errors import ConfigError
 from muster.spiffe import AGENT_ID
 

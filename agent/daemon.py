@@ -18,17 +18,17 @@ from types import TracebackType
 import grpc
 from grpc import aio
 
-from agent import __version__
-from agent.backoff import Backoff
-from agent.channel import describe_rpc_error
-from agent.config import AgentConfig
-from agent.enroll import enroll
-from agent.executors import ExecutorRegistry
-from agent.outbox import Outbox
-from agent.renewal import renew_certificate, renewal_time
-from agent.runner import TaskRunner
-from agent.session import Session, SessionEnd, SessionError, welcome_renew_after
-from agent.state import Credentials, Identity, StateDir
+from muster.agent import __version__
+from muster.agent.backoff import Backoff
+from muster.agent.channel import describe_rpc_error
+from muster.agent.config import AgentConfig
+from muster.agent.enroll import enroll
+from muster.agent.executors import ExecutorRegistry
+from muster.agent.outbox import Outbox
+from muster.agent.renewal import renew_certificate, renewal_time
+from muster.agent.runner import TaskRunner
+from muster.agent.session import Session, SessionEnd, SessionError, welcome_renew_after
+from muster.agent.state import Credentials, Identity, StateDir
 from muster.errors import AuthenticationError, MusterError, PermissionDeniedError
 from muster.v1 import agent_pb2, common_pb2
 

@@ -12,10 +12,10 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc import aio
 
-from agent import keys
-from agent.channel import describe_rpc_error, enrollment_channel
-from agent.config import AgentConfig
-from agent.state import Identity, StateDir
+from muster.agent import keys
+from muster.agent.channel import describe_rpc_error, enrollment_channel
+from muster.agent.config import AgentConfig
+from muster.agent.state import Identity, StateDir
 from muster.errors import (
     AuthenticationError,
     ConfigError,

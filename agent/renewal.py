@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 from grpc import aio
 
-from agent import keys
-from agent.state import Credentials, StateDir
+from muster.agent import keys
+from muster.agent.state import Credentials, StateDir
 from muster.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)

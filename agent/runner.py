@@ -17,7 +17,7 @@ from typing import Any
 
 from google.protobuf import duration_pb2
 
-from agent.executors import (
+from muster.agent.executors import (
     ExecutionResult,
     ExecutorError,
     ExecutorRegistry,

@@ -21,10 +21,10 @@ from typing import Protocol
 
 from grpc import aio
 
-from agent.channel import agent_channel
-from agent.outbox import Outbox
-from agent.runner import AttemptKey, TaskRunner
-from agent.state import Credentials
+from muster.agent.channel import agent_channel
+from muster.agent.outbox import Outbox
+from muster.agent.runner import AttemptKey, TaskRunner
+from muster.agent.state import Credentials
 from muster.errors import MusterError
 from muster.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent import keys
+from muster.agent import keys
 from muster.errors import ConfigError
 from muster.files import (
     PRIVATE_FILE_MODE,

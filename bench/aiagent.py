@@ -28,10 +28,10 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from agent.backoff import Backoff
 from bench import procs
 from bench.fleet import Fleet
 from bench.simagent import CHANNEL_OPTIONS, REFUSED, STABLE_STREAM, WELCOME_TIMEOUT, Creds, Stats
+from muster.agent.backoff import Backoff
 from muster.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from tests.fakes.anthropic_api import FakeAnthropicAPI, Reply
 

@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from server.ca import CertificateAuthority, ensure_server_certificate
+from muster.server.ca import CertificateAuthority, ensure_server_certificate
 
 OPTIONS = [("grpc.so_reuseport", 0)]
 

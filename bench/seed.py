@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from bench.fleet import write_creds
 from bench.simagent import Creds
 from bench.stack import Stack
-from server.ca import CertificateAuthority
-from server.storage.database import Database
-from server.storage.models import Agent, Certificate
-from server.storage.types import utcnow
+from muster.server.ca import CertificateAuthority
+from muster.server.storage.database import Database
+from muster.server.storage.models import Agent, Certificate
+from muster.server.storage.types import utcnow
 
 TRUST_DOMAIN = "muster.local"
 POOL = "default"

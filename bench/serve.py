@@ -13,8 +13,8 @@ import resource
 import signal
 import sys
 
-from server import app
-from server.config import ServerConfig
+from muster.server import app
+from muster.server.config import ServerConfig
 
 
 def _raise_nofile() -> None:

@@ -2,7 +2,7 @@
 
 A :class:`SimAgent` enrolls through ``EnrollmentService`` like ``muster agent`` does and
 keeps one ``AgentService.Connect`` stream on its own TLS connection, reconnecting with the
-daemon's pacing (:class:`agent.backoff.Backoff`). Its tasks are no-ops: an Assignment is
+daemon's pacing (:class:`muster.agent.backoff.Backoff`). Its tasks are no-ops: an Assignment is
 answered at once with Accepted, a successful Result and one Credit, so the load measures
 the control plane and not an executor. :class:`RawAgent` keeps the same kind of stream
 open against the raw grpc.aio echo server (the reference).
@@ -24,8 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from agent.backoff import Backoff
 from muster import AsyncAdminClient
+from muster.agent.backoff import Backoff
 from muster.v1 import agent_pb2, agent_pb2_grpc, enrollment_pb2, enrollment_pb2_grpc
 
 KIND = "noop"

@@ -7,13 +7,13 @@ only trust anchor is the configured CA bundle (or the system roots when none is 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from importlib.metadata import PackageNotFoundError, version
 from typing import Any, TypeVar
 
 import grpc
 import grpc.aio
 
 from muster._errors_map import translate
+from muster._version import __version__
 from muster.config import ClientConfig
 
 Req = TypeVar("Req")
@@ -22,14 +22,7 @@ Resp = TypeVar("Resp")
 Metadata = tuple[tuple[str, str], ...]
 
 
-def _sdk_version() -> str:
-    try:
-        return version("muster")
-    except PackageNotFoundError:
-        return "0+unknown"
-
-
-USER_AGENT = f"muster-python/{_sdk_version()}"
+USER_AGENT = f"muster-python/{__version__}"
 
 
 def channel_options(config: ClientConfig) -> list[tuple[str, Any]]:

@@ -12,9 +12,10 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from importlib.metadata import EntryPoint, PackageNotFoundError, entry_points, version
+from importlib.metadata import EntryPoint, entry_points
 from typing import TypeAlias, cast
 
+from muster._version import __version__
 from muster.errors import MusterError
 from muster.sanitize import neutralize
 
@@ -50,7 +51,7 @@ def build_parser(commands: Iterable[EntryPoint] | None = None) -> argparse.Argum
         prog="muster",
         description="Muster: a control plane for fleets of agent daemons.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.set_defaults(func=_print_help(parser))
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     found = entry_points(group=ENTRY_POINT_GROUP) if commands is None else commands
@@ -125,10 +126,3 @@ def _print_help(parser: argparse.ArgumentParser) -> Handler:
         return 2
 
     return show
-
-
-def _version() -> str:
-    try:
-        return version("muster")
-    except PackageNotFoundError:
-        return "unknown"

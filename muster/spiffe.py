@@ -17,7 +17,7 @@ AGENT_ID = re.compile(r"\A[a-z0-9][a-z0-9._-]{0,62}\Z")
 """What an agent id may look like: a DNS-label-like name, also safe in a URI path.
 
 The one name grammar: the server checks pools, tenants and API token names with it too
-(``server.services.validation.NAME``). Use ``fullmatch``."""
+(``muster.server.services.validation.NAME``). Use ``fullmatch``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,32 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from muster.errors import ConfigError
+from muster.server.ai.prices import PriceTable
+from muster.server.audit import AuditRecord, AuditWriter, record_in
+from muster.server.ca import CertificateAuthority, ensure_server_certificate
+from muster.server.config import ServerConfig, parse_address
+from muster.server.dispatch.budgets import BudgetGate
+from muster.server.dispatch.dispatcher import Dispatcher
+from muster.server.dispatch.fanout import Fanout
+from muster.server.dispatch.fanout_auth import REASONS as FANOUT_REJECTIONS
+from muster.server.dispatch.hub import Hub
+from muster.server.dispatch.inflight import InflightLimits
+from muster.server.dispatch.metering import Metering
+from muster.server.interceptors.auth import ApiTokenAuth
+from muster.server.interceptors.errors import ErrorsInterceptor
+from muster.server.interceptors.identity import AgentIdentityAuth
+from muster.server.interceptors.metrics import GrpcServerMetrics, MetricsInterceptor
+from muster.server.metrics import MetricsServer, MusterMetrics, start_metrics_server
+from muster.server.quotas import QuotaPolicy, Quotas, QuotaStoreUnavailable, RateLimit
+from muster.server.services.admin import AdminService, create_api_token
+from muster.server.services.agents import AgentService
+from muster.server.services.ai_submit import AiAdmission
+from muster.server.services.enrollment import EnrollmentService
+from muster.server.services.tasks import TaskService
+from muster.server.storage import identities
+from muster.server.storage.database import Database
+from muster.server.storage.migrate import ensure_schema
+from muster.server.token_cache import ApiTokenCache
 from muster.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -36,32 +62,6 @@ from muster.v1 import (
     task_pb2,
     task_pb2_grpc,
 )
-from server.ai.prices import PriceTable
-from server.audit import AuditRecord, AuditWriter, record_in
-from server.ca import CertificateAuthority, ensure_server_certificate
-from server.config import ServerConfig, parse_address
-from server.dispatch.budgets import BudgetGate
-from server.dispatch.dispatcher import Dispatcher
-from server.dispatch.fanout import Fanout
-from server.dispatch.fanout_auth import REASONS as FANOUT_REJECTIONS
-from server.dispatch.hub import Hub
-from server.dispatch.inflight import InflightLimits
-from server.dispatch.metering import Metering
-from server.interceptors.auth import ApiTokenAuth
-from server.interceptors.errors import ErrorsInterceptor
-from server.interceptors.identity import AgentIdentityAuth
-from server.interceptors.metrics import GrpcServerMetrics, MetricsInterceptor
-from server.metrics import MetricsServer, MusterMetrics, start_metrics_server
-from server.quotas import QuotaPolicy, Quotas, QuotaStoreUnavailable, RateLimit
-from server.services.admin import AdminService, create_api_token
-from server.services.agents import AgentService
-from server.services.ai_submit import AiAdmission
-from server.services.enrollment import EnrollmentService
-from server.services.tasks import TaskService
-from server.storage import identities
-from server.storage.database import Database
-from server.storage.migrate import ensure_schema
-from server.token_cache import ApiTokenCache
 
 log = logging.getLogger(__name__)
 

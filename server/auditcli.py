@@ -16,10 +16,10 @@ from sqlalchemy.engine import make_url
 
 from muster.cli import Subparsers, command_group
 from muster.errors import ConfigError
-from server.audit.verify import VerifyReport, verify
-from server.audit.writer import describe_error
-from server.config import ServerConfig
-from server.storage.database import Database
+from muster.server.audit.verify import VerifyReport, verify
+from muster.server.audit.writer import describe_error
+from muster.server.config import ServerConfig
+from muster.server.storage.database import Database
 
 
 def register_audit(subparsers: Subparsers) -> None:

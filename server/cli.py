@@ -20,10 +20,10 @@ from dotenv import load_dotenv
 
 from muster.cli import Subparsers, command_group
 from muster.errors import ConfigError
-from server.auditcli import register_audit
-from server.ca import CAError, CertificateAuthority
-from server.config import ServerConfig
-from server.dbcli import register_db
+from muster.server.auditcli import register_audit
+from muster.server.ca import CAError, CertificateAuthority
+from muster.server.config import ServerConfig
+from muster.server.dbcli import register_db
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def _run_server(args: argparse.Namespace) -> int:
 
 def _run_dev(args: argparse.Namespace) -> int:
     config = _config(args)
-    from server.dev import run_dev_agent
+    from muster.server.dev import run_dev_agent
 
     return asyncio.run(_serve(config, run_dev_agent))
 
@@ -134,7 +134,7 @@ def _run_dev(args: argparse.Namespace) -> int:
 async def _serve(
     config: ServerConfig, companion: Callable[[Any, asyncio.Event], Awaitable[None]] | None
 ) -> int:
-    from server.app import start_server
+    from muster.server.app import start_server
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

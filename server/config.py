@@ -227,7 +227,7 @@ class ServerConfig:
             )
         if not timedelta(0) <= self.renewal_overlap <= timedelta(hours=1):
             raise ConfigError("renewal_overlap: must be between 0 and 1h")
-        from server.dispatch.suspicion import parse_policy  # here: dispatch imports config
+        from muster.server.dispatch.suspicion import parse_policy  # here: dispatch imports config
 
         try:
             parse_policy(self.suspicious_policy)

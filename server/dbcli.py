@@ -22,7 +22,7 @@ from sqlalchemy.exc import DBAPIError
 
 from muster.cli import Subparsers, command_group
 from muster.errors import ConfigError
-from server.config import ServerConfig
+from muster.server.config import ServerConfig
 
 T = TypeVar("T")
 
@@ -118,7 +118,7 @@ def _run(url: str, work: Coroutine[Any, Any, T]) -> T:
 
 
 def _upgrade(args: argparse.Namespace) -> int:
-    from server.storage import migrate
+    from muster.server.storage import migrate
 
     url = _database_url(args)
     if args.sql:
@@ -139,7 +139,7 @@ def _upgrade(args: argparse.Namespace) -> int:
 
 
 def _current(args: argparse.Namespace) -> int:
-    from server.storage import migrate
+    from muster.server.storage import migrate
 
     url = _database_url(args)
     current = _run(url, migrate.current_revision(url))
@@ -149,7 +149,7 @@ def _current(args: argparse.Namespace) -> int:
 
 
 def _roles(args: argparse.Namespace) -> int:
-    from server.storage import roles
+    from muster.server.storage import roles
 
     if args.print:
         sys.stdout.write(roles.roles_sql(args.owner_role, args.app_role))
@@ -182,7 +182,7 @@ def _read_password(path: Path | None) -> str | None:
 
 
 def _revision(args: argparse.Namespace) -> int:
-    from server.storage import migrate
+    from muster.server.storage import migrate
 
     path = asyncio.run(migrate.new_revision(args.message))
     print(f"wrote {path}: review it before committing")

@@ -14,7 +14,7 @@ import sys
 from datetime import timedelta
 
 from muster import AsyncAdminClient, ClientConfig
-from server.app import ServerHandle
+from muster.server.app import ServerHandle
 
 log = logging.getLogger(__name__)
 

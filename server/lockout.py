@@ -2,7 +2,7 @@
 
 Both credentials the api listener takes (API tokens and bootstrap tokens) count here.
 The key is the peer address and, for a well-formed token of a known id, that token's
-public id (see :func:`server.quotas.policy.auth_failure_subject`): a script guessing
+public id (see :func:`muster.server.quotas.policy.auth_failure_subject`): a script guessing
 one token's secret locks out only that token at that address, and a missing, malformed
 or unknown token spends the address's own allowance. A failure is counted before it is
 answered, so however many are in flight, at most the threshold per key per window are
@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import logging
 
-from server.audit import AuditRecord, AuditWriter
-from server.metrics import MusterMetrics
-from server.quotas import Quotas
-from server.quotas.policy import AuthFailure
+from muster.server.audit import AuditRecord, AuditWriter
+from muster.server.metrics import MusterMetrics
+from muster.server.quotas import Quotas
+from muster.server.quotas.policy import AuthFailure
 
 log = logging.getLogger(__name__)
 

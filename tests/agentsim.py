@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from muster import AsyncAdminClient
+from muster.server.app import ServerHandle
 from muster.v1 import agent_pb2, agent_pb2_grpc, common_pb2, enrollment_pb2, enrollment_pb2_grpc
-from server.app import ServerHandle
 
 
 def make_csr(key: Any = None, common_name: str = "agent") -> tuple[bytes, bytes]:

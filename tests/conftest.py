@@ -16,8 +16,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from muster import AsyncAdminClient, AsyncClient, ClientConfig
-from server.app import ServerHandle, start_server
-from server.config import ServerConfig
+from muster.server.app import ServerHandle, start_server
+from muster.server.config import ServerConfig
 from tests.agentsim import Enroller
 from tests.pg import fresh_database
 

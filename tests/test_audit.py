@@ -17,17 +17,17 @@ from sqlalchemy import select, text
 
 from muster import AsyncAdminClient
 from muster.cli import main
-from server.app import ServerHandle
-from server.audit import AuditRecord, AuditWriter, record_in
-from server.audit.chain import COLUMNS, GENESIS, link, row_hash
-from server.audit.record import _tips as tips
-from server.audit.record import append_new
-from server.audit.spool import Segment, adopt_all, decode, encode
-from server.audit.verify import verify
-from server.storage import migrate
-from server.storage.database import Database
-from server.storage.models import AuditEvent, Base
-from server.storage.roles import apply_roles
+from muster.server.app import ServerHandle
+from muster.server.audit import AuditRecord, AuditWriter, record_in
+from muster.server.audit.chain import COLUMNS, GENESIS, link, row_hash
+from muster.server.audit.record import _tips as tips
+from muster.server.audit.record import append_new
+from muster.server.audit.spool import Segment, adopt_all, decode, encode
+from muster.server.audit.verify import verify
+from muster.server.storage import migrate
+from muster.server.storage.database import Database
+from muster.server.storage.models import AuditEvent, Base
+from muster.server.storage.roles import apply_roles
 from tests.pg import admin_execute, database_name, fresh_database, unique_name
 from tests.pg import database_url as pg_database_url
 
@@ -342,7 +342,7 @@ async def test_verify_reports_each_broken_chain_once_and_passes_the_others(db_ur
 
 
 async def test_verify_streams_pages(db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("server.audit.verify.PAGE_ROWS", 7)
+    monkeypatch.setattr("muster.server.audit.verify.PAGE_ROWS", 7)
     async with db.transaction() as session:
         await record_in(session, *(event(i) for i in range(50)))
     rows = await rows_by_seq(db)
@@ -776,7 +776,7 @@ async def test_a_backlog_is_written_in_bigger_batches(
         sizes.append(len(records))
         return await append_new(session, records, unseen=unseen)
 
-    monkeypatch.setattr("server.audit.writer.append_new", counted)
+    monkeypatch.setattr("muster.server.audit.writer.append_new", counted)
     writer = AuditWriter(db, max_queue=300, batch_size=10, max_batch=100, flush_interval=0.01)
     writer.start()
     produced = [event(i) for i in range(600)]

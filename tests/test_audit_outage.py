@@ -13,12 +13,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy import func, select
 
+from muster.server.app import ServerHandle, start_server
+from muster.server.audit import AuditRecord
+from muster.server.audit.verify import verify
+from muster.server.storage.database import Database
+from muster.server.storage.models import AuditEvent
 from muster.v1 import admin_pb2, admin_pb2_grpc
-from server.app import ServerHandle, start_server
-from server.audit import AuditRecord
-from server.audit.verify import verify
-from server.storage.database import Database
-from server.storage.models import AuditEvent
 from tests.conftest import server_config
 from tests.pg import admin_execute, database_name, fresh_database
 

@@ -6,8 +6,8 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
-from server.ai.budgets import PERIODS, BudgetRule, check_scope
-from server.quotas.base import BudgetHold
+from muster.server.ai.budgets import PERIODS, BudgetRule, check_scope
+from muster.server.quotas.base import BudgetHold
 
 
 def utc(

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from server.ca import (
+from muster.server.ca import (
     CA_FILES,
     CAError,
     CertificateAuthority,
@@ -27,7 +27,7 @@ from server.ca import (
     certificate_not_after,
     ensure_server_certificate,
 )
-from server.ca.signer import load_private_key
+from muster.server.ca.signer import load_private_key
 from tests.testca import Credentials, TestCA
 
 TD = "example.org"

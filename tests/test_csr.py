@@ -11,8 +11,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from server.ca import CsrError, public_key_fingerprint, public_key_from_csr
-from server.ca.csr import MAX_CSR_BYTES
+from muster.server.ca import CsrError, public_key_fingerprint, public_key_from_csr
+from muster.server.ca.csr import MAX_CSR_BYTES
 from tests.testca import TestCA
 
 AnyKey = (

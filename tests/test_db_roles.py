@@ -22,9 +22,9 @@ from sqlalchemy.pool import NullPool
 
 from muster.cli import main
 from muster.errors import ConfigError
-from server.storage import migrate
-from server.storage.database import Database
-from server.storage.roles import apply_roles, scram_sha256_verifier
+from muster.server.storage import migrate
+from muster.server.storage.database import Database
+from muster.server.storage.roles import apply_roles, scram_sha256_verifier
 from tests.pg import admin_execute, admin_url, database_name, database_url, fresh_database
 from tests.pg import unique_name as unique
 

@@ -15,11 +15,15 @@ import grpc.aio
 import pytest
 from prometheus_client import CollectorRegistry
 
+from muster.server.interceptors._wrap import RpcInfo, RpcType, guard_handler
+from muster.server.interceptors.metrics import (
+    DEFAULT_BUCKETS,
+    GrpcServerMetrics,
+    MetricsInterceptor,
+)
+from muster.server.metrics import MusterMetrics, QueueStats, StateGauge
+from muster.server.metrics.http import MetricsServer, start_metrics_server
 from muster.v1 import task_pb2
-from server.interceptors._wrap import RpcInfo, RpcType, guard_handler
-from server.interceptors.metrics import DEFAULT_BUCKETS, GrpcServerMetrics, MetricsInterceptor
-from server.metrics import MusterMetrics, QueueStats, StateGauge
-from server.metrics.http import MetricsServer, start_metrics_server
 
 SERVICE = "test.v1.Probe"
 

@@ -21,10 +21,10 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from muster.errors import ConfigError
-from server.app import start_server
-from server.storage import migrate
-from server.storage.database import Database
-from server.storage.models import AuditEvent, Base
+from muster.server.app import start_server
+from muster.server.storage import migrate
+from muster.server.storage.database import Database
+from muster.server.storage.models import AuditEvent, Base
 from tests.conftest import server_config
 from tests.pg import fresh_database
 

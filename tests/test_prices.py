@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from muster.errors import ConfigError
-from server.ai.prices import PRICE_FIELDS, ModelPrice, PriceTable, TokenUsage
+from muster.server.ai.prices import PRICE_FIELDS, ModelPrice, PriceTable, TokenUsage
 
 SONNET = ModelPrice(input=3, output=15, cache_write_5m=3.75, cache_write_1h=6, cache_read=0.3)
 HAIKU_35 = ModelPrice(input=0.8, output=4, cache_write_5m=1, cache_write_1h=1.6, cache_read=0.08)

@@ -27,8 +27,8 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from prometheus_client import CollectorRegistry
 
-from server.metrics import MusterMetrics
-from server.quotas import (
+from muster.server.metrics import MusterMetrics
+from muster.server.quotas import (
     AI_REQUESTS,
     AI_TOKENS,
     AUTH_FAILURES,
@@ -51,7 +51,7 @@ from server.quotas import (
     RedisQuotaStore,
     quota_exceeded_status,
 )
-from server.quotas.base import MAX_AMOUNT
+from muster.server.quotas.base import MAX_AMOUNT
 
 REDIS_URL = os.environ.get("MUSTER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -894,7 +894,7 @@ async def test_degraded_decisions_are_logged_once_per_interval(
         degraded_log_interval=30,
         clock=clock,
     )
-    caplog.set_level(logging.INFO, logger="server.quotas.policy")
+    caplog.set_level(logging.INFO, logger="muster.server.quotas.policy")
 
     def warnings() -> list[str]:
         return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -933,7 +933,7 @@ async def test_recovery_is_logged_once(
 
     store = FlakyStore(clock=clock)
     quotas = Quotas(store, POLICY, metrics=MusterMetrics(registry), clock=clock)
-    caplog.set_level(logging.INFO, logger="server.quotas.policy")
+    caplog.set_level(logging.INFO, logger="muster.server.quotas.policy")
     await quotas.check_submission("alice")
     store.down = False
     for _ in range(3):

@@ -21,8 +21,8 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import CollectorRegistry
 
-from server.metrics import MusterMetrics
-from server.quotas import (
+from muster.server.metrics import MusterMetrics
+from muster.server.quotas import (
     INFLIGHT_TASKS,
     SUBMISSIONS,
     BudgetHold,
@@ -34,7 +34,7 @@ from server.quotas import (
     RateDecision,
     RedisQuotaStore,
 )
-from server.quotas.base import DEFAULT_BUDGET_SLACK
+from muster.server.quotas.base import DEFAULT_BUDGET_SLACK
 from tests.test_quotas import (
     POLICY,
     FakeClock,
@@ -504,7 +504,7 @@ async def test_facade_fails_open_for_rates_and_closed_for_leases_and_budgets(
         fallback=InMemoryQuotaStore(clock=clock),
         clock=clock,
     )
-    caplog.set_level(logging.WARNING, logger="server.quotas.policy")
+    caplog.set_level(logging.WARNING, logger="muster.server.quotas.policy")
     try:
         answers = [await quotas.check_submission("alice") for _ in range(5)]
         # Open, but only up to this process's own copy of the limit (burst 3).

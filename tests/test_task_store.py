@@ -13,12 +13,12 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from server.storage import tasks as task_store
-from server.storage import usage as usage_store
-from server.storage.database import Database
-from server.storage.models import Base, Task
-from server.storage.types import utcnow
-from server.storage.usage import AttemptCost
+from muster.server.storage import tasks as task_store
+from muster.server.storage import usage as usage_store
+from muster.server.storage.database import Database
+from muster.server.storage.models import Base, Task
+from muster.server.storage.types import utcnow
+from muster.server.storage.usage import AttemptCost
 from tests.pg import fresh_database
 
 LEASE = timedelta(seconds=30)

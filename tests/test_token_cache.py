@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.token_cache import ApiTokenCache, CachedToken
+from muster.server.token_cache import ApiTokenCache, CachedToken
 
 ROW = CachedToken("id1", "alice", "alice", "submitter", "h", None, False)
 

@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from server.ca import CertificateAuthority
-from server.ca.authority import INTERMEDIATE_LIFETIME, random_serial
-from server.ca.signer import SigningKey, private_key_pem
+from muster.server.ca import CertificateAuthority
+from muster.server.ca.authority import INTERMEDIATE_LIFETIME, random_serial
+from muster.server.ca.signer import SigningKey, private_key_pem
 
 DEFAULT_TEST_LIFETIME = timedelta(hours=1)
 

@@ -1,6 +1,6 @@
 """Pluggable executors: one per task kind, found through the ``muster.executors`` entry points."""
 
-from agent.executors.base import (
+from muster.agent.executors.base import (
     ExecutionResult,
     Executor,
     ExecutorError,
@@ -12,7 +12,7 @@ from agent.executors.base import (
     Usage,
     UsageMeter,
 )
-from agent.executors.registry import ENTRY_POINT_GROUP, ExecutorRegistry
+from muster.agent.executors.registry import ENTRY_POINT_GROUP, ExecutorRegistry
 
 __all__ = [
     "ENTRY_POINT_GROUP",

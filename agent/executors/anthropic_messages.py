@@ -15,7 +15,7 @@ from typing import Any
 
 import anthropic
 
-from agent.executors.base import (
+from muster.agent.executors.base import (
     ExecutionResult,
     ExecutorError,
     ExecutorSettings,

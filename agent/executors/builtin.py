@@ -8,7 +8,7 @@ import math
 import time
 from typing import Any
 
-from agent.executors.base import ExecutionResult, ExecutorError, TaskContext
+from muster.agent.executors.base import ExecutionResult, ExecutorError, TaskContext
 
 
 class EchoExecutor:

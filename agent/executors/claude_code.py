@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
-from agent.executors.base import (
+from muster.agent.executors.base import (
     ExecutionResult,
     ExecutorError,
     ExecutorSettings,

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx2 as httpx
 
-from agent.executors.base import (
+from muster.agent.executors.base import (
     ExecutionResult,
     ExecutorError,
     ExecutorSettings,

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib.metadata import EntryPoint, entry_points
 
-from agent.executors.base import Executor, ExecutorSettings, ExecutorUnavailable
+from muster.agent.executors.base import Executor, ExecutorSettings, ExecutorUnavailable
 from muster.errors import ConfigError
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from bench.results import Context, Figure, ScenarioResult, Summary
 from bench.stack import Replica, Stack
 from muster import AsyncAdminClient, AsyncClient, ClientConfig, NotFoundError, TaskState
 from muster.ai import parse_ai_payload
-from server.ai.prices import PriceTable
+from muster.server.ai.prices import PriceTable
 
 AGENTS = 8
 """For the throughput runs (as the dispatch scenario), on one replica."""

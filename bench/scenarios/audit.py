@@ -13,12 +13,12 @@ from sqlalchemy import func, select
 from bench.profiling import sampled
 from bench.results import Context, Figure, ScenarioResult, Summary
 from bench.stack import PG_ADMIN_URL, Stack
-from server.audit import AuditRecord, AuditWriter
-from server.audit.chain import COLUMNS, GENESIS, link
-from server.audit.verify import verify
-from server.audit.writer import MAX_BATCH
-from server.storage.database import Database
-from server.storage.models import AuditEvent
+from muster.server.audit import AuditRecord, AuditWriter
+from muster.server.audit.chain import COLUMNS, GENESIS, link
+from muster.server.audit.verify import verify
+from muster.server.audit.writer import MAX_BATCH
+from muster.server.storage.database import Database
+from muster.server.storage.models import AuditEvent
 
 BATCH = MAX_BATCH
 """The writer's batch size when a backlog builds up (as here), used for COPY too: one

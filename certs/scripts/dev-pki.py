@@ -20,8 +20,8 @@ from datetime import timedelta
 from pathlib import Path
 
 try:
-    from server.ca import CAError, CertificateAuthority, ensure_server_certificate
-    from server.ca.signer import KEY_TYPES
+    from muster.server.ca import CAError, CertificateAuthority, ensure_server_certificate
+    from muster.server.ca.signer import KEY_TYPES
 except ModuleNotFoundError as err:  # not the project's interpreter
     raise SystemExit(
         f"dev-pki: cannot import Muster ({err}); run it with the project's virtualenv, "

@@ -11,8 +11,8 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from server.quotas.base import BudgetHold
-from server.services.validation import NAME
+from muster.server.quotas.base import BudgetHold
+from muster.server.services.validation import NAME
 
 __all__ = ["PERIODS", "SCOPE_KINDS", "BudgetRule", "check_scope"]
 

@@ -156,7 +156,7 @@ class PriceTable:
         """The shipped prices, with ``override`` (a file of the same shape) merged over
         them per provider and model. A missing, unreadable or invalid file is a
         ConfigError naming the file and the field."""
-        shipped = importlib.resources.files("server.ai").joinpath("prices.json")
+        shipped = importlib.resources.files("muster.server.ai").joinpath("prices.json")
         base = _parse(shipped.read_text(encoding="utf-8"), "prices.json (shipped)", full=True)
         taken_on, source, prices = base
         assert taken_on is not None and source is not None  # full=True requires them

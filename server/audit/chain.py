@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from server.storage.models import AuditEvent
+from muster.server.storage.models import AuditEvent
 
 GENESIS = "0" * 64
 HASHED_FIELDS = (
@@ -57,7 +57,7 @@ COLUMNS = (
 def row_hash(row: Mapping[str, Any]) -> str:
     """The hash of one row: every field but ``id`` and ``hash``, canonically encoded.
 
-    This is the definition :mod:`server.audit.verify` checks against; :class:`Content`
+    This is the definition :mod:`muster.server.audit.verify` checks against; :class:`Content`
     computes the same bytes piecewise, so appending does not encode a row twice.
     """
     canonical = {name: row[name] for name in HASHED_FIELDS}

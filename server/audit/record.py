@@ -13,10 +13,18 @@ import asyncpg
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from server.audit.chain import COLUMNS, GENESIS, Content, chain_tip, link, lock_chain, lock_key
-from server.storage.database import CHAIN_KEY
-from server.storage.models import AuditEvent
-from server.storage.types import utcnow
+from muster.server.audit.chain import (
+    COLUMNS,
+    GENESIS,
+    Content,
+    chain_tip,
+    link,
+    lock_chain,
+    lock_key,
+)
+from muster.server.storage.database import CHAIN_KEY
+from muster.server.storage.models import AuditEvent
+from muster.server.storage.types import utcnow
 
 _JSON = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
 _CANONICAL_JSON = json.JSONEncoder(  # only ever given acyclic values: no need to check

@@ -24,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from server.audit.record import AuditRecord
+from muster.server.audit.record import AuditRecord
 
 log = logging.getLogger(__name__)
 

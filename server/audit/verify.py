@@ -14,9 +14,9 @@ from typing import Any
 
 from sqlalchemy import select
 
-from server.audit.chain import GENESIS, HASHED_FIELDS, row_hash
-from server.storage.database import Database
-from server.storage.models import AuditEvent
+from muster.server.audit.chain import GENESIS, HASHED_FIELDS, row_hash
+from muster.server.storage.database import Database
+from muster.server.storage.models import AuditEvent
 
 PAGE_ROWS = 1000
 

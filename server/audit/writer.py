@@ -5,7 +5,7 @@ values), buffered without blocking the hot path and written in batches, each in 
 transaction (on Postgres with COPY); a retry skips event ids already stored (so a retry
 after a lost commit acknowledgement inserts nothing twice). A backlog is written in
 bigger batches (up to ``max_batch``). When a batch cannot be written, it goes to an
-fsynced spool on local disk (:mod:`server.audit.spool`) and so does every later event,
+fsynced spool on local disk (:mod:`muster.server.audit.spool`) and so does every later event,
 until a replay has moved the whole spool, oldest first, into the database: the order of
 the batch-written events in the chain is the order they were submitted. A spool left
 by an earlier run is replayed at start. The buffer is bounded: when it is full,
@@ -25,10 +25,10 @@ import asyncpg
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
-from server.audit import spool
-from server.audit.record import AuditRecord, append_new
-from server.audit.spool import Segment
-from server.storage.database import Database
+from muster.server.audit import spool
+from muster.server.audit.record import AuditRecord, append_new
+from muster.server.audit.spool import Segment
+from muster.server.storage.database import Database
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Muster's certificate authority: root + online intermediate, agent and server certificates."""
 
-from server.ca.authority import (
+from muster.server.ca.authority import (
     CA_FILES,
     DEFAULT_AGENT_LIFETIME,
     DEFAULT_BACKDATE,
@@ -8,13 +8,18 @@ from server.ca.authority import (
     CertificateAuthority,
     IssuedCertificate,
 )
-from server.ca.csr import AgentPublicKey, CsrError, public_key_fingerprint, public_key_from_csr
-from server.ca.server_cert import (
+from muster.server.ca.csr import (
+    AgentPublicKey,
+    CsrError,
+    public_key_fingerprint,
+    public_key_from_csr,
+)
+from muster.server.ca.server_cert import (
     ServerCertificate,
     certificate_not_after,
     ensure_server_certificate,
 )
-from server.ca.signer import KEY_TYPES, FileSigner, InMemorySigner, Signer
+from muster.server.ca.signer import KEY_TYPES, FileSigner, InMemorySigner, Signer
 
 __all__ = [
     "CA_FILES",

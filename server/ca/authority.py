@@ -23,9 +23,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from muster.errors import MusterError
 from muster.files import PUBLIC_FILE_MODE, ensure_private_dir, write_atomic
-from muster.spiffe import SpiffeId
-from server.ca.csr import public_key_fingerprint
-from server.ca.signer import (
+from muster.server.ca.csr import public_key_fingerprint
+from muster.server.ca.signer import (
     KEY_TYPES,
     FileSigner,
     InMemorySigner,
@@ -35,6 +34,7 @@ from server.ca.signer import (
     private_key_pem,
     signature_hash,
 )
+from muster.spiffe import SpiffeId
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +270,8 @@ class CertificateAuthority:
     ) -> IssuedCertificate:
         """Certify ``public_key`` as ``spiffe://<td>/agent/<agent_id>`` for client authentication.
 
-        The caller has already vetted the key (see :func:`server.ca.csr.public_key_from_csr`).
+        The caller has already vetted the key
+        (see :func:`muster.server.ca.csr.public_key_from_csr`).
         """
         try:
             spiffe_id = SpiffeId.for_agent(self._trust_domain, agent_id)

@@ -12,9 +12,9 @@ from pathlib import Path
 from cryptography import x509
 
 from muster.files import PRIVATE_FILE_MODE, PUBLIC_FILE_MODE, ensure_private_dir, write_atomic
-from server.ca.authority import DEFAULT_SERVER_LIFETIME, CertificateAuthority
-from server.ca.authority import _directly_issued as _signed_by
-from server.ca.signer import load_private_key
+from muster.server.ca.authority import DEFAULT_SERVER_LIFETIME, CertificateAuthority
+from muster.server.ca.authority import _directly_issued as _signed_by
+from muster.server.ca.signer import load_private_key
 
 logger = logging.getLogger(__name__)
 

@@ -16,17 +16,17 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from muster.money import format_usd
-from server.ai.budgets import BudgetRule
-from server.audit import AuditRecord
-from server.metrics import MusterMetrics
-from server.quotas import Quotas, QuotaStoreUnavailable
-from server.quotas.base import BudgetHold
-from server.storage import budgets as budget_store
-from server.storage import tasks as task_store
-from server.storage import usage as usage_store
-from server.storage.database import Database
-from server.storage.tasks import Claimed, HoldBack
-from server.storage.types import utcnow
+from muster.server.ai.budgets import BudgetRule
+from muster.server.audit import AuditRecord
+from muster.server.metrics import MusterMetrics
+from muster.server.quotas import Quotas, QuotaStoreUnavailable
+from muster.server.quotas.base import BudgetHold
+from muster.server.storage import budgets as budget_store
+from muster.server.storage import tasks as task_store
+from muster.server.storage import usage as usage_store
+from muster.server.storage.database import Database
+from muster.server.storage.tasks import Claimed, HoldBack
+from muster.server.storage.types import utcnow
 
 log = logging.getLogger(__name__)
 

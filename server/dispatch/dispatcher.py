@@ -15,21 +15,21 @@ from typing import Any
 
 import grpc
 
+from muster.server.audit import AuditRecord, AuditWriter
+from muster.server.config import ServerConfig
+from muster.server.dispatch.budgets import BudgetGate
+from muster.server.dispatch.fanout import Fanout
+from muster.server.dispatch.inflight import InflightLimits
+from muster.server.dispatch.metering import Metering
+from muster.server.dispatch.suspicion import Suspicion, parse_policy
+from muster.server.metrics import MusterMetrics, QueueStats
+from muster.server.storage import identities
+from muster.server.storage import tasks as task_store
+from muster.server.storage import usage as usage_store
+from muster.server.storage.database import Database
+from muster.server.storage.models import Task
+from muster.server.storage.types import utcnow
 from muster.v1 import agent_pb2
-from server.audit import AuditRecord, AuditWriter
-from server.config import ServerConfig
-from server.dispatch.budgets import BudgetGate
-from server.dispatch.fanout import Fanout
-from server.dispatch.inflight import InflightLimits
-from server.dispatch.metering import Metering
-from server.dispatch.suspicion import Suspicion, parse_policy
-from server.metrics import MusterMetrics, QueueStats
-from server.storage import identities
-from server.storage import tasks as task_store
-from server.storage import usage as usage_store
-from server.storage.database import Database
-from server.storage.models import Task
-from server.storage.types import utcnow
 
 log = logging.getLogger(__name__)
 

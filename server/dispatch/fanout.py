@@ -9,7 +9,7 @@ more than the rest of the task's quota work). Pub/sub is the fast path only; the
 reaper's database polling is the backstop when a message is lost.
 
 Every message on the channel is sealed with the replicas' shared key
-(:mod:`server.dispatch.fanout_auth`); one that does not verify is dropped and counted.
+(:mod:`muster.server.dispatch.fanout_auth`); one that does not verify is dropped and counted.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import grpc
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from server.dispatch.fanout_auth import Rejected, Sealer
-from server.dispatch.hub import Hub, NewStream
+from muster.server.dispatch.fanout_auth import Rejected, Sealer
+from muster.server.dispatch.hub import Hub, NewStream
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import asyncio
 import logging
 from collections.abc import Iterable
 
-from server.quotas import Quotas, QuotaStoreUnavailable
-from server.storage.tasks import Held
+from muster.server.quotas import Quotas, QuotaStoreUnavailable
+from muster.server.storage.tasks import Held
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 
 from muster.ai import PROVIDERS
+from muster.server.ai.prices import PriceTable, TokenUsage
+from muster.server.metrics import MusterMetrics
+from muster.server.storage.usage import AttemptCost
 from muster.v1 import common_pb2
-from server.ai.prices import PriceTable, TokenUsage
-from server.metrics import MusterMetrics
-from server.storage.usage import AttemptCost
 
 log = logging.getLogger(__name__)
 

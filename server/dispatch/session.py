@@ -25,15 +25,15 @@ import grpc
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from muster.server.audit import AuditRecord
+from muster.server.dispatch.dispatcher import Dispatcher
+from muster.server.dispatch.hub import NewStream
+from muster.server.dispatch.suspicion import RATE_WINDOW, RateWatch
+from muster.server.services import convert
+from muster.server.services.validation import KIND
+from muster.server.storage import tasks as task_store
+from muster.server.storage.types import utcnow
 from muster.v1 import agent_pb2
-from server.audit import AuditRecord
-from server.dispatch.dispatcher import Dispatcher
-from server.dispatch.hub import NewStream
-from server.dispatch.suspicion import RATE_WINDOW, RateWatch
-from server.services import convert
-from server.services.validation import KIND
-from server.storage import tasks as task_store
-from server.storage.types import utcnow
 
 log = logging.getLogger(__name__)
 

@@ -42,15 +42,15 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from sqlalchemy import func, select
 
-from server.audit import AuditRecord, AuditWriter, record_in
-from server.metrics import MusterMetrics
-from server.storage import identities
-from server.storage.database import Database
-from server.storage.models import Certificate
-from server.storage.types import utcnow
+from muster.server.audit import AuditRecord, AuditWriter, record_in
+from muster.server.metrics import MusterMetrics
+from muster.server.storage import identities
+from muster.server.storage.database import Database
+from muster.server.storage.models import Certificate
+from muster.server.storage.types import utcnow
 
 if TYPE_CHECKING:
-    from server.dispatch.fanout import Fanout
+    from muster.server.dispatch.fanout import Fanout
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """grpc.aio server interceptors, one concern per module (metrics, auth, identity).
 
-Each wraps the method handler through :mod:`server.interceptors._wrap` to see the
+Each wraps the method handler through :mod:`muster.server.interceptors._wrap` to see the
 call's context and outcome, which a bare ``ServerInterceptor`` cannot.
 """

@@ -9,7 +9,7 @@ answered UNIMPLEMENTED, exactly like a method that does not exist, so a prober l
 nothing, and logged as an error once per method. No token is read for it.
 
 Missing or wrong token: UNAUTHENTICATED (audited, counted against its lockout key, see
-:mod:`server.lockout`). A valid token without the role a method needs:
+:mod:`muster.server.lockout`). A valid token without the role a method needs:
 PERMISSION_DENIED.
 """
 
@@ -22,18 +22,18 @@ from typing import Any, NoReturn
 import grpc
 import grpc.aio
 
-from server import tokens
-from server.audit import AuditRecord, AuditWriter
-from server.interceptors._wrap import RpcInfo, guard_handler
-from server.lockout import count_auth_failure
-from server.metrics import MusterMetrics
-from server.principals import Principal, current_principal
-from server.quotas import Quotas
-from server.services.context import peer_address, request_id
-from server.storage import identities
-from server.storage.database import Database
-from server.storage.types import utcnow
-from server.token_cache import ApiTokenCache, CachedToken
+from muster.server import tokens
+from muster.server.audit import AuditRecord, AuditWriter
+from muster.server.interceptors._wrap import RpcInfo, guard_handler
+from muster.server.lockout import count_auth_failure
+from muster.server.metrics import MusterMetrics
+from muster.server.principals import Principal, current_principal
+from muster.server.quotas import Quotas
+from muster.server.services.context import peer_address, request_id
+from muster.server.storage import identities
+from muster.server.storage.database import Database
+from muster.server.storage.types import utcnow
+from muster.server.token_cache import ApiTokenCache, CachedToken
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ handler's ``request_deserializer`` before any interceptor's behaviour runs (for
 streams: as the handler reads), and a decode error there would become UNKNOWN or
 INTERNAL with the Python exception in the details. So this interceptor replaces the
 deserializer with one that returns a :class:`~server.interceptors.decode.Refused`
-marker instead of raising (see :mod:`server.interceptors.decode`), and its behaviour
+marker instead of raising (see :mod:`muster.server.interceptors.decode`), and its behaviour
 refuses the call when it meets the marker: before the handler runs for a unary
 request, and when the handler reads it for a request stream. The interceptor sees
 every handler of its server, grpc's own health and reflection services included.
@@ -27,9 +27,9 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from server.interceptors._wrap import RpcType, _call, _stream
-from server.interceptors.decode import Refused, safe_deserializer
-from server.services.errors import ServiceError
+from muster.server.interceptors._wrap import RpcType, _call, _stream
+from muster.server.interceptors.decode import Refused, safe_deserializer
+from muster.server.services.errors import ServiceError
 
 __all__ = ["ErrorsInterceptor", "UndecodableRequest"]
 

@@ -16,15 +16,15 @@ import grpc
 import grpc.aio
 from cryptography import x509
 
+from muster.server.audit import AuditRecord, AuditWriter
+from muster.server.interceptors._wrap import RpcInfo, guard_handler
+from muster.server.metrics import MusterMetrics
+from muster.server.principals import AgentIdentity, current_agent
+from muster.server.services.context import peer_address, request_id
+from muster.server.storage import identities
+from muster.server.storage.database import Database
+from muster.server.storage.types import utcnow
 from muster.spiffe import SpiffeId
-from server.audit import AuditRecord, AuditWriter
-from server.interceptors._wrap import RpcInfo, guard_handler
-from server.metrics import MusterMetrics
-from server.principals import AgentIdentity, current_agent
-from server.services.context import peer_address, request_id
-from server.storage import identities
-from server.storage.database import Database
-from server.storage.types import utcnow
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import grpc.aio
 from google.protobuf.descriptor import ServiceDescriptor
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from server.interceptors._wrap import CallObserver, RpcInfo, RpcType, wrap_handler
+from muster.server.interceptors._wrap import CallObserver, RpcInfo, RpcType, wrap_handler
 
 __all__ = ["DEFAULT_BUCKETS", "GrpcServerMetrics", "MetricsInterceptor"]
 

@@ -1,16 +1,16 @@
 """Prometheus metrics of the control plane: Muster's own (``muster_*``) and the
 /metrics endpoint. The go-grpc-prometheus ``grpc_server_*`` metrics live with their
-interceptor in :mod:`server.interceptors.metrics`."""
+interceptor in :mod:`muster.server.interceptors.metrics`."""
 
-from server.metrics._muster import (
+from muster.server.metrics._muster import (
     QUOTA_OUTCOMES,
     SCHEDULE_TO_START_BUCKETS,
     TASK_RUN_BUCKETS,
     MusterMetrics,
     QueueStats,
 )
-from server.metrics._state import StateGauge, StateValues
-from server.metrics.http import MetricsServer, start_metrics_server
+from muster.server.metrics._state import StateGauge, StateValues
+from muster.server.metrics.http import MetricsServer, start_metrics_server
 
 __all__ = [
     "QUOTA_OUTCOMES",

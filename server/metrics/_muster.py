@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from server.metrics._state import StateGauge
+from muster.server.metrics._state import StateGauge
 
 __all__ = [
     "QUOTA_OUTCOMES",

@@ -1,4 +1,4 @@
-"""Alembic environment: migrates the connection :mod:`server.storage.migrate` hands over.
+"""Alembic environment: migrates the connection :mod:`muster.server.storage.migrate` hands over.
 
 Migrations never open their own engine: the caller runs them on an async engine's
 connection (``connection.run_sync``), inside its transaction and its advisory lock.
@@ -14,7 +14,7 @@ from alembic.autogenerate.api import AutogenContext
 from sqlalchemy.engine import Connection
 from sqlalchemy.types import TypeDecorator
 
-from server.storage.models import Base
+from muster.server.storage.models import Base
 
 config = context.config
 

@@ -1,7 +1,7 @@
 """Quotas and spend budgets: the store interface, its in-process and Redis
 implementations, and the policy façade the services call (``Quotas``)."""
 
-from server.quotas.base import (
+from muster.server.quotas.base import (
     BudgetHold,
     BudgetUsage,
     BudgetVerdict,
@@ -11,8 +11,8 @@ from server.quotas.base import (
     RateCheck,
     RateDecision,
 )
-from server.quotas.memory import InMemoryQuotaStore
-from server.quotas.policy import (
+from muster.server.quotas.memory import InMemoryQuotaStore
+from muster.server.quotas.policy import (
     AI_REQUESTS,
     AI_TOKENS,
     AUTH_FAILURES,
@@ -25,7 +25,7 @@ from server.quotas.policy import (
     RateLimit,
     quota_exceeded_status,
 )
-from server.quotas.redis import RedisQuotaStore
+from muster.server.quotas.redis import RedisQuotaStore
 
 __all__ = [
     "AI_REQUESTS",

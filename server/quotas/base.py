@@ -125,7 +125,7 @@ class BudgetUsage:
 class QuotaStore(abc.ABC):
     """Shared counters behind Muster's quotas; every method is one atomic decision.
 
-    Keys are opaque strings chosen by the caller (see :mod:`server.quotas.policy`).
+    Keys are opaque strings chosen by the caller (see :mod:`muster.server.quotas.policy`).
     Implementations: :class:`~server.quotas.memory.InMemoryQuotaStore` (embedded) and
     a Redis store; both must pass ``tests/test_quotas.py``. A backend that cannot be
     reached raises :class:`QuotaStoreUnavailable`.

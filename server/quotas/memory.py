@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from server.quotas.base import (
+from muster.server.quotas.base import (
     DEFAULT_BUDGET_SLACK,
     MICROS,
     BudgetHold,

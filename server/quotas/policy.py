@@ -20,8 +20,8 @@ from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from server.metrics import MusterMetrics
-from server.quotas.base import (
+from muster.server.metrics import MusterMetrics
+from muster.server.quotas.base import (
     BudgetHold,
     BudgetUsage,
     BudgetVerdict,
@@ -31,8 +31,8 @@ from server.quotas.base import (
     RateCheck,
     RateDecision,
 )
-from server.quotas.memory import InMemoryQuotaStore
-from server.quotas.redis import RedisQuotaStore
+from muster.server.quotas.memory import InMemoryQuotaStore
+from muster.server.quotas.redis import RedisQuotaStore
 
 __all__ = [
     "AI_REQUESTS",

@@ -41,7 +41,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 
-from server.quotas.base import (
+from muster.server.quotas.base import (
     DEFAULT_BUDGET_SLACK,
     MICROS,
     BudgetHold,
@@ -101,7 +101,7 @@ _REFUSED: tuple[type[Exception], ...] = (
 
 
 def _script(name: str) -> str:
-    files = importlib.resources.files("server.quotas").joinpath("lua")
+    files = importlib.resources.files("muster.server.quotas").joinpath("lua")
     return files.joinpath(name).read_text(encoding="utf-8")
 
 

@@ -15,19 +15,18 @@ from typing import Any
 import grpc
 from sqlalchemy import select
 
-from muster.v1 import admin_pb2, admin_pb2_grpc
-from server import tokens
-from server.ai.budgets import PERIODS, check_scope
-from server.ai.prices import PriceTable
-from server.audit import AuditRecord, record_in
-from server.dispatch.fanout import Fanout
-from server.metrics import MusterMetrics
-from server.principals import current_principal
-from server.quotas import Quotas, QuotaStoreUnavailable
-from server.services import convert
-from server.services.context import peer_address, request_id
-from server.services.errors import ServiceError, invalid, not_found
-from server.services.validation import (
+from muster.server import tokens
+from muster.server.ai.budgets import PERIODS, check_scope
+from muster.server.ai.prices import PriceTable
+from muster.server.audit import AuditRecord, record_in
+from muster.server.dispatch.fanout import Fanout
+from muster.server.metrics import MusterMetrics
+from muster.server.principals import current_principal
+from muster.server.quotas import Quotas, QuotaStoreUnavailable
+from muster.server.services import convert
+from muster.server.services.context import peer_address, request_id
+from muster.server.services.errors import ServiceError, invalid, not_found
+from muster.server.services.validation import (
     NAME_PATTERN,
     check_labels,
     check_name,
@@ -35,11 +34,12 @@ from server.services.validation import (
     duration,
     timestamp,
 )
-from server.storage import budgets, identities, tenants
-from server.storage.database import Database
-from server.storage.models import ApiToken, AuditEvent, BootstrapToken, Budget
-from server.storage.types import utcnow
-from server.token_cache import ApiTokenCache
+from muster.server.storage import budgets, identities, tenants
+from muster.server.storage.database import Database
+from muster.server.storage.models import ApiToken, AuditEvent, BootstrapToken, Budget
+from muster.server.storage.types import utcnow
+from muster.server.token_cache import ApiTokenCache
+from muster.v1 import admin_pb2, admin_pb2_grpc
 
 DEFAULT_BOOTSTRAP_TTL = timedelta(hours=1)
 MAX_BOOTSTRAP_TTL = timedelta(days=30)

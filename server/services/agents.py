@@ -11,17 +11,22 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from muster.server.audit import AuditRecord, record_in
+from muster.server.ca import (
+    CertificateAuthority,
+    CsrError,
+    public_key_fingerprint,
+    public_key_from_csr,
+)
+from muster.server.dispatch.dispatcher import Dispatcher
+from muster.server.dispatch.session import AgentSession, StreamClosed
+from muster.server.principals import current_agent
+from muster.server.services import convert
+from muster.server.services.context import peer_address, request_id
+from muster.server.services.errors import ServiceError, invalid
+from muster.server.services.issuing import issue_agent_certificate
+from muster.server.storage.models import Certificate
 from muster.v1 import agent_pb2, agent_pb2_grpc
-from server.audit import AuditRecord, record_in
-from server.ca import CertificateAuthority, CsrError, public_key_fingerprint, public_key_from_csr
-from server.dispatch.dispatcher import Dispatcher
-from server.dispatch.session import AgentSession, StreamClosed
-from server.principals import current_agent
-from server.services import convert
-from server.services.context import peer_address, request_id
-from server.services.errors import ServiceError, invalid
-from server.services.issuing import issue_agent_certificate
-from server.storage.models import Certificate
 
 log = logging.getLogger(__name__)
 

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 from muster.ai import PROVIDERS, PayloadError, PayloadLimits, parse_ai_payload
 from muster.money import format_usd
-from server.ai.prices import PriceTable
-from server.config import ServerConfig
-from server.dispatch.budgets import BudgetGate
-from server.quotas import QuotaDecision, Quotas
-from server.services.errors import failed_precondition, invalid
-from server.storage import budgets as budget_store
-from server.storage.database import Database
+from muster.server.ai.prices import PriceTable
+from muster.server.config import ServerConfig
+from muster.server.dispatch.budgets import BudgetGate
+from muster.server.quotas import QuotaDecision, Quotas
+from muster.server.services.errors import failed_precondition, invalid
+from muster.server.storage import budgets as budget_store
+from muster.server.storage.database import Database
 
 POOL_SETTINGS_TTL = 1.0
 """Seconds a pool's model allow-list is cached: a change applies within this."""

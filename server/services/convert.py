@@ -10,9 +10,9 @@ from typing import cast
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from muster.server.quotas import BudgetUsage
+from muster.server.storage import models
 from muster.v1 import admin_pb2, common_pb2
-from server.quotas import BudgetUsage
-from server.storage import models
 
 _ROLES = {"submitter": admin_pb2.ROLE_SUBMITTER, "admin": admin_pb2.ROLE_ADMIN}
 

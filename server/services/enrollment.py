@@ -14,29 +14,29 @@ from datetime import datetime
 
 import grpc
 
-from muster.spiffe import AGENT_ID
-from muster.v1 import enrollment_pb2, enrollment_pb2_grpc
-from server import tokens
-from server.audit import AuditRecord, AuditWriter, record_in
-from server.ca import (
+from muster.server import tokens
+from muster.server.audit import AuditRecord, AuditWriter, record_in
+from muster.server.ca import (
     AgentPublicKey,
     CertificateAuthority,
     CsrError,
     public_key_fingerprint,
     public_key_from_csr,
 )
-from server.config import ServerConfig
-from server.lockout import count_auth_failure
-from server.metrics import MusterMetrics
-from server.quotas import QuotaDecision, Quotas
-from server.services import convert
-from server.services.context import peer_address, request_id
-from server.services.errors import ServiceError
-from server.services.issuing import issue_agent_certificate
-from server.services.validation import check_labels, check_name
-from server.storage import identities
-from server.storage.database import Database
-from server.storage.types import utcnow
+from muster.server.config import ServerConfig
+from muster.server.lockout import count_auth_failure
+from muster.server.metrics import MusterMetrics
+from muster.server.quotas import QuotaDecision, Quotas
+from muster.server.services import convert
+from muster.server.services.context import peer_address, request_id
+from muster.server.services.errors import ServiceError
+from muster.server.services.issuing import issue_agent_certificate
+from muster.server.services.validation import check_labels, check_name
+from muster.server.storage import identities
+from muster.server.storage.database import Database
+from muster.server.storage.types import utcnow
+from muster.spiffe import AGENT_ID
+from muster.v1 import enrollment_pb2, enrollment_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from datetime import timedelta
 import grpc
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
-from server.ca import CAError, CertificateAuthority, IssuedCertificate
-from server.services.errors import ServiceError
+from muster.server.ca import CAError, CertificateAuthority, IssuedCertificate
+from muster.server.services.errors import ServiceError
 
 log = logging.getLogger(__name__)
 

@@ -13,16 +13,15 @@ from typing import Any
 import grpc
 
 from muster.ai import AI_KINDS, PayloadError, parse_output_schema
-from muster.v1 import common_pb2, task_pb2, task_pb2_grpc
-from server.config import ServerConfig
-from server.dispatch.dispatcher import Dispatcher
-from server.principals import current_principal
-from server.quotas import Quotas
-from server.services import convert
-from server.services.ai_submit import AiAdmission
-from server.services.context import peer_address, request_id
-from server.services.errors import ServiceError, invalid, not_found
-from server.services.validation import (
+from muster.server.config import ServerConfig
+from muster.server.dispatch.dispatcher import Dispatcher
+from muster.server.principals import current_principal
+from muster.server.quotas import Quotas
+from muster.server.services import convert
+from muster.server.services.ai_submit import AiAdmission
+from muster.server.services.context import peer_address, request_id
+from muster.server.services.errors import ServiceError, invalid, not_found
+from muster.server.services.validation import (
     KIND,
     check_labels,
     check_name,
@@ -31,10 +30,11 @@ from server.services.validation import (
     enum_value,
     timestamp,
 )
-from server.storage import tasks as task_store
-from server.storage import usage as usage_store
-from server.storage.models import Task
-from server.storage.types import utcnow
+from muster.server.storage import tasks as task_store
+from muster.server.storage import usage as usage_store
+from muster.server.storage.models import Task
+from muster.server.storage.types import utcnow
+from muster.v1 import common_pb2, task_pb2, task_pb2_grpc
 
 MAX_ATTEMPTS = 20
 MAX_PRIORITY = 1000

@@ -28,8 +28,8 @@ from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from muster.server.services.errors import invalid
 from muster.spiffe import AGENT_ID
-from server.services.errors import invalid
 
 NAME = AGENT_ID
 """Pools, tenants, API token names, agent ids: 1-63 lower-case letters, digits, '.',

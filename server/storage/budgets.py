@@ -14,9 +14,9 @@ from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from server.ai.budgets import BudgetRule
-from server.storage.models import Budget, PoolSettings
-from server.storage.types import utcnow
+from muster.server.ai.budgets import BudgetRule
+from muster.server.storage.models import Budget, PoolSettings
+from muster.server.storage.types import utcnow
 
 
 async def list_budgets(session: AsyncSession) -> list[Budget]:

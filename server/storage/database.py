@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
-from server.storage.batch import GroupCommit, Work
+from muster.server.storage.batch import GroupCommit, Work
 
 T = TypeVar("T")
 

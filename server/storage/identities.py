@@ -13,8 +13,8 @@ from sqlalchemy import and_, bindparam, insert, select, update
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from server.storage.models import Agent, ApiToken, BootstrapToken, Certificate
-from server.storage.types import utcnow
+from muster.server.storage.models import Agent, ApiToken, BootstrapToken, Certificate
+from muster.server.storage.types import utcnow
 
 
 async def bootstrap_token(session: AsyncSession, token_id: str) -> BootstrapToken | None:

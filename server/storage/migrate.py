@@ -26,11 +26,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from muster.errors import ConfigError
-from server.storage.database import Database
+from muster.server.storage.database import Database
 
 log = logging.getLogger(__name__)
 
-SCRIPT_LOCATION = "server:migrations"
+SCRIPT_LOCATION = "muster.server:migrations"
 """Package-resource form, so the scripts are found wherever ``server`` is installed."""
 _LOCK_KEY = int.from_bytes(hashlib.sha256(b"muster-migrate").digest()[:8], "big", signed=True)
 

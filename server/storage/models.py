@@ -20,7 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from server.storage.types import UTCDateTime
+from muster.server.storage.types import UTCDateTime
 
 
 class Base(DeclarativeBase):

@@ -39,7 +39,7 @@ def roles_sql(owner: str, app: str) -> str:
             )
     if owner == app:
         raise ConfigError("the owner and app roles must be different roles")
-    template = resources.files("server.storage").joinpath("sql/roles.sql").read_text()
+    template = resources.files("muster.server.storage").joinpath("sql/roles.sql").read_text()
     return template.replace("{owner}", owner).replace("{app}", app)
 
 

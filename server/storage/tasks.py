@@ -23,10 +23,10 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from server.storage import usage as usage_store
-from server.storage.models import Task
-from server.storage.types import UTCDateTime, utcnow
-from server.storage.usage import AttemptCost, Used
+from muster.server.storage import usage as usage_store
+from muster.server.storage.models import Task
+from muster.server.storage.types import UTCDateTime, utcnow
+from muster.server.storage.usage import AttemptCost, Used
 
 QUEUED = "QUEUED"
 ASSIGNED = "ASSIGNED"

@@ -7,8 +7,8 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from server.storage.models import ApiToken, Tenant
-from server.storage.types import utcnow
+from muster.server.storage.models import ApiToken, Tenant
+from muster.server.storage.types import utcnow
 
 
 async def ensure(session: AsyncSession, name: str, *, created_by: str) -> None:

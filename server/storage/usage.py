@@ -10,8 +10,8 @@ from datetime import datetime
 from sqlalchemy import Table, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
-from server.storage.models import AttemptUsage, Task
-from server.storage.types import utcnow
+from muster.server.storage.models import AttemptUsage, Task
+from muster.server.storage.types import utcnow
 
 USAGE: Table = AttemptUsage.__table__  # type: ignore[assignment]
 TASKS: Table = Task.__table__  # type: ignore[assignment]

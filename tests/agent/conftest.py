@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
-from agent.config import AgentConfig
-from agent.daemon import Agent
-from agent.executors import ExecutionResult, ExecutorRegistry, TaskContext
-from agent.executors.builtin import EchoExecutor, SleepExecutor
-from agent.state import Identity, StateDir
+from muster.agent.config import AgentConfig
+from muster.agent.daemon import Agent
+from muster.agent.executors import ExecutionResult, ExecutorRegistry, TaskContext
+from muster.agent.executors.builtin import EchoExecutor, SleepExecutor
+from muster.agent.state import Identity, StateDir
 from muster.files import PRIVATE_FILE_MODE, write_atomic
 from tests.agent.peer import ScriptedAgentService, serve
 from tests.testca import TestCA

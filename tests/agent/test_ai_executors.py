@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from google.protobuf import duration_pb2
 
-from agent.executors import (
+from muster.agent.executors import (
     ExecutorError,
     ExecutorRegistry,
     ExecutorSettings,
@@ -31,12 +31,12 @@ from agent.executors import (
     TaskContext,
     Usage,
 )
-from agent.executors import claude_code as claude_code_module
-from agent.executors.anthropic_messages import AnthropicMessagesExecutor
-from agent.executors.base import retry_after_seconds
-from agent.executors.claude_code import ClaudeCodeExecutor
-from agent.executors.ollama_chat import OllamaChatExecutor
-from agent.runner import TaskRunner
+from muster.agent.executors import claude_code as claude_code_module
+from muster.agent.executors.anthropic_messages import AnthropicMessagesExecutor
+from muster.agent.executors.base import retry_after_seconds
+from muster.agent.executors.claude_code import ClaudeCodeExecutor
+from muster.agent.executors.ollama_chat import OllamaChatExecutor
+from muster.agent.runner import TaskRunner
 from muster.errors import ConfigError
 from muster.v1 import agent_pb2
 from tests.fakes.anthropic_api import FakeAnthropicAPI, Reply
@@ -801,7 +801,7 @@ def test_unconfigured_ai_executors_are_skipped_unless_named(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     bare = ExecutorSettings(claude_bin=str(tmp_path / "no-claude"), environ={})
-    caplog.set_level(logging.INFO, logger="agent.executors.registry")
+    caplog.set_level(logging.INFO, logger="muster.agent.executors.registry")
     registry = ExecutorRegistry.discover(settings=bare)
     assert not {"anthropic.messages", "claude-code", "ollama.chat"} & set(registry.kinds)
     assert {"echo", "sleep"} <= set(registry.kinds)

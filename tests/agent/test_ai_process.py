@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from muster import AsyncAdminClient, AsyncClient, TaskState
-from server.app import ServerHandle
+from muster.server.app import ServerHandle
 from tests.agent.test_process import wait_connected
 from tests.fakes.anthropic_api import FakeAnthropicAPI, Reply
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from agent.backoff import Backoff
+from muster.agent.backoff import Backoff
 
 
 def test_the_window_doubles_up_to_the_cap() -> None:

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.cli import config_from_args, register
-from agent.config import AgentConfig, parse_labels, read_token
+from muster.agent.cli import config_from_args, register
+from muster.agent.config import AgentConfig, parse_labels, read_token
 from muster.errors import ConfigError
 
 

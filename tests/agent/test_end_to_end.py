@@ -11,12 +11,12 @@ from typing import Any
 
 import pytest
 
-from agent.config import AgentConfig
-from agent.daemon import Agent
-from agent.executors import ExecutorRegistry
 from muster import AsyncAdminClient, AsyncClient, TaskState
+from muster.agent.config import AgentConfig
+from muster.agent.daemon import Agent
+from muster.agent.executors import ExecutorRegistry
 from muster.errors import PermissionDeniedError
-from server.app import ServerHandle
+from muster.server.app import ServerHandle
 from tests.agent.conftest import GateExecutor
 
 

@@ -13,12 +13,12 @@ import grpc
 import pytest
 from cryptography import x509
 
-from agent import keys
-from agent.config import AgentConfig
-from agent.daemon import Agent
-from agent.enroll import enroll
-from agent.executors import ExecutorRegistry
-from agent.state import StateDir
+from muster.agent import keys
+from muster.agent.config import AgentConfig
+from muster.agent.daemon import Agent
+from muster.agent.enroll import enroll
+from muster.agent.executors import ExecutorRegistry
+from muster.agent.state import StateDir
 from muster.errors import AuthenticationError, ConfigError, ConflictError, UnavailableError
 from muster.v1 import enrollment_pb2, enrollment_pb2_grpc
 from tests.agent.conftest import seed_state

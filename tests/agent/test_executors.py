@@ -7,15 +7,15 @@ import json
 
 import pytest
 
-from agent.executors import (
+from muster.agent.executors import (
     ExecutionResult,
     Executor,
     ExecutorError,
     ExecutorRegistry,
     TaskContext,
 )
-from agent.executors.builtin import EchoExecutor, SleepExecutor
-from agent.runner import TaskRunner
+from muster.agent.executors.builtin import EchoExecutor, SleepExecutor
+from muster.agent.runner import TaskRunner
 from muster.errors import ConfigError
 from muster.v1 import agent_pb2
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.outbox import Outbox, file_name
+from muster.agent.outbox import Outbox, file_name
 from muster.v1 import agent_pb2
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from muster import AsyncAdminClient, AsyncClient, TaskState
-from server.app import ServerHandle
+from muster.server.app import ServerHandle
 
 
 async def wait_connected(admin: AsyncAdminClient, agent_id: str) -> None:

@@ -11,8 +11,8 @@ from typing import Any
 import grpc
 import pytest
 
-import agent as agent_pkg
-from agent.daemon import Agent
+import muster.agent as agent_pkg
+from muster.agent.daemon import Agent
 from muster.errors import PermissionDeniedError
 from muster.v1 import agent_pb2, common_pb2
 from tests.agent.conftest import AGENT_ID, LABELS, GateExecutor
@@ -233,7 +233,7 @@ async def test_a_repeated_assignment_is_accepted_again_but_run_once(
 async def test_shutdown_drains_in_flight_work_then_exits(
     run_agent: Any, service: ScriptedAgentService, state: Any, registry: Any
 ) -> None:
-    from agent.config import AgentConfig
+    from muster.agent.config import AgentConfig
 
     agent = Agent(
         AgentConfig(state_dir=state.path, drain_timeout=5, backoff_initial=0.05, backoff_max=0.2),
@@ -339,7 +339,7 @@ async def test_renewal_happens_at_the_welcome_renew_after(
 async def test_refused_identity_exits_with_exit_on_revoke(
     run_agent: Any, service: ScriptedAgentService, state: Any, registry: Any
 ) -> None:
-    from agent.config import AgentConfig
+    from muster.agent.config import AgentConfig
 
     service.refuse = grpc.StatusCode.PERMISSION_DENIED
     agent = Agent(AgentConfig(state_dir=state.path, exit_on_revoke=True), registry=registry)
@@ -362,7 +362,7 @@ async def test_refused_identity_keeps_retrying_slowly_without_the_flag(
 async def test_after_a_drain_failed_reconnects_keep_a_steady_pace(
     service: ScriptedAgentService, state: Any, registry: Any
 ) -> None:
-    from agent.config import AgentConfig
+    from muster.agent.config import AgentConfig
 
     config = AgentConfig(state_dir=state.path, backoff_initial=0.01, backoff_max=0.3)
     agent = Agent(config, registry=registry, rand=lambda low, high: high)
@@ -386,7 +386,7 @@ async def test_after_a_drain_failed_reconnects_keep_a_steady_pace(
 async def test_a_server_that_drops_us_right_after_welcome_is_backed_off(
     service: ScriptedAgentService, state: Any, registry: Any
 ) -> None:
-    from agent.config import AgentConfig
+    from muster.agent.config import AgentConfig
 
     config = AgentConfig(state_dir=state.path, backoff_initial=0.05, backoff_max=0.2)
     agent = Agent(config, registry=registry, rand=lambda low, high: high)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from agent import keys
-from agent.state import Identity, StateDir
+from muster.agent import keys
+from muster.agent.state import Identity, StateDir
 from muster.errors import ConfigError
 from muster.files import write_atomic
 from tests.agent.conftest import AGENT_ID, seed_state

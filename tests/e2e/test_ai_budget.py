@@ -27,10 +27,10 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from muster import AsyncAdminClient, AsyncClient, ClientConfig, Task, TaskState
 from muster.ai import parse_ai_payload
-from server.ai.prices import PriceTable, TokenUsage
-from server.dispatch.budgets import BUDGET_RETRY
-from server.storage.models import AuditEvent
-from server.storage.models import Task as TaskRow
+from muster.server.ai.prices import PriceTable, TokenUsage
+from muster.server.dispatch.budgets import BUDGET_RETRY
+from muster.server.storage.models import AuditEvent
+from muster.server.storage.models import Task as TaskRow
 from tests.conftest import BACKEND, FANOUT_SECRET, REDIS_URL
 from tests.e2e import procs
 from tests.fakes.anthropic_api import FakeAnthropicAPI, Reply

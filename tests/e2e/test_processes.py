@@ -11,7 +11,7 @@ import signal
 from pathlib import Path
 
 from muster import AsyncAdminClient, AsyncClient, Task, TaskState
-from server.app import ServerHandle
+from muster.server.app import ServerHandle
 from tests.e2e import procs
 
 

@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from muster import AsyncAdminClient, AsyncClient, ClientConfig, TaskState
-from server.storage.models import AuditEvent, Task
+from muster.server.storage.models import AuditEvent, Task
 from tests.conftest import BACKEND, FANOUT_SECRET, REDIS_URL
 from tests.e2e import procs
 from tests.pg import fresh_database

@@ -27,10 +27,10 @@ from muster import (
     NotFoundError,
 )
 from muster.cli import main
+from muster.server.ai.budgets import BudgetRule
+from muster.server.ai.prices import PriceTable
+from muster.server.app import ServerHandle, start_server
 from muster.v1 import admin_pb2, admin_pb2_grpc, agent_pb2
-from server.ai.budgets import BudgetRule
-from server.ai.prices import PriceTable
-from server.app import ServerHandle, start_server
 from tests.agentsim import Enroller, SimAgent
 from tests.conftest import client_config, server_config
 

@@ -17,6 +17,10 @@ import pytest
 from google.protobuf import duration_pb2
 
 from muster import AsyncAdminClient
+from muster.server.ai.budgets import BudgetRule
+from muster.server.app import ServerHandle, start_server
+from muster.server.quotas.base import BudgetHold
+from muster.server.storage.types import utcnow
 from muster.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -25,10 +29,6 @@ from muster.v1 import (
     task_pb2,
     task_pb2_grpc,
 )
-from server.ai.budgets import BudgetRule
-from server.app import ServerHandle, start_server
-from server.quotas.base import BudgetHold
-from server.storage.types import utcnow
 from tests.agentsim import Enroller, SimAgent
 from tests.conftest import client_config, server_config
 

@@ -17,7 +17,7 @@ from muster import (
     PermissionDeniedError,
     QuotaExceededError,
 )
-from server.app import ServerHandle
+from muster.server.app import ServerHandle
 from tests.conftest import client_config
 
 BAD_TOKEN = "mat_0123456789abcdef." + "A" * 43

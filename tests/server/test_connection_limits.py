@@ -19,9 +19,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from muster.server.app import ServerHandle, start_server
+from muster.server.config import ServerConfig
 from muster.v1 import agent_pb2, agent_pb2_grpc
-from server.app import ServerHandle, start_server
-from server.config import ServerConfig
 from tests.agentsim import Enrolled, Enroller, SimAgent, make_csr
 from tests.conftest import server_config
 

@@ -8,8 +8,8 @@ import grpc
 import pytest
 
 from muster import AsyncClient, InvalidArgumentError, NotFoundError, TaskState
+from muster.server.app import ServerHandle
 from muster.v1 import agent_pb2, common_pb2
-from server.app import ServerHandle
 from tests.agentsim import Enroller, SimAgent
 
 

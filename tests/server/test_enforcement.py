@@ -13,9 +13,9 @@ import pytest
 from sqlalchemy import select
 
 from muster import AsyncAdminClient, AsyncClient, AuthenticationError, QuotaExceededError, TaskState
+from muster.server.app import ServerHandle, start_server
+from muster.server.storage.models import AuditEvent
 from muster.v1 import agent_pb2
-from server.app import ServerHandle, start_server
-from server.storage.models import AuditEvent
 from tests.agentsim import Enroller, SimAgent
 from tests.conftest import client_config, server_config
 

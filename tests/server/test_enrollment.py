@@ -12,8 +12,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from muster import AsyncAdminClient
+from muster.server.app import ServerHandle
 from muster.v1 import enrollment_pb2, enrollment_pb2_grpc
-from server.app import ServerHandle
 from tests.agentsim import Enroller, make_csr
 
 

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from muster import AsyncAdminClient
-from server.app import ServerHandle, start_server
+from muster.server.app import ServerHandle, start_server
 from tests.conftest import client_config, server_config
 
 Calls = list[str]
@@ -108,7 +108,7 @@ async def list_services(server: ServerHandle) -> list[str]:
 async def test_a_service_without_an_access_rule_is_refused_to_everyone(
     start: Callable[..., Any], calls: Calls, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.ERROR, logger="server.interceptors.auth")
+    caplog.set_level(logging.ERROR, logger="muster.server.interceptors.auth")
     server: ServerHandle = await start()
     unimplemented = [grpc.StatusCode.UNIMPLEMENTED] * 2
     assert await dummy_codes(server, None) == unimplemented

@@ -20,10 +20,10 @@ import redis.asyncio as aioredis
 
 from muster import AsyncAdminClient, AsyncClient
 from muster.errors import ConfigError
-from server.app import ServerHandle, start_server
-from server.ca import CertificateAuthority
-from server.config import ServerConfig
-from server.dispatch.fanout_auth import REPLAY_WINDOW, Rejected, Sealer
+from muster.server.app import ServerHandle, start_server
+from muster.server.ca import CertificateAuthority
+from muster.server.config import ServerConfig
+from muster.server.dispatch.fanout_auth import REPLAY_WINDOW, Rejected, Sealer
 from tests.agentsim import Enroller, SimAgent
 from tests.conftest import BACKEND, FANOUT_SECRET, REDIS_URL, client_config, server_config
 from tests.pg import fresh_database

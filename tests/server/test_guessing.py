@@ -13,9 +13,9 @@ import grpc
 import grpc.aio
 
 from muster import AsyncAdminClient
+from muster.server.app import ServerHandle
+from muster.server.quotas.policy import auth_failure_subject, lockout_address
 from muster.v1 import enrollment_pb2, enrollment_pb2_grpc, task_pb2, task_pb2_grpc
-from server.app import ServerHandle
-from server.quotas.policy import auth_failure_subject, lockout_address
 from tests.agentsim import Enroller, make_csr
 
 AT_ONCE = 200

@@ -51,10 +51,10 @@ from hypothesis import strategies as st
 from sqlalchemy import func, select
 
 from muster import AsyncClient
+from muster.server.app import ServerHandle
+from muster.server.interceptors.decode import nul_field
+from muster.server.storage import models
 from muster.v1 import admin_pb2, agent_pb2, common_pb2, enrollment_pb2, task_pb2
-from server.app import ServerHandle
-from server.interceptors.decode import nul_field
-from server.storage import models
 from tests.agentsim import Enrolled, Enroller, make_csr
 from tests.conftest import client_config
 

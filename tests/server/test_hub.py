@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import grpc
 import pytest
 
-from server.dispatch.hub import Hub
+from muster.server.dispatch.hub import Hub
 
 
 @dataclass

@@ -9,7 +9,7 @@ import grpc
 import pytest
 
 from muster import AsyncAdminClient
-from server.app import ServerHandle
+from muster.server.app import ServerHandle
 from tests.agentsim import Enroller, SimAgent
 from tests.testca import Credentials, TestCA
 

@@ -16,9 +16,11 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from agent.config import AgentConfig
 from muster import AsyncAdminClient
+from muster.agent.config import AgentConfig
 from muster.errors import ConfigError
+from muster.server.app import ServerHandle
+from muster.server.services.validation import check_text
 from muster.spiffe import AGENT_ID, SpiffeId
 from muster.v1 import (
     admin_pb2,
@@ -28,8 +30,6 @@ from muster.v1 import (
     task_pb2,
     task_pb2_grpc,
 )
-from server.app import ServerHandle
-from server.services.validation import check_text
 from tests.agentsim import Enroller, make_csr
 from tests.conftest import client_config
 

@@ -18,9 +18,9 @@ import pytest
 
 from muster import AsyncAdminClient, AsyncClient
 from muster._types import AuditEvent
+from muster.server.app import ServerHandle, start_server
+from muster.server.dispatch.hub import Hub, NewStream
 from muster.v1 import agent_pb2, agent_pb2_grpc, common_pb2
-from server.app import ServerHandle, start_server
-from server.dispatch.hub import Hub, NewStream
 from tests.agentsim import Enrolled, Enroller, SimAgent, make_csr
 from tests.conftest import BACKEND, client_config, server_config
 

@@ -14,9 +14,9 @@ import grpc
 import pytest
 
 from muster import AsyncAdminClient, AsyncClient
+from muster.server.app import ServerHandle, start_server
+from muster.server.ca import CertificateAuthority
 from muster.v1 import agent_pb2
-from server.app import ServerHandle, start_server
-from server.ca import CertificateAuthority
 from tests.agentsim import Enroller, SimAgent
 from tests.conftest import BACKEND, REDIS_URL, client_config, server_config
 from tests.pg import fresh_database

@@ -14,10 +14,10 @@ import grpc
 import pytest
 
 from muster import AsyncAdminClient, AsyncClient
+from muster.server.app import ServerHandle, start_server
+from muster.server.config import ServerConfig
+from muster.server.dispatch.suspicion import RateWatch, parse_policy
 from muster.v1 import agent_pb2, agent_pb2_grpc
-from server.app import ServerHandle, start_server
-from server.config import ServerConfig
-from server.dispatch.suspicion import RateWatch, parse_policy
 from tests.agentsim import Enroller, SimAgent, make_csr
 from tests.conftest import server_config
 from tests.server.test_one_stream import audited, status_within

@@ -24,12 +24,12 @@ from muster import (
     NotFoundError,
     Role,
 )
+from muster.server import tokens
+from muster.server.app import ServerHandle, start_server
+from muster.server.storage import migrate
+from muster.server.storage.database import Database
+from muster.server.storage.models import ApiToken, Task, Tenant
 from muster.v1 import admin_pb2, admin_pb2_grpc
-from server import tokens
-from server.app import ServerHandle, start_server
-from server.storage import migrate
-from server.storage.database import Database
-from server.storage.models import ApiToken, Task, Tenant
 from tests.conftest import client_config, server_config
 from tests.pg import fresh_database
 
