@@ -41,6 +41,28 @@ class Agent(Base):
     last_seen_at: Mapped[datetime | None]
 
 
+class AgentSession(Base):
+    """A live agent stream on some replica: cluster-wide presence. Written at Hello,
+    refreshed in one statement per replica per interval, deleted when the stream ends;
+    a row past ``expires_at`` (its replica died) does not count as connected."""
+
+    __tablename__ = "agent_sessions"
+
+    session_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    agent_id: Mapped[str] = mapped_column(String(63), index=True)
+    replica: Mapped[str] = mapped_column(String(100), index=True)
+    capabilities: Mapped[list[str]] = mapped_column(JSON)
+    """Task kinds the agent said it runs (Hello)."""
+    max_concurrency: Mapped[int] = mapped_column(Integer)
+    in_flight: Mapped[int] = mapped_column(Integer)
+    """Attempts the stream held at the last refresh."""
+    cert_serial: Mapped[str] = mapped_column(String(48))
+    cert_not_after: Mapped[datetime | None]
+    connected_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime]
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
 class Certificate(Base):
     """Every certificate the CA issued; the agent listener accepts only serials found here."""
 
