@@ -39,6 +39,17 @@ class Agent(Base):
     token_id: Mapped[str] = mapped_column(String(32))
     enrolled_at: Mapped[datetime]
     last_seen_at: Mapped[datetime | None]
+    """Written at connect and disconnect, and by its replica's presence refresh."""
+    capabilities: Mapped[list[str] | None] = mapped_column(JSON)
+    """Task kinds its last Hello declared (None: never connected)."""
+    max_concurrency: Mapped[int | None] = mapped_column(Integer)
+    """Its last Hello's max_concurrency."""
+    removed_at: Mapped[datetime | None]
+    """Set by ``muster agents remove``: its certificates are revoked and the id comes back
+    only through a re-enrollment token bound to it (the row stays for audit and history)."""
+    rotate_requested_at: Mapped[datetime | None]
+    """An operator asked for rotation (``muster agents rotate``): a stream whose certificate
+    is older is sent Renew, now or when it next connects."""
 
 
 class AgentSession(Base):
@@ -50,12 +61,14 @@ class AgentSession(Base):
 
     session_id: Mapped[str] = mapped_column(String(40), primary_key=True)
     agent_id: Mapped[str] = mapped_column(String(63), index=True)
-    replica: Mapped[str] = mapped_column(String(100), index=True)
+    replica: Mapped[str] = mapped_column(String(100))
+    """The replica's name (replica_id), as shown to operators."""
+    instance: Mapped[str] = mapped_column(String(100), index=True)
+    """This one server process (name:pid:random): what its refresh and cleanup select by,
+    so two replicas sharing a name never keep each other's rows alive."""
     capabilities: Mapped[list[str]] = mapped_column(JSON)
     """Task kinds the agent said it runs (Hello)."""
     max_concurrency: Mapped[int] = mapped_column(Integer)
-    in_flight: Mapped[int] = mapped_column(Integer)
-    """Attempts the stream held at the last refresh."""
     cert_serial: Mapped[str] = mapped_column(String(48))
     cert_not_after: Mapped[datetime | None]
     connected_at: Mapped[datetime]
@@ -79,6 +92,9 @@ class Certificate(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(index=True)
     """Replicas poll recent revocations to close streams they hold (index keeps that cheap)."""
     revocation_reason: Mapped[str | None] = mapped_column(String(200))
+    renewed_from: Mapped[str | None] = mapped_column(String(48), index=True)
+    """The serial whose holder renewed into this one: revoking a serial revokes its
+    descendants, so a stolen key cannot outlive its revocation by renewing itself."""
 
     __table_args__ = (Index("ix_certificates_token_key", "token_id", "public_key_fingerprint"),)
 
@@ -99,6 +115,8 @@ class BootstrapToken(Base):
     created_at: Mapped[datetime]
     created_by: Mapped[str] = mapped_column(String(100))
     deleted_at: Mapped[datetime | None]
+    agent_id: Mapped[str | None] = mapped_column(String(63))
+    """A re-enrollment token: it enrolls only this (existing) agent id, single-use."""
 
 
 class Tenant(Base):
