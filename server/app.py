@@ -258,7 +258,9 @@ async def _start(
         ],
         options=_server_options(config, agent=True),
     )
-    agent_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(dispatcher, ca), agent_server)
+    agent_pb2_grpc.add_AgentServiceServicer_to_server(
+        AgentService(dispatcher, ca, quotas), agent_server
+    )
     cleanup.push_async_callback(agent_server.stop, None)
     agent_port = _bind(
         agent_server,

@@ -44,6 +44,7 @@ __all__ = [
     "INFLIGHT_TASKS",
     "LEASE_RETRY_AFTER",
     "PROVIDER_BACKOFF",
+    "RENEWALS",
     "SUBMISSIONS",
     "AuthFailure",
     "QuotaDecision",
@@ -61,6 +62,8 @@ SUBMISSIONS = "submissions"
 """Limit name (metric label, QuotaFailure description) of task submissions per principal."""
 ENROLLMENTS = "enrollments"
 """Limit name of enrollment attempts per peer address."""
+RENEWALS = "renewals"
+"""Limit name of certificate renewals per agent."""
 AUTH_FAILURES = "auth_failures"
 """Limit name of failed authentications per peer address (the lockout)."""
 INFLIGHT_TASKS = "inflight_tasks"
@@ -105,6 +108,10 @@ class QuotaPolicy:
     """Task submissions per principal (API token name)."""
     enrollments: RateLimit = field(default_factory=lambda: RateLimit(rate=1.0, burst=30))
     """Enrollment attempts per peer IP address."""
+    renewals: RateLimit = field(default_factory=lambda: RateLimit(rate=1 / 60, burst=5))
+    """Certificate renewals per agent: one a minute after a burst of five. An agent needs
+    one per half lifetime (plus any rotation an operator forces): more is a runaway loop
+    or a stolen key minting certificates."""
     auth_failure_threshold: int = 10
     """Failed authentications from one peer address that lock it out..."""
     auth_failure_window: float = 300.0
@@ -328,6 +335,11 @@ class Quotas:
     async def check_enrollment(self, peer: str) -> QuotaDecision:
         """May the peer address ``peer`` (no port) attempt an enrollment now?"""
         return await self._rate(ENROLLMENTS, f"peer:{peer}", self.policy.enrollments)
+
+    async def check_renewal(self, agent_id: str) -> QuotaDecision:
+        """May the agent ``agent_id`` renew its certificate now? (Fails open to a local
+        cap, like every rate limit.)"""
+        return await self._rate(RENEWALS, f"agent:{agent_id}", self.policy.renewals)
 
     async def check_enrollment_attempt(self, peer: str, token: str) -> QuotaDecision:
         """May an enrollment with the well-formed bootstrap token ``token`` (its public

@@ -21,10 +21,12 @@ from muster.server.ca import (
 from muster.server.dispatch.dispatcher import Dispatcher
 from muster.server.dispatch.session import AgentSession, StreamClosed
 from muster.server.principals import current_agent
+from muster.server.quotas import Quotas
 from muster.server.services import convert
 from muster.server.services.context import peer_address, request_id
 from muster.server.services.errors import ServiceError, invalid
 from muster.server.services.issuing import issue_agent_certificate
+from muster.server.storage import identities
 from muster.server.storage.models import Certificate
 from muster.v1 import agent_pb2, agent_pb2_grpc
 
@@ -42,9 +44,10 @@ enrolled scope); repeated, the agent is suspicious (``hello_refused``)."""
 
 
 class AgentService(agent_pb2_grpc.AgentServiceServicer):
-    def __init__(self, dispatcher: Dispatcher, ca: CertificateAuthority) -> None:
+    def __init__(self, dispatcher: Dispatcher, ca: CertificateAuthority, quotas: Quotas) -> None:
         self._dispatcher = dispatcher
         self._ca = ca
+        self._quotas = quotas
 
     # The generated stub types only the iterator style of a streaming handler (fed a sync or
     # async iterator); grpc.aio also runs a coroutine that sends with context.write, as here.
@@ -85,17 +88,52 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         request: agent_pb2.RenewRequest,
         context: grpc.aio.ServicerContext[agent_pb2.RenewRequest, agent_pb2.RenewResponse],
     ) -> agent_pb2.RenewResponse:
+        """A fresh certificate for a fresh key, remembering the serial it was renewed from.
+
+        Refused, changing nothing: a CSR that does not parse or is for a key this agent
+        already holds a certificate for (INVALID_ARGUMENT), more renewals than the
+        per-agent rate (RESOURCE_EXHAUSTED with RetryInfo), a certificate revoked or an
+        agent disabled or removed meanwhile (PERMISSION_DENIED).
+        """
         identity = current_agent.get()
+        dispatcher = self._dispatcher
+        peer = peer_address(context)
+        # Counted first, whatever follows: a flood of bad CSRs costs the caller too.
+        decision = await self._quotas.check_renewal(identity.agent_id)
+        if not decision.allowed:
+            await context.abort_with_status(decision.status())
         try:
             public_key = public_key_from_csr(request.csr_pem)
         except CsrError as err:
             raise invalid(f"csr_pem: {err}") from None
         fingerprint = public_key_fingerprint(public_key)
-        dispatcher = self._dispatcher
         issued = issue_agent_certificate(
             self._ca, public_key, identity.agent_id, dispatcher.config.cert_lifetime
         )
         async with dispatcher.db.transaction() as session:
+            # The agent's row is locked first, as revocation locks it, so a certificate
+            # renewed from a serial being revoked is either seen and revoked with it or
+            # refused here.
+            agent = await identities.lock_agent(session, identity.agent_id)
+            current = await identities.certificate(session, identity.serial)
+            if agent is None or current is None or current.revoked_at is not None:
+                raise ServiceError(
+                    grpc.StatusCode.PERMISSION_DENIED, "client certificate has been revoked"
+                )
+            if not agent.enabled or agent.removed_at is not None:
+                raise ServiceError(
+                    grpc.StatusCode.PERMISSION_DENIED, f"agent {identity.agent_id} is disabled"
+                )
+            if current.public_key_fingerprint == fingerprint:
+                raise invalid(
+                    "csr_pem: the CSR is for the key of the certificate this call is made "
+                    "with; renewal needs a freshly generated key"
+                )
+            if await identities.key_used_by(session, identity.agent_id, fingerprint):
+                raise invalid(
+                    "csr_pem: the CSR is for a key this agent already had certified; "
+                    "renewal needs a freshly generated key"
+                )
             session.add(
                 Certificate(
                     serial=issued.serial,
@@ -106,6 +144,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     chain_pem=issued.chain_pem,
                     not_before=issued.not_before,
                     not_after=issued.not_after,
+                    renewed_from=identity.serial,
                 )
             )
             await record_in(
@@ -114,22 +153,24 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     actor=identity.spiffe_id,
                     action="cert.renew",
                     target=issued.serial,
-                    peer=peer_address(context),
+                    peer=peer,
                     request_id=request_id(context),
                     details={
                         "agent": identity.agent_id,
                         "previous": identity.serial,
+                        "renewed_from": identity.serial,
                         "not_after": issued.not_after.isoformat(),
                         "key": fingerprint,
                     },
                 ),
             )
         dispatcher.metrics.certificates_issued.labels(reason="renew").inc()
-        await dispatcher.suspicion.renewed(
-            identity.agent_id, actor=identity.spiffe_id, peer=peer_address(context)
-        )
+        await dispatcher.suspicion.renewed(identity.agent_id, actor=identity.spiffe_id, peer=peer)
         log.info(
-            "renewed the certificate of agent %s (serial %s)", identity.agent_id, issued.serial
+            "renewed the certificate of agent %s (serial %s, from %s)",
+            identity.agent_id,
+            issued.serial,
+            identity.serial,
         )
         return agent_pb2.RenewResponse(
             certificate_chain_pem=issued.chain_pem,

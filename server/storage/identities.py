@@ -6,12 +6,13 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 import asyncpg
 from sqlalchemy import and_, bindparam, insert, select, update
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.orm import aliased
 
 from muster.server.storage.models import Agent, ApiToken, BootstrapToken, Certificate
 from muster.server.storage.types import utcnow
@@ -56,7 +57,7 @@ class EnrollmentToken:
 _EARLIER = and_(
     Certificate.token_id == BootstrapToken.token_id,
     Certificate.public_key_fingerprint == bindparam("fingerprint"),
-    Certificate.reason == "enroll",
+    Certificate.reason.in_(("enroll", "reenroll")),
     Certificate.revoked_at.is_(None),
     Certificate.not_after > bindparam("now"),
 )
@@ -234,16 +235,37 @@ async def certificates_of(session: AsyncSession, agent_ids: Sequence[str]) -> li
     return list(result.scalars())
 
 
+async def lock_agent(session: AsyncSession, agent_id: str) -> Agent | None:
+    """The agent's row, locked until the transaction ends (Postgres; SQLite serialises
+    writers anyway). Renewal, re-enrollment, removal and revocation of one agent take
+    this lock first, so a renewal cannot slip a new certificate past a revocation."""
+    result = await session.execute(
+        select(Agent)
+        .where(Agent.agent_id == agent_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    return result.scalar_one_or_none()
+
+
+def _lineage(root: str) -> Any:
+    """A serial and every certificate renewed from it, however many renewals deep."""
+    lineage = select(Certificate.serial).where(Certificate.serial == root).cte(recursive=True)
+    child = aliased(Certificate)
+    return lineage.union(select(child.serial).where(child.renewed_from == lineage.c.serial))
+
+
 async def revoke_certificates(
     session: AsyncSession, *, agent_id: str | None = None, serial: str | None = None, reason: str
 ) -> list[str]:
-    """Revoke live certificates of an agent, or one serial; returns the serials revoked."""
+    """Revoke live certificates of an agent, or one serial and its descendants (every
+    certificate renewed from it, transitively); returns the serials revoked."""
     query = select(Certificate.serial).where(Certificate.revoked_at.is_(None))
     if agent_id is not None:
         query = query.where(Certificate.agent_id == agent_id)
     if serial is not None:
-        query = query.where(Certificate.serial == serial)
-    serials = list((await session.execute(query)).scalars())
+        query = query.where(Certificate.serial.in_(select(_lineage(serial).c.serial)))
+    serials = sorted((await session.execute(query)).scalars())
     if serials:
         await session.execute(
             update(Certificate)
@@ -251,6 +273,69 @@ async def revoke_certificates(
             .values(revoked_at=utcnow(), revocation_reason=reason[:200])
         )
     return serials
+
+
+async def key_used_by(session: AsyncSession, agent_id: str, fingerprint: str) -> str | None:
+    """The serial of a certificate this agent already holds for that public key, if any."""
+    result = await session.execute(
+        select(Certificate.serial)
+        .where(Certificate.agent_id == agent_id, Certificate.public_key_fingerprint == fingerprint)
+        .limit(1)
+    )
+    return result.scalar_one_or_none()
+
+
+async def reenroll_agent(
+    session: AsyncSession,
+    *,
+    token_id: str,
+    now: datetime,
+    agent_id: str,
+    serial: str,
+    fingerprint: str,
+    chain_pem: bytes,
+    not_before: datetime,
+    not_after: datetime,
+) -> tuple[Literal["reenrolled", "used up", "no agent"], Agent | None, list[str]]:
+    """Redeem a re-enrollment token for its agent: certify the new key, revoke whatever
+    certificates the agent still had live, and restore the agent (not removed, enabled).
+
+    Returns what happened, the agent as it was before (None if it does not exist) and
+    the serials revoked. Anything but "reenrolled" leaves the caller to roll back."""
+    conn = await session.connection()
+    redeemed = (await conn.execute(_REDEEM, {"redeemed": token_id, "now": now})).rowcount
+    if not redeemed:
+        return "used up", None, []
+    agent = await lock_agent(session, agent_id)
+    if agent is None:
+        return "no agent", None, []
+    before = Agent(
+        agent_id=agent.agent_id,
+        pool=agent.pool,
+        labels=dict(agent.labels),
+        enabled=agent.enabled,
+        token_id=agent.token_id,
+        enrolled_at=agent.enrolled_at,
+        removed_at=agent.removed_at,
+    )
+    revoked = await revoke_certificates(session, agent_id=agent_id, reason="re-enrolled")
+    agent.removed_at = None
+    agent.enabled = True
+    agent.token_id = token_id
+    session.add(
+        Certificate(
+            serial=serial,
+            agent_id=agent_id,
+            public_key_fingerprint=fingerprint,
+            token_id=token_id,
+            reason="reenroll",
+            chain_pem=chain_pem,
+            not_before=not_before,
+            not_after=not_after,
+        )
+    )
+    await session.flush()
+    return "reenrolled", before, revoked
 
 
 async def revoked_since(session: AsyncSession, since: datetime) -> list[tuple[str, str]]:
