@@ -39,6 +39,10 @@ fmt: install ## Format the code with ruff
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+.PHONY: wheels
+wheels: install ## Build the wheels (whole, SDK, agent, server) into dist/ and install each part alone
+	$(BIN)/python deploy/wheels/build.py --out dist --check
+
 .PHONY: proto
 proto: install ## Regenerate muster/v1 from proto/ (committed; never edit by hand)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m grpc_tools.protoc -I proto \
