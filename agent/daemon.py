@@ -151,6 +151,12 @@ class Agent:
             self._changed.clear()
             await self._changed.wait()
 
+    async def wait_acked(self) -> None:
+        """Until every Result in the outbox is acknowledged (running attempts aside)."""
+        while len(self.outbox) != 0:
+            self._changed.clear()
+            await self._changed.wait()
+
     def _on_progress(
         self, task_id: str, attempt: int, message: str, percent: int, output_tokens: int
     ) -> None:

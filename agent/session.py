@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HEARTBEAT = 10.0
 MIN_HEARTBEAT = 0.05
+HANDOVER_ACK_WAIT = 5.0
+"""On a server's Drain, how long to wait for the Acks of Results already sent before
+reconnecting (what is still unacknowledged is resent on the next stream)."""
 _ids = itertools.count(1)
 
 
@@ -75,7 +78,7 @@ class SessionHost(Protocol):
 
     def notify_changed(self) -> None: ...
 
-    async def wait_quiet(self) -> None: ...
+    async def wait_acked(self) -> None: ...
 
 
 class _Close:
@@ -337,7 +340,9 @@ class Session:
         elif body == "ack":
             ack = message.ack
             self.host.outbox.remove(ack.task_id, ack.attempt)
-            log.debug(
+            log.log(
+                # A stale Result was work the server had already given to another attempt.
+                logging.INFO if ack.status == agent_pb2.ACK_STATUS_STALE else logging.DEBUG,
                 "session %d: ack %s#%d %s",
                 self.id,
                 ack.task_id,
@@ -404,16 +409,27 @@ class Session:
     def _on_drain(self, reason: str) -> None:
         if self._server_draining:
             return
-        log.info("session %d: server is draining (%s); finishing in-flight work", self.id, reason)
+        running = len(self.host.runner.running())
+        log.info(
+            "session %d: server is draining (%s); reconnecting, %d running attempt(s) handed over",
+            self.id,
+            reason,
+            running,
+        )
         self._server_draining = True
-        self._helpers.append(asyncio.create_task(self._finish_then_close()))
+        self._helpers.append(asyncio.create_task(self._hand_over()))
 
-    async def _finish_then_close(self) -> None:
+    async def _hand_over(self) -> None:
+        """Take no new work, let the Results already sent be acknowledged, then half-close:
+        the daemon reconnects (to another replica if it knows one) and lists the attempts
+        still running in its next Hello, where they are adopted with the same numbers, so
+        running work is never stopped or repeated for a drain. Results that finish in
+        between wait in the outbox and are resent after the next Welcome."""
         try:
-            async with asyncio.timeout(self.host.drain_timeout):
-                await self.host.wait_quiet()
+            async with asyncio.timeout(min(self.host.drain_timeout, HANDOVER_ACK_WAIT)):
+                await self.host.wait_acked()
         except TimeoutError:
-            log.info("session %d: drain grace over; reconnecting with work still running", self.id)
+            log.info("session %d: reconnecting with results unacknowledged (resent)", self.id)
         self.close()
 
 

@@ -127,10 +127,16 @@ class ServerHandle:
         self._stopped = True
         grace = self.config.shutdown_grace.total_seconds() if grace is None else grace
         await self._health.enter_graceful_shutdown()
+        # A handover, not a requeue: every agent is sent Drain and reconnects with its
+        # running work listed in Hello; what its stream held stays its own for the
+        # handover grace (AgentSession.drain). The agent listener stops listening now, so
+        # an agent that knows other replicas reaches one of them at once; open streams
+        # get ``grace`` to end.
         self.hub.drain_all("server shutting down")
+        agent_stopped = asyncio.ensure_future(self._agent.stop(grace))
         await self.hub.wait_idle(grace)
-        await asyncio.gather(self._api.stop(1.0), self._agent.stop(1.0))
-        await self.hub.wait_idle(5.0)  # cancelled streams release their work first
+        await asyncio.gather(self._api.stop(1.0), agent_stopped)
+        await self.hub.wait_idle(5.0)  # cut streams hand their work over first
         # Background loops end between passes: one cancelled inside a database call can
         # leave its connection half-used and the audit writer's last flush waiting on it.
         self._stopping.set()

@@ -105,14 +105,22 @@ class ServerConfig:
     carries new work, cancellations, revocations and disabled agents between replicas
     should a pub/sub message be missed."""
     max_stream_age: timedelta = timedelta(hours=1)
-    """An agent stream older than this (±10 %) is sent Drain: the agent finishes its work
-    and reconnects, which spreads agents over replicas again after one failed. 0: never."""
+    """An agent stream older than this (±10 %) is sent Drain: the agent reconnects, its
+    running work handed over (see ``handover_grace``), which spreads agents over replicas
+    again after one failed. 0: never."""
     max_payload_bytes: int = 1 << 20
     """Cap on task payloads and outputs."""
     default_max_attempts: int = 3
     """Attempts for a task that does not say."""
     shutdown_grace: timedelta = timedelta(seconds=10)
-    """On SIGTERM: how long agents get to finish and report before streams are cut."""
+    """On SIGTERM: how long drained agents get to report and reconnect elsewhere before
+    their streams are cut."""
+    handover_grace: timedelta = timedelta(minutes=5)
+    """A stream this replica drained (shutdown or maximum age) hands its attempts over
+    instead of requeueing them: their leases run this long from the stream's end, so the
+    agent can bring them, still running or finished in its outbox, to its next stream here
+    or on another replica (a planned restart of up to this long costs no attempt). An
+    agent that never comes back loses them after it, as after a lease expiry."""
     prices_file: str = ""
     """A JSON price table merged over the shipped one (same format as
     ``server/ai/prices.json``): add a model or correct a price without a release."""
@@ -184,6 +192,8 @@ class ServerConfig:
             or self.lease_duration <= self.heartbeat_interval
         ):
             raise ConfigError("lease_duration must be longer than heartbeat_interval (both > 0)")
+        if not self.lease_duration <= self.handover_grace <= timedelta(hours=24):
+            raise ConfigError("handover_grace: must be between lease_duration and 24h")
         if not 1 <= self.default_max_attempts <= 20:
             raise ConfigError("default_max_attempts: must be between 1 and 20")
         if self.migrate not in ("auto", "yes", "no"):

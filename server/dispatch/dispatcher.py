@@ -14,6 +14,7 @@ from functools import partial
 from typing import Any
 
 import grpc
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from muster.server.audit import AuditRecord, AuditWriter
 from muster.server.config import ServerConfig
@@ -452,6 +453,59 @@ class Dispatcher:
                 )
                 outcomes.append((h, state))
         await self._announce_requeues(outcomes, reason)
+
+    async def hand_over(self, session_id: str, sent: set[tuple[str, int]]) -> int:
+        """A stream this replica drained ended: keep the attempts it delivered (``sent``:
+        assigned on it or listed in its Hello) for the agent's next stream, same attempt
+        numbers, for ``handover_grace``, instead of requeueing them; give back, unchanged,
+        what was claimed for it but never sent. Returns how many were handed over."""
+        until = utcnow() + self.config.handover_grace
+        async with self.db.transaction() as session:
+            held = await task_store.held_by_session(session, session_id)
+            unsent = [h for h in held if (h.task_id, h.attempt) not in sent]
+            if unsent:
+                await self._unclaim(session, unsent, session_id)
+            kept = await task_store.hand_over(session, session_id, until)
+        await self._given_back(unsent)
+        return kept
+
+    async def give_back(self, claimed: Sequence[task_store.Claimed], session_id: str) -> None:
+        """Return attempts claimed for a stream that began draining before they were sent:
+        queued again with the same attempt number (nothing was delivered)."""
+        async with self.db.transaction() as session:
+            await self._unclaim(session, claimed, session_id)
+        await self._given_back(claimed)
+
+    @staticmethod
+    async def _unclaim(
+        session: AsyncSession,
+        attempts: Sequence[task_store.Claimed | task_store.Held],
+        session_id: str,
+    ) -> None:
+        now = utcnow()
+        back = [task_store.HoldBack(a.task_id, a.attempt, now) for a in attempts]
+        await task_store.unclaim(session, back, session_id)
+
+    async def _given_back(self, attempts: Sequence[task_store.Claimed | task_store.Held]) -> None:
+        for task in attempts:
+            holder = task_store.attempt_key(task.task_id, task.attempt)
+            self.inflight.release(task.owner, task.pool, holder)
+            if task.reserve_micros:
+                await self.budgets.release(holder)
+            self.fanout.task_changed(task.task_id)
+            self.fanout.wake_pool(task.pool)
+            await self.audit.submit(
+                AuditRecord(
+                    actor="server",
+                    action="task.requeue",
+                    target=task.task_id,
+                    details={
+                        "attempt": task.attempt,
+                        "state": task_store.QUEUED,
+                        "reason": "claimed as its stream began draining; never sent",
+                    },
+                )
+            )
 
     async def _announce_requeues(
         self, outcomes: list[tuple[task_store.Held, str | None]], reason: str

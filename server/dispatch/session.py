@@ -100,6 +100,8 @@ class AgentSession:
         self.kinds: list[str] = []
         self.credit = 0
         self.draining = False
+        self._handing_over = False
+        """This replica drained the stream: at its end, what it holds stays the agent's."""
         self._context: Context | None = None
         self._outbox: deque[agent_pb2.ServerMessage] = deque()
         self._writer: asyncio.Task[None] | None = None
@@ -143,6 +145,9 @@ class AgentSession:
         )
 
     def drain(self, reason: str) -> None:
+        """The replica is stopping or the stream reached its maximum age: the agent takes
+        its running work to its next stream (a handover), so nothing it holds is requeued."""
+        self._handing_over = True
         if self.draining:
             return  # told already, or the agent said it is leaving
         self.draining = True
@@ -303,8 +308,13 @@ class AgentSession:
                 dispatcher.hub.unregister(self)
 
     async def _release(self, reason: str) -> None:
+        handed_over = 0
         try:
-            if self._held or self._claiming:
+            if self._handing_over and (self._held or self._claiming):
+                # A planned end (this replica drained it): the agent brings its attempts to
+                # its next stream, here or elsewhere, with the same numbers; no requeue.
+                handed_over = await self.dispatcher.hand_over(self.session_id, set(self._held))
+            elif self._held or self._claiming:
                 await self.dispatcher.release_session(
                     self.session_id, f"agent stream ended: {reason}"
                 )
@@ -330,7 +340,7 @@ class AgentSession:
                 )
             )
         await self.dispatcher.audit.submit(
-            self._audit("stream.disconnect", {"reason": reason[:200]})
+            self._audit("stream.disconnect", {"reason": reason[:200], "handed_over": handed_over})
         )
         log.debug("agent %s disconnected (session %s): %s", self.agent_id, self.session_id, reason)
 
@@ -442,6 +452,12 @@ class AgentSession:
                 await asyncio.sleep(self.config.poll_interval.total_seconds())
                 self._woken = True
                 continue
+            if self.draining:
+                # Drain went out while this claim ran: no Assignment may follow it.
+                self._claiming = False
+                if claimed:
+                    await self.dispatcher.give_back(claimed, self.session_id)
+                return
             if self._rate is not None:
                 self._rate.assigned(len(claimed))
             for task in claimed:

@@ -762,6 +762,19 @@ async def held_by_session(session: AsyncSession, session_id: str) -> list[Held]:
     return [_held(row) for row in rows]
 
 
+async def hand_over(session: AsyncSession, session_id: str, until: datetime) -> int:
+    """Keep what a drained stream holds for its agent's next stream: the attempts stay
+    ASSIGNED or RUNNING with the same number and agent, their leases running to ``until``
+    (the handover grace), so a Hello listing them adopts them and a resent Result is
+    recorded. Returns how many."""
+    result = await session.execute(
+        update(Task)
+        .where(Task.session_id == session_id, Task.state.in_(HELD))
+        .values(lease_expires_at=until, updated_at=utcnow())
+    )
+    return _rowcount(result)
+
+
 async def expired_leases(session: AsyncSession, now: datetime, limit: int = 500) -> list[Held]:
     rows = await session.execute(
         select(*HELD_COLUMNS).where(Task.state.in_(HELD), Task.lease_expires_at < now).limit(limit)

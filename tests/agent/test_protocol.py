@@ -277,23 +277,46 @@ async def test_shutdown_gives_up_after_the_drain_timeout(
     assert agent.runner.idle
 
 
-async def test_server_drain_finishes_work_then_reconnects(
-    run_agent: Any, service: ScriptedAgentService
+async def test_server_drain_hands_running_work_over_to_the_next_stream(
+    run_agent: Any, service: ScriptedAgentService, gate: GateExecutor
 ) -> None:
     async with run_agent():
         first = await service.next_stream()
-        await first.send(assignment=assignment("t1", "sleep", b'{"seconds": 0.2}'))
+        await first.send(assignment=assignment("t1", "gate"))
         await first.expect("accepted")
         await first.send(drain=agent_pb2.Drain(reason="replica going away"))
         await first.send(assignment=assignment("t2", "echo"))  # not taken while draining
-        result = await first.expect("result")
-        assert result.task_id == "t1"
-        await first.ack("t1", status=agent_pb2.ACK_STATUS_RECORDED)
+        async with asyncio.timeout(5):
+            await first.client_closed.wait()  # at once: running work does not hold it up
+        assert first.kinds().count("accepted") == 1
+        assert "result" not in first.kinds()
+        # The running attempt moves, same number, to the next stream: never stopped.
+        second = await service.next_stream()
+        assert [(r.task_id, r.attempt) for r in second.hello.in_flight] == [("t1", 1)]
+        assert gate.started == ["t1"]
+        gate.gate.set()
+        result = await second.expect("result", skip=("heartbeat", "progress"))
+        assert (result.task_id, result.attempt) == ("t1", 1)
+        assert result.outcome == agent_pb2.OUTCOME_SUCCEEDED
+
+
+async def test_server_drain_waits_for_the_acks_of_results_already_sent(
+    run_agent: Any, service: ScriptedAgentService
+) -> None:
+    async with run_agent() as agent:
+        first = await service.next_stream()
+        await first.send(assignment=assignment("t1", "echo"))
+        await first.expect("result", skip=("heartbeat", "accepted", "credit"))
+        await first.send(drain=agent_pb2.Drain(reason="replica going away"))
+        # The Result is still unacknowledged: the stream stays for its Ack.
+        await first.expect_nothing(0.3, skip=("heartbeat", "credit"))
+        assert not first.client_closed.is_set()
+        await first.ack("t1")
         async with asyncio.timeout(5):
             await first.client_closed.wait()
-        assert "accepted" not in first.kinds()[1:]
         second = await service.next_stream()
         assert list(second.hello.in_flight) == []
+        assert len(agent.outbox) == 0
 
 
 async def test_renew_rotates_the_key_and_moves_work_to_a_new_stream(
