@@ -38,6 +38,8 @@ class AgentIdentity:
     not_after: datetime
     pool: str
     labels: dict[str, str]
+    rotate_requested_at: datetime | None = None
+    """An operator asked this agent to rotate (``muster agents rotate``) at this time."""
 
 
 current_principal: ContextVar[Principal] = ContextVar("current_principal")

@@ -1,5 +1,5 @@
 """Announcements every replica must hear: new work, cancellations, revocations, task changes,
-new agent streams (which replace older ones of the same agent).
+new agent streams (which replace older ones of the same agent), certificate rotations.
 
 Each announcement is applied to this replica's hub at once and, with Redis configured,
 published on one channel that every other replica applies to its own hub. Publishing
@@ -132,6 +132,13 @@ class Fanout:
     def task_changed(self, task_id: str) -> None:
         self._announce({"t": "task", "task": task_id})
 
+    def rotate_agents(self, agent_id: str | None, reason: str, issued_before: float) -> None:
+        """Every replica sends Renew to the streams of ``agent_id`` (None: of every agent)
+        whose certificates were issued before ``issued_before`` (POSIX seconds)."""
+        self._announce(
+            {"t": "rotate", "agent": agent_id, "reason": reason, "before": issued_before}
+        )
+
     def stream_started(self, new: NewStream) -> None:
         """An agent's stream was welcomed: older streams of that agent, on any replica,
         are replaced (or handed over, for a renewed certificate: see Hub.stream_started)."""
@@ -240,6 +247,13 @@ def _apply(hub: Hub, message: dict[str, Any]) -> None:
                 peer=str(message["peer"]),
                 started_at=float(message["started_at"]),
             )
+        )
+    elif kind == "rotate":
+        agent = message.get("agent")
+        hub.rotate_agents(
+            str(agent) if agent is not None else None,
+            str(message["reason"]),
+            float(message["before"]),
         )
     elif kind == "close":
         serials = message.get("serials")

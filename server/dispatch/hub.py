@@ -11,7 +11,7 @@ import contextlib
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import grpc
 
@@ -58,6 +58,18 @@ class Stream(Protocol):
     def replaced_by(self, new: NewStream, *, handover: bool) -> None: ...
     def outlived(self, new: NewStream) -> None:
         """``new`` was announced, but this stream is newer: announce this one again."""
+        ...
+
+
+@runtime_checkable
+class Renewable(Protocol):
+    """A stream that can be told to rotate its certificate (AgentSession)."""
+
+    agent_id: str
+
+    def request_renewal(self, reason: str, issued_before: float | None = None) -> bool:
+        """Send Renew if its certificate was issued before ``issued_before`` (POSIX
+        seconds; None: whatever its age); True if sent."""
         ...
 
 
@@ -175,6 +187,17 @@ class Hub:
         for stream in closing:
             stream.close(code, message)
         return len(closing)
+
+    def rotate_agents(self, agent_id: str | None, reason: str, issued_before: float) -> int:
+        """Tell this replica's streams of ``agent_id`` (None: of every agent) whose
+        certificates were issued before ``issued_before`` to renew; returns how many."""
+        told = 0
+        for stream in list(self._streams.values()):
+            if agent_id is not None and stream.agent_id != agent_id:
+                continue
+            if isinstance(stream, Renewable) and stream.request_renewal(reason, issued_before):
+                told += 1
+        return told
 
     def stream_started(self, new: NewStream) -> None:
         """One live stream per agent: ``new`` replaces this replica's older streams of its

@@ -17,7 +17,7 @@ import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeAlias
 
@@ -26,6 +26,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from muster.server.audit import AuditRecord
+from muster.server.ca.authority import DEFAULT_BACKDATE
 from muster.server.dispatch.dispatcher import Dispatcher
 from muster.server.dispatch.hub import NewStream
 from muster.server.dispatch.suspicion import RATE_WINDOW, RateWatch
@@ -92,6 +93,12 @@ class AgentSession:
         self.started_at = 0.0
         """When it was welcomed (POSIX seconds): of two streams of an agent, the later stays."""
         self.welcomed = False
+        self.renew_after: datetime | None = None
+        """The renew time Welcome gave; a stream still on this certificate well after it
+        is sent Renew (``check_renewal``)."""
+        self.rotation_requested_at: datetime | None = None
+        """An operator's rotation request for this agent (from its record at connect): a
+        certificate issued before it is sent Renew at once."""
         self._replaced: tuple[NewStream, bool] | None = None
         """The stream that replaced this one, and whether as a renewal's handover."""
         self._rate: RateWatch | None = None
@@ -156,6 +163,39 @@ class AgentSession:
     def close(self, code: grpc.StatusCode, message: str) -> None:
         if not self._closed.done():
             self._closed.set_result(StreamClosed(code, message))
+
+    @property
+    def issued_at(self) -> float:
+        """When its certificate was issued (POSIX seconds): the CA backdates notBefore."""
+        return self.cert_not_before + DEFAULT_BACKDATE.total_seconds()
+
+    def request_renewal(self, reason: str, issued_before: float | None = None) -> bool:
+        """Send Renew (rotate your certificate now) unless the certificate was issued at
+        or after ``issued_before``, or the stream is ending or already replaced by its
+        renewal; True if sent. The agent renews make-before-break, keeping its work."""
+        if self._closed.done() or self._replaced is not None or self._context is None:
+            return False
+        if issued_before is not None and self.issued_at >= issued_before:
+            return False
+        log.info(
+            "asking agent %s to renew (session %s): %s", self.agent_id, self.session_id, reason
+        )
+        self._send(agent_pb2.ServerMessage(renew=agent_pb2.Renew(reason=reason)))
+        return True
+
+    def check_renewal(self, now: datetime) -> bool:
+        """Send Renew if the stream is still on its certificate ``renewal_grace`` after
+        the renew time Welcome gave (the agent missed it); True if sent."""
+        if self.renew_after is None or now < self.renew_after + self.renewal_grace:
+            return False
+        return self.request_renewal("the certificate's renew time has passed; renew now")
+
+    @property
+    def renewal_grace(self) -> timedelta:
+        """How late a renewal may be before the server asks for it: a twelfth of the
+        lifetime (2 h of 24 h), so renew_after (at most 2/3) plus grace stays well
+        before expiry."""
+        return (self.not_after - self.not_before) / 12
 
     def outlived(self, new: NewStream) -> None:
         if self._closed.done() or self._replaced is not None or new.session_id in self._outlived:
@@ -274,6 +314,11 @@ class AgentSession:
         )
         reader = asyncio.create_task(self._read(requests), name=f"read-{self.session_id}")
         timers = self._arm_timers()
+        if self.rotation_requested_at is not None:
+            self.request_renewal(
+                "an operator asked this agent to rotate its certificate",
+                self.rotation_requested_at.timestamp(),
+            )
         self.wake()
         reason = "stream closed"
         try:
@@ -390,6 +435,7 @@ class AgentSession:
     def _welcome(self) -> agent_pb2.ServerMessage:
         lifetime = self.not_after - self.not_before
         renew_after = self.not_before + lifetime * random.uniform(0.5, 2 / 3)
+        self.renew_after = renew_after
         return agent_pb2.ServerMessage(
             welcome=agent_pb2.Welcome(
                 session_id=self.session_id,
@@ -606,6 +652,15 @@ class AgentSession:
             timers["recheck"] = loop.call_later(IDLE_RECHECK * random.uniform(0.8, 1.2), recheck)
 
         timers["recheck"] = loop.call_later(IDLE_RECHECK * random.uniform(0.8, 1.2), recheck)
+
+        def overdue() -> None:
+            self.check_renewal(utcnow())
+            # Asked again now and then (a lost or ignored Renew) until the expiry timer.
+            timers["renew"] = loop.call_later(self.renewal_grace.total_seconds() / 2, overdue)
+
+        if self.renew_after is not None:
+            due = self.renew_after + self.renewal_grace
+            timers["renew"] = loop.call_later(max(0.0, (due - utcnow()).total_seconds()), overdue)
         silence = self.config.lease_duration.total_seconds()
 
         def check_silence() -> None:

@@ -140,4 +140,5 @@ class AgentIdentityAuth(grpc.aio.ServerInterceptor):
             not_after=certificate.not_valid_after_utc,
             pool=issued.pool,
             labels=dict(issued.labels),
+            rotate_requested_at=issued.rotate_requested_at,
         )

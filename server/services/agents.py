@@ -71,6 +71,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             not_after=identity.not_after,
             peer=peer_address(context),
         )
+        session.rotation_requested_at = identity.rotate_requested_at
         try:
             await session.run(request_iterator, context)
         except StreamClosed as closed:

@@ -13,6 +13,7 @@ import secrets
 from datetime import datetime
 
 import grpc
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from muster.server import tokens
 from muster.server.audit import AuditRecord, AuditWriter, record_in
@@ -174,6 +175,10 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
                     _token_problem(row),
                     known_token=True,
                 )
+            if row.bound_agent is not None:
+                return await self._reenroll(
+                    session, row, request, public_key, fingerprint, now, peer, rid
+                )
             pool, labels = _scope(row, request)
             agent_id = self._agent_id(row, request.name)
             issued = issue_agent_certificate(
@@ -203,7 +208,9 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
             if outcome == "name taken":
                 raise _Refusal(
                     grpc.StatusCode.ALREADY_EXISTS,
-                    f"agent {agent_id!r} is already enrolled; choose another name",
+                    f"agent {agent_id!r} is already enrolled; choose another name (an "
+                    "operator re-enrolls an existing agent with a token from "
+                    f"'muster token create --reenroll {agent_id}')",
                     "name taken",
                 )
             await record_in(
@@ -240,6 +247,98 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
         self._metrics.certificates_issued.labels(reason="enroll").inc()
         log.info(
             "enrolled agent %s (serial %s) from token %s", agent_id, issued.serial, row.token_id
+        )
+        return self._response(agent_id, pool, labels, issued.chain_pem, issued.not_after)
+
+    async def _reenroll(
+        self,
+        session: AsyncSession,
+        row: identities.EnrollmentToken,
+        request: enrollment_pb2.EnrollRequest,
+        public_key: AgentPublicKey,
+        fingerprint: str,
+        now: datetime,
+        peer: str,
+        rid: str,
+    ) -> enrollment_pb2.EnrollResponse:
+        """Redeem a re-enrollment token: a fresh certificate for the same agent id, in the
+        caller's transaction (with its audit rows), its older certificates revoked."""
+        agent_id = row.bound_agent
+        assert agent_id is not None
+        if request.name and request.name != agent_id:
+            raise _Refusal(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this token re-enrolls agent {agent_id!r} only, not {request.name[:63]!r}",
+                "name not allowed",
+            )
+        pool, labels = _scope(row, request)
+        if labels != row.labels:
+            raise _Refusal(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"a re-enrollment keeps agent {agent_id!r}'s labels; ask for no others",
+                "label not allowed",
+            )
+        issued = issue_agent_certificate(self._ca, public_key, agent_id, self._config.cert_lifetime)
+        outcome, before, revoked = await identities.reenroll_agent(
+            session,
+            token_id=row.token_id,
+            now=now,
+            agent_id=agent_id,
+            serial=issued.serial,
+            fingerprint=fingerprint,
+            chain_pem=issued.chain_pem,
+            not_before=issued.not_before,
+            not_after=issued.not_after,
+        )
+        if outcome == "used up":
+            raise _Refusal(
+                grpc.StatusCode.UNAUTHENTICATED, BAD_TOKEN, "used up concurrently", known_token=True
+            )
+        if outcome == "no agent" or before is None:
+            raise _Refusal(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"agent {agent_id!r} no longer exists; ask an operator for a new token",
+                "no agent",
+            )
+        actor = f"bootstrap:{row.token_id}"
+        await record_in(
+            session,
+            AuditRecord(
+                actor=actor, action="token.redeem", target=row.token_id, peer=peer, request_id=rid
+            ),
+            AuditRecord(
+                actor=actor,
+                action="agent.reenroll",
+                target=agent_id,
+                peer=peer,
+                request_id=rid,
+                details={
+                    "pool": pool,
+                    "labels": labels,
+                    "revoked": revoked,
+                    "was_removed": before.removed_at is not None,
+                    "was_enabled": before.enabled,
+                },
+            ),
+            AuditRecord(
+                actor=actor,
+                action="cert.issue",
+                target=issued.serial,
+                peer=peer,
+                request_id=rid,
+                details={
+                    "agent": agent_id,
+                    "not_after": issued.not_after.isoformat(),
+                    "key": fingerprint,
+                    "reason": "reenroll",
+                },
+            ),
+        )
+        self._metrics.certificates_issued.labels(reason="reenroll").inc()
+        if revoked:
+            self._metrics.certificates_revoked.inc(len(revoked))
+        log.info(
+            "re-enrolled agent %s (serial %s) from token %s", agent_id, issued.serial, row.token_id
         )
         return self._response(agent_id, pool, labels, issued.chain_pem, issued.not_after)
 

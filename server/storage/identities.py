@@ -52,6 +52,8 @@ class EnrollmentToken:
     expires_at: datetime
     deleted_at: datetime | None
     earlier: EarlierEnrollment | None
+    bound_agent: str | None = None
+    """A re-enrollment token's agent: it enrolls that existing agent id and no other."""
 
 
 _EARLIER = and_(
@@ -73,6 +75,7 @@ _ENROLLMENT_TOKEN = (
         BootstrapToken.uses,
         BootstrapToken.expires_at,
         BootstrapToken.deleted_at,
+        BootstrapToken.agent_id,
         Agent.agent_id,
         Agent.pool,
         Agent.labels,
@@ -112,7 +115,8 @@ async def enrollment_token(
     if row is None:
         return None
     (token_id, secret_hash, pool, labels, pattern, max_uses, uses, expires_at, deleted_at,
-     agent_id, agent_pool, agent_labels, serial, chain_pem, not_after) = row  # fmt: skip
+     bound_agent, agent_id, agent_pool, agent_labels, serial, chain_pem,
+     not_after) = row  # fmt: skip
     earlier = None
     if agent_id is not None:
         earlier = EarlierEnrollment(
@@ -129,6 +133,7 @@ async def enrollment_token(
         expires_at,
         deleted_at,
         earlier,
+        bound_agent,
     )
 
 
@@ -338,6 +343,16 @@ async def reenroll_agent(
     return "reenrolled", before, revoked
 
 
+async def request_rotation(session: AsyncSession, agent_id: str | None, now: datetime) -> int:
+    """Mark one agent, or every agent not removed, as asked to rotate at ``now``: their
+    streams on older certificates get Renew when they next connect. Returns how many."""
+    statement = update(Agent).where(Agent.removed_at.is_(None)).values(rotate_requested_at=now)
+    if agent_id is not None:
+        statement = statement.where(Agent.agent_id == agent_id)
+    result = await session.execute(statement)
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
 async def revoked_since(session: AsyncSession, since: datetime) -> list[tuple[str, str]]:
     """(agent_id, serial) of certificates revoked at or after ``since``."""
     result = await session.execute(
@@ -366,6 +381,7 @@ class Presented:
     enabled: bool
     pool: str
     labels: dict[str, str]
+    rotate_requested_at: datetime | None = None
 
 
 async def presented_many(conn: AsyncConnection, serials: Sequence[str]) -> list[Presented | None]:
@@ -379,13 +395,14 @@ async def presented_many(conn: AsyncConnection, serials: Sequence[str]) -> list[
             Agent.enabled,
             Agent.pool,
             Agent.labels,
+            Agent.rotate_requested_at,
         )
         .join(Agent, Agent.agent_id == Certificate.agent_id)
         .where(Certificate.serial.in_(set(serials)))
     )
     found = {
-        serial: Presented(agent_id, revoked_at, enabled, pool, labels)
-        for serial, agent_id, revoked_at, enabled, pool, labels in rows
+        serial: Presented(agent_id, revoked_at, enabled, pool, labels, rotate)
+        for serial, agent_id, revoked_at, enabled, pool, labels, rotate in rows
     }
     return [found.get(serial) for serial in serials]
 
