@@ -174,37 +174,59 @@ def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
 def check(
     whole: dict[str, Any], parts: dict[str, dict[str, Any]], wheels: dict[str, Path], scratch: Path
 ) -> None:
-    """Install each part alone into a fresh virtualenv and see what it brought."""
-    for key in ("sdk", "agent", "server"):
-        part = parts[key]
-        venv = scratch / f"venv-{key}"
-        run([sys.executable, "-m", "venv", str(venv)])
-        python = venv / "bin" / "python"
-        pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
-        find = ["--find-links", str(wheels["sdk"].parent)]
-        run([*pip, "install", "--quiet", *find, part["name"]])
-        listed = json.loads(run([*pip, "list", "--format", "json"]).stdout)
-        installed = {canonical(row["name"]) for row in listed}
-        if pulled := sorted(installed & {canonical(n) for n in part.get("absent", [])}):
-            raise BuildError(f"{part['name']} alone pulled in {', '.join(pulled)}")
-        others = {canonical(parts[k]["name"]) for k in parts if k not in (key, "sdk")}
-        if extra := sorted(installed & others):
-            raise BuildError(f"{part['name']} alone pulled in {', '.join(extra)}")
-        # Every command and executor the part registers loads with only what it brought.
-        run([str(python), "-c", LOAD_ENTRY_POINTS, *entry_points(whole, part)], cwd=scratch)
-        muster = str(venv / "bin" / "muster")
-        usage = run([muster, "--help"]).stdout
-        offered = set(re.findall(r"^    (\w[\w-]*)\s", usage, flags=re.M))
-        for command, expected in (("agent", key == "agent"), ("server", key == "server")):
-            if (command in offered) != expected:
-                state = "does not offer" if expected else "offers"
-                raise BuildError(f"{part['name']} alone {state} `muster {command}`:\n{usage}")
-        own = {"sdk": ["submit", "--help"], "agent": ["agent", "--help"]}.get(
-            key, ["server", "--help"]
+    """Install each part alone, and the whole, into fresh virtualenvs; see what they brought."""
+    names = {key: parts[key]["name"] for key in parts}
+    for key, part in parts.items():
+        own = {"sdk": "submit", "agent": "agent", "server": "server"}[key]
+        lacks = {"agent", "server"} - {own}
+        groups = list(entry_points(whole, part))
+        installed = install(
+            part["name"], wheels, scratch, own, offers={own}, lacks=lacks, groups=groups
         )
-        run([muster, *own], cwd=scratch)
+        forbidden = {canonical(n) for n in part.get("absent", [])}
+        forbidden |= {canonical(names[k]) for k in parts if k not in (key, "sdk")}
+        if pulled := sorted(installed & forbidden):
+            raise BuildError(f"{part['name']} alone pulled in {', '.join(pulled)}")
         absent = ", ".join(part.get("absent", []))
-        print(f"{part['name']}: installs alone, `muster {' '.join(own)}` runs, no {absent}")
+        print(f"{part['name']}: installs alone, `muster {own} --help` runs, no {absent}")
+    name = whole["project"]["name"]
+    every = {"agent", "server", "dev", "submit"}
+    groups = list(whole["project"]["entry-points"])
+    install(name, wheels, scratch, "dev", offers=every, lacks=set(), groups=groups)
+    print(f"{name}: installs every command")
+
+
+def install(
+    name: str,
+    wheels: dict[str, Path],
+    scratch: Path,
+    own: str,
+    *,
+    offers: set[str],
+    lacks: set[str],
+    groups: list[str],
+) -> set[str]:
+    """Install ``name`` from the built wheels (dependencies from the index) into a fresh
+    venv; check the ``muster`` commands it offers and that its entry points load. Returns
+    the installed distributions' names."""
+    venv = scratch / f"venv-{name}"
+    run([sys.executable, "-m", "venv", str(venv)])
+    python = venv / "bin" / "python"
+    pip = [str(python), "-m", "pip", "--disable-pip-version-check"]
+    run([*pip, "install", "--quiet", "--find-links", str(wheels["sdk"].parent), name])
+    listed = json.loads(run([*pip, "list", "--format", "json"]).stdout)
+    # Every command and executor it registers loads with only what it brought (run from
+    # scratch: the repository's own muster/ must not shadow the installed one).
+    run([str(python), "-c", LOAD_ENTRY_POINTS, *groups], cwd=scratch)
+    muster = str(venv / "bin" / "muster")
+    usage = run([muster, "--help"], cwd=scratch).stdout
+    offered = set(re.findall(r"^    (\w[\w-]*)\s", usage, flags=re.M))
+    if missing := sorted(offers - offered):
+        raise BuildError(f"{name} does not offer `muster {', '.join(missing)}`:\n{usage}")
+    if extra := sorted(lacks & offered):
+        raise BuildError(f"{name} alone offers `muster {', '.join(extra)}`:\n{usage}")
+    run([muster, own, "--help"], cwd=scratch)
+    return {canonical(row["name"]) for row in listed}
 
 
 LOAD_ENTRY_POINTS = """

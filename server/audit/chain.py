@@ -17,7 +17,7 @@ from json.encoder import encode_basestring
 from typing import Any, NamedTuple
 
 from sqlalchemy import bindparam, func, select, text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from muster.server.storage.models import AuditEvent
 
@@ -145,9 +145,10 @@ def lock_key(chain: str) -> int:
 _LOCK = text("SELECT pg_advisory_xact_lock(:key)")  # built once: its cache key is kept
 
 
-async def lock_chain(session: AsyncSession, chain: str) -> None:
+async def lock_chain(session: AsyncSession | AsyncConnection, chain: str) -> None:
     """Lock ``chain`` until this transaction ends (Postgres; SQLite has one writer)."""
-    if session.bind.dialect.name == "postgresql":
+    dialect = session.dialect if isinstance(session, AsyncConnection) else session.bind.dialect
+    if dialect.name == "postgresql":
         await session.execute(_LOCK, {"key": lock_key(chain)})
 
 
@@ -160,7 +161,7 @@ _TIP = select(AuditEvent.seq, AuditEvent.hash).where(
 )
 
 
-async def chain_tip(session: AsyncSession, chain: str) -> tuple[int, str]:
+async def chain_tip(session: AsyncSession | AsyncConnection, chain: str) -> tuple[int, str]:
     """Lock ``chain`` for this transaction and return its last (seq, hash)."""
     await lock_chain(session, chain)
     row = (await session.execute(_TIP, {"chain": chain})).first()

@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 from sqlalchemy import insert, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from muster.server.audit.chain import (
     COLUMNS,
@@ -115,7 +115,10 @@ def _plain_json(value: Any, depth: int = 0) -> bool:
 
 
 async def record_in(session: AsyncSession, *records: AuditRecord) -> None:
-    """Append audit rows in the caller's transaction, so they commit or roll back with it."""
+    """Append audit rows in the caller's transaction, so they commit or roll back with it.
+
+    The chain stays locked until that transaction ends: make this its last statement, so
+    a transaction holding the lock never waits for a row lock another one holds."""
     if not records:
         return
     chain = session.info[CHAIN_KEY]
@@ -123,12 +126,42 @@ async def record_in(session: AsyncSession, *records: AuditRecord) -> None:
     if session.bind.dialect.name != "postgresql":
         await _insert(session, link(contents, chain, await chain_tip(session, chain)))
         return
-    # Locked from here to the caller's commit, with one insert between (two on a wrong guess).
     driver = await _asyncpg(session)
+    await _append_pg(driver, chain, contents, locked=await _begin_locked(session, driver, chain))
+
+
+async def append_in(conn: AsyncConnection, chain: str, records: Sequence[AuditRecord]) -> None:
+    """:func:`record_in` on a Core connection inside a transaction (the group commit's)."""
+    if not records:
+        return
+    contents = [r.content() for r in records]
+    if conn.dialect.name != "postgresql":
+        await _insert(conn, link(contents, chain, await chain_tip(conn, chain)))
+        return
+    driver = (await conn.get_raw_connection()).driver_connection
+    assert isinstance(driver, asyncpg.Connection)
+    await _append_pg(driver, chain, contents, locked=await _begin_locked(conn, driver, chain))
+
+
+async def _begin_locked(
+    session: AsyncSession | AsyncConnection, driver: asyncpg.Connection, chain: str
+) -> bool:
+    """When nothing ran in this transaction yet, SQLAlchemy has not begun it: begin it with
+    the chain's lock (its first statement) and say so; else leave the locking to the caller."""
     if driver.is_in_transaction():
+        return False
+    await lock_chain(session, chain)
+    return True
+
+
+async def _append_pg(
+    driver: asyncpg.Connection, chain: str, contents: list[Content], *, locked: bool
+) -> None:
+    """Lock ``chain`` (unless ``locked``) until the transaction ends and insert ``contents``
+    after its tip: two round trips, the lock and an insert after the tip this process last
+    wrote, which inserts nothing unless that is still the tip (then the tip is read)."""
+    if not locked:
         await driver.execute(_LOCK, lock_key(chain))
-    else:  # nothing ran in this transaction yet: SQLAlchemy begins it with its first statement
-        await lock_chain(session, chain)
     tip = _tips.get(chain, (0, GENESIS))
     rows = link(contents, chain, tip)
     if not await _insert_after(driver, rows, chain, tip):
@@ -232,7 +265,7 @@ def _remember(chain: str, rows: list[tuple[Any, ...]]) -> None:
     _tips[chain] = (rows[-1][_SEQ], rows[-1][_HASH])
 
 
-async def _insert(session: AsyncSession, rows: list[tuple[Any, ...]]) -> None:
+async def _insert(session: AsyncSession | AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
     """Insert linked rows through SQLAlchemy (any backend)."""
     details = COLUMNS.index("details")
     await session.execute(

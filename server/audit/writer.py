@@ -1,4 +1,11 @@
-"""A bounded batch writer for high-volume audit events (stream and task lifecycle) that loses none.
+"""A bounded batch writer for audit events that need not hold up their source, losing none
+while the process lives.
+
+Task and stream transitions do not come here: they are committed with the transition
+(see :mod:`muster.server.storage.batch`). What does (authentication failures, lockouts,
+suspicious agents, other notices) is held in memory for up to ``flush_interval`` before
+it is written, so a process killed meanwhile (SIGKILL, OOM, power) loses what it held;
+:meth:`AuditWriter.keep` waits until one event is durable instead.
 
 Events are encoded once when submitted (canonical JSON for the hash chain, the column
 values), buffered without blocking the hot path and written in batches, each in one
@@ -76,6 +83,8 @@ class AuditWriter:
         """Events accepted so far, numbered in order from 1."""
         self._stored = 0
         """Every event numbered up to this one is in the database."""
+        self._kept = 0
+        """Every event numbered up to this one is in the database or fsynced in the spool."""
         self._taken = 0
         """Every event numbered up to this one has left the buffer."""
         self._segments: collections.deque[Segment] = collections.deque()
@@ -124,12 +133,21 @@ class AuditWriter:
         if len(self._buffer) >= self._batch_size or len(self._buffer) == 1:
             self._wake.set()
 
+    async def keep(self, record: AuditRecord) -> None:
+        """Queue one event and wait until it is durable: in the database or, while that is
+        unreachable, fsynced in the spool (without a spool: in the database)."""
+        await self.submit(record)
+        await self._wait_for(self._submitted, spooled=self._spool_dir is not None)
+
     async def flush(self) -> None:
         """Wait until every event submitted so far is in the database (spooled ones too)."""
-        target = self._submitted
+        await self._wait_for(self._submitted, spooled=False)
+
+    async def _wait_for(self, target: int, *, spooled: bool) -> None:
+        """Wait until the events numbered up to ``target`` are stored (or ``spooled``)."""
         self._flush_waiters += 1
         try:
-            while self._stored < target:
+            while (self._kept if spooled else self._stored) < target:
                 if self._task is None or self._task.done():
                     raise RuntimeError("audit writer is not running")
                 self._wake.set()
@@ -221,6 +239,7 @@ class AuditWriter:
                     log.exception("cannot spool %d audit events; holding them", len(batch))
                 else:
                     self._in_flight -= len(batch)
+                    self._keep_to(last)
                     if failed is not None:
                         log.warning(
                             "audit batch of %d events not written (%s); spooling to %s",
@@ -292,6 +311,7 @@ class AuditWriter:
             raise
         finally:
             self._in_flight -= len(batch)
+        self._keep_to(self._taken)  # nothing numbered lower is in limbo: callers see to it
 
     async def _store(self, records: Sequence[AuditRecord], unseen: bool) -> None:
         """Insert in one transaction; events the database refuses as invalid are set aside.
@@ -407,8 +427,12 @@ class AuditWriter:
     def _advance(self, last: int) -> None:
         if last > self._stored:
             self._stored = last
-            self._progress.set()
-            self._progress = asyncio.Event()
+            self._keep_to(last)
+
+    def _keep_to(self, last: int) -> None:
+        self._kept = max(self._kept, last)
+        self._progress.set()
+        self._progress = asyncio.Event()
 
     def _schedule_replay(self, *, failed: bool) -> None:
         loop = asyncio.get_running_loop()

@@ -10,13 +10,14 @@ from typing import Any, TypeVar
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
 
-from muster.server.storage.batch import GroupCommit, Work
+from muster.server.storage.batch import GroupCommit, Trail, Work
 
 T = TypeVar("T")
 
@@ -62,7 +63,7 @@ class Database:
             self.engine, expire_on_commit=False, info={CHAIN_KEY: audit_chain}
         )
         self.audit_chain = audit_chain
-        self.group = GroupCommit(self.engine)
+        self.group = GroupCommit(self.engine, trail=_audit_trail(audit_chain))
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:
@@ -78,6 +79,17 @@ class Database:
     async def close(self) -> None:
         await self.group.close()
         await self.engine.dispose()
+
+
+def _audit_trail(chain: str) -> Trail:
+    """Appends the group commit's audit records to ``chain`` in its transaction."""
+    # Imported here: the audit package builds on this module.
+    from muster.server.audit.record import append_in
+
+    async def append(conn: AsyncConnection, records: list[Any]) -> None:
+        await append_in(conn, chain, records)
+
+    return append
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
