@@ -8,7 +8,6 @@ certificate rotation, when the new stream is opened before the old one closes.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import datetime as dt
 import logging
 import random
@@ -22,14 +21,20 @@ from muster.agent import __version__
 from muster.agent.backoff import Backoff
 from muster.agent.channel import describe_rpc_error
 from muster.agent.config import AgentConfig
-from muster.agent.enroll import enroll
+from muster.agent.enroll import enroll, reenroll
 from muster.agent.executors import ExecutorRegistry
 from muster.agent.outbox import Outbox
 from muster.agent.renewal import renew_certificate, renewal_time
 from muster.agent.runner import TaskRunner
 from muster.agent.session import Session, SessionEnd, SessionError, welcome_renew_after
 from muster.agent.state import Credentials, Identity, StateDir
-from muster.errors import AuthenticationError, MusterError, PermissionDeniedError
+from muster.errors import (
+    AuthenticationError,
+    ConflictError,
+    InvalidArgumentError,
+    MusterError,
+    PermissionDeniedError,
+)
 from muster.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger(__name__)
@@ -72,6 +77,9 @@ class Agent:
         self._renew_at: dt.datetime | None = None
         self._last_renewal: float | None = None
         self._run_task: asyncio.Task[None] | None = None
+        self._reenroll_refused = False
+        """The configured token was refused for re-enrollment: it is not tried again
+        (each try is a failed authentication at the server)."""
 
     # SessionHost ------------------------------------------------------------
 
@@ -227,7 +235,10 @@ class Agent:
         identity = self.state.load_identity()
         credentials = self.state.load_credentials()
         if credentials.leaf.expired():
-            identity, credentials = await self._reenroll(identity, credentials)
+            expired_at = credentials.leaf.not_after.isoformat()
+            identity, credentials = await self._reenroll(
+                identity, f"the agent certificate in {self.state.path} expired at {expired_at}"
+            )
         self._identity = identity
         self._credentials = credentials
         registry = self._registry or ExecutorRegistry.discover(
@@ -247,25 +258,40 @@ class Agent:
             len(self._outbox),
         )
 
-    async def _reenroll(
-        self, identity: Identity, credentials: Credentials
-    ) -> tuple[Identity, Credentials]:
-        expired_at = credentials.leaf.not_after.isoformat()
+    async def _reenroll(self, identity: Identity, why: str) -> tuple[Identity, Credentials]:
+        """Re-enroll as the same agent id with the configured token (a re-enrollment token
+        from ``muster token create --reenroll ID``). The old key and certificate stay
+        until the new ones are stored; a refusal leaves them as they were."""
         if not (self.config.token and self.config.server):
             raise AuthenticationError(
-                f"the agent certificate in {self.state.path} expired at {expired_at}; "
-                "re-enrollment needs a new bootstrap token: run again with --server and --token"
+                f"{why}; re-enrollment needs a new bootstrap token made for this agent "
+                f"(muster token create --reenroll {identity.agent_id}): run again with "
+                "--server and --token"
             )
-        log.warning("the agent certificate expired at %s; enrolling again", expired_at)
-        self.state.forget_identity()
-        config = dataclasses.replace(
-            self.config,
-            name=self.config.name or identity.agent_id or None,
-            pool=self.config.pool or identity.pool,
-            labels=self.config.labels or identity.labels,
-        )
-        await enroll(config, self.state)
-        return self.state.load_identity(), self.state.load_credentials()
+        log.warning("%s; re-enrolling as %s with the given token", why, identity.agent_id)
+        try:
+            new_identity = await reenroll(self.config, self.state, identity)
+        except (AuthenticationError, PermissionDeniedError, ConflictError, InvalidArgumentError):
+            self._reenroll_refused = True
+            raise
+        return new_identity, self.state.load_credentials()
+
+    async def _try_reenroll(self, why: str) -> bool:
+        """While running: re-enroll after the server refused our identity, once per
+        token; True if the agent now has new credentials (reconnect at once)."""
+        if self._reenroll_refused or not (self.config.token and self.config.server):
+            return False
+        try:
+            identity, credentials = await self._reenroll(self.identity, why)
+        except MusterError as err:
+            log.error("re-enrollment failed: %s", err)
+            return False
+        self._identity = identity
+        self._credentials = credentials
+        self._target = self.config.agent_server or identity.agent_endpoint
+        self._last_renewal = None
+        self._set_renew_at(renewal_time(credentials.leaf, rand=self._rand))
+        return True
 
     async def _drain(self, conn: asyncio.Task[None]) -> None:
         quiet = asyncio.create_task(self.wait_quiet())
@@ -307,18 +333,22 @@ class Agent:
             welcome_timeout=self.config.welcome_timeout,
         )
 
-    def _check_not_expired(self) -> None:
+    async def _check_not_expired(self) -> None:
+        """Raise if the certificate expired, unless a re-enrollment token replaces it."""
         leaf = self.credentials.leaf
         if leaf.expired():
+            why = f"the agent certificate expired at {leaf.not_after.isoformat()}"
+            if await self._try_reenroll(why):
+                return
             raise AuthenticationError(
-                f"the agent certificate expired at {leaf.not_after.isoformat()} before it "
-                "could be renewed; re-enrollment needs a new bootstrap token"
+                f"{why} before it could be renewed; re-enrollment needs a new bootstrap "
+                f"token (muster token create --reenroll {self.identity.agent_id})"
             )
 
     async def _connection_loop(self) -> None:
         """Keep a stream up forever, with capped, jittered backoff between attempts."""
         while True:
-            self._check_not_expired()
+            await self._check_not_expired()
             session, outcome = await self._follow(self._new_session())
             if self._stop.is_set() and self.runner.idle and len(self.outbox) == 0:
                 return
@@ -334,7 +364,11 @@ class Agent:
                 delay = self._backoff.next_delay()
                 log.info("stream to %s ended (%s); reconnecting", session.target, outcome.value)
             elif isinstance(outcome, aio.AioRpcError) and outcome.code() in _REFUSED:
-                self._check_not_expired()  # an expired certificate is refused too; say so
+                await self._check_not_expired()  # an expired certificate is refused too
+                why = f"the server refused this agent's identity ({describe_rpc_error(outcome)})"
+                if await self._try_reenroll(why):
+                    self._backoff.reset()
+                    continue  # new credentials: reconnect now
                 log.error(
                     "the server refused this agent's identity (%s): it may be revoked or "
                     "disabled; an operator must re-enable it",

@@ -85,6 +85,56 @@ async def enroll(config: AgentConfig, state: StateDir) -> Identity:
     return identity
 
 
+async def reenroll(config: AgentConfig, state: StateDir, current: Identity) -> Identity:
+    """Re-enroll this agent as the same id with a re-enrollment token (an operator's
+    ``muster token create --reenroll ID``), after its certificate was revoked or expired.
+
+    The current key and certificate stay in place until the new ones are complete
+    (:meth:`StateDir.save_reenrollment`): a refusal or a crash leaves them as they were.
+    Raises a MusterError that says what to fix."""
+    if not (config.server and config.token):
+        raise ConfigError(
+            "re-enrollment needs the server's api address (--server) and a re-enrollment "
+            f"token (muster token create --reenroll {current.agent_id})"
+        )
+    ca_pem = config.resolved_ca_file().read_bytes()
+    key = state.reenrollment_key()
+    # No pool or labels: a re-enrollment keeps the agent's own, as the server has them.
+    request = build_request(config.token, keys.build_csr(key), name=current.agent_id)
+    log.info("re-enrolling agent %s with %s", current.agent_id, config.server)
+    async with enrollment_channel(config.server, ca_pem, config.tls_server_name) as channel:
+        stub = enrollment_pb2_grpc.EnrollmentServiceStub(channel)
+        try:
+            response = await stub.Enroll(request, timeout=config.rpc_timeout)
+        except aio.AioRpcError as err:
+            raise _reenroll_error(err, config, current.agent_id) from err
+    identity = _identity_from(response, key, config)
+    if identity.agent_id != current.agent_id:
+        raise MusterError(
+            f"the server re-enrolled this agent as {identity.agent_id!r}, not "
+            f"{current.agent_id!r}; keeping the current identity"
+        )
+    state.save_reenrollment(response.certificate_chain_pem, response.trust_bundle_pem, identity)
+    log.info(
+        "re-enrolled as %s, certificate valid until %s", identity.spiffe_id, identity.not_after
+    )
+    return identity
+
+
+def _reenroll_error(err: aio.AioRpcError, config: AgentConfig, agent_id: str) -> MusterError:
+    hint = f"ask an operator for 'muster token create --reenroll {agent_id}'"
+    if err.code() == grpc.StatusCode.UNAUTHENTICATED:
+        return AuthenticationError(
+            f"the server rejected the token for re-enrollment (unknown, expired or already "
+            f"used); {hint}"
+        )
+    if err.code() == grpc.StatusCode.ALREADY_EXISTS:
+        return ConflictError(
+            f"that token enrolls new agents only, and cannot re-enroll {agent_id}; {hint}"
+        )
+    return _enroll_error(err, config.server or "", config.token or "")
+
+
 def _identity_from(
     response: enrollment_pb2.EnrollResponse,
     key: ec.EllipticCurvePrivateKey,

@@ -10,7 +10,10 @@ Layout (dir 0700)::
 
 ``identity.json`` is written last at enrollment, so its presence means "enrolled".
 A renewal stages ``*.next`` files and commits by renaming them, ``agent.pem``
-last; a crash half-way is rolled forward on the next load.
+last; a crash half-way is rolled forward on the next load. A re-enrollment does the
+same (with ``identity.json``), so the old key and certificate stay in place until the
+new ones are complete: its key waits in ``agent.key.reenroll`` meanwhile, reused by a
+retry so that the server returns the same certificate.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ BUNDLE_FILE = "bundle.pem"
 IDENTITY_FILE = "identity.json"
 OUTBOX_DIR = "outbox"
 NEXT = ".next"
+REENROLL_KEY_FILE = "agent.key.reenroll"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +117,10 @@ class StateDir:
         return self.path / IDENTITY_FILE
 
     @property
+    def reenroll_key_path(self) -> Path:
+        return self.path / REENROLL_KEY_FILE
+
+    @property
     def outbox_path(self) -> Path:
         return self.path / OUTBOX_DIR
 
@@ -148,10 +156,51 @@ class StateDir:
             fsync_dir(self.path)
 
     def forget_identity(self) -> None:
-        """Undo enrollment (for re-enrolling after expiry); the outbox stays."""
+        """Undo enrollment; the outbox stays. (Re-enrollment does not need this: it swaps
+        the new credentials in atomically, see :meth:`save_reenrollment`.)"""
         for path in (self.identity_path, self.key_path, self.chain_path):
             path.unlink(missing_ok=True)
         fsync_dir(self.path)
+
+    # Re-enrollment ----------------------------------------------------------
+
+    def reenrollment_key(self) -> ec.EllipticCurvePrivateKey:
+        """The key to re-enroll with, beside the current one (which stays in use until the
+        new certificate is stored): the one an interrupted re-enrollment left, or a new
+        one. Reusing it makes a retry with the same token return the same certificate."""
+        path = self.reenroll_key_path
+        if path.is_file():
+            key = keys.load_key(path.read_bytes())
+            current = self.chain_path.read_bytes() if self.chain_path.is_file() else b""
+            if not (current and keys.cert_matches_key(current, key)):
+                log.info("reusing the key from an earlier, unfinished re-enrollment")
+                return key
+        key = keys.generate_key()
+        write_atomic(path, keys.key_to_pem(key), mode=PRIVATE_FILE_MODE)
+        return key
+
+    def save_reenrollment(
+        self, chain_pem: bytes, bundle_pem: bytes, identity: Identity
+    ) -> Credentials:
+        """Swap in the re-enrolled key, certificate and identity together: staged as
+        ``*.next`` files and committed by renaming, so a crash at any point leaves either
+        the old credentials or the new ones, never a mix."""
+        key = keys.load_key(self.reenroll_key_path.read_bytes())
+        if not keys.cert_matches_key(chain_pem, key):
+            raise ConfigError("the server re-enrolled a certificate for a different key")
+        key_pem = keys.key_to_pem(key)
+        staged = [
+            (self.key_path, key_pem, PRIVATE_FILE_MODE),
+            (self.bundle_path, bundle_pem, PUBLIC_FILE_MODE),
+            (self.identity_path, identity.to_json(), PRIVATE_FILE_MODE),
+            (self.chain_path, chain_pem, PUBLIC_FILE_MODE),  # last: its .next marks "complete"
+        ]
+        for path, data, mode in staged:
+            write_atomic(_next(path), data, mode=mode)
+        self._recover_renewal()
+        self.reenroll_key_path.unlink(missing_ok=True)
+        fsync_dir(self.path)
+        return Credentials(key_pem=key_pem, chain_pem=chain_pem, bundle_pem=bundle_pem)
 
     def save_enrollment(self, chain_pem: bytes, bundle_pem: bytes, identity: Identity) -> None:
         """Store what Enroll returned; ``identity.json`` goes last as the commit."""
@@ -223,7 +272,7 @@ class StateDir:
     def _recover_renewal(self) -> None:
         """Roll a staged renewal forward if it was complete, else drop the partial files."""
         complete = _next(self.chain_path).exists()
-        for path in (self.key_path, self.bundle_path, self.chain_path):
+        for path in (self.key_path, self.bundle_path, self.identity_path, self.chain_path):
             staged = _next(path)
             if not staged.exists():
                 continue
