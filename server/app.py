@@ -38,6 +38,7 @@ from muster.server.dispatch.hub import Hub
 from muster.server.dispatch.inflight import InflightLimits
 from muster.server.dispatch.metering import Metering
 from muster.server.interceptors.auth import ApiTokenAuth
+from muster.server.dispatch.presence import Presence
 from muster.server.interceptors.errors import ErrorsInterceptor
 from muster.server.interceptors.identity import AgentIdentityAuth
 from muster.server.interceptors.metrics import GrpcServerMetrics, MetricsInterceptor
@@ -102,6 +103,8 @@ class ServerHandle:
     _background: list[asyncio.Task[None]] = field(default_factory=list)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     """Set by :meth:`stop`: background loops finish their pass and return."""
+    presence: Presence
+    """Cluster-wide presence as this replica writes and reads it (tests move its clock)."""
     _stopped: bool = False
 
     @property
@@ -297,7 +300,16 @@ async def _start(
         api_server,
     )
     admin_pb2_grpc.add_AdminServiceServicer_to_server(
-        AdminService(db, fanout, metrics, config.trust_domain, token_cache, quotas, prices),
+        AdminService(
+            db,
+            fanout,
+            metrics,
+            config.trust_domain,
+            token_cache,
+            quotas,
+            prices,
+            presence=dispatcher.presence,
+        ),
         api_server,
     )
     health_servicer = health.aio.HealthServicer()
@@ -372,6 +384,7 @@ async def _start(
         config.data_dir,
     )
     return handle
+        presence=dispatcher.presence,
 
 
 def _bind(
@@ -423,7 +436,8 @@ async def _reaper(
     """Requeues lost leases, times out late tasks, applies what other replicas changed,
     renews in-flight slots and refreshes the queue gauges, until ``stopping`` is set."""
     loop = asyncio.get_running_loop()
-    next_gauges = next_renewal = loop.time()
+    next_gauges = next_renewal = next_presence = loop.time()
+    presence_every = dispatcher.presence.refresh_every.total_seconds()
     while not stopping.is_set():
         try:
             await dispatcher.reap()
@@ -499,3 +513,6 @@ def _connect_host(bind_host: str) -> str:
 
 def _bracketed(host: str) -> str:
     return f"[{host}]" if ":" in host else host
+            if loop.time() >= next_presence:
+                await dispatcher.presence.refresh()
+                next_presence = loop.time() + presence_every

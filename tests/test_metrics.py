@@ -560,17 +560,25 @@ MUSTER_METRICS = (
 )
 
 
-def test_queue_snapshot_replaces_every_pool() -> None:
+def test_queue_snapshot_replaces_every_pool_and_kind() -> None:
     registry = CollectorRegistry()
     metrics = MusterMetrics(registry)
-    metrics.update_queues({"gpu": QueueStats(3, 12.5), "cpu": QueueStats(0, 0.0)})
-    assert registry.get_sample_value("muster_queue_depth", {"pool": "gpu"}) == 3
-    assert registry.get_sample_value("muster_queue_oldest_age_seconds", {"pool": "gpu"}) == 12.5
-    assert registry.get_sample_value("muster_queue_depth", {"pool": "cpu"}) == 0
+    gpu_render = {"pool": "gpu", "kind": "render"}
+    metrics.update_queues(
+        {
+            ("gpu", "render"): QueueStats(3, 12.5),
+            ("gpu", "echo"): QueueStats(1, 2.0),
+            ("cpu", "echo"): QueueStats(0, 0.0),
+        }
+    )
+    assert registry.get_sample_value("muster_queue_depth", gpu_render) == 3
+    assert registry.get_sample_value("muster_queue_oldest_age_seconds", gpu_render) == 12.5
+    assert registry.get_sample_value("muster_queue_depth", {"pool": "gpu", "kind": "echo"}) == 1
+    assert registry.get_sample_value("muster_queue_depth", {"pool": "cpu", "kind": "echo"}) == 0
 
-    metrics.update_queues({"cpu": QueueStats(7, 1.0)})
-    assert registry.get_sample_value("muster_queue_depth", {"pool": "gpu"}) is None
-    assert registry.get_sample_value("muster_queue_depth", {"pool": "cpu"}) == 7
+    metrics.update_queues({("cpu", "echo"): QueueStats(7, 1.0)})
+    assert registry.get_sample_value("muster_queue_depth", gpu_render) is None
+    assert registry.get_sample_value("muster_queue_depth", {"pool": "cpu", "kind": "echo"}) == 7
 
 
 def test_state_gauge_push_and_callback() -> None:

@@ -11,17 +11,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class TokenStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TOKEN_STATUS_UNSPECIFIED: _ClassVar[TokenStatus]
+    TOKEN_STATUS_ACTIVE: _ClassVar[TokenStatus]
+    TOKEN_STATUS_EXPIRED: _ClassVar[TokenStatus]
+    TOKEN_STATUS_USED_UP: _ClassVar[TokenStatus]
+    TOKEN_STATUS_DELETED: _ClassVar[TokenStatus]
+
 class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ROLE_UNSPECIFIED: _ClassVar[Role]
     ROLE_SUBMITTER: _ClassVar[Role]
     ROLE_ADMIN: _ClassVar[Role]
+TOKEN_STATUS_UNSPECIFIED: TokenStatus
+TOKEN_STATUS_ACTIVE: TokenStatus
+TOKEN_STATUS_EXPIRED: TokenStatus
+TOKEN_STATUS_USED_UP: TokenStatus
+TOKEN_STATUS_DELETED: TokenStatus
 ROLE_UNSPECIFIED: Role
 ROLE_SUBMITTER: Role
 ROLE_ADMIN: Role
 
 class BootstrapToken(_message.Message):
-    __slots__ = ("token_id", "pool", "labels", "name_pattern", "max_uses", "uses", "expires_at", "created_at", "created_by", "deleted")
+    __slots__ = ("token_id", "pool", "labels", "name_pattern", "max_uses", "uses", "expires_at", "created_at", "created_by", "deleted", "status", "reenroll_agent_id")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -39,6 +52,8 @@ class BootstrapToken(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     CREATED_BY_FIELD_NUMBER: _ClassVar[int]
     DELETED_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REENROLL_AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     token_id: str
     pool: str
     labels: _containers.ScalarMap[str, str]
@@ -49,10 +64,12 @@ class BootstrapToken(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     created_by: str
     deleted: bool
-    def __init__(self, token_id: _Optional[str] = ..., pool: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., name_pattern: _Optional[str] = ..., max_uses: _Optional[int] = ..., uses: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ..., deleted: _Optional[bool] = ...) -> None: ...
+    status: TokenStatus
+    reenroll_agent_id: str
+    def __init__(self, token_id: _Optional[str] = ..., pool: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., name_pattern: _Optional[str] = ..., max_uses: _Optional[int] = ..., uses: _Optional[int] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_by: _Optional[str] = ..., deleted: _Optional[bool] = ..., status: _Optional[_Union[TokenStatus, str]] = ..., reenroll_agent_id: _Optional[str] = ...) -> None: ...
 
 class CreateBootstrapTokenRequest(_message.Message):
-    __slots__ = ("pool", "labels", "name_pattern", "max_uses", "ttl")
+    __slots__ = ("pool", "labels", "name_pattern", "max_uses", "ttl", "reenroll_agent_id")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -65,12 +82,14 @@ class CreateBootstrapTokenRequest(_message.Message):
     NAME_PATTERN_FIELD_NUMBER: _ClassVar[int]
     MAX_USES_FIELD_NUMBER: _ClassVar[int]
     TTL_FIELD_NUMBER: _ClassVar[int]
+    REENROLL_AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     pool: str
     labels: _containers.ScalarMap[str, str]
     name_pattern: str
     max_uses: int
     ttl: _duration_pb2.Duration
-    def __init__(self, pool: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., name_pattern: _Optional[str] = ..., max_uses: _Optional[int] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    reenroll_agent_id: str
+    def __init__(self, pool: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., name_pattern: _Optional[str] = ..., max_uses: _Optional[int] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., reenroll_agent_id: _Optional[str] = ...) -> None: ...
 
 class CreateBootstrapTokenResponse(_message.Message):
     __slots__ = ("token", "secret")
@@ -101,7 +120,7 @@ class DeleteBootstrapTokenResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ApiToken(_message.Message):
-    __slots__ = ("token_id", "name", "role", "created_at", "expires_at", "deleted", "tenant")
+    __slots__ = ("token_id", "name", "role", "created_at", "expires_at", "deleted", "tenant", "status")
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
@@ -109,6 +128,7 @@ class ApiToken(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     DELETED_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
     token_id: str
     name: str
     role: Role
@@ -116,7 +136,8 @@ class ApiToken(_message.Message):
     expires_at: _timestamp_pb2.Timestamp
     deleted: bool
     tenant: str
-    def __init__(self, token_id: _Optional[str] = ..., name: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deleted: _Optional[bool] = ..., tenant: _Optional[str] = ...) -> None: ...
+    status: TokenStatus
+    def __init__(self, token_id: _Optional[str] = ..., name: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., deleted: _Optional[bool] = ..., tenant: _Optional[str] = ..., status: _Optional[_Union[TokenStatus, str]] = ...) -> None: ...
 
 class CreateApiTokenRequest(_message.Message):
     __slots__ = ("name", "role", "ttl", "tenant")
@@ -159,7 +180,7 @@ class DeleteApiTokenResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class Agent(_message.Message):
-    __slots__ = ("agent_id", "spiffe_id", "pool", "labels", "enabled", "connected", "enrolled_at", "last_seen_at", "token_id", "certificates")
+    __slots__ = ("agent_id", "spiffe_id", "pool", "labels", "enabled", "connected", "enrolled_at", "last_seen_at", "token_id", "certificates", "replica", "capabilities", "max_concurrency", "in_flight", "certificate_expires_at", "connected_at", "removed", "removed_at", "rotate_requested_at")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +198,15 @@ class Agent(_message.Message):
     LAST_SEEN_AT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    CERTIFICATE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_AT_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_AT_FIELD_NUMBER: _ClassVar[int]
+    ROTATE_REQUESTED_AT_FIELD_NUMBER: _ClassVar[int]
     agent_id: str
     spiffe_id: str
     pool: str
@@ -187,23 +217,36 @@ class Agent(_message.Message):
     last_seen_at: _timestamp_pb2.Timestamp
     token_id: str
     certificates: _containers.RepeatedCompositeFieldContainer[Certificate]
-    def __init__(self, agent_id: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., pool: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., enabled: _Optional[bool] = ..., connected: _Optional[bool] = ..., enrolled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., token_id: _Optional[str] = ..., certificates: _Optional[_Iterable[_Union[Certificate, _Mapping]]] = ...) -> None: ...
+    replica: str
+    capabilities: _containers.RepeatedScalarFieldContainer[str]
+    max_concurrency: int
+    in_flight: int
+    certificate_expires_at: _timestamp_pb2.Timestamp
+    connected_at: _timestamp_pb2.Timestamp
+    removed: bool
+    removed_at: _timestamp_pb2.Timestamp
+    rotate_requested_at: _timestamp_pb2.Timestamp
+    def __init__(self, agent_id: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., pool: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., enabled: _Optional[bool] = ..., connected: _Optional[bool] = ..., enrolled_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seen_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., token_id: _Optional[str] = ..., certificates: _Optional[_Iterable[_Union[Certificate, _Mapping]]] = ..., replica: _Optional[str] = ..., capabilities: _Optional[_Iterable[str]] = ..., max_concurrency: _Optional[int] = ..., in_flight: _Optional[int] = ..., certificate_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., connected_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., removed: _Optional[bool] = ..., removed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., rotate_requested_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Certificate(_message.Message):
-    __slots__ = ("serial", "agent_id", "not_before", "not_after", "revoked", "revoked_at")
+    __slots__ = ("serial", "agent_id", "not_before", "not_after", "revoked", "revoked_at", "renewed_from", "reason")
     SERIAL_FIELD_NUMBER: _ClassVar[int]
     AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     NOT_BEFORE_FIELD_NUMBER: _ClassVar[int]
     NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
     REVOKED_FIELD_NUMBER: _ClassVar[int]
     REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
+    RENEWED_FROM_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     serial: str
     agent_id: str
     not_before: _timestamp_pb2.Timestamp
     not_after: _timestamp_pb2.Timestamp
     revoked: bool
     revoked_at: _timestamp_pb2.Timestamp
-    def __init__(self, serial: _Optional[str] = ..., agent_id: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked: _Optional[bool] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    renewed_from: str
+    reason: str
+    def __init__(self, serial: _Optional[str] = ..., agent_id: _Optional[str] = ..., not_before: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked: _Optional[bool] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., renewed_from: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ListAgentsRequest(_message.Message):
     __slots__ = ("pool",)
@@ -254,8 +297,40 @@ class RevokeCertificateRequest(_message.Message):
     def __init__(self, serial: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class RevokeCertificateResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("serials",)
+    SERIALS_FIELD_NUMBER: _ClassVar[int]
+    serials: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, serials: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RemoveAgentRequest(_message.Message):
+    __slots__ = ("agent_id", "reason")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    reason: str
+    def __init__(self, agent_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RemoveAgentResponse(_message.Message):
+    __slots__ = ("serials",)
+    SERIALS_FIELD_NUMBER: _ClassVar[int]
+    serials: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, serials: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RotateAgentsRequest(_message.Message):
+    __slots__ = ("agent_id", "all", "reason")
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    agent_id: str
+    all: bool
+    reason: str
+    def __init__(self, agent_id: _Optional[str] = ..., all: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class RotateAgentsResponse(_message.Message):
+    __slots__ = ("agents",)
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    agents: int
+    def __init__(self, agents: _Optional[int] = ...) -> None: ...
 
 class AuditEvent(_message.Message):
     __slots__ = ("id", "time", "actor", "action", "target", "outcome", "peer", "request_id", "details")

@@ -90,6 +90,16 @@ class AdminServiceStub:
                 request_serializer=muster_dot_v1_dot_admin__pb2.RevokeCertificateRequest.SerializeToString,
                 response_deserializer=muster_dot_v1_dot_admin__pb2.RevokeCertificateResponse.FromString,
                 _registered_method=True)
+        self.RemoveAgent = channel.unary_unary(
+                '/muster.v1.AdminService/RemoveAgent',
+                request_serializer=muster_dot_v1_dot_admin__pb2.RemoveAgentRequest.SerializeToString,
+                response_deserializer=muster_dot_v1_dot_admin__pb2.RemoveAgentResponse.FromString,
+                _registered_method=True)
+        self.RotateAgents = channel.unary_unary(
+                '/muster.v1.AdminService/RotateAgents',
+                request_serializer=muster_dot_v1_dot_admin__pb2.RotateAgentsRequest.SerializeToString,
+                response_deserializer=muster_dot_v1_dot_admin__pb2.RotateAgentsResponse.FromString,
+                _registered_method=True)
         self.QueryAudit = channel.unary_unary(
                 '/muster.v1.AdminService/QueryAudit',
                 request_serializer=muster_dot_v1_dot_admin__pb2.QueryAuditRequest.SerializeToString,
@@ -149,7 +159,8 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListBootstrapTokens(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Lists every bootstrap token, deleted ones too, each with its status.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -169,7 +180,8 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListApiTokens(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Lists every API token, deleted ones too, each with its status.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -181,19 +193,25 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAgents(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Lists enrolled agents (of one pool, if given) with their cluster-wide presence:
+        the answer is the same whichever replica is asked.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetAgent(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """One agent, as ListAgents shows it; NOT_FOUND for an unknown agent.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def SetAgentEnabled(self, request, context):
         """Disables or re-enables an agent; a disabled agent's streams close at once.
+        Enabling an agent that could not connect anyway is FAILED_PRECONDITION and
+        changes nothing: a removed agent, or one whose certificates are all revoked or
+        expired (the message says to make a re-enrollment token for it).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -207,7 +225,33 @@ class AdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RevokeCertificate(self, request, context):
-        """Revokes one certificate by serial.
+        """Revokes one certificate by serial, and every certificate renewed from it
+        (transitively): a stolen key cannot renew itself out of a revocation. Open
+        streams using any of them close with PERMISSION_DENIED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveAgent(self, request, context):
+        """Retires an agent: every certificate revoked, the agent disabled and marked
+        removed, its open streams (on every replica) closed with PERMISSION_DENIED, and
+        what they held requeued. The agent id stays taken: an ordinary bootstrap token
+        cannot enroll it (ALREADY_EXISTS); only a re-enrollment token for it
+        (CreateBootstrapTokenRequest.reenroll_agent_id) brings it back. Removing a
+        removed agent changes nothing. NOT_FOUND for an unknown agent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateAgents(self, request, context):
+        """Makes agents rotate their certificates now: every stream of the agent (or of
+        every agent, with `all`), on whichever replica holds it, is sent Renew; an agent
+        not connected is sent Renew when it next connects with a certificate issued
+        before this call. The agent renews make-before-break (its running work is
+        kept). Exactly one of agent_id and all (INVALID_ARGUMENT otherwise); NOT_FOUND
+        for an unknown agent, FAILED_PRECONDITION for a removed one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -330,6 +374,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RevokeCertificate,
                     request_deserializer=muster_dot_v1_dot_admin__pb2.RevokeCertificateRequest.FromString,
                     response_serializer=muster_dot_v1_dot_admin__pb2.RevokeCertificateResponse.SerializeToString,
+            ),
+            'RemoveAgent': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveAgent,
+                    request_deserializer=muster_dot_v1_dot_admin__pb2.RemoveAgentRequest.FromString,
+                    response_serializer=muster_dot_v1_dot_admin__pb2.RemoveAgentResponse.SerializeToString,
+            ),
+            'RotateAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateAgents,
+                    request_deserializer=muster_dot_v1_dot_admin__pb2.RotateAgentsRequest.FromString,
+                    response_serializer=muster_dot_v1_dot_admin__pb2.RotateAgentsResponse.SerializeToString,
             ),
             'QueryAudit': grpc.unary_unary_rpc_method_handler(
                     servicer.QueryAudit,
@@ -675,6 +729,60 @@ class AdminService:
             '/muster.v1.AdminService/RevokeCertificate',
             muster_dot_v1_dot_admin__pb2.RevokeCertificateRequest.SerializeToString,
             muster_dot_v1_dot_admin__pb2.RevokeCertificateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveAgent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/muster.v1.AdminService/RemoveAgent',
+            muster_dot_v1_dot_admin__pb2.RemoveAgentRequest.SerializeToString,
+            muster_dot_v1_dot_admin__pb2.RemoveAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/muster.v1.AdminService/RotateAgents',
+            muster_dot_v1_dot_admin__pb2.RotateAgentsRequest.SerializeToString,
+            muster_dot_v1_dot_admin__pb2.RotateAgentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,20 +36,49 @@ class AdminServiceStub:
     CreateBootstrapToken: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateBootstrapTokenRequest, _admin_pb2.CreateBootstrapTokenResponse]
     """Creates a bootstrap token. The secret is in the response only, once."""
     ListBootstrapTokens: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListBootstrapTokensRequest, _admin_pb2.ListBootstrapTokensResponse]
+    """Lists every bootstrap token, deleted ones too, each with its status."""
     DeleteBootstrapToken: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeleteBootstrapTokenRequest, _admin_pb2.DeleteBootstrapTokenResponse]
     """Makes a bootstrap token unusable at once."""
     CreateApiToken: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateApiTokenRequest, _admin_pb2.CreateApiTokenResponse]
     """Creates an API token for clients. The secret is in the response only, once."""
     ListApiTokens: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListApiTokensRequest, _admin_pb2.ListApiTokensResponse]
+    """Lists every API token, deleted ones too, each with its status."""
     DeleteApiToken: _grpc.UnaryUnaryMultiCallable[_admin_pb2.DeleteApiTokenRequest, _admin_pb2.DeleteApiTokenResponse]
     ListAgents: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAgentsRequest, _admin_pb2.ListAgentsResponse]
+    """Lists enrolled agents (of one pool, if given) with their cluster-wide presence:
+    the answer is the same whichever replica is asked.
+    """
     GetAgent: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetAgentRequest, _admin_pb2.Agent]
+    """One agent, as ListAgents shows it; NOT_FOUND for an unknown agent."""
     SetAgentEnabled: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetAgentEnabledRequest, _admin_pb2.Agent]
-    """Disables or re-enables an agent; a disabled agent's streams close at once."""
+    """Disables or re-enables an agent; a disabled agent's streams close at once.
+    Enabling an agent that could not connect anyway is FAILED_PRECONDITION and
+    changes nothing: a removed agent, or one whose certificates are all revoked or
+    expired (the message says to make a re-enrollment token for it).
+    """
     RevokeAgent: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeAgentRequest, _admin_pb2.RevokeAgentResponse]
     """Revokes every certificate of an agent; its open streams close with PERMISSION_DENIED."""
     RevokeCertificate: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeCertificateRequest, _admin_pb2.RevokeCertificateResponse]
-    """Revokes one certificate by serial."""
+    """Revokes one certificate by serial, and every certificate renewed from it
+    (transitively): a stolen key cannot renew itself out of a revocation. Open
+    streams using any of them close with PERMISSION_DENIED.
+    """
+    RemoveAgent: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RemoveAgentRequest, _admin_pb2.RemoveAgentResponse]
+    """Retires an agent: every certificate revoked, the agent disabled and marked
+    removed, its open streams (on every replica) closed with PERMISSION_DENIED, and
+    what they held requeued. The agent id stays taken: an ordinary bootstrap token
+    cannot enroll it (ALREADY_EXISTS); only a re-enrollment token for it
+    (CreateBootstrapTokenRequest.reenroll_agent_id) brings it back. Removing a
+    removed agent changes nothing. NOT_FOUND for an unknown agent.
+    """
+    RotateAgents: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RotateAgentsRequest, _admin_pb2.RotateAgentsResponse]
+    """Makes agents rotate their certificates now: every stream of the agent (or of
+    every agent, with `all`), on whichever replica holds it, is sent Renew; an agent
+    not connected is sent Renew when it next connects with a certificate issued
+    before this call. The agent renews make-before-break (its running work is
+    kept). Exactly one of agent_id and all (INVALID_ARGUMENT otherwise); NOT_FOUND
+    for an unknown agent, FAILED_PRECONDITION for a removed one.
+    """
     QueryAudit: _grpc.UnaryUnaryMultiCallable[_admin_pb2.QueryAuditRequest, _admin_pb2.QueryAuditResponse]
     """Reads the audit trail, newest first."""
     SetBudget: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetBudgetRequest, _admin_pb2.Budget]
@@ -75,20 +104,49 @@ class AdminServiceAsyncStub(AdminServiceStub):
     CreateBootstrapToken: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateBootstrapTokenRequest, _admin_pb2.CreateBootstrapTokenResponse]  # type: ignore[assignment]
     """Creates a bootstrap token. The secret is in the response only, once."""
     ListBootstrapTokens: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListBootstrapTokensRequest, _admin_pb2.ListBootstrapTokensResponse]  # type: ignore[assignment]
+    """Lists every bootstrap token, deleted ones too, each with its status."""
     DeleteBootstrapToken: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteBootstrapTokenRequest, _admin_pb2.DeleteBootstrapTokenResponse]  # type: ignore[assignment]
     """Makes a bootstrap token unusable at once."""
     CreateApiToken: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateApiTokenRequest, _admin_pb2.CreateApiTokenResponse]  # type: ignore[assignment]
     """Creates an API token for clients. The secret is in the response only, once."""
     ListApiTokens: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListApiTokensRequest, _admin_pb2.ListApiTokensResponse]  # type: ignore[assignment]
+    """Lists every API token, deleted ones too, each with its status."""
     DeleteApiToken: _aio.UnaryUnaryMultiCallable[_admin_pb2.DeleteApiTokenRequest, _admin_pb2.DeleteApiTokenResponse]  # type: ignore[assignment]
     ListAgents: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAgentsRequest, _admin_pb2.ListAgentsResponse]  # type: ignore[assignment]
+    """Lists enrolled agents (of one pool, if given) with their cluster-wide presence:
+    the answer is the same whichever replica is asked.
+    """
     GetAgent: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetAgentRequest, _admin_pb2.Agent]  # type: ignore[assignment]
+    """One agent, as ListAgents shows it; NOT_FOUND for an unknown agent."""
     SetAgentEnabled: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetAgentEnabledRequest, _admin_pb2.Agent]  # type: ignore[assignment]
-    """Disables or re-enables an agent; a disabled agent's streams close at once."""
+    """Disables or re-enables an agent; a disabled agent's streams close at once.
+    Enabling an agent that could not connect anyway is FAILED_PRECONDITION and
+    changes nothing: a removed agent, or one whose certificates are all revoked or
+    expired (the message says to make a re-enrollment token for it).
+    """
     RevokeAgent: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeAgentRequest, _admin_pb2.RevokeAgentResponse]  # type: ignore[assignment]
     """Revokes every certificate of an agent; its open streams close with PERMISSION_DENIED."""
     RevokeCertificate: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeCertificateRequest, _admin_pb2.RevokeCertificateResponse]  # type: ignore[assignment]
-    """Revokes one certificate by serial."""
+    """Revokes one certificate by serial, and every certificate renewed from it
+    (transitively): a stolen key cannot renew itself out of a revocation. Open
+    streams using any of them close with PERMISSION_DENIED.
+    """
+    RemoveAgent: _aio.UnaryUnaryMultiCallable[_admin_pb2.RemoveAgentRequest, _admin_pb2.RemoveAgentResponse]  # type: ignore[assignment]
+    """Retires an agent: every certificate revoked, the agent disabled and marked
+    removed, its open streams (on every replica) closed with PERMISSION_DENIED, and
+    what they held requeued. The agent id stays taken: an ordinary bootstrap token
+    cannot enroll it (ALREADY_EXISTS); only a re-enrollment token for it
+    (CreateBootstrapTokenRequest.reenroll_agent_id) brings it back. Removing a
+    removed agent changes nothing. NOT_FOUND for an unknown agent.
+    """
+    RotateAgents: _aio.UnaryUnaryMultiCallable[_admin_pb2.RotateAgentsRequest, _admin_pb2.RotateAgentsResponse]  # type: ignore[assignment]
+    """Makes agents rotate their certificates now: every stream of the agent (or of
+    every agent, with `all`), on whichever replica holds it, is sent Renew; an agent
+    not connected is sent Renew when it next connects with a certificate issued
+    before this call. The agent renews make-before-break (its running work is
+    kept). Exactly one of agent_id and all (INVALID_ARGUMENT otherwise); NOT_FOUND
+    for an unknown agent, FAILED_PRECONDITION for a removed one.
+    """
     QueryAudit: _aio.UnaryUnaryMultiCallable[_admin_pb2.QueryAuditRequest, _admin_pb2.QueryAuditResponse]  # type: ignore[assignment]
     """Reads the audit trail, newest first."""
     SetBudget: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetBudgetRequest, _admin_pb2.Budget]  # type: ignore[assignment]
@@ -122,7 +180,8 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _admin_pb2.ListBootstrapTokensRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_admin_pb2.ListBootstrapTokensResponse, _abc.Awaitable[_admin_pb2.ListBootstrapTokensResponse]]: ...
+    ) -> _typing.Union[_admin_pb2.ListBootstrapTokensResponse, _abc.Awaitable[_admin_pb2.ListBootstrapTokensResponse]]:
+        """Lists every bootstrap token, deleted ones too, each with its status."""
 
     @_abc_1.abstractmethod
     def DeleteBootstrapToken(
@@ -145,7 +204,8 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _admin_pb2.ListApiTokensRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_admin_pb2.ListApiTokensResponse, _abc.Awaitable[_admin_pb2.ListApiTokensResponse]]: ...
+    ) -> _typing.Union[_admin_pb2.ListApiTokensResponse, _abc.Awaitable[_admin_pb2.ListApiTokensResponse]]:
+        """Lists every API token, deleted ones too, each with its status."""
 
     @_abc_1.abstractmethod
     def DeleteApiToken(
@@ -159,14 +219,18 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _admin_pb2.ListAgentsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_admin_pb2.ListAgentsResponse, _abc.Awaitable[_admin_pb2.ListAgentsResponse]]: ...
+    ) -> _typing.Union[_admin_pb2.ListAgentsResponse, _abc.Awaitable[_admin_pb2.ListAgentsResponse]]:
+        """Lists enrolled agents (of one pool, if given) with their cluster-wide presence:
+        the answer is the same whichever replica is asked.
+        """
 
     @_abc_1.abstractmethod
     def GetAgent(
         self,
         request: _admin_pb2.GetAgentRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_admin_pb2.Agent, _abc.Awaitable[_admin_pb2.Agent]]: ...
+    ) -> _typing.Union[_admin_pb2.Agent, _abc.Awaitable[_admin_pb2.Agent]]:
+        """One agent, as ListAgents shows it; NOT_FOUND for an unknown agent."""
 
     @_abc_1.abstractmethod
     def SetAgentEnabled(
@@ -174,7 +238,11 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.SetAgentEnabledRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.Agent, _abc.Awaitable[_admin_pb2.Agent]]:
-        """Disables or re-enables an agent; a disabled agent's streams close at once."""
+        """Disables or re-enables an agent; a disabled agent's streams close at once.
+        Enabling an agent that could not connect anyway is FAILED_PRECONDITION and
+        changes nothing: a removed agent, or one whose certificates are all revoked or
+        expired (the message says to make a re-enrollment token for it).
+        """
 
     @_abc_1.abstractmethod
     def RevokeAgent(
@@ -190,7 +258,38 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.RevokeCertificateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.RevokeCertificateResponse, _abc.Awaitable[_admin_pb2.RevokeCertificateResponse]]:
-        """Revokes one certificate by serial."""
+        """Revokes one certificate by serial, and every certificate renewed from it
+        (transitively): a stolen key cannot renew itself out of a revocation. Open
+        streams using any of them close with PERMISSION_DENIED.
+        """
+
+    @_abc_1.abstractmethod
+    def RemoveAgent(
+        self,
+        request: _admin_pb2.RemoveAgentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RemoveAgentResponse, _abc.Awaitable[_admin_pb2.RemoveAgentResponse]]:
+        """Retires an agent: every certificate revoked, the agent disabled and marked
+        removed, its open streams (on every replica) closed with PERMISSION_DENIED, and
+        what they held requeued. The agent id stays taken: an ordinary bootstrap token
+        cannot enroll it (ALREADY_EXISTS); only a re-enrollment token for it
+        (CreateBootstrapTokenRequest.reenroll_agent_id) brings it back. Removing a
+        removed agent changes nothing. NOT_FOUND for an unknown agent.
+        """
+
+    @_abc_1.abstractmethod
+    def RotateAgents(
+        self,
+        request: _admin_pb2.RotateAgentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RotateAgentsResponse, _abc.Awaitable[_admin_pb2.RotateAgentsResponse]]:
+        """Makes agents rotate their certificates now: every stream of the agent (or of
+        every agent, with `all`), on whichever replica holds it, is sent Renew; an agent
+        not connected is sent Renew when it next connects with a certificate issued
+        before this call. The agent renews make-before-break (its running work is
+        kept). Exactly one of agent_id and all (INVALID_ARGUMENT otherwise); NOT_FOUND
+        for an unknown agent, FAILED_PRECONDITION for a removed one.
+        """
 
     @_abc_1.abstractmethod
     def QueryAudit(

@@ -21,6 +21,19 @@ class TaskState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_STATE_FAILED: _ClassVar[TaskState]
     TASK_STATE_CANCELLED: _ClassVar[TaskState]
     TASK_STATE_TIMED_OUT: _ClassVar[TaskState]
+
+class WaitingReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WAITING_REASON_UNSPECIFIED: _ClassVar[WaitingReason]
+    WAITING_REASON_NO_AGENT_IN_POOL: _ClassVar[WaitingReason]
+    WAITING_REASON_NO_AGENT_FOR_KIND: _ClassVar[WaitingReason]
+    WAITING_REASON_NO_AGENT_MATCHES_SELECTOR: _ClassVar[WaitingReason]
+    WAITING_REASON_CONCURRENCY_LIMIT: _ClassVar[WaitingReason]
+    WAITING_REASON_BUDGET: _ClassVar[WaitingReason]
+    WAITING_REASON_PROVIDER_BACKOFF: _ClassVar[WaitingReason]
+    WAITING_REASON_QUOTA_STORE: _ClassVar[WaitingReason]
+    WAITING_REASON_RETRY_BACKOFF: _ClassVar[WaitingReason]
+    WAITING_REASON_AGENTS_BUSY: _ClassVar[WaitingReason]
 TASK_STATE_UNSPECIFIED: TaskState
 TASK_STATE_QUEUED: TaskState
 TASK_STATE_ASSIGNED: TaskState
@@ -29,9 +42,19 @@ TASK_STATE_SUCCEEDED: TaskState
 TASK_STATE_FAILED: TaskState
 TASK_STATE_CANCELLED: TaskState
 TASK_STATE_TIMED_OUT: TaskState
+WAITING_REASON_UNSPECIFIED: WaitingReason
+WAITING_REASON_NO_AGENT_IN_POOL: WaitingReason
+WAITING_REASON_NO_AGENT_FOR_KIND: WaitingReason
+WAITING_REASON_NO_AGENT_MATCHES_SELECTOR: WaitingReason
+WAITING_REASON_CONCURRENCY_LIMIT: WaitingReason
+WAITING_REASON_BUDGET: WaitingReason
+WAITING_REASON_PROVIDER_BACKOFF: WaitingReason
+WAITING_REASON_QUOTA_STORE: WaitingReason
+WAITING_REASON_RETRY_BACKOFF: WaitingReason
+WAITING_REASON_AGENTS_BUSY: WaitingReason
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "kind", "payload", "pool", "selector", "priority", "state", "attempt", "max_attempts", "owner", "idempotency_key", "agent_id", "output", "error", "cancel_requested", "schedule_to_start_timeout", "start_to_close_timeout", "deadline", "created_at", "updated_at", "started_at", "finished_at", "usage", "waiting_reason", "submitted_by", "max_cost_micros", "attempt_usage", "output_schema")
+    __slots__ = ("task_id", "kind", "payload", "pool", "selector", "priority", "state", "attempt", "max_attempts", "owner", "idempotency_key", "agent_id", "output", "error", "cancel_requested", "schedule_to_start_timeout", "start_to_close_timeout", "deadline", "created_at", "updated_at", "started_at", "finished_at", "usage", "waiting_reason", "submitted_by", "max_cost_micros", "attempt_usage", "output_schema", "waiting_reason_code", "waiting_until")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +90,8 @@ class Task(_message.Message):
     MAX_COST_MICROS_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_USAGE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    WAITING_REASON_CODE_FIELD_NUMBER: _ClassVar[int]
+    WAITING_UNTIL_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     kind: str
     payload: bytes
@@ -95,7 +120,9 @@ class Task(_message.Message):
     max_cost_micros: int
     attempt_usage: _containers.RepeatedCompositeFieldContainer[AttemptUsage]
     output_schema: str
-    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[str] = ..., payload: _Optional[bytes] = ..., pool: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempt: _Optional[int] = ..., max_attempts: _Optional[int] = ..., owner: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., agent_id: _Optional[str] = ..., output: _Optional[bytes] = ..., error: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., schedule_to_start_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., start_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., waiting_reason: _Optional[str] = ..., submitted_by: _Optional[str] = ..., max_cost_micros: _Optional[int] = ..., attempt_usage: _Optional[_Iterable[_Union[AttemptUsage, _Mapping]]] = ..., output_schema: _Optional[str] = ...) -> None: ...
+    waiting_reason_code: WaitingReason
+    waiting_until: _timestamp_pb2.Timestamp
+    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[str] = ..., payload: _Optional[bytes] = ..., pool: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempt: _Optional[int] = ..., max_attempts: _Optional[int] = ..., owner: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., agent_id: _Optional[str] = ..., output: _Optional[bytes] = ..., error: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., schedule_to_start_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., start_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., waiting_reason: _Optional[str] = ..., submitted_by: _Optional[str] = ..., max_cost_micros: _Optional[int] = ..., attempt_usage: _Optional[_Iterable[_Union[AttemptUsage, _Mapping]]] = ..., output_schema: _Optional[str] = ..., waiting_reason_code: _Optional[_Union[WaitingReason, str]] = ..., waiting_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class AttemptUsage(_message.Message):
     __slots__ = ("attempt", "agent_id", "usage")

@@ -26,6 +26,7 @@ from muster.server.dispatch.suspicion import Suspicion, parse_policy
 from muster.server.metrics import MusterMetrics, QueueStats
 from muster.server.storage import identities
 from muster.server.storage import tasks as task_store
+from muster.server.dispatch.presence import Presence
 from muster.server.storage import usage as usage_store
 from muster.server.storage.database import Database
 from muster.server.storage.models import Task
@@ -86,6 +87,10 @@ class Dispatcher:
             heartbeat_interval=config.heartbeat_interval,
             cert_lifetime=config.cert_lifetime,
         )
+        self.presence = Presence(
+            db, replica=config.resolved_replica_id, refresh_every=config.heartbeat_interval
+        )
+        """Cluster-wide presence: this replica's streams in agent_sessions."""
 
     # Submission and cancellation (TaskService)
 
@@ -633,8 +638,8 @@ class Dispatcher:
         now = utcnow()
         self.metrics.update_queues(
             {
-                pool: QueueStats(count, (now - oldest).total_seconds() if oldest else 0.0)
-                for pool, count, oldest in stats
+                (pool, kind): QueueStats(count, (now - oldest).total_seconds() if oldest else 0.0)
+                for pool, kind, count, oldest in stats
             }
         )
 

@@ -291,7 +291,12 @@ class AgentSession:
         self._held.update(in_flight)
         # Unadopted attempts still occupy a slot until the agent has cancelled them.
         self.credit = max(0, hello.max_concurrency - len(in_flight))
-        await context.write(self._welcome())
+        await self._present()  # before Welcome: a welcomed agent counts as connected
+        try:
+            await context.write(self._welcome())
+        except BaseException:
+            await asyncio.shield(self._absent())
+            raise
         self.welcomed = True
         self._context = context  # from here on, only the writer writes
         for task_id, attempt in lost:
@@ -352,7 +357,38 @@ class AgentSession:
             finally:
                 dispatcher.hub.unregister(self)
 
+    async def _present(self) -> None:
+        """Count as connected, on every replica, until the stream ends (``_absent``)."""
+        try:
+            await self.dispatcher.presence.connected(
+                session_id=self.session_id,
+                agent_id=self.agent_id,
+                capabilities=self.kinds,
+                max_concurrency=self.max_concurrency,
+                cert_serial=self.serial,
+                cert_not_after=self.not_after,
+            )
+        except DATABASE_ERRORS as err:
+            raise StreamClosed(
+                grpc.StatusCode.UNAVAILABLE,
+                f"database unavailable ({type(err).__name__}); reconnect",
+            ) from None
+
+    async def _absent(self) -> None:
+        """No longer connected; should this fail, the row expires (storage/presence.py)."""
+        try:
+            await self.dispatcher.presence.disconnected(
+                session_id=self.session_id, agent_id=self.agent_id
+            )
+        except DATABASE_ERRORS as err:
+            log.warning(
+                "could not end the presence of session %s (%s); it will expire",
+                self.session_id,
+                type(err).__name__,
+            )
+
     async def _release(self, reason: str) -> None:
+        await self._absent()
         handed_over = 0
         try:
             if self._handing_over and (self._held or self._claiming):

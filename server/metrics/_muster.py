@@ -41,7 +41,7 @@ QUOTA_OUTCOMES = ("allowed", "rejected", "degraded")
 
 @dataclass(frozen=True, slots=True)
 class QueueStats:
-    """One pool's queue, as the server measured it."""
+    """One pool's queue of one kind, as the server measured it."""
 
     depth: int
     """Tasks waiting (QUEUED)."""
@@ -72,13 +72,17 @@ class MusterMetrics:
             ("pool",),
             registry,
         )
+        # By pool and kind: sum by (pool) gives a pool's depth, max by (pool) its oldest.
         self.queue_depth = StateGauge(
-            "muster_queue_depth", "Tasks waiting to be assigned, by pool.", ("pool",), registry
+            "muster_queue_depth",
+            "Tasks waiting to be assigned (QUEUED), by pool and kind.",
+            ("pool", "kind"),
+            registry,
         )
         self.queue_oldest_age_seconds = StateGauge(
             "muster_queue_oldest_age_seconds",
-            "Seconds the oldest waiting task of a pool has been queued (0 if none).",
-            ("pool",),
+            "Seconds the oldest waiting task of a pool and kind has been queued.",
+            ("pool", "kind"),
             registry,
         )
         self.schedule_to_start_seconds = Histogram(
@@ -205,11 +209,12 @@ class MusterMetrics:
             registry=registry,
         )
 
-    def update_queues(self, stats: Mapping[str, QueueStats]) -> None:
-        """Replace the per-pool queue gauges; pools missing from ``stats`` disappear."""
-        self.queue_depth.update({pool: s.depth for pool, s in stats.items()})
+    def update_queues(self, stats: Mapping[tuple[str, str], QueueStats]) -> None:
+        """Replace the queue gauges, keyed by (pool, kind); queues missing from ``stats``
+        (emptied) disappear rather than linger at their last value."""
+        self.queue_depth.update({key: s.depth for key, s in stats.items()})
         self.queue_oldest_age_seconds.update(
-            {pool: s.oldest_age_seconds for pool, s in stats.items()}
+            {key: s.oldest_age_seconds for key, s in stats.items()}
         )
 
     def watch_certificate_expiry(self, not_after: Callable[[], Mapping[str, dt.datetime]]) -> None:

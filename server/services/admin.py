@@ -20,6 +20,7 @@ from muster.server.ai.budgets import PERIODS, check_scope
 from muster.server.ai.prices import PriceTable
 from muster.server.audit import AuditRecord, record_in
 from muster.server.dispatch.fanout import Fanout
+from muster.server.dispatch.presence import Presence
 from muster.server.metrics import MusterMetrics
 from muster.server.principals import current_principal
 from muster.server.quotas import Quotas, QuotaStoreUnavailable
@@ -35,6 +36,7 @@ from muster.server.services.validation import (
     timestamp,
 )
 from muster.server.storage import budgets, identities, tenants
+from muster.server.storage import presence as presence_store
 from muster.server.storage.database import Database
 from muster.server.storage.models import ApiToken, AuditEvent, BootstrapToken, Budget
 from muster.server.storage.types import utcnow
@@ -69,8 +71,10 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         token_cache: ApiTokenCache,
         quotas: Quotas,
         prices: PriceTable,
+        presence: Presence,
     ) -> None:
         self._db = db
+        self._presence = presence
         self._quotas = quotas
         self._prices = prices
         self._token_cache = token_cache
@@ -155,7 +159,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
                 await session.execute(select(BootstrapToken).order_by(BootstrapToken.created_at))
             ).scalars()
             return admin_pb2.ListBootstrapTokensResponse(
-                tokens=[convert.bootstrap_token(r) for r in rows]
+                tokens=[convert.bootstrap_token(r, now) for r in rows]
             )
 
     async def DeleteBootstrapToken(
@@ -165,6 +169,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             admin_pb2.DeleteBootstrapTokenRequest, admin_pb2.DeleteBootstrapTokenResponse
         ],
     ) -> admin_pb2.DeleteBootstrapTokenResponse:
+            now = utcnow()
         async with self._db.transaction() as session:
             token_id = check_text(request.token_id, "token_id", MAX_ID)
             row = await identities.bootstrap_token(session, token_id)
@@ -224,7 +229,8 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.ListApiTokensResponse:
         async with self._db.transaction() as session:
             rows = (await session.execute(select(ApiToken).order_by(ApiToken.created_at))).scalars()
-            return admin_pb2.ListApiTokensResponse(tokens=[convert.api_token(r) for r in rows])
+            now = utcnow()
+            return admin_pb2.ListApiTokensResponse(tokens=[convert.api_token(r, now) for r in rows])
 
     async def DeleteApiToken(
         self,
@@ -273,7 +279,12 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             rows = await identities.agents(session, request.pool)
             certs = await identities.certificates_of(session, [r.agent_id for r in rows])
         return admin_pb2.ListAgentsResponse(
-            agents=[self._agent(r, [c for c in certs if c.agent_id == r.agent_id]) for r in rows]
+            agents=[
+                self._described(
+                    r, [c for c in certs if c.agent_id == r.agent_id], present[r.agent_id]
+                )
+                for r in rows
+            ]
         )
 
     async def GetAgent(
@@ -283,11 +294,12 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.Agent:
         check_text(request.agent_id, "agent_id", MAX_ID)
         async with self._db.transaction() as session:
+            present = await self._presence_of(session, [r.agent_id for r in rows])
             row = await identities.agent(session, request.agent_id)
             if row is None:
                 raise not_found(f"no agent {request.agent_id[:63]!r}")
             certs = await identities.certificates_of(session, [row.agent_id])
-        return self._agent(row, certs)
+        return await self._agent(row, certs)
 
     async def SetAgentEnabled(
         self,
@@ -308,7 +320,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             self._fanout.close_agent(
                 row.agent_id, grpc.StatusCode.PERMISSION_DENIED, "agent disabled"
             )
-        return self._agent(row, certs)
+        return await self._agent(row, certs)
 
     async def RevokeAgent(
         self,
@@ -366,12 +378,36 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         )
         return admin_pb2.RevokeCertificateResponse()
 
-    def _agent(self, row: Any, certs: list[Any]) -> admin_pb2.Agent:
+    async def _agent(self, row: Any, certs: list[Any]) -> admin_pb2.Agent:
+        async with self._db.transaction() as session:
+            present = await self._presence_of(session, [row.agent_id])
+        return self._described(row, certs, present[row.agent_id])
+
+    async def _presence_of(
+        self, session: Any, agent_ids: list[str]
+    ) -> dict[str, convert.AgentPresence]:
+        """Each agent's newest live stream on any replica, and what it holds: the same
+        answer whichever replica is asked (storage/presence.py)."""
+        live = await presence_store.live_sessions(
+            session, self._presence.now(), agent_ids=agent_ids
+        )
+        newest: dict[str, presence_store.LiveSession] = {}
+        for stream in live:  # newest first
+            newest.setdefault(stream.agent_id, stream)
+        held = await presence_store.in_flight(session, agent_ids)
+        return {
+            agent_id: convert.AgentPresence(newest.get(agent_id), held.get(agent_id, 0))
+            for agent_id in agent_ids
+        }
+
+    def _described(
+        self, row: Any, certs: list[Any], presence: convert.AgentPresence
+    ) -> admin_pb2.Agent:
         return convert.agent(
             row,
             certs,
             spiffe_id=f"spiffe://{self._trust_domain}/agent/{row.agent_id}",
-            connected=self._hub.is_connected(row.agent_id),
+            presence=presence,
         )
 
     # Audit

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import cast
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from muster.server.quotas import BudgetUsage
+from muster.server.services.waiting import NOTHING, Waiting, held_back_code
 from muster.server.storage import models
+from muster.server.storage.presence import LiveSession
 from muster.v1 import admin_pb2, common_pb2
 
 _ROLES = {"submitter": admin_pb2.ROLE_SUBMITTER, "admin": admin_pb2.ROLE_ADMIN}
@@ -38,8 +41,18 @@ def task_state(state: str) -> common_pb2.TaskState:
     return cast(common_pb2.TaskState, common_pb2.TaskState.Value(f"TASK_STATE_{state}"))
 
 
-def task(row: models.Task, attempts: Iterable[models.AttemptUsage] = ()) -> common_pb2.Task:
-    """A task as the API shows it; ``attempts``: its per-attempt usage rows, if loaded."""
+def task(
+    row: models.Task,
+    attempts: Iterable[models.AttemptUsage] = (),
+    waiting: Waiting | None = None,
+) -> common_pb2.Task:
+    """A task as the API shows it; ``attempts``: its per-attempt usage rows, if loaded;
+    ``waiting``: why it waits (services/waiting.py), if worked out; else what dispatch
+    last recorded."""
+    if row.state != "QUEUED":
+        waiting = NOTHING
+    elif waiting is None:
+        waiting = Waiting(held_back_code(row.waiting_reason), row.waiting_reason)
     return common_pb2.Task(
         task_id=row.task_id,
         kind=row.kind,
@@ -72,7 +85,9 @@ def task(row: models.Task, attempts: Iterable[models.AttemptUsage] = ()) -> comm
             cache_read_input_tokens=row.cache_read_tokens,
             reported_cost_micros=row.reported_cost_micros,
         ),
-        waiting_reason=row.waiting_reason if row.state == "QUEUED" else "",
+        waiting_reason=waiting.text,
+        waiting_reason_code=waiting.code,
+        waiting_until=timestamp(waiting.until),
         submitted_by=row.submitted_by,
         max_cost_micros=row.max_cost_micros or 0,
         output_schema=row.output_schema or "",
@@ -96,7 +111,29 @@ def task(row: models.Task, attempts: Iterable[models.AttemptUsage] = ()) -> comm
     )
 
 
-def bootstrap_token(row: models.BootstrapToken) -> admin_pb2.BootstrapToken:
+def bootstrap_token_status(row: models.BootstrapToken, now: datetime) -> admin_pb2.TokenStatus:
+    """Deleted, else expired, else used up, else active (TokenStatus in admin.proto)."""
+    if row.deleted_at is not None:
+        return admin_pb2.TOKEN_STATUS_DELETED
+    if row.expires_at <= now:
+        return admin_pb2.TOKEN_STATUS_EXPIRED
+    if row.uses >= row.max_uses:
+        return admin_pb2.TOKEN_STATUS_USED_UP
+    return admin_pb2.TOKEN_STATUS_ACTIVE
+
+
+def api_token_status(row: models.ApiToken, now: datetime) -> admin_pb2.TokenStatus:
+    """Deleted, else expired, else active (TokenStatus in admin.proto)."""
+    if row.deleted_at is not None:
+        return admin_pb2.TOKEN_STATUS_DELETED
+    if row.expires_at is not None and row.expires_at <= now:
+        return admin_pb2.TOKEN_STATUS_EXPIRED
+    return admin_pb2.TOKEN_STATUS_ACTIVE
+
+
+def bootstrap_token(
+    row: models.BootstrapToken, now: datetime | None = None
+) -> admin_pb2.BootstrapToken:
     return admin_pb2.BootstrapToken(
         token_id=row.token_id,
         pool=row.pool,
@@ -108,6 +145,8 @@ def bootstrap_token(row: models.BootstrapToken) -> admin_pb2.BootstrapToken:
         created_at=timestamp(row.created_at),
         created_by=row.created_by,
         deleted=row.deleted_at is not None,
+        status=bootstrap_token_status(row, now or datetime.now(UTC)),
+        reenroll_agent_id=row.agent_id or "",
     )
 
 
@@ -120,6 +159,7 @@ def api_token(row: models.ApiToken) -> admin_pb2.ApiToken:
         created_at=timestamp(row.created_at),
         expires_at=timestamp(row.expires_at),
         deleted=row.deleted_at is not None,
+        status=api_token_status(row, now or datetime.now(UTC)),
     )
 
 
@@ -139,21 +179,49 @@ def certificate(row: models.Certificate) -> admin_pb2.Certificate:
 
 
 def agent(
-    row: models.Agent, certificates: list[models.Certificate], *, spiffe_id: str, connected: bool
+    row: models.Agent,
+    certificates: list[models.Certificate],
+    *,
+    spiffe_id: str,
+    presence: AgentPresence,
+@dataclass(frozen=True, slots=True)
+class AgentPresence:
+    """What the cluster knows of an agent's streams (storage/presence.py)."""
+
+    stream: LiveSession | None = None
+    """Its newest live stream; None when not connected."""
+    in_flight: int = 0
+
+
 ) -> admin_pb2.Agent:
     return admin_pb2.Agent(
         agent_id=row.agent_id,
+    stream = presence.stream
+    live_certs = [c.not_after for c in certificates if c.revoked_at is None]
+    expires = stream.cert_not_after if stream is not None else max(live_certs, default=None)
+    kinds = stream.capabilities if stream is not None else (row.capabilities or ())
         spiffe_id=spiffe_id,
         pool=row.pool,
         labels=row.labels,
         enabled=row.enabled,
-        connected=connected,
+        connected=stream is not None,
         enrolled_at=timestamp(row.enrolled_at),
         last_seen_at=timestamp(row.last_seen_at),
         token_id=row.token_id,
         certificates=[certificate(c) for c in certificates],
     )
 
+        replica=stream.replica if stream is not None else "",
+        capabilities=list(kinds),
+        max_concurrency=(
+            stream.max_concurrency if stream is not None else (row.max_concurrency or 0)
+        ),
+        in_flight=presence.in_flight,
+        certificate_expires_at=timestamp(expires),
+        connected_at=timestamp(stream.connected_at if stream is not None else None),
+        removed=row.removed_at is not None,
+        removed_at=timestamp(row.removed_at),
+        rotate_requested_at=timestamp(row.rotate_requested_at),
 
 def audit_event(row: models.AuditEvent) -> admin_pb2.AuditEvent:
     return admin_pb2.AuditEvent(

@@ -17,7 +17,7 @@ from muster.server.config import ServerConfig
 from muster.server.dispatch.dispatcher import Dispatcher
 from muster.server.principals import current_principal
 from muster.server.quotas import Quotas
-from muster.server.services import convert
+from muster.server.services import convert, waiting
 from muster.server.services.ai_submit import AiAdmission
 from muster.server.services.context import peer_address, request_id
 from muster.server.services.errors import ServiceError, invalid, not_found
@@ -49,6 +49,8 @@ MAX_REASON = 500
 MAX_COST_USD = 1_000_000.0
 """The largest per-task spend cap accepted (a typo guard, not a policy)."""
 MAX_OUTPUT_SCHEMA_BYTES = 64 * 1024
+HOLD_FRESH_POLLS = 3
+HOLD_FRESH_MARGIN = timedelta(seconds=1)
 
 
 class TaskService(task_pb2_grpc.TaskServiceServicer):
@@ -60,6 +62,9 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         self._quotas = quotas
         self._config = config
         self._ai = ai
+        self._hold_fresh = config.poll_interval * HOLD_FRESH_POLLS + HOLD_FRESH_MARGIN
+        """How long after its hold ends a reason dispatch recorded still counts (a held
+        task is claimed again within a poll or two if an agent has room)."""
 
     async def Submit(
         self,
@@ -91,7 +96,22 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             peer=peer_address(context),
             request_id=request_id(context),
         )
-        return task_pb2.SubmitResponse(task=convert.task(task), created=created)
+        async with self._db.transaction() as session:
+            warning = await waiting.submit_warning(
+                session, pool=task.pool, kind=task.kind, selector=task.selector or {}
+            )
+            why = await self._why(session, [task])
+        return task_pb2.SubmitResponse(
+            task=convert.task(task, waiting=why.get(task.task_id)),
+            created=created,
+            warning=warning,
+        )
+
+    async def _why(self, session: Any, tasks: list[Task]) -> dict[str, waiting.Waiting]:
+        """Why each queued task waits, from the presence of agents now."""
+        return await waiting.explain(
+            session, tasks, self._dispatcher.presence.now(), hold_fresh=self._hold_fresh
+        )
 
     def _validate_submit(self, request: task_pb2.SubmitRequest) -> dict[str, Any]:
         if not request.kind:
@@ -140,7 +160,8 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         task = await self._load(request.task_id)
         async with self._db.transaction() as session:
             used = await usage_store.of_tasks(session, [task.task_id])
-        return convert.task(task, used.get(task.task_id, ()))
+            why = await self._why(session, [task])
+        return convert.task(task, used.get(task.task_id, ()), why.get(task.task_id))
 
     async def List(
         self,
@@ -179,8 +200,9 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             used = await usage_store.of_tasks(
                 session, [r.task_id for r in rows if r.cost_micros or r.input_tokens]
             )
+            why = await self._why(session, rows)
         return task_pb2.ListTasksResponse(
-            tasks=[convert.task(r, used.get(r.task_id, ())) for r in rows],
+            tasks=[convert.task(r, used.get(r.task_id, ()), why.get(r.task_id)) for r in rows],
             next_page_token=next_token,
         )
 
@@ -213,7 +235,9 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                 seen = (task.state, task.attempt, task.updated_at)
                 if seen != last:
                     last = seen
-                    yield convert.task(task)
+                    async with self._db.transaction() as session:
+                        why = await self._why(session, [task])
+                    yield convert.task(task, waiting=why.get(task.task_id))
                 if task.state in task_store.TERMINAL:
                     return
                 with contextlib.suppress(TimeoutError):

@@ -887,9 +887,10 @@ async def cancel_requested(
     return [(t, a, s, e) for t, a, s, e in rows if s in session_ids]
 
 
-async def claimable(session: AsyncSession, pools: set[str]) -> list[tuple[str, str, int]]:
-    """(pool, kind, count) of queued tasks that may be claimed now, in ``pools``."""
-    now = utcnow()
+async def claimable(
+    session: AsyncSession, pools: set[str], *, now: datetime
+) -> list[tuple[str, str, int]]:
+    """(pool, kind, count) of queued tasks that may be claimed at ``now``, in ``pools``."""
     rows = await session.execute(
         select(Task.pool, Task.kind, func.count())
         .where(
@@ -902,14 +903,14 @@ async def claimable(session: AsyncSession, pools: set[str]) -> list[tuple[str, s
     return [(pool, kind, count) for pool, kind, count in rows]
 
 
-async def queue_stats(session: AsyncSession) -> list[tuple[str, int, datetime | None]]:
-    """(pool, queued count, oldest queued_at) for the metrics gauges."""
+async def queue_stats(session: AsyncSession) -> list[tuple[str, str, int, datetime | None]]:
+    """(pool, kind, queued count, oldest queued_at) for the metrics gauges."""
     rows = await session.execute(
-        select(Task.pool, func.count(), func.min(Task.queued_at))
+        select(Task.pool, Task.kind, func.count(), func.min(Task.queued_at))
         .where(Task.state == QUEUED)
-        .group_by(Task.pool)
+        .group_by(Task.pool, Task.kind)
     )
-    return [(pool, count, oldest) for pool, count, oldest in rows]
+    return [(pool, kind, count, oldest) for pool, kind, count, oldest in rows]
 
 
 def _rowcount(result: Any) -> int:
