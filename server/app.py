@@ -28,7 +28,8 @@ from prometheus_client import CollectorRegistry
 from muster.errors import ConfigError
 from muster.server.ai.prices import PriceTable
 from muster.server.audit import AuditRecord, AuditWriter, record_in
-from muster.server.ca import CertificateAuthority, ensure_server_certificate
+from muster.server.ca import CertificateAuthority, ServerCertificate, ServerCertificates
+from muster.server.clock import Clock, SystemClock, sleep_unless
 from muster.server.config import ServerConfig, parse_address
 from muster.server.dispatch.budgets import BudgetGate
 from muster.server.dispatch.dispatcher import Dispatcher
@@ -37,8 +38,8 @@ from muster.server.dispatch.fanout_auth import REASONS as FANOUT_REJECTIONS
 from muster.server.dispatch.hub import Hub
 from muster.server.dispatch.inflight import InflightLimits
 from muster.server.dispatch.metering import Metering
-from muster.server.interceptors.auth import ApiTokenAuth
 from muster.server.dispatch.presence import Presence
+from muster.server.interceptors.auth import ApiTokenAuth
 from muster.server.interceptors.errors import ErrorsInterceptor
 from muster.server.interceptors.identity import AgentIdentityAuth
 from muster.server.interceptors.metrics import GrpcServerMetrics, MetricsInterceptor
@@ -87,6 +88,8 @@ class ServerHandle:
     metrics_port: int | None
     agent_endpoint: str
     ca: CertificateAuthority
+    server_certificates: ServerCertificates
+    """The certificate both listeners serve now (renewed while the server runs)."""
     db: Database
     hub: Hub
     registry: CollectorRegistry
@@ -100,11 +103,11 @@ class ServerHandle:
     _fanout: Fanout
     _inflight: InflightLimits
     _quotas: Quotas
+    presence: Presence
+    """Cluster-wide presence as this replica writes and reads it (tests move its clock)."""
     _background: list[asyncio.Task[None]] = field(default_factory=list)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     """Set by :meth:`stop`: background loops finish their pass and return."""
-    presence: Presence
-    """Cluster-wide presence as this replica writes and reads it (tests move its clock)."""
     _stopped: bool = False
 
     @property
@@ -165,11 +168,16 @@ class ServerHandle:
 
 
 async def start_server(
-    config: ServerConfig, *, extra_api_handlers: Sequence[grpc.GenericRpcHandler] = ()
+    config: ServerConfig,
+    *,
+    extra_api_handlers: Sequence[grpc.GenericRpcHandler] = (),
+    clock: Clock | None = None,
 ) -> ServerHandle:
     """Start the control plane. ``extra_api_handlers`` are served on the api listener
     too (behind the same interceptors); tests use it to show that a service without an
-    access rule is refused."""
+    access rule is refused. ``clock`` (default: the real time) is the time of every
+    task transition, lease and timeout, and of the server certificate's renewal; tests
+    pass a :class:`~muster.server.clock.ManualClock` and advance it instead of sleeping."""
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     db = Database(
         config.resolved_database_url,
@@ -181,7 +189,7 @@ async def start_server(
     cleanup = contextlib.AsyncExitStack()
     cleanup.push_async_callback(db.close)
     try:
-        return await _start(config, db, cleanup, tuple(extra_api_handlers))
+        return await _start(config, db, cleanup, tuple(extra_api_handlers), clock or SystemClock())
     except BaseException:
         # Whatever started is stopped again: no half-running server, no leaked sockets.
         await cleanup.aclose()
@@ -193,14 +201,17 @@ async def _start(
     db: Database,
     cleanup: contextlib.AsyncExitStack,
     extra_api_handlers: tuple[grpc.GenericRpcHandler, ...],
+    clock: Clock,
 ) -> ServerHandle:
     await ensure_schema(db, config.migrate)
     ca = CertificateAuthority.load_or_create(config.ca_dir, config.trust_domain)
-    server_cert = ensure_server_certificate(
+    server_certs = ServerCertificates(
         ca,
         config.data_dir / "server",
         dns_names=list(config.server_hostnames),
         ip_addresses=list(config.server_ips),
+        lifetime=config.server_cert_ttl,
+        clock=clock,
     )
     registry = CollectorRegistry()
     metrics = MusterMetrics(registry)
@@ -210,7 +221,7 @@ async def _start(
         lambda: {
             "root": ca.root_not_after,
             "intermediate": ca.intermediate_not_after,
-            "server": server_cert.not_after,
+            "server": server_certs.current.not_after,
         }
     )
     policy = QuotaPolicy(
@@ -254,10 +265,17 @@ async def _start(
     if not config.redis_url:
         await budgets.restore()  # the in-process store starts empty
     dispatcher = Dispatcher(
-        db, fanout, audit, metrics, config, inflight, budgets, Metering(prices, metrics)
+        db,
+        fanout,
+        audit,
+        metrics,
+        config,
+        inflight,
+        budgets,
+        Metering(prices, metrics),
+        clock=clock,
     )
 
-    identity = [(server_cert.private_key_pem, server_cert.chain_pem)]
     token_cache = ApiTokenCache()
     agent_server = grpc.aio.server(
         interceptors=[
@@ -274,9 +292,7 @@ async def _start(
     agent_port = _bind(
         agent_server,
         config.agent_addr,
-        grpc.ssl_server_credentials(
-            identity, root_certificates=ca.bundle_pem, require_client_auth=True
-        ),
+        _listener_credentials(server_certs, ca, client_certificates=True),
         "agent_addr",
     )
     agent_host = parse_address(config.agent_addr, name="agent_addr")[0]
@@ -322,7 +338,12 @@ async def _start(
     if extra_api_handlers:
         api_server.add_generic_rpc_handlers(extra_api_handlers)
     cleanup.push_async_callback(api_server.stop, None)
-    api_port = _bind(api_server, config.api_addr, grpc.ssl_server_credentials(identity), "api_addr")
+    api_port = _bind(
+        api_server,
+        config.api_addr,
+        _listener_credentials(server_certs, ca, client_certificates=False),
+        "api_addr",
+    )
 
     admin_secret = await _ensure_admin_token(db, config.admin_token_file)
     await agent_server.start()
@@ -350,6 +371,7 @@ async def _start(
         metrics_port=metrics_port,
         agent_endpoint=agent_endpoint,
         ca=ca,
+        server_certificates=server_certs,
         db=db,
         hub=hub,
         registry=registry,
@@ -362,6 +384,7 @@ async def _start(
         _fanout=fanout,
         _inflight=inflight,
         _quotas=quotas,
+        presence=dispatcher.presence,
     )
     handle._background.append(
         asyncio.create_task(
@@ -370,9 +393,13 @@ async def _start(
                 config,
                 renew_every=policy.inflight_lease_ttl / 3,
                 stopping=handle._stopping,
+                clock=clock,
             ),
             name="reaper",
         )
+    )
+    handle._background.append(
+        asyncio.create_task(server_certs.run(handle._stopping), name="server-certificate")
     )
     _write_endpoints(handle)
     cleanup.pop_all()  # the handle owns everything now
@@ -384,7 +411,40 @@ async def _start(
         config.data_dir,
     )
     return handle
-        presence=dispatcher.presence,
+
+
+def _listener_credentials(
+    certificates: ServerCertificates, ca: CertificateAuthority, *, client_certificates: bool
+) -> grpc.ServerCredentials:
+    """TLS credentials that always serve the current server certificate: grpc asks the
+    fetcher at each new connection, so a renewed certificate (or a changed CA bundle) is
+    served without a restart, while open connections keep what they began with.
+    ``client_certificates``: require one chained to Muster's CA (the agent listener)."""
+
+    def configuration(
+        cert: ServerCertificate, bundle: bytes
+    ) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration(
+            [(cert.private_key_pem, cert.chain_pem)],
+            root_certificates=bundle if client_certificates else None,
+        )
+
+    served = (certificates.current, ca.bundle_pem)
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        # Runs on a grpc thread at every handshake: None keeps what grpc has.
+        nonlocal served
+        current = (certificates.current, ca.bundle_pem)
+        if current[0] is served[0] and current[1] == served[1]:
+            return None
+        served = current
+        return configuration(*current)
+
+    return grpc.dynamic_ssl_server_credentials(
+        configuration(*served),
+        fetch,  # type: ignore[arg-type]  # grpc documents None (no change); its stub does not
+        require_client_authentication=client_certificates,
+    )
 
 
 def _bind(
@@ -431,10 +491,16 @@ def _milliseconds(duration: timedelta) -> int:
 
 
 async def _reaper(
-    dispatcher: Dispatcher, config: ServerConfig, renew_every: float, stopping: asyncio.Event
+    dispatcher: Dispatcher,
+    config: ServerConfig,
+    renew_every: float,
+    stopping: asyncio.Event,
+    clock: Clock,
 ) -> None:
     """Requeues lost leases, times out late tasks, applies what other replicas changed,
-    renews in-flight slots and refreshes the queue gauges, until ``stopping`` is set."""
+    renews in-flight slots, keeps this replica's agents present and refreshes the queue
+    gauges, until ``stopping`` is set. It passes every ``poll_interval`` on ``clock``
+    (a manual clock: one pass each time a test advances it past the next)."""
     loop = asyncio.get_running_loop()
     next_gauges = next_renewal = next_presence = loop.time()
     presence_every = dispatcher.presence.refresh_every.total_seconds()
@@ -449,10 +515,12 @@ async def _reaper(
             if loop.time() >= next_renewal:
                 await dispatcher.renew_inflight()
                 next_renewal = loop.time() + renew_every
+            if loop.time() >= next_presence:
+                await dispatcher.presence.refresh()
+                next_presence = loop.time() + presence_every
         except Exception:  # keep reaping; one bad pass must not stop requeueing forever
             log.exception("reaper pass failed")
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stopping.wait(), config.poll_interval.total_seconds())
+        await sleep_unless(clock, stopping, config.poll_interval.total_seconds())
 
 
 async def _ensure_admin_token(db: Database, path: Path) -> str | None:
@@ -513,6 +581,3 @@ def _connect_host(bind_host: str) -> str:
 
 def _bracketed(host: str) -> str:
     return f"[{host}]" if ":" in host else host
-            if loop.time() >= next_presence:
-                await dispatcher.presence.refresh()
-                next_presence = loop.time() + presence_every

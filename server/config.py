@@ -92,6 +92,11 @@ class ServerConfig:
     """IP addresses put in the server certificate."""
     cert_lifetime: timedelta = timedelta(hours=24)
     """Lifetime of agent certificates; renewal happens at half to two thirds of it."""
+    server_cert_ttl: timedelta = timedelta(days=90)
+    """Lifetime of the server's own TLS certificate (issued from the intermediate into
+    ``data_dir/server``). The running server renews it when a third of it (at most 30
+    days) is left and serves the new one without a restart; open connections keep theirs.
+    At least 3s (short values are for tests)."""
     heartbeat_interval: timedelta = timedelta(seconds=5)
     """How often agents must heartbeat."""
     lease_duration: timedelta = timedelta(seconds=30)
@@ -187,6 +192,8 @@ class ServerConfig:
                 raise ConfigError(f"server_ips: {ip!r} is not an IP address") from None
         if self.cert_lifetime < timedelta(minutes=5):
             raise ConfigError("cert_lifetime: must be at least 5m")
+        if self.server_cert_ttl < timedelta(seconds=3):
+            raise ConfigError("server_cert_ttl: must be at least 3s")
         if (
             self.heartbeat_interval <= timedelta(0)
             or self.lease_duration <= self.heartbeat_interval

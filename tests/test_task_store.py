@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -120,7 +121,9 @@ async def claim(
     request = task_store.ClaimRequest("default", labels or {}, ("echo",), "a1", session_id, limit)
     return await db.group.run_many(
         request.key,
-        lambda conn, requests: task_store.claim_many(conn, requests, accept_timeout=LEASE),
+        lambda conn, requests: task_store.claim_many(
+            conn, requests, accept_timeout=LEASE, now=utcnow()
+        ),
         request,
     )
 
@@ -159,7 +162,7 @@ async def test_accept_many_moves_only_the_streams_own_assigned_attempts(db: Data
     def acceptance(task_id: str, attempt: int = 1, session: str = "s1") -> Any:
         return db.group.run_many(
             "accept",
-            lambda conn, items: task_store.accept_many(conn, items, lease=LEASE),
+            lambda conn, items: task_store.accept_many(conn, items, lease=LEASE, now=utcnow()),
             task_store.Acceptance(task_id, attempt, session),
         )
 
@@ -181,7 +184,7 @@ async def test_finish_many_ends_each_attempt_once(db: Database) -> None:
     def end(task_id: str, agent: str = "a1", state: str = task_store.SUCCEEDED) -> Any:
         usage = AttemptCost(model="m", input_tokens=1, output_tokens=2, cost_micros=3)
         ending = task_store.Ending(task_id, 1, agent, state, b"out", "", usage)
-        return db.group.run_many("finish", task_store.finish_many, ending)
+        return db.group.run_many("finish", partial(task_store.finish_many, now=utcnow()), ending)
 
     first, resent, failed, foreign, missing = await asyncio.gather(
         end("t_0000"),
@@ -222,11 +225,13 @@ async def test_an_accepted_handed_in_without_waiting_is_written_before_the_resul
     await claim(db, "s1", 1)
     accepted = db.group.submit_many(
         "accept",
-        lambda conn, items: task_store.accept_many(conn, items, lease=LEASE),
+        lambda conn, items: task_store.accept_many(conn, items, lease=LEASE, now=utcnow()),
         task_store.Acceptance("t_0000", 1, "s1"),
     )
     ending = task_store.Ending("t_0000", 1, "a1", task_store.SUCCEEDED, b"", "")
-    state, finished = await db.group.run_many("finish", task_store.finish_many, ending)
+    state, finished = await db.group.run_many(
+        "finish", partial(task_store.finish_many, now=utcnow()), ending
+    )
     assert await accepted
     assert state == task_store.SUCCEEDED
     assert finished.started_at is not None  # the accept ran first: it sets started_at

@@ -16,6 +16,7 @@ from muster.server.ca.csr import (
 )
 from muster.server.ca.server_cert import (
     ServerCertificate,
+    ServerCertificates,
     certificate_not_after,
     ensure_server_certificate,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "InMemorySigner",
     "IssuedCertificate",
     "ServerCertificate",
+    "ServerCertificates",
     "Signer",
     "certificate_not_after",
     "ensure_server_certificate",

@@ -1,7 +1,9 @@
-"""The server's own TLS certificate: reused across restarts, reissued when it no longer fits."""
+"""The server's own TLS certificate: reused across restarts, reissued when it no longer
+fits, and renewed while the server runs (:class:`ServerCertificates`)."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 from collections.abc import Sequence
@@ -15,12 +17,17 @@ from muster.files import PRIVATE_FILE_MODE, PUBLIC_FILE_MODE, ensure_private_dir
 from muster.server.ca.authority import DEFAULT_SERVER_LIFETIME, CertificateAuthority
 from muster.server.ca.authority import _directly_issued as _signed_by
 from muster.server.ca.signer import load_private_key
+from muster.server.clock import Clock, sleep_unless
 
 logger = logging.getLogger(__name__)
 
 SERVER_CERT = "server.pem"
 SERVER_KEY = "server.key"
 DEFAULT_RENEW_BEFORE = timedelta(days=30)
+CHECK_AT_LEAST_EVERY = timedelta(hours=1)
+"""The renewal loop reads the clock at least this often (a wall clock can jump)."""
+RETRY_AT_MOST_EVERY = timedelta(minutes=1)
+"""After a failed renewal, the longest wait before the next try."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +41,11 @@ class ServerCertificate:
     key_path: Path
     issued: bool
     """True when this call issued a new certificate, False when the files were reused."""
+
+    @property
+    def serial(self) -> int:
+        """The leaf's serial number (logs and tests tell certificates apart by it)."""
+        return x509.load_pem_x509_certificate(self.chain_pem).serial_number
 
 
 def ensure_server_certificate(
@@ -74,6 +86,93 @@ def ensure_server_certificate(
     return ServerCertificate(
         chain_pem, key_pem, certificate_not_after(chain_pem), cert_path, key_path, True
     )
+
+
+def renewal_margin(lifetime: timedelta) -> timedelta:
+    """How long before its expiry a server certificate of ``lifetime`` is renewed: a third
+    of its life, at most :data:`DEFAULT_RENEW_BEFORE` (the 90-day default: 30 days)."""
+    return min(DEFAULT_RENEW_BEFORE, lifetime / 3)
+
+
+class ServerCertificates:
+    """The certificate both listeners serve, renewed before it expires.
+
+    :attr:`current` is replaced when :meth:`run` renews it; the listeners' credential
+    fetchers (server/app.py) serve the new one from the next TLS handshake on, while
+    open connections keep the one they began with. Renewal goes through
+    :func:`ensure_server_certificate`, so replicas sharing a data directory reuse each
+    other's fresh certificate instead of each issuing one.
+    """
+
+    def __init__(
+        self,
+        ca: CertificateAuthority,
+        directory: Path,
+        *,
+        dns_names: Sequence[str],
+        ip_addresses: Sequence[str],
+        lifetime: timedelta,
+        clock: Clock,
+    ) -> None:
+        self._ca = ca
+        self._directory = Path(directory)
+        self._dns_names = list(dns_names)
+        self._ip_addresses = list(ip_addresses)
+        self.lifetime = lifetime
+        self._clock = clock
+        self.current = self._ensure()
+
+    @property
+    def renew_at(self) -> datetime:
+        """When :attr:`current` is due for renewal."""
+        return self.current.not_after - renewal_margin(self.lifetime)
+
+    def renew(self) -> ServerCertificate:
+        """Replace :attr:`current` if it is due (or no longer fits); returns the new one."""
+        self.current = self._ensure()
+        if self.current.issued:
+            logger.info(
+                "renewed the server certificate: serial %x, expires %s",
+                self.current.serial,
+                self.current.not_after.isoformat(),
+            )
+        return self.current
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Renew :attr:`current` whenever it is due, until ``stopping`` is set."""
+        retry = min(RETRY_AT_MOST_EVERY, renewal_margin(self.lifetime) / 2).total_seconds()
+        while not stopping.is_set():
+            wait = (self.renew_at - self._clock.now()).total_seconds()
+            if wait <= 0:
+                try:
+                    self.renew()
+                except Exception:  # keep serving the current one; try again soon
+                    logger.exception("renewing the server certificate failed")
+                    wait = retry
+                else:
+                    wait = (self.renew_at - self._clock.now()).total_seconds()
+                    if wait <= 0:
+                        # Capped by the intermediate's expiry: no longer one can be had.
+                        logger.warning(
+                            "the server certificate expires at %s, within its renewal "
+                            "margin: rotate the intermediate CA",
+                            self.current.not_after.isoformat(),
+                        )
+                        wait = retry
+            wait = min(wait, CHECK_AT_LEAST_EVERY.total_seconds())
+            if await sleep_unless(self._clock, stopping, wait):
+                return
+
+    def _ensure(self) -> ServerCertificate:
+        return ensure_server_certificate(
+            self._ca,
+            self._directory,
+            dns_names=self._dns_names,
+            ip_addresses=self._ip_addresses,
+            lifetime=self.lifetime,
+            renew_before=renewal_margin(self.lifetime),
+            now=self._clock.now(),
+        )
 
 
 def certificate_not_after(chain_pem: bytes) -> datetime:

@@ -1,6 +1,7 @@
 """Task transitions with their side effects: every change is written to the database
-first, then announced (wake the pool's streams, notify watchers, tell the holder to stop,
-audit, count). Streams, the reaper and TaskService all go through here."""
+with its audit rows, in the same transaction, then announced (wake the pool's streams,
+notify watchers, tell the holder to stop, count). Streams, the reaper and TaskService all
+go through here."""
 
 from __future__ import annotations
 
@@ -14,19 +15,22 @@ from functools import partial
 from typing import Any
 
 import grpc
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from muster.server.audit import AuditRecord, AuditWriter
+from muster.server.audit import AuditRecord, AuditWriter, record_in
+from muster.server.clock import Clock
 from muster.server.config import ServerConfig
 from muster.server.dispatch.budgets import BudgetGate
 from muster.server.dispatch.fanout import Fanout
 from muster.server.dispatch.inflight import InflightLimits
 from muster.server.dispatch.metering import Metering
+from muster.server.dispatch.presence import Presence
 from muster.server.dispatch.suspicion import Suspicion, parse_policy
 from muster.server.metrics import MusterMetrics, QueueStats
 from muster.server.storage import identities
 from muster.server.storage import tasks as task_store
-from muster.server.dispatch.presence import Presence
 from muster.server.storage import usage as usage_store
 from muster.server.storage.database import Database
 from muster.server.storage.models import Task
@@ -67,17 +71,26 @@ class Dispatcher:
         inflight: InflightLimits,
         budgets: BudgetGate,
         metering: Metering,
+        *,
+        clock: Clock,
     ) -> None:
         self.db = db
+        self.clock = clock
+        """The time of every transition, lease and timeout (tests move a manual one)."""
         self.inflight = inflight
         self.budgets = budgets
         self.metering = metering
         self.fanout = fanout
         self.hub = fanout.hub
+        # Compared with revoked_at, which identities stamp with the real time, not the clock.
         self._synced_until = utcnow()
         self.audit = audit
         self.metrics = metrics
         self.config = config
+        self.presence = Presence(
+            db, replica=config.resolved_replica_id, refresh_every=config.heartbeat_interval
+        )
+        """Cluster-wide presence: this replica's streams in agent_sessions."""
         self.suspicion = Suspicion(
             db,
             fanout,
@@ -87,17 +100,13 @@ class Dispatcher:
             heartbeat_interval=config.heartbeat_interval,
             cert_lifetime=config.cert_lifetime,
         )
-        self.presence = Presence(
-            db, replica=config.resolved_replica_id, refresh_every=config.heartbeat_interval
-        )
-        """Cluster-wide presence: this replica's streams in agent_sessions."""
 
     # Submission and cancellation (TaskService)
 
     async def submit(
         self, values: dict[str, Any], *, actor: str, peer: str, request_id: str
     ) -> tuple[Task, bool]:
-        now = utcnow()
+        now = self.clock.now()
         values = {
             **values,
             "task_id": new_task_id(),
@@ -107,32 +116,50 @@ class Dispatcher:
             "updated_at": now,
             "queued_at": now,
         }
+
+        def submitted(task: Task) -> AuditRecord:
+            return AuditRecord(
+                actor=actor,
+                action="task.submit",
+                target=task.task_id,
+                peer=peer,
+                request_id=request_id,
+                details={"kind": task.kind, "pool": task.pool, "bytes": len(task.payload)},
+            )
+
         if values.get("idempotency_key"):
             async with self.db.transaction() as session:
                 task, created = await task_store.insert_task(session, values)
+                if created:
+                    await record_in(session, submitted(task))
         else:
-            await self.db.group.run_many("insert", task_store.insert_many, values)
             task, created = Task(**values), True
+            record = submitted(task)
+            record.check()  # encoded now, not in the transaction
+            await self.db.group.run_many(
+                "insert", task_store.insert_many, values, audit=lambda _: (record,)
+            )
         if created:
             self.metrics.tasks_submitted.inc()
             self.fanout.wake_pool(task.pool)
-            await self.audit.submit(
-                AuditRecord(
-                    actor=actor,
-                    action="task.submit",
-                    target=task.task_id,
-                    peer=peer,
-                    request_id=request_id,
-                    details={"kind": task.kind, "pool": task.pool, "bytes": len(task.payload)},
-                )
-            )
         return task, created
 
     async def cancel(
         self, task_id: str, reason: str, *, actor: str, request_id: str
     ) -> Task | None:
         async with self.db.transaction() as session:
-            task = await task_store.request_cancel(session, task_id, reason)
+            task = await task_store.request_cancel(session, task_id, reason, now=self.clock.now())
+            if task is not None:
+                await record_in(
+                    session,
+                    AuditRecord(
+                        actor=actor,
+                        action="task.cancel",
+                        target=task_id,
+                        request_id=request_id,
+                        details={"state": task.state},
+                    ),
+                )
         if task is None:
             return None
         if task.state in task_store.HELD:
@@ -140,18 +167,20 @@ class Dispatcher:
         elif task.state == task_store.CANCELLED:
             self.metrics.tasks_finished.labels(outcome=task.state.lower()).inc()
         self.fanout.task_changed(task_id)
-        await self.audit.submit(
-            AuditRecord(
-                actor=actor,
-                action="task.cancel",
-                target=task_id,
-                request_id=request_id,
-                details={"state": task.state},
-            )
-        )
         return task
 
     # Stream side (AgentSession)
+
+    async def record(self, *records: AuditRecord) -> None:
+        """Make audit records of events that change no row (a stream's connect, end or
+        replacement) durable before going on: committed in the next shared transaction or,
+        while the database is unreachable, fsynced in the audit spool (replayed later)."""
+        try:
+            await self.db.group.record(records)
+        except (DBAPIError, OSError, PoolTimeout) as err:
+            log.warning("audit: database unreachable (%s); spooling", type(err).__name__)
+            for record in records:
+                await self.audit.keep(record)
 
     async def claim(
         self,
@@ -164,26 +193,35 @@ class Dispatcher:
         limit: int,
     ) -> list[task_store.Claimed]:
         request = task_store.ClaimRequest(pool, labels, tuple(kinds), agent_id, session_id, limit)
-        claimed = await self.db.group.run_many(
-            request.key,
-            partial(task_store.claim_many, accept_timeout=self.config.accept_timeout),
-            request,
-        )
-        claimed = await self._admit(claimed, session_id)
-        now = utcnow()
-        for task in claimed:
-            self.metrics.schedule_to_start_seconds.labels(pool=pool).observe(
-                (now - task.queued_at).total_seconds()
-            )
-            self.fanout.task_changed(task.task_id)
-            await self.audit.submit(
+
+        def assigned(tasks: list[task_store.Claimed]) -> list[AuditRecord]:
+            return [
                 AuditRecord(
                     actor=f"agent:{agent_id}",
                     action="task.assign",
                     target=task.task_id,
                     details={"attempt": task.attempt, "session": session_id},
                 )
+                for task in tasks
+            ]
+
+        claimed = await self.db.group.run_many(
+            request.key,
+            partial(
+                task_store.claim_many,
+                accept_timeout=self.config.accept_timeout,
+                now=self.clock.now(),
+            ),
+            request,
+            audit=assigned,
+        )
+        claimed = await self._admit(claimed, session_id)
+        now = self.clock.now()
+        for task in claimed:
+            self.metrics.schedule_to_start_seconds.labels(pool=pool).observe(
+                (now - task.queued_at).total_seconds()
             )
+            self.fanout.task_changed(task.task_id)
         return claimed
 
     async def _admit(
@@ -202,7 +240,7 @@ class Dispatcher:
             holder = task_store.attempt_key(task.task_id, task.attempt)
             full = await self.inflight.admit(task.owner, task.pool, holder)
             if full is not None:
-                retry_at = utcnow() + INFLIGHT_RETRY
+                retry_at = self.clock.now() + INFLIGHT_RETRY
                 held_back.append(task_store.HoldBack(task.task_id, task.attempt, retry_at, full))
                 continue
             verdict = await self.budgets.admit(task, rules)
@@ -217,19 +255,17 @@ class Dispatcher:
             elif verdict.fail is not None:
                 failed.append((task, verdict.fail))
         if held_back or failed:
+            now = self.clock.now()
             async with self.db.transaction() as session:
-                await task_store.unclaim(session, held_back, session_id)
+                await task_store.unclaim(session, held_back, session_id, now=now)
                 ended = [
                     task
                     for task, error in failed
                     if await task_store.fail_claimed(
-                        session, task.task_id, task.attempt, session_id, error
+                        session, task.task_id, task.attempt, session_id, error, now=now
                     )
                 ]
-            for task in ended:
-                self.metrics.tasks_finished.labels(outcome="failed").inc()
-                self.fanout.task_changed(task.task_id)
-                audits.append(
+                audits += [
                     AuditRecord(
                         actor="server",
                         action="task.finish",
@@ -241,12 +277,17 @@ class Dispatcher:
                             "reason": "task spend cap used up",
                         },
                     )
-                )
+                    for task in ended
+                ]
+                await record_in(session, *audits)
+            for task in ended:
+                self.metrics.tasks_finished.labels(outcome="failed").inc()
+                self.fanout.task_changed(task.task_id)
             for hold in held_back:
                 if hold.reason:
                     self.fanout.task_changed(hold.task_id)
-        for record in audits:
-            await self.audit.submit(record)
+        elif audits:
+            await self.db.group.record(audits)
         return admitted
 
     async def renew_inflight(self) -> None:
@@ -263,7 +304,7 @@ class Dispatcher:
         it (often in the same transaction: an agent that finishes at once costs one)."""
         moved = self.db.group.submit_many(
             "accept",
-            partial(task_store.accept_many, lease=self.config.lease_duration),
+            partial(task_store.accept_many, lease=self.config.lease_duration, now=self.clock.now()),
             task_store.Acceptance(task_id, attempt, session_id),
         )
 
@@ -282,6 +323,7 @@ class Dispatcher:
                     session_id=session_id,
                     attempts=attempts,
                     lease=self.config.lease_duration,
+                    now=self.clock.now(),
                 )
             )
 
@@ -292,7 +334,12 @@ class Dispatcher:
             return [], []
         async with self.db.transaction() as session:
             return await task_store.adopt(
-                session, agent_id, session_id, attempts, self.config.lease_duration
+                session,
+                agent_id,
+                session_id,
+                attempts,
+                self.config.lease_duration,
+                now=self.clock.now(),
             )
 
     async def record_result(self, agent_id: str, result: agent_pb2.Result) -> agent_pb2.AckStatus:
@@ -319,7 +366,20 @@ class Dispatcher:
             end = task_store.Ending(
                 result.task_id, result.attempt, agent_id, state, output, error, usage
             )
-            answer = await self.db.group.run_many("finish", task_store.finish_many, end)
+
+            def finished(
+                answer: tuple[str, task_store.Finished] | task_store.Current | None,
+            ) -> list[AuditRecord]:
+                if not isinstance(answer, tuple):
+                    return []
+                return [_finish_record(agent_id, result, answer[0], usage)]
+
+            answer = await self.db.group.run_many(
+                "finish",
+                partial(task_store.finish_many, now=self.clock.now()),
+                end,
+                audit=finished,
+            )
             if isinstance(answer, tuple):
                 ended = answer
             else:
@@ -339,23 +399,11 @@ class Dispatcher:
             self.metrics.tasks_finished.labels(outcome=new_state.lower()).inc()
             if task.started_at is not None:
                 self.metrics.task_run_seconds.labels(pool=task.pool, kind=task.kind).observe(
-                    (utcnow() - task.started_at).total_seconds()
+                    (self.clock.now() - task.started_at).total_seconds()
                 )
         else:
             self.fanout.wake_pool(task.pool)
         self.fanout.task_changed(result.task_id)
-        details: dict[str, Any] = {"attempt": result.attempt, "state": new_state}
-        if usage is not None:
-            details["cost_micros"] = usage.cost_micros
-        await self.audit.submit(
-            AuditRecord(
-                actor=f"agent:{agent_id}",
-                action="task.finish",
-                target=result.task_id,
-                outcome="ok" if new_state == task_store.SUCCEEDED else "error",
-                details=details,
-            )
-        )
         return agent_pb2.ACK_STATUS_RECORDED
 
     async def _priced(self, result: agent_pb2.Result) -> usage_store.AttemptCost | None:
@@ -412,6 +460,7 @@ class Dispatcher:
                     output=output,
                     error=task.error or error,
                     usage=usage,
+                    now=self.clock.now(),
                 )
                 new_state = task_store.CANCELLED if finished else None
             else:
@@ -429,6 +478,7 @@ class Dispatcher:
                     backoff=backoff,
                     extra_where=[Task.agent_id == agent_id],
                     rate_limited=result.rate_limited,
+                    now=self.clock.now(),
                 )
                 if new_state is not None and usage is not None:
                     await usage_store.record(
@@ -438,6 +488,7 @@ class Dispatcher:
             if new_state is None:
                 current = task_store.Current(task.attempt, task.agent_id, task.state)
                 return _unrecorded(result.attempt, agent_id, current)
+            await record_in(session, _finish_record(agent_id, result, new_state, usage))
             return new_state, task_store.Finished(
                 task.owner, task.pool, task.kind, task.started_at, task.model, task.reserve_micros
             )
@@ -455,9 +506,11 @@ class Dispatcher:
                     error=reason,
                     backoff=timedelta(0),
                     extra_where=[Task.session_id == session_id],
+                    now=self.clock.now(),
                 )
                 outcomes.append((h, state))
-        await self._announce_requeues(outcomes, reason)
+            await record_in(session, *_requeue_records(outcomes, reason))
+        await self._announce_requeues(outcomes)
 
     async def hand_over(self, session_id: str, sent: set[tuple[str, int]]) -> int:
         """A stream this replica drained ended: keep the attempts it delivered (``sent``:
@@ -471,6 +524,7 @@ class Dispatcher:
             if unsent:
                 await self._unclaim(session, unsent, session_id)
             kept = await task_store.hand_over(session, session_id, until)
+            await record_in(session, *_given_back_records(unsent))
         await self._given_back(unsent)
         return kept
 
@@ -479,6 +533,7 @@ class Dispatcher:
         queued again with the same attempt number (nothing was delivered)."""
         async with self.db.transaction() as session:
             await self._unclaim(session, claimed, session_id)
+            await record_in(session, *_given_back_records(claimed))
         await self._given_back(claimed)
 
     @staticmethod
@@ -489,7 +544,7 @@ class Dispatcher:
     ) -> None:
         now = utcnow()
         back = [task_store.HoldBack(a.task_id, a.attempt, now) for a in attempts]
-        await task_store.unclaim(session, back, session_id)
+        await task_store.unclaim(session, back, session_id, now=now)
 
     async def _given_back(self, attempts: Sequence[task_store.Claimed | task_store.Held]) -> None:
         for task in attempts:
@@ -499,22 +554,8 @@ class Dispatcher:
                 await self.budgets.release(holder)
             self.fanout.task_changed(task.task_id)
             self.fanout.wake_pool(task.pool)
-            await self.audit.submit(
-                AuditRecord(
-                    actor="server",
-                    action="task.requeue",
-                    target=task.task_id,
-                    details={
-                        "attempt": task.attempt,
-                        "state": task_store.QUEUED,
-                        "reason": "claimed as its stream began draining; never sent",
-                    },
-                )
-            )
 
-    async def _announce_requeues(
-        self, outcomes: list[tuple[task_store.Held, str | None]], reason: str
-    ) -> None:
+    async def _announce_requeues(self, outcomes: list[tuple[task_store.Held, str | None]]) -> None:
         for held, state in outcomes:
             if state is None:
                 continue
@@ -524,15 +565,6 @@ class Dispatcher:
                 self.fanout.wake_pool(held.pool)
             else:
                 self.metrics.tasks_finished.labels(outcome=state.lower()).inc()
-            await self.audit.submit(
-                AuditRecord(
-                    actor="server",
-                    action="task.requeue" if state == task_store.QUEUED else "task.finish",
-                    target=held.task_id,
-                    outcome="ok" if state == task_store.QUEUED else "error",
-                    details={"attempt": held.attempt, "state": state, "reason": reason},
-                )
-            )
 
     async def _let_go(self, held: task_store.Held) -> None:
         """An attempt ended without a result: free its slots and release its budget hold."""
@@ -544,7 +576,7 @@ class Dispatcher:
 
     async def reap(self) -> None:
         """Requeue lost leases, stop overrunning attempts, time out late tasks."""
-        now = utcnow()
+        now = self.clock.now()
         outcomes: list[tuple[task_store.Held, str | None]] = []
         async with self.db.transaction() as session:
             for h in await task_store.expired_leases(session, now):
@@ -555,6 +587,7 @@ class Dispatcher:
                     error="lease expired",
                     backoff=timedelta(0),
                     extra_where=[Task.lease_expires_at < now],
+                    now=now,
                 )
                 outcomes.append((h, state))
             for h in await task_store.overrun_attempts(session, now):
@@ -565,15 +598,30 @@ class Dispatcher:
                     error="start-to-close timeout exceeded",
                     backoff=timedelta(0),
                     exhausted_state=task_store.TIMED_OUT,
+                    now=now,
                 )
                 outcomes.append((h, state))
             timed_out = await task_store.time_out_expired(session, now)
+            await record_in(
+                session,
+                *_requeue_records(outcomes, "lease expired or attempt overran"),
+                *(
+                    AuditRecord(
+                        actor="server",
+                        action="task.finish",
+                        target=h.task_id,
+                        outcome="error",
+                        details={"attempt": h.attempt, "state": task_store.TIMED_OUT},
+                    )
+                    for h in timed_out
+                ),
+            )
         for h, state in outcomes:
             if state is not None:
                 self.fanout.cancel_attempt(
                     h.session_id, h.task_id, h.attempt, "attempt lost its lease or overran"
                 )
-        await self._announce_requeues(outcomes, "lease expired or attempt overran")
+        await self._announce_requeues(outcomes)
         # Older than a lease: a settle racing with this pass would write the same figure
         # (usage is recorded with the attempt's end), so the margin only saves work.
         await self.budgets.reconcile(self.config.lease_duration)
@@ -620,7 +668,7 @@ class Dispatcher:
             self.hub.found_claimable({})
             return
         async with self.db.transaction() as session:
-            claimable = await task_store.claimable(session, pools)
+            claimable = await task_store.claimable(session, pools, now=self.clock.now())
         found: dict[str, set[str]] = {}
         for pool, kind, count in claimable:
             found.setdefault(pool, set()).add(kind)
@@ -635,13 +683,65 @@ class Dispatcher:
     async def refresh_queue_gauges(self) -> None:
         async with self.db.transaction() as session:
             stats = await task_store.queue_stats(session)
-        now = utcnow()
+        now = self.clock.now()
         self.metrics.update_queues(
             {
                 (pool, kind): QueueStats(count, (now - oldest).total_seconds() if oldest else 0.0)
                 for pool, kind, count, oldest in stats
             }
         )
+
+
+def _finish_record(
+    agent_id: str, result: agent_pb2.Result, state: str, usage: usage_store.AttemptCost | None
+) -> AuditRecord:
+    """The audit record of an attempt ended by its agent's Result."""
+    details: dict[str, Any] = {"attempt": result.attempt, "state": state}
+    if usage is not None:
+        details["cost_micros"] = usage.cost_micros
+    return AuditRecord(
+        actor=f"agent:{agent_id}",
+        action="task.finish",
+        target=result.task_id,
+        outcome="ok" if state == task_store.SUCCEEDED else "error",
+        details=details,
+    )
+
+
+def _requeue_records(
+    outcomes: list[tuple[task_store.Held, str | None]], reason: str
+) -> list[AuditRecord]:
+    """The audit records of attempts the server took back (requeued, or ended for good)."""
+    return [
+        AuditRecord(
+            actor="server",
+            action="task.requeue" if state == task_store.QUEUED else "task.finish",
+            target=held.task_id,
+            outcome="ok" if state == task_store.QUEUED else "error",
+            details={"attempt": held.attempt, "state": state, "reason": reason},
+        )
+        for held, state in outcomes
+        if state is not None
+    ]
+
+
+def _given_back_records(
+    attempts: Sequence[task_store.Claimed | task_store.Held],
+) -> list[AuditRecord]:
+    """The audit records of attempts claimed for a draining stream and never sent."""
+    return [
+        AuditRecord(
+            actor="server",
+            action="task.requeue",
+            target=task.task_id,
+            details={
+                "attempt": task.attempt,
+                "state": task_store.QUEUED,
+                "reason": "claimed as its stream began draining; never sent",
+            },
+        )
+        for task in attempts
+    ]
 
 
 def _retry_after(result: agent_pb2.Result) -> float:

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from muster.server.storage import usage as usage_store
 from muster.server.storage.models import Task
+from muster.server.storage.timing import instant, plus_seconds
 from muster.server.storage.types import UTCDateTime, utcnow
 from muster.server.storage.usage import AttemptCost, Used
 
@@ -282,7 +283,11 @@ _CLAIM_MANY = text(
 
 
 async def claim_many(
-    conn: AsyncConnection, requests: Sequence[ClaimRequest], *, accept_timeout: timedelta
+    conn: AsyncConnection,
+    requests: Sequence[ClaimRequest],
+    *,
+    accept_timeout: timedelta,
+    now: datetime,
 ) -> list[list[Claimed]]:
     """Move matching QUEUED tasks to ASSIGNED for several streams that share a
     :attr:`ClaimRequest.key`; per request, the tasks it got (at most its ``limit``).
@@ -293,7 +298,6 @@ async def claim_many(
     row). Elsewhere a compare-and-set on ``(state, attempt)`` per candidate makes each
     claim safe against every other claimer.
     """
-    now = utcnow()
     if conn.dialect.name != "postgresql":
         return [await _claim_one(conn, r, now, accept_timeout) for r in requests]
     deepest = max(r.limit for r in requests)
@@ -366,13 +370,14 @@ class HoldBack:
     """Shown as the task's waiting reason (empty: a passing limit not worth showing)."""
 
 
-async def unclaim(session: AsyncSession, items: Sequence[HoldBack], session_id: str) -> None:
+async def unclaim(
+    session: AsyncSession, items: Sequence[HoldBack], session_id: str, *, now: datetime
+) -> None:
     """Give back claimed attempts that were not sent (a limit or a budget said no).
 
     The attempt number stays: nothing was delivered. ``retry_at`` keeps the pump from
     taking the same tasks straight back while what held them back lasts.
     """
-    now = utcnow()
     for item in items:
         await session.execute(
             update(Task)
@@ -395,10 +400,15 @@ async def unclaim(session: AsyncSession, items: Sequence[HoldBack], session_id: 
 
 
 async def fail_claimed(
-    session: AsyncSession, task_id: str, attempt: int, session_id: str, error: str
+    session: AsyncSession,
+    task_id: str,
+    attempt: int,
+    session_id: str,
+    error: str,
+    *,
+    now: datetime,
 ) -> bool:
     """End a claimed, unsent attempt's task as FAILED (its own spend cap is used up)."""
-    now = utcnow()
     result = await session.execute(
         update(Task)
         .where(
@@ -431,9 +441,14 @@ async def held_by_sessions(session: AsyncSession, session_ids: set[str]) -> list
 
 
 async def accept(
-    conn: AsyncConnection, task_id: str, attempt: int, session_id: str, lease: timedelta
+    conn: AsyncConnection,
+    task_id: str,
+    attempt: int,
+    session_id: str,
+    lease: timedelta,
+    *,
+    now: datetime,
 ) -> bool:
-    now = utcnow()
     result = await conn.execute(
         update(TASKS)
         .where(
@@ -468,12 +483,13 @@ _ACCEPT_MANY = text(
 
 
 async def accept_many(
-    conn: AsyncConnection, items: Sequence[Acceptance], *, lease: timedelta
+    conn: AsyncConnection, items: Sequence[Acceptance], *, lease: timedelta, now: datetime
 ) -> list[bool]:
     """:func:`accept` for many attempts; on Postgres in one statement."""
     if conn.dialect.name != "postgresql":
-        return [await accept(conn, a.task_id, a.attempt, a.session_id, lease) for a in items]
-    now = utcnow()
+        return [
+            await accept(conn, a.task_id, a.attempt, a.session_id, lease, now=now) for a in items
+        ]
     result = await conn.execute(
         _ACCEPT_MANY,
         {
@@ -489,7 +505,12 @@ async def accept_many(
 
 
 async def renew_leases(
-    conn: AsyncConnection, session_id: str, attempts: Sequence[tuple[str, int]], lease: timedelta
+    conn: AsyncConnection,
+    session_id: str,
+    attempts: Sequence[tuple[str, int]],
+    lease: timedelta,
+    *,
+    now: datetime,
 ) -> int:
     """Extend the leases of the attempts this stream still reports; returns how many."""
     if not attempts:
@@ -498,7 +519,7 @@ async def renew_leases(
     result = await conn.execute(
         update(TASKS)
         .where(_c.session_id == session_id, _c.state.in_(HELD), _c.task_id.in_(ids))
-        .values(lease_expires_at=utcnow() + lease)
+        .values(lease_expires_at=now + lease)
     )
     return _rowcount(result)
 
@@ -509,6 +530,8 @@ async def adopt(
     session_id: str,
     attempts: Sequence[tuple[str, int]],
     lease: timedelta,
+    *,
+    now: datetime,
 ) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     """Move attempts an agent still holds onto its new stream.
 
@@ -516,7 +539,6 @@ async def adopt(
     """
     adopted: list[tuple[str, int]] = []
     lost: list[tuple[str, int]] = []
-    now = utcnow()
     for task_id, attempt in attempts:
         result = await session.execute(
             update(Task)
@@ -542,10 +564,10 @@ async def finish(
     output: bytes,
     error: str,
     usage: AttemptCost | None = None,
+    now: datetime,
 ) -> Finished | None:
     """End the current attempt in ``state``, keeping its usage; None when it is not
     current (stale)."""
-    now = utcnow()
     result = await conn.execute(
         update(TASKS)
         .where(
@@ -603,7 +625,7 @@ _FINISH_MANY = text(
 
 
 async def finish_many(
-    conn: AsyncConnection, items: Sequence[Ending]
+    conn: AsyncConnection, items: Sequence[Ending], *, now: datetime
 ) -> list[tuple[str, Finished] | Current | None]:
     """End many attempts (on Postgres in one statement). Per item: (state, Finished) when
     it ended, else the task's current attempt to say why not (None: no such task)."""
@@ -619,11 +641,11 @@ async def finish_many(
                 output=e.output,
                 error=e.error,
                 usage=e.usage,
+                now=now,
             )
             if finished is not None:
                 ended[(e.task_id, e.attempt)] = finished
     else:
-        now = utcnow()
         result = await conn.execute(
             _FINISH_MANY,
             {
@@ -682,6 +704,7 @@ async def retry_or_fail(
     exhausted_state: str = FAILED,
     extra_where: Sequence[Any] = (),
     rate_limited: bool = False,
+    now: datetime,
 ) -> str | None:
     """End the held attempt: requeue as attempt + 1, or end the task once attempts run out.
 
@@ -690,7 +713,6 @@ async def retry_or_fail(
     ``max_attempts``, up to :data:`MAX_RATE_LIMITED` of them. Returns the new state, or
     None when the attempt was not current.
     """
-    now = utcnow()
     task = await session.get(Task, task_id, populate_existing=True)
     if task is None or task.attempt != attempt or task.state not in HELD:
         return None
@@ -782,49 +804,54 @@ async def expired_leases(session: AsyncSession, now: datetime, limit: int = 500)
     return [_held(row) for row in rows]
 
 
-async def overrun_attempts(session: AsyncSession, now: datetime, limit: int = 500) -> list[Held]:
-    """Running attempts past their start-to-close timeout."""
+OVERDUE_BATCH = 500
+"""Overdue attempts one reaper pass ends per check; the next pass takes the rest."""
+
+
+async def overrun_attempts(
+    session: AsyncSession, now: datetime, limit: int = OVERDUE_BATCH
+) -> list[Held]:
+    """Running attempts past their start-to-close timeout (counted from the attempt's
+    start), the longest overdue first. The database decides which rows are overdue, so
+    any number of running attempts can hide none of them."""
+    due = plus_seconds(_c.started_at, _c.start_to_close_timeout)
     rows = await session.execute(
-        select(*HELD_COLUMNS, Task.started_at, Task.start_to_close_timeout)
-        .where(Task.state == RUNNING, Task.start_to_close_timeout.is_not(None))
+        select(*HELD_COLUMNS)
+        .where(
+            _c.state == RUNNING,
+            _c.start_to_close_timeout.is_not(None),
+            _c.started_at.is_not(None),
+            due < instant(now),
+        )
+        .order_by(due)
         .limit(limit)
     )
-    return [
-        _held(row)
-        for row in rows
-        if row.started_at is not None
-        and row.start_to_close_timeout is not None
-        and row.started_at + timedelta(seconds=row.start_to_close_timeout) < now
-    ]
+    return [_held(row) for row in rows]
 
 
-async def time_out_expired(session: AsyncSession, now: datetime) -> list[Held]:
-    """End tasks past their deadline, or queued past their schedule-to-start timeout.
+async def time_out_expired(
+    session: AsyncSession, now: datetime, limit: int = OVERDUE_BATCH
+) -> list[Held]:
+    """End tasks past their deadline, or queued past their schedule-to-start timeout
+    (counted from when the current attempt was queued).
 
     Returns the attempts that were held by an agent, which must be told to stop.
     """
-    candidates = await session.execute(
-        select(
-            *HELD_COLUMNS,
-            Task.state,
-            Task.deadline,
-            Task.queued_at,
-            Task.schedule_to_start_timeout,
-            Task.waiting_reason,
-        ).where(
-            Task.state.in_((QUEUED, *HELD)),
-            or_(Task.deadline < now, Task.schedule_to_start_timeout.is_not(None)),
-        )
+    past_deadline = and_(_c.deadline.is_not(None), _c.deadline < now)
+    waited_too_long = and_(
+        _c.state == QUEUED,
+        _c.schedule_to_start_timeout.is_not(None),
+        plus_seconds(_c.queued_at, _c.schedule_to_start_timeout) < instant(now),
+    )
+    rows = await session.execute(
+        select(*HELD_COLUMNS, _c.state, past_deadline.label("past_deadline"), _c.waiting_reason)
+        .where(_c.state.in_((QUEUED, *HELD)), or_(past_deadline, waited_too_long))
+        .limit(limit)
     )
     stopped: list[Held] = []
-    for row in candidates:
-        state, deadline, s2s = row.state, row.deadline, row.schedule_to_start_timeout
-        if deadline is not None and deadline < now:
-            reason = "deadline exceeded"
-        elif state == QUEUED and s2s is not None and row.queued_at + timedelta(seconds=s2s) < now:
-            reason = "schedule-to-start timeout exceeded"
-        else:
-            continue
+    for row in rows:
+        state = row.state
+        reason = "deadline exceeded" if row.past_deadline else "schedule-to-start timeout exceeded"
         if state == QUEUED and row.waiting_reason:
             reason = f"{reason} ({row.waiting_reason})"
         result = await session.execute(
@@ -844,9 +871,10 @@ async def time_out_expired(session: AsyncSession, now: datetime) -> list[Held]:
     return stopped
 
 
-async def request_cancel(session: AsyncSession, task_id: str, reason: str) -> Task | None:
+async def request_cancel(
+    session: AsyncSession, task_id: str, reason: str, *, now: datetime
+) -> Task | None:
     """Cancel a queued task at once; mark a held one so its agent is told to stop."""
-    now = utcnow()
     task = await session.get(Task, task_id, populate_existing=True)
     if task is None or task.state in TERMINAL:
         return task
