@@ -306,7 +306,7 @@ class AgentSession:
         dispatcher.hub.register(self)
         # One live stream per agent: older streams of this agent, on any replica, go.
         dispatcher.fanout.stream_started(self._as_new())
-        await dispatcher.audit.submit(
+        await dispatcher.record(
             self._audit("stream.connect", {"adopted": len(adopted), "lost": len(lost)})
         )
         # Per-stream lines are DEBUG: a fleet reconnecting writes thousands a second, and
@@ -408,7 +408,7 @@ class AgentSession:
             )
         if self._replaced is not None:
             new, handover = self._replaced
-            await self.dispatcher.audit.submit(
+            await self.dispatcher.record(
                 self._audit(
                     "stream.replaced",
                     {
@@ -420,7 +420,7 @@ class AgentSession:
                     },
                 )
             )
-        await self.dispatcher.audit.submit(
+        await self.dispatcher.record(
             self._audit("stream.disconnect", {"reason": reason[:200], "handed_over": handed_over})
         )
         log.debug("agent %s disconnected (session %s): %s", self.agent_id, self.session_id, reason)
