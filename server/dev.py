@@ -2,6 +2,12 @@
 
 The agent is a real ``muster agent`` child process (the same daemon users run), enrolled
 once with a single-use bootstrap token passed through its environment, never argv.
+
+A restart must cost nothing: the agent cannot outlive this process, so Ctrl-C first
+drains it (no new work; its running tasks finish and their results are recorded) while
+the server still serves it, then stops the server. Queued tasks wait, still on their
+first attempt, for the next start. A second Ctrl-C stops the agent at once; the tasks it
+was running are then retried.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ log = logging.getLogger(__name__)
 
 AGENT_NAME = "dev-agent"
 AGENT_STOP_TIMEOUT = 30.0
+"""After a second Ctrl-C (or an error), how long the agent gets to exit before SIGKILL."""
+AGENT_DRAIN_TIMEOUT = 3600.0
+"""How long a Ctrl-C lets the agent's running tasks finish (its ``--drain-timeout``)."""
 
 
 async def run_dev_agent(handle: ServerHandle, stop: asyncio.Event) -> None:
@@ -45,6 +54,9 @@ async def run_dev_agent(handle: ServerHandle, stop: asyncio.Event) -> None:
         "--state-dir", str(state_dir),
         "--name", AGENT_NAME,
         "--pool", "default",
+        # This start's agent listener, which a restart on port 0 moves.
+        "--agent-server", handle.agent_endpoint,
+        "--drain-timeout", str(AGENT_DRAIN_TIMEOUT),
     ]  # fmt: skip
     # Its own session: Ctrl-C reaches only us, and we drain the agent with SIGTERM.
     agent = await asyncio.create_subprocess_exec(*command, env=env, start_new_session=True)
@@ -58,6 +70,8 @@ async def run_dev_agent(handle: ServerHandle, stop: asyncio.Event) -> None:
                 "the dev agent exited with status %s; the server keeps running", agent.returncode
             )
             await stop.wait()
+        if agent.returncode is None:
+            await _drain_agent(agent, waiter, stop)
     finally:
         stopper.cancel()
         if agent.returncode is None:
@@ -69,6 +83,29 @@ async def run_dev_agent(handle: ServerHandle, stop: asyncio.Event) -> None:
                 await agent.wait()
         with contextlib.suppress(asyncio.CancelledError):
             await waiter
+
+
+async def _drain_agent(
+    agent: asyncio.subprocess.Process, waiter: asyncio.Task[int], stop: asyncio.Event
+) -> None:
+    """Ctrl-C: let the agent finish its running tasks (the server keeps serving it), so a
+    restart repeats nothing and costs no attempt; a second Ctrl-C stops it at once."""
+    print(
+        "Stopping: the local agent finishes its running tasks first "
+        "(Ctrl-C again to stop now; they are then retried).",
+        file=sys.stderr,
+        flush=True,
+    )
+    agent.terminate()  # the daemon drains on SIGTERM
+    stop.clear()
+    again = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({waiter, again}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        again.cancel()
+    if not waiter.done():
+        # The caller's second SIGTERM stops the daemon at once.
+        log.warning("stopping the local agent now; the tasks it was running will be retried")
 
 
 def _banner(handle: ServerHandle) -> None:
