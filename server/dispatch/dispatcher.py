@@ -10,7 +10,7 @@ import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
@@ -88,7 +88,10 @@ class Dispatcher:
         self.metrics = metrics
         self.config = config
         self.presence = Presence(
-            db, replica=config.resolved_replica_id, refresh_every=config.heartbeat_interval
+            db,
+            replica=config.resolved_replica_id,
+            refresh_every=config.heartbeat_interval,
+            clock=clock.now,
         )
         """Cluster-wide presence: this replica's streams in agent_sessions."""
         self.suspicion = Suspicion(
@@ -517,13 +520,14 @@ class Dispatcher:
         assigned on it or listed in its Hello) for the agent's next stream, same attempt
         numbers, for ``handover_grace``, instead of requeueing them; give back, unchanged,
         what was claimed for it but never sent. Returns how many were handed over."""
-        until = utcnow() + self.config.handover_grace
+        now = self.clock.now()
+        until = now + self.config.handover_grace
         async with self.db.transaction() as session:
             held = await task_store.held_by_session(session, session_id)
             unsent = [h for h in held if (h.task_id, h.attempt) not in sent]
             if unsent:
-                await self._unclaim(session, unsent, session_id)
-            kept = await task_store.hand_over(session, session_id, until)
+                await self._unclaim(session, unsent, session_id, now)
+            kept = await task_store.hand_over(session, session_id, until, now=now)
             await record_in(session, *_given_back_records(unsent))
         await self._given_back(unsent)
         return kept
@@ -532,7 +536,7 @@ class Dispatcher:
         """Return attempts claimed for a stream that began draining before they were sent:
         queued again with the same attempt number (nothing was delivered)."""
         async with self.db.transaction() as session:
-            await self._unclaim(session, claimed, session_id)
+            await self._unclaim(session, claimed, session_id, self.clock.now())
             await record_in(session, *_given_back_records(claimed))
         await self._given_back(claimed)
 
@@ -541,8 +545,8 @@ class Dispatcher:
         session: AsyncSession,
         attempts: Sequence[task_store.Claimed | task_store.Held],
         session_id: str,
+        now: datetime,
     ) -> None:
-        now = utcnow()
         back = [task_store.HoldBack(a.task_id, a.attempt, now) for a in attempts]
         await task_store.unclaim(session, back, session_id, now=now)
 
@@ -601,7 +605,8 @@ class Dispatcher:
                     now=now,
                 )
                 outcomes.append((h, state))
-            timed_out = await task_store.time_out_expired(session, now)
+            ended: list[tuple[str, int, str]] = []
+            timed_out = await task_store.time_out_expired(session, now, ended=ended)
             await record_in(
                 session,
                 *_requeue_records(outcomes, "lease expired or attempt overran"),
@@ -609,11 +614,15 @@ class Dispatcher:
                     AuditRecord(
                         actor="server",
                         action="task.finish",
-                        target=h.task_id,
+                        target=task_id,
                         outcome="error",
-                        details={"attempt": h.attempt, "state": task_store.TIMED_OUT},
+                        details={
+                            "attempt": attempt,
+                            "state": task_store.TIMED_OUT,
+                            "reason": reason,
+                        },
                     )
-                    for h in timed_out
+                    for task_id, attempt, reason in ended
                 ),
             )
         for h, state in outcomes:

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from muster.server.storage import usage as usage_store
 from muster.server.storage.models import Task
 from muster.server.storage.timing import instant, plus_seconds
-from muster.server.storage.types import UTCDateTime, utcnow
+from muster.server.storage.types import UTCDateTime
 from muster.server.storage.usage import AttemptCost, Used
 
 QUEUED = "QUEUED"
@@ -784,7 +784,9 @@ async def held_by_session(session: AsyncSession, session_id: str) -> list[Held]:
     return [_held(row) for row in rows]
 
 
-async def hand_over(session: AsyncSession, session_id: str, until: datetime) -> int:
+async def hand_over(
+    session: AsyncSession, session_id: str, until: datetime, *, now: datetime
+) -> int:
     """Keep what a drained stream holds for its agent's next stream: the attempts stay
     ASSIGNED or RUNNING with the same number and agent, their leases running to ``until``
     (the handover grace), so a Hello listing them adopts them and a resent Result is
@@ -792,7 +794,7 @@ async def hand_over(session: AsyncSession, session_id: str, until: datetime) -> 
     result = await session.execute(
         update(Task)
         .where(Task.session_id == session_id, Task.state.in_(HELD))
-        .values(lease_expires_at=until, updated_at=utcnow())
+        .values(lease_expires_at=until, updated_at=now)
     )
     return _rowcount(result)
 
@@ -830,12 +832,16 @@ async def overrun_attempts(
 
 
 async def time_out_expired(
-    session: AsyncSession, now: datetime, limit: int = OVERDUE_BATCH
+    session: AsyncSession,
+    now: datetime,
+    limit: int = OVERDUE_BATCH,
+    ended: list[tuple[str, int, str]] | None = None,
 ) -> list[Held]:
     """End tasks past their deadline, or queued past their schedule-to-start timeout
     (counted from when the current attempt was queued).
 
-    Returns the attempts that were held by an agent, which must be told to stop.
+    Returns the attempts that were held by an agent, which must be told to stop; adds
+    (task id, attempt, reason) of every task it ended to ``ended`` (for the audit trail).
     """
     past_deadline = and_(_c.deadline.is_not(None), _c.deadline < now)
     waited_too_long = and_(
@@ -866,8 +872,11 @@ async def time_out_expired(
                 lease_expires_at=None,
             )
         )
-        if _rowcount(result) == 1 and state in HELD:
-            stopped.append(_held(row))
+        if _rowcount(result) == 1:
+            if ended is not None:
+                ended.append((row.task_id, row.attempt, reason))
+            if state in HELD:
+                stopped.append(_held(row))
     return stopped
 
 
