@@ -47,12 +47,18 @@ class AdminClient(SyncClientBase[admin_pb2_grpc.AdminServiceStub]):
         ttl: Seconds | None = None,
         max_uses: int | None = None,
         name_pattern: str | None = None,
+        *,
+        reenroll: str | None = None,
     ) -> tuple[BootstrapToken, str]:
         """Create a token for enrolling agents into ``pool``; returns (record, secret).
 
         None leaves the server defaults: one use, one hour, any agent name.
+        ``reenroll``: a single-use token that re-enrolls that existing agent (revoked,
+        expired or removed) with a fresh certificate; pass ``pool=""``, it keeps its own.
         """
-        request = _requests.create_bootstrap_token(pool, labels, ttl, max_uses, name_pattern)
+        request = _requests.create_bootstrap_token(
+            pool, labels, ttl, max_uses, name_pattern, reenroll
+        )
         response = self._transport.unary(self._stub.CreateBootstrapToken, request)
         return bootstrap_token_from_proto(response.token), response.secret
 
@@ -109,9 +115,24 @@ class AdminClient(SyncClientBase[admin_pb2_grpc.AdminServiceStub]):
         request = admin_pb2.RevokeAgentRequest(agent_id=agent_id, reason=reason)
         return list(self._transport.unary(self._stub.RevokeAgent, request).serials)
 
-    def revoke_certificate(self, serial: str, reason: str = "") -> None:
+    def revoke_certificate(self, serial: str, reason: str = "") -> list[str]:
+        """Revoke a certificate and those renewed from it; returns the serials revoked now."""
         request = admin_pb2.RevokeCertificateRequest(serial=serial, reason=reason)
-        self._transport.unary(self._stub.RevokeCertificate, request)
+        return list(self._transport.unary(self._stub.RevokeCertificate, request).serials)
+
+    def remove_agent(self, agent_id: str, reason: str = "") -> list[str]:
+        """Retire an agent (certificates revoked, streams closed); only a re-enrollment
+        token brings its id back. Returns the serials revoked now."""
+        request = admin_pb2.RemoveAgentRequest(agent_id=agent_id, reason=reason)
+        return list(self._transport.unary(self._stub.RemoveAgent, request).serials)
+
+    def rotate_agents(self, agent_id: str | None = None, *, reason: str = "") -> int:
+        """Make one agent (or, with None, every agent) renew its certificate now, or when
+        it next connects; returns how many agents were asked."""
+        request = admin_pb2.RotateAgentsRequest(
+            agent_id=agent_id or "", all=agent_id is None, reason=reason
+        )
+        return self._transport.unary(self._stub.RotateAgents, request).agents
 
     def query_audit(
         self,
@@ -185,8 +206,12 @@ class AsyncAdminClient(AsyncClientBase["admin_pb2_grpc.AdminServiceAsyncStub"]):
         ttl: Seconds | None = None,
         max_uses: int | None = None,
         name_pattern: str | None = None,
+        *,
+        reenroll: str | None = None,
     ) -> tuple[BootstrapToken, str]:
-        request = _requests.create_bootstrap_token(pool, labels, ttl, max_uses, name_pattern)
+        request = _requests.create_bootstrap_token(
+            pool, labels, ttl, max_uses, name_pattern, reenroll
+        )
         response = await self._transport.unary(self._stub.CreateBootstrapToken, request)
         return bootstrap_token_from_proto(response.token), response.secret
 
@@ -237,9 +262,19 @@ class AsyncAdminClient(AsyncClientBase["admin_pb2_grpc.AdminServiceAsyncStub"]):
         request = admin_pb2.RevokeAgentRequest(agent_id=agent_id, reason=reason)
         return list((await self._transport.unary(self._stub.RevokeAgent, request)).serials)
 
-    async def revoke_certificate(self, serial: str, reason: str = "") -> None:
+    async def revoke_certificate(self, serial: str, reason: str = "") -> list[str]:
         request = admin_pb2.RevokeCertificateRequest(serial=serial, reason=reason)
-        await self._transport.unary(self._stub.RevokeCertificate, request)
+        return list((await self._transport.unary(self._stub.RevokeCertificate, request)).serials)
+
+    async def remove_agent(self, agent_id: str, reason: str = "") -> list[str]:
+        request = admin_pb2.RemoveAgentRequest(agent_id=agent_id, reason=reason)
+        return list((await self._transport.unary(self._stub.RemoveAgent, request)).serials)
+
+    async def rotate_agents(self, agent_id: str | None = None, *, reason: str = "") -> int:
+        request = admin_pb2.RotateAgentsRequest(
+            agent_id=agent_id or "", all=agent_id is None, reason=reason
+        )
+        return (await self._transport.unary(self._stub.RotateAgents, request)).agents
 
     async def query_audit(
         self,

@@ -120,6 +120,8 @@ def bootstrap_token_from_proto(msg: admin_pb2.BootstrapToken) -> BootstrapToken:
         created_at=_time(msg, "created_at"),
         created_by=msg.created_by,
         deleted=msg.deleted,
+        reenroll_agent_id=msg.reenroll_agent_id,
+        status=TokenStatus.of(msg.status),
     )
 
 
@@ -174,6 +176,8 @@ def certificate_from_proto(msg: admin_pb2.Certificate) -> Certificate:
         not_after=_time(msg, "not_after"),
         revoked=msg.revoked,
         revoked_at=_time(msg, "revoked_at"),
+        renewed_from=msg.renewed_from,
+        reason=msg.reason,
     )
 
 
@@ -189,6 +193,15 @@ def agent_from_proto(msg: admin_pb2.Agent) -> Agent:
         last_seen_at=_time(msg, "last_seen_at"),
         token_id=msg.token_id,
         certificates=tuple(certificate_from_proto(c) for c in msg.certificates),
+        replica=msg.replica,
+        capabilities=tuple(msg.capabilities),
+        max_concurrency=msg.max_concurrency,
+        in_flight=msg.in_flight,
+        certificate_expires_at=_time(msg, "certificate_expires_at"),
+        connected_at=_time(msg, "connected_at"),
+        removed=msg.removed,
+        removed_at=_time(msg, "removed_at"),
+        rotate_requested_at=_time(msg, "rotate_requested_at"),
     )
 
 

@@ -103,12 +103,14 @@ def create_bootstrap_token(
     ttl: Seconds | None,
     max_uses: int | None,
     name_pattern: str | None,
+    reenroll: str | None = None,
 ) -> admin_pb2.CreateBootstrapTokenRequest:
     req = admin_pb2.CreateBootstrapTokenRequest(
         pool=pool,
         labels=dict(labels or {}),
         name_pattern=name_pattern or "",
         max_uses=max_uses or 0,
+        reenroll_agent_id=reenroll or "",
     )
     if ttl is not None:
         req.ttl.CopyFrom(to_duration(ttl, "ttl"))

@@ -200,6 +200,10 @@ class BootstrapToken:
     created_at: datetime | None = None
     created_by: str = ""
     deleted: bool = False
+    status: TokenStatus | None = None
+    """Active, expired, used up or deleted, as the server judged it when listing."""
+    reenroll_agent_id: str = ""
+    """A re-enrollment token's agent: it enrolls that existing agent id only."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,6 +296,10 @@ class Certificate:
     not_after: datetime | None = None
     revoked: bool = False
     revoked_at: datetime | None = None
+    renewed_from: str = ""
+    """The serial it was renewed from; revoking that serial revokes this one too."""
+    reason: str = ""
+    """How it was issued: enroll, reenroll or renew."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +316,19 @@ class Agent:
     last_seen_at: datetime | None = None
     token_id: str = ""
     certificates: tuple[Certificate, ...] = ()
+    replica: str = ""
+    """The replica holding its live stream (whichever replica answered); empty if none."""
+    capabilities: tuple[str, ...] = ()
+    """Task kinds it runs (those of its last Hello when not connected)."""
+    max_concurrency: int = 0
+    in_flight: int = 0
+    """Attempts it holds now (assigned or running)."""
+    certificate_expires_at: datetime | None = None
+    connected_at: datetime | None = None
+    removed: bool = False
+    """Retired (``muster agents remove``); only a re-enrollment token brings it back."""
+    removed_at: datetime | None = None
+    rotate_requested_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -376,7 +376,13 @@ def _add_token(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     group = command_group(subparsers, "token", help="Bootstrap tokens for enrolling agents")
 
     p = _leaf(group, "create", common, "Create a bootstrap token; prints only the secret")
-    p.add_argument("--pool", required=True, help="pool the enrolled agents serve")
+    p.add_argument("--pool", help="pool the enrolled agents serve (required unless --reenroll)")
+    p.add_argument(
+        "--reenroll",
+        metavar="AGENT_ID",
+        help="a single-use token that re-enrolls this existing agent (revoked, expired or "
+        "removed) with a fresh certificate; it keeps its pool and labels",
+    )
     p.add_argument(
         "--label",
         metavar="K=V",
@@ -400,18 +406,23 @@ def _add_token(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
 
 
 def _token_create(args: argparse.Namespace) -> int:
+    if not args.pool and not args.reenroll:
+        _err("muster token create: give --pool (or --reenroll AGENT_ID)")
+        return 2
     with _admin(args) as admin:
         token, secret = admin.create_bootstrap_token(
-            args.pool,
+            args.pool or "",
             labels=dict(args.label),
             ttl=args.ttl,
             max_uses=args.uses,
             name_pattern=args.name_pattern,
+            reenroll=args.reenroll,
         )
     # Only the secret on stdout, so `T=$(muster token create ...)` captures just it.
     _out(secret)
+    bound = f" re-enrolls={token.reenroll_agent_id}" if token.reenroll_agent_id else ""
     _err(
-        f"bootstrap token {token.token_id}: pool={token.pool} uses={token.max_uses} "
+        f"bootstrap token {token.token_id}: pool={token.pool} uses={token.max_uses}{bound} "
         f"expires={format_time(token.expires_at)}"
     )
     return 0
@@ -566,6 +577,29 @@ def _add_agents(subparsers: Subparsers, common: argparse.ArgumentParser) -> None
     p.add_argument("--reason", default="", help="recorded in the audit trail")
     p.set_defaults(func=_agents_revoke)
 
+    p = _leaf(
+        group,
+        "remove",
+        common,
+        "Retire an agent: revoke its certificates and close its streams; only a token "
+        "from 'muster token create --reenroll ID' brings the id back",
+    )
+    p.add_argument("agent_id", metavar="ID")
+    p.add_argument("--reason", default="", help="recorded in the audit trail")
+    p.set_defaults(func=_agents_remove)
+
+    p = _leaf(
+        group,
+        "rotate",
+        common,
+        "Make an agent (or every agent) renew its certificate now, or when it next connects",
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("agent_id", metavar="ID", nargs="?")
+    which.add_argument("--all", action="store_true", help="every agent that is not removed")
+    p.add_argument("--reason", default="", help="sent to the agents and audited")
+    p.set_defaults(func=_agents_rotate)
+
 
 def _agents_list(args: argparse.Namespace) -> int:
     with _admin(args) as admin:
@@ -577,14 +611,28 @@ def _agents_list(args: argparse.Namespace) -> int:
         [
             a.agent_id,
             a.pool,
-            "enabled" if a.enabled else "disabled",
-            "yes" if a.connected else "no",
+            "removed" if a.removed else "enabled" if a.enabled else "disabled",
+            a.replica if a.connected else "no",
+            f"{a.in_flight}/{a.max_concurrency}" if a.max_concurrency else "-",
+            ",".join(a.capabilities) or "-",
             format_time(a.last_seen_at),
+            format_time(a.certificate_expires_at),
             format_labels(a.labels),
         ]
         for a in agents
     ]
-    _out(table(("AGENT_ID", "POOL", "STATUS", "CONNECTED", "LAST_SEEN", "LABELS"), rows))
+    headers = (
+        "AGENT_ID",
+        "POOL",
+        "STATUS",
+        "CONNECTED",
+        "IN_FLIGHT",
+        "KINDS",
+        "LAST_SEEN",
+        "CERT_EXPIRES",
+        "LABELS",
+    )
+    _out(table(headers, rows))
     return 0
 
 
@@ -601,8 +649,20 @@ def _agents_get(args: argparse.Namespace) -> int:
                 ("spiffe_id", agent.spiffe_id),
                 ("pool", agent.pool),
                 ("labels", format_labels(agent.labels)),
-                ("status", "enabled" if agent.enabled else "disabled"),
-                ("connected", "yes" if agent.connected else "no"),
+                (
+                    "status",
+                    "removed" if agent.removed else "enabled" if agent.enabled else "disabled",
+                ),
+                (
+                    "connected",
+                    f"yes, to replica {agent.replica} since {format_time(agent.connected_at)}"
+                    if agent.connected
+                    else "no",
+                ),
+                ("kinds", ",".join(agent.capabilities) or "-"),
+                ("concurrency", str(agent.max_concurrency or "-")),
+                ("in_flight", str(agent.in_flight)),
+                ("cert_expires", format_time(agent.certificate_expires_at)),
                 ("enrolled", format_time(agent.enrolled_at)),
                 ("last_seen", format_time(agent.last_seen_at)),
                 ("token_id", agent.token_id or "-"),
@@ -616,10 +676,13 @@ def _agents_get(args: argparse.Namespace) -> int:
             format_time(c.not_before),
             format_time(c.not_after),
             f"revoked {format_time(c.revoked_at)}" if c.revoked else "valid",
+            c.reason or "-",
+            c.renewed_from or "-",
         ]
         for c in agent.certificates
     ]
-    _out(table(("SERIAL", "NOT_BEFORE", "NOT_AFTER", "STATUS"), rows, indent="  "))
+    headers = ("SERIAL", "NOT_BEFORE", "NOT_AFTER", "STATUS", "ISSUED_FOR", "RENEWED_FROM")
+    _out(table(headers, rows, indent="  "))
     return 0
 
 
@@ -627,6 +690,28 @@ def _agents_set_enabled(args: argparse.Namespace) -> int:
     with _admin(args) as admin:
         agent = admin.set_agent_enabled(args.agent_id, args.enabled)
     _out(f"{agent.agent_id} {'enabled' if agent.enabled else 'disabled'}")
+    return 0
+
+
+def _agents_remove(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        serials = admin.remove_agent(args.agent_id, reason=args.reason)
+    for serial in serials:
+        _out(serial)
+    _err(
+        f"removed agent {args.agent_id} ({len(serials)} certificate(s) revoked); to bring "
+        f"it back: muster token create --reenroll {args.agent_id}"
+    )
+    return 0
+
+
+def _agents_rotate(args: argparse.Namespace) -> int:
+    with _admin(args) as admin:
+        count = admin.rotate_agents(None if args.all else args.agent_id, reason=args.reason)
+    _err(
+        f"asked {count} agent(s) to renew their certificates (connected ones now, the "
+        "others when they next connect)"
+    )
     return 0
 
 
@@ -649,8 +734,14 @@ def _add_cert(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
 
 def _cert_revoke(args: argparse.Namespace) -> int:
     with _admin(args) as admin:
-        admin.revoke_certificate(args.serial, reason=args.reason)
-    _err(f"revoked certificate {args.serial}")
+        serials = admin.revoke_certificate(args.serial, reason=args.reason)
+    for serial in serials:
+        _out(serial)
+    _err(
+        f"revoked certificate {args.serial} and {max(0, len(serials) - 1)} renewed from it"
+        if serials
+        else f"certificate {args.serial} was revoked already"
+    )
     return 0
 
 

@@ -68,6 +68,24 @@ class AgentServiceStub:
       UNAVAILABLE        the server is stopping, or its database is unreachable:
                          reconnect and resend unacknowledged Results.
 
+    Handover (planned restarts cost nothing): when the server drains a stream (it
+    is stopping, or the stream reached the server's max_stream_age) it sends Drain
+    and, from then on, no Assignment; an attempt claimed for the stream but not
+    yet sent goes back to the queue with the same attempt number. When that stream
+    ends, however it ends (the agent half-closes it, or the server cuts it after
+    its shutdown grace), the attempts it held are NOT requeued: they stay the
+    agent's, with the same attempt numbers, and their leases run for the server's
+    handover_grace (default 5 min, at least Welcome.lease_duration) from the
+    stream's end. The agent's next stream, on this replica or any other, adopts
+    those its Hello lists in in_flight (no Cancel, same number), and records the
+    Results it resends from its outbox (once: a second copy is Acked DUPLICATE).
+    An agent that does not come back within handover_grace loses them as after a
+    lease expiry (requeued as attempt + 1). A stopping server stops listening for
+    new connections at once, so an agent that knows several replicas reaches
+    another one; one that knows only this replica keeps its work running and its
+    Results in its outbox until the replica is back. Any other end of a stream (a
+    cut, silence, replacement, revocation) requeues what it held as attempt + 1.
+
     The server flags (audit action `agent.suspicious`, metric
     `muster_suspicious_events_total{kind}`) and, if its `suspicious_policy`
     says `disable` for the kind, disables the agent: two_addresses (one
@@ -123,6 +141,24 @@ class AgentServiceAsyncStub(AgentServiceStub):
       ABORTED            replaced by a newer stream of the same agent;
       UNAVAILABLE        the server is stopping, or its database is unreachable:
                          reconnect and resend unacknowledged Results.
+
+    Handover (planned restarts cost nothing): when the server drains a stream (it
+    is stopping, or the stream reached the server's max_stream_age) it sends Drain
+    and, from then on, no Assignment; an attempt claimed for the stream but not
+    yet sent goes back to the queue with the same attempt number. When that stream
+    ends, however it ends (the agent half-closes it, or the server cuts it after
+    its shutdown grace), the attempts it held are NOT requeued: they stay the
+    agent's, with the same attempt numbers, and their leases run for the server's
+    handover_grace (default 5 min, at least Welcome.lease_duration) from the
+    stream's end. The agent's next stream, on this replica or any other, adopts
+    those its Hello lists in in_flight (no Cancel, same number), and records the
+    Results it resends from its outbox (once: a second copy is Acked DUPLICATE).
+    An agent that does not come back within handover_grace loses them as after a
+    lease expiry (requeued as attempt + 1). A stopping server stops listening for
+    new connections at once, so an agent that knows several replicas reaches
+    another one; one that knows only this replica keeps its work running and its
+    Results in its outbox until the replica is back. Any other end of a stream (a
+    cut, silence, replacement, revocation) requeues what it held as attempt + 1.
 
     The server flags (audit action `agent.suspicious`, metric
     `muster_suspicious_events_total{kind}`) and, if its `suspicious_policy`
@@ -182,6 +218,24 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
           ABORTED            replaced by a newer stream of the same agent;
           UNAVAILABLE        the server is stopping, or its database is unreachable:
                              reconnect and resend unacknowledged Results.
+
+        Handover (planned restarts cost nothing): when the server drains a stream (it
+        is stopping, or the stream reached the server's max_stream_age) it sends Drain
+        and, from then on, no Assignment; an attempt claimed for the stream but not
+        yet sent goes back to the queue with the same attempt number. When that stream
+        ends, however it ends (the agent half-closes it, or the server cuts it after
+        its shutdown grace), the attempts it held are NOT requeued: they stay the
+        agent's, with the same attempt numbers, and their leases run for the server's
+        handover_grace (default 5 min, at least Welcome.lease_duration) from the
+        stream's end. The agent's next stream, on this replica or any other, adopts
+        those its Hello lists in in_flight (no Cancel, same number), and records the
+        Results it resends from its outbox (once: a second copy is Acked DUPLICATE).
+        An agent that does not come back within handover_grace loses them as after a
+        lease expiry (requeued as attempt + 1). A stopping server stops listening for
+        new connections at once, so an agent that knows several replicas reaches
+        another one; one that knows only this replica keeps its work running and its
+        Results in its outbox until the replica is back. Any other end of a stream (a
+        cut, silence, replacement, revocation) requeues what it held as attempt + 1.
 
         The server flags (audit action `agent.suspicious`, metric
         `muster_suspicious_events_total{kind}`) and, if its `suspicious_policy`

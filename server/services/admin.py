@@ -115,21 +115,31 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             ttl = duration(request.ttl, "ttl", maximum=MAX_BOOTSTRAP_TTL, maximum_text="30 days")
         if not timedelta(seconds=1) <= ttl <= MAX_BOOTSTRAP_TTL:
             raise invalid("ttl: must be between 1s and 30 days")
+        reenroll = check_text(request.reenroll_agent_id, "reenroll_agent_id", MAX_ID)
         minted = tokens.mint(tokens.BOOTSTRAP)
         now = utcnow()
-        row = BootstrapToken(
-            token_id=minted.token_id,
-            secret_hash=minted.secret_hash,
-            pool=pool,
-            labels=labels,
-            name_pattern=pattern,
-            max_uses=max_uses,
-            uses=0,
-            expires_at=now + ttl,
-            created_at=now,
-            created_by=current_principal.get().name,
-        )
         async with self._db.transaction() as session:
+            details: dict[str, Any] = {}
+            if reenroll:
+                agent = await identities.agent(session, reenroll)
+                if agent is None:
+                    raise not_found(f"no agent {reenroll[:63]!r} to re-enroll")
+                pool, labels, pattern = _reenrollment_scope(request, agent)
+                max_uses = 1
+                details["reenroll"] = agent.agent_id
+            row = BootstrapToken(
+                token_id=minted.token_id,
+                secret_hash=minted.secret_hash,
+                pool=pool,
+                labels=labels,
+                name_pattern=pattern,
+                max_uses=max_uses,
+                uses=0,
+                expires_at=now + ttl,
+                created_at=now,
+                created_by=current_principal.get().name,
+                agent_id=reenroll or None,
+            )
             session.add(row)
             await record_in(
                 session,
@@ -141,6 +151,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
                     labels=labels,
                     max_uses=max_uses,
                     expires_at=row.expires_at.isoformat(),
+                    **details,
                 ),
             )
         return admin_pb2.CreateBootstrapTokenResponse(
@@ -158,6 +169,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             rows = (
                 await session.execute(select(BootstrapToken).order_by(BootstrapToken.created_at))
             ).scalars()
+            now = utcnow()
             return admin_pb2.ListBootstrapTokensResponse(
                 tokens=[convert.bootstrap_token(r, now) for r in rows]
             )
@@ -169,7 +181,6 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             admin_pb2.DeleteBootstrapTokenRequest, admin_pb2.DeleteBootstrapTokenResponse
         ],
     ) -> admin_pb2.DeleteBootstrapTokenResponse:
-            now = utcnow()
         async with self._db.transaction() as session:
             token_id = check_text(request.token_id, "token_id", MAX_ID)
             row = await identities.bootstrap_token(session, token_id)
@@ -278,6 +289,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         async with self._db.transaction() as session:
             rows = await identities.agents(session, request.pool)
             certs = await identities.certificates_of(session, [r.agent_id for r in rows])
+            present = await self._presence_of(session, [r.agent_id for r in rows])
         return admin_pb2.ListAgentsResponse(
             agents=[
                 self._described(
@@ -294,7 +306,6 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     ) -> admin_pb2.Agent:
         check_text(request.agent_id, "agent_id", MAX_ID)
         async with self._db.transaction() as session:
-            present = await self._presence_of(session, [r.agent_id for r in rows])
             row = await identities.agent(session, request.agent_id)
             if row is None:
                 raise not_found(f"no agent {request.agent_id[:63]!r}")
@@ -311,11 +322,13 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             row = await identities.agent(session, request.agent_id)
             if row is None:
                 raise not_found(f"no agent {request.agent_id[:63]!r}")
+            certs = await identities.certificates_of(session, [row.agent_id])
+            if request.enabled:
+                _check_can_connect(row, certs)
             if row.enabled != request.enabled:
                 row.enabled = request.enabled
                 action = "agent.enable" if request.enabled else "agent.disable"
                 await record_in(session, self._audit(context, action, row.agent_id))
-            certs = await identities.certificates_of(session, [row.agent_id])
         if not request.enabled:
             self._fanout.close_agent(
                 row.agent_id, grpc.StatusCode.PERMISSION_DENIED, "agent disabled"
@@ -333,7 +346,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         reason = check_text(request.reason, "reason", MAX_REASON)[:200]
         reason = reason or "revoked by an administrator"
         async with self._db.transaction() as session:
-            if await identities.agent(session, request.agent_id) is None:
+            if await identities.lock_agent(session, request.agent_id) is None:
                 raise not_found(f"no agent {request.agent_id[:63]!r}")
             serials = await identities.revoke_certificates(
                 session, agent_id=request.agent_id, reason=reason
@@ -364,19 +377,92 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             cert = await identities.certificate(session, serial)
             if cert is None:
                 raise not_found(f"no certificate with serial {serial[:48]!r}")
+            # Locked as Renew locks it: a renewal from this serial either committed
+            # before (and its certificate is a descendant revoked here) or sees the
+            # revocation and is refused.
+            await identities.lock_agent(session, cert.agent_id)
             serials = await identities.revoke_certificates(session, serial=serial, reason=reason)
+            descendants = [s for s in serials if s != serial]
             await record_in(
                 session,
-                self._audit(context, "cert.revoke", serial, agent=cert.agent_id, reason=reason),
+                self._audit(
+                    context,
+                    "cert.revoke",
+                    serial,
+                    agent=cert.agent_id,
+                    reason=reason,
+                    descendants=descendants,
+                ),
             )
         self._metrics.certificates_revoked.inc(len(serials))
         self._fanout.close_agent(
             cert.agent_id,
             grpc.StatusCode.PERMISSION_DENIED,
             "certificate revoked",
-            frozenset({serial}),
+            frozenset({serial, *serials}),
         )
-        return admin_pb2.RevokeCertificateResponse()
+        return admin_pb2.RevokeCertificateResponse(serials=serials)
+
+    async def RemoveAgent(
+        self,
+        request: admin_pb2.RemoveAgentRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.RemoveAgentRequest, admin_pb2.RemoveAgentResponse
+        ],
+    ) -> admin_pb2.RemoveAgentResponse:
+        check_text(request.agent_id, "agent_id", MAX_ID)
+        reason = check_text(request.reason, "reason", MAX_REASON)[:200]
+        reason = reason or "agent removed by an administrator"
+        async with self._db.transaction() as session:
+            row = await identities.lock_agent(session, request.agent_id)
+            if row is None:
+                raise not_found(f"no agent {request.agent_id[:63]!r}")
+            if row.removed_at is not None:
+                return admin_pb2.RemoveAgentResponse()  # removed already: nothing to do
+            serials = await identities.revoke_certificates(
+                session, agent_id=row.agent_id, reason=reason
+            )
+            row.removed_at = utcnow()
+            row.enabled = False
+            await record_in(
+                session,
+                self._audit(context, "agent.remove", row.agent_id, serials=serials, reason=reason),
+            )
+        self._metrics.certificates_revoked.inc(len(serials))
+        self._fanout.close_agent(row.agent_id, grpc.StatusCode.PERMISSION_DENIED, "agent removed")
+        return admin_pb2.RemoveAgentResponse(serials=serials)
+
+    async def RotateAgents(
+        self,
+        request: admin_pb2.RotateAgentsRequest,
+        context: grpc.aio.ServicerContext[
+            admin_pb2.RotateAgentsRequest, admin_pb2.RotateAgentsResponse
+        ],
+    ) -> admin_pb2.RotateAgentsResponse:
+        agent_id = check_text(request.agent_id, "agent_id", MAX_ID)
+        if bool(agent_id) == request.all:
+            raise invalid("give exactly one of agent_id and all")
+        reason = check_text(request.reason, "reason", MAX_REASON)[:200]
+        reason = reason or "certificate rotation requested by an administrator"
+        now = utcnow()
+        async with self._db.transaction() as session:
+            if agent_id:
+                row = await identities.agent(session, agent_id)
+                if row is None:
+                    raise not_found(f"no agent {agent_id[:63]!r}")
+                if row.removed_at is not None:
+                    raise ServiceError(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        f"agent {agent_id} was removed; it has no certificate to rotate",
+                    )
+            count = await identities.request_rotation(session, agent_id or None, now)
+            await record_in(
+                session,
+                self._audit(context, "agent.rotate", agent_id or "*", agents=count, reason=reason),
+            )
+        # Every replica sends Renew to the streams it holds (on certificates older than now).
+        self._fanout.rotate_agents(agent_id or None, reason, now.timestamp())
+        return admin_pb2.RotateAgentsResponse(agents=count)
 
     async def _agent(self, row: Any, certs: list[Any]) -> admin_pb2.Agent:
         async with self._db.transaction() as session:
@@ -653,3 +739,48 @@ def _budget_scope(scope: str) -> str:
             "(SubmitRequest.max_cost_usd, muster submit --max-cost-usd)"
         )
     return checked
+
+
+def _reenrollment_scope(
+    request: admin_pb2.CreateBootstrapTokenRequest, agent: Any
+) -> tuple[str, dict[str, str], str]:
+    """A re-enrollment token's pool, labels and name pattern: the agent's own. Anything
+    else asked for is refused rather than silently dropped."""
+    if request.pool and request.pool != agent.pool:
+        raise invalid(
+            f"pool: a re-enrollment token keeps agent {agent.agent_id}'s pool "
+            f"({agent.pool!r}); leave it out"
+        )
+    if request.labels and dict(request.labels) != agent.labels:
+        raise invalid(
+            f"labels: a re-enrollment token keeps agent {agent.agent_id}'s labels; leave them out"
+        )
+    if request.name_pattern and request.name_pattern != agent.agent_id:
+        raise invalid("name_pattern: a re-enrollment token enrolls only its agent; leave it out")
+    if request.max_uses > 1:
+        raise invalid("max_uses: a re-enrollment token is single-use")
+    return agent.pool, dict(agent.labels), agent.agent_id
+
+
+def _check_can_connect(row: Any, certs: list[Any]) -> None:
+    """Enabling must not report success for an agent that still cannot connect."""
+    hint = f"make a re-enrollment token for it: muster token create --reenroll {row.agent_id}"
+    if row.removed_at is not None:
+        raise ServiceError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"agent {row.agent_id} was removed; enabling it would not let it connect: {hint}",
+        )
+    live = [c for c in certs if c.revoked_at is None]
+    if not live:
+        raise ServiceError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"every certificate of agent {row.agent_id} is revoked, so enabling it would "
+            f"not let it connect: {hint}",
+        )
+    now = utcnow()
+    if all(c.not_after <= now for c in live):
+        raise ServiceError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            f"every certificate of agent {row.agent_id} is revoked or expired, so enabling "
+            f"it would not let it connect: {hint}",
+        )

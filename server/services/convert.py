@@ -150,7 +150,7 @@ def bootstrap_token(
     )
 
 
-def api_token(row: models.ApiToken) -> admin_pb2.ApiToken:
+def api_token(row: models.ApiToken, now: datetime | None = None) -> admin_pb2.ApiToken:
     return admin_pb2.ApiToken(
         token_id=row.token_id,
         name=row.name,
@@ -175,15 +175,11 @@ def certificate(row: models.Certificate) -> admin_pb2.Certificate:
         not_after=timestamp(row.not_after),
         revoked=row.revoked_at is not None,
         revoked_at=timestamp(row.revoked_at),
+        renewed_from=row.renewed_from or "",
+        reason=row.reason,
     )
 
 
-def agent(
-    row: models.Agent,
-    certificates: list[models.Certificate],
-    *,
-    spiffe_id: str,
-    presence: AgentPresence,
 @dataclass(frozen=True, slots=True)
 class AgentPresence:
     """What the cluster knows of an agent's streams (storage/presence.py)."""
@@ -193,13 +189,19 @@ class AgentPresence:
     in_flight: int = 0
 
 
+def agent(
+    row: models.Agent,
+    certificates: list[models.Certificate],
+    *,
+    spiffe_id: str,
+    presence: AgentPresence,
 ) -> admin_pb2.Agent:
-    return admin_pb2.Agent(
-        agent_id=row.agent_id,
     stream = presence.stream
     live_certs = [c.not_after for c in certificates if c.revoked_at is None]
     expires = stream.cert_not_after if stream is not None else max(live_certs, default=None)
     kinds = stream.capabilities if stream is not None else (row.capabilities or ())
+    return admin_pb2.Agent(
+        agent_id=row.agent_id,
         spiffe_id=spiffe_id,
         pool=row.pool,
         labels=row.labels,
@@ -209,8 +211,6 @@ class AgentPresence:
         last_seen_at=timestamp(row.last_seen_at),
         token_id=row.token_id,
         certificates=[certificate(c) for c in certificates],
-    )
-
         replica=stream.replica if stream is not None else "",
         capabilities=list(kinds),
         max_concurrency=(
@@ -222,6 +222,8 @@ class AgentPresence:
         removed=row.removed_at is not None,
         removed_at=timestamp(row.removed_at),
         rotate_requested_at=timestamp(row.rotate_requested_at),
+    )
+
 
 def audit_event(row: models.AuditEvent) -> admin_pb2.AuditEvent:
     return admin_pb2.AuditEvent(
