@@ -121,7 +121,6 @@ def bootstrap_token_from_proto(msg: admin_pb2.BootstrapToken) -> BootstrapToken:
         created_by=msg.created_by,
         deleted=msg.deleted,
         reenroll_agent_id=msg.reenroll_agent_id,
-        status=TokenStatus.of(msg.status),
     )
 
 

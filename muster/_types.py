@@ -200,8 +200,6 @@ class BootstrapToken:
     created_at: datetime | None = None
     created_by: str = ""
     deleted: bool = False
-    status: TokenStatus | None = None
-    """Active, expired, used up or deleted, as the server judged it when listing."""
     reenroll_agent_id: str = ""
     """A re-enrollment token's agent: it enrolls that existing agent id only."""
 
