@@ -7,27 +7,31 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
 
-from muster import AsyncAdminClient
+from muster import AsyncAdminClient, AsyncClient, TaskState
 from muster.cli import main
-from muster.server.app import ServerHandle
+from muster.server.app import ServerHandle, start_server
 from muster.server.audit import AuditRecord, AuditWriter, record_in
 from muster.server.audit.chain import COLUMNS, GENESIS, link, row_hash
 from muster.server.audit.record import _tips as tips
 from muster.server.audit.record import append_new
 from muster.server.audit.spool import Segment, adopt_all, decode, encode
 from muster.server.audit.verify import verify
+from muster.server.clock import ManualClock
 from muster.server.storage import migrate
+from muster.server.storage.batch import GroupCommit
 from muster.server.storage.database import Database
 from muster.server.storage.models import AuditEvent, Base
 from muster.server.storage.roles import apply_roles
+from tests.conftest import client_config, server_config
 from tests.pg import admin_execute, database_name, fresh_database, unique_name
 from tests.pg import database_url as pg_database_url
 
@@ -125,6 +129,158 @@ async def test_chain_verifies_after_concurrent_in_transaction_and_batch_appends(
     for worker in range(6):  # the batch writer keeps each producer's order
         mine = [r.details["n"] for r in rows if r.actor == f"batch{worker}"]
         assert mine == list(range(100))
+
+
+# Transitions and their audit rows, committed together (the group commit)
+
+
+async def probe_table(db: Database) -> None:
+    async with db.engine.begin() as conn:
+        await conn.execute(text("CREATE TABLE probe (n integer NOT NULL)"))
+
+
+async def probed(db: Database) -> list[int]:
+    async with db.engine.connect() as conn:
+        return sorted((await conn.execute(text("SELECT n FROM probe"))).scalars())
+
+
+async def put(conn: AsyncConnection, items: Sequence[int]) -> list[int]:
+    """A transition: rows into the probe table; ``-1`` fails after writing its row."""
+    for n in items:
+        await conn.execute(text("INSERT INTO probe (n) VALUES (:n)"), {"n": abs(n)})
+        if n < 0:
+            raise ZeroDivisionError(n)
+    return list(items)
+
+
+def audited(n: int) -> list[AuditRecord]:
+    """The audit records of transition ``n``; none for 0, a record that cannot be stored
+    (a naive time) for 13."""
+    if n == 0:
+        return []
+    if n == 13:
+        return [event(n, time=datetime(2026, 1, 1))]
+    return [event(n)]
+
+
+async def test_transitions_commit_with_their_audit_rows_and_fail_without_them(
+    db: Database,
+) -> None:
+    await probe_table(db)
+    # Gathered into one transaction: 13's record and -4's work fail it, so every item
+    # runs again alone and only those two callers see an error.
+    futures = [db.group.submit_many("probe", put, n, audit=audited) for n in (1, 0, 13, -4, 5, 6)]
+    results = await asyncio.gather(*futures, return_exceptions=True)
+    assert results[:2] == [1, 0] and results[4:] == [5, 6]
+    assert isinstance(results[2], ValueError)  # no audit, no change
+    assert isinstance(results[3], ZeroDivisionError)
+    assert await probed(db) == [0, 1, 5, 6]
+    assert [r.target for r in await rows_by_seq(db)] == ["t1", "t5", "t6"]
+    assert db.group.transactions >= 1
+
+    await db.group.run(lambda conn: put(conn, [7]), audit=lambda _: [event(7)])
+    await db.group.record([event(8), event(9)])
+    assert await probed(db) == [0, 1, 5, 6, 7]
+    assert [r.target for r in await rows_by_seq(db)] == ["t1", "t5", "t6", "t7", "t8", "t9"]
+    assert (await verify(db)).ok
+
+
+async def test_audited_transitions_interleave_with_other_appends_on_one_chain(
+    db: Database,
+) -> None:
+    """The group commit, transactions of their own and the batch writer all append to the
+    replica's chain at once: no gap, no fork, nothing lost."""
+    await probe_table(db)
+    writer = AuditWriter(db, batch_size=20, flush_interval=0.01)
+    writer.start()
+
+    async def grouped(worker: int) -> None:
+        for i in range(30):
+            await db.group.run_many(
+                "probe", put, worker * 100 + i, audit=lambda n: [event(n, actor="group")]
+            )
+
+    async def own(worker: int) -> None:
+        for i in range(10):
+            async with db.transaction() as session:
+                await session.execute(text("INSERT INTO probe (n) VALUES (:n)"), {"n": -i})
+                await record_in(session, event(i, actor=f"own{worker}"))
+
+    async def batched() -> None:
+        for i in range(100):
+            await writer.submit(event(i, actor="batch"))
+
+    try:
+        await asyncio.gather(
+            *(grouped(w) for w in range(8)), *(own(w) for w in range(4)), batched()
+        )
+        await writer.flush()
+    finally:
+        await writer.close()
+    report = await verify(db)
+    assert report.ok, report.breaks
+    assert report.rows == 8 * 30 + 4 * 10 + 100
+    assert len(await probed(db)) == 8 * 30 + 4 * 10
+
+
+async def test_audit_only_in_a_group_commit_that_has_a_trail() -> None:
+    group = GroupCommit(create_async_engine("sqlite+aiosqlite://"))
+    with pytest.raises(RuntimeError, match="no audit trail"):
+        await group.record([event(1)])
+
+
+async def test_keep_returns_once_the_event_is_spooled_while_the_database_is_away(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """What the stream events fall back on: durable on local disk before going on."""
+    db = await open_db(pg_url, pool_size=2)
+    writer = AuditWriter(db, spool_path=tmp_path / "spool", flush_interval=0.01, db_timeout=1.0)
+    writer.start()
+    try:
+        await writer.keep(event(1))
+        assert writer.spool_bytes == 0  # the database took it
+        await cut(pg_url)
+        await asyncio.wait_for(writer.keep(event(2)), 10)
+        assert writer.spool_bytes > 0  # on disk (fsynced), not in memory
+        segments = list((tmp_path / "spool").glob("*.jsonl"))
+        assert [decode(line).target for s in segments for line in s.read_bytes().splitlines()] == [
+            "t2"
+        ]
+        await restore(pg_url)
+        await asyncio.wait_for(writer.flush(), 10)
+    finally:
+        await writer.close()
+    assert [r.target for r in await rows_by_seq(db)] == ["t1", "t2"]
+    await db.close()
+
+
+async def test_a_task_the_reaper_times_out_has_its_finish_row(
+    tmp_path: Path, backend: dict[str, object]
+) -> None:
+    clock = ManualClock()
+    handle = await start_server(server_config(tmp_path / "data", **backend), clock=clock)
+    try:
+        async with AsyncClient(client_config(handle)) as client:
+            await clock.wait_for_sleepers(2)  # the reaper and the certificate renewal
+            task = await client.submit("echo", b"", pool="nobody", schedule_to_start_timeout=30)
+            clock.advance(31)
+            await clock.wait_for_sleepers(2)
+            assert (await client.get(task.task_id)).state is TaskState.TIMED_OUT
+        async with handle.db.transaction() as session:
+            rows = (
+                await session.execute(
+                    select(AuditEvent.action, AuditEvent.details)
+                    .where(AuditEvent.target == task.task_id)
+                    .order_by(AuditEvent.seq)
+                )
+            ).all()
+        assert [(action, details.get("state")) for action, details in rows] == [
+            ("task.submit", None),
+            ("task.finish", "TIMED_OUT"),
+        ]
+        assert rows[1][1]["reason"].startswith("schedule-to-start timeout exceeded")
+    finally:
+        await handle.stop(grace=1.0)
 
 
 async def test_two_replicas_append_to_their_own_chains(db_url: str) -> None:
