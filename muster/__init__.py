@@ -23,7 +23,9 @@ from muster._types import (
     Task,
     TaskState,
     Tenant,
+    TokenStatus,
     Usage,
+    WaitingReason,
 )
 from muster.config import ClientConfig
 from muster.errors import (
@@ -61,7 +63,9 @@ __all__ = [  # noqa: RUF022
     "Task",
     "TaskState",
     "Tenant",
+    "TokenStatus",
     "Usage",
+    "WaitingReason",
     # Errors
     "AuthenticationError",
     "ConfigError",

@@ -16,7 +16,15 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from muster._types import Budget, PoolSettings, Task, Usage
+from muster._types import (
+    Budget,
+    PoolSettings,
+    Task,
+    TaskState,
+    TokenStatus,
+    Usage,
+    WaitingReason,
+)
 from muster.money import format_usd
 from muster.sanitize import neutralize
 
@@ -88,6 +96,23 @@ def to_json(value: Any) -> str:
     return json.dumps(_jsonable(value), indent=2, ensure_ascii=False)
 
 
+def waiting_text(task: Task) -> str:
+    """``<reason>[ until <time>] [<code>]``: why a queued task waits, in words and as the
+    code scripts can match (a server too old to send a code sends none)."""
+    text = task.waiting_reason or "-"
+    if task.waiting_until is not None and "until" not in text:
+        text += f" until {format_time(task.waiting_until)}"
+    code = task.waiting_reason_code
+    return f"{text} [{code}]" if code is not WaitingReason.NONE else text
+
+
+def token_status(status: TokenStatus | None, deleted: bool) -> str:
+    """A token's status for a table; from ``deleted`` alone when the server sent none."""
+    if status is not None:
+        return str(status)
+    return "deleted" if deleted else "active"
+
+
 def task_row(task: Task) -> list[str]:
     return [
         task.task_id,
@@ -132,8 +157,8 @@ def task_details(task: Task) -> str:
         ("kind", task.kind),
         ("state", task.state.name + (" (cancel requested)" if task.cancel_requested else "")),
     ]
-    if task.waiting_reason:
-        pairs.append(("waiting", task.waiting_reason))
+    if task.state is TaskState.QUEUED and (task.waiting_reason or task.waiting_reason_code):
+        pairs.append(("waiting", waiting_text(task)))
     pairs += [
         ("pool", task.pool),
         ("selector", format_labels(task.selector)),

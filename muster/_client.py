@@ -70,7 +70,7 @@ class AsyncClient(AsyncClientBase["task_pb2_grpc.TaskServiceAsyncStub"]):
             output_schema=output_schema,
         )
         response = await self._transport.unary(self._stub.Submit, request)
-        return task_from_proto(response.task)
+        return task_from_proto(response.task, submit_warning=response.warning)
 
     async def get(self, task_id: str) -> Task:
         """The task as it is now; NotFoundError if there is no such task."""

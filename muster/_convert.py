@@ -24,7 +24,9 @@ from muster._types import (
     Task,
     TaskState,
     Tenant,
+    TokenStatus,
     Usage,
+    WaitingReason,
 )
 from muster.errors import InvalidArgumentError, MusterError
 from muster.money import MICROS_PER_USD
@@ -52,7 +54,7 @@ def _duration(msg: Message, name: str) -> timedelta | None:
     return value if value else None
 
 
-def task_from_proto(msg: common_pb2.Task) -> Task:
+def task_from_proto(msg: common_pb2.Task, *, submit_warning: str = "") -> Task:
     try:
         state = TaskState(msg.state)
     except ValueError:
@@ -92,6 +94,9 @@ def task_from_proto(msg: common_pb2.Task) -> Task:
             for a in msg.attempt_usage
         ),
         output_schema=msg.output_schema,
+        waiting_reason_code=WaitingReason.of(msg.waiting_reason_code),
+        waiting_until=_time(msg, "waiting_until"),
+        submit_warning=submit_warning,
     )
 
 
@@ -121,6 +126,7 @@ def bootstrap_token_from_proto(msg: admin_pb2.BootstrapToken) -> BootstrapToken:
         created_by=msg.created_by,
         deleted=msg.deleted,
         reenroll_agent_id=msg.reenroll_agent_id,
+        status=TokenStatus.of(msg.status),
     )
 
 
@@ -137,6 +143,7 @@ def api_token_from_proto(msg: admin_pb2.ApiToken) -> ApiToken:
         expires_at=_time(msg, "expires_at"),
         deleted=msg.deleted,
         tenant=msg.tenant,
+        status=TokenStatus.of(msg.status),
     )
 
 

@@ -62,7 +62,8 @@ class Client(SyncClientBase[task_pb2_grpc.TaskServiceStub]):
             max_cost_usd=max_cost_usd,
             output_schema=output_schema,
         )
-        return task_from_proto(self._transport.unary(self._stub.Submit, request).task)
+        response = self._transport.unary(self._stub.Submit, request)
+        return task_from_proto(response.task, submit_warning=response.warning)
 
     def get(self, task_id: str) -> Task:
         """The task as it is now; NotFoundError if there is no such task."""

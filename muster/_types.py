@@ -66,6 +66,59 @@ class Role(enum.IntEnum):
         return self.name.lower()
 
 
+class WaitingReason(enum.IntEnum):
+    """Why a QUEUED task is not running yet; values match ``muster.v1.WaitingReason``.
+
+    The server works it out when the task is read; ``Task.waiting_reason`` says it in
+    words."""
+
+    NONE = 0
+    """Not QUEUED, or nothing holds it back: an agent is about to take it."""
+    NO_AGENT_IN_POOL = 1
+    NO_AGENT_FOR_KIND = 2
+    NO_AGENT_MATCHES_SELECTOR = 3
+    CONCURRENCY_LIMIT = 4
+    """Its tenant or pool has as many attempts in flight as allowed."""
+    BUDGET = 5
+    PROVIDER_BACKOFF = 6
+    QUOTA_STORE = 7
+    RETRY_BACKOFF = 8
+    AGENTS_BUSY = 9
+
+    @classmethod
+    def of(cls, value: int) -> WaitingReason:
+        """The reason for a wire value; NONE for one this SDK does not know yet."""
+        try:
+            return cls(value)
+        except ValueError:
+            return cls.NONE
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+class TokenStatus(enum.IntEnum):
+    """Whether a bootstrap or API token can still be used; values match
+    ``muster.v1.TokenStatus``."""
+
+    ACTIVE = 1
+    EXPIRED = 2
+    USED_UP = 3
+    """A bootstrap token redeemed as often as it allows."""
+    DELETED = 4
+
+    @classmethod
+    def of(cls, value: int) -> TokenStatus | None:
+        """The status for a wire value; None when unset or unknown to this SDK."""
+        try:
+            return cls(value)
+        except ValueError:
+            return None
+
+    def __str__(self) -> str:
+        return self.name.lower().replace("_", " ")
+
+
 def _text(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
@@ -155,6 +208,13 @@ class Task:
     """Each attempt that reported usage, oldest first."""
     output_schema: str = ""
     """The JSON Schema (as text) the output must satisfy, if one was given."""
+    waiting_reason_code: WaitingReason = WaitingReason.NONE
+    """``waiting_reason`` for programs."""
+    waiting_until: datetime | None = None
+    """When the wait ends, if the server knows (a retry's backoff, a hold)."""
+    submit_warning: str = ""
+    """Only on what ``submit()`` returns: why no enrolled agent could run the task as
+    things stand (no agent in its pool, none with its labels or kind); empty if one could."""
 
     @property
     def max_cost_usd(self) -> float | None:
@@ -200,6 +260,8 @@ class BootstrapToken:
     created_at: datetime | None = None
     created_by: str = ""
     deleted: bool = False
+    status: TokenStatus | None = None
+    """Active, expired, used up or deleted, as the server judged it when listing."""
     reenroll_agent_id: str = ""
     """A re-enrollment token's agent: it enrolls that existing agent id only."""
 
@@ -217,6 +279,8 @@ class ApiToken:
     deleted: bool = False
     tenant: str = ""
     """The tenant it belongs to: its tasks, idempotency keys and budgets are the tenant's."""
+    status: TokenStatus | None = None
+    """Active, expired or deleted, as the server judged it when listing."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,13 +30,15 @@ from muster._cli_format import (
     task_details,
     task_row,
     to_json,
+    token_status,
+    waiting_text,
 )
 from muster._sync_client import Client
 from muster._types import Role, Task, TaskState
 from muster.cli import Subparsers, command_group
 from muster.config import ClientConfig
 from muster.durations import parse_duration, parse_time
-from muster.errors import ConfigError
+from muster.errors import ConfigError, WaitTimeoutError
 from muster.sanitize import neutralize
 
 
@@ -259,10 +261,20 @@ def _submit(args: argparse.Namespace) -> int:
             max_cost_usd=args.max_cost_usd,
             output_schema=schema,
         )
+        if task.submit_warning:
+            _err(f"muster: warning: {neutralize(task.submit_warning, single_line=True)}")
         if not args.wait:
             _out(to_json(task) if args.json else task.task_id)
             return 0
-        final = client.wait(task.task_id, timeout=args.timeout)
+        try:
+            final = client.wait(task.task_id, timeout=args.timeout)
+        except WaitTimeoutError as err:
+            _err(f"muster: error: {neutralize(str(err), single_line=True)}")
+            # Asked afresh: the wait's last state may be older than the reason.
+            current = client.get(task.task_id)
+            if current.state is TaskState.QUEUED and current.waiting_reason:
+                _err(f"muster: task {task.task_id} is waiting: {waiting_text(current)}")
+            return 1
     return _report_final(final, args.json)
 
 
@@ -442,7 +454,7 @@ def _token_list(args: argparse.Namespace) -> int:
             t.name_pattern or "*",
             format_labels(t.labels),
             format_time(t.expires_at),
-            "deleted" if t.deleted else "active",
+            token_status(t.status, t.deleted),
         ]
         for t in tokens
     ]
@@ -512,7 +524,7 @@ def _api_token_list(args: argparse.Namespace) -> int:
             t.tenant or "-",
             format_time(t.created_at),
             format_time(t.expires_at) if t.expires_at else "never",
-            "deleted" if t.deleted else "active",
+            token_status(t.status, t.deleted),
         ]
         for t in tokens
     ]
@@ -612,7 +624,7 @@ def _agents_list(args: argparse.Namespace) -> int:
             a.agent_id,
             a.pool,
             "removed" if a.removed else "enabled" if a.enabled else "disabled",
-            a.replica if a.connected else "no",
+            (a.replica or "yes") if a.connected else "no",
             f"{a.in_flight}/{a.max_concurrency}" if a.max_concurrency else "-",
             ",".join(a.capabilities) or "-",
             format_time(a.last_seen_at),
@@ -656,6 +668,8 @@ def _agents_get(args: argparse.Namespace) -> int:
                 (
                     "connected",
                     f"yes, to replica {agent.replica} since {format_time(agent.connected_at)}"
+                    if agent.connected and agent.replica
+                    else "yes"
                     if agent.connected
                     else "no",
                 ),

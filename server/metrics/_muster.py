@@ -212,10 +212,12 @@ class MusterMetrics:
     def update_queues(self, stats: Mapping[tuple[str, str], QueueStats]) -> None:
         """Replace the queue gauges, keyed by (pool, kind); queues missing from ``stats``
         (emptied) disappear rather than linger at their last value."""
-        self.queue_depth.update({key: s.depth for key, s in stats.items()})
-        self.queue_oldest_age_seconds.update(
-            {key: s.oldest_age_seconds for key, s in stats.items()}
-        )
+        depth: dict[tuple[str, ...], float] = {key: s.depth for key, s in stats.items()}
+        oldest: dict[tuple[str, ...], float] = {
+            key: s.oldest_age_seconds for key, s in stats.items()
+        }
+        self.queue_depth.update(depth)
+        self.queue_oldest_age_seconds.update(oldest)
 
     def watch_certificate_expiry(self, not_after: Callable[[], Mapping[str, dt.datetime]]) -> None:
         """Export seconds until expiry of the certificates ``not_after()`` returns

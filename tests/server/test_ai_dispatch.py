@@ -289,6 +289,7 @@ async def test_what_does_not_fit_waits_with_its_reason_until_the_limit_is_raised
         assert seen.waiting_reason == (
             "waiting for budget tenant:admin: 0.001 of 0.031384 USD left, 0.015192 needed"
         )
+        assert seen.waiting_reason_code == common_pb2.WAITING_REASON_BUDGET
     budget = await api.get_budget("tenant:admin")
     assert budget.reserved_micros == 2 * need
     await api.budget("tenant:admin", need * 10)
@@ -371,6 +372,7 @@ async def test_a_provider_rate_limit_holds_the_model_back_without_burning_attemp
     assert seen.waiting_reason.startswith(
         f"waiting for the provider: {MODEL} is rate limited in pool default"
     )
+    assert seen.waiting_reason_code == common_pb2.WAITING_REASON_PROVIDER_BACKOFF
     # One attempt allowed, yet the task is retried: a 429 is the provider's, not the task's.
     second = await agent.expect("assignment", timeout=10)
     assert second.task_id in (task.task_id, other.task_id)
@@ -417,6 +419,7 @@ async def test_budgets_fail_closed_without_the_quota_store(tmp_path: Path) -> No
             seen = await api.wait(task.task_id, lambda t: t.waiting_reason != "")
             assert seen.state == common_pb2.TASK_STATE_QUEUED
             assert seen.waiting_reason.startswith("waiting for the quota store")
+            assert seen.waiting_reason_code == common_pb2.WAITING_REASON_QUOTA_STORE
             degraded = handle.registry.get_sample_value(
                 "muster_quota_decisions_total", {"limit": "inflight_tasks", "outcome": "degraded"}
             )
