@@ -1,0 +1,138 @@
+"""Recovering and rotating real ``muster agent`` processes against the real server, driven
+through the real ``muster`` CLI: removal and re-enrollment as the same id, and an
+operator's forced rotation that keeps the agent's running work."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from muster import AsyncAdminClient, AsyncClient, TaskState
+from muster.server.app import ServerHandle
+from tests.e2e import procs
+from tests.e2e.test_processes import until_connected, until_running
+
+
+def cli_env(server: ServerHandle) -> dict[str, str]:
+    return procs.env(
+        MUSTER_ADDR=server.api_address,
+        MUSTER_TOKEN_FILE=str(server.config.admin_token_file),
+        MUSTER_CA_FILE=str(server.config.ca_dir / "bundle.pem"),
+    )
+
+
+async def cli(server: ServerHandle, tmp_path: Path, *args: str) -> str:
+    code, out, err = await procs.run(*args, cwd=tmp_path, environ=cli_env(server))
+    assert code == 0, err
+    return out
+
+
+async def spawn_agent(
+    server: ServerHandle, tmp_path: Path, name: str, token: str
+) -> asyncio.subprocess.Process:
+    return await procs.spawn(
+        "agent",
+        "--server", server.api_address,
+        "--ca-file", str(server.config.ca_dir / "bundle.pem"),
+        "--state-dir", str(tmp_path / name),
+        "--name", name,
+        cwd=tmp_path,
+        log=tmp_path / f"{name}.log",
+        environ=procs.env(MUSTER_BOOTSTRAP_TOKEN=token),
+    )  # fmt: skip
+
+
+async def until_logged(log: Path, text: str, timeout: float = 30) -> None:
+    async with asyncio.timeout(timeout):
+        while text not in log.read_text(errors="replace"):
+            await asyncio.sleep(0.1)
+
+
+async def stop(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.kill()
+        await proc.wait()
+
+
+async def test_a_removed_agent_is_reenrolled_as_itself_with_a_token_from_the_cli(
+    server: ServerHandle, admin: AsyncAdminClient, client: AsyncClient, tmp_path: Path
+) -> None:
+    name = "phoenix"
+    first_token = (await cli(server, tmp_path, "token", "create", "--pool", "default")).strip()
+    agent = await spawn_agent(server, tmp_path, name, first_token)
+    state = tmp_path / name
+    log = tmp_path / f"{name}.log"
+    try:
+        await until_connected(admin, name)
+        old_key = (state / "agent.key").read_bytes()
+        old_chain = (state / "agent.pem").read_bytes()
+
+        await cli(server, tmp_path, "agents", "remove", name, "--reason", "host rebuilt")
+        # Refused, the agent tries the token it has (spent at enrollment) once, fails,
+        # and keeps its credentials as they were.
+        await until_logged(log, "re-enrollment failed")
+        assert (state / "agent.key").read_bytes() == old_key
+        assert (state / "agent.pem").read_bytes() == old_chain
+        assert not (await admin.get_agent(name)).connected
+        assert await procs.stop(agent) == 0
+
+        token = (await cli(server, tmp_path, "token", "create", "--reenroll", name)).strip()
+        agent = await spawn_agent(server, tmp_path, name, token)
+        await until_connected(admin, name)
+        record = await admin.get_agent(name)
+        assert (record.removed, record.enabled) == (False, True)
+        live = [c for c in record.certificates if not c.revoked]
+        assert [c.reason for c in live] == ["reenroll"]
+        assert (state / "agent.key").read_bytes() != old_key
+        assert not (state / "agent.key.reenroll").exists()
+        assert not list(state.glob("*.next"))
+        identity = json.loads((state / "identity.json").read_text())
+        assert identity["agent_id"] == name
+
+        done = await client.wait((await client.submit("echo", b"back")).task_id, timeout=30)
+        assert (done.state, done.agent_id, done.output) == (TaskState.SUCCEEDED, name, b"back")
+        await server.flush_audit()
+        (reenrolled,) = await admin.query_audit(action="agent.reenroll")
+        assert reenrolled.target == name and json.loads(reenrolled.details)["was_removed"]
+        for secret in (first_token, token):
+            assert secret not in log.read_text(errors="replace")
+    finally:
+        await stop(agent)
+
+
+async def test_an_operator_rotation_keeps_the_running_work(
+    server: ServerHandle, admin: AsyncAdminClient, client: AsyncClient, tmp_path: Path
+) -> None:
+    name = "rotator"
+    token = (await cli(server, tmp_path, "token", "create", "--pool", "default")).strip()
+    agent = await spawn_agent(server, tmp_path, name, token)
+    try:
+        await until_connected(admin, name)
+        task = await client.submit("sleep", {"seconds": 4})
+        await until_running(client, task.task_id)
+
+        await cli(server, tmp_path, "agents", "rotate", name, "--reason", "drill")
+
+        async def renewed() -> bool:
+            certs = (await admin.get_agent(name)).certificates
+            return any(c.reason == "renew" for c in certs)
+
+        async with asyncio.timeout(20):
+            while not await renewed():
+                await asyncio.sleep(0.1)
+        done = await client.wait(task.task_id, timeout=30)
+        assert (done.state, done.attempt, done.agent_id) == (TaskState.SUCCEEDED, 1, name)
+
+        await cli(server, tmp_path, "agents", "rotate", "--all")
+        async with asyncio.timeout(20):
+            while sum(c.reason == "renew" for c in (await admin.get_agent(name)).certificates) < 2:
+                await asyncio.sleep(0.1)
+        await until_connected(admin, name)
+        later = await client.wait((await client.submit("echo", b"x")).task_id, timeout=30)
+        assert later.state is TaskState.SUCCEEDED
+        await server.flush_audit()
+        requeues = [e for e in await admin.query_audit(limit=1000) if e.action == "task.requeue"]
+        assert requeues == []
+    finally:
+        await stop(agent)
