@@ -20,7 +20,8 @@ from tests.agentsim import Enroller, SimAgent
 from tests.conftest import server_config
 
 LOOPS_ON_THE_CLOCK = 2
-"""What sleeps on the server's clock: the reaper and the server certificate's renewal."""
+"""What sleeps on the server's clock between passes: the reaper and the server
+certificate's renewal (at least these)."""
 
 
 @pytest.fixture
@@ -49,9 +50,11 @@ async def server(
 
 
 async def tick(clock: ManualClock, seconds: float) -> None:
-    """Advance the clock, then wait until the reaper has made its pass and parked again."""
+    """Advance the clock, then wait until what it woke (the reaper) has made its pass and
+    sleeps on it again."""
+    parked = clock.sleepers
     clock.advance(seconds)
-    await clock.wait_for_sleepers(LOOPS_ON_THE_CLOCK)
+    await clock.wait_for_sleepers(parked)
 
 
 async def running(enroller: Enroller, client: AsyncClient, **submit: Any) -> tuple[SimAgent, Any]:
