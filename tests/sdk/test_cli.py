@@ -97,6 +97,8 @@ def test_the_client_commands_exist() -> None:
                 ("agents", "disable"),
                 ("agents", "enable"),
                 ("agents", "revoke"),
+                ("agents", "remove"),
+                ("agents", "rotate"),
                 ("cert", "revoke"),
                 ("audit", "query"),
                 ("tenant", "list"),
