@@ -2,8 +2,10 @@
 
 "Started at + its timeout < now" must be decided by the database, over every row, not
 by reading a window of rows into Python. Postgres adds an interval to a timestamp;
-SQLite has no time type (SQLAlchemy stores text), so there both sides become Julian day
-numbers. Compare a :func:`plus_seconds` only with an :func:`instant`.
+SQLite has no time type (SQLAlchemy stores text), so there both sides become whole
+milliseconds (SQLite's own resolution: its Julian day times 86,400,000, rounded, so a
+time plus its timeout compares exactly with the same time later). Compare a
+:func:`plus_seconds` only with an :func:`instant`.
 """
 
 from __future__ import annotations
@@ -55,7 +57,7 @@ def _plus_seconds(element: _PlusSeconds, compiler: SQLCompiler, **kw: Any) -> st
 @compiles(_PlusSeconds, "sqlite")
 def _plus_seconds_sqlite(element: _PlusSeconds, compiler: SQLCompiler, **kw: Any) -> str:
     timestamp, seconds = _arguments(element, compiler, **kw)
-    return f"(julianday({timestamp}) + ({seconds}) / 86400.0)"
+    return f"(round(julianday({timestamp}) * 86400000.0) + ({seconds}) * 1000.0)"
 
 
 @compiles(_Instant)
@@ -67,4 +69,4 @@ def _instant(element: _Instant, compiler: SQLCompiler, **kw: Any) -> str:
 @compiles(_Instant, "sqlite")
 def _instant_sqlite(element: _Instant, compiler: SQLCompiler, **kw: Any) -> str:
     (value,) = _arguments(element, compiler, **kw)
-    return f"julianday({value})"
+    return f"round(julianday({value}) * 86400000.0)"

@@ -4,6 +4,7 @@ clock the test advances; the reaper passes when it moves, so nothing here sleeps
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 
 from muster import AsyncClient, TaskState
 from muster.server.app import ServerHandle, start_server
-from muster.server.clock import ManualClock
+from muster.server.clock import ManualClock, sleep_unless
 from muster.server.storage import tasks as task_store
 from muster.v1 import agent_pb2
 from tests.agentsim import Enroller, SimAgent
@@ -223,3 +224,42 @@ async def test_one_overdue_among_hundreds_of_running_times_out(
     )
     busy = await client.list(states=[TaskState.RUNNING], pool="busy", limit=None)
     assert len(busy) == BUSY  # the others were not touched
+
+
+async def test_the_most_overdue_come_first_and_the_rest_next_pass(
+    clock: ManualClock, server: ServerHandle
+) -> None:
+    """One reaper pass takes a bounded batch, most overdue first; what is left over is
+    still overdue at the next pass, so a backlog drains in order."""
+    now = clock.now()
+    rows = [_row(n, now, start_to_close_timeout=float(10 + n)) for n in range(5)]
+    await server.db.batched(lambda conn: task_store.insert_many(conn, rows))
+    later = now + timedelta(seconds=100)
+    async with server.db.transaction() as session:
+        first = await task_store.overrun_attempts(session, later, limit=2)
+        everything = await task_store.overrun_attempts(session, later)
+        none_yet = await task_store.overrun_attempts(session, now + timedelta(seconds=10))
+    assert [h.task_id for h in first] == ["t_busy00000", "t_busy00001"]
+    assert [h.task_id for h in everything] == [f"t_busy{n:05d}" for n in range(5)]
+    assert none_yet == []  # exactly at its timeout is not yet past it
+
+
+async def test_the_manual_clock_wakes_sleepers_only_when_moved() -> None:
+    clock = ManualClock()
+    start = clock.now()
+    stopping = asyncio.Event()
+    nap = asyncio.create_task(sleep_unless(clock, stopping, 10))
+    await clock.wait_for_sleepers(1)
+    clock.advance(9.5)
+    await asyncio.sleep(0)
+    assert not nap.done() and clock.sleepers == 1
+    clock.advance(timedelta(seconds=0.5))
+    assert await nap is False  # it slept its time; nothing asked it to stop
+    assert clock.now() - start == timedelta(seconds=10)
+    stopped = asyncio.create_task(sleep_unless(clock, stopping, 10))
+    await clock.wait_for_sleepers(1)
+    stopping.set()
+    assert await stopped is True
+    assert clock.sleepers == 0
+    with pytest.raises(ValueError):
+        clock.advance(-1)
