@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import grpc
 import pytest
 
 from muster import AsyncAdminClient
-from muster.errors import InvalidArgumentError, MusterError, NotFoundError
+from muster.agent import keys
+from muster.agent.state import Identity, StateDir
+from muster.errors import ConfigError, InvalidArgumentError, MusterError, NotFoundError
+from muster.files import write_atomic
 from muster.server.app import ServerHandle
 from muster.v1 import enrollment_pb2, enrollment_pb2_grpc
+from tests.agent.conftest import AGENT_ID, seed_state
 from tests.agentsim import Enrolled, Enroller, SimAgent, make_csr
+from tests.testca import TestCA
 
 
 async def enroll_raw(
@@ -216,3 +222,64 @@ async def test_enabling_an_agent_that_cannot_connect_says_so(
     await enroller.enroll("fine")
     await admin.set_agent_enabled("fine", False)
     assert (await admin.set_agent_enabled("fine", True)).enabled is True
+
+
+# The agent's side of a re-enrollment: its state dir never holds a mix of old and new.
+
+
+def test_the_agent_keeps_its_old_credentials_until_the_new_ones_are_complete(
+    tmp_path: Path,
+) -> None:
+    ca = TestCA.new("example.org")
+    state = seed_state(tmp_path / "state", ca, "127.0.0.1:7444")
+    before = state.load_credentials()
+    key = state.reenrollment_key()
+    assert state.reenroll_key_path.stat().st_mode & 0o777 == 0o600
+    assert state.load_credentials() == before  # the new key waits beside the old one
+    again = state.reenrollment_key()  # a retry (lost answer) sends the same public key
+    assert keys.public_key_der(again.public_key()) == keys.public_key_der(key.public_key())
+
+    issued = ca.ca.issue_agent_certificate(key.public_key(), AGENT_ID)
+    identity = Identity(AGENT_ID, str(issued.spiffe_id), "127.0.0.1:7445", "default", {})
+    # A certificate for another key is refused and changes nothing.
+    other = ca.ca.issue_agent_certificate(keys.generate_key().public_key(), AGENT_ID)
+    with pytest.raises(ConfigError):
+        state.save_reenrollment(other.chain_pem, ca.bundle_pem, identity)
+    assert state.load_credentials() == before
+
+    creds = state.save_reenrollment(issued.chain_pem, ca.bundle_pem, identity)
+    assert keys.cert_matches_key(creds.chain_pem, key)
+    assert state.load_credentials() == creds
+    assert state.load_identity().agent_endpoint == "127.0.0.1:7445"
+    assert state.key_path.stat().st_mode & 0o777 == 0o600
+    assert not state.reenroll_key_path.exists()
+    assert not list(state.path.glob("*.next"))
+
+
+def test_a_reenrollment_cut_short_by_a_crash_is_rolled_forward_or_dropped(
+    tmp_path: Path,
+) -> None:
+    ca = TestCA.new("example.org")
+    state = seed_state(tmp_path / "state", ca, "127.0.0.1:7444")
+    before = (state.load_credentials(), state.load_identity())
+    key = state.reenrollment_key()
+    issued = ca.ca.issue_agent_certificate(key.public_key(), AGENT_ID)
+    identity = Identity(AGENT_ID, str(issued.spiffe_id), "127.0.0.1:9999", "default", {})
+    staged = {
+        state.key_path: keys.key_to_pem(key),
+        state.bundle_path: ca.bundle_pem,
+        state.identity_path: identity.to_json(),
+    }
+    for path, data in staged.items():
+        write_atomic(path.with_name(path.name + ".next"), data)
+    # Crashed before the certificate was staged: the old identity stays whole.
+    StateDir(state.path).ensure()
+    assert (state.load_credentials(), state.load_identity()) == before
+    for path, data in staged.items():
+        write_atomic(path.with_name(path.name + ".next"), data)
+    write_atomic(state.chain_path.with_name("agent.pem.next"), issued.chain_pem)
+    state.identity_path.with_name("identity.json.next").replace(state.identity_path)
+    # Crashed mid-commit: everything staged is rolled forward together.
+    StateDir(state.path).ensure()
+    assert keys.cert_matches_key(state.load_credentials().chain_pem, key)
+    assert state.load_identity().agent_endpoint == "127.0.0.1:9999"
