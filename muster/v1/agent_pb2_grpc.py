@@ -122,6 +122,18 @@ class AgentServiceServicer:
         a new key. The current certificate stays valid until it expires. Renew at
         Welcome.renew_after (1/2 to 2/3 of the lifetime); more than 3 renewals
         within half a lifetime are flagged (renewal_rate).
+
+        Refused, issuing nothing:
+        INVALID_ARGUMENT    the CSR does not parse or verify, or is for the key of
+        the certificate the call is made with, or for any key
+        this agent already had certified (renew with a freshly
+        generated key);
+        RESOURCE_EXHAUSTED  more renewals than the per-agent rate (one a minute
+        after a burst of five), with google.rpc.RetryInfo;
+        PERMISSION_DENIED   the certificate was revoked, or the agent disabled or
+        removed, meanwhile.
+        The new certificate records the serial it was renewed from: revoking a serial
+        revokes every certificate renewed from it, transitively.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

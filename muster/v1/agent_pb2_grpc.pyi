@@ -100,6 +100,18 @@ class AgentServiceStub:
     a new key. The current certificate stays valid until it expires. Renew at
     Welcome.renew_after (1/2 to 2/3 of the lifetime); more than 3 renewals
     within half a lifetime are flagged (renewal_rate).
+
+    Refused, issuing nothing:
+      INVALID_ARGUMENT    the CSR does not parse or verify, or is for the key of
+                          the certificate the call is made with, or for any key
+                          this agent already had certified (renew with a freshly
+                          generated key);
+      RESOURCE_EXHAUSTED  more renewals than the per-agent rate (one a minute
+                          after a burst of five), with google.rpc.RetryInfo;
+      PERMISSION_DENIED   the certificate was revoked, or the agent disabled or
+                          removed, meanwhile.
+    The new certificate records the serial it was renewed from: revoking a serial
+    revokes every certificate renewed from it, transitively.
     """
 
 @_typing.type_check_only
@@ -174,6 +186,18 @@ class AgentServiceAsyncStub(AgentServiceStub):
     a new key. The current certificate stays valid until it expires. Renew at
     Welcome.renew_after (1/2 to 2/3 of the lifetime); more than 3 renewals
     within half a lifetime are flagged (renewal_rate).
+
+    Refused, issuing nothing:
+      INVALID_ARGUMENT    the CSR does not parse or verify, or is for the key of
+                          the certificate the call is made with, or for any key
+                          this agent already had certified (renew with a freshly
+                          generated key);
+      RESOURCE_EXHAUSTED  more renewals than the per-agent rate (one a minute
+                          after a burst of five), with google.rpc.RetryInfo;
+      PERMISSION_DENIED   the certificate was revoked, or the agent disabled or
+                          removed, meanwhile.
+    The new certificate records the serial it was renewed from: revoking a serial
+    revokes every certificate renewed from it, transitively.
     """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -257,6 +281,18 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         a new key. The current certificate stays valid until it expires. Renew at
         Welcome.renew_after (1/2 to 2/3 of the lifetime); more than 3 renewals
         within half a lifetime are flagged (renewal_rate).
+
+        Refused, issuing nothing:
+          INVALID_ARGUMENT    the CSR does not parse or verify, or is for the key of
+                              the certificate the call is made with, or for any key
+                              this agent already had certified (renew with a freshly
+                              generated key);
+          RESOURCE_EXHAUSTED  more renewals than the per-agent rate (one a minute
+                              after a burst of five), with google.rpc.RetryInfo;
+          PERMISSION_DENIED   the certificate was revoked, or the agent disabled or
+                              removed, meanwhile.
+        The new certificate records the serial it was renewed from: revoking a serial
+        revokes every certificate renewed from it, transitively.
         """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
