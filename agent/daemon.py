@@ -24,7 +24,7 @@ from muster.agent.config import AgentConfig
 from muster.agent.enroll import enroll, reenroll
 from muster.agent.executors import ExecutorRegistry
 from muster.agent.outbox import Outbox
-from muster.agent.renewal import renew_certificate, renewal_time
+from muster.agent.renewal import refused_retry_after, renew_certificate, renewal_time
 from muster.agent.runner import TaskRunner
 from muster.agent.session import Session, SessionEnd, SessionError, welcome_renew_after
 from muster.agent.state import Credentials, Identity, StateDir
@@ -475,6 +475,9 @@ class Agent:
             detail = describe_rpc_error(err) if isinstance(err, aio.AioRpcError) else str(err)
             left = (self.credentials.leaf.not_after - dt.datetime.now(dt.UTC)).total_seconds()
             retry = self._rand(0.5, 1.0) * min(60.0, max(1.0, left / 20))
+            if isinstance(err, aio.AioRpcError):
+                # Rate-limited: not before the server's retry time (left ample anyway).
+                retry = max(retry, refused_retry_after(err) or 0.0)
             log.warning("certificate renewal failed (%s); retrying in %.0fs", detail, retry)
             self._set_renew_at(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=retry))
             return old

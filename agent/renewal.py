@@ -7,10 +7,13 @@ import logging
 import random
 from collections.abc import Callable
 
+import grpc
 from grpc import aio
 
+from muster._errors_map import translate
 from muster.agent import keys
 from muster.agent.state import Credentials, StateDir
+from muster.errors import QuotaExceededError
 from muster.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -31,6 +34,15 @@ async def renew_certificate(
     credentials = state.save_renewal(key, response.certificate_chain_pem, response.trust_bundle_pem)
     log.info("certificate renewed; valid until %s", credentials.leaf.not_after.isoformat())
     return credentials
+
+
+def refused_retry_after(err: aio.AioRpcError) -> float | None:
+    """The server's retry time when it refused a renewal for its per-agent rate
+    (RESOURCE_EXHAUSTED with RetryInfo); None for any other refusal."""
+    if err.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    translated = translate(err)
+    return translated.retry_after if isinstance(translated, QuotaExceededError) else None
 
 
 def renewal_time(

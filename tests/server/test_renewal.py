@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from google.rpc import error_details_pb2, status_pb2
 
 from muster import AsyncAdminClient
+from muster.agent.renewal import refused_retry_after
 from muster.errors import InvalidArgumentError, NotFoundError
 from muster.server.app import ServerHandle
 from muster.server.dispatch.session import AgentSession
@@ -88,6 +89,8 @@ async def test_renewal_is_rate_limited_per_agent_with_a_retry_time(
     retry = error_details_pb2.RetryInfo()
     assert any(d.Unpack(retry) for d in status.details)
     assert 0 < retry.retry_delay.ToSeconds() <= 60
+    # The daemon waits at least that long before it tries again.
+    assert refused_retry_after(error) == retry.retry_delay.ToTimedelta().total_seconds()
     assert await certificate_count(admin, "busy") == 1 + burst  # the refusal issued nothing
     await renew(other)  # per agent: another agent is not held back
 
