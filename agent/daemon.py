@@ -370,9 +370,12 @@ class Agent:
                     self._backoff.reset()
                     continue  # new credentials: reconnect now
                 log.error(
-                    "the server refused this agent's identity (%s): it may be revoked or "
-                    "disabled; an operator must re-enable it",
+                    "the server refused this agent's identity (%s): it may be revoked, "
+                    "removed or disabled; an operator must re-enable it, or make a "
+                    "re-enrollment token (muster token create --reenroll %s) to run this "
+                    "agent with",
                     describe_rpc_error(outcome),
+                    self.identity.agent_id,
                 )
                 if self.config.exit_on_revoke:
                     error_type = (
