@@ -96,15 +96,13 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             peer=peer_address(context),
             request_id=request_id(context),
         )
-        async with self._db.transaction() as session:
-            warning = await waiting.submit_warning(
-                session, pool=task.pool, kind=task.kind, selector=task.selector or {}
-            )
-            why = await self._why(session, [task])
+        warning, why = await self._db.group.run_many(
+            "submit.check",
+            waiting.check_submitted,
+            waiting.Submitted(task, self._dispatcher.presence.now(), self._hold_fresh),
+        )
         return task_pb2.SubmitResponse(
-            task=convert.task(task, waiting=why.get(task.task_id)),
-            created=created,
-            warning=warning,
+            task=convert.task(task, waiting=why), created=created, warning=warning
         )
 
     async def _why(self, session: Any, tasks: list[Task]) -> dict[str, waiting.Waiting]:

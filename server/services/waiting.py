@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from muster.server.dispatch.budgets import (
     WAITING_FOR_BUDGET,
@@ -25,6 +25,8 @@ from muster.server.storage.models import Task
 from muster.v1 import common_pb2
 
 QUEUED = "QUEUED"
+Reader = AsyncSession | AsyncConnection
+"""Reads work on an ORM session or, inside group commit, on its connection."""
 WAITING_FOR_SLOT = "waiting for a slot"
 """How dispatch/inflight.py words a full tenant or pool."""
 MAX_LISTED = 8
@@ -69,8 +71,41 @@ def held_back_code(reason: str) -> common_pb2.WaitingReason:
     return common_pb2.WAITING_REASON_UNSPECIFIED
 
 
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The agents of some pools as the cluster sees them now: one read for many tasks."""
+
+    enrolled: Mapping[str, list[presence_store.EnrolledAgent]]
+    """Enabled agents, by pool."""
+    connected: Mapping[str, list[_Agent]]
+    """Connected agents (each by its newest live stream), by pool."""
+
+
+async def snapshot(reader: Reader, pools: Iterable[str], now: datetime) -> Snapshot:
+    """Three queries, whatever the number of pools or tasks."""
+    pools = set(pools)
+    enrolled: dict[str, list[presence_store.EnrolledAgent]] = {}
+    for agent in await presence_store.enrolled_agents(reader, pools):
+        enrolled.setdefault(agent.pool, []).append(agent)
+    newest: dict[str, presence_store.LiveSession] = {}
+    for stream in await presence_store.live_sessions(reader, now, pools=pools):
+        newest.setdefault(stream.agent_id, stream)  # newest first: its current stream
+    holding = await presence_store.in_flight(reader, newest)
+    connected: dict[str, list[_Agent]] = {}
+    for stream in newest.values():
+        connected.setdefault(stream.pool, []).append(
+            _Agent(
+                stream.labels,
+                stream.capabilities,
+                stream.max_concurrency,
+                holding.get(stream.agent_id, 0),
+            )
+        )
+    return Snapshot(enrolled, connected)
+
+
 async def explain(
-    session: AsyncSession, tasks: Sequence[Task], now: datetime, *, hold_fresh: timedelta
+    reader: Reader, tasks: Sequence[Task], now: datetime, *, hold_fresh: timedelta
 ) -> dict[str, Waiting]:
     """Why each QUEUED task of ``tasks`` waits, by task id (other states are left out).
 
@@ -81,38 +116,38 @@ async def explain(
     queued = [t for t in tasks if t.state == QUEUED]
     if not queued:
         return {}
-    pools = {t.pool for t in queued}
-    enrolled = await presence_store.enrolled_agents(session, pools)
-    live = await presence_store.live_sessions(session, now, pools=pools)
-    newest: dict[str, presence_store.LiveSession] = {}
-    for stream in live:  # newest first: an agent's first row is its current stream
-        newest.setdefault(stream.agent_id, stream)
-    holding = await presence_store.in_flight(session, newest)
-    enrolled_in: dict[str, int] = {}
-    for agent in enrolled:
-        enrolled_in[agent.pool] = enrolled_in.get(agent.pool, 0) + 1
-    connected_in: dict[str, list[_Agent]] = {}
-    for stream in newest.values():
-        connected_in.setdefault(stream.pool, []).append(
-            _Agent(
-                stream.labels,
-                stream.capabilities,
-                stream.max_concurrency,
-                holding.get(stream.agent_id, 0),
-            )
-        )
-    return {
-        t.task_id: _why(
-            t, enrolled_in.get(t.pool, 0), connected_in.get(t.pool, []), now, hold_fresh
-        )
-        for t in queued
-    }
+    seen = await snapshot(reader, {t.pool for t in queued}, now)
+    return {t.task_id: why(seen, t, now, hold_fresh) for t in queued}
 
 
-def _why(
-    task: Task, enrolled: int, connected: list[_Agent], now: datetime, hold_fresh: timedelta
-) -> Waiting:
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """A task just submitted, to check as one of a batch (see :func:`check_submitted`)."""
+
+    task: Task
+    now: datetime
+    hold_fresh: timedelta
+
+
+async def check_submitted(
+    conn: AsyncConnection, items: Sequence[Submitted]
+) -> list[tuple[str, Waiting]]:
+    """(warning, waiting reason) of each new task: concurrent submissions share one
+    snapshot (group commit gathers them), so a busy Submit path pays three reads per
+    batch, not per task."""
+    if not items:
+        return []
+    seen = await snapshot(conn, {i.task.pool for i in items}, max(i.now for i in items))
+    return [(warning(seen, i.task), why(seen, i.task, i.now, i.hold_fresh)) for i in items]
+
+
+def why(seen: Snapshot, task: Task, now: datetime, hold_fresh: timedelta) -> Waiting:
+    """The first reason that holds, in the order of ``WaitingReason``."""
+    if task.state != QUEUED:
+        return NOTHING
     pool, kind = task.pool, task.kind
+    enrolled = len(seen.enrolled.get(pool, ()))
+    connected = seen.connected.get(pool, [])
     if not enrolled:
         return Waiting(
             common_pb2.WAITING_REASON_NO_AGENT_IN_POOL,
@@ -158,14 +193,13 @@ def _why(
     return NOTHING
 
 
-async def submit_warning(
-    session: AsyncSession, *, pool: str, kind: str, selector: Mapping[str, str]
-) -> str:
+def warning(seen: Snapshot, task: Task) -> str:
     """Why no enrolled agent could run a new task as things stand ("" when one could).
 
     Pools and labels are fixed at enrollment, so those answers are certain; kinds are
     declared at each connect, so an agent that never connected might still offer it."""
-    enrolled = await presence_store.enrolled_agents(session, [pool])
+    pool, kind, selector = task.pool, task.kind, task.selector or {}
+    enrolled = seen.enrolled.get(pool, [])
     if not enrolled:
         return f"no enabled agent is enrolled in pool {pool}: the task waits until one is"
     matching = [a for a in enrolled if _matches(a.labels, selector)]

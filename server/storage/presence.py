@@ -150,7 +150,7 @@ async def refresh(conn: AsyncConnection, instance: str, now: datetime, ttl: time
 
 
 async def live_sessions(
-    session: AsyncSession,
+    session: AsyncSession | AsyncConnection,
     now: datetime,
     *,
     agent_ids: Iterable[str] | None = None,
@@ -197,7 +197,9 @@ async def live_sessions(
     ]
 
 
-async def in_flight(session: AsyncSession, agent_ids: Iterable[str]) -> dict[str, int]:
+async def in_flight(
+    session: AsyncSession | AsyncConnection, agent_ids: Iterable[str]
+) -> dict[str, int]:
     """Attempts each agent holds (assigned or running), as the task table says: the count
     every replica agrees on, whichever replica the agent's stream is on."""
     ids = list(agent_ids)
@@ -211,7 +213,9 @@ async def in_flight(session: AsyncSession, agent_ids: Iterable[str]) -> dict[str
     return {agent_id: count for agent_id, count in rows}
 
 
-async def enrolled_agents(session: AsyncSession, pools: Iterable[str]) -> list[EnrolledAgent]:
+async def enrolled_agents(
+    session: AsyncSession | AsyncConnection, pools: Iterable[str]
+) -> list[EnrolledAgent]:
     """The enabled agents of these pools."""
     rows = await session.execute(
         select(Agent.agent_id, Agent.pool, Agent.labels, Agent.capabilities).where(

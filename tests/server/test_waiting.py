@@ -242,3 +242,24 @@ async def test_queue_gauges_by_pool_and_kind(server: ServerHandle, client: Async
     assert sample("muster_queue_depth", {"pool": "cpu", "kind": "echo"}) == 1
     age = sample("muster_queue_oldest_age_seconds", {"pool": "gpu", "kind": "render"})
     assert age is not None and age >= 0
+
+
+async def test_concurrent_submissions_each_get_their_own_warning(
+    client: AsyncClient, enroller: Enroller
+) -> None:
+    """Submissions arriving together are checked as one batch; each answer is its own."""
+    agent = SimAgent.of(await enroller.enroll("zoned", labels={"zone": "a"}))
+    await agent.hello(capabilities=("sleep",), max_concurrency=1)
+    agent.keep_alive()
+    cases = [
+        ("sleep", "default", {"zone": "a"}, ""),
+        ("sleep", "elsewhere", {}, "no enabled agent is enrolled in pool elsewhere"),
+        ("sleep", "default", {"zone": "b"}, "no agent of pool default carries the selector's"),
+        ("render", "default", {}, "no agent of pool default has offered kind render"),
+    ] * 5
+    tasks = await asyncio.gather(
+        *(client.submit(kind, b"x", pool=pool, selector=sel) for kind, pool, sel, _ in cases)
+    )
+    for task, (_, _, _, expected) in zip(tasks, cases, strict=True):
+        assert task.submit_warning.startswith(expected) if expected else not task.submit_warning
+    await agent.close()
