@@ -13,13 +13,15 @@ import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy import func, select
 
+from muster import AsyncAdminClient
 from muster.server.app import ServerHandle, start_server
 from muster.server.audit import AuditRecord
 from muster.server.audit.verify import verify
 from muster.server.storage.database import Database
 from muster.server.storage.models import AuditEvent
 from muster.v1 import admin_pb2, admin_pb2_grpc
-from tests.conftest import server_config
+from tests.agentsim import Enroller, SimAgent
+from tests.conftest import client_config, server_config
 from tests.pg import admin_execute, database_name, fresh_database
 
 
@@ -204,4 +206,40 @@ async def test_a_server_stopped_during_an_outage_replays_its_spool_at_the_next_s
     chain_order, counts, _ = await stored(pg_url)
     assert chain_order == produced
     assert set(counts.values()) == {1}
+    assert (await verified(pg_url)).startswith("OK: ")
+
+
+async def test_a_stream_that_ends_during_an_outage_has_its_disconnect_kept_on_disk(
+    pg_url: str, tmp_path: Path
+) -> None:
+    """Stream events are committed before the stream goes on; with the database away, the
+    disconnect is fsynced to the spool instead, and replayed once the database is back."""
+    handle = await start_server(server_config(tmp_path / "data", database_url=pg_url))
+    try:
+        async with AsyncAdminClient(client_config(handle)) as admin:
+            agent = SimAgent.of(await Enroller(handle, admin).enroll("cut-off"))
+        session_id = (await agent.hello()).session_id
+        await wait_until(lambda: bool(handle.hub.streams()))
+        await cut(pg_url)
+        await agent.close()
+        await wait_until(lambda: not handle.hub.streams())  # released: the event is on disk
+        assert handle._audit.spool_bytes > 0
+        await allow_connections(pg_url, True)
+        await asyncio.wait_for(handle.flush_audit(), 15)
+        await wait_until(lambda: handle._audit.spool_bytes == 0)
+    finally:
+        await handle.stop(grace=1.0)
+    db = Database(pg_url, audit_chain="check")
+    try:
+        async with db.transaction() as session:
+            actions = (
+                await session.execute(
+                    select(AuditEvent.action)
+                    .where(AuditEvent.target == session_id)
+                    .order_by(AuditEvent.seq)
+                )
+            ).scalars()
+            assert list(actions) == ["stream.connect", "stream.disconnect"]
+    finally:
+        await db.close()
     assert (await verified(pg_url)).startswith("OK: ")

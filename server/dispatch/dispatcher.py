@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
+import asyncpg
 import grpc
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -38,6 +39,10 @@ from muster.server.storage.types import utcnow
 from muster.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
+
+UNREACHABLE = (DBAPIError, OSError, PoolTimeout, asyncpg.PostgresError, asyncpg.InterfaceError)
+"""What a database that is down or refusing connections raises: asyncpg's own errors
+escape unwrapped when a new connection is refused (ALLOW_CONNECTIONS false, shutdown)."""
 
 MAX_RETRY_BACKOFF = timedelta(seconds=60)
 SYNC_OVERLAP = timedelta(seconds=2)
@@ -180,7 +185,7 @@ class Dispatcher:
         while the database is unreachable, fsynced in the audit spool (replayed later)."""
         try:
             await self.db.group.record(records)
-        except (DBAPIError, OSError, PoolTimeout) as err:
+        except UNREACHABLE as err:
             log.warning("audit: database unreachable (%s); spooling", type(err).__name__)
             for record in records:
                 await self.audit.keep(record)
