@@ -54,7 +54,7 @@ NOTHING = Waiting()
 
 
 @dataclass(frozen=True, slots=True)
-class _Agent:
+class Agent:
     """A connected agent: its newest live stream and what it holds."""
 
     labels: Mapping[str, str]
@@ -77,7 +77,7 @@ class Snapshot:
 
     enrolled: Mapping[str, list[presence_store.EnrolledAgent]]
     """Enabled agents, by pool."""
-    connected: Mapping[str, list[_Agent]]
+    connected: Mapping[str, list[Agent]]
     """Connected agents (each by its newest live stream), by pool."""
 
 
@@ -91,10 +91,10 @@ async def snapshot(reader: Reader, pools: Iterable[str], now: datetime) -> Snaps
     for stream in await presence_store.live_sessions(reader, now, pools=pools):
         newest.setdefault(stream.agent_id, stream)  # newest first: its current stream
     holding = await presence_store.in_flight(reader, newest)
-    connected: dict[str, list[_Agent]] = {}
+    connected: dict[str, list[Agent]] = {}
     for stream in newest.values():
         connected.setdefault(stream.pool, []).append(
-            _Agent(
+            Agent(
                 stream.labels,
                 stream.capabilities,
                 stream.max_concurrency,
@@ -109,10 +109,10 @@ async def explain(
 ) -> dict[str, Waiting]:
     """Why each QUEUED task of ``tasks`` waits, by task id (other states are left out).
 
-    A reason dispatch recorded (a limit, a budget) counts while its hold lasts, and for
-    ``hold_fresh`` after: a held task is claimed again as soon as its hold ends and an
-    agent has room, and held again if the cause remains; one not claimed since waits
-    for something else."""
+    A reason dispatch recorded (a limit, a budget) counts while its hold lasts and for
+    ``hold_fresh`` after (a held task is claimed again as soon as its hold ends and an
+    agent has room, and held again if the cause remains). After that it still counts,
+    unless every agent that could run the task is busy: then that is why it waits."""
     queued = [t for t in tasks if t.state == QUEUED]
     if not queued:
         return {}
@@ -190,6 +190,10 @@ def why(seen: Snapshot, task: Task, now: datetime, hold_fresh: timedelta) -> Wai
             f"all {_agents(len(matching))} that could run it are busy "
             f"({used} of {slots} slots in use)",
         )
+    if task.waiting_reason:
+        # Its hold has lapsed but no claim has reached it yet (others came first): the
+        # next claim holds it again or sends it.
+        return Waiting(held_back_code(task.waiting_reason), task.waiting_reason)
     return NOTHING
 
 

@@ -19,7 +19,10 @@ from muster.server.dispatch.budgets import (
     WAITING_FOR_STORE,
 )
 from muster.server.dispatch.inflight import STORE_DOWN
+from muster.server.services import waiting
 from muster.server.services.waiting import held_back_code
+from muster.server.storage import presence as presence_store
+from muster.server.storage.models import Task as StoredTask
 from muster.server.storage.types import utcnow
 from muster.v1 import agent_pb2, common_pb2
 from tests.agentsim import Enroller, SimAgent
@@ -263,3 +266,56 @@ async def test_concurrent_submissions_each_get_their_own_warning(
     for task, (_, _, _, expected) in zip(tasks, cases, strict=True):
         assert task.submit_warning.startswith(expected) if expected else not task.submit_warning
     await agent.close()
+
+
+def queued(**overrides: object) -> Task:
+    values: dict[str, object] = {
+        "task_id": "t_1",
+        "kind": "echo",
+        "pool": "default",
+        "selector": {},
+        "state": "QUEUED",
+        "attempt": 1,
+        "waiting_reason": "",
+        "not_before": None,
+    }
+    values.update(overrides)
+    return StoredTask(**values)
+
+
+def scene(*, in_flight: int) -> waiting.Snapshot:
+    """One enrolled, connected agent of pool default running echo, with two slots."""
+    enrolled = presence_store.EnrolledAgent("a1", "default", {}, ("echo",))
+    return waiting.Snapshot(
+        {"default": [enrolled]},
+        {"default": [waiting.Agent({}, ("echo",), 2, in_flight)]},
+    )
+
+
+def test_a_recorded_hold_counts_while_fresh_then_busy_agents_go_first() -> None:
+    """Exact times (no sleeping): a hold counts until its end plus hold_fresh; after
+    that, all agents busy is the answer if so, else the hold still is."""
+    now = utcnow()
+    fresh = timedelta(seconds=2)
+    reason = "waiting for a slot: tenant t has 1 tasks in flight"
+    lapsing = queued(waiting_reason=reason, not_before=now - timedelta(seconds=1))
+    lapsed = queued(waiting_reason=reason, not_before=now - timedelta(seconds=3))
+    busy, idle = scene(in_flight=2), scene(in_flight=0)
+    assert (
+        waiting.why(busy, lapsing, now, fresh).code == common_pb2.WAITING_REASON_CONCURRENCY_LIMIT
+    )
+    assert waiting.why(busy, lapsed, now, fresh).code == common_pb2.WAITING_REASON_AGENTS_BUSY
+    assert waiting.why(idle, lapsed, now, fresh).code == common_pb2.WAITING_REASON_CONCURRENCY_LIMIT
+    backoff = queued(attempt=2, not_before=now + timedelta(seconds=30))
+    found = waiting.why(busy, backoff, now, fresh)
+    assert (found.code, found.until) == (
+        common_pb2.WAITING_REASON_RETRY_BACKOFF,
+        backoff.not_before,
+    )
+    assert waiting.why(idle, queued(), now, fresh) == waiting.NOTHING
+    assert waiting.why(idle, queued(state="RUNNING"), now, fresh) == waiting.NOTHING
+    # Structural reasons come before any hold.
+    elsewhere = queued(pool="gpu", waiting_reason=reason, not_before=now)
+    assert (
+        waiting.why(idle, elsewhere, now, fresh).code == common_pb2.WAITING_REASON_NO_AGENT_IN_POOL
+    )
