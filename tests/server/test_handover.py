@@ -6,18 +6,24 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select
 
-from muster import AsyncClient, TaskState
-from muster.server.app import ServerHandle
+from muster import AsyncAdminClient, AsyncClient, TaskState
+from muster.agent.config import AgentConfig
+from muster.agent.daemon import Agent
+from muster.agent.executors import ExecutorRegistry
+from muster.server.app import ServerHandle, start_server
 from muster.server.dispatch.session import AgentSession
 from muster.server.storage import tasks as task_store
 from muster.server.storage.models import AuditEvent, Task
 from muster.server.storage.types import utcnow
 from muster.v1 import agent_pb2
+from tests.agent.conftest import GateExecutor
 from tests.agentsim import Enrolled, Enroller, SimAgent
+from tests.conftest import client_config, server_config
 
 SLEEP = b'{"seconds": 60}'
 
@@ -197,3 +203,61 @@ def test_the_handover_grace_is_at_least_a_lease() -> None:
 
     with pytest.raises(ConfigError, match="handover_grace"):
         ServerConfig(lease_duration=timedelta(seconds=30), handover_grace=timedelta(seconds=5))
+
+
+async def test_the_daemon_keeps_running_work_across_maximum_age_drains(
+    tmp_path: Path, backend: dict[str, object]
+) -> None:
+    """The real daemon against the real server: each stream is drained at its maximum
+    age (about a second here) while one attempt runs; the attempt runs once, to the end,
+    and is recorded as attempt 1."""
+    config = server_config(tmp_path / "data", max_stream_age=timedelta(seconds=1), **backend)
+    server = await start_server(config)
+    gate = GateExecutor()
+    try:
+        async with (
+            AsyncAdminClient(client_config(server)) as admin,
+            AsyncClient(client_config(server)) as client,
+        ):
+            _, token = await admin.create_bootstrap_token("default")
+            agent = Agent(
+                AgentConfig(
+                    state_dir=tmp_path / "agent",
+                    server=server.api_address,
+                    token=token,
+                    ca_file=config.ca_dir / "bundle.pem",
+                    name="aged",
+                    backoff_initial=0.05,
+                    backoff_max=0.5,
+                ),
+                registry=ExecutorRegistry([gate]),
+            )
+            async with agent:
+                task = await client.submit("gate", b"")
+                async with asyncio.timeout(20):
+                    while gate.started != [task.task_id]:
+                        await asyncio.sleep(0.05)
+                    # Two handovers while the attempt runs.
+                    while len(handed := await handovers(server, "aged")) < 2:
+                        await asyncio.sleep(0.1)
+                gate.gate.set()
+                done = await client.wait(task.task_id, timeout=20)
+            assert (done.state, done.attempt) == (TaskState.SUCCEEDED, 1), done.error
+            assert gate.started == [task.task_id]  # never stopped, never started again
+            assert await audit_count(server, "task.requeue", [task.task_id]) == 0
+            assert all(n == 1 for n in handed), handed
+    finally:
+        await server.stop(grace=1.0)
+
+
+async def handovers(server: ServerHandle, agent_id: str) -> list[int]:
+    """How many attempts each ended stream of ``agent_id`` handed over."""
+    await server.flush_audit()
+    async with server.db.transaction() as session:
+        found = await session.execute(
+            select(AuditEvent.details).where(
+                AuditEvent.action == "stream.disconnect",
+                AuditEvent.actor.endswith(f"/agent/{agent_id}"),
+            )
+        )
+        return [int(d.get("handed_over", 0)) for d in found.scalars()]
