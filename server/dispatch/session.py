@@ -535,10 +535,15 @@ class AgentSession:
                 self._woken = True
                 continue
             if self.draining:
-                # Drain went out while this claim ran: no Assignment may follow it.
+                # Drain went out while this claim ran: no Assignment may follow it. Until
+                # they are given back, _release would give them back (they are unsent).
+                try:
+                    if claimed:
+                        await self.dispatcher.give_back(claimed, self.session_id)
+                except DATABASE_ERRORS as err:
+                    log.warning("give-back for %s failed (%s)", self.agent_id, type(err).__name__)
+                    return
                 self._claiming = False
-                if claimed:
-                    await self.dispatcher.give_back(claimed, self.session_id)
                 return
             if self._rate is not None:
                 self._rate.assigned(len(claimed))
