@@ -273,7 +273,8 @@ def _submit(args: argparse.Namespace) -> int:
             # Asked afresh: the wait's last state may be older than the reason.
             current = client.get(task.task_id)
             if current.state is TaskState.QUEUED and current.waiting_reason:
-                _err(f"muster: task {task.task_id} is waiting: {waiting_text(current)}")
+                reason = neutralize(waiting_text(current), single_line=True)
+                _err(f"muster: task {task.task_id} is waiting: {reason}")
             return 1
     return _report_final(final, args.json)
 
