@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from muster import AsyncAdminClient, AsyncClient, TaskState
 from muster.server.app import ServerHandle
@@ -134,5 +138,44 @@ async def test_an_operator_rotation_keeps_the_running_work(
         await server.flush_audit()
         requeues = [e for e in await admin.query_audit(limit=1000) if e.action == "task.requeue"]
         assert requeues == []
+    finally:
+        await stop(agent)
+
+
+async def test_an_expired_agent_is_reenrolled_at_start_as_itself(
+    server: ServerHandle, admin: AsyncAdminClient, client: AsyncClient, tmp_path: Path
+) -> None:
+    """The agent's certificate expired while it was stopped (here: replaced by one the
+    server's CA issued two minutes ago for one minute): started with a re-enrollment
+    token, it comes back as itself before it ever connects."""
+    name = "sleeper"
+    token = (await cli(server, tmp_path, "token", "create", "--pool", "default")).strip()
+    agent = await spawn_agent(server, tmp_path, name, token)
+    state = tmp_path / name
+    try:
+        await until_connected(admin, name)
+        assert await procs.stop(agent) == 0
+        key = serialization.load_pem_private_key((state / "agent.key").read_bytes(), None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        expired = server.ca.issue_agent_certificate(
+            key.public_key(),
+            name,
+            lifetime=timedelta(minutes=1),
+            now=datetime.now(UTC) - timedelta(minutes=2),  # the CA is minutes old
+        )
+        (state / "agent.pem").write_bytes(expired.chain_pem)
+        kept = state / "outbox" / "left-alone"
+        kept.write_bytes(b"")  # re-enrolling replaces credentials, nothing else
+
+        token = (await cli(server, tmp_path, "token", "create", "--reenroll", name)).strip()
+        agent = await spawn_agent(server, tmp_path, name, token)
+        await until_connected(admin, name)
+        log = (tmp_path / f"{name}.log").read_text(errors="replace")
+        assert "expired at" in log and "re-enrolling as sleeper" in log
+        assert kept.exists()
+        live = [c for c in (await admin.get_agent(name)).certificates if not c.revoked]
+        assert [c.reason for c in live] == ["reenroll"]
+        done = await client.wait((await client.submit("echo", b"awake")).task_id, timeout=30)
+        assert (done.state, done.agent_id) == (TaskState.SUCCEEDED, name)
     finally:
         await stop(agent)
