@@ -289,17 +289,23 @@ async def test_ctrl_c_restart_of_muster_dev_repeats_nothing(tmp_path: Path) -> N
 
     dev, config = await start_dev()
     url = f"sqlite+aiosqlite:///{data / 'muster.db'}"
+    restarts = 0
     try:
         async with AsyncClient(config) as client:
-            # The dev agent runs 4 at once: 4 running, 2 queued behind them.
             ids = [
-                (await client.submit("sleep", {"seconds": SLEEP_SECONDS})).task_id for _ in range(6)
+                (await client.submit("sleep", {"seconds": SLEEP_SECONDS})).task_id
+                for _ in range(10)
             ]
-        await until(url, ids, all_running(4))
-        assert await procs.stop(dev, signal.SIGINT, timeout=60) == 0  # Ctrl-C
-        after_stop = await tasks_by_id(url, ids)
-        assert Counter(t.state for t in after_stop.values()) == {"SUCCEEDED": 4, "QUEUED": 2}
-        dev, config = await start_dev()
+        # The dev agent runs 4 at once. Ctrl-C twice while 4 run (the two
+        # restarts): each time those 4 finish before the process exits and the rest wait,
+        # queued on their first attempt, for the next start.
+        for queued_after in (6, 2):
+            await until(url, ids, all_running(4))
+            assert await procs.stop(dev, signal.SIGINT, timeout=60) == 0  # Ctrl-C
+            states = Counter(t.state for t in (await tasks_by_id(url, ids)).values())
+            assert states == {"SUCCEEDED": len(ids) - queued_after, "QUEUED": queued_after}
+            dev, config = await start_dev()
+            restarts += 1
         done = await until(url, ids, all_succeeded)
     finally:
         if dev.returncode is None:
@@ -312,7 +318,7 @@ async def test_ctrl_c_restart_of_muster_dev_repeats_nothing(tmp_path: Path) -> N
     findings = agent_log_findings([log])
     assert findings == {"cancelled": 0, "stale": 0, "abandoned": 0}, findings
     print(
-        f"\nmuster dev: {len(ids)} tasks, 1 restart (Ctrl-C with 4 running), "
+        f"\nmuster dev: {len(ids)} tasks, {restarts} restarts (Ctrl-C with 4 running), "
         f"attempts used {dict(attempts)}, requeues {actions['task.requeue']}, "
         f"cancels {findings['cancelled']}, stale results {findings['stale']}"
     )
