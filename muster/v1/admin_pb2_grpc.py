@@ -238,7 +238,8 @@ class AdminServiceServicer:
         removed, its open streams (on every replica) closed with PERMISSION_DENIED, and
         what they held requeued. The agent id stays taken: an ordinary bootstrap token
         cannot enroll it (ALREADY_EXISTS); only a re-enrollment token for it
-        (CreateBootstrapTokenRequest.reenroll_agent_id) brings it back. Removing a
+        (CreateBootstrapTokenRequest.reenroll_agent_id) made after the removal brings
+        it back: re-enrollment tokens made before it are deleted with it. Removing a
         removed agent changes nothing. NOT_FOUND for an unknown agent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

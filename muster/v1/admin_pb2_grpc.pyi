@@ -68,7 +68,8 @@ class AdminServiceStub:
     removed, its open streams (on every replica) closed with PERMISSION_DENIED, and
     what they held requeued. The agent id stays taken: an ordinary bootstrap token
     cannot enroll it (ALREADY_EXISTS); only a re-enrollment token for it
-    (CreateBootstrapTokenRequest.reenroll_agent_id) brings it back. Removing a
+    (CreateBootstrapTokenRequest.reenroll_agent_id) made after the removal brings
+    it back: re-enrollment tokens made before it are deleted with it. Removing a
     removed agent changes nothing. NOT_FOUND for an unknown agent.
     """
     RotateAgents: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RotateAgentsRequest, _admin_pb2.RotateAgentsResponse]
@@ -136,7 +137,8 @@ class AdminServiceAsyncStub(AdminServiceStub):
     removed, its open streams (on every replica) closed with PERMISSION_DENIED, and
     what they held requeued. The agent id stays taken: an ordinary bootstrap token
     cannot enroll it (ALREADY_EXISTS); only a re-enrollment token for it
-    (CreateBootstrapTokenRequest.reenroll_agent_id) brings it back. Removing a
+    (CreateBootstrapTokenRequest.reenroll_agent_id) made after the removal brings
+    it back: re-enrollment tokens made before it are deleted with it. Removing a
     removed agent changes nothing. NOT_FOUND for an unknown agent.
     """
     RotateAgents: _aio.UnaryUnaryMultiCallable[_admin_pb2.RotateAgentsRequest, _admin_pb2.RotateAgentsResponse]  # type: ignore[assignment]
@@ -273,7 +275,8 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         removed, its open streams (on every replica) closed with PERMISSION_DENIED, and
         what they held requeued. The agent id stays taken: an ordinary bootstrap token
         cannot enroll it (ALREADY_EXISTS); only a re-enrollment token for it
-        (CreateBootstrapTokenRequest.reenroll_agent_id) brings it back. Removing a
+        (CreateBootstrapTokenRequest.reenroll_agent_id) made after the removal brings
+        it back: re-enrollment tokens made before it are deleted with it. Removing a
         removed agent changes nothing. NOT_FOUND for an unknown agent.
         """
 

@@ -422,11 +422,21 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             serials = await identities.revoke_certificates(
                 session, agent_id=row.agent_id, reason=reason
             )
-            row.removed_at = utcnow()
+            now = utcnow()
+            # A re-enrollment token made before the removal must not undo it.
+            tokens_deleted = await identities.delete_reenrollment_tokens(session, row.agent_id, now)
+            row.removed_at = now
             row.enabled = False
             await record_in(
                 session,
-                self._audit(context, "agent.remove", row.agent_id, serials=serials, reason=reason),
+                self._audit(
+                    context,
+                    "agent.remove",
+                    row.agent_id,
+                    serials=serials,
+                    reason=reason,
+                    tokens_deleted=tokens_deleted,
+                ),
             )
         self._metrics.certificates_revoked.inc(len(serials))
         self._fanout.close_agent(row.agent_id, grpc.StatusCode.PERMISSION_DENIED, "agent removed")

@@ -343,6 +343,25 @@ async def reenroll_agent(
     return "reenrolled", before, revoked
 
 
+async def delete_reenrollment_tokens(
+    session: AsyncSession, agent_id: str, now: datetime
+) -> list[str]:
+    """Delete the live re-enrollment tokens bound to ``agent_id``; returns their ids."""
+    result = await session.execute(
+        select(BootstrapToken.token_id).where(
+            BootstrapToken.agent_id == agent_id, BootstrapToken.deleted_at.is_(None)
+        )
+    )
+    token_ids = sorted(result.scalars())
+    if token_ids:
+        await session.execute(
+            update(BootstrapToken)
+            .where(BootstrapToken.token_id.in_(token_ids))
+            .values(deleted_at=now)
+        )
+    return token_ids
+
+
 async def request_rotation(session: AsyncSession, agent_id: str | None, now: datetime) -> int:
     """Mark one agent, or every agent not removed, as asked to rotate at ``now``: their
     streams on older certificates get Renew when they next connect. Returns how many."""

@@ -78,7 +78,26 @@ async def test_removing_an_agent_revokes_closes_and_keeps_the_id_taken(
     assert json.loads(row.details) == {
         "serials": [enrolled.serial],
         "reason": "host decommissioned",
+        "tokens_deleted": [],
     }
+
+
+async def test_removal_voids_reenrollment_tokens_made_before_it(
+    server: ServerHandle, enroller: Enroller, admin: AsyncAdminClient
+) -> None:
+    await enroller.enroll("undone")
+    early, secret = await admin.create_bootstrap_token("", reenroll="undone")
+    await admin.remove_agent("undone")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await enroll_raw(enroller, secret)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert (await admin.get_agent("undone")).removed
+    await server.flush_audit()
+    (row,) = await admin.query_audit(action="agent.remove")
+    assert json.loads(row.details)["tokens_deleted"] == [early.token_id]
+    # One made after the removal is the explicit way back.
+    _, later = await admin.create_bootstrap_token("", reenroll="undone")
+    await reenroll(enroller, "undone", later)
 
 
 async def test_a_reenrollment_token_brings_a_removed_agent_back_as_itself(
