@@ -54,6 +54,8 @@ class AsyncClient(AsyncClientBase["task_pb2_grpc.TaskServiceAsyncStub"]):
         timedeltas or seconds; None means the server default. ``deadline`` must be aware.
         ``max_cost_usd`` caps what the task may spend over all its attempts (AI kinds);
         ``output_schema`` is a JSON Schema (text or a dict) the output must satisfy.
+        ``submit_warning`` on the task returned says when no enrolled agent could run it
+        as things stand (it is queued anyway); ``waiting_reason`` why it waits.
         """
         request = _requests.submit(
             kind,

@@ -146,19 +146,21 @@ async def test_retry_backoff_until_its_time(client: AsyncClient, enroller: Enrol
     await agent.close()
 
 
-@pytest.fixture
-async def one_slot_tenant(
-    tmp_path: Path, backend: dict[str, object]
+@pytest.fixture(params=["tenant", "pool"])
+async def one_slot(
+    request: pytest.FixtureRequest, tmp_path: Path, backend: dict[str, object]
 ) -> AsyncIterator[ServerHandle]:
-    handle = await start_server(server_config(tmp_path / "data", inflight_per_tenant=1, **backend))
+    """A server whose tenants, or pools, may have one attempt in flight."""
+    limit = {f"inflight_per_{request.param}": 1}
+    handle = await start_server(server_config(tmp_path / "data", **limit, **backend))
     try:
         yield handle
     finally:
         await handle.stop(grace=1.0)
 
 
-async def test_a_tenant_at_its_concurrency_limit(one_slot_tenant: ServerHandle) -> None:
-    server = one_slot_tenant
+async def test_a_tenant_or_pool_at_its_concurrency_limit(one_slot: ServerHandle) -> None:
+    server = one_slot
     async with (
         AsyncAdminClient(client_config(server)) as admin,
         AsyncClient(client_config(server)) as client,
@@ -177,17 +179,18 @@ async def test_a_tenant_at_its_concurrency_limit(one_slot_tenant: ServerHandle) 
         )
         assert seen.state is TaskState.QUEUED
         assert seen.waiting_reason_code is WaitingReason.CONCURRENCY_LIMIT
-        assert seen.waiting_reason == "waiting for a slot: tenant admin has 1 tasks in flight"
+        full = "tenant admin" if server.config.inflight_per_tenant == 1 else "pool default"
+        assert seen.waiting_reason == f"waiting for a slot: {full} has 1 tasks in flight"
         assert seen.waiting_until is not None
         await agent.close()
 
 
 async def test_a_missing_agent_is_named_before_a_hold_it_would_meet(
-    one_slot_tenant: ServerHandle,
+    one_slot: ServerHandle,
 ) -> None:
     """The first reason that holds is given: a held task whose agents then all leave
     waits for an agent, not for the limit."""
-    server = one_slot_tenant
+    server = one_slot
     async with (
         AsyncAdminClient(client_config(server)) as admin,
         AsyncClient(client_config(server)) as client,
