@@ -506,6 +506,11 @@ async def _reaper(
     presence_every = dispatcher.presence.refresh_every.total_seconds()
     while not stopping.is_set():
         try:
+            # First: presence needs only the database, so a failing step below (the
+            # quota store down) must not make this replica's agents look gone.
+            if loop.time() >= next_presence:
+                await dispatcher.presence.refresh()
+                next_presence = loop.time() + presence_every
             await dispatcher.reap()
             await dispatcher.poll_queues()
             await dispatcher.sync_streams()
@@ -515,9 +520,6 @@ async def _reaper(
             if loop.time() >= next_renewal:
                 await dispatcher.renew_inflight()
                 next_renewal = loop.time() + renew_every
-            if loop.time() >= next_presence:
-                await dispatcher.presence.refresh()
-                next_presence = loop.time() + presence_every
         except Exception:  # keep reaping; one bad pass must not stop requeueing forever
             log.exception("reaper pass failed")
         await sleep_unless(clock, stopping, config.poll_interval.total_seconds())
