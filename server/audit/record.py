@@ -123,6 +123,11 @@ async def record_in(session: AsyncSession, *records: AuditRecord) -> None:
         return
     chain = session.info[CHAIN_KEY]
     contents = [r.content() for r in records]
+    if session.new or session.dirty or session.deleted:
+        # Changed ORM objects are written now, not at the commit: nothing but the audit
+        # rows is written under the chain's lock (the group commit waits for it while
+        # holding row locks of its own).
+        await session.flush()
     if session.bind.dialect.name != "postgresql":
         await _insert(session, link(contents, chain, await chain_tip(session, chain)))
         return
