@@ -251,3 +251,23 @@ async def test_rotate_reaches_the_replica_holding_the_stream(tmp_path: Path) -> 
                     await agent.close()
         finally:
             await asyncio.gather(a.stop(grace=1.0), b.stop(grace=1.0))
+
+
+async def test_a_renewal_racing_a_revocation_never_outlives_it(
+    server: ServerHandle, enroller: Enroller, admin: AsyncAdminClient
+) -> None:
+    """Renew and RevokeCertificate of the same serial at once, many times: either the
+    renewal was refused, or its certificate was revoked with its parent."""
+    for round_ in range(8):
+        parent = await enroller.enroll(f"race-{round_}")
+        renewal, _ = await asyncio.gather(
+            renew(parent), admin.revoke_certificate(parent.serial), return_exceptions=True
+        )
+        certs = (await admin.get_agent(f"race-{round_}")).certificates
+        children = [c for c in certs if c.renewed_from == parent.serial]
+        if isinstance(renewal, BaseException):
+            assert isinstance(renewal, grpc.aio.AioRpcError)
+            assert renewal.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert children == []
+        else:
+            assert [c.revoked for c in children] == [True]
