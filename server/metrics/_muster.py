@@ -115,7 +115,7 @@ class MusterMetrics:
         # Identity.
         self.certificates_issued = Counter(
             "muster_certificates_issued_total",
-            "Agent certificates issued, by reason (enroll, renew).",
+            "Agent certificates issued, by reason (enroll, reenroll, renew).",
             ("reason",),
             registry=registry,
         )
