@@ -192,13 +192,32 @@ class Agent:
             await asyncio.gather(stop, timer, conn, return_exceptions=True)
             abandoned = await self.runner.abandon_all()
             if abandoned:
-                log.warning(
-                    "stopped %d attempt(s) before they finished; the server will requeue them",
-                    len(abandoned),
-                )
+                self._report_abandoned(abandoned)
             await self.runner.registry.aclose()
             self.connected.clear()
             log.info("agent stopped")
+
+    def _report_abandoned(self, abandoned: list[tuple[str, int]]) -> None:
+        """Keep a retryable failure for each attempt stopped unfinished, sent on the next
+        start. Usually the server requeued it already when the stream ended (the copy is
+        then Acked STALE); but a replica that drained us keeps our attempts for its
+        handover grace, and this report frees them at once instead of after it."""
+        for task_id, attempt in abandoned:
+            self.outbox.put(
+                agent_pb2.Result(
+                    task_id=task_id,
+                    attempt=attempt,
+                    outcome=agent_pb2.OUTCOME_FAILED,
+                    error="the agent stopped before the attempt finished",
+                    retryable=True,
+                )
+            )
+        log.warning(
+            "stopped %d attempt(s) before they finished; they are reported as failed "
+            "(to be retried) on the next start, or requeued by the server when their "
+            "leases end",
+            len(abandoned),
+        )
 
     def shutdown(self) -> None:
         """Begin a graceful stop: Draining, finish in-flight work, await Acks, close."""

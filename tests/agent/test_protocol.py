@@ -272,9 +272,13 @@ async def test_shutdown_gives_up_after_the_drain_timeout(
         agent.shutdown()
         await stream.expect("draining", skip=("heartbeat", "progress"))
     assert loop.time() - started < 3
-    # Abandoned, not reported: the server requeues it when the lease ends.
+    # Abandoned: not reported on this stream (a CANCELLED result would end the task), but
+    # kept as a retryable failure for the next start (a drained replica holds it for us).
     assert "result" not in stream.kinds()
     assert agent.runner.idle
+    (kept,) = agent.outbox.pending()
+    assert (kept.task_id, kept.attempt, kept.outcome) == ("t1", 1, agent_pb2.OUTCOME_FAILED)
+    assert kept.retryable
 
 
 async def test_server_drain_hands_running_work_over_to_the_next_stream(

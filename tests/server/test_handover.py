@@ -136,6 +136,26 @@ async def test_results_finished_between_streams_are_recorded_once(
     await again.close()
 
 
+async def test_an_attempt_the_agent_abandoned_while_away_is_freed_by_its_report(
+    server: ServerHandle, enroller: Enroller, client: AsyncClient
+) -> None:
+    enrolled = await enroller.enroll("hand-6")
+    agent, (assignment,) = await running(enrolled, client, 1)
+    await drained_and_closed(server, agent, "hand-6")
+    # The agent stopped before the attempt finished; on its next start it reports that
+    # (a retryable failure from its outbox) instead of leaving the handover grace to run.
+    again = SimAgent.of(enrolled)
+    await again.hello(max_concurrency=1)
+    ack = await again.finish(
+        assignment, outcome=agent_pb2.OUTCOME_FAILED, error="stopped", retryable=True
+    )
+    assert ack.status == agent_pb2.ACK_STATUS_RECORDED
+    retry = await client.get(assignment.task_id)
+    assert retry.attempt == 2  # requeued at once (then claimable after its backoff)
+    assert retry.state in (TaskState.QUEUED, TaskState.ASSIGNED)
+    await again.close()
+
+
 async def test_a_stream_that_ends_without_a_drain_still_requeues(
     server: ServerHandle, enroller: Enroller, client: AsyncClient
 ) -> None:
