@@ -44,6 +44,14 @@ def _parser() -> argparse.ArgumentParser:
         "every scenario, else bench/results/)",
     )
     parser.add_argument(
+        "--minutes",
+        type=float,
+        help="soak: how long to run, in minutes (default 30; 3 with --quick)",
+    )
+    parser.add_argument(
+        "--rate", type=float, help="soak: echo tasks submitted per second (default 20)"
+    )
+    parser.add_argument(
         "--no-profile", action="store_true", help="never run py-spy (--quick never does)"
     )
     return parser
@@ -67,6 +75,8 @@ async def _run(
                 runs=args.runs,
                 workdir=workdir,
                 profile=not (args.no_profile or args.quick),
+                minutes=args.minutes,
+                rate=args.rate,
             )
             log.info("scenario %s: starting", name)
             started = time.monotonic()
@@ -95,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         _parser().error(f"unknown scenario(s): {', '.join(unknown)}")
     if args.runs < 1:
         _parser().error("--runs must be at least 1")
+    if args.minutes is not None and args.minutes <= 0:
+        _parser().error("--minutes must be positive")
+    if args.rate is not None and args.rate <= 0:
+        _parser().error("--rate must be positive")
     names = args.scenarios or list(SCENARIOS)
     full = not args.quick and set(names) == set(SCENARIOS)
     output = args.output or (DOCS if full else RESULTS)

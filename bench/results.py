@@ -93,6 +93,10 @@ class Context:
     workdir: Path
     profile: bool = True
     """Profile the server with py-spy in one extra run when a target is missed."""
+    minutes: float | None = None
+    """How long the soak scenario runs (None: its own default, shorter with --quick)."""
+    rate: float | None = None
+    """Tasks per second the soak scenario submits (None: its own default)."""
 
     def scale(self, full: int, quick: int) -> int:
         return quick if self.quick else full

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from bench.results import Context, ScenarioResult
-from bench.scenarios import ai, audit, dispatch, enrollment, idle, reconnect, revocation
+from bench.scenarios import ai, audit, dispatch, enrollment, idle, reconnect, revocation, soak
 
 Scenario = Callable[[Context], Awaitable[ScenarioResult]]
 
@@ -21,4 +21,5 @@ SCENARIOS: dict[str, Scenario] = {
     "revocation": revocation.run,
     "scaleout": dispatch.run_scaleout,
     "ai": ai.run,
+    "soak": soak.run,
 }
