@@ -8,9 +8,10 @@ import asyncio
 import secrets
 import shutil
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -128,7 +129,9 @@ async def connected_per_replica(replicas: list[Replica]) -> list[int]:
     return [sum(1 for a in agents if a.connected and a.replica == r.name) for r in replicas]
 
 
-async def submit_all(replicas: list[Replica], count: int, kind: str, payload: object) -> list[str]:
+async def submit_all(
+    replicas: list[Replica], count: int, kind: str, payload: bytes | Mapping[str, Any]
+) -> list[str]:
     """Submit through both replicas at once, a few calls in flight at a time."""
     ids: list[str] = []
     clients = [AsyncClient(r.client_config()) for r in replicas]
