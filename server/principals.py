@@ -40,6 +40,8 @@ class AgentIdentity:
     labels: dict[str, str]
     rotate_requested_at: datetime | None = None
     """An operator asked this agent to rotate (``muster agents rotate``) at this time."""
+    issued_at: datetime | None = None
+    """When the certificate was issued (None: not recorded, before migration 0004)."""
 
 
 current_principal: ContextVar[Principal] = ContextVar("current_principal")

@@ -97,6 +97,8 @@ class AgentSession:
         """The renew time Welcome gave; a stream still on this certificate well after it
         is sent Renew (``check_renewal``)."""
         self.rotation_requested_at: datetime | None = None
+        self.cert_issued_at: float | None = None
+        """When its certificate was issued (POSIX seconds), as recorded; see ``issued_at``."""
         """An operator's rotation request for this agent (from its record at connect): a
         certificate issued before it is sent Renew at once."""
         self._replaced: tuple[NewStream, bool] | None = None
@@ -166,7 +168,10 @@ class AgentSession:
 
     @property
     def issued_at(self) -> float:
-        """When its certificate was issued (POSIX seconds): the CA backdates notBefore."""
+        """When its certificate was issued (POSIX seconds): as recorded, or (certificates
+        from before migration 0004) its notBefore undone of the CA's backdate."""
+        if self.cert_issued_at is not None:
+            return self.cert_issued_at
         return self.cert_not_before + DEFAULT_BACKDATE.total_seconds()
 
     def request_renewal(self, reason: str, issued_before: float | None = None) -> bool:

@@ -141,4 +141,5 @@ class AgentIdentityAuth(grpc.aio.ServerInterceptor):
             pool=issued.pool,
             labels=dict(issued.labels),
             rotate_requested_at=issued.rotate_requested_at,
+            issued_at=issued.issued_at,
         )

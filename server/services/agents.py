@@ -28,6 +28,7 @@ from muster.server.services.errors import ServiceError, invalid
 from muster.server.services.issuing import issue_agent_certificate
 from muster.server.storage import identities
 from muster.server.storage.models import Certificate
+from muster.server.storage.types import utcnow
 from muster.v1 import agent_pb2, agent_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             peer=peer_address(context),
         )
         session.rotation_requested_at = identity.rotate_requested_at
+        if identity.issued_at is not None:
+            session.cert_issued_at = identity.issued_at.timestamp()
         try:
             await session.run(request_iterator, context)
         except StreamClosed as closed:
@@ -108,6 +111,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
         except CsrError as err:
             raise invalid(f"csr_pem: {err}") from None
         fingerprint = public_key_fingerprint(public_key)
+        issued_at = utcnow()
         issued = issue_agent_certificate(
             self._ca, public_key, identity.agent_id, dispatcher.config.cert_lifetime
         )
@@ -146,6 +150,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     not_before=issued.not_before,
                     not_after=issued.not_after,
                     renewed_from=identity.serial,
+                    issued_at=issued_at,
                 )
             )
             await record_in(

@@ -189,6 +189,7 @@ async def enroll_agent(
                     "chain_pem": chain_pem,
                     "not_before": not_before,
                     "not_after": not_after,
+                    "issued_at": now,
                 }
                 added = (await conn.execute(_ADD_CERTIFICATE, certificate)).rowcount
     if not redeemed:
@@ -208,8 +209,8 @@ WITH redeemed AS (
     RETURNING agent_id, token_id
 ), certificate AS (
     INSERT INTO certificates (serial, agent_id, public_key_fingerprint, token_id, reason,
-                              chain_pem, not_before, not_after)
-    SELECT $6, agent_id, $7, token_id, 'enroll', $8, $9, $10 FROM agent
+                              chain_pem, not_before, not_after, issued_at)
+    SELECT $6, agent_id, $7, token_id, 'enroll', $8, $9, $10, $2 FROM agent
     RETURNING serial
 )
 SELECT (SELECT count(*) FROM redeemed), (SELECT count(*) FROM certificate)
@@ -337,6 +338,7 @@ async def reenroll_agent(
             chain_pem=chain_pem,
             not_before=not_before,
             not_after=not_after,
+            issued_at=now,
         )
     )
     await session.flush()
@@ -401,6 +403,7 @@ class Presented:
     pool: str
     labels: dict[str, str]
     rotate_requested_at: datetime | None = None
+    issued_at: datetime | None = None
 
 
 async def presented_many(conn: AsyncConnection, serials: Sequence[str]) -> list[Presented | None]:
@@ -415,13 +418,14 @@ async def presented_many(conn: AsyncConnection, serials: Sequence[str]) -> list[
             Agent.pool,
             Agent.labels,
             Agent.rotate_requested_at,
+            Certificate.issued_at,
         )
         .join(Agent, Agent.agent_id == Certificate.agent_id)
         .where(Certificate.serial.in_(set(serials)))
     )
     found = {
-        serial: Presented(agent_id, revoked_at, enabled, pool, labels, rotate)
-        for serial, agent_id, revoked_at, enabled, pool, labels, rotate in rows
+        serial: Presented(agent_id, revoked_at, enabled, pool, labels, rotate, issued)
+        for serial, agent_id, revoked_at, enabled, pool, labels, rotate, issued in rows
     }
     return [found.get(serial) for serial in serials]
 

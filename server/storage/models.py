@@ -95,6 +95,10 @@ class Certificate(Base):
     renewed_from: Mapped[str | None] = mapped_column(String(48), index=True)
     """The serial whose holder renewed into this one: revoking a serial revokes its
     descendants, so a stolen key cannot outlive its revocation by renewing itself."""
+    issued_at: Mapped[datetime | None]
+    """When it was issued (notBefore is backdated, in whole seconds, and clamped to the
+    intermediate's): a rotation request reaches the certificates issued before it.
+    None: issued before migration 0004."""
 
     __table_args__ = (Index("ix_certificates_token_key", "token_id", "public_key_fingerprint"),)
 

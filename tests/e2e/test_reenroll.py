@@ -135,6 +135,9 @@ async def test_an_operator_rotation_keeps_the_running_work(
         await until_connected(admin, name)
         later = await client.wait((await client.submit("echo", b"x")).task_id, timeout=30)
         assert later.state is TaskState.SUCCEEDED
+        # One renewal per request: a renewed stream is not asked again.
+        certs = (await admin.get_agent(name)).certificates
+        assert sum(c.reason == "renew" for c in certs) == 2
         await server.flush_audit()
         requeues = [e for e in await admin.query_audit(limit=1000) if e.action == "task.requeue"]
         assert requeues == []

@@ -168,6 +168,18 @@ async def test_an_agent_offline_when_asked_is_told_to_renew_when_it_connects(
         await agent.expect("renew")
     finally:
         await agent.close()
+    # Renewed within a second of the request (notBefore has whole seconds and is
+    # backdated: the issue time is recorded): the new certificate's stream is not
+    # asked again.
+    fresh = SimAgent.of(await renew(enrolled))
+    try:
+        await fresh.hello()
+        (session,) = [s for s in server.hub.streams() if isinstance(s, AgentSession)]
+        requested = (await admin.get_agent("offline")).rotate_requested_at
+        assert requested is not None and session.issued_at > requested.timestamp()
+        assert server.hub.rotate_agents("offline", "again?", requested.timestamp()) == 0
+    finally:
+        await fresh.close()
 
 
 async def test_only_certificates_issued_before_the_request_are_asked_to_rotate(
