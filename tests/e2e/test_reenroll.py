@@ -79,6 +79,11 @@ async def test_a_removed_agent_is_reenrolled_as_itself_with_a_token_from_the_cli
         assert (state / "agent.key").read_bytes() == old_key
         assert (state / "agent.pem").read_bytes() == old_chain
         assert not (await admin.get_agent(name)).connected
+        # Enabling it would not let it connect: the CLI says so, and what to do instead.
+        code, _, err = await procs.run(
+            "agents", "enable", name, cwd=tmp_path, environ=cli_env(server)
+        )
+        assert code != 0 and f"muster token create --reenroll {name}" in err, err
         assert await procs.stop(agent) == 0
 
         token = (await cli(server, tmp_path, "token", "create", "--reenroll", name)).strip()
