@@ -279,7 +279,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
                 "label not allowed",
             )
         issued = issue_agent_certificate(self._ca, public_key, agent_id, self._config.cert_lifetime)
-        outcome, before, revoked = await identities.reenroll_agent(
+        done = await identities.reenroll_agent(
             session,
             token_id=row.token_id,
             now=now,
@@ -290,11 +290,11 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
             not_before=issued.not_before,
             not_after=issued.not_after,
         )
-        if outcome == "used up":
+        if done.outcome == "used up":
             raise _Refusal(
                 grpc.StatusCode.UNAUTHENTICATED, BAD_TOKEN, "used up concurrently", known_token=True
             )
-        if outcome == "no agent" or before is None:
+        if done.outcome == "no agent":
             raise _Refusal(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"agent {agent_id!r} no longer exists; ask an operator for a new token",
@@ -315,9 +315,9 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
                 details={
                     "pool": pool,
                     "labels": labels,
-                    "revoked": revoked,
-                    "was_removed": before.removed_at is not None,
-                    "was_enabled": before.enabled,
+                    "revoked": done.revoked,
+                    "was_removed": done.was_removed,
+                    "was_enabled": done.was_enabled,
                 },
             ),
             AuditRecord(
@@ -335,8 +335,8 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
             ),
         )
         self._metrics.certificates_issued.labels(reason="reenroll").inc()
-        if revoked:
-            self._metrics.certificates_revoked.inc(len(revoked))
+        if done.revoked:
+            self._metrics.certificates_revoked.inc(len(done.revoked))
         log.info(
             "re-enrolled agent %s (serial %s) from token %s", agent_id, issued.serial, row.token_id
         )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
@@ -291,6 +291,17 @@ async def key_used_by(session: AsyncSession, agent_id: str, fingerprint: str) ->
     return result.scalar_one_or_none()
 
 
+@dataclass(frozen=True, slots=True)
+class Reenrolled:
+    """What :func:`reenroll_agent` did, and what the agent was before (for the audit)."""
+
+    outcome: Literal["reenrolled", "used up", "no agent"]
+    was_removed: bool = False
+    was_enabled: bool = False
+    revoked: list[str] = field(default_factory=list)
+    """Serials the agent still had live, revoked by the re-enrollment."""
+
+
 async def reenroll_agent(
     session: AsyncSession,
     *,
@@ -302,28 +313,18 @@ async def reenroll_agent(
     chain_pem: bytes,
     not_before: datetime,
     not_after: datetime,
-) -> tuple[Literal["reenrolled", "used up", "no agent"], Agent | None, list[str]]:
+) -> Reenrolled:
     """Redeem a re-enrollment token for its agent: certify the new key, revoke whatever
     certificates the agent still had live, and restore the agent (not removed, enabled).
-
-    Returns what happened, the agent as it was before (None if it does not exist) and
-    the serials revoked. Anything but "reenrolled" leaves the caller to roll back."""
+    Anything but "reenrolled" leaves the caller to roll back."""
     conn = await session.connection()
     redeemed = (await conn.execute(_REDEEM, {"redeemed": token_id, "now": now})).rowcount
     if not redeemed:
-        return "used up", None, []
+        return Reenrolled("used up")
     agent = await lock_agent(session, agent_id)
     if agent is None:
-        return "no agent", None, []
-    before = Agent(
-        agent_id=agent.agent_id,
-        pool=agent.pool,
-        labels=dict(agent.labels),
-        enabled=agent.enabled,
-        token_id=agent.token_id,
-        enrolled_at=agent.enrolled_at,
-        removed_at=agent.removed_at,
-    )
+        return Reenrolled("no agent")
+    was_removed, was_enabled = agent.removed_at is not None, agent.enabled
     revoked = await revoke_certificates(session, agent_id=agent_id, reason="re-enrolled")
     agent.removed_at = None
     agent.enabled = True
@@ -342,7 +343,7 @@ async def reenroll_agent(
         )
     )
     await session.flush()
-    return "reenrolled", before, revoked
+    return Reenrolled("reenrolled", was_removed, was_enabled, revoked)
 
 
 async def delete_reenrollment_tokens(
