@@ -17,9 +17,13 @@ import contextlib
 import logging
 import os
 import sys
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
 
 from muster import AsyncAdminClient, ClientConfig
+from muster.errors import NotFoundError
 from muster.server.app import ServerHandle
 
 log = logging.getLogger(__name__)
@@ -31,21 +35,43 @@ AGENT_DRAIN_TIMEOUT = 3600.0
 """How long a Ctrl-C lets the agent's running tasks finish (its ``--drain-timeout``)."""
 
 
+async def _dev_agent_token(admin: AsyncAdminClient, state_dir: Path) -> str:
+    """A bootstrap token for the dev agent if it needs one: to enroll the first time; to
+    re-enroll as itself when its certificate expired while `muster dev` was not running
+    or was revoked (a token made for it, used only then); to enroll anew when the
+    database no longer knows it. None needed: empty."""
+    ttl = timedelta(minutes=10)
+    chain = state_dir / "agent.pem"
+    if (state_dir / "identity.json").exists() and chain.exists():
+        leaf = x509.load_pem_x509_certificates(chain.read_bytes())[0]
+        serial = format(leaf.serial_number, "x")
+        try:
+            known = await admin.get_agent(AGENT_NAME)
+        except NotFoundError:
+            known = None
+        if known is not None:
+            live = [c for c in known.certificates if c.serial == serial and not c.revoked]
+            if live and leaf.not_valid_after_utc > datetime.now(UTC):
+                return ""
+            _, secret = await admin.create_bootstrap_token("", ttl=ttl, reenroll=AGENT_NAME)
+            return secret
+    _, secret = await admin.create_bootstrap_token("default", ttl=ttl, name_pattern=AGENT_NAME)
+    return secret
+
+
 async def run_dev_agent(handle: ServerHandle, stop: asyncio.Event) -> None:
     config = handle.config
     state_dir = config.data_dir / "dev-agent"
     bundle = config.ca_dir / "bundle.pem"
     env = dict(os.environ)
-    if not (state_dir / "identity.json").exists():
-        client_config = ClientConfig(
-            address=handle.api_address,
-            token=config.admin_token_file.read_text().strip(),
-            ca_file=bundle,
-        )
-        async with AsyncAdminClient(client_config) as admin:
-            _, secret = await admin.create_bootstrap_token(
-                "default", ttl=timedelta(minutes=10), name_pattern=AGENT_NAME
-            )
+    client_config = ClientConfig(
+        address=handle.api_address,
+        token=config.admin_token_file.read_text().strip(),
+        ca_file=bundle,
+    )
+    async with AsyncAdminClient(client_config) as admin:
+        secret = await _dev_agent_token(admin, state_dir)
+    if secret:
         env["MUSTER_BOOTSTRAP_TOKEN"] = secret
     command = [
         sys.executable, "-m", "muster", "agent",

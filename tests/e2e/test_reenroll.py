@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from muster import AsyncAdminClient, AsyncClient, TaskState
+from muster import AsyncAdminClient, AsyncClient, ClientConfig, TaskState
 from muster.server.app import ServerHandle
 from tests.e2e import procs
 from tests.e2e.test_processes import until_connected, until_running
@@ -187,3 +188,52 @@ async def test_an_expired_agent_is_reenrolled_at_start_as_itself(
         assert (done.state, done.agent_id) == (TaskState.SUCCEEDED, name)
     finally:
         await stop(agent)
+
+
+async def test_muster_dev_brings_back_its_agent_after_it_was_removed(tmp_path: Path) -> None:
+    """`muster dev` gives its agent a re-enrollment token when the certificate it holds
+    no longer works (removed, revoked, expired while dev was not running)."""
+    data = tmp_path / "dev"
+    environ = procs.env(
+        MUSTER_API_ADDR="127.0.0.1:0", MUSTER_AGENT_ADDR="127.0.0.1:0", MUSTER_METRICS_ADDR=""
+    )
+
+    async def start_dev() -> tuple[asyncio.subprocess.Process, ClientConfig]:
+        (data / "endpoints.json").unlink(missing_ok=True)
+        proc = await procs.spawn(
+            "dev", "--data-dir", str(data), cwd=tmp_path, log=tmp_path / "dev.log",
+            environ=environ,
+        )  # fmt: skip
+        endpoints = await procs.wait_for_file(data / "endpoints.json")
+        return proc, ClientConfig(
+            address=endpoints["api"],
+            token=(data / "admin.token").read_text().strip(),
+            ca_file=data / "ca" / "bundle.pem",
+        )
+
+    dev, config = await start_dev()
+    try:
+        async with AsyncAdminClient(config) as admin:
+            await until_connected(admin, "dev-agent")
+            await admin.remove_agent("dev-agent")
+        assert await procs.stop(dev, signal.SIGINT, timeout=60) == 0
+        dev, config = await start_dev()
+        async with AsyncAdminClient(config) as admin, AsyncClient(config) as client:
+            await until_connected(admin, "dev-agent")
+            agent = await admin.get_agent("dev-agent")
+            assert (agent.removed, [c.reason for c in agent.certificates if not c.revoked]) == (
+                False,
+                ["reenroll"],
+            )
+            done = await client.wait((await client.submit("echo", b"hi")).task_id, timeout=30)
+            assert (done.state, done.agent_id) == (TaskState.SUCCEEDED, "dev-agent")
+            # A plain restart needs no token: none is made.
+            tokens = len(await admin.list_bootstrap_tokens())
+        assert await procs.stop(dev, signal.SIGINT, timeout=60) == 0
+        dev, config = await start_dev()
+        async with AsyncAdminClient(config) as admin:
+            await until_connected(admin, "dev-agent")
+            assert len(await admin.list_bootstrap_tokens()) == tokens
+    finally:
+        if dev.returncode is None:
+            await procs.stop(dev, signal.SIGINT, timeout=60)
