@@ -13,7 +13,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy import func, select
 
-from muster import AsyncAdminClient
+from muster import AsyncAdminClient, AsyncClient
 from muster.server.app import ServerHandle, start_server
 from muster.server.audit import AuditRecord
 from muster.server.audit.verify import verify
@@ -213,13 +213,17 @@ async def test_a_stream_that_ends_during_an_outage_has_its_disconnect_kept_on_di
     pg_url: str, tmp_path: Path
 ) -> None:
     """Stream events are committed before the stream goes on; with the database away, the
-    disconnect is fsynced to the spool instead, and replayed once the database is back."""
+    disconnect is fsynced to the spool instead, and replayed once the database is back.
+    The stream holds a task, so its release fails first (Postgres refusing connections
+    raises asyncpg's own errors, not SQLAlchemy's)."""
     handle = await start_server(server_config(tmp_path / "data", database_url=pg_url))
     try:
         async with AsyncAdminClient(client_config(handle)) as admin:
             agent = SimAgent.of(await Enroller(handle, admin).enroll("cut-off"))
         session_id = (await agent.hello()).session_id
-        await wait_until(lambda: bool(handle.hub.streams()))
+        async with AsyncClient(client_config(handle)) as client:
+            task = await client.submit("echo", b"")
+        assert (await agent.expect("assignment")).task_id == task.task_id
         await cut(pg_url)
         await agent.close()
         await wait_until(lambda: not handle.hub.streams())  # released: the event is on disk

@@ -22,12 +22,10 @@ from functools import partial
 from typing import Any, TypeAlias
 
 import grpc
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from muster.server.audit import AuditRecord
 from muster.server.ca.authority import DEFAULT_BACKDATE
-from muster.server.dispatch.dispatcher import Dispatcher
+from muster.server.dispatch.dispatcher import UNREACHABLE, Dispatcher
 from muster.server.dispatch.hub import NewStream
 from muster.server.dispatch.suspicion import RATE_WINDOW, RateWatch
 from muster.server.services import convert
@@ -43,9 +41,10 @@ IDLE_RECHECK = 30.0
 """Seconds an idle stream waits for a wake-up before looking for work by itself, if the
 replica's last poll saw work it might run (its wake-ups went to streams that did not
 match a selector)."""
-DATABASE_ERRORS = (DBAPIError, OSError, PoolTimeout)
+DATABASE_ERRORS = UNREACHABLE
 """What a lost or refused database connection, or a pool with none free, raises through
-SQLAlchemy and asyncpg."""
+SQLAlchemy and asyncpg (whose own errors escape unwrapped when a new connection is
+refused: a stream ending then still releases what it can and records its end)."""
 FLUSH_TIMEOUT = 1.0
 """How long a closing stream waits for its outbox to be written."""
 Context: TypeAlias = grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.ServerMessage]
