@@ -269,7 +269,9 @@ class AgentSession:
                 grpc.StatusCode.UNAVAILABLE,
                 f"database unavailable ({type(err).__name__}); reconnect and resend",
             )
-        elif not moved.result():
+        elif not moved.result() and (task_id, attempt) in self._held:
+            # Not when its Result came first (written in an earlier batch): it is over, and
+            # a Cancel would only be remembered in _cancels_sent for the stream's life.
             self.cancel_attempt(task_id, attempt, "attempt is no longer current")
 
     def _worker_done(self, task: asyncio.Task[None]) -> None:
@@ -643,6 +645,7 @@ class AgentSession:
                 if status == agent_pb2.ACK_STATUS_STALE and key not in self._held:
                     await self._check_stale(r.task_id, r.attempt)
                 self._held.discard(key)
+                self._cancels_sent.discard(key)  # over: its Cancel need not be remembered
                 self._send(
                     agent_pb2.ServerMessage(
                         ack=agent_pb2.Ack(task_id=r.task_id, attempt=r.attempt, status=status)
