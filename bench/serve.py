@@ -14,6 +14,7 @@ import signal
 import sys
 
 from muster.server import app
+from muster.server.allocator import pin_mmap_threshold
 from muster.server.config import ServerConfig
 
 
@@ -42,6 +43,7 @@ def main() -> int:
         stream=sys.stderr,
     )
     _raise_nofile()
+    pin_mmap_threshold()  # as `muster server` does
     asyncio.run(_serve(ServerConfig.from_env()))
     return 0
 

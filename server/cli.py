@@ -134,8 +134,10 @@ def _run_dev(args: argparse.Namespace) -> int:
 async def _serve(
     config: ServerConfig, companion: Callable[[Any, asyncio.Event], Awaitable[None]] | None
 ) -> int:
+    from muster.server.allocator import pin_mmap_threshold
     from muster.server.app import start_server
 
+    pin_mmap_threshold()  # a steady load must not creep the heap (issue 10)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
