@@ -159,12 +159,17 @@ async def run(ctx: Context) -> ScenarioResult:
                 load.cancel()
             samples.append((time.monotonic() - started, a.rss()))
             cpu = (a.cpu() - cpu0) / (time.monotonic() - started)
-            async with asyncio.timeout(DRAIN_TIMEOUT):
-                while True:
-                    states = await _states(stack)
-                    if sum(n for s, n in states.items() if s not in TERMINAL) == 0:
-                        break
-                    await asyncio.sleep(1.0)
+            # Whatever is still open after DRAIN_TIMEOUT counts as lost.
+            deadline = time.monotonic() + DRAIN_TIMEOUT
+            while True:
+                states = await _states(stack)
+                open_ = sum(n for s, n in states.items() if s not in TERMINAL)
+                if open_ == 0 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(1.0)
+    (ctx.workdir / "rss.csv").write_text(
+        "seconds,rss_bytes\n" + "".join(f"{t:.1f},{r}\n" for t, r in samples)
+    )
     settled = [(t, r) for t, r in samples if t >= warmup]
     slope = slope_per_10_minutes(settled)
     succeeded = states.get(SUCCEEDED, 0)
@@ -176,8 +181,9 @@ async def run(ctx: Context) -> ScenarioResult:
         f"open-loop at {rate:g}/s through one SDK client for {minutes:g} minutes "
         f"({submitted.ok:,} accepted, {submitted.failed} refused"
         + (f", last: {submitted.last_error[:200]}" if submitted.failed else "")
-        + f"). Server RSS sampled every {SAMPLE_EVERY:g} s; the slope is a least-squares "
-        f"line through the samples after a warm-up of {warmup / 60:g} minutes. Lost = "
+        + f"). Server RSS sampled every {SAMPLE_EVERY:g} s (rss.csv in the work directory); "
+        "the slope is a least-squares line through the samples after a warm-up of "
+        f"{warmup / 60:g} minutes. Lost = "
         "accepted - SUCCEEDED once nothing is left queued or running "
         f"(final states: {dict(sorted(states.items()))}). One run, whatever --runs says."
     )
