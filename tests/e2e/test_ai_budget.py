@@ -15,26 +15,32 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-import shutil
 import urllib.request
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from muster import AsyncAdminClient, AsyncClient, ClientConfig, Task, TaskState
+from muster import AsyncAdminClient, AsyncClient, Task, TaskState
 from muster.ai import parse_ai_payload
 from muster.server.ai.prices import PriceTable, TokenUsage
 from muster.server.dispatch.budgets import BUDGET_RETRY
 from muster.server.storage.models import AuditEvent
 from muster.server.storage.models import Task as TaskRow
-from tests.conftest import BACKEND, FANOUT_SECRET, REDIS_URL
+from tests.conftest import BACKEND
 from tests.e2e import procs
+from tests.e2e.cluster import (
+    AgentProcess,
+    Cluster,
+    Replica,
+    replica_cluster,
+    start_agents,
+    stop_agents,
+    until_connected,
+)
 from tests.fakes.anthropic_api import FakeAnthropicAPI, Reply
-from tests.pg import fresh_database
 
 pytestmark = [
     pytest.mark.timeout(180),
@@ -63,112 +69,23 @@ CALL_DELAY = 0.1
 WAITING = "waiting for budget"
 
 
-@dataclass
-class Replica:
-    name: str
-    data_dir: Path
-    process: asyncio.subprocess.Process
-    api: str
-    agent: str
-    metrics: str
-
-    def client_config(self, token: str | None = None) -> ClientConfig:
-        return ClientConfig(
-            address=self.api,
-            token=token or (self.data_dir / "admin.token").read_text().strip(),
-            ca_file=self.data_dir / "ca" / "bundle.pem",
-        )
-
-
-@dataclass
-class Cluster:
-    url: str
-    replicas: list[Replica]
-    logs: list[Path] = field(default_factory=list)
-
-
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    """Two replicas on a fresh database and a Redis prefix of their own, /metrics on."""
-    prefix = f"muster-test-{secrets.token_hex(6)}"
-    async with fresh_database() as url:
-        code, _, err = await procs.run(
-            "ca", "init", "--data-dir", str(tmp_path / "a"), cwd=tmp_path
-        )
-        assert code == 0, err
-        shutil.copytree(tmp_path / "a" / "ca", tmp_path / "b" / "ca")
-        cluster = Cluster(url, [])
-        for name in ("a", "b"):
-            environ = procs.env(
-                MUSTER_DATABASE_URL=url,
-                MUSTER_REDIS_URL=REDIS_URL,
-                MUSTER_FANOUT_SECRET=FANOUT_SECRET,
-                MUSTER_REDIS_PREFIX=prefix,
-                MUSTER_REPLICA_ID=name,
-                MUSTER_API_ADDR="127.0.0.1:0",
-                MUSTER_AGENT_ADDR="127.0.0.1:0",
-                MUSTER_METRICS_ADDR="127.0.0.1:0",
-                MUSTER_HEARTBEAT_INTERVAL="1s",
-                MUSTER_LEASE_DURATION="5s",
-                MUSTER_POLL_INTERVAL="0.5s",
-                MUSTER_SHUTDOWN_GRACE="2s",
-            )
-            data = tmp_path / name
-            log = tmp_path / f"{name}.log"
-            proc = await procs.spawn(
-                "server", "--data-dir", str(data), cwd=tmp_path, log=log, environ=environ
-            )
-            cluster.logs.append(log)
-            endpoints = await procs.wait_for_file(data / "endpoints.json")
-            cluster.replicas.append(
-                Replica(
-                    name, data, proc, endpoints["api"], endpoints["agent"], endpoints["metrics"]
-                )
-            )
-        try:
-            yield cluster
-        finally:
-            for replica in cluster.replicas:
-                if replica.process.returncode is None:
-                    await procs.stop(replica.process, timeout=20)
+    """Two replicas with /metrics on."""
+    async with replica_cluster(tmp_path, metrics=True) as cluster:
+        yield cluster
 
 
-async def start_ai_agents(
-    tmp_path: Path, cluster: Cluster, api_url: str
-) -> list[asyncio.subprocess.Process]:
+async def start_ai_agents(cluster: Cluster, api_url: str) -> list[AgentProcess]:
     """Four agents running anthropic.messages with the key in their own environment only;
     two prefer replica a, two prefer b."""
-    a, b = cluster.replicas
-    async with AsyncAdminClient(a.client_config()) as admin:
-        _, token = await admin.create_bootstrap_token("default", max_uses=4)
-    agents = []
-    for i, order in enumerate(((a, b), (b, a), (a, b), (b, a))):
-        log = tmp_path / f"agent-{i}.log"
-        cluster.logs.append(log)
-        args = [
-            "agent",
-            "--server", a.api,
-            "--ca-file", str(a.data_dir / "ca" / "bundle.pem"),
-            "--state-dir", str(tmp_path / f"agent-{i}"),
-            "--name", f"ai-agent-{i}",
-            "--agent-server", f"ipv4:{','.join(r.agent for r in order)}",
-            "--tls-server-name", "localhost",
-            "--concurrency", "8",
-            "--executors", "anthropic.messages",
-            "--anthropic-base-url", api_url,
-            "--log-level", "debug",
-        ]  # fmt: skip
-        environ = procs.env(MUSTER_BOOTSTRAP_TOKEN=token, ANTHROPIC_API_KEY=KEY)
-        agents.append(await procs.spawn(*args, cwd=tmp_path, log=log, environ=environ))
-    return agents
-
-
-async def connected_per_replica(replicas: list[Replica]) -> list[int]:
-    counts = []
-    for replica in replicas:
-        async with AsyncAdminClient(replica.client_config()) as admin:
-            counts.append(sum(1 for agent in await admin.list_agents() if agent.connected))
-    return counts
+    args = [
+        "--executors", "anthropic.messages",
+        "--anthropic-base-url", api_url,
+        "--log-level", "debug",
+    ]  # fmt: skip
+    names = [f"ai-agent-{i}" for i in range(4)]
+    return await start_agents(cluster, names=names, args=args, environ={"ANTHROPIC_API_KEY": KEY})
 
 
 def costs() -> tuple[int, int]:
@@ -308,14 +225,12 @@ async def test_sixty_concurrent_ai_tasks_never_overspend_a_budget_of_about_ten(
     async with FakeAnthropicAPI(api_key=KEY, model=MODEL) as api:
         usage = {"input_tokens": INPUT_TOKENS, "output_tokens": OUTPUT_TOKENS}
         api.queue(*[Reply(chunks=3, delay=CALL_DELAY, usage=usage)] * (3 * TASKS))
-        agents = await start_ai_agents(tmp_path, cluster, api.url)
+        agents = await start_ai_agents(cluster, api.url)
         admins = [AsyncAdminClient(r.client_config()) for r in cluster.replicas]
         clients = [AsyncClient(r.client_config(secret)) for r in cluster.replicas]
         sampler_task: asyncio.Task[None] | None = None
         try:
-            async with asyncio.timeout(60):
-                while sum(counts := await connected_per_replica(cluster.replicas)) < 4:
-                    await asyncio.sleep(0.3)
+            counts = await until_connected(cluster, 4)
             assert counts == [2, 2], counts
             assert (await admins[0].get_budget(SCOPE)).limit_micros == limit
 
@@ -361,8 +276,7 @@ async def test_sixty_concurrent_ai_tasks_never_overspend_a_budget_of_about_ten(
                 await client.close()
             for admin_client in admins:
                 await admin_client.close()
-            for agent in agents:
-                await procs.stop(agent, timeout=15)
+            await stop_agents(agents, timeout=15)
 
     assert len(sampler.samples) > 20, len(sampler.samples)
     assert sampler.over_limit() == [], sampler.over_limit()[:5]

@@ -8,8 +8,6 @@ killed replica came back and appended to its chain again."""
 from __future__ import annotations
 
 import asyncio
-import secrets
-import shutil
 import signal
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
@@ -23,10 +21,16 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from muster import AsyncClient, MusterError
 from muster.server.storage.models import AuditEvent, Task
-from tests.conftest import BACKEND, FANOUT_SECRET, REDIS_URL
+from tests.conftest import BACKEND
 from tests.e2e import procs
-from tests.e2e.test_replicas import Replica, connected_per_replica, start_agents
-from tests.pg import fresh_database
+from tests.e2e.cluster import (
+    Cluster,
+    Replica,
+    replica_cluster,
+    start_agents,
+    stop_agents,
+    until_connected,
+)
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -37,62 +41,10 @@ TASKS = 1500
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT")
 
 
-@dataclass
-class Cluster:
-    url: str
-    tmp: Path
-    environ: dict[str, dict[str, str]]
-    replicas: list[Replica]
-
-    async def start(self, name: str) -> Replica:
-        data = self.tmp / name
-        (data / "endpoints.json").unlink(missing_ok=True)
-        proc = await procs.spawn(
-            "server",
-            "--data-dir",
-            str(data),
-            cwd=self.tmp,
-            log=self.tmp / f"{name}.log",
-            environ=self.environ[name],
-        )
-        endpoints = await procs.wait_for_file(data / "endpoints.json")
-        return Replica(name, data, proc, endpoints["api"], endpoints["agent"])
-
-
 @pytest.fixture
 async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
-    prefix = f"muster-test-{secrets.token_hex(6)}"
-    async with fresh_database() as url:
-        code, _, err = await procs.run(
-            "ca", "init", "--data-dir", str(tmp_path / "a"), cwd=tmp_path
-        )
-        assert code == 0, err
-        shutil.copytree(tmp_path / "a" / "ca", tmp_path / "b" / "ca")
-        environ = {
-            name: procs.env(
-                MUSTER_DATABASE_URL=url,
-                MUSTER_REDIS_URL=REDIS_URL,
-                MUSTER_FANOUT_SECRET=FANOUT_SECRET,
-                MUSTER_REDIS_PREFIX=prefix,
-                MUSTER_REPLICA_ID=name,
-                MUSTER_API_ADDR="127.0.0.1:0",
-                MUSTER_AGENT_ADDR="127.0.0.1:0",
-                MUSTER_METRICS_ADDR="",
-                MUSTER_HEARTBEAT_INTERVAL="1s",
-                MUSTER_LEASE_DURATION="5s",
-                MUSTER_POLL_INTERVAL="0.5s",
-                MUSTER_SHUTDOWN_GRACE="2s",
-            )
-            for name in ("a", "b")
-        }
-        cluster = Cluster(url, tmp_path, environ, [])
-        try:
-            cluster.replicas = [await cluster.start("a"), await cluster.start("b")]
-            yield cluster
-        finally:
-            for replica in cluster.replicas:
-                if replica.process.returncode is None:
-                    await procs.stop(replica.process, timeout=20)
+    async with replica_cluster(tmp_path) as cluster:
+        yield cluster
 
 
 async def submit_until_killed(
@@ -216,11 +168,9 @@ async def test_a_sigkilled_replica_loses_no_audit_row_and_its_chain_verifies(
     cluster: Cluster,
 ) -> None:
     a = cluster.replicas[0]
-    agents = await start_agents(cluster.tmp, cluster.replicas)
+    agents = await start_agents(cluster)
     try:
-        async with asyncio.timeout(60):
-            while sum(await connected_per_replica(cluster.replicas)) < 4:
-                await asyncio.sleep(0.3)
+        await until_connected(cluster, 4)
 
         killed = asyncio.Event()
         acked: list[str] = []
@@ -252,7 +202,7 @@ async def test_a_sigkilled_replica_loses_no_audit_row_and_its_chain_verifies(
         await verified(cluster)
 
         # The killed replica comes back and appends to its chain after the torn end.
-        cluster.replicas[0] = a = await cluster.start("a")
+        a = await cluster.start("a")
         before = trail.chains["a"]
         async with AsyncClient(a.client_config()) as client:
             more = [(await client.submit("echo", b"x")).task_id for _ in range(20)]
@@ -264,7 +214,4 @@ async def test_a_sigkilled_replica_loses_no_audit_row_and_its_chain_verifies(
 
         await verified(cluster)
     finally:
-        for agent in agents:
-            if agent.returncode is None:
-                agent.kill()
-                await agent.wait()
+        await stop_agents(agents, signal.SIGKILL)

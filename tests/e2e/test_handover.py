@@ -9,7 +9,6 @@ exactly once, on attempt 1; no agent is sent a Cancel; no Result is stale.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -20,11 +19,11 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from muster import AsyncAdminClient, AsyncClient, ClientConfig
+from muster import AsyncClient, ClientConfig
 from muster.server.storage.models import AuditEvent, Task
-from tests.conftest import BACKEND, FANOUT_SECRET, REDIS_URL
+from tests.conftest import BACKEND
 from tests.e2e import procs
-from tests.pg import fresh_database
+from tests.e2e.cluster import Cluster, replica_cluster, start_agents, stop_agents
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -32,107 +31,16 @@ SLEEP_SECONDS = 4
 CONCURRENCY = 3
 
 
-@dataclass
-class Replica:
-    name: str
-    data_dir: Path
-    environ: dict[str, str]
-    process: asyncio.subprocess.Process
-    api: str
-    agent: str
-    log: Path
-
-    def client_config(self) -> ClientConfig:
-        return ClientConfig(
-            address=self.api,
-            token=(self.data_dir / "admin.token").read_text().strip(),
-            ca_file=self.data_dir / "ca" / "bundle.pem",
-        )
-
-
-async def start_replica(
-    tmp_path: Path, name: str, environ: dict[str, str], api: str = "", agent: str = ""
-) -> Replica:
-    """Start replica ``name`` on the given ports (port 0 the first time)."""
-    data = tmp_path / name
-    (data / "endpoints.json").unlink(missing_ok=True)
-    environ = {
-        **environ,
-        "MUSTER_API_ADDR": api or "127.0.0.1:0",
-        "MUSTER_AGENT_ADDR": agent or "127.0.0.1:0",
-    }
-    log = tmp_path / f"{name}.log"
-    proc = await procs.spawn(
-        "server", "--data-dir", str(data), cwd=tmp_path, log=log, environ=environ
-    )
-    endpoints = await procs.wait_for_file(data / "endpoints.json")
-    return Replica(name, data, environ, proc, endpoints["api"], endpoints["agent"], log)
-
-
 @pytest.fixture
-async def cluster(tmp_path: Path) -> AsyncIterator[tuple[str, list[Replica]]]:
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     if BACKEND != "postgres":
         pytest.skip("runs in the Postgres pass (make test)")
-    prefix = f"muster-test-{tmp_path.name[-12:]}"
-    async with fresh_database() as url:
-        code, _, err = await procs.run(
-            "ca", "init", "--data-dir", str(tmp_path / "a"), cwd=tmp_path
-        )
-        assert code == 0, err
-        shutil.copytree(tmp_path / "a" / "ca", tmp_path / "b" / "ca")
-        replicas = []
-        for name in ("a", "b"):
-            environ = procs.env(
-                MUSTER_DATABASE_URL=url,
-                MUSTER_REDIS_URL=REDIS_URL,
-                MUSTER_FANOUT_SECRET=FANOUT_SECRET,
-                MUSTER_REDIS_PREFIX=prefix,
-                MUSTER_REPLICA_ID=name,
-                MUSTER_METRICS_ADDR="",
-                MUSTER_HEARTBEAT_INTERVAL="1s",
-                MUSTER_LEASE_DURATION="5s",
-                MUSTER_POLL_INTERVAL="0.5s",
-                MUSTER_SHUTDOWN_GRACE="2s",
-            )
-            replicas.append(await start_replica(tmp_path, name, environ))
-        try:
-            yield url, replicas
-        finally:
-            await asyncio.gather(
-                *(
-                    procs.stop(r.process, timeout=20)
-                    for r in replicas
-                    if r.process.returncode is None
-                )
-            )
+    async with replica_cluster(tmp_path) as cluster:
+        yield cluster
 
 
-async def start_agents(
-    tmp_path: Path, replicas: list[Replica]
-) -> list[tuple[str, asyncio.subprocess.Process, Path]]:
-    """agent-0 knows a then b, agent-1 b then a; agent-2 knows only a, agent-3 only b."""
-    a, b = replicas
-    async with AsyncAdminClient(b.client_config()) as admin:
-        _, token = await admin.create_bootstrap_token("default", max_uses=4)
-    agents = []
-    for i, order in enumerate(((a, b), (b, a), (a,), (b,))):
-        targets = ",".join(r.agent for r in order)
-        log = tmp_path / f"agent-{i}.log"
-        args = [
-            "agent",
-            "--server", b.api,
-            "--ca-file", str(b.data_dir / "ca" / "bundle.pem"),
-            "--state-dir", str(tmp_path / f"agent-{i}"),
-            "--name", f"agent-{i}",
-            "--agent-server", f"ipv4:{targets}",
-            "--tls-server-name", "localhost",
-            "--concurrency", str(CONCURRENCY),
-        ]  # fmt: skip
-        process = await procs.spawn(
-            *args, cwd=tmp_path, log=log, environ=procs.env(MUSTER_BOOTSTRAP_TOKEN=token)
-        )
-        agents.append((f"agent-{i}", process, log))
-    return agents
+ORDERS = (("a", "b"), ("b", "a"), ("a",), ("b",))
+"""agent-0 knows a then b, agent-1 b then a; agent-2 knows only a, agent-3 only b."""
 
 
 @dataclass(frozen=True)
@@ -213,12 +121,10 @@ def all_succeeded(rows: Rows) -> bool:
     return all(t.state == "SUCCEEDED" for t in rows.values())
 
 
-async def test_sigterm_restart_of_a_replica_hands_running_work_over(
-    cluster: tuple[str, list[Replica]], tmp_path: Path
-) -> None:
-    url, replicas = cluster
-    a, b = replicas
-    agents = await start_agents(tmp_path, replicas)
+async def test_sigterm_restart_of_a_replica_hands_running_work_over(cluster: Cluster) -> None:
+    url = cluster.url
+    a, b = cluster.replicas
+    agents = await start_agents(cluster, ORDERS, enroll_through="b", concurrency=CONCURRENCY)
     slots = CONCURRENCY * len(agents)
     try:
         async with AsyncClient(b.client_config()) as client:
@@ -239,7 +145,7 @@ async def test_sigterm_restart_of_a_replica_hands_running_work_over(
         await until(url, elsewhere, all_succeeded)
         still = await tasks_by_id(url, on_a_only)
         assert {(t.state, t.attempt) for t in still.values()} == {("RUNNING", 1)}
-        replicas[0] = await start_replica(tmp_path, "a", a.environ, api=a.api, agent=a.agent)
+        await cluster.start("a", same_ports=True)
 
         done = await until(url, ids, all_succeeded)
         attempts = Counter(t.attempt for t in done.values())
@@ -249,10 +155,8 @@ async def test_sigterm_restart_of_a_replica_hands_running_work_over(
         assert actions["task.assign"] == len(ids), actions
         assert actions["task.finish"] == len(ids), actions
     finally:
-        await asyncio.gather(
-            *(procs.stop(p, timeout=20) for _, p, _ in agents if p.returncode is None)
-        )
-    findings = agent_log_findings([log for _, _, log in agents])
+        await stop_agents(agents)
+    findings = agent_log_findings([agent.log for agent in agents])
     assert findings == {"cancelled": 0, "stale": 0, "abandoned": 0}, findings
     print(
         f"\nhandover (2 replicas, 4 agents): {len(ids)} tasks, 1 restart (SIGTERM replica a), "
