@@ -445,10 +445,30 @@ def serving(server: ServerHandle) -> None:
     assert response.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def scan_local_constants_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let hypothesis read the local modules' constants here, on the main thread, and keep
+    that for the run instead of parsing newly imported modules from the worker thread.
+
+    CPython before 3.11.8 and 3.12.2 (gh-106905) shares one counter between threads that
+    build ASTs at the same time: hypothesis's ``ast.parse`` in the worker thread racing
+    one on the main thread (3.11's traceback printing parses source lines) fails with
+    ``SystemError: AST constructor recursion depth mismatch``.
+    """
+    from hypothesis.internal.conjecture import providers
+
+    constants = providers._get_local_constants()
+    monkeypatch.setattr(providers, "_get_local_constants", lambda: constants)
+
+
 @pytest.mark.parametrize("name", list(SERVICES))
 async def test_hostile_messages_get_a_clean_status_and_change_nothing(
-    name: str, server: ServerHandle, enroller: Enroller, client: AsyncClient
+    name: str,
+    server: ServerHandle,
+    enroller: Enroller,
+    client: AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    scan_local_constants_once(monkeypatch)
     agent = None
     if name == "agent":
         agent = await enroller.enroll("sim-01")
