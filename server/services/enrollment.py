@@ -31,7 +31,7 @@ from muster.server.quotas import QuotaDecision, Quotas
 from muster.server.services import convert
 from muster.server.services.context import peer_address, request_id
 from muster.server.services.errors import ServiceError
-from muster.server.services.issuing import issue_agent_certificate
+from muster.server.services.issuing import issue_agent_certificate, issue_record
 from muster.server.services.validation import check_labels, check_name
 from muster.server.storage import identities
 from muster.server.storage.database import Database
@@ -230,18 +230,14 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
                     request_id=rid,
                     details={"pool": pool, "labels": labels},
                 ),
-                AuditRecord(
+                issue_record(
+                    issued,
+                    agent_id,
                     actor=actor,
-                    action="cert.issue",
-                    target=issued.serial,
+                    key=fingerprint,
+                    reason="enroll",
                     peer=peer,
                     request_id=rid,
-                    details={
-                        "agent": agent_id,
-                        "not_after": issued.not_after.isoformat(),
-                        "key": fingerprint,
-                        "reason": "enroll",
-                    },
                 ),
             )
         self._metrics.certificates_issued.labels(reason="enroll").inc()
@@ -320,18 +316,14 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
                     "was_enabled": done.was_enabled,
                 },
             ),
-            AuditRecord(
+            issue_record(
+                issued,
+                agent_id,
                 actor=actor,
-                action="cert.issue",
-                target=issued.serial,
+                key=fingerprint,
+                reason="reenroll",
                 peer=peer,
                 request_id=rid,
-                details={
-                    "agent": agent_id,
-                    "not_after": issued.not_after.isoformat(),
-                    "key": fingerprint,
-                    "reason": "reenroll",
-                },
             ),
         )
         self._metrics.certificates_issued.labels(reason="reenroll").inc()

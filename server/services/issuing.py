@@ -9,6 +9,7 @@ from datetime import timedelta
 import grpc
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
+from muster.server.audit import AuditRecord
 from muster.server.ca import CAError, CertificateAuthority, IssuedCertificate
 from muster.server.services.errors import ServiceError
 
@@ -28,3 +29,30 @@ def issue_agent_certificate(
         raise ServiceError(
             grpc.StatusCode.FAILED_PRECONDITION, f"the CA cannot issue certificates: {err}"
         ) from None
+
+
+def issue_record(
+    issued: IssuedCertificate,
+    agent_id: str,
+    *,
+    actor: str,
+    key: str,
+    reason: str,
+    peer: str,
+    request_id: str,
+) -> AuditRecord:
+    """The ``cert.issue`` audit row of a certificate issued to ``agent_id`` (``key`` is
+    the public key's fingerprint, ``reason`` why it was issued: enroll, reenroll, ...)."""
+    return AuditRecord(
+        actor=actor,
+        action="cert.issue",
+        target=issued.serial,
+        peer=peer,
+        request_id=request_id,
+        details={
+            "agent": agent_id,
+            "not_after": issued.not_after.isoformat(),
+            "key": key,
+            "reason": reason,
+        },
+    )
