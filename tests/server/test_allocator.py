@@ -52,10 +52,14 @@ READS = textwrap.dedent(
 
     read(10_000)
     before = libc.mallinfo2().arena
-    read(30_000)
+    read(90_000)  # long enough that the creep stands well clear of the heap's history
     print(json.dumps({"pinned": pinned, "growth": libc.mallinfo2().arena - before}))
     """
 )
+
+
+FLAT = 256 * 1024
+"""Heap growth over the measured reads below which the heap counts as flat."""
 
 
 def _heap_growth(mode: str) -> dict[str, object]:
@@ -73,16 +77,19 @@ def _heap_growth(mode: str) -> dict[str, object]:
 
 @pytest.mark.timeout(120)
 def test_socket_reads_creep_an_unpinned_heap() -> None:
-    """The control: without the fix the same reads grow the heap, with nothing more alive."""
+    """The control: without the fix the same reads grow the heap, with nothing more alive.
+
+    How much depends on the heap's history (1.6 MB here, as little as 0.4 MB seen in a
+    CI run): the bound is the one the pinned case must stay under."""
     result = _heap_growth("free")
-    assert result["growth"] > 512 * 1024  # type: ignore[operator]
+    assert result["growth"] >= FLAT  # type: ignore[operator]
 
 
 @pytest.mark.timeout(120)  # a mapping per read: slow on a busy machine
 def test_with_the_threshold_pinned_the_same_reads_leave_the_heap_flat() -> None:
     result = _heap_growth("pin")
     assert result["pinned"] is True
-    assert result["growth"] < 256 * 1024  # type: ignore[operator]
+    assert result["growth"] < FLAT  # type: ignore[operator]
 
 
 def test_an_operator_setting_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
