@@ -34,6 +34,15 @@ class WaitingReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WAITING_REASON_QUOTA_STORE: _ClassVar[WaitingReason]
     WAITING_REASON_RETRY_BACKOFF: _ClassVar[WaitingReason]
     WAITING_REASON_AGENTS_BUSY: _ClassVar[WaitingReason]
+
+class RefusalReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    REFUSAL_REASON_UNSPECIFIED: _ClassVar[RefusalReason]
+    REFUSAL_REASON_SIGNATURE_MISSING: _ClassVar[RefusalReason]
+    REFUSAL_REASON_SIGNATURE_INVALID: _ClassVar[RefusalReason]
+    REFUSAL_REASON_SIGNATURE_EXPIRED: _ClassVar[RefusalReason]
+    REFUSAL_REASON_SIGNATURE_MISMATCH: _ClassVar[RefusalReason]
+    REFUSAL_REASON_SIGNER_UNTRUSTED: _ClassVar[RefusalReason]
 TASK_STATE_UNSPECIFIED: TaskState
 TASK_STATE_QUEUED: TaskState
 TASK_STATE_ASSIGNED: TaskState
@@ -52,9 +61,15 @@ WAITING_REASON_PROVIDER_BACKOFF: WaitingReason
 WAITING_REASON_QUOTA_STORE: WaitingReason
 WAITING_REASON_RETRY_BACKOFF: WaitingReason
 WAITING_REASON_AGENTS_BUSY: WaitingReason
+REFUSAL_REASON_UNSPECIFIED: RefusalReason
+REFUSAL_REASON_SIGNATURE_MISSING: RefusalReason
+REFUSAL_REASON_SIGNATURE_INVALID: RefusalReason
+REFUSAL_REASON_SIGNATURE_EXPIRED: RefusalReason
+REFUSAL_REASON_SIGNATURE_MISMATCH: RefusalReason
+REFUSAL_REASON_SIGNER_UNTRUSTED: RefusalReason
 
 class Task(_message.Message):
-    __slots__ = ("task_id", "kind", "payload", "pool", "selector", "priority", "state", "attempt", "max_attempts", "owner", "idempotency_key", "agent_id", "output", "error", "cancel_requested", "schedule_to_start_timeout", "start_to_close_timeout", "deadline", "created_at", "updated_at", "started_at", "finished_at", "usage", "waiting_reason", "submitted_by", "max_cost_micros", "attempt_usage", "output_schema", "waiting_reason_code", "waiting_until")
+    __slots__ = ("task_id", "kind", "payload", "pool", "selector", "priority", "state", "attempt", "max_attempts", "owner", "idempotency_key", "agent_id", "output", "error", "cancel_requested", "schedule_to_start_timeout", "start_to_close_timeout", "deadline", "created_at", "updated_at", "started_at", "finished_at", "usage", "waiting_reason", "submitted_by", "max_cost_micros", "attempt_usage", "output_schema", "waiting_reason_code", "waiting_until", "signature")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -92,6 +107,7 @@ class Task(_message.Message):
     OUTPUT_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     WAITING_REASON_CODE_FIELD_NUMBER: _ClassVar[int]
     WAITING_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     kind: str
     payload: bytes
@@ -122,7 +138,8 @@ class Task(_message.Message):
     output_schema: str
     waiting_reason_code: WaitingReason
     waiting_until: _timestamp_pb2.Timestamp
-    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[str] = ..., payload: _Optional[bytes] = ..., pool: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempt: _Optional[int] = ..., max_attempts: _Optional[int] = ..., owner: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., agent_id: _Optional[str] = ..., output: _Optional[bytes] = ..., error: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., schedule_to_start_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., start_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., waiting_reason: _Optional[str] = ..., submitted_by: _Optional[str] = ..., max_cost_micros: _Optional[int] = ..., attempt_usage: _Optional[_Iterable[_Union[AttemptUsage, _Mapping]]] = ..., output_schema: _Optional[str] = ..., waiting_reason_code: _Optional[_Union[WaitingReason, str]] = ..., waiting_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    signature: TaskSignature
+    def __init__(self, task_id: _Optional[str] = ..., kind: _Optional[str] = ..., payload: _Optional[bytes] = ..., pool: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., state: _Optional[_Union[TaskState, str]] = ..., attempt: _Optional[int] = ..., max_attempts: _Optional[int] = ..., owner: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., agent_id: _Optional[str] = ..., output: _Optional[bytes] = ..., error: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., schedule_to_start_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., start_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., waiting_reason: _Optional[str] = ..., submitted_by: _Optional[str] = ..., max_cost_micros: _Optional[int] = ..., attempt_usage: _Optional[_Iterable[_Union[AttemptUsage, _Mapping]]] = ..., output_schema: _Optional[str] = ..., waiting_reason_code: _Optional[_Union[WaitingReason, str]] = ..., waiting_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., signature: _Optional[_Union[TaskSignature, _Mapping]] = ...) -> None: ...
 
 class AttemptUsage(_message.Message):
     __slots__ = ("attempt", "agent_id", "usage")
@@ -161,3 +178,44 @@ class AttemptRef(_message.Message):
     task_id: str
     attempt: int
     def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
+
+class TaskSignature(_message.Message):
+    __slots__ = ("statement", "signature", "key_id", "public_key")
+    STATEMENT_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    statement: bytes
+    signature: bytes
+    key_id: str
+    public_key: bytes
+    def __init__(self, statement: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., key_id: _Optional[str] = ..., public_key: _Optional[bytes] = ...) -> None: ...
+
+class TaskStatement(_message.Message):
+    __slots__ = ("kind", "payload_sha256", "pool", "selector", "max_cost_micros", "allowed_tools", "output_schema_sha256", "not_after", "nonce")
+    class SelectorEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_SHA256_FIELD_NUMBER: _ClassVar[int]
+    POOL_FIELD_NUMBER: _ClassVar[int]
+    SELECTOR_FIELD_NUMBER: _ClassVar[int]
+    MAX_COST_MICROS_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_TOOLS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SCHEMA_SHA256_FIELD_NUMBER: _ClassVar[int]
+    NOT_AFTER_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    payload_sha256: bytes
+    pool: str
+    selector: _containers.ScalarMap[str, str]
+    max_cost_micros: int
+    allowed_tools: _containers.RepeatedScalarFieldContainer[str]
+    output_schema_sha256: bytes
+    not_after: _timestamp_pb2.Timestamp
+    nonce: bytes
+    def __init__(self, kind: _Optional[str] = ..., payload_sha256: _Optional[bytes] = ..., pool: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., max_cost_micros: _Optional[int] = ..., allowed_tools: _Optional[_Iterable[str]] = ..., output_schema_sha256: _Optional[bytes] = ..., not_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., nonce: _Optional[bytes] = ...) -> None: ...

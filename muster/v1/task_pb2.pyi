@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("kind", "payload", "pool", "selector", "priority", "schedule_to_start_timeout", "start_to_close_timeout", "deadline", "max_attempts", "idempotency_key", "max_cost_usd", "output_schema")
+    __slots__ = ("kind", "payload", "pool", "selector", "priority", "schedule_to_start_timeout", "start_to_close_timeout", "deadline", "max_attempts", "idempotency_key", "max_cost_usd", "output_schema", "signature")
     class SelectorEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class SubmitRequest(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     MAX_COST_USD_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     kind: str
     payload: bytes
     pool: str
@@ -44,7 +45,8 @@ class SubmitRequest(_message.Message):
     idempotency_key: str
     max_cost_usd: float
     output_schema: str
-    def __init__(self, kind: _Optional[str] = ..., payload: _Optional[bytes] = ..., pool: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., schedule_to_start_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., start_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_attempts: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., max_cost_usd: _Optional[float] = ..., output_schema: _Optional[str] = ...) -> None: ...
+    signature: _common_pb2.TaskSignature
+    def __init__(self, kind: _Optional[str] = ..., payload: _Optional[bytes] = ..., pool: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., priority: _Optional[int] = ..., schedule_to_start_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., start_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., max_attempts: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., max_cost_usd: _Optional[float] = ..., output_schema: _Optional[str] = ..., signature: _Optional[_Union[_common_pb2.TaskSignature, _Mapping]] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
     __slots__ = ("task", "created", "warning")
