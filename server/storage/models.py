@@ -99,8 +99,41 @@ class Certificate(Base):
     """When it was issued (notBefore is backdated, in whole seconds, and clamped to the
     intermediate's): a rotation request reaches the certificates issued before it.
     None: issued before migration 0004."""
+    issuer_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    """The intermediate (ca_certificates.ca_id) that issued it. None: issued before
+    migration 0005 (assigned to the imported intermediate at the first start)."""
 
     __table_args__ = (Index("ix_certificates_token_key", "token_id", "public_key_fingerprint"),)
+
+
+class CACertificate(Base):
+    """A root or intermediate of Muster's CA, past or present, shared by every replica.
+
+    ``state``: ``prepared`` (a root in the trust bundle that does not issue yet, and
+    its intermediate), ``active`` (the root and intermediate that issue), ``previous``
+    (no longer issuing, still trusted while leaves depend on it) and ``retired``
+    (out of the trust bundle). ``bundle_version`` is the trust bundle version at the
+    row's last change: the bundle's version is the maximum over all rows.
+    """
+
+    __tablename__ = "ca_certificates"
+
+    ca_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    """Lower-case hex SHA-256 of the certificate's DER, first 16 characters."""
+    role: Mapped[str] = mapped_column(String(16))
+    """``root`` or ``intermediate``."""
+    state: Mapped[str] = mapped_column(String(16))
+    parent_id: Mapped[str | None] = mapped_column(String(64))
+    """An intermediate's root; None for a root."""
+    certificate_pem: Mapped[bytes] = mapped_column(LargeBinary)
+    key_ref: Mapped[str] = mapped_column(String(512))
+    """Where the private key is: ``file:<name in the CA directory>`` or a ``pkcs11:``
+    reference; never the key itself."""
+    not_before: Mapped[datetime]
+    not_after: Mapped[datetime]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    bundle_version: Mapped[int] = mapped_column(BigInteger)
 
 
 class BootstrapToken(Base):
@@ -204,6 +237,8 @@ class Task(Base):
     """Why a QUEUED task was last held back at dispatch (budget, provider back-off)."""
     rate_limited: Mapped[int] = mapped_column(Integer, default=0)
     """Attempts the provider refused for its rate limit: not counted against max_attempts."""
+    signature: Mapped[bytes | None] = mapped_column(LargeBinary)
+    """A signed task's envelope (a serialized TaskSignature), forwarded verbatim."""
 
     __table_args__ = (
         UniqueConstraint("owner", "idempotency_key", name="uq_tasks_owner_idempotency_key"),
