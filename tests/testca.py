@@ -20,7 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from muster.server.ca import CertificateAuthority
 from muster.server.ca.authority import INTERMEDIATE_LIFETIME, random_serial
-from muster.server.ca.signer import SigningKey, private_key_pem
+from muster.server.ca.signer import SigningKey, private_key_pem, sign_certificate
 
 DEFAULT_TEST_LIFETIME = timedelta(hours=1)
 
@@ -142,7 +142,7 @@ class TestCA:
             builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
         if usages:
             builder = builder.add_extension(x509.ExtendedKeyUsage(list(usages)), critical=False)
-        cert = self.ca.signer.sign(builder)
+        cert = sign_certificate(self.ca.signer, builder)
         return Credentials(
             private_key_pem=private_key_pem(key),
             chain_pem=cert.public_bytes(serialization.Encoding.PEM) + self.ca.intermediate_pem,

@@ -20,7 +20,16 @@ from muster.server.ca.server_cert import (
     certificate_not_after,
     ensure_server_certificate,
 )
-from muster.server.ca.signer import KEY_TYPES, FileSigner, InMemorySigner, Signer
+from muster.server.ca.signer import (
+    KEY_TYPES,
+    FileSigner,
+    InMemorySigner,
+    KeySigner,
+    Signer,
+    SoftwareKey,
+    sign_certificate,
+    sign_crl,
+)
 
 __all__ = [
     "CA_FILES",
@@ -34,11 +43,15 @@ __all__ = [
     "FileSigner",
     "InMemorySigner",
     "IssuedCertificate",
+    "KeySigner",
     "ServerCertificate",
     "ServerCertificates",
     "Signer",
+    "SoftwareKey",
     "certificate_not_after",
     "ensure_server_certificate",
     "public_key_fingerprint",
     "public_key_from_csr",
+    "sign_certificate",
+    "sign_crl",
 ]

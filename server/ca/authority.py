@@ -30,9 +30,10 @@ from muster.server.ca.signer import (
     InMemorySigner,
     Signer,
     SigningKey,
+    SoftwareKey,
     generate_key,
     private_key_pem,
-    signature_hash,
+    sign_certificate,
 )
 from muster.spiffe import SpiffeId
 
@@ -393,7 +394,7 @@ class CertificateAuthority:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(self._issuer_aki, critical=False)
         )
-        cert = self._signer.sign(builder)
+        cert = sign_certificate(self._signer, builder)
         return cert, not_before, not_after
 
 
@@ -423,7 +424,7 @@ def _generate(
         .not_valid_before(now - DEFAULT_BACKDATE)
         .not_valid_after(now + ROOT_LIFETIME)
     )
-    root = root_builder.sign(root_key, signature_hash(root_key))
+    root = sign_certificate(SoftwareKey(root_key), root_builder)
 
     inter_key = generate_key(key_type)
     builder = (
@@ -448,7 +449,7 @@ def _generate(
             ),
             critical=True,
         )
-    intermediate = InMemorySigner(root, root_key).sign(builder)
+    intermediate = sign_certificate(SoftwareKey(root_key), builder)
     return _NewCA(root, root_key, intermediate, inter_key)
 
 

@@ -1,15 +1,19 @@
-"""The signing seam: the CA asks a Signer to sign, so an HSM or KMS can replace the key file."""
+"""The signing seam: the CA hands a signer the bytes to sign, so a key that never enters
+this process (an HSM over PKCS#11, a KMS) can replace the key file."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from muster.files import PRIVATE_FILE_MODE, PUBLIC_FILE_MODE, write_atomic
+from muster.server.ca.der import assemble_signed, signed_parts
 
 KEY_TYPES = ("ec-p256", "ec-p384", "ed25519")
 """Key types Muster generates for its own CA and server keys."""
@@ -18,17 +22,32 @@ SigningKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPri
 """Private keys a software signer can hold (RSA only when loaded from an operator's file)."""
 
 
+CAPublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
+"""Public keys a CA key may have."""
+
+
 @runtime_checkable
-class Signer(Protocol):
-    """Something that signs certificates as one CA certificate; the key never leaves it."""
+class KeySigner(Protocol):
+    """A private key that signs bytes and never leaves where it lives (memory, file, HSM)."""
+
+    def public_key(self) -> CAPublicKey:
+        """The public half, which decides the signature algorithm."""
+        ...
+
+    def sign(self, data: bytes) -> bytes:
+        """Sign ``data`` the way X.509 names the algorithm for this key: ECDSA with SHA-256
+        (P-256) or SHA-384 (P-384) as a DER ``Ecdsa-Sig-Value``, Ed25519 (64 bytes), or
+        RSA PKCS#1 v1.5 with SHA-256."""
+        ...
+
+
+@runtime_checkable
+class Signer(KeySigner, Protocol):
+    """A CA key together with its certificate: what issues certificates and CRLs."""
 
     @property
     def certificate(self) -> x509.Certificate:
         """The certificate whose key signs: its subject becomes the issuer of what we sign."""
-        ...
-
-    def sign(self, builder: x509.CertificateBuilder) -> x509.Certificate:
-        """Sign a fully built certificate (issuer name and AKI already set by the caller)."""
         ...
 
 
@@ -43,13 +62,92 @@ def generate_key(key_type: str) -> ec.EllipticCurvePrivateKey | ed25519.Ed25519P
     raise ValueError(f"unknown key type {key_type[:40]!r}; choose one of {', '.join(KEY_TYPES)}")
 
 
-def signature_hash(key: SigningKey) -> hashes.SHA256 | hashes.SHA384 | None:
+def signature_hash(key: SigningKey | CAPublicKey) -> hashes.SHA256 | hashes.SHA384 | None:
     """The digest that matches the key's strength (None for Ed25519, which hashes internally)."""
-    if isinstance(key, ed25519.Ed25519PrivateKey):
+    if isinstance(key, ed25519.Ed25519PrivateKey | ed25519.Ed25519PublicKey):
         return None
-    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.key_size > 256:
+    if (
+        isinstance(key, ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey)
+        and key.curve.key_size > 256
+    ):
         return hashes.SHA384()
     return hashes.SHA256()
+
+
+def sign_certificate(key: KeySigner, builder: x509.CertificateBuilder) -> x509.Certificate:
+    """Sign a fully built certificate with ``key``, which only ever sees the TBS bytes.
+
+    ``cryptography`` signs only with keys it holds, so the builder is signed once with
+    a throwaway key of the same algorithm to get the exact TBS and algorithm
+    identifier; ``key`` signs the TBS and the parts are spliced together. The result
+    is checked against ``key``'s public key, so a misbehaving HSM cannot hand out a
+    certificate that does not verify.
+    """
+    public = key.public_key()
+    template = builder.sign(_stand_in(public), signature_hash(public))
+    tbs, algorithm = signed_parts(template.public_bytes(serialization.Encoding.DER))
+    signature = key.sign(tbs)
+    _check_signature(public, signature, tbs)
+    return x509.load_der_x509_certificate(assemble_signed(tbs, algorithm, signature))
+
+
+def sign_crl(
+    key: KeySigner, builder: x509.CertificateRevocationListBuilder
+) -> x509.CertificateRevocationList:
+    """Sign a CRL with ``key`` the same way as :func:`sign_certificate`."""
+    public = key.public_key()
+    template = builder.sign(_stand_in(public), signature_hash(public))
+    tbs, algorithm = signed_parts(template.public_bytes(serialization.Encoding.DER))
+    signature = key.sign(tbs)
+    _check_signature(public, signature, tbs)
+    return x509.load_der_x509_crl(assemble_signed(tbs, algorithm, signature))
+
+
+def sign_with(key: SigningKey, data: bytes) -> bytes:
+    """Sign ``data`` with a key held in memory, as :meth:`KeySigner.sign` specifies."""
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(data)
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        digest = signature_hash(key)
+        assert digest is not None
+        return key.sign(data, ec.ECDSA(digest))
+    return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+
+
+def _check_signature(public: CAPublicKey, signature: bytes, data: bytes) -> None:
+    try:
+        if isinstance(public, ed25519.Ed25519PublicKey):
+            public.verify(signature, data)
+        elif isinstance(public, ec.EllipticCurvePublicKey):
+            digest = signature_hash(public)
+            assert digest is not None
+            public.verify(signature, data, ec.ECDSA(digest))
+        else:
+            public.verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
+    except InvalidSignature:
+        raise ValueError(
+            "the CA signer returned a signature that does not verify under its public key"
+        ) from None
+
+
+@functools.cache
+def _stand_in_for(kind: str) -> SigningKey:
+    if kind == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate()
+    if kind == "rsa":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return ec.generate_private_key(ec.SECP384R1() if kind == "p384" else ec.SECP256R1())
+
+
+def _stand_in(public: CAPublicKey) -> SigningKey:
+    """A throwaway key whose signature algorithm identifier matches ``public``'s."""
+    if isinstance(public, ed25519.Ed25519PublicKey):
+        return _stand_in_for("ed25519")
+    if isinstance(public, rsa.RSAPublicKey):
+        return _stand_in_for("rsa")
+    if public.curve.key_size > 256:
+        return _stand_in_for("p384")
+    return _stand_in_for("p256")
 
 
 def private_key_pem(key: SigningKey) -> bytes:
@@ -75,21 +173,31 @@ def load_private_key(pem: bytes, *, what: str) -> SigningKey:
     return key
 
 
-class InMemorySigner:
-    """A software key held in process memory: the base of FileSigner, and enough for tests."""
+class SoftwareKey:
+    """A :class:`KeySigner` over a private key held in process memory."""
+
+    def __init__(self, private_key: SigningKey) -> None:
+        self._key = private_key
+
+    def public_key(self) -> CAPublicKey:
+        return self._key.public_key()
+
+    def sign(self, data: bytes) -> bytes:
+        return sign_with(self._key, data)
+
+
+class InMemorySigner(SoftwareKey):
+    """A software CA key and its certificate: the base of FileSigner, and enough for tests."""
 
     def __init__(self, certificate: x509.Certificate, private_key: SigningKey) -> None:
         if certificate.public_key() != private_key.public_key():
             raise ValueError("the private key does not belong to the signing certificate")
+        super().__init__(private_key)
         self._certificate = certificate
-        self._key = private_key
 
     @property
     def certificate(self) -> x509.Certificate:
         return self._certificate
-
-    def sign(self, builder: x509.CertificateBuilder) -> x509.Certificate:
-        return builder.sign(self._key, signature_hash(self._key))
 
 
 class FileSigner(InMemorySigner):
