@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -10,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
 from muster.server.ca.der import DERError, assemble_signed, encode_element, signed_parts
+from muster.server.ca.keystore import CertifiedKey, FileKeyStore
 from muster.server.ca.signer import (
     CAPublicKey,
     SigningKey,
@@ -103,3 +105,21 @@ def test_der_round_trip_and_errors() -> None:
     for bad in (b"", b"\x30", signed + b"\x00", b"\x04\x00", b"\x30\x85" + b"\x00" * 5):
         with pytest.raises(DERError):
             signed_parts(bad)
+
+
+def test_file_key_store_round_trip_and_containment(tmp_path: Path) -> None:
+    store = FileKeyStore(tmp_path)
+    key, ref = store.create("ec-p256", "intermediate-1")
+    assert ref == "file:keys/intermediate-1.key"
+    assert (tmp_path / "keys" / "intermediate-1.key").stat().st_mode & 0o777 == 0o600
+    opened = store.open(ref)
+    assert opened.public_key() == key.public_key()
+    cert = sign_certificate(opened, _builder(opened.public_key()))
+    assert CertifiedKey(cert, opened).certificate == cert
+    with pytest.raises(FileExistsError):
+        store.create("ec-p256", "intermediate-1")
+    for bad in ("file:../outside.key", "file:/etc/passwd", "pkcs11:x", "file:keys/none.key"):
+        with pytest.raises(ValueError):
+            store.open(bad)
+    with pytest.raises(ValueError, match="does not belong"):
+        CertifiedKey(cert, SoftwareKey(ec.generate_private_key(ec.SECP256R1())))
