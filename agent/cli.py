@@ -17,12 +17,14 @@ from muster.agent.config import (
     CA_FILE_ENV,
     CLAUDE_BIN_ENV,
     DEFAULT_CA_FILE,
+    KEY_PASSPHRASE_FILE_ENV,
     OLLAMA_URL_ENV,
     STATE_DIR_ENV,
     TOKEN_ENV,
     AgentConfig,
     default_state_dir,
     parse_labels,
+    read_key_passphrase,
     read_token,
 )
 from muster.agent.daemon import Agent
@@ -70,6 +72,14 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--state-dir",
         type=Path,
         help=f"key, certificate, identity and outbox (default ${STATE_DIR_ENV} or ./.muster-agent)",
+    )
+    run.add_argument(
+        "--key-passphrase-file",
+        type=Path,
+        metavar="FILE",
+        help="encrypt the private key at rest (PKCS#8) with the passphrase in FILE, e.g. a "
+        f"systemd credential (%%d/key-passphrase); default ${KEY_PASSPHRASE_FILE_ENV}. A plain "
+        "key is encrypted at start; without it an encrypted key is an error",
     )
     run.add_argument(
         "--agent-server",
@@ -149,6 +159,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         state_dir=args.state_dir or default_state_dir(),
         server=args.server,
         token=read_token(args.token, args.token_file),
+        key_passphrase=read_key_passphrase(args.key_passphrase_file),
         ca_file=args.ca_file,
         name=args.name,
         pool=args.pool,

@@ -14,6 +14,9 @@ from muster.spiffe import AGENT_ID
 STATE_DIR_ENV = "MUSTER_AGENT_STATE_DIR"
 CA_FILE_ENV = "MUSTER_CA_FILE"
 TOKEN_ENV = "MUSTER_BOOTSTRAP_TOKEN"  # noqa: S105 (a variable name, not a secret)
+KEY_PASSPHRASE_FILE_ENV = "MUSTER_AGENT_KEY_PASSPHRASE_FILE"  # noqa: S105 (a variable name)
+MAX_KEY_PASSPHRASE = 1023
+"""Bytes; the most PKCS#8 encryption in ``cryptography`` (OpenSSL) takes."""
 DEFAULT_STATE_DIR = Path(".muster-agent")
 DEFAULT_CA_FILE = Path(".muster/ca/bundle.pem")
 MAX_CONCURRENCY = 1024
@@ -33,6 +36,9 @@ class AgentConfig:
     """host:port of the api listener, used only to enroll."""
     token: str | None = field(default=None, repr=False)
     """The bootstrap token, used only to enroll; never logged."""
+    key_passphrase: bytes | None = field(default=None, repr=False)
+    """Encrypts the private key files at rest (PKCS#8); None keeps them plain (mode 0600).
+    Read from a file (:func:`read_key_passphrase`), never logged."""
     ca_file: Path | None = None
     """Roots that verify the api listener during enrollment."""
     name: str | None = None
@@ -96,6 +102,10 @@ class AgentConfig:
             raise ConfigError("--executors names no executor")
         if self.token is not None and not self.token.strip():
             raise ConfigError("the bootstrap token is empty")
+        if self.key_passphrase is not None and not self.key_passphrase:
+            raise ConfigError("the key passphrase is empty")
+        if self.key_passphrase is not None and len(self.key_passphrase) > MAX_KEY_PASSPHRASE:
+            raise ConfigError(f"the key passphrase is longer than {MAX_KEY_PASSPHRASE} bytes")
         for flag, url in (
             ("--anthropic-base-url", self.anthropic_base_url),
             ("--ollama-url", self.ollama_url),
@@ -166,3 +176,27 @@ def read_token(token: str | None, token_file: Path | None) -> str | None:
         return token.strip()
     env = os.environ.get(TOKEN_ENV, "").strip()
     return env or None
+
+
+def read_key_passphrase(path: Path | None) -> bytes | None:
+    """The key passphrase from --key-passphrase-file, else from the file that
+    $MUSTER_AGENT_KEY_PASSPHRASE_FILE names (a systemd credential, ``%d/key-passphrase``,
+    fits either); None when neither is given. One trailing newline is not part of it."""
+    if path is None:
+        named = os.environ.get(KEY_PASSPHRASE_FILE_ENV, "").strip()
+        if not named:
+            return None
+        path = Path(named)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read the key passphrase file {path}: {err.strerror}") from err
+    if data.endswith(b"\n"):
+        data = data[:-1].removesuffix(b"\r")
+    if not data:
+        raise ConfigError(f"the key passphrase file {path} is empty")
+    if len(data) > MAX_KEY_PASSPHRASE:
+        raise ConfigError(
+            f"the key passphrase file {path} holds more than {MAX_KEY_PASSPHRASE} bytes"
+        )
+    return data

@@ -8,6 +8,7 @@ certificate rotation, when the new stream is opened before the old one closes.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 import logging
 import random
@@ -141,6 +142,12 @@ class Agent:
     def on_renew_requested(self, reason: str) -> None:
         log.info("certificate renewal requested: %s", reason)
         self._renew_requested.set()
+
+    def on_trust_bundle(self, bundle: agent_pb2.TrustBundle) -> None:
+        roots = self.state.save_trust_bundle(bundle.roots_pem, bundle.version)
+        if roots is not None:
+            # Open streams keep the roots they were verified with; the next one uses these.
+            self._credentials = dataclasses.replace(self.credentials, bundle_pem=roots)
 
     def record_result(self, result: agent_pb2.Result) -> None:
         """Make the Result durable, then send it if a stream is up (else on the next Welcome)."""

@@ -2,6 +2,8 @@
 
 The private key never leaves the machine; the server only ever sees the CSR,
 whose subject and extensions it ignores, so the CSR carries nothing but the key.
+With a key passphrase (``--key-passphrase-file``) the key files are encrypted PKCS#8;
+the plain PEM exists only in memory, for gRPC's channel credentials.
 """
 
 from __future__ import annotations
@@ -22,23 +24,49 @@ def generate_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def key_to_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    """PKCS#8 PEM, unencrypted: protected by file mode 0600 in a 0700 directory."""
+ENCRYPTED_PEM_BEGIN = b"-----BEGIN ENCRYPTED PRIVATE KEY-----"
+
+
+def key_to_pem(key: ec.EllipticCurvePrivateKey, passphrase: bytes | None = None) -> bytes:
+    """PKCS#8 PEM, encrypted with ``passphrase`` when given; without one the file is
+    protected by mode 0600 in a 0700 directory."""
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.NoEncryption()
+        if passphrase is None
+        else serialization.BestAvailableEncryption(passphrase)
+    )
     return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
     )
 
 
-def load_key(pem: bytes) -> ec.EllipticCurvePrivateKey:
-    """Parse our stored key; the message never includes the key bytes."""
+def is_encrypted_pkcs8(pem: bytes) -> bool:
+    """True for the form :func:`key_to_pem` writes with a passphrase."""
+    return pem.lstrip().startswith(ENCRYPTED_PEM_BEGIN)
+
+
+def load_key(
+    pem: bytes, passphrase: bytes | None = None, *, name: str = "the agent's private key"
+) -> ec.EllipticCurvePrivateKey:
+    """Parse a stored key (``name`` is its file, for messages), decrypting it with
+    ``passphrase`` if it is encrypted; a plain key loads whether or not one is given.
+    No message carries key or passphrase bytes."""
     try:
         key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError) as err:
-        raise ConfigError("the agent's private key file is not a readable PEM key") from err
+    except TypeError as err:  # cryptography's signal for an encrypted key without password
+        if passphrase is None:
+            raise ConfigError(f"{name} is encrypted: pass --key-passphrase-file") from err
+        try:
+            key = serialization.load_pem_private_key(pem, password=passphrase)
+        except (ValueError, TypeError) as bad:
+            raise ConfigError(
+                f"{name} does not decrypt with the passphrase from --key-passphrase-file "
+                "(wrong passphrase, or a damaged file)"
+            ) from bad
+    except ValueError as err:
+        raise ConfigError(f"{name} is not a readable PEM private key") from err
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ConfigError("the agent's private key is not an ECDSA key")
+        raise ConfigError(f"{name} is not an ECDSA key")
     return key
 
 

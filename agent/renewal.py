@@ -31,7 +31,10 @@ async def renew_certificate(
     response = await stub.Renew(
         agent_pb2.RenewRequest(csr_pem=keys.build_csr(key)), timeout=rpc_timeout
     )
-    credentials = state.save_renewal(key, response.certificate_chain_pem, response.trust_bundle_pem)
+    if response.trust_bundle_pem:
+        state.save_trust_bundle(response.trust_bundle_pem, response.trust_bundle_version)
+    # b"": keep the bundle stored (by version) above.
+    credentials = state.save_renewal(key, response.certificate_chain_pem, b"")
     log.info("certificate renewed; valid until %s", credentials.leaf.not_after.isoformat())
     return credentials
 

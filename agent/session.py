@@ -74,6 +74,8 @@ class SessionHost(Protocol):
 
     def on_renew_requested(self, reason: str) -> None: ...
 
+    def on_trust_bundle(self, bundle: agent_pb2.TrustBundle) -> None: ...
+
     def record_result(self, result: agent_pb2.Result) -> None: ...
 
     def notify_changed(self) -> None: ...
@@ -316,6 +318,8 @@ class Session:
         self._helpers.append(
             asyncio.create_task(self._heartbeats(interval), name=f"session {self.id} heartbeat")
         )
+        if welcome.HasField("trust_bundle"):  # absent from servers before CA rotation
+            self.host.on_trust_bundle(welcome.trust_bundle)
         self.welcomed_at = asyncio.get_running_loop().time()
         self.welcomed.set()
         self.host.on_welcome(self)
@@ -355,6 +359,8 @@ class Session:
         elif body == "renew":
             log.info("session %d: server asks to renew: %s", self.id, message.renew.reason)
             self.host.on_renew_requested(message.renew.reason or "server request")
+        elif body == "trust_bundle":
+            self.host.on_trust_bundle(message.trust_bundle)
         elif body == "welcome":
             log.warning("session %d: ignoring a second Welcome", self.id)
         else:

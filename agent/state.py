@@ -5,6 +5,7 @@ Layout (dir 0700)::
     agent.key      private key, 0600, made here and never sent anywhere
     agent.pem      certificate chain from the server (leaf first)
     bundle.pem     roots that verify the server
+    bundle.version the version the server gave bundle.pem (absent: unknown)
     identity.json  agent_id, spiffe_id, agent_endpoint, pool, labels, not_after
     outbox/        one file per Result not yet acknowledged
 
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from muster.agent import keys
@@ -34,6 +36,7 @@ from muster.files import (
     PUBLIC_FILE_MODE,
     ensure_private_dir,
     fsync_dir,
+    remove_durably,
     write_atomic,
 )
 
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 KEY_FILE = "agent.key"
 CHAIN_FILE = "agent.pem"
 BUNDLE_FILE = "bundle.pem"
+BUNDLE_VERSION_FILE = "bundle.version"
 IDENTITY_FILE = "identity.json"
 OUTBOX_DIR = "outbox"
 NEXT = ".next"
@@ -111,6 +115,10 @@ class StateDir:
     @property
     def bundle_path(self) -> Path:
         return self.path / BUNDLE_FILE
+
+    @property
+    def bundle_version_path(self) -> Path:
+        return self.path / BUNDLE_VERSION_FILE
 
     @property
     def identity_path(self) -> Path:
@@ -189,6 +197,8 @@ class StateDir:
         if not keys.cert_matches_key(chain_pem, key):
             raise ConfigError("the server re-enrolled a certificate for a different key")
         key_pem = keys.key_to_pem(key)
+        _check_roots(bundle_pem)
+        remove_durably(self.bundle_version_path)  # first: the new bundle's version is unknown
         staged = [
             (self.key_path, key_pem, PRIVATE_FILE_MODE),
             (self.bundle_path, bundle_pem, PUBLIC_FILE_MODE),
@@ -204,6 +214,8 @@ class StateDir:
 
     def save_enrollment(self, chain_pem: bytes, bundle_pem: bytes, identity: Identity) -> None:
         """Store what Enroll returned; ``identity.json`` goes last as the commit."""
+        _check_roots(bundle_pem)
+        remove_durably(self.bundle_version_path)  # first: the new bundle's version is unknown
         write_atomic(self.bundle_path, bundle_pem, mode=PUBLIC_FILE_MODE)
         write_atomic(self.chain_path, chain_pem, mode=PUBLIC_FILE_MODE)
         write_atomic(self.identity_path, identity.to_json(), mode=PRIVATE_FILE_MODE)
@@ -243,6 +255,49 @@ class StateDir:
             )
         return Credentials(key_pem=key_pem, chain_pem=chain_pem, bundle_pem=bundle_pem)
 
+    # Trust bundle ---------------------------------------------------------
+
+    def bundle_version(self) -> int:
+        """The stored bundle's version; 0 when unknown (it came from Enroll, or from a
+        server that does not version its bundle)."""
+        try:
+            return int(self.bundle_version_path.read_text())
+        except FileNotFoundError:
+            return 0
+        except ValueError:
+            log.warning(
+                "%s is damaged; the trust bundle's version is unknown", self.bundle_version_path
+            )
+            return 0
+
+    def save_trust_bundle(self, roots_pem: bytes, version: int) -> bytes | None:
+        """Store the server's trust bundle if it is newer than ours, for the next
+        connection; the roots stored, or None. A lower version (a replica that has not
+        caught up) and a bundle without a PEM certificate are ignored. Version 0 (a server
+        that does not version it) replaces only a bundle of unknown version. The bundle
+        is written before its version: after a crash between the two, the next copy of
+        that version writes it again."""
+        stored = self.bundle_version()
+        if version < stored or (version == stored and version > 0):
+            if version < stored:
+                log.info("ignoring trust bundle version %d: version %d is stored", version, stored)
+            return None
+        try:
+            count = _check_roots(roots_pem)
+        except ConfigError as err:
+            log.warning("ignoring trust bundle version %d: %s", version, err)
+            return None
+        write_atomic(self.bundle_path, roots_pem, mode=PUBLIC_FILE_MODE)
+        if version > 0:
+            write_atomic(self.bundle_version_path, f"{version}\n".encode(), mode=PUBLIC_FILE_MODE)
+        log.info(
+            "stored trust bundle version %d (%d root(s)); the next connection verifies the "
+            "server with it",
+            version,
+            count,
+        )
+        return roots_pem
+
     # Renewal --------------------------------------------------------------
 
     def save_renewal(
@@ -281,6 +336,14 @@ class StateDir:
             else:
                 staged.unlink()
         fsync_dir(self.path)
+
+
+def _check_roots(roots_pem: bytes) -> int:
+    """How many certificates a trust bundle holds; ConfigError if it holds none."""
+    try:
+        return len(x509.load_pem_x509_certificates(roots_pem))
+    except ValueError:
+        raise ConfigError("the trust bundle holds no readable PEM certificate") from None
 
 
 def _next(path: Path) -> Path:

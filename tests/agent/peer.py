@@ -131,6 +131,11 @@ class ScriptedAgentService(agent_pb2_grpc.AgentServiceServicer):
     refused_at: list[float] = field(default_factory=list)
     """Event-loop times of the streams refused with ``refuse``."""
     renew_lifetime: dt.timedelta = dt.timedelta(hours=1)
+    trust_bundle: agent_pb2.TrustBundle | None = None
+    """Sent in Welcome; None: no trust bundle, as servers before CA rotation."""
+    renew_bundle: agent_pb2.TrustBundle | None = None
+    """Returned by Renew; None: the CA's bundle without a version, as servers before CA
+    rotation."""
 
     # The servicer writes through the context rather than returning an iterator.
     async def Connect(  # type: ignore[override]
@@ -150,6 +155,8 @@ class ScriptedAgentService(agent_pb2_grpc.AgentServiceServicer):
         )
         if self.renew_after is not None:
             welcome.renew_after.FromDatetime(self.renew_after)
+        if self.trust_bundle is not None:
+            welcome.trust_bundle.CopyFrom(self.trust_bundle)
         await context.write(agent_pb2.ServerMessage(welcome=welcome))
         self.all_streams.append(stream)
         self.streams.put_nowait(stream)
@@ -173,6 +180,9 @@ class ScriptedAgentService(agent_pb2_grpc.AgentServiceServicer):
         response = agent_pb2.RenewResponse(
             certificate_chain_pem=issued.chain_pem, trust_bundle_pem=self.ca.bundle_pem
         )
+        if self.renew_bundle is not None:
+            response.trust_bundle_pem = self.renew_bundle.roots_pem
+            response.trust_bundle_version = self.renew_bundle.version
         response.not_after.FromDatetime(issued.not_after)
         return response
 
@@ -181,15 +191,56 @@ class ScriptedAgentService(agent_pb2_grpc.AgentServiceServicer):
             return await self.streams.get()
 
 
+@dataclass
+class ListenerTLS:
+    """What a :func:`serve` listener presents and which client roots it accepts. A change
+    applies from the next handshake on, as a replica's CA reload does."""
+
+    chain_pem: bytes
+    key_pem: bytes
+    client_roots_pem: bytes
+
+    def present(self, ca: TestCA) -> None:
+        """Serve a certificate issued by ``ca`` from now on."""
+        self.chain_pem, self.key_pem = ca.server_credentials()
+
+    def _configuration(self) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration(
+            [(self.key_pem, self.chain_pem)], root_certificates=self.client_roots_pem
+        )
+
+    def credentials(self) -> grpc.ServerCredentials:
+        served = (self.chain_pem, self.client_roots_pem)
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            nonlocal served  # runs on a grpc thread at each handshake; None: no change
+            if (self.chain_pem, self.client_roots_pem) == served:
+                return None
+            served = (self.chain_pem, self.client_roots_pem)
+            return self._configuration()
+
+        return grpc.dynamic_ssl_server_credentials(
+            self._configuration(),
+            fetch,  # type: ignore[arg-type]  # grpc documents None (no change); its stub does not
+            require_client_authentication=True,
+        )
+
+
 @asynccontextmanager
-async def serve(service: ScriptedAgentService) -> AsyncIterator[int]:
-    """Run ``service`` on 127.0.0.1:0 behind mTLS that requires a cert from its CA."""
+async def serve(
+    service: ScriptedAgentService, listener: ListenerTLS | None = None
+) -> AsyncIterator[int]:
+    """Run ``service`` on 127.0.0.1:0 behind mTLS that requires a cert from its CA, or
+    as ``listener`` says (and keeps saying: see :class:`ListenerTLS`)."""
     server = grpc.aio.server()
     agent_pb2_grpc.add_AgentServiceServicer_to_server(service, server)
-    chain, key = service.ca.server_credentials()
-    credentials = grpc.ssl_server_credentials(
-        [(key, chain)], root_certificates=service.ca.bundle_pem, require_client_auth=True
-    )
+    if listener is None:
+        chain, key = service.ca.server_credentials()
+        credentials = grpc.ssl_server_credentials(
+            [(key, chain)], root_certificates=service.ca.bundle_pem, require_client_auth=True
+        )
+    else:
+        credentials = listener.credentials()
     port = server.add_secure_port("127.0.0.1:0", credentials)
     await server.start()
     try:
