@@ -59,7 +59,7 @@ class Agent:
         rand: Callable[[float, float], float] = random.uniform,
     ) -> None:
         self.config = config
-        self.state = StateDir(config.state_dir)
+        self.state = StateDir(config.state_dir, key_passphrase=config.key_passphrase)
         self._registry = registry
         self._rand = rand
         self._backoff = Backoff(config.backoff_initial, config.backoff_max, rand=rand)

@@ -9,6 +9,9 @@ Layout (dir 0700)::
     identity.json  agent_id, spiffe_id, agent_endpoint, pool, labels, not_after
     outbox/        one file per Result not yet acknowledged
 
+With a key passphrase every key file (``agent.key``, its ``.next``, ``agent.key.reenroll``)
+is encrypted PKCS#8, and a plain ``agent.key`` found at start is encrypted in place.
+
 ``identity.json`` is written last at enrollment, so its presence means "enrolled".
 A renewal stages ``*.next`` files and commits by renaming them, ``agent.pem``
 last; a crash half-way is rolled forward on the next load. A re-enrollment does the
@@ -101,8 +104,10 @@ class Credentials:
 class StateDir:
     """Reads and writes the state dir; every write is atomic and durable."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, key_passphrase: bytes | None = None) -> None:
         self.path = path
+        self._key_passphrase = key_passphrase
+        """Encrypts the key files at rest when set (``--key-passphrase-file``)."""
 
     @property
     def key_path(self) -> Path:
@@ -150,11 +155,11 @@ class StateDir:
         the same certificate instead of failing on a used-up token.
         """
         if self.key_path.is_file():
-            key = keys.load_key(self.key_path.read_bytes())
+            key = self._read_key(self.key_path)
             log.info("reusing the key from an earlier, unfinished enrollment")
             return key
         key = keys.generate_key()
-        write_atomic(self.key_path, keys.key_to_pem(key), mode=PRIVATE_FILE_MODE)
+        write_atomic(self.key_path, self._key_file_pem(key), mode=PRIVATE_FILE_MODE)
         return key
 
     def discard_key(self) -> None:
@@ -178,13 +183,13 @@ class StateDir:
         one. Reusing it makes a retry with the same token return the same certificate."""
         path = self.reenroll_key_path
         if path.is_file():
-            key = keys.load_key(path.read_bytes())
+            key = self._read_key(path)
             current = self.chain_path.read_bytes() if self.chain_path.is_file() else b""
             if not (current and keys.cert_matches_key(current, key)):
                 log.info("reusing the key from an earlier, unfinished re-enrollment")
                 return key
         key = keys.generate_key()
-        write_atomic(path, keys.key_to_pem(key), mode=PRIVATE_FILE_MODE)
+        write_atomic(path, self._key_file_pem(key), mode=PRIVATE_FILE_MODE)
         return key
 
     def save_reenrollment(
@@ -193,14 +198,14 @@ class StateDir:
         """Swap in the re-enrolled key, certificate and identity together: staged as
         ``*.next`` files and committed by renaming, so a crash at any point leaves either
         the old credentials or the new ones, never a mix."""
-        key = keys.load_key(self.reenroll_key_path.read_bytes())
+        key = self._read_key(self.reenroll_key_path)
         if not keys.cert_matches_key(chain_pem, key):
             raise ConfigError("the server re-enrolled a certificate for a different key")
         key_pem = keys.key_to_pem(key)
         _check_roots(bundle_pem)
         remove_durably(self.bundle_version_path)  # first: the new bundle's version is unknown
         staged = [
-            (self.key_path, key_pem, PRIVATE_FILE_MODE),
+            (self.key_path, self._key_file_pem(key), PRIVATE_FILE_MODE),
             (self.bundle_path, bundle_pem, PUBLIC_FILE_MODE),
             (self.identity_path, identity.to_json(), PRIVATE_FILE_MODE),
             (self.chain_path, chain_pem, PUBLIC_FILE_MODE),  # last: its .next marks "complete"
@@ -247,13 +252,13 @@ class StateDir:
         if mode & 0o077:
             log.warning("%s had mode %o; tightening to 600", self.key_path, mode)
             self.key_path.chmod(PRIVATE_FILE_MODE)
-        key = keys.load_key(key_pem)
+        key = self._read_key(self.key_path, key_pem)
         if not keys.cert_matches_key(chain_pem, key):
             raise ConfigError(
                 f"{self.chain_path} was not issued for {self.key_path}; "
                 "enroll again with a new bootstrap token"
             )
-        return Credentials(key_pem=key_pem, chain_pem=chain_pem, bundle_pem=bundle_pem)
+        return Credentials(key_pem=keys.key_to_pem(key), chain_pem=chain_pem, bundle_pem=bundle_pem)
 
     # Trust bundle ---------------------------------------------------------
 
@@ -308,7 +313,7 @@ class StateDir:
         if not keys.cert_matches_key(chain_pem, key):
             raise ConfigError("the server renewed a certificate for a different key")
         staged = [
-            (self.key_path, key_pem, PRIVATE_FILE_MODE),
+            (self.key_path, self._key_file_pem(key), PRIVATE_FILE_MODE),
             (self.bundle_path, bundle_pem or self.bundle_path.read_bytes(), PUBLIC_FILE_MODE),
             (self.chain_path, chain_pem, PUBLIC_FILE_MODE),  # last: its .next marks "complete"
         ]
@@ -323,6 +328,23 @@ class StateDir:
         return Credentials(
             key_pem=key_pem, chain_pem=chain_pem, bundle_pem=self.bundle_path.read_bytes()
         )
+
+    # Key files -------------------------------------------------------------
+
+    def _key_file_pem(self, key: ec.EllipticCurvePrivateKey) -> bytes:
+        """The bytes a key file holds: encrypted when a passphrase is configured."""
+        return keys.key_to_pem(key, self._key_passphrase)
+
+    def _read_key(self, path: Path, pem: bytes | None = None) -> ec.EllipticCurvePrivateKey:
+        """Load the key file ``path`` (``pem``: its bytes, if already read); with a
+        passphrase configured, a plain file is replaced by an encrypted one at once."""
+        if pem is None:
+            pem = path.read_bytes()
+        key = keys.load_key(pem, self._key_passphrase, name=str(path))
+        if self._key_passphrase is not None and not keys.is_encrypted_pkcs8(pem):
+            write_atomic(path, self._key_file_pem(key), mode=PRIVATE_FILE_MODE)
+            log.info("encrypted %s with the key passphrase", path)
+        return key
 
     def _recover_renewal(self) -> None:
         """Roll a staged renewal forward if it was complete, else drop the partial files."""
