@@ -29,6 +29,8 @@ from muster.errors import ConfigError
 from muster.server.ai.prices import PriceTable
 from muster.server.audit import AuditRecord, AuditWriter, record_in
 from muster.server.ca import CertificateAuthority, ServerCertificate, ServerCertificates
+from muster.server.ca.keystore import FileKeyStore
+from muster.server.ca.publish import CrlPublisher, ca_routes
 from muster.server.clock import Clock, SystemClock, sleep_unless
 from muster.server.config import ServerConfig, parse_address
 from muster.server.dispatch.budgets import BudgetGate
@@ -204,7 +206,9 @@ async def _start(
     clock: Clock,
 ) -> ServerHandle:
     await ensure_schema(db, config.migrate)
-    ca = CertificateAuthority.load_or_create(config.ca_dir, config.trust_domain)
+    ca = CertificateAuthority.load_or_create(
+        config.ca_dir, config.trust_domain, crl_url=config.crl_url
+    )
     server_certs = ServerCertificates(
         ca,
         config.data_dir / "server",
@@ -356,7 +360,15 @@ async def _start(
     if config.metrics_addr:
         host, port = parse_address(config.metrics_addr, name="metrics_addr")
         try:
-            metrics_http = await start_metrics_server(registry, host, port)
+            crls = CrlPublisher(
+                db,
+                lambda: ca.signer,
+                FileKeyStore(config.ca_dir),
+                lifetime=config.crl_lifetime,
+                clock=clock,
+            )
+            routes = ca_routes(crls, lambda: ca.bundle_pem)
+            metrics_http = await start_metrics_server(registry, host, port, routes=routes)
         except OSError as err:
             raise ConfigError(
                 f"metrics_addr: cannot listen on {config.metrics_addr}: {err.strerror}"

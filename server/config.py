@@ -20,6 +20,8 @@ from muster import durations
 from muster.errors import ConfigError
 
 _TRUST_DOMAIN = re.compile(r"^[a-z0-9][a-z0-9.-]{0,253}$")
+_CRL_URL = re.compile(r"^https?://[!-z|~]{1,1000}$")
+"""Printable ASCII without spaces or braces ({ca} is taken out before matching)."""
 
 
 def parse_duration(value: str, *, name: str = "duration") -> timedelta:
@@ -97,6 +99,14 @@ class ServerConfig:
     ``data_dir/server``). The running server renews it when a third of it (at most 30
     days) is left and serves the new one without a restart; open connections keep theirs.
     At least 3s (short values are for tests)."""
+    crl_url: str = ""
+    """When set, every certificate issued (agents and servers) names this URL as its CRL
+    distribution point; ``{ca}`` in it is replaced by the issuing intermediate's id, e.g.
+    ``http://muster.example:9464/ca/crl/{ca}`` (the metrics listener serves the CRLs).
+    Empty: no distribution point."""
+    crl_lifetime: timedelta = timedelta(hours=1)
+    """A published CRL's ``nextUpdate`` is this long after its ``thisUpdate``; it is
+    rebuilt after half of it, and at once after a revocation. 1m to 7d."""
     heartbeat_interval: timedelta = timedelta(seconds=5)
     """How often agents must heartbeat."""
     lease_duration: timedelta = timedelta(seconds=30)
@@ -194,6 +204,13 @@ class ServerConfig:
             raise ConfigError("cert_lifetime: must be at least 5m")
         if self.server_cert_ttl < timedelta(seconds=3):
             raise ConfigError("server_cert_ttl: must be at least 3s")
+        if self.crl_url and not _CRL_URL.match(self.crl_url.replace("{ca}", "")):
+            raise ConfigError(
+                f"crl_url: {self.crl_url[:200]!r} is not an http:// or https:// URL "
+                "(printable ASCII, no spaces; {ca} is the only placeholder)"
+            )
+        if not timedelta(minutes=1) <= self.crl_lifetime <= timedelta(days=7):
+            raise ConfigError("crl_lifetime: must be between 1m and 7d")
         if (
             self.heartbeat_interval <= timedelta(0)
             or self.lease_duration <= self.heartbeat_interval

@@ -23,6 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from muster.errors import MusterError
 from muster.files import PUBLIC_FILE_MODE, ensure_private_dir, write_atomic
+from muster.server.ca.crl import distribution_points
 from muster.server.ca.csr import public_key_fingerprint
 from muster.server.ca.signer import (
     KEY_TYPES,
@@ -81,7 +82,8 @@ class CertificateAuthority:
     """Issues agent and server certificates through an intermediate :class:`Signer`.
 
     ``roots`` is the trust bundle; the root's private key is not needed to
-    issue, so it may stay offline.
+    issue, so it may stay offline. ``crl_url``: the CRL distribution point every
+    certificate names (``{ca}``: the issuing intermediate's id); empty for none.
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class CertificateAuthority:
         *,
         signer: Signer,
         roots: Sequence[x509.Certificate],
+        crl_url: str = "",
     ) -> None:
         try:
             self._server_id = SpiffeId.for_server(trust_domain)
@@ -112,6 +115,7 @@ class CertificateAuthority:
                 )
         self._trust_domain = trust_domain
         self._signer = signer
+        self._crl_url = crl_url
         self._root = issuer
         self._roots = tuple(roots)
         # Fixed for this CA's life, and read on every issue: encode them once.
@@ -187,7 +191,7 @@ class CertificateAuthority:
         return cls.load(ca_dir, trust_domain)
 
     @classmethod
-    def load(cls, ca_dir: Path, trust_domain: str) -> CertificateAuthority:
+    def load(cls, ca_dir: Path, trust_domain: str, *, crl_url: str = "") -> CertificateAuthority:
         """Load the bundle and the intermediate signer from ``ca_dir`` (root.key is not read)."""
         ca_dir = Path(ca_dir)
         missing = [
@@ -203,17 +207,17 @@ class CertificateAuthority:
             signer = FileSigner.load(ca_dir / INTERMEDIATE_CERT, ca_dir / INTERMEDIATE_KEY)
         except ValueError as err:
             raise CAError(f"cannot load the intermediate CA from {ca_dir}: {err}") from None
-        return cls(trust_domain, signer=signer, roots=roots)
+        return cls(trust_domain, signer=signer, roots=roots, crl_url=crl_url)
 
     @classmethod
     def load_or_create(
-        cls, ca_dir: Path, trust_domain: str, *, key_type: str = "ec-p256"
+        cls, ca_dir: Path, trust_domain: str, *, key_type: str = "ec-p256", crl_url: str = ""
     ) -> CertificateAuthority:
         """Load the CA in ``ca_dir``, creating it first when the directory holds none."""
         ca_dir = Path(ca_dir)
         if not any((ca_dir / name).exists() for name in CA_FILES):
-            return cls.init(ca_dir, trust_domain, key_type=key_type)
-        return cls.load(ca_dir, trust_domain)
+            cls.init(ca_dir, trust_domain, key_type=key_type)
+        return cls.load(ca_dir, trust_domain, crl_url=crl_url)
 
     # -- what the rest of the server reads ---------------------------------
 
@@ -394,6 +398,10 @@ class CertificateAuthority:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(self._issuer_aki, critical=False)
         )
+        if self._crl_url:
+            builder = builder.add_extension(
+                distribution_points(self._crl_url, issuer), critical=False
+            )
         cert = sign_certificate(self._signer, builder)
         return cert, not_before, not_after
 

@@ -1,8 +1,9 @@
-"""The /metrics and /healthz HTTP endpoint, on asyncio.
+"""The /metrics and /healthz HTTP endpoint, on asyncio, plus the routes others give it.
 
 Why not ``prometheus_client.start_http_server``: it runs a thread per server, and
 Muster runs one event loop. A scrape needs only a tiny subset of HTTP/1.1: one GET per
-connection, answered and closed.
+connection, answered and closed. Other parts of the server publish documents here too
+(the CA's CRLs and trust bundle) through ``routes``, so this module knows none of them.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from http import HTTPStatus
 from types import TracebackType
 from typing import Self
@@ -17,11 +20,25 @@ from typing import Self
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-__all__ = ["MetricsServer", "start_metrics_server"]
+__all__ = ["Handler", "MetricsServer", "Reply", "start_metrics_server"]
 
 _log = logging.getLogger(__name__)
 
 _ALLOWED_METHODS = ("GET", "HEAD")
+_BUILT_IN = ("/metrics", "/healthz")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A 200 answer of a route."""
+
+    content_type: str
+    body: bytes
+
+
+Handler = Callable[[str], Awaitable[Reply | None]]
+"""A route's answer to GET (and HEAD). It gets what follows a prefix route's path ("" for
+an exact route) and returns None for "not found" (404); an exception is a 500."""
 
 
 class _BadRequest(Exception):
@@ -41,8 +58,13 @@ class MetricsServer:
         *,
         read_timeout: float,
         max_request_bytes: int,
+        routes: Mapping[str, Handler],
     ) -> None:
+        for path in routes:
+            if not path.startswith("/") or path.rstrip("/") in _BUILT_IN:
+                raise ValueError(f"route {path!r}: must start with / and not replace {_BUILT_IN}")
         self._registry = registry
+        self._routes = dict(routes)
         self._read_timeout = read_timeout
         self._max_request_bytes = max_request_bytes
         self._server: asyncio.Server | None = None
@@ -124,7 +146,7 @@ class MetricsServer:
         try:
             method, path, headers = await self._read_request(reader)
             head_only = method == "HEAD"
-            status, content_type, body = self._route(path, headers)
+            status, content_type, body = await self._route(path, headers)
         except _BadRequest as bad:
             if bad.status is HTTPStatus.NO_CONTENT:
                 return  # the client closed without asking anything
@@ -172,7 +194,7 @@ class MetricsServer:
             raise _BadRequest(HTTPStatus.METHOD_NOT_ALLOWED)
         return method, target.partition("?")[0], headers
 
-    def _route(self, path: str, headers: dict[str, str]) -> tuple[HTTPStatus, str, bytes]:
+    async def _route(self, path: str, headers: dict[str, str]) -> tuple[HTTPStatus, str, bytes]:
         if path == "/metrics":
             encoder, content_type = choose_encoder(headers.get("accept", ""))
             try:
@@ -183,6 +205,27 @@ class MetricsServer:
             return HTTPStatus.OK, content_type, body
         if path == "/healthz":
             return HTTPStatus.OK, "text/plain; charset=utf-8", b"ok\n"
+        handler, rest = self._handler(path)
+        try:
+            reply = await handler(rest)
+        except Exception:
+            _log.exception("answering %r failed", path[:200])
+            raise _BadRequest(HTTPStatus.INTERNAL_SERVER_ERROR) from None
+        if reply is None:
+            raise _BadRequest(HTTPStatus.NOT_FOUND)
+        return HTTPStatus.OK, reply.content_type, reply.body
+
+    def _handler(self, path: str) -> tuple[Handler, str]:
+        """The route of ``path``: an exact one, or a prefix route (its path ends with /)
+        with one more, non-empty segment."""
+        prefix, _, rest = path.rpartition("/")
+        if rest:
+            exact = self._routes.get(path)
+            if exact is not None:
+                return exact, ""
+            under = self._routes.get(prefix + "/")
+            if under is not None:
+                return under, rest
         raise _BadRequest(HTTPStatus.NOT_FOUND)
 
 
@@ -193,13 +236,20 @@ async def start_metrics_server(
     *,
     read_timeout: float = 5.0,
     max_request_bytes: int = 8192,
+    routes: Mapping[str, Handler] | None = None,
 ) -> MetricsServer:
-    """Listen on ``host:port`` (0: any free port, see ``.port``) and serve ``registry``.
+    """Listen on ``host:port`` (0: any free port, see ``.port``) and serve ``registry``
+    at /metrics, and each of ``routes`` (path: :data:`Handler`) at its path.
 
     ``read_timeout`` bounds how long a client may take to send its request (and to
     read the answer); a request head longer than ``max_request_bytes`` gets 431.
     """
-    server = MetricsServer(registry, read_timeout=read_timeout, max_request_bytes=max_request_bytes)
+    server = MetricsServer(
+        registry,
+        read_timeout=read_timeout,
+        max_request_bytes=max_request_bytes,
+        routes=routes or {},
+    )
     await server._start(host, port)
     _log.info("serving metrics on %s", server.url)
     return server
