@@ -107,6 +107,10 @@ class ServerConfig:
     crl_lifetime: timedelta = timedelta(hours=1)
     """A published CRL's ``nextUpdate`` is this long after its ``thisUpdate``; it is
     rebuilt after half of it, and at once after a revocation. 1m to 7d."""
+    ca_signer: str = ""
+    """Where the CA's keys live: empty for key files in ``data_dir/ca``, or a PKCS#11 token
+    (an HSM): ``pkcs11:module=LIBRARY;token=LABEL;pin-file=PATH`` (see
+    ``server/ca/pkcs11.py``). The PIN is read from the file, never from this setting."""
     heartbeat_interval: timedelta = timedelta(seconds=5)
     """How often agents must heartbeat."""
     lease_duration: timedelta = timedelta(seconds=30)
@@ -261,6 +265,10 @@ class ServerConfig:
             )
         if not timedelta(0) <= self.renewal_overlap <= timedelta(hours=1):
             raise ConfigError("renewal_overlap: must be between 0 and 1h")
+        if self.ca_signer:
+            from muster.server.ca.pkcs11 import parse_spec  # here: only the grammar, no token
+
+            parse_spec(self.ca_signer)
         from muster.server.dispatch.suspicion import parse_policy  # here: dispatch imports config
 
         try:

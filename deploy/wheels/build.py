@@ -68,6 +68,14 @@ def check_drift(whole: dict[str, Any], parts: dict[str, dict[str, Any]]) -> None
             used.add(requirement)
     if unused := sorted(declared - used):
         raise BuildError(f"pyproject.toml dependencies that no part takes: {', '.join(unused)}")
+    offered = whole["project"].get("optional-dependencies", {})
+    for key, part in parts.items():
+        for extra, requirements in part.get("extras", {}).items():
+            if sorted(requirements) != sorted(offered.get(extra, [])):
+                raise BuildError(
+                    f"parts.toml [{key}] extra {extra!r} differs from pyproject.toml's "
+                    f"(which is {offered.get(extra)!r})"
+                )
     for key, part in parts.items():
         for name in part.get("absent", []):
             if any(requirement_name(r) == canonical(name) for r in part["dependencies"]):
@@ -115,6 +123,10 @@ def pyproject(whole: dict[str, Any], parts: dict[str, dict[str, Any]], key: str)
             ]
         ),
     ]
+    if extras := part.get("extras"):
+        lines = ["[project.optional-dependencies]"]
+        lines += [f"{toml_string(name)} = {json.dumps(reqs)}" for name, reqs in extras.items()]
+        sections.append("\n".join(lines))
     if scripts := part.get("scripts"):
         sections.append(toml_table("project.scripts", scripts))
     for group, points in entry_points(whole, part).items():
