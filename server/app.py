@@ -29,7 +29,7 @@ from muster.errors import ConfigError
 from muster.server.ai.prices import PriceTable
 from muster.server.audit import AuditRecord, AuditWriter, record_in
 from muster.server.ca import CertificateAuthority, ServerCertificate, ServerCertificates
-from muster.server.ca.keystore import FileKeyStore
+from muster.server.ca.keystore import key_store
 from muster.server.ca.publish import CrlPublisher, ca_routes
 from muster.server.clock import Clock, SystemClock, sleep_unless
 from muster.server.config import ServerConfig, parse_address
@@ -206,8 +206,12 @@ async def _start(
     clock: Clock,
 ) -> ServerHandle:
     await ensure_schema(db, config.migrate)
+    keys = key_store(config)  # the HSM of MUSTER_CA_SIGNER (logged in), or the CA's key files
     ca = CertificateAuthority.load_or_create(
-        config.ca_dir, config.trust_domain, crl_url=config.crl_url
+        config.ca_dir,
+        config.trust_domain,
+        crl_url=config.crl_url,
+        keys=keys if config.ca_signer else None,  # key files keep init's classic names
     )
     server_certs = ServerCertificates(
         ca,
@@ -363,7 +367,7 @@ async def _start(
             crls = CrlPublisher(
                 db,
                 lambda: ca.signer,
-                FileKeyStore(config.ca_dir),
+                keys,
                 lifetime=config.crl_lifetime,
                 clock=clock,
             )

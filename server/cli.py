@@ -22,6 +22,8 @@ from muster.cli import Subparsers, command_group
 from muster.errors import ConfigError
 from muster.server.auditcli import register_audit
 from muster.server.ca import CAError, CertificateAuthority
+from muster.server.ca.authority import key_ref
+from muster.server.ca.keystore import key_store
 from muster.server.config import ServerConfig
 from muster.server.dbcli import register_db
 
@@ -54,7 +56,8 @@ def register(subparsers: Subparsers) -> None:
         "init",
         help="create the root and intermediate CA",
         description="Create a root and an online intermediate CA in DATA_DIR/ca "
-        "(keys mode 0600). Refuses to overwrite an existing CA without --force.",
+        "(keys mode 0600; with MUSTER_CA_SIGNER=pkcs11:... the keys are generated in "
+        "that token instead). Refuses to overwrite an existing CA without --force.",
     )
     init.add_argument(
         "--data-dir", type=Path, help="data directory (default $MUSTER_DATA_DIR or ./.muster)"
@@ -161,11 +164,18 @@ def _ca_init(args: argparse.Namespace) -> int:
     config = ServerConfig.from_env(data_dir=args.data_dir, trust_domain=args.trust_domain)
     try:
         ca = CertificateAuthority.init(
-            config.ca_dir, config.trust_domain, key_type=args.key_type, force=args.force
+            config.ca_dir,
+            config.trust_domain,
+            key_type=args.key_type,
+            force=args.force,
+            keys=key_store(config) if config.ca_signer else None,
         )
     except CAError as err:
         raise ConfigError(str(err)) from None
     print(f"created CA for trust domain {ca.trust_domain} in {config.ca_dir}")
+    if config.ca_signer:
+        refs = ", ".join(key_ref(config.ca_dir, role) for role in ("root", "intermediate"))
+        print(f"keys (in the PKCS#11 token, not in files): {refs}")
     print(f"trust bundle: {config.ca_dir / 'bundle.pem'}")
     return 0
 

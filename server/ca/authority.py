@@ -25,12 +25,13 @@ from muster.errors import MusterError
 from muster.files import PUBLIC_FILE_MODE, ensure_private_dir, write_atomic
 from muster.server.ca.crl import distribution_points
 from muster.server.ca.csr import public_key_fingerprint
+from muster.server.ca.keystore import FILE_PREFIX, CertifiedKey, KeyStore
 from muster.server.ca.signer import (
     KEY_TYPES,
     FileSigner,
     InMemorySigner,
+    KeySigner,
     Signer,
-    SigningKey,
     SoftwareKey,
     generate_key,
     private_key_pem,
@@ -47,6 +48,11 @@ INTERMEDIATE_KEY = "intermediate.key"
 BUNDLE = "bundle.pem"
 CA_FILES = (ROOT_CERT, ROOT_KEY, INTERMEDIATE_CERT, INTERMEDIATE_KEY, BUNDLE)
 """Every file ``init`` writes into the CA directory (root.key may later move offline)."""
+ROOT_KEY_REF = "root.keyref"
+INTERMEDIATE_KEY_REF = "intermediate.keyref"
+KEY_REF_FILES = (ROOT_KEY_REF, INTERMEDIATE_KEY_REF)
+"""With the keys in a key store (an HSM), ``init`` writes these instead of the ``.key``
+files: each holds the key's reference (``pkcs11:<label>``), nothing secret."""
 
 ROOT_LIFETIME = timedelta(days=3650)
 INTERMEDIATE_LIFETIME = timedelta(days=365)
@@ -135,12 +141,16 @@ class CertificateAuthority:
         intermediate_lifetime: timedelta = INTERMEDIATE_LIFETIME,
     ) -> CertificateAuthority:
         """A fresh root and intermediate held in memory only (tests, or ephemeral setups)."""
-        keys = _generate(trust_domain, key_type, name_constraints, intermediate_lifetime)
-        return cls(
+        _check_new(trust_domain, key_type)
+        root_key, inter_key = generate_key(key_type), generate_key(key_type)
+        root, intermediate = _generate(
             trust_domain,
-            signer=InMemorySigner(keys.intermediate, keys.intermediate_key),
-            roots=[keys.root],
+            SoftwareKey(root_key),
+            SoftwareKey(inter_key),
+            name_constraints,
+            intermediate_lifetime,
         )
+        return cls(trust_domain, signer=InMemorySigner(intermediate, inter_key), roots=[root])
 
     @classmethod
     def init(
@@ -151,52 +161,66 @@ class CertificateAuthority:
         key_type: str = "ec-p256",
         force: bool = False,
         name_constraints: bool = False,
+        keys: KeyStore | None = None,
     ) -> CertificateAuthority:
         """Create a root (10 years) and an intermediate (1 year) and write them to ``ca_dir``.
 
-        Refuses (CAError) when any CA file already exists, unless ``force``.
+        The keys are files there too, or, given a key store (an HSM), are made in it and
+        ``ca_dir`` holds only their references. Refuses (CAError) when any CA file already
+        exists, unless ``force``.
         """
         ca_dir = Path(ca_dir)
-        existing = [name for name in CA_FILES if (ca_dir / name).exists()]
+        existing = [name for name in (*CA_FILES, *KEY_REF_FILES) if (ca_dir / name).exists()]
         if existing and not force:
             raise CAError(
                 f"a CA already exists in {ca_dir} ({', '.join(existing)}); "
                 "refusing to overwrite it (force replaces it and orphans every "
                 "certificate it issued)"
             )
-        keys = _generate(trust_domain, key_type, name_constraints, INTERMEDIATE_LIFETIME)
+        _check_new(trust_domain, key_type)
         ensure_private_dir(ca_dir)
         try:
-            FileSigner.create(
-                ca_dir / ROOT_CERT, ca_dir / ROOT_KEY, keys.root, keys.root_key, overwrite=force
-            )
-            FileSigner.create(
-                ca_dir / INTERMEDIATE_CERT,
-                ca_dir / INTERMEDIATE_KEY,
-                keys.intermediate,
-                keys.intermediate_key,
-                overwrite=force,
-            )
-            write_atomic(ca_dir / BUNDLE, _pem(keys.root), mode=PUBLIC_FILE_MODE, overwrite=force)
+            if keys is None:
+                root, intermediate = _init_files(
+                    ca_dir, trust_domain, key_type, name_constraints, force
+                )
+            else:
+                root, intermediate = _init_in_store(
+                    ca_dir, keys, trust_domain, key_type, name_constraints, force
+                )
+            write_atomic(ca_dir / BUNDLE, _pem(root), mode=PUBLIC_FILE_MODE, overwrite=force)
         except FileExistsError as err:
-            # Another process created a CA between our check and our write.
-            raise CAError(f"a CA appeared in {ca_dir} while creating one: {err.filename}") from None
+            # Another process created a CA between our check and our write, or the key
+            # store already holds a key of that name.
+            raise CAError(
+                f"a CA appeared in {ca_dir} while creating one: {err.filename or err}"
+            ) from None
         logger.info(
             "created CA for trust domain %s in %s (root expires %s, intermediate %s)",
             trust_domain,
             ca_dir,
-            keys.root.not_valid_after_utc.isoformat(),
-            keys.intermediate.not_valid_after_utc.isoformat(),
+            root.not_valid_after_utc.isoformat(),
+            intermediate.not_valid_after_utc.isoformat(),
         )
-        return cls.load(ca_dir, trust_domain)
+        return cls.load(ca_dir, trust_domain, keys=keys)
 
     @classmethod
-    def load(cls, ca_dir: Path, trust_domain: str, *, crl_url: str = "") -> CertificateAuthority:
-        """Load the bundle and the intermediate signer from ``ca_dir`` (root.key is not read)."""
+    def load(
+        cls,
+        ca_dir: Path,
+        trust_domain: str,
+        *,
+        crl_url: str = "",
+        keys: KeyStore | None = None,
+    ) -> CertificateAuthority:
+        """Load the bundle and the intermediate signer from ``ca_dir`` (root.key is not read).
+
+        An intermediate whose key is in a key store (``intermediate.keyref``) needs ``keys``.
+        """
         ca_dir = Path(ca_dir)
-        missing = [
-            n for n in (BUNDLE, INTERMEDIATE_CERT, INTERMEDIATE_KEY) if not (ca_dir / n).exists()
-        ]
+        in_store = (ca_dir / INTERMEDIATE_KEY_REF).exists()
+        key_file = INTERMEDIATE_KEY_REF if in_store else INTERMEDIATE_KEY
+        missing = [n for n in (BUNDLE, INTERMEDIATE_CERT, key_file) if not (ca_dir / n).exists()]
         if missing:
             raise CAError(f"no usable CA in {ca_dir}: missing {', '.join(missing)}")
         try:
@@ -204,20 +228,31 @@ class CertificateAuthority:
         except ValueError:
             raise CAError(f"{ca_dir / BUNDLE} is not a PEM certificate bundle") from None
         try:
-            signer = FileSigner.load(ca_dir / INTERMEDIATE_CERT, ca_dir / INTERMEDIATE_KEY)
+            signer: Signer
+            if in_store:
+                signer = _stored_signer(ca_dir, keys)
+            else:
+                signer = FileSigner.load(ca_dir / INTERMEDIATE_CERT, ca_dir / INTERMEDIATE_KEY)
         except ValueError as err:
             raise CAError(f"cannot load the intermediate CA from {ca_dir}: {err}") from None
         return cls(trust_domain, signer=signer, roots=roots, crl_url=crl_url)
 
     @classmethod
     def load_or_create(
-        cls, ca_dir: Path, trust_domain: str, *, key_type: str = "ec-p256", crl_url: str = ""
+        cls,
+        ca_dir: Path,
+        trust_domain: str,
+        *,
+        key_type: str = "ec-p256",
+        crl_url: str = "",
+        keys: KeyStore | None = None,
     ) -> CertificateAuthority:
-        """Load the CA in ``ca_dir``, creating it first when the directory holds none."""
+        """Load the CA in ``ca_dir``, creating it first (keys in ``keys``, if given) when
+        the directory holds none."""
         ca_dir = Path(ca_dir)
-        if not any((ca_dir / name).exists() for name in CA_FILES):
-            cls.init(ca_dir, trust_domain, key_type=key_type)
-        return cls.load(ca_dir, trust_domain, crl_url=crl_url)
+        if not any((ca_dir / name).exists() for name in (*CA_FILES, *KEY_REF_FILES)):
+            cls.init(ca_dir, trust_domain, key_type=key_type, keys=keys)
+        return cls.load(ca_dir, trust_domain, crl_url=crl_url, keys=keys)
 
     # -- what the rest of the server reads ---------------------------------
 
@@ -406,35 +441,111 @@ class CertificateAuthority:
         return cert, not_before, not_after
 
 
-@dataclass(frozen=True, slots=True)
-class _NewCA:
-    root: x509.Certificate
-    root_key: SigningKey
-    intermediate: x509.Certificate
-    intermediate_key: SigningKey
+def key_ref(ca_dir: Path, role: str) -> str:
+    """The reference of the ``root`` or ``intermediate`` key ``init`` made in ``ca_dir``:
+    what ``<role>.keyref`` records, else ``file:<role>.key``."""
+    path = Path(ca_dir) / f"{role}.keyref"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return f"{FILE_PREFIX}{role}.key"
+    except (OSError, UnicodeDecodeError) as err:
+        raise CAError(f"cannot read {path}: {type(err).__name__}") from None
 
 
-def _generate(
-    trust_domain: str, key_type: str, name_constraints: bool, intermediate_lifetime: timedelta
-) -> _NewCA:
-    """Make a self-signed root (pathlen 1) and an intermediate (pathlen 0) signed by it."""
+def _stored_signer(ca_dir: Path, keys: KeyStore | None) -> Signer:
+    ref = key_ref(ca_dir, "intermediate")
+    if keys is None:
+        raise CAError(
+            f"the intermediate's key is {ref[:80]!r} ({ca_dir / INTERMEDIATE_KEY_REF}): "
+            "configure the key store that holds it (MUSTER_CA_SIGNER)"
+        )
+    certificate = x509.load_pem_x509_certificate((ca_dir / INTERMEDIATE_CERT).read_bytes())
+    return CertifiedKey(certificate, keys.open(ref))
+
+
+def _init_files(
+    ca_dir: Path, trust_domain: str, key_type: str, name_constraints: bool, force: bool
+) -> tuple[x509.Certificate, x509.Certificate]:
+    """``init`` with the keys as files in ``ca_dir`` (a forced init drops key references)."""
+    root_key, inter_key = generate_key(key_type), generate_key(key_type)
+    root, intermediate = _generate(
+        trust_domain,
+        SoftwareKey(root_key),
+        SoftwareKey(inter_key),
+        name_constraints,
+        INTERMEDIATE_LIFETIME,
+    )
+    FileSigner.create(ca_dir / ROOT_CERT, ca_dir / ROOT_KEY, root, root_key, overwrite=force)
+    FileSigner.create(
+        ca_dir / INTERMEDIATE_CERT,
+        ca_dir / INTERMEDIATE_KEY,
+        intermediate,
+        inter_key,
+        overwrite=force,
+    )
+    for name in KEY_REF_FILES:
+        (ca_dir / name).unlink(missing_ok=True)
+    return root, intermediate
+
+
+def _init_in_store(
+    ca_dir: Path,
+    keys: KeyStore,
+    trust_domain: str,
+    key_type: str,
+    name_constraints: bool,
+    force: bool,
+) -> tuple[x509.Certificate, x509.Certificate]:
+    """``init`` with the keys made in ``keys``; ``ca_dir`` gets their references (and a
+    forced init removes key files an earlier CA left there)."""
+    # When, and a random tail, so that no two inits share a label (a token keeps old keys).
+    stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    root_key, root_ref = keys.create(key_type, f"muster-root-{stamp}")
+    inter_key, inter_ref = keys.create(key_type, f"muster-intermediate-{stamp}")
+    root, intermediate = _generate(
+        trust_domain, root_key, inter_key, name_constraints, INTERMEDIATE_LIFETIME
+    )
+    for name, data in (
+        (ROOT_CERT, _pem(root)),
+        (INTERMEDIATE_CERT, _pem(intermediate)),
+        (ROOT_KEY_REF, f"{root_ref}\n".encode()),
+        (INTERMEDIATE_KEY_REF, f"{inter_ref}\n".encode()),
+    ):
+        write_atomic(ca_dir / name, data, mode=PUBLIC_FILE_MODE, overwrite=force)
+    for name in (ROOT_KEY, INTERMEDIATE_KEY):
+        (ca_dir / name).unlink(missing_ok=True)
+    return root, intermediate
+
+
+def _check_new(trust_domain: str, key_type: str) -> None:
+    """Refuse a new CA's settings before any key is made for it."""
     if key_type not in KEY_TYPES:
         raise CAError(f"unknown key type {key_type[:40]!r}; choose one of {', '.join(KEY_TYPES)}")
     try:
-        td_uri = f"spiffe://{SpiffeId.for_server(trust_domain).trust_domain}"
+        SpiffeId.for_server(trust_domain)
     except ValueError as err:
         raise CAError(f"invalid trust domain: {err}") from None
+
+
+def _generate(
+    trust_domain: str,
+    root_key: KeySigner,
+    inter_key: KeySigner,
+    name_constraints: bool,
+    intermediate_lifetime: timedelta,
+) -> tuple[x509.Certificate, x509.Certificate]:
+    """Certify a self-signed root (pathlen 1) and an intermediate (pathlen 0) signed by it."""
+    td_uri = f"spiffe://{SpiffeId.for_server(trust_domain).trust_domain}"
     now = datetime.now(UTC).replace(microsecond=0)
-    root_key = generate_key(key_type)
     root_name = _ca_name("Muster Root CA", trust_domain, root_key)
     root_builder = (
         _ca_builder(root_name, root_name, root_key, td_uri, path_length=1)
         .not_valid_before(now - DEFAULT_BACKDATE)
         .not_valid_after(now + ROOT_LIFETIME)
     )
-    root = sign_certificate(SoftwareKey(root_key), root_builder)
+    root = sign_certificate(root_key, root_builder)
 
-    inter_key = generate_key(key_type)
     builder = (
         _ca_builder(
             _ca_name("Muster Intermediate CA", trust_domain, inter_key),
@@ -457,8 +568,8 @@ def _generate(
             ),
             critical=True,
         )
-    intermediate = sign_certificate(SoftwareKey(root_key), builder)
-    return _NewCA(root, root_key, intermediate, inter_key)
+    intermediate = sign_certificate(root_key, builder)
+    return root, intermediate
 
 
 def random_serial() -> int:
@@ -469,7 +580,7 @@ def random_serial() -> int:
             return serial
 
 
-def _ca_name(label: str, trust_domain: str, key: SigningKey) -> x509.Name:
+def _ca_name(label: str, trust_domain: str, key: KeySigner) -> x509.Name:
     # A short key id keeps names unique across CAs and rotations, which helps
     # chain building when several roots share a bundle.
     key_id = x509.SubjectKeyIdentifier.from_public_key(key.public_key()).digest.hex()[:8]
@@ -483,7 +594,7 @@ def _ca_name(label: str, trust_domain: str, key: SigningKey) -> x509.Name:
 
 
 def _ca_builder(
-    subject: x509.Name, issuer: x509.Name, key: SigningKey, td_uri: str, *, path_length: int
+    subject: x509.Name, issuer: x509.Name, key: KeySigner, td_uri: str, *, path_length: int
 ) -> x509.CertificateBuilder:
     return (
         x509.CertificateBuilder()

@@ -9,7 +9,7 @@ the CA's state in the database names keys, never holds them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from cryptography import x509
 
@@ -23,7 +23,11 @@ from muster.server.ca.signer import (
     private_key_pem,
 )
 
+if TYPE_CHECKING:
+    from muster.server.config import ServerConfig
+
 FILE_PREFIX = "file:"
+PKCS11_PREFIX = "pkcs11:"
 KEYS_DIR = "keys"
 """Keys made by rotations live in ``<ca dir>/keys/``; ``init``'s keep their old names."""
 
@@ -69,6 +73,34 @@ class FileKeyStore:
         except OSError as err:
             raise ValueError(f"cannot read CA key {path}: {err.strerror or err}") from None
         return SoftwareKey(load_private_key(pem, what=str(path)))
+
+
+def key_store(config: ServerConfig) -> KeyStore:
+    """The key store the configuration names: key files in the CA directory, or with
+    ``ca_signer = pkcs11:...`` an HSM, which makes every new key while ``file:`` keys
+    (a root imported from the CA directory) still open from their files."""
+    files = FileKeyStore(config.ca_dir)
+    if not config.ca_signer.startswith(PKCS11_PREFIX):
+        return files
+    from muster.server.ca.pkcs11 import Pkcs11KeyStore  # only with an HSM: loads its binding
+
+    return _ByPrefix(Pkcs11KeyStore.from_spec(config.ca_signer), files)
+
+
+class _ByPrefix:
+    """Creates keys in ``primary``; opens each reference from the store its prefix names."""
+
+    def __init__(self, primary: KeyStore, files: FileKeyStore) -> None:
+        self._primary = primary
+        self._files = files
+
+    def create(self, key_type: str, name: str) -> tuple[KeySigner, str]:
+        return self._primary.create(key_type, name)
+
+    def open(self, ref: str) -> KeySigner:
+        if ref.startswith(FILE_PREFIX):
+            return self._files.open(ref)
+        return self._primary.open(ref)
 
 
 class CertifiedKey:
