@@ -36,7 +36,8 @@ from muster.server.storage import usage as usage_store
 from muster.server.storage.database import Database
 from muster.server.storage.models import Task
 from muster.server.storage.types import utcnow
-from muster.v1 import agent_pb2
+from muster.signing import signer_key_id
+from muster.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class Dispatcher:
         now = self.clock.now()
         values = {
             **values,
-            "task_id": new_task_id(),
+            "task_id": values.get("task_id") or new_task_id(),
             "state": task_store.QUEUED,
             "attempt": 1,
             "created_at": now,
@@ -132,10 +133,17 @@ class Dispatcher:
                 target=task.task_id,
                 peer=peer,
                 request_id=request_id,
-                details={"kind": task.kind, "pool": task.pool, "bytes": len(task.payload)},
+                details={
+                    "kind": task.kind,
+                    "pool": task.pool,
+                    "bytes": len(task.payload),
+                    **({"key_id": signer_key_id(task.signature)} if task.signature else {}),
+                },
             )
 
-        if values.get("idempotency_key"):
+        # A signed task's id is bound to its envelope: a repeat finds the first, as an
+        # idempotency key does.
+        if values.get("idempotency_key") or values.get("signature"):
             async with self.db.transaction() as session:
                 task, created = await task_store.insert_task(session, values)
                 if created:
@@ -361,11 +369,13 @@ class Dispatcher:
             cap = self.config.max_payload_bytes
             error = f"output of {len(result.output)} bytes exceeds the {cap}-byte cap"
         usage = await self._priced(result)
-        if outcome == agent_pb2.OUTCOME_SUCCEEDED or (
+        ended: tuple[str, task_store.Finished] | agent_pb2.AckStatus
+        if result.refusal:
+            ended = await self._end_refused(agent_id, result, output, error, usage)
+        elif outcome == agent_pb2.OUTCOME_SUCCEEDED or (
             outcome == agent_pb2.OUTCOME_FAILED and not result.retryable
         ):
             # The common end: one multi-row UPDATE, in a shared transaction.
-            ended: tuple[str, task_store.Finished] | agent_pb2.AckStatus
             state = (
                 task_store.SUCCEEDED
                 if outcome == agent_pb2.OUTCOME_SUCCEEDED
@@ -442,6 +452,55 @@ class Dispatcher:
         if result.rate_limited and task.model:
             wait = _retry_after(result) or DEFAULT_PROVIDER_BACKOFF.total_seconds()
             await self.budgets.hold_off(task.pool, task.model, wait)
+
+    async def _end_refused(
+        self,
+        agent_id: str,
+        result: agent_pb2.Result,
+        output: bytes,
+        error: str,
+        usage: usage_store.AttemptCost | None,
+    ) -> tuple[str, task_store.Finished] | agent_pb2.AckStatus:
+        """The agent refused to run the attempt (a signature it requires is missing or
+        does not hold): the task fails for good, whatever ``retryable`` says, and the
+        refusal is audited and counted."""
+        reason = _refusal_name(result.refusal)
+        async with self.db.transaction() as session:
+            conn = await session.connection()
+            finished = await task_store.finish(
+                conn,
+                task_id=result.task_id,
+                attempt=result.attempt,
+                agent_id=agent_id,
+                state=task_store.FAILED,
+                output=output,
+                error=error or f"refused by agent {agent_id} ({reason})",
+                usage=usage,
+                now=self.clock.now(),
+            )
+            if finished is None:
+                current = await task_store.attempt_of(conn, result.task_id)
+                return _unrecorded(result.attempt, agent_id, current)
+            envelope = await task_store.signature_of(conn, result.task_id)
+            await record_in(
+                session,
+                _finish_record(agent_id, result, task_store.FAILED, usage),
+                AuditRecord(
+                    actor=f"agent:{agent_id}",
+                    action="task.refused",
+                    target=result.task_id,
+                    outcome="error",
+                    details={
+                        "task": result.task_id,
+                        "attempt": result.attempt,
+                        "agent": agent_id,
+                        "reason": reason,
+                        "key_id": signer_key_id(envelope),
+                    },
+                ),
+            )
+        self.metrics.task_refusals.labels(reason=reason.lower()).inc()
+        return task_store.FAILED, finished
 
     async def _end_otherwise(
         self,
@@ -756,6 +815,14 @@ def _given_back_records(
         )
         for task in attempts
     ]
+
+
+def _refusal_name(reason: int) -> str:
+    """``SIGNATURE_MISMATCH`` and so on; ``UNKNOWN`` for a number this server does not know."""
+    try:
+        return common_pb2.RefusalReason.Name(reason).removeprefix("REFUSAL_REASON_")
+    except ValueError:
+        return "UNKNOWN"
 
 
 def _retry_after(result: agent_pb2.Result) -> float:

@@ -22,6 +22,7 @@ from functools import partial
 from typing import Any, TypeAlias
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from muster.server.audit import AuditRecord
 from muster.server.ca.authority import DEFAULT_BACKDATE
@@ -556,27 +557,36 @@ class AgentSession:
             for task in claimed:
                 self.credit -= 1
                 self._held.add((task.task_id, task.attempt))
-                self._send(
-                    agent_pb2.ServerMessage(
-                        assignment=agent_pb2.Assignment(
-                            task_id=task.task_id,
-                            attempt=task.attempt,
-                            kind=task.kind,
-                            payload=task.payload,
-                            start_to_close_timeout=convert.duration(task.start_to_close_timeout),
-                            deadline=convert.timestamp(task.deadline),
-                            accept_within=convert.duration(self.config.accept_timeout),
-                            max_cost_micros=task.ceiling_micros,
-                            output_schema=task.output_schema or "",
-                        )
-                    )
-                )
+                self._send(agent_pb2.ServerMessage(assignment=self._assignment(task)))
             self._claiming = False
             if len(claimed) == limit:
                 self._woken = True  # credit used up, or more work may be waiting: look again
         # Idle streams do not poll the database each: the replica looks once per
         # poll_interval for claimable work and wakes as many streams as it found tasks
         # (Dispatcher.poll_queues); a timer wakes each stream now and then as a safety net.
+
+    def _assignment(self, task: task_store.Claimed) -> agent_pb2.Assignment:
+        assignment = agent_pb2.Assignment(
+            task_id=task.task_id,
+            attempt=task.attempt,
+            kind=task.kind,
+            payload=task.payload,
+            start_to_close_timeout=convert.duration(task.start_to_close_timeout),
+            deadline=convert.timestamp(task.deadline),
+            accept_within=convert.duration(self.config.accept_timeout),
+            max_cost_micros=task.ceiling_micros,
+            output_schema=task.output_schema or "",
+        )
+        if task.signature:
+            # The envelope as stored: the agent verifies it, so it is forwarded unchanged.
+            try:
+                assignment.signature.MergeFromString(task.signature)
+            except DecodeError:
+                # Only a row altered in the database: sent unsigned, which an agent that
+                # requires a signature refuses (and one that does not would run anyway).
+                log.warning("task %s: its stored signature does not parse", task.task_id)
+                assignment.ClearField("signature")
+        return assignment
 
     async def _read(self, requests: AsyncIterator[agent_pb2.AgentMessage]) -> None:
         try:

@@ -17,6 +17,7 @@ from muster.server.metrics._state import StateGauge
 
 __all__ = [
     "QUOTA_OUTCOMES",
+    "REFUSAL_REASONS",
     "SCHEDULE_TO_START_BUCKETS",
     "TASK_RUN_BUCKETS",
     "MusterMetrics",
@@ -34,6 +35,15 @@ TASK_RUN_BUCKETS = (
     86400.0,
 )  # fmt: skip
 """Tasks run from sub-second probes to day-long jobs."""
+
+REFUSAL_REASONS = (
+    "signature_missing",
+    "signature_invalid",
+    "signature_expired",
+    "signature_mismatch",
+    "signer_untrusted",
+)
+"""Why agents refuse signed-task Assignments (RefusalReason, lower-case, no prefix)."""
 
 QUOTA_OUTCOMES = ("allowed", "rejected", "degraded")
 """``degraded``: decided without the shared store (it was unreachable)."""
@@ -111,6 +121,16 @@ class MusterMetrics:
             ("outcome",),
             registry=registry,
         )
+        self.task_refusals = Counter(
+            "muster_task_refusals_total",
+            "Attempts an agent refused to run because a signature it requires is missing or "
+            "does not hold, by reason (signature_missing, signature_invalid, "
+            "signature_expired, signature_mismatch, signer_untrusted).",
+            ("reason",),
+            registry=registry,
+        )
+        for reason in REFUSAL_REASONS:
+            self.task_refusals.labels(reason=reason)  # at 0 from the start, for alerts
 
         # Identity.
         self.certificates_issued = Counter(
@@ -130,6 +150,13 @@ class MusterMetrics:
             "(root, intermediate, server); negative once expired.",
             ("certificate",),
             registry,
+        )
+        self.trust_bundle_version = Gauge(
+            "muster_trust_bundle_version",
+            "Version of the trust bundle this replica serves and pushes to agents (it "
+            "goes up at muster ca rotate-root --prepare and --retire); replicas that "
+            "disagree for longer than a poll interval have not reloaded.",
+            registry=registry,
         )
         self.auth_failures = Counter(
             "muster_auth_failures_total",

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import cast
 
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from muster.server.quotas import BudgetUsage
@@ -91,6 +92,7 @@ def task(
         submitted_by=row.submitted_by,
         max_cost_micros=row.max_cost_micros or 0,
         output_schema=row.output_schema or "",
+        signature=_signature(row.signature),
         attempt_usage=[
             common_pb2.AttemptUsage(
                 attempt=u.attempt,
@@ -109,6 +111,17 @@ def task(
             for u in attempts
         ],
     )
+
+
+def _signature(envelope: bytes | None) -> common_pb2.TaskSignature | None:
+    """A signed task's envelope as stored (None when unsigned, or unreadable: a row
+    altered in the database)."""
+    if not envelope:
+        return None
+    try:
+        return common_pb2.TaskSignature.FromString(envelope)
+    except DecodeError:
+        return None
 
 
 def bootstrap_token_status(row: models.BootstrapToken, now: datetime) -> admin_pb2.TokenStatus:

@@ -34,6 +34,7 @@ from muster.server.storage import tasks as task_store
 from muster.server.storage import usage as usage_store
 from muster.server.storage.models import Task
 from muster.server.storage.types import utcnow
+from muster.signing import EnvelopeError, check_submitted
 from muster.v1 import common_pb2, task_pb2, task_pb2_grpc
 
 MAX_ATTEMPTS = 20
@@ -96,6 +97,13 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             peer=peer_address(context),
             request_id=request_id(context),
         )
+        if not created and task.owner != principal.tenant:
+            # A signed envelope binds its task id: another tenant's copy cannot be a
+            # second task, and must not read the first.
+            raise ServiceError(
+                grpc.StatusCode.ALREADY_EXISTS,
+                "signature: another tenant submitted this signed task; sign it afresh",
+            )
         warning, why = await self._db.group.run_many(
             "submit.check",
             waiting.check_submitted,
@@ -135,7 +143,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                 raise invalid("deadline: must be in the future")
             if deadline > now + MAX_DEADLINE:
                 raise invalid("deadline: at most ten years from now")
-        return {
+        values: dict[str, Any] = {
             "max_cost_micros": _max_cost(request.max_cost_usd),
             "output_schema": _output_schema(request.output_schema),
             "kind": request.kind,
@@ -149,6 +157,18 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             "start_to_close_timeout": _timeout(request, "start_to_close_timeout"),
             "deadline": deadline,
         }
+        if request.HasField("signature"):
+            values |= self._signed(request)  # after the checks of the fields it covers
+        return values
+
+    def _signed(self, request: task_pb2.SubmitRequest) -> dict[str, Any]:
+        """A signed task's id (bound to its envelope) and the envelope to store; the
+        envelope must be well formed and match the request (see TaskSignature)."""
+        try:
+            task_id = check_submitted(request, self._dispatcher.clock.now())
+        except EnvelopeError as err:
+            raise invalid(str(err)) from None
+        return {"task_id": task_id, "signature": request.signature.SerializeToString()}
 
     async def Get(
         self,

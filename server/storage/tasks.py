@@ -113,6 +113,8 @@ class Claimed:
     output_schema: str | None
     waiting_reason: str
     """Why the task was last held back (to audit a new reason once, not every claim)."""
+    signature: bytes | None
+    """A signed task's envelope (a serialized TaskSignature), for its Assignment."""
     ceiling_micros: int = 0
     """What was reserved for this attempt (set after the claim): the Assignment's ceiling."""
 
@@ -147,23 +149,34 @@ def _finished(row: Any) -> Finished:
 
 
 async def insert_task(session: AsyncSession, values: dict[str, Any]) -> tuple[Task, bool]:
-    """Insert a task; with an idempotency key already used by this owner, return that task."""
-    key = values.get("idempotency_key")
-    if key:
-        existing = await _by_idempotency_key(session, values["owner"], key)
-        if existing is not None:
-            return existing, False
+    """Insert a task; with an idempotency key already used by this owner, or a signed
+    task's id already taken (its envelope submitted before), return that task."""
+    existing = await _earlier(session, values)
+    if existing is not None:
+        return existing, False
     task = Task(**values)
     try:
         async with session.begin_nested():
             session.add(task)
             await session.flush()
     except IntegrityError:
-        existing = await _by_idempotency_key(session, values["owner"], key or "")
+        existing = await _earlier(session, values)
         if existing is None:
             raise
         return existing, False
     return task, True
+
+
+async def _earlier(session: AsyncSession, values: dict[str, Any]) -> Task | None:
+    """The task a submission repeats: same owner and idempotency key, or same signed id."""
+    key = values.get("idempotency_key")
+    if key:
+        existing = await _by_idempotency_key(session, values["owner"], key)
+        if existing is not None:
+            return existing
+    if values.get("signature") is not None:
+        return await get(session, values["task_id"])
+    return None
 
 
 async def insert_many(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> list[None]:
@@ -273,7 +286,8 @@ _CLAIM_MANY = text(
     RETURNING tasks.session_id, tasks.task_id, tasks.attempt, tasks.kind, tasks.payload,
               tasks.pool, tasks.owner, tasks.priority, tasks.queued_at,
               tasks.start_to_close_timeout, tasks.deadline, tasks.model, tasks.reserve_micros,
-              tasks.max_cost_micros, tasks.output_schema, tasks.waiting_reason
+              tasks.max_cost_micros, tasks.output_schema, tasks.waiting_reason,
+              tasks.signature
     """
 ).bindparams(
     bindparam("now", type_=UTCDateTime),
@@ -675,6 +689,12 @@ async def finish_many(
         else:
             answers.append(await attempt_of(conn, e.task_id))
     return answers
+
+
+async def signature_of(conn: AsyncConnection, task_id: str) -> bytes | None:
+    """A task's stored envelope (a serialized TaskSignature); None when unsigned."""
+    row = (await conn.execute(select(_c.signature).where(_c.task_id == task_id))).first()
+    return row[0] if row is not None else None
 
 
 @dataclass(frozen=True, slots=True)
