@@ -40,6 +40,7 @@ from muster.errors import (
     UnavailableError,
     WaitTimeoutError,
 )
+from muster.signing import TaskSigner
 
 # Grouped by audience rather than sorted, so the facade reads as a table of contents.
 __all__ = [  # noqa: RUF022
@@ -50,6 +51,8 @@ __all__ = [  # noqa: RUF022
     "Client",
     # Configuration
     "ClientConfig",
+    # Signed tasks
+    "TaskSigner",
     # Types
     "Agent",
     "ApiToken",

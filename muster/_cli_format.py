@@ -171,6 +171,8 @@ def task_details(task: Task) -> str:
         ("started", format_time(task.started_at)),
         ("finished", format_time(task.finished_at)),
     ]
+    if task.signed:
+        pairs.append(("signature", f"signed by {task.signed_by}"))
     if task.idempotency_key:
         pairs.append(("idempotency_key", task.idempotency_key))
     if task.max_cost_micros:

@@ -18,6 +18,7 @@ from muster._convert import Payload, Seconds, task_from_proto
 from muster._errors_map import translate
 from muster._types import Task, TaskState
 from muster._wait import Waiter
+from muster.signing import TaskSigner
 from muster.v1 import task_pb2, task_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class AsyncClient(AsyncClientBase["task_pb2_grpc.TaskServiceAsyncStub"]):
         deadline: datetime | None = None,
         max_cost_usd: float | None = None,
         output_schema: str | Mapping[str, Any] | None = None,
+        signer: TaskSigner | None = None,
     ) -> Task:
         """Queue a task and return it (the first task again on a repeated idempotency key).
 
@@ -56,6 +58,11 @@ class AsyncClient(AsyncClientBase["task_pb2_grpc.TaskServiceAsyncStub"]):
         ``output_schema`` is a JSON Schema (text or a dict) the output must satisfy.
         ``submit_warning`` on the task returned says when no enrolled agent could run it
         as things stand (it is queued anyway); ``waiting_reason`` why it waits.
+
+        ``signer`` (a :class:`muster.signing.TaskSigner`) signs the request: the task
+        then gets the id its envelope binds (submitting the same envelope again returns
+        it), and agents that require signatures for its kind run it only if they trust
+        the key. The signature holds for the signer's ``valid_for`` (24 h by default).
         """
         request = _requests.submit(
             kind,
@@ -70,6 +77,7 @@ class AsyncClient(AsyncClientBase["task_pb2_grpc.TaskServiceAsyncStub"]):
             deadline=deadline,
             max_cost_usd=max_cost_usd,
             output_schema=output_schema,
+            signer=signer,
         )
         response = await self._transport.unary(self._stub.Submit, request)
         return task_from_proto(response.task, submit_warning=response.warning)

@@ -97,6 +97,7 @@ def task_from_proto(msg: common_pb2.Task, *, submit_warning: str = "") -> Task:
         waiting_reason_code=WaitingReason.of(msg.waiting_reason_code),
         waiting_until=_time(msg, "waiting_until"),
         submit_warning=submit_warning,
+        signed_by=msg.signature.key_id if msg.HasField("signature") else "",
     )
 
 

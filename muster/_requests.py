@@ -17,6 +17,7 @@ from muster._convert import (
 )
 from muster._types import Role, TaskState
 from muster.errors import InvalidArgumentError
+from muster.signing import TaskSigner
 from muster.v1 import admin_pb2, task_pb2
 
 MAX_PAGE_SIZE = 500
@@ -39,6 +40,7 @@ def submit(
     deadline: datetime | None,
     max_cost_usd: float | None = None,
     output_schema: str | Mapping[str, Any] | None = None,
+    signer: TaskSigner | None = None,
 ) -> task_pb2.SubmitRequest:
     # The server validates everything; the client only refuses what it cannot encode
     # faithfully (0 attempts, or a 0 cap, would read as "none given" on the wire).
@@ -67,6 +69,9 @@ def submit(
         )
     if deadline is not None:
         req.deadline.CopyFrom(to_timestamp(deadline, "deadline"))
+    if signer is not None:
+        # Last: the signature covers the request as it will be sent.
+        req.signature.CopyFrom(signer.sign(req))
     return req
 
 

@@ -17,6 +17,7 @@ from muster._convert import Payload, Seconds, task_from_proto
 from muster._errors_map import translate
 from muster._types import Task, TaskState
 from muster._wait import Waiter
+from muster.signing import TaskSigner
 from muster.v1 import task_pb2, task_pb2_grpc
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class Client(SyncClientBase[task_pb2_grpc.TaskServiceStub]):
         deadline: datetime | None = None,
         max_cost_usd: float | None = None,
         output_schema: str | Mapping[str, Any] | None = None,
+        signer: TaskSigner | None = None,
     ) -> Task:
         """Queue a task and return it; see :meth:`AsyncClient.submit`."""
         request = _requests.submit(
@@ -61,6 +63,7 @@ class Client(SyncClientBase[task_pb2_grpc.TaskServiceStub]):
             deadline=deadline,
             max_cost_usd=max_cost_usd,
             output_schema=output_schema,
+            signer=signer,
         )
         response = self._transport.unary(self._stub.Submit, request)
         return task_from_proto(response.task, submit_warning=response.warning)

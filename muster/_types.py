@@ -215,6 +215,13 @@ class Task:
     submit_warning: str = ""
     """Only on what ``submit()`` returns: why no enrolled agent could run the task as
     things stand (no agent in its pool, none with its labels or kind); empty if one could."""
+    signed_by: str = ""
+    """The key id (RFC 7638 thumbprint) of the key that signed the task; empty if unsigned."""
+
+    @property
+    def signed(self) -> bool:
+        """Whether the task was submitted signed (see ``submit(signer=...)``)."""
+        return bool(self.signed_by)
 
     @property
     def max_cost_usd(self) -> float | None:

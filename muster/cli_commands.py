@@ -1,5 +1,5 @@
-"""The client subcommands of ``muster`` (submit, task, token, api-token, tenant, agents,
-cert, budget, pool, audit).
+"""The client subcommands of ``muster`` (submit, task, key, token, api-token, tenant,
+agents, cert, budget, pool, audit).
 
 Registered through the ``muster.commands`` entry point ``client``. Each handler uses
 the blocking SDK clients and returns an exit code; MusterErrors reach the dispatcher,
@@ -9,10 +9,11 @@ which prints them as one line.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from muster._admin import AdminClient
@@ -39,7 +40,20 @@ from muster.cli import Subparsers, command_group
 from muster.config import ClientConfig
 from muster.durations import parse_duration, parse_time
 from muster.errors import ConfigError, WaitTimeoutError
+from muster.files import PUBLIC_FILE_MODE, write_atomic
 from muster.sanitize import neutralize
+from muster.signing import (
+    DEFAULT_VALIDITY,
+    TaskSigner,
+    generate_key,
+    jwks,
+    key_id,
+    load_private_key,
+    private_key_pem,
+    public_key_pem,
+    raw_public_key,
+    read_public_keys,
+)
 
 
 def register(subparsers: Subparsers) -> None:
@@ -47,6 +61,7 @@ def register(subparsers: Subparsers) -> None:
     common = _common_flags()
     _add_submit(subparsers, common)
     _add_task(subparsers, common)
+    _add_key(subparsers)
     _add_token(subparsers, common)
     _add_api_token(subparsers, common)
     _add_tenant(subparsers, common)
@@ -207,6 +222,19 @@ def _add_submit(subparsers: Subparsers, common: argparse.ArgumentParser) -> None
         metavar="FILE_OR_JSON",
         help="JSON Schema the output must satisfy: inline JSON (starting with '{') or a file",
     )
+    p.add_argument(
+        "--sign-key",
+        metavar="FILE",
+        help="sign the task with this Ed25519 private key (muster key generate); agents "
+        "that require signatures run it only if they trust the key",
+    )
+    p.add_argument(
+        "--sign-valid-for",
+        type=_duration_arg,
+        metavar="DURATION",
+        help="with --sign-key: how long the signature holds; agents refuse the task after "
+        f"it (default {DEFAULT_VALIDITY.total_seconds() / 3600:g}h, at most 30d)",
+    )
     p.add_argument("--wait", action="store_true", help="wait for the result and print its output")
     p.add_argument(
         "--timeout", type=_duration_arg, metavar="DURATION", help="with --wait: give up after this"
@@ -244,9 +272,21 @@ def _read_schema(value: str | None) -> str | None:
         raise ConfigError(f"cannot read --output-schema file {value!r}: {reason}") from err
 
 
+def _signer(args: argparse.Namespace) -> TaskSigner | None:
+    if args.sign_key is None:
+        if args.sign_valid_for is not None:
+            raise ConfigError("--sign-valid-for needs --sign-key")
+        return None
+    valid_for = (
+        DEFAULT_VALIDITY if args.sign_valid_for is None else timedelta(seconds=args.sign_valid_for)
+    )
+    return TaskSigner.load(Path(args.sign_key), valid_for=valid_for)
+
+
 def _submit(args: argparse.Namespace) -> int:
     payload = _read_payload(args)
     schema = _read_schema(args.output_schema)
+    signer = _signer(args)
     with _client(args) as client:
         task = client.submit(
             args.kind,
@@ -260,6 +300,7 @@ def _submit(args: argparse.Namespace) -> int:
             start_to_close_timeout=args.start_to_close_timeout,
             max_cost_usd=args.max_cost_usd,
             output_schema=schema,
+            signer=signer,
         )
         if task.submit_warning:
             _err(f"muster: warning: {neutralize(task.submit_warning, single_line=True)}")
@@ -380,6 +421,78 @@ def _task_watch(args: argparse.Namespace) -> int:
             line = f"{stamp} {task.task_id} {task.state.name} attempt={task.attempt}{extra}"
             _out(neutralize(line, single_line=True))
     return 0 if last is not None and last.succeeded else 1
+
+
+# key (signing keys for signed tasks)
+
+
+def _add_key(subparsers: Subparsers) -> None:
+    group = command_group(subparsers, "key", help="Ed25519 keys for signing tasks")
+
+    help = "Make a signing key: FILE (private, 0600) and FILE.pub (public, PEM)"
+    p = group.add_parser("generate", help=help, description=help)
+    p.add_argument("--out", required=True, metavar="FILE", help="where the private key goes")
+    p.add_argument(
+        "--jwks", action="store_true", help="print the public key as a JWK Set on stdout"
+    )
+    p.set_defaults(func=_key_generate)
+
+    help = "Print the public keys of key files (private or public PEM, or a JWK Set)"
+    p = group.add_parser("public", help=help, description=help)
+    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument(
+        "--jwks",
+        action="store_true",
+        help="as one JWK Set (a --trusted-submitters file) instead of PEM",
+    )
+    p.set_defaults(func=_key_public)
+
+
+def _key_generate(args: argparse.Namespace) -> int:
+    private = Path(args.out)
+    public = private.with_name(private.name + ".pub")
+    for path in (private, public):
+        if path.exists():
+            raise ConfigError(f"{path} exists already; choose another --out or remove it")
+    key = generate_key()
+    raw = raw_public_key(key)
+    try:
+        write_atomic(private, private_key_pem(key), overwrite=False)
+        write_atomic(public, public_key_pem(raw), mode=PUBLIC_FILE_MODE, overwrite=False)
+    except OSError as err:
+        raise ConfigError(f"cannot write the key to {private}: {err.strerror}") from err
+    info = (
+        f"key id:      {key_id(raw)}\n"
+        f"private key: {private} (keep it secret; it signs tasks)\n"
+        f"public key:  {public}\n"
+        f"sign:        muster submit KIND --sign-key {private} ...\n"
+        f"trust it:    muster agent --trusted-submitters {public} --require-signed KIND"
+    )
+    if args.jwks:
+        _err(info)
+        _out(json.dumps(jwks([raw]), indent=2))
+    else:
+        _out(info)
+    return 0
+
+
+def _key_public(args: argparse.Namespace) -> int:
+    keys: list[bytes] = []
+    for name in args.files:
+        path = Path(name)
+        try:
+            private = b"PRIVATE KEY-----" in path.read_bytes()
+        except OSError as err:
+            raise ConfigError(f"cannot read {path}: {err.strerror}") from err
+        found = [raw_public_key(load_private_key(path))] if private else read_public_keys(path)
+        keys += [raw for raw in found if raw not in keys]
+    for raw in keys:
+        _err(f"key id: {key_id(raw)}")
+    if args.jwks:
+        _out(json.dumps(jwks(keys), indent=2))
+    else:
+        sys.stdout.write("".join(public_key_pem(raw).decode("ascii") for raw in keys))
+    return 0
 
 
 # token (bootstrap tokens)
