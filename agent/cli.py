@@ -19,10 +19,13 @@ from muster.agent.config import (
     DEFAULT_CA_FILE,
     KEY_PASSPHRASE_FILE_ENV,
     OLLAMA_URL_ENV,
+    REQUIRE_SIGNED_ENV,
     STATE_DIR_ENV,
     TOKEN_ENV,
+    TRUSTED_SUBMITTERS_ENV,
     AgentConfig,
     default_state_dir,
+    parse_kinds,
     parse_labels,
     read_key_passphrase,
     read_token,
@@ -145,6 +148,27 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help=f"Ollama server for ollama.chat (default ${OLLAMA_URL_ENV}, else $OLLAMA_HOST, "
         "else http://127.0.0.1:11434)",
     )
+    signed = parser.add_argument_group(
+        "signed tasks",
+        "Set here, never by the server: a kind that requires a signature runs only when a "
+        "trusted submitter signed it and the task is as signed; anything else is refused "
+        "as a failure that is not retried.",
+    )
+    signed.add_argument(
+        "--trusted-submitters",
+        type=Path,
+        metavar="FILE",
+        help="the submitters' Ed25519 public keys: a JWK Set or PEM (muster key public "
+        f"... --jwks); default ${TRUSTED_SUBMITTERS_ENV}",
+    )
+    signed.add_argument(
+        "--require-signed",
+        action="append",
+        default=[],
+        metavar="KIND",
+        help="run tasks of KIND only when signed by a trusted submitter; repeat for more, "
+        f"'*' for every kind (default ${REQUIRE_SIGNED_ENV}, comma-separated)",
+    )
     parser.set_defaults(func=handle)
 
 
@@ -174,6 +198,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         anthropic_key_file=args.anthropic_key_file or _env_path(ANTHROPIC_KEY_FILE_ENV),
         claude_bin=args.claude_bin or _env(CLAUDE_BIN_ENV) or "claude",
         ollama_url=args.ollama_url or _env(OLLAMA_URL_ENV),
+        trusted_submitters=args.trusted_submitters or _env_path(TRUSTED_SUBMITTERS_ENV),
+        require_signed=parse_kinds(args.require_signed or [_env(REQUIRE_SIGNED_ENV) or ""]),
     )
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from muster.agent.executors.base import ExecutorSettings
 from muster.errors import ConfigError
+from muster.signing import TrustedSubmitters
 from muster.spiffe import AGENT_ID
 
 STATE_DIR_ENV = "MUSTER_AGENT_STATE_DIR"
@@ -24,6 +25,8 @@ ANTHROPIC_BASE_URL_ENV = "MUSTER_ANTHROPIC_BASE_URL"
 ANTHROPIC_KEY_FILE_ENV = "MUSTER_ANTHROPIC_KEY_FILE"
 CLAUDE_BIN_ENV = "MUSTER_CLAUDE_BIN"
 OLLAMA_URL_ENV = "MUSTER_OLLAMA_URL"
+TRUSTED_SUBMITTERS_ENV = "MUSTER_TRUSTED_SUBMITTERS"
+REQUIRE_SIGNED_ENV = "MUSTER_REQUIRE_SIGNED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +78,11 @@ class AgentConfig:
     """The Claude Code executable for ``claude-code``: a path or a name on PATH."""
     ollama_url: str | None = None
     """Ollama server for ``ollama.chat`` (None: ``$OLLAMA_HOST`` or http://127.0.0.1:11434)."""
+    trusted_submitters: Path | None = None
+    """The submitter public keys whose signatures this agent accepts (a JWK Set or PEM);
+    local configuration only, never taken from the server."""
+    require_signed: frozenset[str] = frozenset()
+    """Task kinds this agent runs only when signed by a trusted submitter (``*``: all)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.concurrency <= MAX_CONCURRENCY:
@@ -114,6 +122,20 @@ class AgentConfig:
                 raise ConfigError(f"{flag} must be an http:// or https:// URL, got {url[:80]!r}")
         if not self.claude_bin.strip():
             raise ConfigError("--claude-bin is empty")
+        for kind in self.require_signed:
+            if not kind or kind != kind.strip() or "," in kind:
+                raise ConfigError(f"--require-signed {kind[:80]!r} is not a task kind (or '*')")
+        if self.require_signed and self.trusted_submitters is None:
+            raise ConfigError(
+                "--require-signed needs --trusted-submitters FILE: the public keys (JWK Set "
+                "or PEM) of the submitters whose signatures this agent accepts"
+            )
+
+    def load_trusted_submitters(self) -> TrustedSubmitters | None:
+        """The keys of --trusted-submitters (ConfigError if unreadable or invalid)."""
+        if self.trusted_submitters is None:
+            return None
+        return TrustedSubmitters.load(self.trusted_submitters)
 
     def executor_settings(self) -> ExecutorSettings:
         """What the executors may read of this configuration (plus the environment)."""
@@ -144,6 +166,11 @@ class AgentConfig:
 
 def default_state_dir() -> Path:
     return Path(os.environ.get(STATE_DIR_ENV) or DEFAULT_STATE_DIR)
+
+
+def parse_kinds(items: Iterable[str]) -> frozenset[str]:
+    """``--require-signed`` values (each may list several, comma-separated)."""
+    return frozenset(kind.strip() for item in items for kind in item.split(",") if kind.strip())
 
 
 def parse_labels(items: Iterable[str]) -> dict[str, str]:

@@ -28,6 +28,7 @@ from muster.agent.outbox import Outbox
 from muster.agent.renewal import refused_retry_after, renew_certificate, renewal_time
 from muster.agent.runner import TaskRunner
 from muster.agent.session import Session, SessionEnd, SessionError, welcome_renew_after
+from muster.agent.signatures import gate_for
 from muster.agent.state import Credentials, Identity, StateDir
 from muster.errors import (
     AuthenticationError,
@@ -255,6 +256,7 @@ class Agent:
             await asyncio.shield(self._run_task)
 
     async def _prepare(self) -> None:
+        trusted = self.config.load_trusted_submitters()  # a bad file stops us before enrolling
         self.state.ensure()
         if not self.state.is_enrolled():
             await enroll(self.config, self.state)
@@ -271,8 +273,11 @@ class Agent:
             self.config.executors, settings=self.config.executor_settings()
         )
         self._outbox = Outbox(self.state.outbox_path)
+        gate = gate_for(
+            trusted, self.config.require_signed, pool=identity.pool, labels=identity.labels
+        )
         self._runner = TaskRunner(
-            registry, self.config.concurrency, self.record_result, self._on_progress
+            registry, self.config.concurrency, self.record_result, self._on_progress, gate=gate
         )
         self._target = self.config.agent_server or identity.agent_endpoint
         self._set_renew_at(renewal_time(credentials.leaf, rand=self._rand))

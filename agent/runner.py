@@ -25,6 +25,7 @@ from muster.agent.executors import (
     TaskContext,
     Usage,
 )
+from muster.agent.signatures import SignatureGate
 from muster.ai import PayloadError, check_output, parse_output_schema
 from muster.sanitize import neutralize
 from muster.v1 import agent_pb2, common_pb2
@@ -57,11 +58,15 @@ class TaskRunner:
         concurrency: int,
         on_finished: FinishedFn,
         on_progress: ProgressSink | None = None,
+        *,
+        gate: SignatureGate | None = None,
     ) -> None:
         self.registry = registry
         self.concurrency = concurrency
         self._on_finished = on_finished
         self._on_progress = on_progress
+        self.gate = gate
+        """Refuses attempts of kinds this agent runs only when signed (None: no such kind)."""
         self._running: dict[AttemptKey, _Running] = {}
 
     # Queries --------------------------------------------------------------
@@ -141,6 +146,8 @@ class TaskRunner:
         self, entry: _Running, assignment: agent_pb2.Assignment
     ) -> agent_pb2.Result | None:
         task_id, attempt = entry.key
+        if self.gate is not None and (refused := self.gate.check(assignment)) is not None:
+            return refused  # before anything of the task is looked at, let alone run
         executor = self.registry.get(assignment.kind)
         if executor is None:
             # The server matches by capabilities, so another agent may well run it.
