@@ -16,6 +16,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from muster.server.audit import AuditRecord, AuditWriter, record_in
 from muster.server.ca import CertificateAuthority, ServerCertificate, ServerCertificates
 from muster.server.ca.keystore import key_store
 from muster.server.ca.publish import CrlPublisher, ca_routes
+from muster.server.ca.reload import CAReloader
 from muster.server.clock import Clock, SystemClock, sleep_unless
 from muster.server.config import ServerConfig, parse_address
 from muster.server.dispatch.budgets import BudgetGate
@@ -92,6 +94,8 @@ class ServerHandle:
     ca: CertificateAuthority
     server_certificates: ServerCertificates
     """The certificate both listeners serve now (renewed while the server runs)."""
+    ca_reloader: CAReloader
+    """Keeps ``ca`` in step with the CA's shared record (its reaper pass calls refresh)."""
     db: Database
     hub: Hub
     registry: CollectorRegistry
@@ -207,12 +211,15 @@ async def _start(
 ) -> ServerHandle:
     await ensure_schema(db, config.migrate)
     keys = key_store(config)  # the HSM of MUSTER_CA_SIGNER (logged in), or the CA's key files
-    ca = CertificateAuthority.load_or_create(
+    reloader = await CAReloader.open(
+        db,
+        keys,
         config.ca_dir,
         config.trust_domain,
         crl_url=config.crl_url,
-        keys=keys if config.ca_signer else None,  # key files keep init's classic names
+        init_keys=keys if config.ca_signer else None,  # key files keep init's classic names
     )
+    ca = reloader.ca
     server_certs = ServerCertificates(
         ca,
         config.data_dir / "server",
@@ -232,6 +239,7 @@ async def _start(
             "server": server_certs.current.not_after,
         }
     )
+    metrics.trust_bundle_version.set_function(lambda: ca.bundle_version)
     policy = QuotaPolicy(
         submissions=RateLimit(config.submission_rate, config.submission_burst),
         enrollments=RateLimit(config.enrollment_rate, config.enrollment_burst),
@@ -294,7 +302,7 @@ async def _start(
         options=_server_options(config, agent=True),
     )
     agent_pb2_grpc.add_AgentServiceServicer_to_server(
-        AgentService(dispatcher, ca, quotas), agent_server
+        AgentService(dispatcher, reloader, quotas), agent_server
     )
     cleanup.push_async_callback(agent_server.stop, None)
     agent_port = _bind(
@@ -317,7 +325,8 @@ async def _start(
         options=_server_options(config, agent=False),
     )
     enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server(
-        EnrollmentService(db, ca, quotas, audit, metrics, config, agent_endpoint), api_server
+        EnrollmentService(db, reloader, quotas, audit, metrics, config, agent_endpoint),
+        api_server,
     )
     task_pb2_grpc.add_TaskServiceServicer_to_server(
         TaskService(dispatcher, quotas, config, AiAdmission(db, quotas, prices, config, budgets)),
@@ -388,6 +397,7 @@ async def _start(
         agent_endpoint=agent_endpoint,
         ca=ca,
         server_certificates=server_certs,
+        ca_reloader=reloader,
         db=db,
         hub=hub,
         registry=registry,
@@ -402,10 +412,12 @@ async def _start(
         _quotas=quotas,
         presence=dispatcher.presence,
     )
+    reloader.on_change = partial(_ca_changed, server_certs, hub)
     handle._background.append(
         asyncio.create_task(
             _reaper(
                 dispatcher,
+                reloader,
                 config,
                 renew_every=policy.inflight_lease_ttl / 3,
                 stopping=handle._stopping,
@@ -506,21 +518,38 @@ def _milliseconds(duration: timedelta) -> int:
     return max(1, min(int(duration.total_seconds() * 1000), 2**31 - 1))
 
 
+def _ca_changed(server_certs: ServerCertificates, hub: Hub) -> None:
+    """The CA rotated: a server certificate from the new issuing intermediate (the
+    listeners serve it from the next handshake), the bundle and Renews to the streams."""
+    try:
+        server_certs.renew()
+    except Exception:  # keep serving the current one; its renewal loop tries again
+        log.exception("reissuing the server certificate after a CA change failed")
+    hub.trust_changed()
+
+
 async def _reaper(
     dispatcher: Dispatcher,
+    reloader: CAReloader,
     config: ServerConfig,
     renew_every: float,
     stopping: asyncio.Event,
     clock: Clock,
 ) -> None:
-    """Requeues lost leases, times out late tasks, applies what other replicas changed,
-    renews in-flight slots, keeps this replica's agents present and refreshes the queue
-    gauges, until ``stopping`` is set. It passes every ``poll_interval`` on ``clock``
-    (a manual clock: one pass each time a test advances it past the next)."""
+    """Requeues lost leases, times out late tasks, applies what other replicas changed
+    (the CA's rotations included), renews in-flight slots, keeps this replica's agents
+    present and refreshes the queue gauges, until ``stopping`` is set. It passes every
+    ``poll_interval`` on ``clock`` (a manual clock: one pass each time a test advances it
+    past the next)."""
     loop = asyncio.get_running_loop()
     next_gauges = next_renewal = next_presence = loop.time()
     presence_every = dispatcher.presence.refresh_every.total_seconds()
     while not stopping.is_set():
+        try:
+            # Its own step: the CA reloads even when a step below fails, and vice versa.
+            await reloader.refresh()
+        except Exception:
+            log.exception("reloading the CA failed")
         try:
             # First: presence needs only the database, so a failing step below (the
             # quota store down) must not make this replica's agents look gone.

@@ -24,6 +24,7 @@ from muster.server.auditcli import register_audit
 from muster.server.ca import CAError, CertificateAuthority
 from muster.server.ca.authority import key_ref
 from muster.server.ca.keystore import key_store
+from muster.server.cacli import register_ca_rotation
 from muster.server.config import ServerConfig
 from muster.server.dbcli import register_db
 
@@ -73,6 +74,7 @@ def register(subparsers: Subparsers) -> None:
         "--force", action="store_true", help="replace an existing CA (invalidates every agent)"
     )
     init.set_defaults(func=_ca_init)
+    register_ca_rotation(ca)
     register_audit(subparsers)
     register_db(subparsers)
 

@@ -17,17 +17,18 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from muster.errors import MusterError
 from muster.files import PUBLIC_FILE_MODE, ensure_private_dir, write_atomic
-from muster.server.ca.crl import distribution_points
+from muster.server.ca.crl import ca_id, distribution_points
 from muster.server.ca.csr import public_key_fingerprint
 from muster.server.ca.keystore import FILE_PREFIX, CertifiedKey, KeyStore
 from muster.server.ca.signer import (
     KEY_TYPES,
+    CAPublicKey,
     FileSigner,
     InMemorySigner,
     KeySigner,
@@ -37,6 +38,7 @@ from muster.server.ca.signer import (
     private_key_pem,
     sign_certificate,
 )
+from muster.server.ca.state import CAState, key_id
 from muster.spiffe import SpiffeId
 
 logger = logging.getLogger(__name__)
@@ -82,6 +84,8 @@ class IssuedCertificate:
     not_after: datetime
     public_key_fingerprint: str
     """``sha256:<hex>`` of the certified key, to recognise a retried enrollment."""
+    issuer_id: str = ""
+    """The id (``ca_certificates.ca_id``) of the intermediate that issued it."""
 
 
 class CertificateAuthority:
@@ -104,6 +108,22 @@ class CertificateAuthority:
             self._server_id = SpiffeId.for_server(trust_domain)
         except ValueError as err:
             raise CAError(f"invalid trust domain: {err}") from None
+        self._trust_domain = trust_domain
+        self._crl_url = crl_url
+        self._use(signer, roots)
+
+    def _use(
+        self,
+        signer: Signer,
+        roots: Sequence[x509.Certificate],
+        *,
+        version: int = 0,
+        cross: Sequence[x509.Certificate] = (),
+        issuing_key_ids: frozenset[bytes] | None = None,
+        cannot_issue: str | None = None,
+    ) -> None:
+        """Issue through ``signer`` and trust ``roots`` from now on (see :meth:`adopt`)."""
+        trust_domain = self._trust_domain
         if not roots:
             raise CAError("the trust bundle holds no root certificate")
         intermediate = signer.certificate
@@ -119,15 +139,56 @@ class CertificateAuthority:
                     f"the {what} certificate belongs to trust domain {found!r}, "
                     f"not {trust_domain!r}"
                 )
-        self._trust_domain = trust_domain
+        # Assigned together, with no await between: issuing runs on the event loop too,
+        # so it never mixes one generation's signer with another's names.
         self._signer = signer
-        self._crl_url = crl_url
         self._root = issuer
         self._roots = tuple(roots)
-        # Fixed for this CA's life, and read on every issue: encode them once.
+        # Read on every issue: encode them once per generation.
         self._bundle_pem = b"".join(_pem(root) for root in self._roots)
         self._intermediate_pem = _pem(intermediate)
+        self._server_chain_tail = self._intermediate_pem + b"".join(_pem(c) for c in cross)
         self._issuer_aki = _aki(intermediate)
+        self._issuer_id = ca_id(intermediate)
+        self._bundle_version = version
+        self._issuing_key_ids = (
+            frozenset({key_id(intermediate)}) if issuing_key_ids is None else issuing_key_ids
+        )
+        self._cannot_issue = cannot_issue
+
+    @classmethod
+    def from_state(
+        cls, trust_domain: str, state: CAState, keys: KeyStore, *, crl_url: str = ""
+    ) -> CertificateAuthority:
+        """The CA the shared record describes (see :meth:`adopt`)."""
+        signer, _ = _issuing_signer(state, keys, None)
+        ca = cls(
+            trust_domain,
+            signer=signer,
+            roots=[r.certificate for r in state.bundle_roots],
+            crl_url=crl_url,
+        )
+        ca.adopt(state, keys)
+        return ca
+
+    def adopt(self, state: CAState, keys: KeyStore) -> None:
+        """Follow the CA's shared record: issue from its active intermediate (whose key
+        ``keys`` opens), trust its bundle, send its cross-signed roots after the server's
+        chain. A key that cannot be opened leaves this CA refusing to issue, with
+        :attr:`cannot_issue` saying why: never issuing from another intermediate.
+
+        Raises CAError when the record has no usable active root and intermediate.
+        """
+        reuse = self._signer if self._cannot_issue is None else None
+        signer, cannot_issue = _issuing_signer(state, keys, reuse)
+        self._use(
+            signer,
+            [r.certificate for r in state.bundle_roots],
+            version=state.version,
+            cross=[r.certificate for r in state.cross_certificates],
+            issuing_key_ids=state.issuing_root_key_ids,
+            cannot_issue=cannot_issue,
+        )
 
     # -- construction ------------------------------------------------------
 
@@ -289,6 +350,32 @@ class CertificateAuthority:
         return self._intermediate_pem
 
     @property
+    def bundle_version(self) -> int:
+        """The trust bundle's version (0: not read from the CA's shared record)."""
+        return self._bundle_version
+
+    @property
+    def issuer_id(self) -> str:
+        """The issuing intermediate's id (``ca_certificates.ca_id``)."""
+        return self._issuer_id
+
+    @property
+    def cannot_issue(self) -> str | None:
+        """Why this CA refuses to issue (its intermediate's key cannot be used), or None."""
+        return self._cannot_issue
+
+    @property
+    def server_chain_tail(self) -> bytes:
+        """What follows the leaf in a server certificate's chain (PEM): the intermediate,
+        then any cross-signed root that lets peers trusting only an older root verify it."""
+        return self._server_chain_tail
+
+    def chains_to_issuing_root(self, authority_key_id: bytes | None) -> bool:
+        """Whether a leaf signed by the CA key ``authority_key_id`` (its Authority Key
+        Identifier) chains to the root that issues now."""
+        return authority_key_id in self._issuing_key_ids
+
+    @property
     def intermediate_not_after(self) -> datetime:
         """When issuing stops working (the ``muster_*`` expiry metric reads this)."""
         return self._signer.certificate.not_valid_after_utc
@@ -340,6 +427,7 @@ class CertificateAuthority:
             not_before=not_before,
             not_after=not_after,
             public_key_fingerprint=public_key_fingerprint(public_key),
+            issuer_id=self._issuer_id,
         )
 
     def issue_server_certificate(
@@ -391,7 +479,7 @@ class CertificateAuthority:
             ", ".join([*dns_names, *ip_addresses]),
             not_after.isoformat(),
         )
-        return _pem(cert) + self.intermediate_pem, private_key_pem(key)
+        return _pem(cert) + self._server_chain_tail, private_key_pem(key)
 
     def _issue_leaf(
         self,
@@ -570,6 +658,118 @@ def _generate(
         )
     intermediate = sign_certificate(root_key, builder)
     return root, intermediate
+
+
+def new_root(trust_domain: str, key: KeySigner, *, now: datetime) -> x509.Certificate:
+    """A self-signed root (pathlen 1, 10 years) for ``key`` (a root rotation's new root)."""
+    td_uri = f"spiffe://{SpiffeId.for_server(trust_domain).trust_domain}"
+    name = _ca_name("Muster Root CA", trust_domain, key)
+    builder = (
+        _ca_builder(name, name, key, td_uri, path_length=1)
+        .not_valid_before(now - DEFAULT_BACKDATE)
+        .not_valid_after(now + ROOT_LIFETIME)
+    )
+    return sign_certificate(key, builder)
+
+
+def new_intermediate(
+    trust_domain: str,
+    key: KeySigner,
+    root: Signer,
+    *,
+    now: datetime,
+    lifetime: timedelta = INTERMEDIATE_LIFETIME,
+    name_constraints: x509.NameConstraints | None = None,
+) -> x509.Certificate:
+    """An intermediate (pathlen 0) for ``key`` signed by ``root``, within the root's life,
+    carrying ``name_constraints`` if given (a rotation keeps the old intermediate's)."""
+    td_uri = f"spiffe://{SpiffeId.for_server(trust_domain).trust_domain}"
+    parent = root.certificate
+    builder = (
+        _ca_builder(
+            _ca_name("Muster Intermediate CA", trust_domain, key),
+            parent.subject,
+            key,
+            td_uri,
+            path_length=0,
+        )
+        .not_valid_before(max(now - DEFAULT_BACKDATE, parent.not_valid_before_utc))
+        .not_valid_after(min(now + lifetime, parent.not_valid_after_utc))
+        .add_extension(_aki(parent), critical=False)
+    )
+    if name_constraints is not None:
+        builder = builder.add_extension(name_constraints, critical=True)
+    return sign_certificate(root, builder)
+
+
+def cross_signed(root: x509.Certificate, by: Signer, *, now: datetime) -> x509.Certificate:
+    """``root``'s subject and key certified by ``by`` (the root it replaces): a peer that
+    trusts only ``by`` follows a chain through it to the new root's certificates."""
+    issuer = by.certificate
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(root.subject)
+        .issuer_name(issuer.subject)
+        .public_key(root.public_key())
+        .serial_number(random_serial())
+        .not_valid_before(max(now - DEFAULT_BACKDATE, issuer.not_valid_before_utc))
+        .not_valid_after(min(root.not_valid_after_utc, issuer.not_valid_after_utc))
+        .add_extension(_aki(issuer), critical=False)
+    )
+    for extension in root.extensions:
+        if not isinstance(extension.value, x509.AuthorityKeyIdentifier):
+            builder = builder.add_extension(extension.value, extension.critical)
+    return sign_certificate(by, builder)
+
+
+def _issuing_signer(
+    state: CAState, keys: KeyStore, current: Signer | None
+) -> tuple[Signer, str | None]:
+    """The signer of ``state``'s active intermediate (``current`` if it is that one
+    already), and why it cannot sign (None: it can)."""
+    intermediate, root = state.active_intermediate, state.active_root
+    if intermediate is None or root is None or intermediate.parent_id != root.ca_id:
+        raise CAError(
+            "the CA's record (ca_certificates) has no active intermediate under an "
+            "active root; see 'muster ca status'"
+        )
+    if current is not None and current.certificate == intermediate.certificate:
+        return current, None  # the same key: no need to open it again
+    try:
+        return CertifiedKey(intermediate.certificate, keys.open(intermediate.key_ref)), None
+    except (ValueError, OSError) as err:
+        reason = (
+            f"this server cannot use the key of the issuing intermediate CA "
+            f"{intermediate.ca_id} ({err}); every replica needs the CA's keys (with "
+            "key files: the same CA directory, e.g. a shared volume)"
+        )
+        return _Unusable(intermediate.certificate, reason), reason
+
+
+class _Unusable:
+    """The issuing intermediate when its key cannot be used here: signing raises CAError
+    saying why, so nothing is ever issued from another intermediate instead."""
+
+    def __init__(self, certificate: x509.Certificate, reason: str) -> None:
+        self._certificate = certificate
+        self._reason = reason
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        return self._certificate
+
+    def public_key(self) -> CAPublicKey:
+        return _ca_public_key(self._certificate)
+
+    def sign(self, data: bytes) -> bytes:
+        raise CAError(self._reason)
+
+
+def _ca_public_key(certificate: x509.Certificate) -> CAPublicKey:
+    key = certificate.public_key()
+    if not isinstance(key, ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey):
+        raise CAError(f"a CA certificate with an unsupported key type {type(key).__name__}")
+    return key
 
 
 def random_serial() -> int:

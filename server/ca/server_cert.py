@@ -12,9 +12,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from muster.files import PRIVATE_FILE_MODE, PUBLIC_FILE_MODE, ensure_private_dir, write_atomic
-from muster.server.ca.authority import DEFAULT_SERVER_LIFETIME, CertificateAuthority
+from muster.server.ca.authority import DEFAULT_SERVER_LIFETIME, CAError, CertificateAuthority
 from muster.server.ca.authority import _directly_issued as _signed_by
 from muster.server.ca.signer import load_private_key
 from muster.server.clock import Clock, sleep_unless
@@ -68,17 +69,27 @@ def ensure_server_certificate(
     directory = Path(directory)
     cert_path, key_path = directory / SERVER_CERT, directory / SERVER_KEY
     now = now or datetime.now(UTC)
+    usable = None
     if cert_path.exists() and key_path.exists():
         chain_pem, key_pem = cert_path.read_bytes(), key_path.read_bytes()
         problem = _unfit(ca, chain_pem, key_pem, dns_names, ip_addresses, now + renew_before)
-        if problem is None:
-            return ServerCertificate(
+        if problem is None or isinstance(problem, _Outdated):
+            usable = ServerCertificate(
                 chain_pem, key_pem, certificate_not_after(chain_pem), cert_path, key_path, False
             )
+        if problem is None and usable is not None:
+            return usable
         logger.info("reissuing the server certificate in %s: %s", directory, problem)
-    chain_pem, key_pem = ca.issue_server_certificate(
-        dns_names=dns_names, ip_addresses=ip_addresses, lifetime=lifetime, now=now
-    )
+    try:
+        chain_pem, key_pem = ca.issue_server_certificate(
+            dns_names=dns_names, ip_addresses=ip_addresses, lifetime=lifetime, now=now
+        )
+    except CAError as err:
+        if usable is None:
+            raise
+        # Still valid and trusted: better served than none (the CA says why it cannot issue).
+        logger.error("keeping the server certificate in %s: cannot reissue it: %s", directory, err)
+        return usable
     ensure_private_dir(directory)
     # Key first: a reader that sees the new certificate also finds its key.
     write_atomic(key_path, key_pem, mode=PRIVATE_FILE_MODE, overwrite=True)
@@ -201,6 +212,11 @@ def _unfit(
         return "it was not issued by this CA"
     if leaf.not_valid_after_utc <= renew_at:
         return f"it expires at {leaf.not_valid_after_utc.isoformat()}"
+    outdated = None
+    if not _signed_by(leaf, ca.intermediate_certificate):
+        outdated = _Outdated("it was not issued by the issuing intermediate CA")
+    elif _tail(chain) != _tail(x509.load_pem_x509_certificates(ca.server_chain_tail), leaf=False):
+        outdated = _Outdated("its chain is not the CA's current one")
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -215,7 +231,19 @@ def _unfit(
     missing += [ip for ip in ip_addresses if _ip(ip) not in have_ips]
     if missing:
         return f"it does not cover {', '.join(missing)}"
-    return None
+    return outdated
+
+
+class _Outdated(str):
+    """Why a certificate that is still valid and trusted should be replaced (the CA
+    rotated): kept if a new one cannot be issued."""
+
+    __slots__ = ()
+
+
+def _tail(chain: Sequence[x509.Certificate], *, leaf: bool = True) -> list[bytes]:
+    """The DER of the certificates after the leaf (of all, when ``leaf`` is False)."""
+    return [c.public_bytes(serialization.Encoding.DER) for c in chain[1 if leaf else 0 :]]
 
 
 def _ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -73,6 +73,16 @@ class Renewable(Protocol):
         ...
 
 
+@runtime_checkable
+class TrustFollower(Protocol):
+    """A stream that follows the CA's trust bundle and issuing root (AgentSession)."""
+
+    def follow_trust(self) -> None:
+        """Send a trust bundle newer than the stream has, and Renew if its certificate
+        chains to a root that no longer issues."""
+        ...
+
+
 class Hub:
     def __init__(self) -> None:
         self._streams: dict[str, Stream] = {}
@@ -198,6 +208,13 @@ class Hub:
             if isinstance(stream, Renewable) and stream.request_renewal(reason, issued_before):
                 told += 1
         return told
+
+    def trust_changed(self) -> int:
+        """The CA changed (a rotation): every stream here follows it; returns how many."""
+        followers = [s for s in self._streams.values() if isinstance(s, TrustFollower)]
+        for stream in followers:
+            stream.follow_trust()
+        return len(followers)
 
     def stream_started(self, new: NewStream) -> None:
         """One live stream per agent: ``new`` replaces this replica's older streams of its

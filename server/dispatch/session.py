@@ -25,7 +25,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from muster.server.audit import AuditRecord
-from muster.server.ca.authority import DEFAULT_BACKDATE
+from muster.server.ca.authority import DEFAULT_BACKDATE, CertificateAuthority
 from muster.server.dispatch.dispatcher import UNREACHABLE, Dispatcher
 from muster.server.dispatch.hub import NewStream
 from muster.server.dispatch.suspicion import RATE_WINDOW, RateWatch
@@ -50,6 +50,8 @@ FLUSH_TIMEOUT = 1.0
 """How long a closing stream waits for its outbox to be written."""
 Context: TypeAlias = grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.ServerMessage]
 MAX_CAPABILITIES = 100
+ROOT_ROTATED = "CA root rotated: renew under the issuing root"
+"""The Renew reason for a certificate under a root that no longer issues."""
 OUTCOMES = frozenset(
     {agent_pb2.OUTCOME_SUCCEEDED, agent_pb2.OUTCOME_FAILED, agent_pb2.OUTCOME_CANCELLED}
 )
@@ -97,6 +99,13 @@ class AgentSession:
         """The renew time Welcome gave; a stream still on this certificate well after it
         is sent Renew (``check_renewal``)."""
         self.rotation_requested_at: datetime | None = None
+        self.trust: CertificateAuthority | None = None
+        """The replica's CA: the trust bundle this stream is given, and the root that issues."""
+        self.issuer_key_id: bytes | None = None
+        """The Authority Key Identifier of this stream's certificate (which intermediate
+        issued it): on a root that no longer issues, the agent is asked to renew."""
+        self._bundle_version = 0
+        """The trust bundle version this stream was last given."""
         self.cert_issued_at: float | None = None
         """When its certificate was issued (POSIX seconds), as recorded; see ``issued_at``."""
         """An operator's rotation request for this agent (from its record at connect): a
@@ -187,6 +196,21 @@ class AgentSession:
         )
         self._send(agent_pb2.ServerMessage(renew=agent_pb2.Renew(reason=reason)))
         return True
+
+    def follow_trust(self) -> None:
+        """The CA may have changed: give the agent a newer trust bundle than it has, and
+        ask it to renew if its certificate chains to a root that no longer issues."""
+        trust = self.trust
+        if trust is None or self._context is None or self._closed.done():
+            return
+        if trust.bundle_version > self._bundle_version:
+            self._bundle_version = trust.bundle_version
+            self._send(agent_pb2.ServerMessage(trust_bundle=self._trust_bundle(trust)))
+        if not trust.chains_to_issuing_root(self.issuer_key_id):
+            self.request_renewal(ROOT_ROTATED)
+
+    def _trust_bundle(self, trust: CertificateAuthority) -> agent_pb2.TrustBundle:
+        return agent_pb2.TrustBundle(roots_pem=trust.bundle_pem, version=trust.bundle_version)
 
     def check_renewal(self, now: datetime) -> bool:
         """Send Renew if the stream is still on its certificate ``renewal_grace`` after
@@ -331,6 +355,7 @@ class AgentSession:
                 "an operator asked this agent to rotate its certificate",
                 self.rotation_requested_at.timestamp(),
             )
+        self.follow_trust()  # a root rotated, or the bundle changed since Welcome
         self.wake()
         reason = "stream closed"
         try:
@@ -479,8 +504,13 @@ class AgentSession:
         lifetime = self.not_after - self.not_before
         renew_after = self.not_before + lifetime * random.uniform(0.5, 2 / 3)
         self.renew_after = renew_after
+        bundle = None
+        if self.trust is not None:
+            bundle = self._trust_bundle(self.trust)
+            self._bundle_version = bundle.version
         return agent_pb2.ServerMessage(
             welcome=agent_pb2.Welcome(
+                trust_bundle=bundle,
                 session_id=self.session_id,
                 agent_id=self.agent_id,
                 spiffe_id=self.spiffe_id,

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
+from cryptography import x509
 
 from muster.server.audit import AuditRecord, record_in
 from muster.server.ca import (
-    CertificateAuthority,
     CsrError,
     public_key_fingerprint,
     public_key_from_csr,
 )
+from muster.server.ca.reload import CAReloader
+from muster.server.ca.state import authority_key_id
 from muster.server.dispatch.dispatcher import Dispatcher
 from muster.server.dispatch.session import AgentSession, StreamClosed
 from muster.server.principals import current_agent
@@ -45,9 +48,9 @@ enrolled scope); repeated, the agent is suspicious (``hello_refused``)."""
 
 
 class AgentService(agent_pb2_grpc.AgentServiceServicer):
-    def __init__(self, dispatcher: Dispatcher, ca: CertificateAuthority, quotas: Quotas) -> None:
+    def __init__(self, dispatcher: Dispatcher, reloader: CAReloader, quotas: Quotas) -> None:
         self._dispatcher = dispatcher
-        self._ca = ca
+        self._reloader = reloader
         self._quotas = quotas
 
     # The generated stub types only the iterator style of a streaming handler (fed a sync or
@@ -73,6 +76,8 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             peer=peer_address(context),
         )
         session.rotation_requested_at = identity.rotate_requested_at
+        session.trust = self._reloader.ca
+        session.issuer_key_id = _issuer_key_id(context)
         if identity.issued_at is not None:
             session.cert_issued_at = identity.issued_at.timestamp()
         try:
@@ -112,9 +117,6 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             raise invalid(f"csr_pem: {err}") from None
         fingerprint = public_key_fingerprint(public_key)
         issued_at = utcnow()
-        issued = issue_agent_certificate(
-            self._ca, public_key, identity.agent_id, dispatcher.config.cert_lifetime
-        )
         async with dispatcher.db.transaction() as session:
             # The agent's row is locked first, as revocation locks it, so a certificate
             # renewed from a serial being revoked is either seen and revoked with it or
@@ -139,6 +141,13 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     "csr_pem: the CSR is for a key this agent already had certified; "
                     "renewal needs a freshly generated key"
                 )
+            issued = await issue_agent_certificate(
+                self._reloader,
+                session,
+                public_key,
+                identity.agent_id,
+                dispatcher.config.cert_lifetime,
+            )
             session.add(
                 Certificate(
                     serial=issued.serial,
@@ -151,6 +160,7 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
                     not_after=issued.not_after,
                     renewed_from=identity.serial,
                     issued_at=issued_at,
+                    issuer_id=issued.issuer_id,
                 )
             )
             await record_in(
@@ -178,8 +188,17 @@ class AgentService(agent_pb2_grpc.AgentServiceServicer):
             issued.serial,
             identity.serial,
         )
+        ca = self._reloader.ca
         return agent_pb2.RenewResponse(
             certificate_chain_pem=issued.chain_pem,
-            trust_bundle_pem=self._ca.bundle_pem,
+            trust_bundle_pem=ca.bundle_pem,
             not_after=convert.timestamp(issued.not_after),
+            trust_bundle_version=ca.bundle_version,
         )
+
+
+def _issuer_key_id(context: grpc.aio.ServicerContext[Any, Any]) -> bytes | None:
+    """The Authority Key Identifier of the caller's verified certificate: which
+    intermediate issued it, so the stream knows whether it chains to the issuing root."""
+    pem = next(iter(context.auth_context().get("x509_pem_cert", ())), b"")
+    return authority_key_id(x509.load_pem_x509_certificate(pem)) if pem else None

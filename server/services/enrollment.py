@@ -19,11 +19,11 @@ from muster.server import tokens
 from muster.server.audit import AuditRecord, AuditWriter, record_in
 from muster.server.ca import (
     AgentPublicKey,
-    CertificateAuthority,
     CsrError,
     public_key_fingerprint,
     public_key_from_csr,
 )
+from muster.server.ca.reload import CAReloader
 from muster.server.config import ServerConfig
 from muster.server.lockout import count_auth_failure
 from muster.server.metrics import MusterMetrics
@@ -70,7 +70,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
     def __init__(
         self,
         db: Database,
-        ca: CertificateAuthority,
+        reloader: CAReloader,
         quotas: Quotas,
         audit: AuditWriter,
         metrics: MusterMetrics,
@@ -78,7 +78,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
         agent_endpoint: str,
     ) -> None:
         self._db = db
-        self._ca = ca
+        self._reloader = reloader
         self._quotas = quotas
         self._audit = audit
         self._metrics = metrics
@@ -181,8 +181,8 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
                 )
             pool, labels = _scope(row, request)
             agent_id = self._agent_id(row, request.name)
-            issued = issue_agent_certificate(
-                self._ca, public_key, agent_id, self._config.cert_lifetime
+            issued = await issue_agent_certificate(
+                self._reloader, session, public_key, agent_id, self._config.cert_lifetime
             )
             outcome = await identities.enroll_agent(
                 conn,
@@ -196,6 +196,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
                 chain_pem=issued.chain_pem,
                 not_before=issued.not_before,
                 not_after=issued.not_after,
+                issuer_id=issued.issuer_id,
             )
             # Any refusal here rolls the transaction back, redemption included.
             if outcome == "used up":
@@ -274,7 +275,9 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
                 f"a re-enrollment keeps agent {agent_id!r}'s labels; ask for no others",
                 "label not allowed",
             )
-        issued = issue_agent_certificate(self._ca, public_key, agent_id, self._config.cert_lifetime)
+        issued = await issue_agent_certificate(
+            self._reloader, session, public_key, agent_id, self._config.cert_lifetime
+        )
         done = await identities.reenroll_agent(
             session,
             token_id=row.token_id,
@@ -285,6 +288,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
             chain_pem=issued.chain_pem,
             not_before=issued.not_before,
             not_after=issued.not_after,
+            issuer_id=issued.issuer_id,
         )
         if done.outcome == "used up":
             raise _Refusal(
@@ -359,9 +363,9 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
     ) -> enrollment_pb2.EnrollResponse:
         return enrollment_pb2.EnrollResponse(
             agent_id=agent_id,
-            spiffe_id=f"spiffe://{self._ca.trust_domain}/agent/{agent_id}",
+            spiffe_id=f"spiffe://{self._reloader.ca.trust_domain}/agent/{agent_id}",
             certificate_chain_pem=chain_pem,
-            trust_bundle_pem=self._ca.bundle_pem,
+            trust_bundle_pem=self._reloader.ca.bundle_pem,
             agent_endpoint=self._agent_endpoint,
             not_after=convert.timestamp(not_after),
             pool=pool,

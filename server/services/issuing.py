@@ -8,22 +8,28 @@ from datetime import timedelta
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from muster.server.audit import AuditRecord
-from muster.server.ca import CAError, CertificateAuthority, IssuedCertificate
+from muster.server.ca import CAError, IssuedCertificate
+from muster.server.ca.reload import CAReloader
 from muster.server.services.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
 
-def issue_agent_certificate(
-    ca: CertificateAuthority,
+async def issue_agent_certificate(
+    reloader: CAReloader,
+    session: AsyncSession,
     public_key: CertificatePublicKeyTypes,
     agent_id: str,
     lifetime: timedelta,
 ) -> IssuedCertificate:
+    """Issue from the intermediate the CA's shared record names active in ``session``'s
+    transaction (reloading it first if it changed): a rotation applies at once."""
+    await reloader.sync(session)
     try:
-        return ca.issue_agent_certificate(public_key, agent_id, lifetime=lifetime)
+        return reloader.ca.issue_agent_certificate(public_key, agent_id, lifetime=lifetime)
     except CAError as err:
         log.error("cannot issue a certificate for agent %s: %s", agent_id, err)
         raise ServiceError(

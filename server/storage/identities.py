@@ -150,6 +150,7 @@ async def enroll_agent(
     chain_pem: bytes,
     not_before: datetime,
     not_after: datetime,
+    issuer_id: str,
 ) -> Enrolled:
     """Use up one redemption of the token, add the agent and its first certificate.
 
@@ -165,7 +166,7 @@ async def enroll_agent(
         assert isinstance(driver, asyncpg.Connection)
         redeemed, added = await driver.fetchrow(
             _ENROLL_PG, token_id, now, agent_id, pool, json.dumps(labels), serial,
-            fingerprint, chain_pem, not_before, not_after,
+            fingerprint, chain_pem, not_before, not_after, issuer_id,
         )  # fmt: skip
     else:
         added = 0
@@ -190,6 +191,7 @@ async def enroll_agent(
                     "not_before": not_before,
                     "not_after": not_after,
                     "issued_at": now,
+                    "issuer_id": issuer_id,
                 }
                 added = (await conn.execute(_ADD_CERTIFICATE, certificate)).rowcount
     if not redeemed:
@@ -209,8 +211,8 @@ WITH redeemed AS (
     RETURNING agent_id, token_id
 ), certificate AS (
     INSERT INTO certificates (serial, agent_id, public_key_fingerprint, token_id, reason,
-                              chain_pem, not_before, not_after, issued_at)
-    SELECT $6, agent_id, $7, token_id, 'enroll', $8, $9, $10, $2 FROM agent
+                              chain_pem, not_before, not_after, issued_at, issuer_id)
+    SELECT $6, agent_id, $7, token_id, 'enroll', $8, $9, $10, $2, $11 FROM agent
     RETURNING serial
 )
 SELECT (SELECT count(*) FROM redeemed), (SELECT count(*) FROM certificate)
@@ -313,6 +315,7 @@ async def reenroll_agent(
     chain_pem: bytes,
     not_before: datetime,
     not_after: datetime,
+    issuer_id: str,
 ) -> Reenrolled:
     """Redeem a re-enrollment token for its agent: certify the new key, revoke whatever
     certificates the agent still had live, and restore the agent (not removed, enabled).
@@ -340,6 +343,7 @@ async def reenroll_agent(
             not_before=not_before,
             not_after=not_after,
             issued_at=now,
+            issuer_id=issuer_id,
         )
     )
     await session.flush()
