@@ -15,9 +15,16 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+from cryptography import x509
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from muster.server.ca.authority import CA_FILES, KEY_REF_FILES, CertificateAuthority
+from muster.server.ca.authority import (
+    CA_FILES,
+    INTERMEDIATE_CERT,
+    KEY_REF_FILES,
+    CertificateAuthority,
+)
+from muster.server.ca.crl import ca_id
 from muster.server.ca.keystore import KeyStore
 from muster.server.ca.rotation import import_directory, write_bundle
 from muster.server.ca.state import CAState
@@ -43,8 +50,8 @@ class CAReloader:
         self._keys = keys
         self._ca_dir = Path(ca_dir)
         self._state = state
-        self._applied = state.generation
-        """The generation whose effects (bundle file, ``on_change``) were applied."""
+        self._applied = self._applying()
+        """What the effects (bundle file, ``on_change``) were last applied for."""
         self._lock = asyncio.Lock()
         self.on_change: Callable[[], None] = lambda: None
         """Called after a reload on the event loop: push the bundle, reissue what must be."""
@@ -74,6 +81,7 @@ class CAReloader:
                 await import_directory(session, ca_dir, actor="server")
             state = await ca_store.load(session)
         ca = CertificateAuthority.from_state(trust_domain, state, keys, crl_url=crl_url)
+        _check_directory(ca_dir, state)
         if ca.cannot_issue is not None:
             log.error("the CA cannot issue: %s", ca.cannot_issue)
         write_bundle(ca_dir, state)
@@ -83,15 +91,24 @@ class CAReloader:
     def state(self) -> CAState:
         return self._state
 
+    def _applying(self) -> tuple[object, bool]:
+        """A new generation, or the issuing key usable again (its file was copied in):
+        either calls for the effects (a server certificate from the issuing intermediate)."""
+        return self._state.generation, self.ca.cannot_issue is None
+
     async def sync(self, session: AsyncSession) -> bool:
         """Reload from the shared record in ``session`` if it changed (or the issuing key
         could not be used last time); True if reloaded. Issuing calls this first, so a
         certificate comes from the intermediate active at that moment."""
-        async with self._lock:
-            generation = await ca_store.generation(session)
-            if generation == self._state.generation and self.ca.cannot_issue is None:
-                return False
+        # Outside the lock: this first query may wait for a pooled connection, and one
+        # held by another caller waiting for the lock would never come back (SQLite has one).
+        generation = await ca_store.generation(session)
+        if generation == self._state.generation and self.ca.cannot_issue is None:
+            return False
+        async with self._lock:  # one reload at a time; each statement sees what is committed
             state = await ca_store.load(session)
+            if state.generation == self._state.generation and self.ca.cannot_issue is None:
+                return False  # another caller reloaded it meanwhile
             problem = self.ca.cannot_issue
             self.ca.adopt(state, self._keys)
             self._state = state
@@ -103,10 +120,10 @@ class CAReloader:
         """One reload pass: sync, then apply what a new generation changes here."""
         async with self._db.transaction() as session:
             await self.sync(session)
-        state = self._state
-        if state.generation == self._applied:
+        if self._applying() == self._applied:
             return
-        self._applied = state.generation
+        self._applied = self._applying()
+        state = self._state
         write_bundle(self._ca_dir, state)
         log.info(
             "reloaded the CA: trust bundle version %d (%d roots), issuing from intermediate %s",
@@ -115,3 +132,18 @@ class CAReloader:
             self.ca.issuer_id,
         )
         self.on_change()
+
+
+def _check_directory(ca_dir: Path, state: CAState) -> None:
+    """Warn when the CA directory holds a CA the record does not know (``muster ca init
+    --force`` after the first start): the record wins, and that CA is not used."""
+    try:
+        found = x509.load_pem_x509_certificate((ca_dir / INTERMEDIATE_CERT).read_bytes())
+    except (OSError, ValueError):
+        return
+    if state.get(ca_id(found)) is None:
+        log.warning(
+            "%s is not a CA certificate the database records: the database's CA is used "
+            "(see muster ca status); a CA made later with 'muster ca init --force' is not",
+            ca_dir / INTERMEDIATE_CERT,
+        )

@@ -30,6 +30,7 @@ from muster.server.ca.keystore import CertifiedKey, FileKeyStore
 from muster.server.ca.rotation import import_directory
 from muster.server.ca.signer import private_key_pem
 from muster.server.ca.state import CARecord, CAState, authority_key_id, key_id
+from muster.server.clock import ManualClock
 from muster.server.dispatch.session import ROOT_ROTATED
 from muster.server.storage import ca as ca_store
 from muster.server.storage.database import Database
@@ -207,6 +208,38 @@ async def test_a_replica_without_the_issuing_key_refuses_to_issue(
     agent, welcome = await connect(replace(on_a, endpoint=b.agent_endpoint))
     assert welcome.agent_id == "on-a"
     await agent.close()
+    # Given the key (what a shared CA directory does), b issues from the new intermediate.
+    shutil.copytree(a.config.ca_dir / "keys", b.config.ca_dir / "keys")
+    await b.ca_reloader.refresh()
+    assert b.ca.cannot_issue is None
+    assert issuer_of(b.server_certificates.current.chain_pem) == a.ca.issuer_id
+    async with AsyncAdminClient(client_config(a)) as admin:
+        on_b = await Enroller(b, admin).enroll("on-b")
+    assert issuer_of(on_b.chain_pem) == a.ca.issuer_id
+
+
+async def test_the_reaper_pass_reloads_the_ca_by_itself(
+    tmp_path: Path, backend: dict[str, object]
+) -> None:
+    """No request needed: the next pass after a rotation reloads, reissues the server
+    certificate from the new intermediate and rewrites the bundle file."""
+    clock = ManualClock()
+    handle = await start_server(server_config(tmp_path / "data", **backend), clock=clock)
+    try:
+        await clock.wait_for_sleepers(2)  # the reaper and the server certificate's renewal
+        first = handle.server_certificates.current
+        ran = await muster_ca(handle, "rotate-intermediate")
+        assert ran.code == 0, ran.err
+        new = await active(handle, "intermediate")
+        assert handle.ca.issuer_id != new  # nothing issued, no pass yet
+        parked = clock.sleepers
+        clock.advance(handle.config.poll_interval)
+        await clock.wait_for_sleepers(parked)
+        assert handle.ca.issuer_id == new
+        current = handle.server_certificates.current
+        assert current.serial != first.serial and issuer_of(current.chain_pem) == new
+    finally:
+        await handle.stop(grace=1.0)
 
 
 async def test_a_new_intermediate_issues_at_once_and_the_old_one_stays_trusted(
