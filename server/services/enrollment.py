@@ -149,6 +149,7 @@ class EnrollmentService(enrollment_pb2_grpc.EnrollmentServiceServicer):
                 )
             if row.earlier is not None:
                 earlier = row.earlier
+                await self._reloader.sync(session)  # the response carries the bundle of now
                 await record_in(
                     session,
                     AuditRecord(

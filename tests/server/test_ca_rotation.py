@@ -24,6 +24,7 @@ from sqlalchemy import select
 from muster import AsyncAdminClient
 from muster.cli import main
 from muster.server.app import ServerHandle, start_server
+from muster.server.audit.verify import verify
 from muster.server.ca import CertificateAuthority
 from muster.server.ca.crl import ca_id
 from muster.server.ca.keystore import CertifiedKey, FileKeyStore
@@ -368,6 +369,8 @@ async def test_a_root_rotates_in_three_steps_under_live_agents(
             "ca.activate_root",
             "ca.retire_root",
         }
+    report = await verify(server.db)
+    assert report.ok and any(c.chain.startswith("cli@") for c in report.chains)
 
 
 async def test_retire_with_force_cuts_off_agents_still_on_the_old_root(
