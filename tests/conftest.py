@@ -2,6 +2,15 @@
 
 The server runs in the test's event loop, on embedded defaults unless
 ``MUSTER_TEST_BACKEND=postgres`` (see ``backend``).
+
+``make test`` runs two passes. The first runs everything on embedded defaults. The second
+(``MUSTER_TEST_BACKEND=postgres``) runs only the tests the backend can change: those that
+request the ``backend`` fixture (directly or through ``server``, ``admin``, ``client``,
+``enroller``...) and those with a ``skipif`` mark, such as the replica tests marked
+``skipif(BACKEND != "postgres")`` that the first pass skips. Every other test ran, the
+same, in the first pass and is deselected (``pytest_collection_modifyitems``). A test
+that runs only in the Postgres pass says so with that mark, never with a ``pytest.skip``
+call: a test that neither requests ``backend`` nor has the mark would run in no pass.
 """
 
 from __future__ import annotations
@@ -47,6 +56,21 @@ database per test, Redis quotas and fan-out under a key prefix of the test's own
 REDIS_URL = os.environ.get("MUSTER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 FANOUT_SECRET = secrets.token_hex(32)
 """The fan-out key of every server a test run starts with Redis (replicas must share it)."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In the Postgres pass, deselect the tests the backend cannot change (module docstring)."""
+    if BACKEND != "postgres":
+        return
+    selected: list[pytest.Item] = []
+    deselected: list[pytest.Item] = []
+    for item in items:
+        uses_backend = "backend" in getattr(item, "fixturenames", ())
+        conditional = item.get_closest_marker("skipif") is not None
+        (selected if uses_backend or conditional else deselected).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
 
 
 @pytest.fixture
