@@ -54,8 +54,10 @@ async def test_an_agent_never_holds_more_than_it_declared(
 async def test_one_tenant_at_its_limit_does_not_starve_another(
     custom_server: ServerFactory,
 ) -> None:
+    # The agent never sends Accepted: a patient accept timeout keeps bob's assignment his
+    # however long a loaded machine takes between its Assignment and the last assertion.
     async with (
-        custom_server(inflight_per_tenant=2) as server,
+        custom_server(inflight_per_tenant=2, accept_timeout=timedelta(seconds=60)) as server,
         AsyncAdminClient(client_config(server)) as admin,
     ):
         _, alice_token = await admin.create_api_token("alice", "submitter")
