@@ -3,7 +3,8 @@ prefix, and real agents spread over them, for the end-to-end tests whose subject
 replicas: failover, crashes, handover, budgets shared across replicas.
 
 ``async with replica_cluster(tmp_path) as cluster:`` starts replicas a and b (one CA, made
-by ``ca init`` in a/ and copied to b/) and stops whatever still runs on the way out;
+by ``ca init`` in a/ and copied to b/, or shared by b/ as one volume would be with
+``shared_ca``) and stops whatever still runs on the way out;
 ``cluster.start(name)`` restarts one, ``start_agents(cluster, ...)`` enrolls agents that
 know the replicas in the orders given.
 """
@@ -140,17 +141,23 @@ async def replica_cluster(
     names: Sequence[str] = ("a", "b"),
     metrics: bool = False,
     environ: Mapping[str, str] | None = None,
+    shared_ca: bool = False,
 ) -> AsyncIterator[Cluster]:
     """Replicas ``names`` on a fresh database and a Redis prefix of their own, /metrics on
     loopback if ``metrics``, the ``TIMINGS`` with ``environ`` over them; all stopped and the
-    database dropped on exit."""
+    database dropped on exit. ``shared_ca``: every replica's ``ca/`` is the first one's
+    (a symlink), as CA rotation with file keys needs."""
     prefix = f"muster-test-{secrets.token_hex(6)}"
     async with fresh_database() as url:
         first = names[0]
         code, _, err = await procs.run("ca", "init", "--data-dir", str(tmp / first), cwd=tmp)
         assert code == 0, err
         for name in names[1:]:
-            shutil.copytree(tmp / first / "ca", tmp / name / "ca")
+            if shared_ca:
+                (tmp / name).mkdir(mode=0o700)
+                (tmp / name / "ca").symlink_to(tmp / first / "ca", target_is_directory=True)
+            else:
+                shutil.copytree(tmp / first / "ca", tmp / name / "ca")
         cluster = Cluster(
             url,
             tmp,
