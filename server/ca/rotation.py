@@ -23,7 +23,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from muster.files import PUBLIC_FILE_MODE, write_atomic
+from muster.files import PUBLIC_FILE_MODE, ensure_private_dir, write_atomic
 from muster.server.audit import AuditRecord, record_in
 from muster.server.ca.authority import (
     BUNDLE,
@@ -398,7 +398,9 @@ def write_bundle(ca_dir: Path, state: CAState) -> bool:
         if path.read_bytes() == bundle:
             return False
     except FileNotFoundError:
-        pass
+        # A replica started on a database whose CA is recorded, with no CA directory of
+        # its own yet: it still gets the bundle its CLI needs.
+        ensure_private_dir(path.parent)
     write_atomic(path, bundle, mode=PUBLIC_FILE_MODE)
     return True
 

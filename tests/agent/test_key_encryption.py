@@ -56,7 +56,9 @@ def encrypted_key(path: Path, passphrase: str) -> ec.EllipticCurvePrivateKey:
     assert path.stat().st_mode & 0o777 == 0o600
     with pytest.raises(TypeError, match="encrypted"):
         serialization.load_pem_private_key(pem, password=None)
-    with pytest.raises(ValueError, match="password"):
+    # A wrong password is a ValueError: "Bad decrypt. Incorrect password?" mostly, but
+    # about 1 in 400 wrong keys decrypt to padding that passes and then fail to parse.
+    with pytest.raises(ValueError):
         serialization.load_pem_private_key(pem, password=b"not-" + passphrase.encode())
     key = serialization.load_pem_private_key(pem, password=passphrase.encode())
     assert isinstance(key, ec.EllipticCurvePrivateKey)

@@ -55,7 +55,11 @@ async def start(
     handles: list[ServerHandle] = []
 
     async def starter(**settings: object) -> ServerHandle:
-        config = server_config(tmp_path / f"data{len(handles)}", **backend, **settings)
+        data_dir = tmp_path / f"data{len(handles)}"
+        if handles:  # one database: later servers are replicas, sharing the first's CA
+            data_dir.mkdir(mode=0o700)
+            (data_dir / "ca").symlink_to(handles[0].config.ca_dir, target_is_directory=True)
+        config = server_config(data_dir, **backend, **settings)
         handle = await start_server(config, extra_api_handlers=[dummy_service(calls)])
         handles.append(handle)
         return handle
