@@ -23,7 +23,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from muster.errors import MusterError
 from muster.files import PUBLIC_FILE_MODE, ensure_private_dir, write_atomic
-from muster.server.ca.crl import ca_id, distribution_points
+from muster.server.ca.crl import authority_key_identifier, ca_id, distribution_points
 from muster.server.ca.csr import public_key_fingerprint
 from muster.server.ca.keystore import FILE_PREFIX, CertifiedKey, KeyStore
 from muster.server.ca.signer import (
@@ -148,7 +148,7 @@ class CertificateAuthority:
         self._bundle_pem = b"".join(_pem(root) for root in self._roots)
         self._intermediate_pem = _pem(intermediate)
         self._server_chain_tail = self._intermediate_pem + b"".join(_pem(c) for c in cross)
-        self._issuer_aki = _aki(intermediate)
+        self._issuer_aki = authority_key_identifier(intermediate)
         self._issuer_id = ca_id(intermediate)
         self._bundle_version = version
         self._issuing_key_ids = (
@@ -644,7 +644,7 @@ def _generate(
         )
         .not_valid_before(now - DEFAULT_BACKDATE)
         .not_valid_after(min(now + intermediate_lifetime, root.not_valid_after_utc))
-        .add_extension(_aki(root), critical=False)
+        .add_extension(authority_key_identifier(root), critical=False)
     )
     if name_constraints:
         # Everything below may only name this trust domain in URI SANs; DNS and IP
@@ -695,7 +695,7 @@ def new_intermediate(
         )
         .not_valid_before(max(now - DEFAULT_BACKDATE, parent.not_valid_before_utc))
         .not_valid_after(min(now + lifetime, parent.not_valid_after_utc))
-        .add_extension(_aki(parent), critical=False)
+        .add_extension(authority_key_identifier(parent), critical=False)
     )
     if name_constraints is not None:
         builder = builder.add_extension(name_constraints, critical=True)
@@ -714,7 +714,7 @@ def cross_signed(root: x509.Certificate, by: Signer, *, now: datetime) -> x509.C
         .serial_number(random_serial())
         .not_valid_before(max(now - DEFAULT_BACKDATE, issuer.not_valid_before_utc))
         .not_valid_after(min(root.not_valid_after_utc, issuer.not_valid_after_utc))
-        .add_extension(_aki(issuer), critical=False)
+        .add_extension(authority_key_identifier(issuer), critical=False)
     )
     for extension in root.extensions:
         if not isinstance(extension.value, x509.AuthorityKeyIdentifier):
@@ -826,15 +826,6 @@ def _key_usage(
         encipher_only=False,
         decipher_only=False,
     )
-
-
-def _aki(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
-    try:
-        ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    except x509.ExtensionNotFound:
-        # An operator-supplied CA without SKI: derive the id the same way (RFC 5280 method 1).
-        ski = x509.SubjectKeyIdentifier.from_public_key(issuer.public_key())
-    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
 def _pem(cert: x509.Certificate) -> bytes:

@@ -123,7 +123,7 @@ def build_crl(
         .issuer_name(issuer.subject)
         .last_update(this_update)
         .next_update(this_update + lifetime)
-        .add_extension(_authority_key_identifier(issuer), critical=False)
+        .add_extension(authority_key_identifier(issuer), critical=False)
         .add_extension(x509.CRLNumber(number), critical=False)
     )
     for entry in revoked:
@@ -140,7 +140,7 @@ def build_crl(
     return sign_crl(signer, builder)
 
 
-def _authority_key_identifier(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+def authority_key_identifier(issuer: x509.Certificate) -> x509.AuthorityKeyIdentifier:
     """The AKI that matches the issuer's SKI (derived as RFC 5280 method 1 when it has none)."""
     try:
         ski = issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value

@@ -15,6 +15,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from muster.files import PRIVATE_FILE_MODE, PUBLIC_FILE_MODE, write_atomic
 from muster.server.ca.der import assemble_signed, signed_parts
 
+DER = serialization.Encoding.DER
+
 KEY_TYPES = ("ec-p256", "ec-p384", "ed25519")
 """Key types Muster generates for its own CA and server keys."""
 
@@ -85,10 +87,7 @@ def sign_certificate(key: KeySigner, builder: x509.CertificateBuilder) -> x509.C
     """
     public = key.public_key()
     template = builder.sign(_stand_in(public), signature_hash(public))
-    tbs, algorithm = signed_parts(template.public_bytes(serialization.Encoding.DER))
-    signature = key.sign(tbs)
-    _check_signature(public, signature, tbs)
-    return x509.load_der_x509_certificate(assemble_signed(tbs, algorithm, signature))
+    return x509.load_der_x509_certificate(_resign(key, template.public_bytes(DER)))
 
 
 def sign_crl(
@@ -97,10 +96,15 @@ def sign_crl(
     """Sign a CRL with ``key`` the same way as :func:`sign_certificate`."""
     public = key.public_key()
     template = builder.sign(_stand_in(public), signature_hash(public))
-    tbs, algorithm = signed_parts(template.public_bytes(serialization.Encoding.DER))
+    return x509.load_der_x509_crl(_resign(key, template.public_bytes(DER)))
+
+
+def _resign(key: KeySigner, template: bytes) -> bytes:
+    """``template`` (DER, signed by a stand-in) with ``key``'s signature over its TBS."""
+    tbs, algorithm = signed_parts(template)
     signature = key.sign(tbs)
-    _check_signature(public, signature, tbs)
-    return x509.load_der_x509_crl(assemble_signed(tbs, algorithm, signature))
+    _check_signature(key.public_key(), signature, tbs)
+    return assemble_signed(tbs, algorithm, signature)
 
 
 def sign_with(key: SigningKey, data: bytes) -> bytes:
