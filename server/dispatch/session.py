@@ -335,30 +335,34 @@ class AgentSession:
         self._rate = dispatcher.suspicion.rate_watch(self.max_concurrency)
         self.started_at = time.time()
         dispatcher.hub.register(self)
-        # One live stream per agent: older streams of this agent, on any replica, go.
-        dispatcher.fanout.stream_started(self._as_new())
-        await dispatcher.record(
-            self._audit("stream.connect", {"adopted": len(adopted), "lost": len(lost)})
-        )
-        # Per-stream lines are DEBUG: a fleet reconnecting writes thousands a second, and
-        # the audit trail has every connect and disconnect with its reason.
-        log.debug(
-            "agent %s connected (session %s, credit %d)",
-            self.agent_id,
-            self.session_id,
-            self.credit,
-        )
-        reader = asyncio.create_task(self._read(requests), name=f"read-{self.session_id}")
-        timers = self._arm_timers()
-        if self.rotation_requested_at is not None:
-            self.request_renewal(
-                "an operator asked this agent to rotate its certificate",
-                self.rotation_requested_at.timestamp(),
-            )
-        self.follow_trust()  # a root rotated, or the bundle changed since Welcome
-        self.wake()
+        reader: asyncio.Task[None] | None = None
+        timers: dict[str, asyncio.TimerHandle] = {}
         reason = "stream closed"
+        # From registration on, every way out unregisters: the agent may go away while
+        # the connect is still being recorded (it would otherwise stay in the hub).
         try:
+            # One live stream per agent: older streams of this agent, on any replica, go.
+            dispatcher.fanout.stream_started(self._as_new())
+            await dispatcher.record(
+                self._audit("stream.connect", {"adopted": len(adopted), "lost": len(lost)})
+            )
+            # Per-stream lines are DEBUG: a fleet reconnecting writes thousands a second,
+            # and the audit trail has every connect and disconnect with its reason.
+            log.debug(
+                "agent %s connected (session %s, credit %d)",
+                self.agent_id,
+                self.session_id,
+                self.credit,
+            )
+            reader = asyncio.create_task(self._read(requests), name=f"read-{self.session_id}")
+            timers = self._arm_timers()
+            if self.rotation_requested_at is not None:
+                self.request_renewal(
+                    "an operator asked this agent to rotate its certificate",
+                    self.rotation_requested_at.timestamp(),
+                )
+            self.follow_trust()  # a root rotated, or the bundle changed since Welcome
+            self.wake()
             ending: list[asyncio.Future[Any]] = [reader, self._closed]
             await asyncio.wait(ending, return_when=asyncio.FIRST_COMPLETED)
             if self._closed.done():

@@ -313,3 +313,17 @@ async def test_a_second_stream_on_another_replica_replaces_the_first(tmp_path: P
                 await second.close()
         finally:
             await asyncio.gather(a.stop(grace=1.0), b.stop(grace=1.0))
+
+
+async def test_a_stream_closed_right_after_welcome_leaves_the_hub(
+    server: ServerHandle, enroller: Enroller
+) -> None:
+    """An agent that goes away the moment it is welcomed (while the server is still
+    recording the connect) must not stay registered: it would look connected and hold
+    up shutdown for its whole grace."""
+    enrolled = await enroller.enroll("brief")
+    for _ in range(3):
+        agent = SimAgent.of(enrolled)
+        await agent.hello(max_concurrency=1)
+        await agent.close()
+    assert await server.hub.wait_idle(10), "a closed stream is still in the hub"
