@@ -557,6 +557,8 @@ MUSTER_METRICS = (
     "muster_budget_remaining_usd",
     "muster_budget_reservations_total",
     "muster_auth_failures_total",
+    "muster_task_refusals_total",
+    "muster_trust_bundle_version",
 )
 
 
