@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from muster.v1 import common_pb2 as muster_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14muster/v1/task.proto\x12\tmuster.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16muster/v1/common.proto\"\xe9\x03\n\rSubmitRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\x38\n\x08selector\x18\x04 \x03(\x0b\x32&.muster.v1.SubmitRequest.SelectorEntry\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12<\n\x19schedule_to_start_timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x39\n\x16start_to_close_timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x08\x64\x65\x61\x64line\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmax_attempts\x18\t \x01(\x05\x12\x17\n\x0fidempotency_key\x18\n \x01(\t\x12\x14\n\x0cmax_cost_usd\x18\x0b \x01(\x01\x12\x15\n\routput_schema\x18\x0c \x01(\t\x12+\n\tsignature\x18\x1f \x01(\x0b\x32\x18.muster.v1.TaskSignature\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Q\n\x0eSubmitResponse\x12\x1d\n\x04task\x18\x01 \x01(\x0b\x32\x0f.muster.v1.Task\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x0f\n\x07warning\x18\x1e \x01(\t\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"{\n\x10ListTasksRequest\x12$\n\x06states\x18\x01 \x03(\x0e\x32\x14.muster.v1.TaskState\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"L\n\x11ListTasksResponse\x12\x1e\n\x05tasks\x18\x01 \x03(\x0b\x32\x0f.muster.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"4\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"#\n\x10WatchTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t2\xb4\x02\n\x0bTaskService\x12=\n\x06Submit\x12\x18.muster.v1.SubmitRequest\x1a\x19.muster.v1.SubmitResponse\x12\x31\n\x03Get\x12\x19.muster.v1.GetTaskRequest\x1a\x0f.muster.v1.Task\x12\x41\n\x04List\x12\x1b.muster.v1.ListTasksRequest\x1a\x1c.muster.v1.ListTasksResponse\x12\x37\n\x06\x43\x61ncel\x12\x1c.muster.v1.CancelTaskRequest\x1a\x0f.muster.v1.Task\x12\x37\n\x05Watch\x12\x1b.muster.v1.WatchTaskRequest\x1a\x0f.muster.v1.Task0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14muster/v1/task.proto\x12\tmuster.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16muster/v1/common.proto\"\xe9\x03\n\rSubmitRequest\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0c\n\x04pool\x18\x03 \x01(\t\x12\x38\n\x08selector\x18\x04 \x03(\x0b\x32&.muster.v1.SubmitRequest.SelectorEntry\x12\x10\n\x08priority\x18\x05 \x01(\x05\x12<\n\x19schedule_to_start_timeout\x18\x06 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x39\n\x16start_to_close_timeout\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x08\x64\x65\x61\x64line\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cmax_attempts\x18\t \x01(\x05\x12\x17\n\x0fidempotency_key\x18\n \x01(\t\x12\x14\n\x0cmax_cost_usd\x18\x0b \x01(\x01\x12\x15\n\routput_schema\x18\x0c \x01(\t\x12+\n\tsignature\x18\x1f \x01(\x0b\x32\x18.muster.v1.TaskSignature\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"Q\n\x0eSubmitResponse\x12\x1d\n\x04task\x18\x01 \x01(\x0b\x32\x0f.muster.v1.Task\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12\x0f\n\x07warning\x18\x1e \x01(\t\"<\n\x11SubmitManyRequest\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.muster.v1.SubmitRequest\"B\n\x12SubmitManyResponse\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.muster.v1.SubmitManyResult\"s\n\x10SubmitManyResult\x12-\n\x08response\x18\x01 \x01(\x0b\x32\x19.muster.v1.SubmitResponseH\x00\x12%\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x14.muster.v1.ItemErrorH\x00\x42\t\n\x07outcome\"Z\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12.\n\x0bretry_after\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"{\n\x10ListTasksRequest\x12$\n\x06states\x18\x01 \x03(\x0e\x32\x14.muster.v1.TaskState\x12\x0c\n\x04pool\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"L\n\x11ListTasksResponse\x12\x1e\n\x05tasks\x18\x01 \x03(\x0b\x32\x0f.muster.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"4\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"#\n\x10WatchTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t2\xff\x02\n\x0bTaskService\x12=\n\x06Submit\x12\x18.muster.v1.SubmitRequest\x1a\x19.muster.v1.SubmitResponse\x12I\n\nSubmitMany\x12\x1c.muster.v1.SubmitManyRequest\x1a\x1d.muster.v1.SubmitManyResponse\x12\x31\n\x03Get\x12\x19.muster.v1.GetTaskRequest\x1a\x0f.muster.v1.Task\x12\x41\n\x04List\x12\x1b.muster.v1.ListTasksRequest\x1a\x1c.muster.v1.ListTasksResponse\x12\x37\n\x06\x43\x61ncel\x12\x1c.muster.v1.CancelTaskRequest\x1a\x0f.muster.v1.Task\x12\x37\n\x05Watch\x12\x1b.muster.v1.WatchTaskRequest\x1a\x0f.muster.v1.Task0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,16 +42,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SUBMITREQUEST_SELECTORENTRY']._serialized_end=614
   _globals['_SUBMITRESPONSE']._serialized_start=616
   _globals['_SUBMITRESPONSE']._serialized_end=697
-  _globals['_GETTASKREQUEST']._serialized_start=699
-  _globals['_GETTASKREQUEST']._serialized_end=732
-  _globals['_LISTTASKSREQUEST']._serialized_start=734
-  _globals['_LISTTASKSREQUEST']._serialized_end=857
-  _globals['_LISTTASKSRESPONSE']._serialized_start=859
-  _globals['_LISTTASKSRESPONSE']._serialized_end=935
-  _globals['_CANCELTASKREQUEST']._serialized_start=937
-  _globals['_CANCELTASKREQUEST']._serialized_end=989
-  _globals['_WATCHTASKREQUEST']._serialized_start=991
-  _globals['_WATCHTASKREQUEST']._serialized_end=1026
-  _globals['_TASKSERVICE']._serialized_start=1029
-  _globals['_TASKSERVICE']._serialized_end=1337
+  _globals['_SUBMITMANYREQUEST']._serialized_start=699
+  _globals['_SUBMITMANYREQUEST']._serialized_end=759
+  _globals['_SUBMITMANYRESPONSE']._serialized_start=761
+  _globals['_SUBMITMANYRESPONSE']._serialized_end=827
+  _globals['_SUBMITMANYRESULT']._serialized_start=829
+  _globals['_SUBMITMANYRESULT']._serialized_end=944
+  _globals['_ITEMERROR']._serialized_start=946
+  _globals['_ITEMERROR']._serialized_end=1036
+  _globals['_GETTASKREQUEST']._serialized_start=1038
+  _globals['_GETTASKREQUEST']._serialized_end=1071
+  _globals['_LISTTASKSREQUEST']._serialized_start=1073
+  _globals['_LISTTASKSREQUEST']._serialized_end=1196
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1198
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1274
+  _globals['_CANCELTASKREQUEST']._serialized_start=1276
+  _globals['_CANCELTASKREQUEST']._serialized_end=1328
+  _globals['_WATCHTASKREQUEST']._serialized_start=1330
+  _globals['_WATCHTASKREQUEST']._serialized_end=1365
+  _globals['_TASKSERVICE']._serialized_start=1368
+  _globals['_TASKSERVICE']._serialized_end=1751
 # @@protoc_insertion_point(module_scope)

@@ -42,6 +42,11 @@ class TaskServiceStub:
                 request_serializer=muster_dot_v1_dot_task__pb2.SubmitRequest.SerializeToString,
                 response_deserializer=muster_dot_v1_dot_task__pb2.SubmitResponse.FromString,
                 _registered_method=True)
+        self.SubmitMany = channel.unary_unary(
+                '/muster.v1.TaskService/SubmitMany',
+                request_serializer=muster_dot_v1_dot_task__pb2.SubmitManyRequest.SerializeToString,
+                response_deserializer=muster_dot_v1_dot_task__pb2.SubmitManyResponse.FromString,
+                _registered_method=True)
         self.Get = channel.unary_unary(
                 '/muster.v1.TaskService/Get',
                 request_serializer=muster_dot_v1_dot_task__pb2.GetTaskRequest.SerializeToString,
@@ -71,6 +76,14 @@ class TaskServiceServicer:
 
     def Submit(self, request, context):
         """Queues a task. With an idempotency key, a repeat returns the first task.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitMany(self, request, context):
+        """Queues up to 1,000 tasks in one call; each item is answered on its own, in order
+        (see SubmitManyRequest).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,6 +125,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.Submit,
                     request_deserializer=muster_dot_v1_dot_task__pb2.SubmitRequest.FromString,
                     response_serializer=muster_dot_v1_dot_task__pb2.SubmitResponse.SerializeToString,
+            ),
+            'SubmitMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitMany,
+                    request_deserializer=muster_dot_v1_dot_task__pb2.SubmitManyRequest.FromString,
+                    response_serializer=muster_dot_v1_dot_task__pb2.SubmitManyResponse.SerializeToString,
             ),
             'Get': grpc.unary_unary_rpc_method_handler(
                     servicer.Get,
@@ -163,6 +181,33 @@ class TaskService:
             '/muster.v1.TaskService/Submit',
             muster_dot_v1_dot_task__pb2.SubmitRequest.SerializeToString,
             muster_dot_v1_dot_task__pb2.SubmitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/muster.v1.TaskService/SubmitMany',
+            muster_dot_v1_dot_task__pb2.SubmitManyRequest.SerializeToString,
+            muster_dot_v1_dot_task__pb2.SubmitManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,10 @@ class TaskServiceStub:
     def __new__(cls, channel: _aio.Channel) -> TaskServiceAsyncStub: ...
     Submit: _grpc.UnaryUnaryMultiCallable[_task_pb2.SubmitRequest, _task_pb2.SubmitResponse]
     """Queues a task. With an idempotency key, a repeat returns the first task."""
+    SubmitMany: _grpc.UnaryUnaryMultiCallable[_task_pb2.SubmitManyRequest, _task_pb2.SubmitManyResponse]
+    """Queues up to 1,000 tasks in one call; each item is answered on its own, in order
+    (see SubmitManyRequest).
+    """
     Get: _grpc.UnaryUnaryMultiCallable[_task_pb2.GetTaskRequest, _common_pb2.Task]
     """Reads one task."""
     List: _grpc.UnaryUnaryMultiCallable[_task_pb2.ListTasksRequest, _task_pb2.ListTasksResponse]
@@ -58,6 +62,10 @@ class TaskServiceAsyncStub(TaskServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Submit: _aio.UnaryUnaryMultiCallable[_task_pb2.SubmitRequest, _task_pb2.SubmitResponse]  # type: ignore[assignment]
     """Queues a task. With an idempotency key, a repeat returns the first task."""
+    SubmitMany: _aio.UnaryUnaryMultiCallable[_task_pb2.SubmitManyRequest, _task_pb2.SubmitManyResponse]  # type: ignore[assignment]
+    """Queues up to 1,000 tasks in one call; each item is answered on its own, in order
+    (see SubmitManyRequest).
+    """
     Get: _aio.UnaryUnaryMultiCallable[_task_pb2.GetTaskRequest, _common_pb2.Task]  # type: ignore[assignment]
     """Reads one task."""
     List: _aio.UnaryUnaryMultiCallable[_task_pb2.ListTasksRequest, _task_pb2.ListTasksResponse]  # type: ignore[assignment]
@@ -81,6 +89,16 @@ class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_task_pb2.SubmitResponse, _abc.Awaitable[_task_pb2.SubmitResponse]]:
         """Queues a task. With an idempotency key, a repeat returns the first task."""
+
+    @_abc_1.abstractmethod
+    def SubmitMany(
+        self,
+        request: _task_pb2.SubmitManyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_task_pb2.SubmitManyResponse, _abc.Awaitable[_task_pb2.SubmitManyResponse]]:
+        """Queues up to 1,000 tasks in one call; each item is answered on its own, in order
+        (see SubmitManyRequest).
+        """
 
     @_abc_1.abstractmethod
     def Get(
