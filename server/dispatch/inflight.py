@@ -8,10 +8,10 @@ nothing is admitted: concurrency limits fail closed.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Iterable
 
+from muster.server.drain import Drain, OnError
 from muster.server.quotas import Quotas, QuotaStoreUnavailable
 from muster.server.storage.tasks import Held
 
@@ -21,10 +21,13 @@ STORE_DOWN = "waiting for the quota store: dispatch stops while it is unreachabl
 
 
 class InflightLimits:
-    def __init__(self, quotas: Quotas) -> None:
+    def __init__(self, quotas: Quotas, *, on_crash: OnError | None = None) -> None:
+        """``on_crash``: told if the releaser crashes (an error other than the store
+        being unreachable); releases are then refused (their leases expire)."""
         self._quotas = quotas
-        self._releasing: list[tuple[str, str, str]] = []
-        self._releaser: asyncio.Task[None] | None = None
+        self._releaser: Drain[tuple[str, str, str]] = Drain(
+            self._release_all, name="inflight-release", on_error=on_crash
+        )
 
     async def admit(self, owner: str, pool: str, holder: str) -> str | None:
         """Take a tenant slot and a pool slot for ``holder``: None when both are taken,
@@ -48,19 +51,22 @@ class InflightLimits:
         """Give back ``holder``'s slots, without waiting: the releases of every attempt
         that ends meanwhile go to the store together, in one round trip. If that fails,
         the slots stay taken until their leases expire (fail closed)."""
-        self._releasing.append((owner, pool, holder))
-        if self._releaser is None or self._releaser.done():
-            self._releaser = asyncio.create_task(self._release_all(), name="inflight-release")
+        if not self._releaser.offer((owner, pool, holder)):
+            log.warning("in-flight release of %s dropped: the releaser has stopped", holder)
 
-    async def _release_all(self) -> None:
-        while self._releasing:
-            batch, self._releasing = self._releasing, []
-            await self._quotas.release_inflight_many(batch)
+    @property
+    def releaser(self) -> Drain[tuple[str, str, str]]:
+        """The single writer of the releases (a supervisor watches its crashes)."""
+        return self._releaser
+
+    async def _release_all(self, batch: list[tuple[str, str, str]]) -> None:
+        # An unreachable store is handled there (the slots stay taken until their leases
+        # expire); anything else it raises is a crash, for on_crash.
+        await self._quotas.release_inflight_many(batch)
 
     async def close(self) -> None:
         """Send the releases still waiting."""
-        if self._releaser is not None:
-            await self._releaser
+        await self._releaser.wait()
 
     async def renew(self, held: Iterable[Held]) -> None:
         """Keep the slots of attempts still running; retake one that expired meanwhile."""

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from muster.server.drain import Drain, OnError
 
 T = TypeVar("T")
 I = TypeVar("I")  # noqa: E741 - an item of gathered work
@@ -125,23 +126,45 @@ class _Unit(Generic[I, T]):
 
 
 class GroupCommit:
-    """Runs units of work in shared transactions, one transaction at a time."""
+    """Runs units of work in shared transactions, one transaction at a time.
+
+    The transactions are written by one :class:`~muster.server.drain.Drain`. Should its
+    writer crash (a bug outside the per-unit error handling, or its task cancelled), the
+    units still queued fail, later work is refused, and ``on_crash`` (the server's
+    supervisor) is told: nothing waits forever on a group commit that no longer runs."""
 
     def __init__(
-        self, engine: AsyncEngine, *, trail: Trail | None = None, max_batch: int = MAX_BATCH
+        self,
+        engine: AsyncEngine,
+        *,
+        trail: Trail | None = None,
+        max_batch: int = MAX_BATCH,
+        on_crash: OnError | None = None,
     ) -> None:
         self._engine = engine
         self._trail = trail
         self._lone_autocommit = engine.dialect.name == "postgresql"
         """A lone gathered unit runs without BEGIN and COMMIT (see run_many)."""
         self._max_batch = max_batch
-        self._pending: deque[_Unit[Any, Any]] = deque()
+        self.on_crash = on_crash
+        """Told when the writer crashes (after the queued units have failed)."""
+        self._runner: Drain[_Unit[Any, Any]] = Drain(
+            self._flush,
+            name="group-commit",
+            max_batch=max_batch,
+            weight=len,
+            on_error=self._crashed,
+        )
         self._gathering: dict[Hashable, _Unit[Any, Any]] = {}
         """Units of run_many still open for more items (not yet taken into a batch)."""
-        self._runner: asyncio.Task[None] | None = None
         self.transactions = 0
         self.items = 0
         """Committed so far: items per transaction = items / transactions."""
+
+    @property
+    def drain(self) -> Drain[_Unit[Any, Any]]:
+        """The single writer of the transactions (a supervisor watches its crashes)."""
+        return self._runner
 
     async def run(self, work: Work[T], *, audit: Audit[T] | None = None) -> T:
         """Run ``work`` in the next shared transaction; its result once that has committed
@@ -153,7 +176,7 @@ class GroupCommit:
         self._check(audit)
         unit: _Unit[None, T] = _Unit(one)
         future: asyncio.Future[T] = unit.add(None, audit)
-        self._enqueue(unit)
+        self._runner.put(unit)
         return await future
 
     async def run_many(
@@ -177,8 +200,9 @@ class GroupCommit:
         self._check(audit)
         unit = self._gathering.get(key)
         if unit is None or len(unit) >= self._max_batch:
-            unit = self._gathering[key] = _Unit(work, key)
-            self._enqueue(unit)
+            unit = _Unit(work, key)
+            self._runner.put(unit)
+            self._gathering[key] = unit
         future: asyncio.Future[T] = unit.add(item, audit)
         return future
 
@@ -193,27 +217,27 @@ class GroupCommit:
 
     async def close(self) -> None:
         """Wait for the work already handed in."""
-        if self._runner is not None:
-            await asyncio.shield(self._runner)
+        await self._runner.wait()
 
-    def _enqueue(self, unit: _Unit[Any, Any]) -> None:
-        self._pending.append(unit)
-        if self._runner is None or self._runner.done():
-            self._runner = asyncio.create_task(self._drain(), name="group-commit")
+    async def _flush(self, batch: list[_Unit[Any, Any]]) -> None:
+        # Runs at once when the drain takes the batch: later items go to new units.
+        for unit in batch:
+            if unit.key is not None and self._gathering.get(unit.key) is unit:
+                del self._gathering[unit.key]
+        batch = [unit for unit in batch if not unit.abandoned]
+        if batch:
+            await self._commit(batch)
 
-    async def _drain(self) -> None:
-        while self._pending:
-            batch: list[_Unit[Any, Any]] = []
-            size = 0
-            while self._pending and size < self._max_batch:
-                unit = self._pending.popleft()
-                if unit.key is not None and self._gathering.get(unit.key) is unit:
-                    del self._gathering[unit.key]  # closed: later items go to a new unit
-                size += len(unit)
-                batch.append(unit)
-            batch = [unit for unit in batch if not unit.abandoned]
-            if batch:
-                await self._commit(batch)
+    def _crashed(self, err: BaseException) -> None:
+        self._gathering.clear()
+        stopped = RuntimeError("the group commit stopped: its writer crashed")
+        stopped.__cause__ = err
+        for unit in self._runner.abort():
+            unit.fail(stopped)
+        if self.on_crash is not None:
+            self.on_crash(err)
+        else:
+            log.error("the group commit's writer crashed", exc_info=err)
 
     async def _commit(self, batch: list[_Unit[Any, Any]]) -> None:
         results: list[Sequence[Any]] = []
