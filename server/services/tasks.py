@@ -21,6 +21,7 @@ from muster.server.services import convert, waiting
 from muster.server.services.ai_submit import AiAdmission
 from muster.server.services.context import peer_address, request_id
 from muster.server.services.errors import ServiceError, invalid, not_found
+from muster.server.services.submit_many import Refusal, submit_many
 from muster.server.services.validation import (
     KIND,
     check_labels,
@@ -72,6 +73,25 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         request: task_pb2.SubmitRequest,
         context: grpc.aio.ServicerContext[task_pb2.SubmitRequest, task_pb2.SubmitResponse],
     ) -> task_pb2.SubmitResponse:
+        try:
+            return await self._submit_one(request, peer_address(context), request_id(context))
+        except Refusal as refusal:
+            await context.abort_with_status(refusal.status)
+            raise  # abort_with_status raises; this line is for the type checker
+
+    async def SubmitMany(
+        self,
+        request: task_pb2.SubmitManyRequest,
+        context: grpc.aio.ServicerContext[task_pb2.SubmitManyRequest, task_pb2.SubmitManyResponse],
+    ) -> task_pb2.SubmitManyResponse:
+        peer, rid = peer_address(context), request_id(context)
+        return await submit_many(request.items, lambda item: self._submit_one(item, peer, rid))
+
+    async def _submit_one(
+        self, request: task_pb2.SubmitRequest, peer: str, rid: str
+    ) -> task_pb2.SubmitResponse:
+        """Submit's whole path, shared by Submit and each item of SubmitMany; a refusal
+        is a ServiceError (a Refusal when it carries a rich status)."""
         principal = current_principal.get()
         values = self._validate_submit(request)
         ai_task = None
@@ -86,16 +106,16 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             values.update(model=ai_task.model, reserve_micros=ai_task.reserve_micros)
         decision = await self._quotas.check_submission(principal.name)
         if not decision.allowed:
-            await context.abort_with_status(decision.status())
+            raise Refusal(decision.status())
         if ai_task is not None:
             decision = await self._ai.check_rates(principal.tenant, ai_task)
             if not decision.allowed:
-                await context.abort_with_status(decision.status())
+                raise Refusal(decision.status())
         task, created = await self._dispatcher.submit(
             {**values, "owner": principal.tenant, "submitted_by": principal.name},
             actor=principal.name,
-            peer=peer_address(context),
-            request_id=request_id(context),
+            peer=peer,
+            request_id=rid,
         )
         if not created and task.owner != principal.tenant:
             # A signed envelope binds its task id: another tenant's copy cannot be a
