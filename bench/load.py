@@ -10,13 +10,19 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import muster
 from bench.fleet import Fleet, combined, start_fleets, wait_until, write_creds
 from bench.simagent import KIND, Creds, enroll_many
 from bench.stack import Replica
 from muster import AsyncClient
 
 SUBMIT_CONCURRENCY = 32
+BATCH = 100
+"""Tasks per SubmitMany call."""
+BATCH_CONCURRENCY = 4
+"""SubmitMany calls in flight at once."""
 
 
 @dataclass
@@ -119,3 +125,44 @@ async def dispatch(
 def schedule_to_start(run: DispatchRun, assigned: dict[str, float]) -> list[float]:
     """Seconds from sending Submit to the agent holding the Assignment, per task."""
     return [assigned[t] - sent for sent, t in run.submitted if t in assigned]
+
+
+def submit_many_missing() -> str:
+    """Why the SubmitMany API cannot be used here, or "" when it can."""
+    if getattr(muster, "TaskSpec", None) is None:
+        return "muster.TaskSpec is not in this SDK"
+    if getattr(AsyncClient, "submit_many", None) is None:
+        return "AsyncClient.submit_many is not in this SDK"
+    return ""
+
+
+async def dispatch_many(
+    clients: Sequence[AsyncClient],
+    fleets: list[Fleet],
+    count: int,
+    *,
+    batch: int = BATCH,
+    concurrency: int = BATCH_CONCURRENCY,
+    timeout: float = 300,
+) -> DispatchRun:
+    """Like :func:`dispatch`, with ``batch`` tasks per ``submit_many`` call and ``concurrency``
+    calls in flight; a refused item fails the run (nothing here should be refused)."""
+    spec: Any = muster.TaskSpec  # type: ignore[attr-defined]
+    before = combined(fleets).acked
+    batches = [min(batch, count - i) for i in range(0, count, batch)]
+    counter = itertools.count()
+    started = time.monotonic()
+
+    async def closed_loop() -> None:
+        while (i := next(counter)) < len(batches):
+            client: Any = clients[i % len(clients)]
+            items = [spec(kind=KIND, payload=b"", max_attempts=1) for _ in range(batches[i])]
+            for outcome in await client.submit_many(items):
+                if outcome.error is not None:
+                    raise RuntimeError(f"submit_many refused an item: {outcome.error}")
+
+    await asyncio.gather(*(closed_loop() for _ in range(concurrency)))
+    status = await wait_until(
+        fleets, lambda s: s.acked >= before + count, timeout, f"{count} results to be acked"
+    )
+    return DispatchRun(count, status.last_ack - started)

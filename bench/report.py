@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 import redis.asyncio as aioredis
 
+from bench import targets
 from bench.results import ScenarioResult, Summary
 from bench.stack import PG_ADMIN_URL, REDIS_URL
 
@@ -158,7 +159,7 @@ def _cell(summary: dict[str, Any], unit: str = "", ratio: bool = False) -> str:
 
 def markdown(data: dict[str, Any], previous: str = "") -> str:
     runs = data["args"].get("runs", 3)
-    lines = [HEADER.format(runs=runs), "## Results", ""]
+    lines = [HEADER.format(runs=runs), *targets.markdown(data), "", "## Results", ""]
     lines += [
         f"Produced by `{data['command']}` (`make bench` runs `python -m bench`) at "
         f"{data['stamp']}, in {data['seconds'] / 60:.1f} minutes"
@@ -180,6 +181,12 @@ def markdown(data: dict[str, Any], previous: str = "") -> str:
             continue
         for f in scenario["figures"]:
             met = {True: "yes", False: "**no**", None: "-"}[f["met"]]
+            if f.get("error"):
+                lines.append(
+                    f"| {scenario['name']} | {f['figure']} | {_escape(f['error'][:200])} "
+                    f"| {f['reference_name']} | | | {f['target']} | - |"
+                )
+                continue
             ratio = _cell(f["ratio_summary"], ratio=True)
             if f["ratio_name"] and ratio != "-":
                 ratio = f"{ratio} {f['ratio_name']}"

@@ -51,6 +51,9 @@ class Figure:
     met: bool | None = None
     """Whether the median meets ``target``; None for report-only figures and failures."""
     error: str = ""
+    """Why there is no value (e.g. an API not available yet); the row says so."""
+    key: str = ""
+    """The row of the targets table (``bench/targets.py``) this figure answers, if any."""
 
     def summary(self) -> dict[str, Any]:
         out = asdict(self)

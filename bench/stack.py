@@ -90,6 +90,10 @@ class Replica:
     def cpu(self) -> float:
         return procs.cpu_seconds(self.pid)
 
+    def tree_cpu(self) -> float:
+        """CPU seconds of the server and any worker processes it started."""
+        return procs.tree_cpu_seconds(self.pid)
+
     async def stop(self, timeout: float = 30.0) -> None:
         await procs.stop(self.proc, timeout=timeout)
 

@@ -6,9 +6,20 @@ from __future__ import annotations
 import asyncio
 import time
 
-from bench.celeryref import celery_reference
+from bench.celeryref import CeleryRef, celery_references
 from bench.fleet import Fleet
-from bench.load import agents_on, clients_for, dispatch, enroll_to_file, schedule_to_start
+from bench.load import (
+    BATCH,
+    BATCH_CONCURRENCY,
+    SUBMIT_CONCURRENCY,
+    agents_on,
+    clients_for,
+    dispatch,
+    dispatch_many,
+    enroll_to_file,
+    schedule_to_start,
+    submit_many_missing,
+)
 from bench.profiling import sampled
 from bench.results import Context, Figure, ScenarioResult, Summary, percentile
 from bench.simagent import KIND
@@ -36,63 +47,153 @@ async def _profile_dispatch(
 async def run_dispatch(ctx: Context) -> ScenarioResult:
     result = ScenarioResult(
         "dispatch",
-        "dispatch: 8 agents, no-op tasks, durable Postgres state, mTLS, quotas and audit on",
+        "dispatch: 8 simulated agents, no-op tasks, durable Postgres state, mTLS, quotas and "
+        "audit on",
     )
     count = ctx.scale(5000, 150)
     celery_count = ctx.scale(5000, 500)
+    missing = submit_many_missing()
     result.notes.append(
-        f"{count} tasks per run for Muster, {celery_count} for Celery; Muster: 8 simulated "
-        "agents (max_concurrency 4) in one "
-        f"process, {AGENTS * 4} slots, 32 concurrent submitters on one channel, end = the agent "
-        "holds the server's Ack (result durably recorded). Celery: apply_async x N, then "
-        "ResultSet.join_native on the Redis backend; prefork worker, concurrency 2."
+        f"{count} tasks per run for Muster, {celery_count} for each Celery peer; Muster: 8 "
+        f"simulated agents (max_concurrency 4) in one process, {AGENTS * 4} slots; single "
+        f"Submit: {SUBMIT_CONCURRENCY} concurrent submitters on one channel; SubmitMany: "
+        f"{BATCH_CONCURRENCY} concurrent calls of {BATCH} tasks; end = the agent holds the "
+        "server's Ack (result durably recorded). Celery: apply_async x N, then "
+        "ResultSet.join_native; prefork worker, concurrency 2 (Redis: broker and result "
+        "backend; RabbitMQ: persistent messages, acks_late, prefetch multiplier 1, rpc:// "
+        "results). Server CPU per task: the server process's user + system CPU time "
+        "(/proc) over the measured window, divided by the tasks."
     )
+    if missing:
+        result.notes.append(f"SubmitMany: not available ({missing}).")
+    single: list[float] = []
+    many: list[float] = []
+    cpu_single: list[float] = []
+    cpu_many: list[float] = []
     async with Stack.create(ctx.workdir) as stack:
         a = await stack.start("a")
         creds = ctx.workdir / "creds.json"
         await enroll_to_file(a, AGENTS, creds, "disp")
         async with (
-            celery_reference(ctx.workdir) as celery,
+            celery_references(ctx.workdir) as peers,
             agents_on([a], creds, AGENTS, ctx.workdir) as fleets,
             clients_for([a]) as clients,
         ):
             await dispatch(clients, fleets, WARMUP)
-            muster, ref = [], []
+            if not missing:
+                await dispatch_many(clients, fleets, WARMUP)
+            refs: dict[str, list[float]] = {p.peer: [] for p in peers}
             for _ in range(ctx.runs):
-                muster.append((await dispatch(clients, fleets, count)).throughput)
-                ref.append(await asyncio.to_thread(celery.throughput, celery_count))
-            ratio = _ratios(muster, ref)
-            fig = Figure(
-                "dispatch",
-                "tasks/s submit-to-result",
-                "tasks/s",
-                muster,
-                "Celery end-to-end",
-                ref,
-                "Muster / Celery",
-                ratio,
-                ">= 2x Celery",
-                Summary.of(ratio).median >= 2.0,
-            )
-            result.figures.append(fig)
-            if not fig.met and ctx.profile:
+                cpu = a.tree_cpu()
+                single.append((await dispatch(clients, fleets, count)).throughput)
+                cpu_single.append(micros_per_task(a.tree_cpu() - cpu, count))
+                if not missing:
+                    cpu = a.tree_cpu()
+                    many.append((await dispatch_many(clients, fleets, count)).throughput)
+                    cpu_many.append(micros_per_task(a.tree_cpu() - cpu, count))
+                for peer in peers:
+                    refs[peer.peer].append(await asyncio.to_thread(peer.throughput, celery_count))
+            redis, rabbit = peers
+            result.figures += [
+                against(result.name, "tasks/s, single Submit", single, redis, refs, 2.0,
+                        key="dispatch.redis"),
+                against(result.name, "tasks/s, single Submit", single, rabbit, refs, 2.0,
+                        key="dispatch.rabbitmq"),
+                against(result.name, "tasks/s, SubmitMany", many, redis, refs, 5.0,
+                        key="dispatch.many.redis", missing=missing),
+                Figure(result.name, "server CPU per task, single Submit", "µs", cpu_single,
+                       key="cpu.single"),
+                Figure(result.name, "server CPU per task, SubmitMany", "µs", cpu_many,
+                       key="cpu.many", error=f"not available: {missing}" if missing else ""),
+            ]  # fmt: skip
+            if any(f.met is False for f in result.figures) and ctx.profile:
                 await _profile_dispatch(ctx, result, a, fleets, min(count, 1000))
     return result
 
 
+def micros_per_task(cpu_seconds: float, tasks: int) -> float:
+    return cpu_seconds / tasks * 1e6
+
+
+def against(
+    scenario: str,
+    figure: str,
+    muster: list[float],
+    peer: CeleryRef,
+    refs: dict[str, list[float]],
+    at_least: float,
+    *,
+    key: str = "",
+    missing: str = "",
+) -> Figure:
+    """A throughput figure set against one Celery peer: met when the median of the per-run
+    ratios is at least ``at_least``."""
+    ratio = _ratios(muster, refs[peer.peer]) if muster else []
+    return Figure(
+        scenario,
+        f"{figure} vs {peer.label}",
+        "tasks/s",
+        muster,
+        f"{peer.label} end-to-end",
+        refs[peer.peer],
+        f"Muster / {peer.label}",
+        ratio,
+        f">= {at_least:g}x {peer.label}",
+        None if missing else Summary.of(ratio).median >= at_least,
+        error=f"not available: {missing}" if missing else "",
+        key=key,
+    )
+
+
+def latency_figures(
+    scenario: str,
+    m50: list[float],
+    m99: list[float],
+    peers: list[CeleryRef],
+    c50: dict[str, list[float]],
+    c99: dict[str, list[float]],
+    *,
+    key_prefix: str,
+) -> list[Figure]:
+    """p50 and p99 against each peer; the targets (<= 1x / <= 2x) apply to Celery + Redis,
+    the RabbitMQ peer is reported."""
+    out = []
+    for peer in peers:
+        checked = peer.peer == "redis"
+        for name, mine, theirs, limit in (("p50", m50, c50, 1.0), ("p99", m99, c99, 2.0)):
+            ratio = _ratios(mine, theirs[peer.peer])
+            out.append(
+                Figure(
+                    scenario,
+                    f"{name} vs {peer.label}",
+                    "ms",
+                    mine,
+                    f"{peer.label} round trip {name}",
+                    theirs[peer.peer],
+                    f"Muster / {peer.label}",
+                    ratio,
+                    f"<= {limit:g}x {peer.label}" if checked else "report",
+                    Summary.of(ratio).median <= limit if checked else None,
+                    key=f"{key_prefix}.{name}" if checked else "",
+                )
+            )
+    return out
+
+
 async def run_roundtrip(ctx: Context) -> ScenarioResult:
-    result = ScenarioResult("roundtrip", "single task round trip")
+    result = ScenarioResult("roundtrip", "single task round trip, simulated agents")
     samples = ctx.scale(100, 20)
     result.notes.append(
-        f"{samples} sequential tasks per run, 8 idle agents connected. Muster: SDK "
-        "submit() then wait() (a Watch stream) until SUCCEEDED. Celery: delay().get()."
+        f"{samples} sequential tasks per run, 8 idle simulated agents connected. Muster: SDK "
+        "AsyncClient submit() then wait() (a Watch stream) until SUCCEEDED. Celery (each "
+        "peer): delay().get()."
     )
     async with Stack.create(ctx.workdir) as stack:
         a = await stack.start("a")
         creds = ctx.workdir / "creds.json"
         await enroll_to_file(a, AGENTS, creds, "rt")
         async with (
-            celery_reference(ctx.workdir) as celery,
+            celery_references(ctx.workdir) as peers,
             agents_on([a], creds, AGENTS, ctx.workdir),
             a.client() as client,
         ):
@@ -107,41 +208,21 @@ async def run_roundtrip(ctx: Context) -> ScenarioResult:
 
             for _ in range(10):
                 await one()
-            m50, m99, c50, c99 = [], [], [], []
+            m50: list[float] = []
+            m99: list[float] = []
+            c50: dict[str, list[float]] = {p.peer: [] for p in peers}
+            c99: dict[str, list[float]] = {p.peer: [] for p in peers}
             for _ in range(ctx.runs):
                 lat = [await one() for _ in range(samples)]
                 m50.append(percentile(lat, 50) * 1000)
                 m99.append(percentile(lat, 99) * 1000)
-                clat = await asyncio.to_thread(celery.round_trips, samples)
-                c50.append(percentile(clat, 50) * 1000)
-                c99.append(percentile(clat, 99) * 1000)
-    r50, r99 = _ratios(m50, c50), _ratios(m99, c99)
-    result.figures += [
-        Figure(
-            "roundtrip",
-            "p50",
-            "ms",
-            m50,
-            "Celery round trip p50",
-            c50,
-            "Muster / Celery",
-            r50,
-            "<= Celery",
-            Summary.of(r50).median <= 1.0,
-        ),
-        Figure(
-            "roundtrip",
-            "p99",
-            "ms",
-            m99,
-            "Celery round trip p99",
-            c99,
-            "Muster / Celery",
-            r99,
-            "<= 2x Celery",
-            Summary.of(r99).median <= 2.0,
-        ),
-    ]
+                for peer in peers:
+                    clat = await asyncio.to_thread(peer.round_trips, samples)
+                    c50[peer.peer].append(percentile(clat, 50) * 1000)
+                    c99[peer.peer].append(percentile(clat, 99) * 1000)
+    result.figures += latency_figures(
+        result.name, m50, m99, peers, c50, c99, key_prefix="roundtrip"
+    )
     return result
 
 
@@ -223,6 +304,7 @@ async def run_quota(ctx: Context) -> ScenarioResult:
             ratio,
             ">= 0.9",
             Summary.of(ratio).median >= 0.9,
+            key="quota",
         )
     )
     return result

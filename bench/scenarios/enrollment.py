@@ -97,7 +97,8 @@ async def run(ctx: Context) -> ScenarioResult:
             ratio = [m / r for m, r in zip(muster, ref, strict=True)]
             fig = Figure("enrollment", "enrollments/s", "/s", muster,
                          "raw new TLS connection + unary", ref, "Muster / raw", ratio,
-                         ">= 0.5x raw", Summary.of(ratio).median >= 0.5)  # fmt: skip
+                         ">= 0.5x raw", Summary.of(ratio).median >= 0.5,
+                         key="enrollment")  # fmt: skip
             result.figures.append(fig)
             if not fig.met and ctx.profile:
                 async with sampled(a.pid, ctx.workdir / "profile.txt") as prof:
