@@ -41,6 +41,12 @@ def register(subparsers: Subparsers) -> None:
         "SQLite and a dev CA in ./.muster, in-process quotas.",
     )
     _server_flags(server)
+    server.add_argument(
+        "--workers",
+        type=int,
+        help="server processes on this host sharing the api and agent ports (SO_REUSEPORT); "
+        "more than 1 needs PostgreSQL and Redis (default $MUSTER_WORKERS or 1)",
+    )
     server.set_defaults(func=_run_server)
 
     dev = subparsers.add_parser(
@@ -111,26 +117,46 @@ def _config(args: argparse.Namespace) -> ServerConfig:
         agent_advertise_addr=args.agent_advertise_addr,
         trust_domain=args.trust_domain,
         database_url=args.database_url,
+        workers=getattr(args, "workers", None),
     )
 
 
 def _setup_logging(level: str) -> None:
     if level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError(f"--log-level: {level!r} is not DEBUG, INFO, WARNING or ERROR")
+    worker = os.environ.get("MUSTER_WORKER_INDEX", "")
+    # A --workers worker's lines say which worker wrote them (they share one stderr).
+    who = f"worker {worker} [%(process)d] " if worker.isdigit() else ""
     logging.basicConfig(
         level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s",
         stream=sys.stderr,
     )
 
 
 def _run_server(args: argparse.Namespace) -> int:
     config = _config(args)
+    if config.workers > 1:
+        return asyncio.run(_supervise(config, args.log_level))
     return asyncio.run(_serve(config, None))
+
+
+async def _supervise(config: ServerConfig, log_level: str | None) -> int:
+    """``--workers N``: the parent, which forwards SIGTERM and SIGINT to the workers."""
+    from muster.server.workers import WorkerSupervisor
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    level = log_level or os.environ.get("MUSTER_LOG_LEVEL") or "INFO"
+    return await WorkerSupervisor(config, log_level=level).run(stop)
 
 
 def _run_dev(args: argparse.Namespace) -> int:
     config = _config(args)
+    if config.workers > 1:
+        raise ConfigError("workers: muster dev runs one server process; unset MUSTER_WORKERS")
     from muster.server.dev import run_dev_agent
 
     return asyncio.run(_serve(config, run_dev_agent))
@@ -141,14 +167,33 @@ async def _serve(
 ) -> int:
     from muster.server.allocator import pin_mmap_threshold
     from muster.server.app import start_server
+    from muster.server.workers import ParentLink
 
     pin_mmap_threshold()  # a steady load must not creep the heap (issue 10)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    handle = await start_server(config)
+    parent = ParentLink.from_env()  # set only in a `--workers` worker
+    if parent is not None:
+        parent.watch(stop.set)
     try:
+        handle = await start_server(config)
+    except BaseException:
+        if parent is not None:
+            parent.close()
+        raise
+    try:
+        if parent is not None:
+            await parent.ready(
+                {
+                    "pid": os.getpid(),
+                    "replica_id": config.resolved_replica_id,
+                    "api": handle.api_address,
+                    "agent": handle.agent_endpoint,
+                    "metrics": handle.metrics_address or "",
+                }
+            )
         if handle.admin_token is not None:
             _announce_admin_token(handle.admin_token, config.admin_token_file)
         if companion is not None:
@@ -158,6 +203,8 @@ async def _serve(
         log.info("shutting down")
     finally:
         await handle.stop()
+        if parent is not None:
+            parent.close()
     return 0
 
 

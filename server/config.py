@@ -88,6 +88,14 @@ class ServerConfig:
     """This replica's name in the audit chain and logs; default: the host name."""
     reuse_port: bool = False
     """Bind with SO_REUSEPORT so several replicas on one machine share the listener ports."""
+    workers: int = 1
+    """Server processes on this host (``muster server --workers N``): a parent starts N
+    workers that share the api and agent ports (SO_REUSEPORT), so one host uses all its
+    cores. Each is a replica (``<replica_id>-w<i>``), so N > 1 needs what replicas need:
+    PostgreSQL and Redis. 1: one process, no parent (see ``server/workers.py``)."""
+    worker_index: int = -1
+    """Set by the ``--workers`` parent in each worker's environment (0..N-1): the worker
+    writes ``endpoints.worker<i>.json`` and the parent ``endpoints.json``. -1: not a worker."""
     server_hostnames: tuple[str, ...] = ("localhost",)
     """DNS names put in the server certificate (besides the listeners' IPs)."""
     server_ips: tuple[str, ...] = ("127.0.0.1", "::1")
@@ -234,6 +242,19 @@ class ServerConfig:
             raise ConfigError("enrollment_rate must be > 0 and enrollment_burst >= 1")
         if self.inflight_per_tenant < 1 or self.inflight_per_pool < 0:
             raise ConfigError("inflight_per_tenant must be >= 1 and inflight_per_pool >= 0")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"workers: must be between 1 and {MAX_WORKERS}")
+        if self.workers > 1 and not (
+            self.resolved_database_url.startswith("postgresql") and self.redis_url
+        ):
+            raise ConfigError(
+                "workers: more than one needs PostgreSQL (database_url) and Redis "
+                "(redis_url). Workers are replicas on one host: on SQLite with in-process "
+                "quotas and fan-out each would keep its own rate and in-flight limits, and "
+                "work for another worker's agents would wait for the polling backstop"
+            )
+        if self.worker_index < -1:
+            raise ConfigError("worker_index: must be -1 (not a worker) or at least 0")
         if self.database_pool_size < 1:
             raise ConfigError("database_pool_size: must be at least 1")
         if self.max_payload_bytes < 1024:
@@ -282,7 +303,10 @@ class ServerConfig:
 
     @property
     def endpoints_file(self) -> Path:
-        """``endpoints.json``: the addresses a running server actually bound."""
+        """``endpoints.json``: the addresses a running server actually bound (a worker's
+        own file is ``endpoints.worker<i>.json``; the parent writes ``endpoints.json``)."""
+        if self.worker_index >= 0:
+            return self.data_dir / f"endpoints.worker{self.worker_index}.json"
         return self.data_dir / "endpoints.json"
 
     @property
@@ -361,6 +385,9 @@ def _convert(name: str, raw: str, cls: type[ServerConfig]) -> Any:
             raise ConfigError(f"{name}: {raw!r} is not a number") from None
     return raw
 
+
+MAX_WORKERS = 256
+"""The most server processes ``--workers`` starts on one host."""
 
 MIN_FANOUT_SECRET = 32
 """Characters a fan-out secret must have at least (``secrets.token_hex(32)`` gives 64)."""
