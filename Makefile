@@ -55,6 +55,6 @@ proto-check: proto ## Fail if the committed generated code differs from proto/
 	@test -z "$$(git status --porcelain -- muster/v1)" || (echo "untracked generated files in muster/v1" >&2; exit 1)
 
 .PHONY: bench
-bench: install ## Run the benchmarks (Postgres + Redis on this machine) and write docs/benchmarks.md
+bench: install ## Run the benchmarks (Postgres, Redis, RabbitMQ on this machine), write docs/benchmarks.md, print the targets
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
 	$(BIN)/python -m bench
