@@ -23,7 +23,7 @@ from bench import procs
 from bench.results import Context, Figure, ScenarioResult
 from bench.stack import PG_ADMIN_URL, Replica, Stack
 from muster import AsyncClient, MusterError
-from muster.server.storage.tasks import SUCCEEDED, TERMINAL
+from muster.states import TERMINAL, State
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ async def run(ctx: Context) -> ScenarioResult:
     settled = [(t, r) for t, r in samples if t >= warmup]
     slope = slope_per_10_minutes(settled)
     heap_slope = slope_per_10_minutes([(t, h) for t, h in heap if t >= warmup])
-    succeeded = states.get(SUCCEEDED, 0)
+    succeeded = states.get(State.SUCCEEDED, 0)
     lost = submitted.ok - succeeded
     mib = 2**20
     result.notes.append(

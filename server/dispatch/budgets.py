@@ -22,11 +22,12 @@ from muster.server.metrics import MusterMetrics
 from muster.server.quotas import Quotas, QuotaStoreUnavailable
 from muster.server.quotas.base import BudgetHold
 from muster.server.storage import budgets as budget_store
-from muster.server.storage import tasks as task_store
+from muster.server.storage import taskstore as task_store
 from muster.server.storage import usage as usage_store
 from muster.server.storage.database import Database
-from muster.server.storage.tasks import Claimed, HoldBack
+from muster.server.storage.taskstore import Claimed, HoldBack
 from muster.server.storage.types import utcnow
+from muster.states import HELD, State
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ class BudgetGate:
         if not attempts:
             return 0
         async with self._db.transaction() as session:
-            live = await task_store.held_attempts(session, attempts)
+            live = await self._db.tasks.held_attempts(session, attempts)
             costs = await usage_store.cost_of(session, attempts)
         closed = 0
         for ref in attempts:
@@ -224,10 +225,10 @@ class BudgetGate:
                     pool=name if kind == "pool" else None,
                 )
                 spent.append((rule, total))
-            live = (task_store.QUEUED, *task_store.HELD)
+            live = (State.QUEUED, *HELD)
             for task_id, cap, total in await usage_store.capped_tasks_spent(session, live):
                 spent.append((BudgetRule(f"task:{task_id}", cap, "none"), total))
-            held = await task_store.held_with_reservations(session)
+            held = await self._db.tasks.held_with_reservations(session)
         for rule, total in spent:
             if total:
                 holder = f"restored:{rule.key(now)}"

@@ -11,7 +11,6 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
-from functools import partial
 from typing import Any
 
 import asyncpg
@@ -31,12 +30,14 @@ from muster.server.dispatch.presence import Presence
 from muster.server.dispatch.suspicion import Suspicion, parse_policy
 from muster.server.metrics import MusterMetrics, QueueStats
 from muster.server.storage import identities
-from muster.server.storage import tasks as task_store
+from muster.server.storage import taskstore as task_store
 from muster.server.storage import usage as usage_store
 from muster.server.storage.database import Database
 from muster.server.storage.models import Task
+from muster.server.storage.taskstore import Retry
 from muster.server.storage.types import utcnow
 from muster.signing import signer_key_id
+from muster.states import HELD, TERMINAL, State
 from muster.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class Dispatcher:
         clock: Clock,
     ) -> None:
         self.db = db
+        self.tasks = db.tasks
         self.clock = clock
         """The time of every transition, lease and timeout (tests move a manual one)."""
         self.inflight = inflight
@@ -119,7 +121,7 @@ class Dispatcher:
         values = {
             **values,
             "task_id": values.get("task_id") or new_task_id(),
-            "state": task_store.QUEUED,
+            "state": State.QUEUED,
             "attempt": 1,
             "created_at": now,
             "updated_at": now,
@@ -145,16 +147,14 @@ class Dispatcher:
         # idempotency key does.
         if values.get("idempotency_key") or values.get("signature"):
             async with self.db.transaction() as session:
-                task, created = await task_store.insert_task(session, values)
+                task, created = await self.tasks.insert_or_find(session, values)
                 if created:
                     await record_in(session, submitted(task))
         else:
             task, created = Task(**values), True
             record = submitted(task)
             record.check()  # encoded now, not in the transaction
-            await self.db.group.run_many(
-                "insert", task_store.insert_many, values, audit=lambda _: (record,)
-            )
+            await self.tasks.insert(values, audit=lambda _: (record,))
         if created:
             self.metrics.tasks_submitted.inc()
             self.fanout.wake_pool(task.pool)
@@ -164,7 +164,7 @@ class Dispatcher:
         self, task_id: str, reason: str, *, actor: str, request_id: str
     ) -> Task | None:
         async with self.db.transaction() as session:
-            task = await task_store.request_cancel(session, task_id, reason, now=self.clock.now())
+            task = await self.tasks.request_cancel(session, task_id, reason, now=self.clock.now())
             if task is not None:
                 await record_in(
                     session,
@@ -178,9 +178,9 @@ class Dispatcher:
                 )
         if task is None:
             return None
-        if task.state in task_store.HELD:
+        if task.state in HELD:
             self.fanout.cancel_attempt(task.session_id, task.task_id, task.attempt, task.error)
-        elif task.state == task_store.CANCELLED:
+        elif task.state == State.CANCELLED:
             self.metrics.tasks_finished.labels(outcome=task.state.lower()).inc()
         self.fanout.task_changed(task_id)
         return task
@@ -221,15 +221,8 @@ class Dispatcher:
                 for task in tasks
             ]
 
-        claimed = await self.db.group.run_many(
-            request.key,
-            partial(
-                task_store.claim_many,
-                accept_timeout=self.config.accept_timeout,
-                now=self.clock.now(),
-            ),
-            request,
-            audit=assigned,
+        claimed = await self.tasks.claim(
+            request, accept_timeout=self.config.accept_timeout, now=self.clock.now(), audit=assigned
         )
         claimed = await self._admit(claimed, session_id)
         now = self.clock.now()
@@ -273,13 +266,11 @@ class Dispatcher:
         if held_back or failed:
             now = self.clock.now()
             async with self.db.transaction() as session:
-                await task_store.unclaim(session, held_back, session_id, now=now)
+                await self.tasks.unclaim(session, held_back, session_id, now=now)
                 ended = [
                     task
                     for task, error in failed
-                    if await task_store.fail_claimed(
-                        session, task.task_id, task.attempt, session_id, error, now=now
-                    )
+                    if await self.tasks.fail_claimed(session, task, session_id, error, now=now)
                 ]
                 audits += [
                     AuditRecord(
@@ -289,7 +280,7 @@ class Dispatcher:
                         outcome="error",
                         details={
                             "attempt": task.attempt,
-                            "state": task_store.FAILED,
+                            "state": State.FAILED,
                             "reason": "task spend cap used up",
                         },
                     )
@@ -311,17 +302,17 @@ class Dispatcher:
         sessions = {s.session_id for s in self.hub.streams()}
         if sessions:
             async with self.db.transaction() as session:
-                held = await task_store.held_by_sessions(session, sessions)
+                held = await self.tasks.held_by_sessions(session, sessions)
             await self.inflight.renew(held)
 
     def accept(self, task_id: str, attempt: int, session_id: str) -> asyncio.Future[bool]:
         """Queue the move of an assigned attempt to RUNNING; the future says whether it
         moved. Queued at once, so the attempt's Result, handed in after, is written after
         it (often in the same transaction: an agent that finishes at once costs one)."""
-        moved = self.db.group.submit_many(
-            "accept",
-            partial(task_store.accept_many, lease=self.config.lease_duration, now=self.clock.now()),
+        moved = self.tasks.accept(
             task_store.Acceptance(task_id, attempt, session_id),
+            lease=self.config.lease_duration,
+            now=self.clock.now(),
         )
 
         def announce(done: asyncio.Future[bool]) -> None:
@@ -333,14 +324,8 @@ class Dispatcher:
 
     async def heartbeat(self, session_id: str, attempts: Sequence[tuple[str, int]]) -> None:
         if attempts:
-            await self.db.batched(
-                partial(
-                    task_store.renew_leases,
-                    session_id=session_id,
-                    attempts=attempts,
-                    lease=self.config.lease_duration,
-                    now=self.clock.now(),
-                )
+            await self.tasks.renew_leases(
+                session_id, attempts, lease=self.config.lease_duration, now=self.clock.now()
             )
 
     async def adopt(
@@ -349,12 +334,12 @@ class Dispatcher:
         if not attempts:
             return [], []
         async with self.db.transaction() as session:
-            return await task_store.adopt(
+            return await self.tasks.adopt(
                 session,
                 agent_id,
                 session_id,
                 attempts,
-                self.config.lease_duration,
+                lease=self.config.lease_duration,
                 now=self.clock.now(),
             )
 
@@ -369,35 +354,24 @@ class Dispatcher:
             cap = self.config.max_payload_bytes
             error = f"output of {len(result.output)} bytes exceeds the {cap}-byte cap"
         usage = await self._priced(result)
-        ended: tuple[str, task_store.Finished] | agent_pb2.AckStatus
+        ended: tuple[State, task_store.Finished] | agent_pb2.AckStatus
         if result.refusal:
             ended = await self._end_refused(agent_id, result, output, error, usage)
         elif outcome == agent_pb2.OUTCOME_SUCCEEDED or (
             outcome == agent_pb2.OUTCOME_FAILED and not result.retryable
         ):
             # The common end: one multi-row UPDATE, in a shared transaction.
-            state = (
-                task_store.SUCCEEDED
-                if outcome == agent_pb2.OUTCOME_SUCCEEDED
-                else task_store.FAILED
-            )
+            state = State.SUCCEEDED if outcome == agent_pb2.OUTCOME_SUCCEEDED else State.FAILED
             end = task_store.Ending(
                 result.task_id, result.attempt, agent_id, state, output, error, usage
             )
 
-            def finished(
-                answer: tuple[str, task_store.Finished] | task_store.Current | None,
-            ) -> list[AuditRecord]:
+            def finished(answer: task_store.Ended) -> list[AuditRecord]:
                 if not isinstance(answer, tuple):
                     return []
                 return [_finish_record(agent_id, result, answer[0], usage)]
 
-            answer = await self.db.group.run_many(
-                "finish",
-                partial(task_store.finish_many, now=self.clock.now()),
-                end,
-                audit=finished,
-            )
+            answer = await self.tasks.finish(end, now=self.clock.now(), audit=finished)
             if isinstance(answer, tuple):
                 ended = answer
             else:
@@ -413,7 +387,7 @@ class Dispatcher:
             await self._close_reservation(holder, task, result, usage)
         if usage is not None:
             self.metering.count(task.kind, usage)
-        if new_state in task_store.TERMINAL:
+        if new_state in TERMINAL:
             self.metrics.tasks_finished.labels(outcome=new_state.lower()).inc()
             if task.started_at is not None:
                 self.metrics.task_run_seconds.labels(pool=task.pool, kind=task.kind).observe(
@@ -430,7 +404,7 @@ class Dispatcher:
         if not Metering.reports_usage(result.usage):
             return None
         async with self.db.transaction() as session:
-            found = await task_store.kind_and_model(session, result.task_id)
+            found = await self.tasks.kind_and_model(session, result.task_id)
         if found is None:
             return None  # no such task: the result is stale anyway
         kind, model = found
@@ -460,31 +434,29 @@ class Dispatcher:
         output: bytes,
         error: str,
         usage: usage_store.AttemptCost | None,
-    ) -> tuple[str, task_store.Finished] | agent_pb2.AckStatus:
+    ) -> tuple[State, task_store.Finished] | agent_pb2.AckStatus:
         """The agent refused to run the attempt (a signature it requires is missing or
         does not hold): the task fails for good, whatever ``retryable`` says, and the
         refusal is audited and counted."""
         reason = _refusal_name(result.refusal)
         async with self.db.transaction() as session:
-            conn = await session.connection()
-            finished = await task_store.finish(
-                conn,
-                task_id=result.task_id,
-                attempt=result.attempt,
-                agent_id=agent_id,
-                state=task_store.FAILED,
-                output=output,
-                error=error or f"refused by agent {agent_id} ({reason})",
-                usage=usage,
-                now=self.clock.now(),
+            ending = task_store.Ending(
+                result.task_id,
+                result.attempt,
+                agent_id,
+                State.FAILED,
+                output,
+                error or f"refused by agent {agent_id} ({reason})",
+                usage,
             )
+            finished = await self.tasks.end_attempt(session, ending, now=self.clock.now())
             if finished is None:
-                current = await task_store.attempt_of(conn, result.task_id)
+                current = await self.tasks.attempt_of(session, result.task_id)
                 return _unrecorded(result.attempt, agent_id, current)
-            envelope = await task_store.signature_of(conn, result.task_id)
+            envelope = await self.tasks.signature_of(session, result.task_id)
             await record_in(
                 session,
-                _finish_record(agent_id, result, task_store.FAILED, usage),
+                _finish_record(agent_id, result, State.FAILED, usage),
                 AuditRecord(
                     actor=f"agent:{agent_id}",
                     action="task.refused",
@@ -500,7 +472,7 @@ class Dispatcher:
                 ),
             )
         self.metrics.task_refusals.labels(reason=reason.lower()).inc()
-        return task_store.FAILED, finished
+        return State.FAILED, finished
 
     async def _end_otherwise(
         self,
@@ -510,26 +482,25 @@ class Dispatcher:
         output: bytes,
         error: str,
         usage: usage_store.AttemptCost | None,
-    ) -> tuple[str, task_store.Finished] | agent_pb2.AckStatus:
+    ) -> tuple[State, task_store.Finished] | agent_pb2.AckStatus:
         """A cancelled or retryable end: what happens depends on the task's row."""
         async with self.db.transaction() as session:
-            task = await task_store.get(session, result.task_id)
+            task = await self.tasks.get(session, result.task_id)
             if task is None:
                 return agent_pb2.ACK_STATUS_STALE
-            new_state: str | None
+            new_state: State | None
             if outcome == agent_pb2.OUTCOME_CANCELLED and task.cancel_requested:
-                finished = await task_store.finish(
-                    await session.connection(),
-                    task_id=task.task_id,
-                    attempt=result.attempt,
-                    agent_id=agent_id,
-                    state=task_store.CANCELLED,
-                    output=output,
-                    error=task.error or error,
-                    usage=usage,
-                    now=self.clock.now(),
+                ending = task_store.Ending(
+                    task.task_id,
+                    result.attempt,
+                    agent_id,
+                    State.CANCELLED,
+                    output,
+                    task.error or error,
+                    usage,
                 )
-                new_state = task_store.CANCELLED if finished else None
+                finished = await self.tasks.end_attempt(session, ending, now=self.clock.now())
+                new_state = State.CANCELLED if finished else None
             else:
                 reason = error or (
                     "cancelled by the agent" if outcome == agent_pb2.OUTCOME_CANCELLED else "failed"
@@ -537,23 +508,22 @@ class Dispatcher:
                 backoff = max(
                     retry_backoff(result.attempt), timedelta(seconds=_retry_after(result))
                 )
-                new_state = await task_store.retry_or_fail(
-                    session,
-                    task_id=task.task_id,
-                    attempt=result.attempt,
-                    error=reason,
-                    backoff=backoff,
-                    extra_where=[Task.agent_id == agent_id],
+                retry = Retry(
+                    task.task_id,
+                    result.attempt,
+                    reason,
+                    backoff,
                     rate_limited=result.rate_limited,
-                    now=self.clock.now(),
+                    agent_id=agent_id,
                 )
+                new_state = await self.tasks.retry_or_fail(session, retry, now=self.clock.now())
                 if new_state is not None and usage is not None:
                     await usage_store.record(
                         await session.connection(),
                         [usage_store.Used(task.task_id, result.attempt, agent_id, usage)],
                     )
             if new_state is None:
-                current = task_store.Current(task.attempt, task.agent_id, task.state)
+                current = task_store.Current(task.attempt, task.agent_id, State(task.state))
                 return _unrecorded(result.attempt, agent_id, current)
             await record_in(session, _finish_record(agent_id, result, new_state, usage))
             return new_state, task_store.Finished(
@@ -563,18 +533,11 @@ class Dispatcher:
     async def release_session(self, session_id: str, reason: str) -> None:
         """A stream ended: every attempt it still holds goes back to the queue (or ends)."""
         async with self.db.transaction() as session:
-            held = await task_store.held_by_session(session, session_id)
+            held = await self.tasks.held_by_session(session, session_id)
             outcomes = []
             for h in held:
-                state = await task_store.retry_or_fail(
-                    session,
-                    task_id=h.task_id,
-                    attempt=h.attempt,
-                    error=reason,
-                    backoff=timedelta(0),
-                    extra_where=[Task.session_id == session_id],
-                    now=self.clock.now(),
-                )
+                retry = Retry(h.task_id, h.attempt, reason, session_id=session_id)
+                state = await self.tasks.retry_or_fail(session, retry, now=self.clock.now())
                 outcomes.append((h, state))
             await record_in(session, *_requeue_records(outcomes, reason))
         await self._announce_requeues(outcomes)
@@ -587,11 +550,11 @@ class Dispatcher:
         now = self.clock.now()
         until = now + self.config.handover_grace
         async with self.db.transaction() as session:
-            held = await task_store.held_by_session(session, session_id)
+            held = await self.tasks.held_by_session(session, session_id)
             unsent = [h for h in held if (h.task_id, h.attempt) not in sent]
             if unsent:
                 await self._unclaim(session, unsent, session_id, now)
-            kept = await task_store.hand_over(session, session_id, until, now=now)
+            kept = await self.tasks.hand_over(session, session_id, until, now=now)
             await record_in(session, *_given_back_records(unsent))
         await self._given_back(unsent)
         return kept
@@ -604,15 +567,15 @@ class Dispatcher:
             await record_in(session, *_given_back_records(claimed))
         await self._given_back(claimed)
 
-    @staticmethod
     async def _unclaim(
+        self,
         session: AsyncSession,
         attempts: Sequence[task_store.Claimed | task_store.Held],
         session_id: str,
         now: datetime,
     ) -> None:
         back = [task_store.HoldBack(a.task_id, a.attempt, now) for a in attempts]
-        await task_store.unclaim(session, back, session_id, now=now)
+        await self.tasks.unclaim(session, back, session_id, now=now)
 
     async def _given_back(self, attempts: Sequence[task_store.Claimed | task_store.Held]) -> None:
         for task in attempts:
@@ -623,13 +586,15 @@ class Dispatcher:
             self.fanout.task_changed(task.task_id)
             self.fanout.wake_pool(task.pool)
 
-    async def _announce_requeues(self, outcomes: list[tuple[task_store.Held, str | None]]) -> None:
+    async def _announce_requeues(
+        self, outcomes: list[tuple[task_store.Held, State | None]]
+    ) -> None:
         for held, state in outcomes:
             if state is None:
                 continue
             await self._let_go(held)
             self.fanout.task_changed(held.task_id)
-            if state == task_store.QUEUED:
+            if state == State.QUEUED:
                 self.fanout.wake_pool(held.pool)
             else:
                 self.metrics.tasks_finished.labels(outcome=state.lower()).inc()
@@ -645,32 +610,20 @@ class Dispatcher:
     async def reap(self) -> None:
         """Requeue lost leases, stop overrunning attempts, time out late tasks."""
         now = self.clock.now()
-        outcomes: list[tuple[task_store.Held, str | None]] = []
+        outcomes: list[tuple[task_store.Held, State | None]] = []
         async with self.db.transaction() as session:
-            for h in await task_store.expired_leases(session, now):
-                state = await task_store.retry_or_fail(
-                    session,
-                    task_id=h.task_id,
-                    attempt=h.attempt,
-                    error="lease expired",
-                    backoff=timedelta(0),
-                    extra_where=[Task.lease_expires_at < now],
-                    now=now,
+            for h in await self.tasks.expired_leases(session, now):
+                retry = Retry(h.task_id, h.attempt, "lease expired", lease_expired_before=now)
+                outcomes.append((h, await self.tasks.retry_or_fail(session, retry, now=now)))
+            for h in await self.tasks.overrun_attempts(session, now):
+                retry = Retry(
+                    h.task_id,
+                    h.attempt,
+                    "start-to-close timeout exceeded",
+                    exhausted_state=State.TIMED_OUT,
                 )
-                outcomes.append((h, state))
-            for h in await task_store.overrun_attempts(session, now):
-                state = await task_store.retry_or_fail(
-                    session,
-                    task_id=h.task_id,
-                    attempt=h.attempt,
-                    error="start-to-close timeout exceeded",
-                    backoff=timedelta(0),
-                    exhausted_state=task_store.TIMED_OUT,
-                    now=now,
-                )
-                outcomes.append((h, state))
-            ended: list[tuple[str, int, str]] = []
-            timed_out = await task_store.time_out_expired(session, now, ended=ended)
+                outcomes.append((h, await self.tasks.retry_or_fail(session, retry, now=now)))
+            timed_out, ended = await self.tasks.time_out_expired(session, now)
             await record_in(
                 session,
                 *_requeue_records(outcomes, "lease expired or attempt overran"),
@@ -678,15 +631,15 @@ class Dispatcher:
                     AuditRecord(
                         actor="server",
                         action="task.finish",
-                        target=task_id,
+                        target=end.task_id,
                         outcome="error",
                         details={
-                            "attempt": attempt,
-                            "state": task_store.TIMED_OUT,
-                            "reason": reason,
+                            "attempt": end.attempt,
+                            "state": State.TIMED_OUT,
+                            "reason": end.reason,
                         },
                     )
-                    for task_id, attempt, reason in ended
+                    for end in ended
                 ),
             )
         for h, state in outcomes:
@@ -720,7 +673,7 @@ class Dispatcher:
         async with self.db.transaction() as session:
             revoked = await identities.revoked_since(session, since)
             disabled = await identities.disabled_agents(session, {s.agent_id for s in streams})
-            cancels = await task_store.cancel_requested(session, sessions)
+            cancels = await self.tasks.cancel_requested(session, sessions)
         for agent_id, serial in revoked:
             self.hub.close_agent(
                 agent_id,
@@ -741,7 +694,7 @@ class Dispatcher:
             self.hub.found_claimable({})
             return
         async with self.db.transaction() as session:
-            claimable = await task_store.claimable(session, pools, now=self.clock.now())
+            claimable = await self.tasks.claimable(session, pools, now=self.clock.now())
         found: dict[str, set[str]] = {}
         for pool, kind, count in claimable:
             found.setdefault(pool, set()).add(kind)
@@ -755,7 +708,7 @@ class Dispatcher:
 
     async def refresh_queue_gauges(self) -> None:
         async with self.db.transaction() as session:
-            stats = await task_store.queue_stats(session)
+            stats = await self.tasks.queue_stats(session)
         now = self.clock.now()
         self.metrics.update_queues(
             {
@@ -766,7 +719,7 @@ class Dispatcher:
 
 
 def _finish_record(
-    agent_id: str, result: agent_pb2.Result, state: str, usage: usage_store.AttemptCost | None
+    agent_id: str, result: agent_pb2.Result, state: State, usage: usage_store.AttemptCost | None
 ) -> AuditRecord:
     """The audit record of an attempt ended by its agent's Result."""
     details: dict[str, Any] = {"attempt": result.attempt, "state": state}
@@ -776,21 +729,21 @@ def _finish_record(
         actor=f"agent:{agent_id}",
         action="task.finish",
         target=result.task_id,
-        outcome="ok" if state == task_store.SUCCEEDED else "error",
+        outcome="ok" if state == State.SUCCEEDED else "error",
         details=details,
     )
 
 
 def _requeue_records(
-    outcomes: list[tuple[task_store.Held, str | None]], reason: str
+    outcomes: list[tuple[task_store.Held, State | None]], reason: str
 ) -> list[AuditRecord]:
     """The audit records of attempts the server took back (requeued, or ended for good)."""
     return [
         AuditRecord(
             actor="server",
-            action="task.requeue" if state == task_store.QUEUED else "task.finish",
+            action="task.requeue" if state == State.QUEUED else "task.finish",
             target=held.task_id,
-            outcome="ok" if state == task_store.QUEUED else "error",
+            outcome="ok" if state == State.QUEUED else "error",
             details={"attempt": held.attempt, "state": state, "reason": reason},
         )
         for held, state in outcomes
@@ -809,7 +762,7 @@ def _given_back_records(
             target=task.task_id,
             details={
                 "attempt": task.attempt,
-                "state": task_store.QUEUED,
+                "state": State.QUEUED,
                 "reason": "claimed as its stream began draining; never sent",
             },
         )
@@ -840,7 +793,7 @@ def _unrecorded(
     if (
         current is not None
         and (current.attempt, current.agent_id) == (attempt, agent_id)
-        and current.state in task_store.TERMINAL
+        and current.state in TERMINAL
     ):
         return agent_pb2.ACK_STATUS_DUPLICATE
     return agent_pb2.ACK_STATUS_STALE

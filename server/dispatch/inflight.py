@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from muster.server.drain import Drain, OnError
 from muster.server.quotas import Quotas, QuotaStoreUnavailable
-from muster.server.storage.tasks import Held
+from muster.server.storage.taskstore import Held
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,9 @@ from muster.server.dispatch.hub import NewStream
 from muster.server.dispatch.suspicion import RATE_WINDOW, RateWatch
 from muster.server.services import convert
 from muster.server.services.validation import KIND
-from muster.server.storage import tasks as task_store
+from muster.server.storage import taskstore as task_store
 from muster.server.storage.types import utcnow
+from muster.states import State
 from muster.v1 import agent_pb2
 
 log = logging.getLogger(__name__)
@@ -781,7 +782,7 @@ class AgentSession:
         attempt the agent lost (fine), or one it never held (suspicious): no such task, an
         attempt that never was, or the current attempt of another agent."""
         async with self.dispatcher.db.transaction() as session:
-            current = await task_store.attempt_of(await session.connection(), task_id)
+            current = await self.dispatcher.tasks.attempt_of(session, task_id)
         if (
             current is None
             or attempt > current.attempt
@@ -789,7 +790,7 @@ class AgentSession:
                 attempt == current.attempt
                 and (
                     current.agent_id not in (None, self.agent_id)
-                    or current.state == task_store.QUEUED  # a queued attempt nobody held
+                    or current.state == State.QUEUED  # a queued attempt nobody held
                 )
             )
         ):

@@ -16,6 +16,7 @@ from muster.server.quotas import BudgetUsage
 from muster.server.services.waiting import NOTHING, Waiting, held_back_code
 from muster.server.storage import models
 from muster.server.storage.presence import LiveSession
+from muster.states import State
 from muster.v1 import admin_pb2, common_pb2
 
 _ROLES = {"submitter": admin_pb2.ROLE_SUBMITTER, "admin": admin_pb2.ROLE_ADMIN}
@@ -50,7 +51,7 @@ def task(
     """A task as the API shows it; ``attempts``: its per-attempt usage rows, if loaded;
     ``waiting``: why it waits (services/waiting.py), if worked out; else what dispatch
     last recorded."""
-    if row.state != "QUEUED":
+    if row.state != State.QUEUED:
         waiting = NOTHING
     elif waiting is None:
         waiting = Waiting(held_back_code(row.waiting_reason), row.waiting_reason)

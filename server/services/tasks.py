@@ -31,11 +31,11 @@ from muster.server.services.validation import (
     enum_value,
     timestamp,
 )
-from muster.server.storage import tasks as task_store
 from muster.server.storage import usage as usage_store
 from muster.server.storage.models import Task
 from muster.server.storage.types import utcnow
 from muster.signing import EnvelopeError, check_submitted
+from muster.states import TERMINAL, State
 from muster.v1 import common_pb2, task_pb2, task_pb2_grpc
 
 MAX_ATTEMPTS = 20
@@ -214,7 +214,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             name = enum_value(common_pb2.TaskState, state, "states").removeprefix("TASK_STATE_")
             if name == "UNSPECIFIED":
                 raise invalid("states: TASK_STATE_UNSPECIFIED is not a state")
-            states.append(name)
+            states.append(State(name))
         # Filters: what no task can have matches nothing, but NUL and control
         # characters are refused rather than sent to the database.
         check_text(request.pool, "pool", 63)
@@ -222,7 +222,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         before = _decode_page_token(request.page_token) if request.page_token else None
         principal = current_principal.get()
         async with self._db.transaction() as session:
-            rows = await task_store.list_tasks(
+            rows = await self._db.tasks.list_tasks(
                 session,
                 states=states,
                 pool=request.pool,
@@ -276,7 +276,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                     async with self._db.transaction() as session:
                         why = await self._why(session, [task])
                     yield convert.task(task, waiting=why.get(task.task_id))
-                if task.state in task_store.TERMINAL:
+                if task.state in TERMINAL:
                     return
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), poll)
@@ -287,7 +287,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             raise invalid("task_id: required")
         check_text(task_id, "task_id", MAX_TASK_ID)
         async with self._db.transaction() as session:
-            task = await task_store.get(session, task_id)
+            task = await self._db.tasks.get(session, task_id)
         principal = current_principal.get()
         if task is None or not (principal.is_admin or task.owner == principal.tenant):
             raise not_found(f"no task {task_id[:60]!r}")

@@ -22,9 +22,9 @@ from muster.server.dispatch.budgets import (
 from muster.server.dispatch.inflight import STORE_DOWN
 from muster.server.storage import presence as presence_store
 from muster.server.storage.models import Task
+from muster.states import State
 from muster.v1 import common_pb2
 
-QUEUED = "QUEUED"
 Reader = AsyncSession | AsyncConnection
 """Reads work on an ORM session or, inside group commit, on its connection."""
 WAITING_FOR_SLOT = "waiting for a slot"
@@ -113,7 +113,7 @@ async def explain(
     ``hold_fresh`` after (a held task is claimed again as soon as its hold ends and an
     agent has room, and held again if the cause remains). After that it still counts,
     unless every agent that could run the task is busy: then that is why it waits."""
-    queued = [t for t in tasks if t.state == QUEUED]
+    queued = [t for t in tasks if t.state == State.QUEUED]
     if not queued:
         return {}
     seen = await snapshot(reader, {t.pool for t in queued}, now)
@@ -143,7 +143,7 @@ async def check_submitted(
 
 def why(seen: Snapshot, task: Task, now: datetime, hold_fresh: timedelta) -> Waiting:
     """The first reason that holds, in the order of ``WaitingReason``."""
-    if task.state != QUEUED:
+    if task.state != State.QUEUED:
         return NOTHING
     pool, kind = task.pool, task.kind
     enrolled = len(seen.enrolled.get(pool, ()))

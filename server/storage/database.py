@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from muster.server.storage.batch import GroupCommit, Trail, Work
+from muster.server.storage.taskstore import TaskStore, open_task_store
 
 T = TypeVar("T")
 
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 
 class Database:
     """Owns the engine. Services touch the database through ``transaction()`` (an ORM
-    session) or, for the small writes of the task hot path, ``batched()``."""
+    session), ``batched()`` for small writes, and ``tasks``, the task store, whose hot
+    path group-commits by itself."""
 
     def __init__(
         self,
@@ -64,6 +66,8 @@ class Database:
         )
         self.audit_chain = audit_chain
         self.group = GroupCommit(self.engine, trail=_audit_trail(audit_chain))
+        self.tasks: TaskStore = open_task_store(self.dialect, self.group)
+        """The task store for this backend, picked here once (storage/taskstore)."""
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncSession]:

@@ -17,9 +17,9 @@ from muster.agent.daemon import Agent
 from muster.agent.executors import ExecutorRegistry
 from muster.server.app import ServerHandle, start_server
 from muster.server.dispatch.session import AgentSession
-from muster.server.storage import tasks as task_store
 from muster.server.storage.models import AuditEvent, Task
 from muster.server.storage.types import utcnow
+from muster.states import State
 from muster.v1 import agent_pb2
 from tests.agent.conftest import GateExecutor
 from tests.agentsim import Enrolled, Enroller, SimAgent
@@ -208,7 +208,7 @@ async def test_a_claim_given_back_keeps_its_attempt_number(
     )
     await stream.dispatcher.give_back(claimed, stream.session_id)
     (row,) = (await rows(server, [task.task_id])).values()
-    assert (row.state, row.attempt, row.session_id) == (task_store.QUEUED, 1, None)
+    assert (row.state, row.attempt, row.session_id) == (State.QUEUED, 1, None)
     # Claimable again, still as attempt 1.
     await agent.finish(first)
     agent.send(credit=agent_pb2.Credit(credits=1))

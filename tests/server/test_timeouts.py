@@ -11,11 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import insert
 
 from muster import AsyncClient, TaskState
 from muster.server.app import ServerHandle, start_server
 from muster.server.clock import ManualClock, sleep_unless
-from muster.server.storage import tasks as task_store
+from muster.server.storage.models import Task
+from muster.states import State
 from muster.v1 import agent_pb2
 from tests.agentsim import Enroller, SimAgent
 from tests.conftest import server_config
@@ -167,7 +169,7 @@ def _row(n: int, now: datetime, **overrides: Any) -> dict[str, Any]:
         "pool": "busy",
         "selector": {},
         "priority": 0,
-        "state": task_store.RUNNING,
+        "state": State.RUNNING,
         "attempt": 1,
         "max_attempts": 1,
         "owner": "admin",
@@ -197,7 +199,7 @@ async def test_one_overdue_among_hundreds_of_running_times_out(
         "start_to_close": {"start_to_close_timeout": 5.0},
         "deadline": {"deadline": now + timedelta(seconds=5)},
         "schedule_to_start": {
-            "state": task_store.QUEUED,
+            "state": State.QUEUED,
             "agent_id": None,
             "session_id": None,
             "lease_expires_at": None,
@@ -207,7 +209,7 @@ async def test_one_overdue_among_hundreds_of_running_times_out(
     }[timeout]
     rows = [_row(n, now) for n in range(BUSY)] + [_row(BUSY, now, **late)]
     # One multi-row INSERT, in the order given: the overdue row is the last one written.
-    await server.db.batched(lambda conn: task_store.insert_many(conn, rows))
+    await server.db.batched(lambda conn: conn.execute(insert(Task), rows))
     overdue = f"t_busy{BUSY:05d}"
 
     await tick(clock, 4)
@@ -233,12 +235,12 @@ async def test_the_most_overdue_come_first_and_the_rest_next_pass(
     still overdue at the next pass, so a backlog drains in order."""
     now = clock.now()
     rows = [_row(n, now, start_to_close_timeout=float(10 + n)) for n in range(5)]
-    await server.db.batched(lambda conn: task_store.insert_many(conn, rows))
+    await server.db.batched(lambda conn: conn.execute(insert(Task), rows))
     later = now + timedelta(seconds=100)
     async with server.db.transaction() as session:
-        first = await task_store.overrun_attempts(session, later, limit=2)
-        everything = await task_store.overrun_attempts(session, later)
-        none_yet = await task_store.overrun_attempts(session, now + timedelta(seconds=10))
+        first = await server.db.tasks.overrun_attempts(session, later, limit=2)
+        everything = await server.db.tasks.overrun_attempts(session, later)
+        none_yet = await server.db.tasks.overrun_attempts(session, now + timedelta(seconds=10))
     assert [h.task_id for h in first] == ["t_busy00000", "t_busy00001"]
     assert [h.task_id for h in everything] == [f"t_busy{n:05d}" for n in range(5)]
     assert none_yet == []  # exactly at its timeout is not yet past it
