@@ -16,7 +16,7 @@ from muster import _requests
 from muster._base import AsyncClientBase
 from muster._convert import Payload, Seconds, task_from_proto
 from muster._errors_map import translate
-from muster._types import Task, TaskState
+from muster._types import SubmitOutcome, Task, TaskSpec, TaskState
 from muster._wait import Waiter
 from muster.signing import TaskSigner
 from muster.v1 import task_pb2, task_pb2_grpc
@@ -81,6 +81,26 @@ class AsyncClient(AsyncClientBase["task_pb2_grpc.TaskServiceAsyncStub"]):
         )
         response = await self._transport.unary(self._stub.Submit, request)
         return task_from_proto(response.task, submit_warning=response.warning)
+
+    async def submit_many(self, items: Iterable[TaskSpec]) -> builtins.list[SubmitOutcome]:
+        """Queue many tasks in few calls; one :class:`SubmitOutcome` per item, in order.
+
+        Each item (a :class:`TaskSpec`, the arguments of :meth:`submit`) is checked and
+        submitted as :meth:`submit` would be, and fails alone: its outcome has ``.task``
+        (with ``submit_warning``) or ``.error``, the MusterError :meth:`submit` would
+        have raised (InvalidArgumentError, QuotaExceededError with ``retry_after``...).
+        Items go in calls of at most 1,000 items and 3 MiB. An idempotency key works
+        per item; an item repeating the key of an earlier item gets that item's task.
+
+        Raises only for the whole call (AuthenticationError, UnavailableError...): the
+        calls before the failing one were submitted, so with idempotency keys the whole
+        list can be submitted again safely.
+        """
+        batches = _requests.SubmitMany(items)
+        for batch in batches.batches:
+            response = await self._transport.unary(self._stub.SubmitMany, batch.request)
+            batches.settle(batch, response)
+        return batches.outcomes()
 
     async def get(self, task_id: str) -> Task:
         """The task as it is now; NotFoundError if there is no such task."""

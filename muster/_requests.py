@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+import grpc
 
 from muster._convert import (
     Payload,
     Seconds,
     encode_payload,
     encode_schema,
+    task_from_proto,
     to_duration,
     to_timestamp,
     usd_to_micros,
 )
-from muster._types import Role, TaskState
-from muster.errors import InvalidArgumentError
+from muster._errors_map import _BY_CODE
+from muster._types import Role, SubmitOutcome, TaskSpec, TaskState
+from muster.errors import InvalidArgumentError, MusterError, QuotaExceededError
 from muster.signing import TaskSigner
 from muster.v1 import admin_pb2, task_pb2
 
@@ -73,6 +78,107 @@ def submit(
         # Last: the signature covers the request as it will be sent.
         req.signature.CopyFrom(signer.sign(req))
     return req
+
+
+MAX_SUBMIT_MANY = 1000
+"""The server's cap on items per SubmitMany call (task.proto)."""
+MAX_SUBMIT_MANY_BYTES = 3 << 20
+"""Request bytes per SubmitMany call: the response carries each task back, payload
+included, and must fit the client's 4 MiB receive cap (and the server's message cap)."""
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def submit_spec(spec: TaskSpec) -> task_pb2.SubmitRequest:
+    """The SubmitRequest ``submit`` would send for these arguments."""
+    if not isinstance(spec, TaskSpec):
+        raise TypeError(f"submit_many takes TaskSpec items, not {type(spec).__name__}")
+    return submit(
+        spec.kind,
+        spec.payload,
+        pool=spec.pool,
+        selector=spec.selector,
+        priority=spec.priority,
+        max_attempts=spec.max_attempts,
+        idempotency_key=spec.idempotency_key,
+        schedule_to_start_timeout=spec.schedule_to_start_timeout,
+        start_to_close_timeout=spec.start_to_close_timeout,
+        deadline=spec.deadline,
+        max_cost_usd=spec.max_cost_usd,
+        output_schema=spec.output_schema,
+        signer=spec.signer,
+    )
+
+
+@dataclass
+class SubmitManyBatch:
+    """One SubmitMany call and the positions of its items among all the items."""
+
+    indexes: list[int] = field(default_factory=list)
+    request: task_pb2.SubmitManyRequest = field(default_factory=task_pb2.SubmitManyRequest)
+    size: int = 0
+
+
+class SubmitMany:
+    """The calls ``submit_many`` makes (at most 1,000 items and 3 MiB each), and the
+    outcome of every item in the caller's order: an item the SDK cannot encode is
+    refused here, alone, and never sent."""
+
+    def __init__(self, items: Iterable[TaskSpec]) -> None:
+        self._outcomes: list[SubmitOutcome | None] = []
+        self.batches: list[SubmitManyBatch] = []
+        for index, spec in enumerate(items):
+            try:
+                request = submit_spec(spec)
+            except MusterError as err:
+                self._outcomes.append(SubmitOutcome(error=err))
+                continue
+            self._outcomes.append(None)
+            size = request.ByteSize() + 8  # the field's tag and length
+            batch = self.batches[-1] if self.batches else None
+            if (
+                batch is None
+                or len(batch.indexes) >= MAX_SUBMIT_MANY
+                or batch.size + size > MAX_SUBMIT_MANY_BYTES
+            ):
+                batch = SubmitManyBatch()
+                self.batches.append(batch)
+            batch.indexes.append(index)
+            batch.request.items.append(request)
+            batch.size += size
+
+    def settle(self, batch: SubmitManyBatch, response: task_pb2.SubmitManyResponse) -> None:
+        """Record what the server answered for ``batch``."""
+        if len(response.results) != len(batch.indexes):
+            raise MusterError(
+                f"the server answered {len(response.results)} results "
+                f"for {len(batch.indexes)} items"
+            )
+        for index, result in zip(batch.indexes, response.results, strict=True):
+            self._outcomes[index] = submit_outcome(result)
+
+    def outcomes(self) -> list[SubmitOutcome]:
+        """Every item's outcome, in order (once every batch is settled)."""
+        done = [o for o in self._outcomes if o is not None]
+        if len(done) != len(self._outcomes):
+            raise RuntimeError("SubmitMany.outcomes() before every batch was settled")
+        return done
+
+
+def submit_outcome(result: task_pb2.SubmitManyResult) -> SubmitOutcome:
+    if result.WhichOneof("outcome") == "response":
+        response = result.response
+        return SubmitOutcome(task=task_from_proto(response.task, submit_warning=response.warning))
+    error = result.error
+    code = _CODES.get(error.code)
+    message = error.message or (code.name if code is not None else "refused")
+    cls = _BY_CODE.get(code, MusterError) if code is not None else MusterError
+    if cls is QuotaExceededError:
+        retry_after = None
+        if error.HasField("retry_after"):
+            retry_after = error.retry_after.ToTimedelta().total_seconds()
+        return SubmitOutcome(error=QuotaExceededError(message, retry_after=retry_after))
+    return SubmitOutcome(error=cls(message))
 
 
 def check_limit(limit: int | None) -> None:

@@ -15,7 +15,7 @@ from muster import _requests
 from muster._base import SyncClientBase
 from muster._convert import Payload, Seconds, task_from_proto
 from muster._errors_map import translate
-from muster._types import Task, TaskState
+from muster._types import SubmitOutcome, Task, TaskSpec, TaskState
 from muster._wait import Waiter
 from muster.signing import TaskSigner
 from muster.v1 import task_pb2, task_pb2_grpc
@@ -67,6 +67,15 @@ class Client(SyncClientBase[task_pb2_grpc.TaskServiceStub]):
         )
         response = self._transport.unary(self._stub.Submit, request)
         return task_from_proto(response.task, submit_warning=response.warning)
+
+    def submit_many(self, items: Iterable[TaskSpec]) -> builtins.list[SubmitOutcome]:
+        """Queue many tasks in few calls; one outcome per item, in order; see
+        :meth:`AsyncClient.submit_many`."""
+        batches = _requests.SubmitMany(items)
+        for batch in batches.batches:
+            response = self._transport.unary(self._stub.SubmitMany, batch.request)
+            batches.settle(batch, response)
+        return batches.outcomes()
 
     def get(self, task_id: str) -> Task:
         """The task as it is now; NotFoundError if there is no such task."""

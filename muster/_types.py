@@ -7,9 +7,14 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from muster.money import usd
+
+if TYPE_CHECKING:
+    from muster._convert import Payload, Seconds
+    from muster.errors import MusterError
+    from muster.signing import TaskSigner
 
 
 class TaskState(enum.IntEnum):
@@ -251,6 +256,44 @@ class Task:
 
     def payload_json(self) -> Any:
         return json.loads(self.payload)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """One task to submit with ``submit_many``: exactly the arguments of ``submit``.
+
+    ``payload``: bytes as is, str as UTF-8, dict/list as compact JSON; timeouts are
+    timedeltas or seconds (None: the server default); ``deadline`` must be aware.
+    """
+
+    kind: str
+    payload: Payload = None
+    pool: str = "default"
+    selector: Mapping[str, str] | None = None
+    priority: int = 0
+    max_attempts: int | None = None
+    idempotency_key: str | None = None
+    schedule_to_start_timeout: Seconds | None = None
+    start_to_close_timeout: Seconds | None = None
+    deadline: datetime | None = None
+    max_cost_usd: float | None = None
+    output_schema: str | Mapping[str, Any] | None = None
+    signer: TaskSigner | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitOutcome:
+    """What ``submit_many`` made of one item: its ``task``, or the ``error`` (a
+    :class:`muster.MusterError`, e.g. InvalidArgumentError) that refused it alone."""
+
+    task: Task | None = None
+    """As ``submit`` returns it (``submit_warning`` included); None when refused."""
+    error: MusterError | None = None
+    """Why this item was refused; None when it was accepted."""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
 
 
 @dataclass(frozen=True, slots=True)

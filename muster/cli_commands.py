@@ -1,5 +1,5 @@
-"""The client subcommands of ``muster`` (submit, task, key, token, api-token, tenant,
-agents, cert, budget, pool, audit).
+"""The client subcommands of ``muster`` (submit, submit-many, task, key, token,
+api-token, tenant, agents, cert, budget, pool, audit).
 
 Registered through the ``muster.commands`` entry point ``client``. Each handler uses
 the blocking SDK clients and returns an exit code; MusterErrors reach the dispatcher,
@@ -9,10 +9,12 @@ which prints them as one line.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import re
 import sys
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -34,6 +36,8 @@ from muster._cli_format import (
     token_status,
     waiting_text,
 )
+from muster._requests import MAX_SUBMIT_MANY
+from muster._submit_lines import Line, read_lines
 from muster._sync_client import Client
 from muster._types import Role, Task, TaskState
 from muster.cli import Subparsers, command_group
@@ -60,6 +64,7 @@ def register(subparsers: Subparsers) -> None:
     """Add the client commands to the ``muster`` parser."""
     common = _common_flags()
     _add_submit(subparsers, common)
+    _add_submit_many(subparsers, common)
     _add_task(subparsers, common)
     _add_key(subparsers)
     _add_token(subparsers, common)
@@ -332,6 +337,106 @@ def _report_final(task: Task, as_json: bool) -> int:
         reason = f": {neutralize(task.error, single_line=True)}" if task.error else ""
         _err(f"muster: task {task.task_id} {task.state.name}{reason}")
     return 0 if task.succeeded else 1
+
+
+# submit-many
+
+
+def _add_submit_many(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
+    p = _leaf(
+        subparsers,
+        "submit-many",
+        common,
+        "Queue many tasks from JSON lines; print one line per task: its id, or the error",
+    )
+    p.description = (
+        "Queue many tasks from JSON lines, one task per line, with keys named like "
+        "`muster submit`'s options: kind (required), payload (a string sent as given, "
+        "any other JSON value as JSON), pool, selector (or labels: an object, or a list "
+        "of 'K=V'), priority, max_attempts, idempotency_key, schedule_to_start_timeout "
+        "and start_to_close_timeout (seconds or '30s'), deadline (ISO 8601), "
+        "max_cost_usd, output_schema (an object). Prints one line per task, in input "
+        "order: its id, or 'error: line N: ...'. Exits 1 if any line failed."
+    )
+    p.add_argument(
+        "file", metavar="FILE", nargs="?", default="-", help="JSON lines ('-' or absent: stdin)"
+    )
+    p.add_argument(
+        "--sign-key", metavar="FILE", help="sign every task with this Ed25519 private key"
+    )
+    p.add_argument(
+        "--sign-valid-for",
+        type=_duration_arg,
+        metavar="DURATION",
+        help=f"with --sign-key: how long the signatures hold (default "
+        f"{DEFAULT_VALIDITY.total_seconds() / 3600:g}h)",
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object per task: line, task or error"
+    )
+    p.set_defaults(func=_submit_many)
+
+
+def _submit_many(args: argparse.Namespace) -> int:
+    signer = _signer(args)
+    if args.file == "-":
+        return _submit_lines(args, sys.stdin.buffer, signer)
+    try:
+        with Path(args.file).open("rb") as lines:
+            return _submit_lines(args, lines, signer)
+    except OSError as err:
+        raise ConfigError(f"cannot read {args.file!r}: {err.strerror}") from err
+
+
+def _submit_lines(
+    args: argparse.Namespace, lines: Iterable[bytes], signer: TaskSigner | None
+) -> int:
+    """Send the lines in chunks of the server's per-call maximum, printing as each ends."""
+    failed = total = 0
+    with _client(args) as client:
+        chunk: list[Line] = []
+        for line in itertools.chain(read_lines(lines, signer), [None]):
+            if line is not None:
+                chunk.append(line)
+                if len(chunk) < MAX_SUBMIT_MANY:
+                    continue
+            specs = [entry.spec for entry in chunk if entry.spec is not None]
+            outcomes = iter(client.submit_many(specs) if specs else [])
+            for entry in chunk:
+                total += 1
+                error: Exception | None = entry.error
+                task = None
+                if entry.spec is not None:
+                    outcome = next(outcomes)
+                    task, error = outcome.task, outcome.error
+                failed += error is not None
+                _print_line(entry.number, task, error, args.json)
+            chunk = []
+    if failed:
+        _err(f"muster: {failed} of {total} tasks were not submitted")
+    return 1 if failed else 0
+
+
+def _print_line(number: int, task: Task | None, error: Exception | None, as_json: bool) -> None:
+    if as_json:
+        if task is not None:
+            _out(json.dumps({"line": number, "task": json.loads(to_json(task))}))
+        else:
+            message = str(error) or type(error).__name__
+            _out(
+                json.dumps(
+                    {"line": number, "error": {"type": type(error).__name__, "message": message}}
+                )
+            )
+        return
+    if task is not None:
+        if task.submit_warning:
+            warning = neutralize(task.submit_warning, single_line=True)
+            _err(f"muster: warning: line {number}: {warning}")
+        _out(task.task_id)
+    else:
+        # Server messages may quote the input: shown, never obeyed.
+        _out(f"error: line {number}: {neutralize(str(error), single_line=True)}")
 
 
 # task

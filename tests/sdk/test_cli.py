@@ -82,6 +82,7 @@ def test_the_client_commands_exist() -> None:
         sorted(
             [
                 ("submit",),
+                ("submit-many",),
                 ("key", "generate"),
                 ("key", "public"),
                 ("task", "get"),
