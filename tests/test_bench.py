@@ -4,12 +4,17 @@ report. It checks that the harness works, not how fast anything is."""
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import redis
+
+from bench.stack import REDIS_URL
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -204,6 +209,7 @@ def test_quick_runs_measure_both_celery_peers_real_daemons_and_server_cpu(
     pytest.importorskip("celery", reason="the Celery peers need the bench extra")
     if shutil.which("rabbitmqctl") is None:
         pytest.skip("the RabbitMQ peer needs a local RabbitMQ (rabbitmqctl)")
+    prefix = f"muster-bench-test-{secrets.token_hex(4)}"
     proc = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--runs", "1", "--output", str(tmp_path),
          "dispatch", "roundtrip-daemons"],
@@ -211,6 +217,7 @@ def test_quick_runs_measure_both_celery_peers_real_daemons_and_server_cpu(
         capture_output=True,
         text=True,
         timeout=290,
+        env={**os.environ, "BENCH_CELERY_PREFIX": prefix},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "benchmarks.json").read_text())
@@ -226,7 +233,13 @@ def test_quick_runs_measure_both_celery_peers_real_daemons_and_server_cpu(
     assert many["error"].startswith("not available") or many["muster"][0] > 0
     assert "Targets (issue 12):" in proc.stdout
     assert "## Targets (issue 12)" in (tmp_path / "benchmarks.md").read_text()
+    # Each peer cleaned up after itself: the RabbitMQ vhost and the Redis keys are gone.
     vhosts = subprocess.run(
         ["rabbitmqctl", "-q", "list_vhosts"], capture_output=True, text=True, timeout=60
     )
-    assert "muster-bench" not in vhosts.stdout  # the run's vhost is gone
+    assert vhosts.returncode == 0 and f"{prefix}-rabbitmq" not in vhosts.stdout.split()
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        assert client.keys(f"{prefix}*") == []
+    finally:
+        client.close()
