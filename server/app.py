@@ -2,7 +2,9 @@
 
 ``start_server(config)`` returns a running :class:`ServerHandle` with the real bound
 ports (bind port 0 in tests); ``await handle.stop()`` shuts it down gracefully. Signal
-handling lives in the CLI, not here.
+handling lives in the CLI, not here. Every background task is supervised
+(server/supervisor.py): when one crashes, health turns NOT_SERVING and the server stops
+itself the way ``stop()`` does; ``handle.crash`` then says which one.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from muster.server.services.tasks import TaskService
 from muster.server.storage import identities
 from muster.server.storage.database import Database
 from muster.server.storage.migrate import ensure_schema
+from muster.server.supervisor import Crash, Supervisor
 from muster.server.token_cache import ApiTokenCache
 from muster.v1 import (
     admin_pb2,
@@ -111,10 +114,13 @@ class ServerHandle:
     _quotas: Quotas
     presence: Presence
     """Cluster-wide presence as this replica writes and reads it (tests move its clock)."""
+    supervisor: Supervisor
+    """Owns the background tasks; its first crash stops the server."""
     _background: list[asyncio.Task[None]] = field(default_factory=list)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     """Set by :meth:`stop`: background loops finish their pass and return."""
-    _stopped: bool = False
+    _stop_task: asyncio.Task[None] | None = None
+    _stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def metrics_address(self) -> str | None:
@@ -132,11 +138,31 @@ class ServerHandle:
         """Wait until every audit event queued so far is in the database."""
         await self._audit.flush()
 
+    @property
+    def crash(self) -> Crash | None:
+        """The background task whose crash stopped the server, if one did."""
+        return self.supervisor.crash
+
     async def stop(self, grace: float | None = None) -> None:
-        """Drain agents, stop both listeners, then flush the audit trail and close the database."""
-        if self._stopped:
-            return
-        self._stopped = True
+        """Drain agents, stop both listeners, then flush the audit trail and close the
+        database. Idempotent: a second call (or one after a crash began the shutdown)
+        waits for the same shutdown."""
+        if self._stop_task is None:
+            self._stop_task = asyncio.ensure_future(self._stop(grace))
+        await asyncio.shield(self._stop_task)
+
+    async def wait_stopped(self) -> None:
+        """Wait until the server has stopped (after :meth:`stop`, or after a crash)."""
+        await self._stopped.wait()
+
+    def _crashed(self, crash: Crash) -> None:
+        """A background task crashed: the shutdown of SIGTERM, health NOT_SERVING first."""
+        if self._stop_task is None:
+            self._stop_task = asyncio.ensure_future(self._stop(None))
+            self._stop_task.add_done_callback(_log_stop_failure)
+
+    async def _stop(self, grace: float | None) -> None:
+        self.supervisor.stop()  # from here on, background tasks end because we end them
         grace = self.config.shutdown_grace.total_seconds() if grace is None else grace
         await self._health.enter_graceful_shutdown()
         # A handover, not a requeue: every agent is sent Drain and reconnects with its
@@ -157,8 +183,12 @@ class ServerHandle:
         for task in self._background:
             task.cancel()  # the backstop, for a pass that hangs
         for task in self._background:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task  # an error was the supervisor's to report
+        # What the on-demand writers hold (suspicion reports, releases, transactions).
+        with contextlib.suppress(TimeoutError):
+            drains = [drain.wait() for drain in self.supervisor.drains.values()]
+            await asyncio.wait_for(asyncio.gather(*drains), BACKGROUND_STOP_TIMEOUT)
         if self._metrics_http is not None:
             await self._metrics_http.close()
         await self._fanout.close()
@@ -167,10 +197,16 @@ class ServerHandle:
         await self._audit.close()
         await self.db.close()
         self.config.endpoints_file.unlink(missing_ok=True)
+        self._stopped.set()
         log.info("server stopped")
 
     async def wait(self) -> None:
         await self._api.wait_for_termination()
+
+
+def _log_stop_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("stopping the server after a crash failed", exc_info=task.exception())
 
 
 async def start_server(
@@ -194,10 +230,14 @@ async def start_server(
     )
     cleanup = contextlib.AsyncExitStack()
     cleanup.push_async_callback(db.close)
+    supervisor = Supervisor()
     try:
-        return await _start(config, db, cleanup, tuple(extra_api_handlers), clock or SystemClock())
+        return await _start(
+            config, db, cleanup, supervisor, tuple(extra_api_handlers), clock or SystemClock()
+        )
     except BaseException:
         # Whatever started is stopped again: no half-running server, no leaked sockets.
+        supervisor.stop()
         await cleanup.aclose()
         raise
 
@@ -206,9 +246,11 @@ async def _start(
     config: ServerConfig,
     db: Database,
     cleanup: contextlib.AsyncExitStack,
+    supervisor: Supervisor,
     extra_api_handlers: tuple[grpc.GenericRpcHandler, ...],
     clock: Clock,
 ) -> ServerHandle:
+    db.group.on_crash = supervisor.hook("group-commit", db.group.drain)
     await ensure_schema(db, config.migrate)
     keys = key_store(config)  # the HSM of MUSTER_CA_SIGNER (logged in), or the CA's key files
     reloader = await CAReloader.open(
@@ -259,6 +301,8 @@ async def _start(
     cleanup.push_async_callback(quotas.close)
     audit = AuditWriter(db, spool_path=config.data_dir / "audit-spool")
     audit.start()
+    assert audit.task is not None
+    supervisor.watch("audit-writer", audit.task)
     cleanup.push_async_callback(audit.close)
     metrics.audit_queue_depth.set_function(lambda: audit.depth)
     metrics.audit_spool_bytes.set_function(lambda: audit.spool_bytes)
@@ -274,9 +318,12 @@ async def _start(
         rejected=lambda reason: metrics.fanout_rejected.labels(reason).inc(),
     )
     await fanout.start()
+    for name, task in fanout.tasks.items():
+        supervisor.watch(name, task)
     cleanup.push_async_callback(fanout.close)
     metrics.agents_connected.set_function(hub.connected_by_pool)
     inflight = InflightLimits(quotas)
+    supervisor.adopt("inflight-release", inflight.releaser)
     budgets = BudgetGate(db, quotas, metrics)
     if not config.redis_url:
         await budgets.restore()  # the in-process store starts empty
@@ -291,6 +338,7 @@ async def _start(
         Metering(prices, metrics),
         clock=clock,
     )
+    supervisor.adopt("suspicion-reports", dispatcher.suspicion.reports)
 
     token_cache = ApiTokenCache()
     agent_server = grpc.aio.server(
@@ -411,10 +459,12 @@ async def _start(
         _inflight=inflight,
         _quotas=quotas,
         presence=dispatcher.presence,
+        supervisor=supervisor,
     )
     reloader.on_change = partial(_ca_changed, server_certs, hub)
     handle._background.append(
-        asyncio.create_task(
+        supervisor.start(
+            "reaper",
             _reaper(
                 dispatcher,
                 reloader,
@@ -423,14 +473,14 @@ async def _start(
                 stopping=handle._stopping,
                 clock=clock,
             ),
-            name="reaper",
         )
     )
     handle._background.append(
-        asyncio.create_task(server_certs.run(handle._stopping), name="server-certificate")
+        supervisor.start("server-certificate", server_certs.run(handle._stopping))
     )
     _write_endpoints(handle)
     cleanup.pop_all()  # the handle owns everything now
+    supervisor.on_crash(handle._crashed)  # at once, if one crashed while starting
     log.info(
         "muster server up: api %s, agents %s, metrics %s, data %s",
         api_port,

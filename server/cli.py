@@ -183,6 +183,7 @@ async def _serve(
         if parent is not None:
             parent.close()
         raise
+    handle.supervisor.on_crash(lambda _crash: stop.set())  # then as on SIGTERM, exit 1
     try:
         if parent is not None:
             await parent.ready(
@@ -205,7 +206,7 @@ async def _serve(
         await handle.stop()
         if parent is not None:
             parent.close()
-    return 0
+    return 1 if handle.crash is not None else 0  # a background task crashed
 
 
 def _ca_init(args: argparse.Namespace) -> int:

@@ -80,7 +80,8 @@ class Drain(Generic[T]):
         self._bound = bound
         self._max_batch = max_batch
         self._weight = weight
-        self._on_error = on_error
+        self.on_error = on_error
+        """Told of a crash; may be set after construction (by a supervisor)."""
         self._queue: deque[T] = deque()
         self._task: asyncio.Task[None] | None = None
         self._paused = paused
@@ -210,10 +211,10 @@ class Drain(Generic[T]):
 
     def _crashed(self, err: BaseException) -> None:
         self.error = err
-        if self._on_error is None:
+        if self.on_error is None:
             log.error("%s crashed", self.name, exc_info=err)
             return
         try:
-            self._on_error(err)
+            self.on_error(err)
         except Exception:
             log.exception("the error hook of %s failed", self.name)

@@ -109,6 +109,12 @@ class AuditWriter:
         """Bytes of events in the spool, waiting for the database."""
         return sum(segment.size for segment in self._segments)
 
+    @property
+    def task(self) -> asyncio.Task[None] | None:
+        """The writing loop once started: it ends only at :meth:`close` (the server's
+        supervisor watches it)."""
+        return self._task
+
     def start(self) -> None:
         """Adopt an earlier run's spool (replayed first) and start writing."""
         if self._spool_dir is not None:
@@ -161,7 +167,12 @@ class AuditWriter:
         self._wake.set()
         self._space.set()
         if self._task is not None:
-            await self._task
+            await asyncio.wait([self._task])  # a crash was the supervisor's to report
+            crashed = self._task.cancelled() or self._task.exception() is not None
+            if crashed and (self._buffer or self._segments):
+                # Its last pass, here: what is buffered goes to the database or spool.
+                log.warning("the audit writer had stopped; writing what it held")
+                await self._run()
         for segment in self._segments:
             segment.close()
         self._segments.clear()

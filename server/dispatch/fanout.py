@@ -74,6 +74,12 @@ class Fanout:
         """True when announcements reach other replicas."""
         return self._redis is not None
 
+    @property
+    def tasks(self) -> dict[str, asyncio.Task[None]]:
+        """The publishing and subscribing loops by name, with Redis (else none): they run
+        until :meth:`close` (the server's supervisor watches them)."""
+        return {task.get_name(): task for task in self._tasks}
+
     async def start(self) -> None:
         if self._redis is None:
             return
@@ -87,9 +93,8 @@ class Fanout:
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # One that crashed before was the supervisor's to report: no error here.
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._redis is not None:
             await self._redis.aclose()
 

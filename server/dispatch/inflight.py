@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from muster.server.drain import Drain, OnError
+from muster.server.drain import Drain
 from muster.server.quotas import Quotas, QuotaStoreUnavailable
 from muster.server.storage.taskstore import Held
 
@@ -21,12 +21,10 @@ STORE_DOWN = "waiting for the quota store: dispatch stops while it is unreachabl
 
 
 class InflightLimits:
-    def __init__(self, quotas: Quotas, *, on_crash: OnError | None = None) -> None:
-        """``on_crash``: told if the releaser crashes (an error other than the store
-        being unreachable); releases are then refused (their leases expire)."""
+    def __init__(self, quotas: Quotas) -> None:
         self._quotas = quotas
         self._releaser: Drain[tuple[str, str, str]] = Drain(
-            self._release_all, name="inflight-release", on_error=on_crash
+            self._release_all, name="inflight-release"
         )
 
     async def admit(self, owner: str, pool: str, holder: str) -> str | None:
@@ -56,7 +54,9 @@ class InflightLimits:
 
     @property
     def releaser(self) -> Drain[tuple[str, str, str]]:
-        """The single writer of the releases (a supervisor watches its crashes)."""
+        """The single writer of the releases. Should it crash (an error other than the
+        store being unreachable), later releases are dropped (their leases expire) and
+        its error hook is told (the server's supervisor)."""
         return self._releaser
 
     async def _release_all(self, batch: list[tuple[str, str, str]]) -> None:

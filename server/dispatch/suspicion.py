@@ -31,11 +31,11 @@ one row, not thousands; the metric counts every event.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -43,6 +43,7 @@ import grpc
 from sqlalchemy import func, select
 
 from muster.server.audit import AuditRecord, AuditWriter, record_in
+from muster.server.drain import Drain
 from muster.server.metrics import MusterMetrics
 from muster.server.storage import identities
 from muster.server.storage.database import Database
@@ -81,6 +82,8 @@ one is the schedule (1/2..2/3 of the lifetime), the rest retries after a lost an
 HELLO_REFUSALS = 5
 """Refused Hellos of one agent within ``HELLO_WINDOW`` before it is suspicious."""
 HELLO_WINDOW = 600.0
+MAX_REPORTS = 10_000
+"""Reports waiting to be audited (and applied) before more are dropped (still counted)."""
 
 
 def parse_policy(text: str) -> dict[str, str]:
@@ -145,6 +148,18 @@ class RateWatch:
         return self._count
 
 
+@dataclass(frozen=True)
+class Report:
+    """One flag to audit and act on."""
+
+    kind: str
+    agent_id: str
+    actor: str
+    peer: str
+    action: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
 class Suspicion:
     def __init__(
         self,
@@ -168,7 +183,11 @@ class Suspicion:
         self.clock = clock
         self._flagged: dict[tuple[str, str], float] = {}
         self._refusals: dict[str, deque[float]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self.reports: Drain[Report] = Drain(
+            self._report_all, name="suspicion-reports", bound=MAX_REPORTS
+        )
+        """Audits and applies the flags one at a time, behind the callers (the server's
+        supervisor watches it for a crash)."""
 
     def action(self, kind: str) -> str:
         return self._policy.get(kind, "log")
@@ -199,22 +218,17 @@ class Suspicion:
                 del self._flagged[key]
         action = self.action(kind)
         log.warning("agent %s is suspicious (%s; policy %s)", agent_id, kind, action)
-        task = asyncio.create_task(
-            self._report(kind, agent_id, actor, peer, dict(details or {}), action),
-            name=f"suspicious-{kind}",
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        report = Report(kind, agent_id, actor, peer, action, dict(details or {}))
+        if not self.reports.offer(report):
+            log.warning("suspicious agent %s (%s) not audited: too many reports", agent_id, kind)
 
-    async def _report(
-        self,
-        kind: str,
-        agent_id: str,
-        actor: str,
-        peer: str,
-        details: dict[str, Any],
-        action: str,
-    ) -> None:
+    async def _report_all(self, reports: list[Report]) -> None:
+        for report in reports:
+            await self._report(report)
+
+    async def _report(self, report: Report) -> None:
+        kind, agent_id, actor, action = report.kind, report.agent_id, report.actor, report.action
+        peer, details = report.peer, report.details
         try:
             await self._audit.submit(
                 AuditRecord(
