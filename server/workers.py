@@ -333,12 +333,12 @@ class WorkerSupervisor:
                         )
                         _signal(worker, signal.SIGKILL)
                 await asyncio.wait(everything)
-        codes = [w.process.returncode for w in self._workers if w.process is not None]
-        for worker in self._workers:
+        started = [w for w in self._workers if w.process is not None]
+        for worker in started:
             assert worker.process is not None
             if worker.process.returncode != 0:
                 log.warning("worker %d %s", worker.index, _ended(worker.process.returncode))
-        return 0 if all(code == 0 for code in codes) else 1
+        return 0 if all(w.process and w.process.returncode == 0 for w in started) else 1
 
     def _write_endpoints(self) -> None:
         """``endpoints.json``: the shared addresses, this parent's pid and each worker's."""

@@ -10,6 +10,7 @@ import os
 import secrets
 import signal
 import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,30 @@ async def test_more_than_one_worker_on_sqlite_is_refused(tmp_path: Path) -> None
     assert not (tmp_path / "data" / "endpoints.json").exists()
 
 
+async def test_a_worker_that_cannot_start_stops_the_parent_with_its_code(tmp_path: Path) -> None:
+    """Worker 0 cannot reach its database: the parent starts no other worker, exits with
+    worker 0's code and leaves no endpoints.json."""
+    log = tmp_path / "server.log"
+    parent = await procs.spawn(
+        "server", "--workers", "2", "--data-dir", str(tmp_path / "data"), cwd=tmp_path, log=log,
+        environ=procs.env(
+            MUSTER_API_ADDR="127.0.0.1:0",
+            MUSTER_AGENT_ADDR="127.0.0.1:0",
+            MUSTER_METRICS_ADDR="",
+            MUSTER_DATABASE_URL="postgresql+asyncpg://muster@127.0.0.1:1/nowhere",
+            MUSTER_REDIS_URL="redis://127.0.0.1:1/0",
+            MUSTER_FANOUT_SECRET=FANOUT_SECRET,
+        ),
+    )  # fmt: skip
+    code = await asyncio.wait_for(parent.wait(), 60)
+    text = log.read_text()
+    assert code == 1, text[-3000:]
+    assert "ERROR muster.server.workers: worker 0 (pid " in text
+    assert "exited with code 1 before it was ready; stopping" in text
+    assert "worker 1 [" not in text  # never started
+    assert not (tmp_path / "data" / "endpoints.json").exists()
+
+
 def scrape(address: str) -> dict[str, float]:
     """``grpc_server_handled_total`` of one worker, per ``service/method``."""
     with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
@@ -110,11 +135,12 @@ def scrape(address: str) -> dict[str, float]:
 
 
 def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, ended but not yet reaped, does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    return True
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 async def until(predicate: Any, timeout: float, what: str) -> Any:
@@ -177,6 +203,12 @@ async def test_two_workers_share_the_ports_survive_a_kill_and_drain_on_sigterm(
                 held = await _agents_per_replica(admin)
                 print(f"Submits per worker: {submits}; agents per worker: {held}")
                 victim = max(endpoints["workers"], key=lambda w: held.get(w["replica_id"], 0))
+                orphans = {
+                    agent.agent_id: agent.connected_at or datetime.max.replace(tzinfo=UTC)
+                    for agent in await admin.list_agents()
+                    if agent.connected and agent.replica == victim["replica_id"]
+                }
+                assert orphans, held
                 second = await _submit(admin_config, 200, {"seconds": 0.2}, connections=4)
                 os.kill(victim["pid"], signal.SIGKILL)
 
@@ -189,7 +221,18 @@ async def test_two_workers_share_the_ports_survive_a_kill_and_drain_on_sigterm(
                 assert "restarting it in" in log.read_text()
                 assert not alive(victim["pid"])
                 await _until_succeeded(url, second, timeout=120)  # no accepted task lost
-                await _until_connected(admin, 4)  # the agents reconnected
+
+                async def reconnected() -> bool:
+                    # The killed worker's agents hold new streams (its presence rows
+                    # outlive it by a few seconds, so "connected" alone proves nothing).
+                    now = {a.agent_id: a for a in await admin.list_agents()}
+                    return all(
+                        now[name].connected and (now[name].connected_at or since) > since
+                        for name, since in orphans.items()
+                    )
+
+                await until(reconnected, 60, "the killed worker's agents reconnect")
+                await _until_connected(admin, 4)
                 third = await _submit(admin_config, 40, {"seconds": 0}, connections=8)
                 await _until_succeeded(url, third)
                 assert await _finishes(url, [*first, *second, *third]) == 300
@@ -205,6 +248,45 @@ async def test_two_workers_share_the_ports_survive_a_kill_and_drain_on_sigterm(
             assert not alive(worker["pid"]), worker
         text = log.read_text()
         assert "worker 0 [" in text and "worker 1 [" in text  # each line says whose it is
+        await _forget_redis(prefix)
+
+
+@postgres_only
+@pytest.mark.timeout(120)
+async def test_workers_drain_and_exit_when_their_parent_dies(tmp_path: Path) -> None:
+    """SIGKILL to the parent, which cannot forward anything: each worker sees its end of
+    the socket pair close and shuts down by itself."""
+    prefix = f"muster-test-{secrets.token_hex(6)}"
+    data = tmp_path / "data"
+    log = tmp_path / "server.log"
+    async with fresh_database() as url:
+        parent = await procs.spawn(
+            "server", "--workers", "2", "--data-dir", str(data), cwd=tmp_path, log=log,
+            environ=procs.env(
+                MUSTER_DATABASE_URL=url,
+                MUSTER_REDIS_URL=REDIS_URL,
+                MUSTER_FANOUT_SECRET=FANOUT_SECRET,
+                MUSTER_REDIS_PREFIX=prefix,
+                MUSTER_API_ADDR="127.0.0.1:0",
+                MUSTER_AGENT_ADDR="127.0.0.1:0",
+                MUSTER_METRICS_ADDR="",
+                **TIMINGS,
+            ),
+        )  # fmt: skip
+        try:
+            endpoints = await procs.wait_for_file(data / "endpoints.json", timeout=90)
+            pids = [w["pid"] for w in endpoints["workers"]]
+            assert all(alive(pid) for pid in pids)
+        finally:
+            await procs.stop(parent, signal.SIGKILL)
+
+        async def gone() -> bool:
+            return not any(alive(pid) for pid in pids)
+
+        await until(gone, 30, "both workers exit after their parent died")
+        text = log.read_text()
+        assert text.count("the --workers parent process is gone: shutting down") == 2, text
+        assert text.count("muster.server.app: server stopped") == 2, text
         await _forget_redis(prefix)
 
 
