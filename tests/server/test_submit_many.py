@@ -5,6 +5,7 @@ record per task created, and the tasks running on an agent's stream."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import grpc
@@ -13,6 +14,7 @@ from sqlalchemy import func, select
 
 from muster import AsyncAdminClient, AsyncClient, TaskState
 from muster.server.app import ServerHandle, start_server
+from muster.server.services.submit_many import submit_many as submit_many_items
 from muster.server.storage import models
 from muster.v1 import agent_pb2, task_pb2
 from tests.agentsim import Enroller, SimAgent
@@ -225,3 +227,47 @@ async def test_submitted_tasks_run_on_an_agent(
         done = await client.wait(task_id, timeout=10)
         assert (done.state, done.output) == (TaskState.SUCCEEDED, bytes([n]))
     await agent.close()
+
+
+async def test_items_run_together_but_a_repeated_key_waits_for_its_earlier_item() -> None:
+    """The order SubmitMany promises, seen from the one Submit path it calls: unkeyed
+    items run while a keyed one is still in flight, and an item repeating a key starts
+    only once the earlier item with that key has been answered."""
+    events: list[str] = []
+    release = asyncio.Event()
+
+    async def submit_one(request: task_pb2.SubmitRequest) -> task_pb2.SubmitResponse:
+        name = request.payload.decode()
+        events.append(f"start {name}")
+        if name == "first":
+            await release.wait()  # answered only after "plain" has started
+        if name == "plain":
+            release.set()
+        await asyncio.sleep(0)
+        events.append(f"end {name}")
+        return task_pb2.SubmitResponse()
+
+    response = await submit_many_items(
+        [
+            item(payload=b"first", idempotency_key="k"),
+            item(payload=b"again", idempotency_key="k"),
+            item(payload=b"plain"),
+        ],
+        submit_one,
+    )
+    assert len(response.results) == 3
+    assert events.index("start plain") < events.index("end first")
+    assert events.index("end first") < events.index("start again")
+
+
+async def test_accepted_items_share_the_group_commits_transactions(
+    server: ServerHandle, client: AsyncClient
+) -> None:
+    group = server.db.group
+    before = (group.transactions, group.items)
+    results = await submit_many(client, [item(payload=str(n).encode()) for n in range(300)])
+    assert all(r.WhichOneof("outcome") == "response" for r in results)
+    transactions, items = group.transactions - before[0], group.items - before[1]
+    # Each item is an insert and a warning check: 600 items; one by one would be 600.
+    assert items >= 600
+    assert transactions <= 30
