@@ -52,6 +52,14 @@ def _parser() -> argparse.ArgumentParser:
         "--rate", type=float, help="soak: echo tasks submitted per second (default 20)"
     )
     parser.add_argument(
+        "--server-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="dispatch and round-trip scenarios: run each Muster server as `--workers N` "
+        "(N processes sharing the ports; default 1: one process)",
+    )
+    parser.add_argument(
         "--no-profile", action="store_true", help="never run py-spy (--quick never does)"
     )
     return parser
@@ -77,6 +85,7 @@ async def _run(
                 profile=not (args.no_profile or args.quick),
                 minutes=args.minutes,
                 rate=args.rate,
+                server_workers=args.server_workers,
             )
             log.info("scenario %s: starting", name)
             started = time.monotonic()
@@ -107,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
         _parser().error("--runs must be at least 1")
     if args.minutes is not None and args.minutes <= 0:
         _parser().error("--minutes must be positive")
+    if args.server_workers < 1:
+        _parser().error("--server-workers must be at least 1")
     if args.rate is not None and args.rate <= 0:
         _parser().error("--rate must be positive")
     names = args.scenarios or list(SCENARIOS)

@@ -111,6 +111,7 @@ async def sampled(pid: int, path: Path) -> AsyncIterator[Profile]:
                 "--output",
                 str(path),
                 "--nonblocking",
+                "--subprocesses",  # a `--workers` server's workers too
             ],
             log_path=path.with_suffix(".log"),
         )

@@ -72,7 +72,9 @@ How it is measured (`bench/`, `python -m bench`, `make bench`):
 - Bench servers keep Muster's defaults except: the submission rate limit is set so high
   that it never refuses (it is still checked, in Redis, on every Submit), the per-peer
   enrollment limit likewise (every simulated agent enrolls from 127.0.0.1), and a 2 s
-  shutdown grace.
+  shutdown grace. Each is one process unless the run says `--server-workers N`: the
+  dispatch, round-trip and schedule scenarios then run each server as `--workers N` (N
+  processes sharing the ports), and their notes say so.
 - Where Muster misses a target, one extra run is profiled with py-spy on the server
   process; the summary is under the scenario's notes.
 - The targets of issue 12 are checked in the first table below: a row is met only when

@@ -100,6 +100,8 @@ class Context:
     """How long the soak scenario runs (None: its own default, shorter with --quick)."""
     rate: float | None = None
     """Tasks per second the soak scenario submits (None: its own default)."""
+    server_workers: int = 1
+    """Server processes per Muster server in the dispatch and round-trip scenarios."""
 
     def scale(self, full: int, quick: int) -> int:
         return quick if self.quick else full

@@ -29,6 +29,14 @@ async def _serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if config.workers > 1:
+        # As `muster server --workers N`: this process is the parent, the workers are
+        # `muster server` processes (they inherit the raised open-file limit).
+        from muster.server.workers import WorkerSupervisor
+
+        level = os.environ.get("MUSTER_LOG_LEVEL", "INFO")
+        await WorkerSupervisor(config, log_level=level).run(stop)
+        return
     handle = await app.start_server(config)
     try:
         await stop.wait()

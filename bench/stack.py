@@ -104,6 +104,8 @@ class Stack:
     database: str
     prefix: str
     replicas: list[Replica] = field(default_factory=list)
+    workers: int = 1
+    """Server processes per replica (``MUSTER_WORKERS``; more than one needs Redis)."""
     fanout_secret: str = field(default_factory=lambda: secrets.token_hex(32), repr=False)
     """The key the replicas sign their Redis fan-out with (required with Redis)."""
 
@@ -113,12 +115,16 @@ class Stack:
 
     @classmethod
     @asynccontextmanager
-    async def create(cls, workdir: Path) -> AsyncIterator[Stack]:
-        """A fresh database migrated by ``muster db upgrade``, a CA made by ``muster ca init``."""
+    async def create(cls, workdir: Path, *, workers: int = 1) -> AsyncIterator[Stack]:
+        """A fresh database migrated by ``muster db upgrade``, a CA made by ``muster ca init``;
+        with ``workers`` > 1 every replica started with Redis runs that many processes."""
         workdir.mkdir(parents=True, exist_ok=True)
         token = secrets.token_hex(5)
         stack = cls(
-            workdir=workdir, database=f"muster_bench_{token}", prefix=f"muster-bench-{token}"
+            workdir=workdir,
+            database=f"muster_bench_{token}",
+            prefix=f"muster-bench-{token}",
+            workers=workers,
         )
         await pg_execute(f'CREATE DATABASE "{stack.database}"')
         try:
@@ -166,6 +172,7 @@ class Stack:
             # Every simulated agent enrolls from 127.0.0.1: the per-peer limit would refuse.
             MUSTER_ENROLLMENT_RATE=ENROLLMENT_RATE,
             MUSTER_ENROLLMENT_BURST=ENROLLMENT_RATE,
+            MUSTER_WORKERS=str(self.workers if redis else 1),
             **{f"MUSTER_{k.upper()}": v for k, v in settings.items()},
         )
         log_path = self.workdir / f"{name}.log"

@@ -10,7 +10,13 @@ from bench.celeryref import celery_references
 from bench.daemons import CALLERS, CONCURRENCY, Callers, daemons_on
 from bench.profiling import sampled
 from bench.results import Context, Figure, ScenarioResult, percentile
-from bench.scenarios.dispatch import AGENTS, against, latency_figures, micros_per_task
+from bench.scenarios.dispatch import (
+    AGENTS,
+    against,
+    latency_figures,
+    micros_per_task,
+    workers_note,
+)
 from bench.stack import Stack
 
 
@@ -33,7 +39,8 @@ async def run_dispatch(ctx: Context) -> ScenarioResult:
     muster: list[float] = []
     cpu: list[float] = []
     latency_p50: list[float] = []
-    async with Stack.create(ctx.workdir) as stack:
+    workers_note(ctx, result)
+    async with Stack.create(ctx.workdir, workers=ctx.server_workers) as stack:
         a = await stack.start("a")
         async with (
             celery_references(ctx.workdir) as peers,
@@ -84,7 +91,8 @@ async def run_roundtrip(ctx: Context) -> ScenarioResult:
         "executor) connected. Muster: one blocking muster.Client, submit() then wait() until "
         "SUCCEEDED. Celery (each peer): delay().get()."
     )
-    async with Stack.create(ctx.workdir) as stack:
+    workers_note(ctx, result)
+    async with Stack.create(ctx.workdir, workers=ctx.server_workers) as stack:
         a = await stack.start("a")
         async with (
             celery_references(ctx.workdir) as peers,

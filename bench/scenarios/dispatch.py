@@ -70,7 +70,8 @@ async def run_dispatch(ctx: Context) -> ScenarioResult:
     many: list[float] = []
     cpu_single: list[float] = []
     cpu_many: list[float] = []
-    async with Stack.create(ctx.workdir) as stack:
+    workers_note(ctx, result)
+    async with Stack.create(ctx.workdir, workers=ctx.server_workers) as stack:
         a = await stack.start("a")
         creds = ctx.workdir / "creds.json"
         await enroll_to_file(a, AGENTS, creds, "disp")
@@ -109,6 +110,14 @@ async def run_dispatch(ctx: Context) -> ScenarioResult:
             if any(f.met is False for f in result.figures) and ctx.profile:
                 await _profile_dispatch(ctx, result, a, fleets, min(count, 1000))
     return result
+
+
+def workers_note(ctx: Context, result: ScenarioResult) -> None:
+    if ctx.server_workers > 1:
+        result.notes.append(
+            f"Muster server: {ctx.server_workers} processes per replica (`--workers "
+            f"{ctx.server_workers}`, SO_REUSEPORT; --server-workers)."
+        )
 
 
 def micros_per_task(cpu_seconds: float, tasks: int) -> float:
@@ -188,7 +197,8 @@ async def run_roundtrip(ctx: Context) -> ScenarioResult:
         "AsyncClient submit() then wait() (a Watch stream) until SUCCEEDED. Celery (each "
         "peer): delay().get()."
     )
-    async with Stack.create(ctx.workdir) as stack:
+    workers_note(ctx, result)
+    async with Stack.create(ctx.workdir, workers=ctx.server_workers) as stack:
         a = await stack.start("a")
         creds = ctx.workdir / "creds.json"
         await enroll_to_file(a, AGENTS, creds, "rt")
@@ -229,7 +239,8 @@ async def run_roundtrip(ctx: Context) -> ScenarioResult:
 async def run_schedule(ctx: Context) -> ScenarioResult:
     result = ScenarioResult("schedule", "schedule-to-start under load")
     seconds = ctx.scale(10, 3)
-    async with Stack.create(ctx.workdir) as stack:
+    workers_note(ctx, result)
+    async with Stack.create(ctx.workdir, workers=ctx.server_workers) as stack:
         a = await stack.start("a")
         creds = ctx.workdir / "creds.json"
         await enroll_to_file(a, AGENTS, creds, "s2s")
