@@ -16,9 +16,11 @@ from muster import AsyncAdminClient, AsyncClient, TaskState
 from muster.server.app import ServerHandle, start_server
 from muster.server.services.submit_many import submit_many as submit_many_items
 from muster.server.storage import models
+from muster.signing import task_id_for
 from muster.v1 import agent_pb2, task_pb2
 from tests.agentsim import Enroller, SimAgent
 from tests.conftest import client_config, server_config
+from tests.server.test_signed_submit import submit_request
 
 
 def item(kind: str = "echo", payload: bytes = b"{}", **fields: object) -> task_pb2.SubmitRequest:
@@ -271,3 +273,30 @@ async def test_accepted_items_share_the_group_commits_transactions(
     # Each item is an insert and a warning check: 600 items; one by one would be 600.
     assert items >= 600
     assert transactions <= 30
+
+
+async def test_signed_items_are_checked_each_and_a_repeated_envelope_is_one_task(
+    server: ServerHandle, client: AsyncClient, admin: AsyncAdminClient
+) -> None:
+    signed = submit_request()
+    tampered = submit_request()
+    tampered.payload = b"altered after signing"
+    results = await submit_many(client, [signed, tampered, signed])
+    first, bad, again = results
+    assert first.response.created
+    assert first.response.task.task_id == task_id_for(signed.signature.statement)
+    assert first.response.task.signature == signed.signature
+    assert bad.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert bad.error.message.startswith("signature")
+    assert (again.response.task.task_id, again.response.created) == (
+        first.response.task.task_id,
+        False,
+    )
+    # Another tenant's copy of the envelope is refused, that item alone.
+    _, secret = await admin.create_api_token("mallory", "submitter", tenant="elsewhere")
+    async with AsyncClient(client_config(server, secret)) as mallory:
+        copied, fresh = await submit_many(mallory, [signed, item(payload=b"own")])
+    assert copied.error.code == grpc.StatusCode.ALREADY_EXISTS.value[0]
+    assert "another tenant submitted this signed task" in copied.error.message
+    assert fresh.response.created
+    assert await task_rows(server) == 2
