@@ -158,8 +158,13 @@ class WorkerSupervisor:
         log_level: str,
         command: Sequence[str] = WORKER_COMMAND,
         environ: Mapping[str, str] | None = None,
+        delay: Callable[[int], float] = restart_delay,
     ) -> None:
+        """``command`` starts one worker; ``environ`` (default: this process's) is the
+        base of its environment; ``delay`` (tests shorten it) maps deaths in a row to
+        seconds before the restart."""
         self._config = config
+        self._delay = delay
         self._log_level = log_level
         self._command = tuple(command)
         self._base = dict(os.environ if environ is None else environ)
@@ -296,7 +301,7 @@ class WorkerSupervisor:
                 return
             uptime = loop.time() - worker.started_at
             worker.failures = 1 if uptime >= STABLE_AFTER else worker.failures + 1
-            delay = restart_delay(worker.failures)
+            delay = self._delay(worker.failures)
             log.warning(
                 "worker %d (pid %d) %s unexpectedly after %.1fs; restarting it in %.1fs",
                 worker.index,

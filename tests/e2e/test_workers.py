@@ -6,9 +6,12 @@ exits 0; more than one worker on SQLite is refused."""
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import secrets
 import signal
+import sys
 import urllib.request
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +28,7 @@ from muster.server.config import ServerConfig
 from muster.server.storage.models import AuditEvent, Task
 from muster.server.workers import (
     MAX_RESTART_DELAY,
+    WorkerSupervisor,
     restart_delay,
     worker_environ,
     worker_metrics_addr,
@@ -119,6 +123,95 @@ async def test_a_worker_that_cannot_start_stops_the_parent_with_its_code(tmp_pat
     assert "exited with code 1 before it was ready; stopping" in text
     assert "worker 1 [" not in text  # never started
     assert not (tmp_path / "data" / "endpoints.json").exists()
+
+
+STAND_IN = """
+import json, os, signal, socket, sys, time
+from pathlib import Path
+
+# A stand-in worker: reports ready as `muster server` does, then follows the script
+# in argv[1] for this worker's start number (a line per start in argv[2]).
+index = int(os.environ["MUSTER_WORKER_INDEX"])
+starts = Path(sys.argv[2]) / f"{index}.starts"
+with starts.open("a") as f:
+    f.write(f"{os.getpid()}\\n")
+start = len(starts.read_text().split())
+plan = json.loads(sys.argv[1]).get(str(index), [])
+step = plan[start - 1] if start <= len(plan) else "serve"
+if step == "die-before-ready":
+    sys.exit(4)
+control = socket.socket(fileno=int(os.environ["MUSTER_WORKER_CONTROL_FD"]))
+ready = {"pid": os.getpid(), "replica_id": os.environ["MUSTER_REPLICA_ID"],
+         "api": os.environ["MUSTER_API_ADDR"], "agent": os.environ["MUSTER_AGENT_ADDR"],
+         "metrics": os.environ["MUSTER_METRICS_ADDR"]}
+control.sendall(json.dumps(ready).encode() + b"\\n")
+if step == "die":
+    sys.exit(3)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+while True:
+    time.sleep(1)
+"""
+
+
+async def test_the_parent_restarts_dying_workers_counting_deaths_in_a_row(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stand-in worker processes (the parent's logic, without a database): worker 1 dies
+    right after being ready, then before being ready, then after again; each restart
+    waits the delay for one more death in a row; the healthy worker 0 is left alone; a
+    stop reaches every worker and the parent reports 0."""
+    config = ServerConfig(
+        data_dir=tmp_path / "data",
+        api_addr="127.0.0.1:0",
+        agent_addr="127.0.0.1:0",
+        metrics_addr="",
+        database_url="postgresql+asyncpg://muster@127.0.0.1:1/unused",
+        redis_url="redis://127.0.0.1:1/0",
+        fanout_secret=FANOUT_SECRET,
+        workers=2,
+    )
+    config.data_dir.mkdir()
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN)
+    plan = {"1": ["die", "die-before-ready", "die"]}
+    deaths: list[int] = []
+
+    def delay(failures: int) -> float:
+        deaths.append(failures)
+        return 0.01
+
+    supervisor = WorkerSupervisor(
+        config,
+        log_level="INFO",
+        command=[sys.executable, str(script), json.dumps(plan), str(tmp_path)],
+        environ=procs.env(),
+        delay=delay,
+    )
+    stop = asyncio.Event()
+    caplog.set_level(logging.INFO, logger="muster.server.workers")
+    running = asyncio.create_task(supervisor.run(stop))
+
+    def starts(index: int) -> list[int]:
+        path = tmp_path / f"{index}.starts"
+        return [int(pid) for pid in path.read_text().split()] if path.exists() else []
+
+    async def restarted() -> bool:
+        return "worker 1 restarted" in caplog.text and len(starts(1)) == 4
+
+    try:
+        await until(restarted, 30, "worker 1 is ready on its fourth start")
+        endpoints = json.loads(config.endpoints_file.read_text())
+        assert [w["pid"] for w in endpoints["workers"]] == [starts(0)[0], starts(1)[3]]
+    finally:
+        stop.set()
+        code = await asyncio.wait_for(running, 30)
+    assert code == 0
+    assert deaths == [1, 2, 3]
+    assert len(starts(0)) == 1
+    assert caplog.text.count("exited with code 3 unexpectedly") == 2
+    assert caplog.text.count("exited with code 4 unexpectedly") == 1
+    assert not config.endpoints_file.exists()
+    assert not any(alive(pid) for pid in [*starts(0), *starts(1)])
 
 
 def scrape(address: str) -> dict[str, float]:
