@@ -5,6 +5,8 @@ the per-call maximum, and the CLI as a real process reading a file and stdin."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import inspect
 import json
 import sys
 from datetime import timedelta
@@ -243,3 +245,14 @@ async def test_the_cli_reads_stdin_and_prints_json_lines(
     ]
     code, _, err = await run_cli(server, "/nonexistent/tasks.jsonl")
     assert code == 1 and "cannot read '/nonexistent/tasks.jsonl'" in err
+
+
+@pytest.mark.parametrize("submit", [Client.submit, AsyncClient.submit])
+def test_a_task_spec_takes_exactly_the_arguments_of_submit(submit: object) -> None:
+    """So the two cannot drift apart: same names, same order, same defaults."""
+    parameters = list(inspect.signature(submit).parameters.values())[1:]  # type: ignore[arg-type]
+    fields = dataclasses.fields(TaskSpec)
+    assert [f.name for f in fields] == [p.name for p in parameters]
+    for f, p in zip(fields, parameters, strict=True):
+        expected = dataclasses.MISSING if p.default is inspect.Parameter.empty else p.default
+        assert f.default == expected, f.name
