@@ -225,6 +225,7 @@ class WorkerSupervisor:
         ]
         stopped = asyncio.create_task(stop.wait(), name="stop")
         done, _ = await asyncio.wait([stopped, *keepers], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
         broken = False
         for task in done:
             if task is not stopped and (error := task.exception()) is not None:

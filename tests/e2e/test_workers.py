@@ -129,7 +129,7 @@ STAND_IN = """
 import json, os, signal, socket, sys, time
 from pathlib import Path
 
-# A stand-in worker: reports ready as `muster server` does, then follows the script
+# A stand-in worker: reports ready as `muster server` does, then follows the plan
 # in argv[1] for this worker's start number (a line per start in argv[2]).
 index = int(os.environ["MUSTER_WORKER_INDEX"])
 starts = Path(sys.argv[2]) / f"{index}.starts"
