@@ -10,6 +10,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from muster.money import usd
+from muster.states import State
 
 if TYPE_CHECKING:
     from muster._convert import Payload, Seconds
@@ -18,20 +19,26 @@ if TYPE_CHECKING:
 
 
 class TaskState(enum.IntEnum):
-    """A task's lifecycle state; values match ``muster.v1.TaskState`` on the wire."""
+    """A task's lifecycle state; values match ``muster.v1.TaskState`` on the wire (both
+    derived from :class:`muster.states.State`, the one list of states)."""
 
-    QUEUED = 1
-    ASSIGNED = 2
-    RUNNING = 3
-    SUCCEEDED = 4
-    FAILED = 5
-    CANCELLED = 6
-    TIMED_OUT = 7
+    QUEUED = State.QUEUED.number
+    ASSIGNED = State.ASSIGNED.number
+    RUNNING = State.RUNNING.number
+    SUCCEEDED = State.SUCCEEDED.number
+    FAILED = State.FAILED.number
+    CANCELLED = State.CANCELLED.number
+    TIMED_OUT = State.TIMED_OUT.number
+
+    @property
+    def state(self) -> State:
+        """The state by name, as the server stores it."""
+        return State[self.name]
 
     @property
     def is_terminal(self) -> bool:
         """True once the task can no longer change state."""
-        return self >= TaskState.SUCCEEDED
+        return self.state.is_terminal
 
     @classmethod
     def parse(cls, value: str | int | TaskState) -> TaskState:

@@ -39,8 +39,8 @@ def duration(seconds: float | timedelta | None) -> Duration | None:
 
 
 def task_state(state: str) -> common_pb2.TaskState:
-    # protoc's stubs type EnumTypeWrapper.Value as plain int; it returns a TaskState value.
-    return cast(common_pb2.TaskState, common_pb2.TaskState.Value(f"TASK_STATE_{state}"))
+    # protoc's stubs type enum values as plain int; State.number is a TaskState value.
+    return cast(common_pb2.TaskState, State(state).number)
 
 
 def task(

@@ -20,9 +20,10 @@ from sqlalchemy import Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from muster.server.storage.models import Agent, AgentSession, Task
+from muster.states import HELD
 
-HELD_STATES = ("ASSIGNED", "RUNNING")
-"""Task states in which an attempt occupies one of its agent's slots (storage/tasks.HELD)."""
+HELD_STATES = HELD
+"""Task states in which an attempt occupies one of its agent's slots."""
 
 _SESSIONS: Table = AgentSession.__table__  # type: ignore[assignment]
 _AGENTS: Table = Agent.__table__  # type: ignore[assignment]

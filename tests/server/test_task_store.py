@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
+from muster import TaskState
 from muster.server.storage import usage as usage_store
 from muster.server.storage.database import Database
 from muster.server.storage.models import Base, Task
@@ -34,6 +35,7 @@ from muster.server.storage.taskstore.sqlite import SqliteTaskStore
 from muster.server.storage.types import utcnow
 from muster.server.storage.usage import AttemptCost
 from muster.states import State
+from muster.v1 import common_pb2
 
 LEASE = timedelta(seconds=30)
 
@@ -134,6 +136,15 @@ def ending(task_id: str, *, agent: str = "a1", state: State = State.SUCCEEDED) -
 async def test_the_store_is_picked_once_for_the_backend(db: Database) -> None:
     expected = PostgresTaskStore if db.dialect == "postgresql" else SqliteTaskStore
     assert type(db.tasks) is expected
+
+
+def test_one_list_of_states_for_storage_wire_and_sdk() -> None:
+    wire = {n.removeprefix("TASK_STATE_") for n in common_pb2.TaskState.DESCRIPTOR.values_by_name}
+    assert wire - {"UNSPECIFIED"} == {s.name for s in State}
+    for state in State:
+        assert common_pb2.TaskState.Value(f"TASK_STATE_{state}") == state.number
+        assert TaskState[state.name] == state.number and TaskState[state.name].state is state
+        assert TaskState[state.name].is_terminal == state.is_terminal
 
 
 # Group commit, hidden inside the store.
