@@ -19,11 +19,13 @@ import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from muster.server.app import API_SERVICES, ServerHandle, start_server
+from muster.server.audit import AuditWriter
 from muster.server.dispatch.suspicion import Report
 from muster.server.drain import Drain
 from muster.server.supervisor import Crash, Supervisor
 from tests.conftest import REDIS_URL, server_config
 from tests.e2e import procs
+from tests.test_audit import event, open_db, rows_by_seq
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -97,6 +99,25 @@ async def test_after_stop_ends_are_expected_and_drain_crashes_arrive_through_the
     assert len(seen) == 1 and quiet.crash is None
     with pytest.raises(ValueError, match="already supervised"):
         quiet.watch("loop", task)
+
+
+async def test_a_crashed_audit_writer_still_writes_what_it_held_when_closed(
+    tmp_path: Path,
+) -> None:
+    db = await open_db(f"sqlite+aiosqlite:///{tmp_path / 'muster.db'}")
+    try:
+        writer = AuditWriter(db, batch_size=100, flush_interval=60)  # holds events a while
+        writer.start()
+        for n in range(3):
+            await writer.submit(event(n))
+        await asyncio.sleep(0)
+        assert writer.task is not None and writer.depth == 3
+        writer.task.cancel()  # the crash: the supervisor reports it; close must not lose
+        await asyncio.wait([writer.task])
+        await writer.close()
+        assert [row.details["n"] for row in await rows_by_seq(db)] == [0, 1, 2]
+    finally:
+        await db.close()
 
 
 # -- each task of a real server --------------------------------------------------------
