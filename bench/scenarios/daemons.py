@@ -70,7 +70,7 @@ async def run_dispatch(ctx: Context) -> ScenarioResult:
                             key="daemons.dispatch.redis"),
                     against(result.name, "tasks/s, submit + wait", muster, rabbit, refs, 2.0,
                             key="daemons.dispatch.rabbitmq"),
-                    Figure(result.name, "server CPU per task, real daemons + submit/wait", "µs", cpu,
+                    Figure(result.name, "server CPU per task, real daemons", "µs", cpu,
                            key="daemons.cpu"),
                     Figure(result.name, "caller's submit-to-result p50 under load", "ms",
                            latency_p50),
