@@ -341,6 +341,12 @@ async def test_two_workers_share_the_ports_survive_a_kill_and_drain_on_sigterm(
             assert not alive(worker["pid"]), worker
         text = log.read_text()
         assert "worker 0 [" in text and "worker 1 [" in text  # each line says whose it is
+        # One audit chain per worker, intact: the killed worker's went on after its restart.
+        for worker in ("host-w0", "host-w1"):
+            code, out, err = await procs.run(
+                "audit", "verify", "--database-url", url, "--chain", worker, cwd=tmp_path
+            )
+            assert (code, out.startswith("OK: ")) == (0, True), (worker, out, err)
         await _forget_redis(prefix)
 
 
