@@ -323,8 +323,11 @@ class WorkerSupervisor:
                 self._write_endpoints()
 
     async def _stop_all(self, keepers: Sequence[asyncio.Task[None]] = ()) -> int:
-        """SIGTERM every running worker and wait for all (SIGKILL after the margin)."""
-        for worker in self._workers:
+        """SIGTERM every running worker and wait for all (SIGKILL after the margin):
+        0 when each exited 0. A worker already dead (waiting for its restart) had its
+        end logged then and does not count."""
+        stopping = [w for w in self._workers if w.running]
+        for worker in stopping:
             _signal(worker, signal.SIGTERM)
         timeout = self._config.shutdown_grace.total_seconds() + STOP_MARGIN
         waits = [w.process.wait() for w in self._workers if w.process is not None]
@@ -339,12 +342,11 @@ class WorkerSupervisor:
                         )
                         _signal(worker, signal.SIGKILL)
                 await asyncio.wait(everything)
-        started = [w for w in self._workers if w.process is not None]
-        for worker in started:
-            assert worker.process is not None
-            if worker.process.returncode != 0:
-                log.warning("worker %d %s", worker.index, _ended(worker.process.returncode))
-        return 0 if all(w.process and w.process.returncode == 0 for w in started) else 1
+        codes = {w.index: w.process.returncode for w in stopping if w.process is not None}
+        for index, code in codes.items():
+            if code != 0:
+                log.warning("worker %d %s after the stop", index, _ended(code))
+        return 0 if all(code == 0 for code in codes.values()) else 1
 
     def _write_endpoints(self) -> None:
         """``endpoints.json``: the shared addresses, this parent's pid and each worker's."""

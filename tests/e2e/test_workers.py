@@ -153,13 +153,8 @@ while True:
 """
 
 
-async def test_the_parent_restarts_dying_workers_counting_deaths_in_a_row(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Stand-in worker processes (the parent's logic, without a database): worker 1 dies
-    right after being ready, then before being ready, then after again; each restart
-    waits the delay for one more death in a row; the healthy worker 0 is left alone; a
-    stop reaches every worker and the parent reports 0."""
+def stand_in_config(tmp_path: Path) -> ServerConfig:
+    """Two workers; the database and Redis URLs only pass validation (never dialled)."""
     config = ServerConfig(
         data_dir=tmp_path / "data",
         api_addr="127.0.0.1:0",
@@ -171,8 +166,30 @@ async def test_the_parent_restarts_dying_workers_counting_deaths_in_a_row(
         workers=2,
     )
     config.data_dir.mkdir()
+    return config
+
+
+def stand_in(tmp_path: Path, plan: dict[str, list[str]]) -> list[str]:
+    """The command of a stand-in worker following ``plan`` (worker index: steps)."""
     script = tmp_path / "stand_in.py"
     script.write_text(STAND_IN)
+    return [sys.executable, str(script), json.dumps(plan), str(tmp_path)]
+
+
+def started(tmp_path: Path, index: int) -> list[int]:
+    """The pids of stand-in worker ``index``'s starts so far."""
+    path = tmp_path / f"{index}.starts"
+    return [int(pid) for pid in path.read_text().split()] if path.exists() else []
+
+
+async def test_the_parent_restarts_dying_workers_counting_deaths_in_a_row(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stand-in worker processes (the parent's logic, without a database): worker 1 dies
+    right after being ready, then before being ready, then after again; each restart
+    waits the delay for one more death in a row; the healthy worker 0 is left alone; a
+    stop reaches every worker and the parent reports 0."""
+    config = stand_in_config(tmp_path)
     plan = {"1": ["die", "die-before-ready", "die"]}
     deaths: list[int] = []
 
@@ -183,7 +200,7 @@ async def test_the_parent_restarts_dying_workers_counting_deaths_in_a_row(
     supervisor = WorkerSupervisor(
         config,
         log_level="INFO",
-        command=[sys.executable, str(script), json.dumps(plan), str(tmp_path)],
+        command=stand_in(tmp_path, plan),
         environ=procs.env(),
         delay=delay,
     )
@@ -192,8 +209,7 @@ async def test_the_parent_restarts_dying_workers_counting_deaths_in_a_row(
     running = asyncio.create_task(supervisor.run(stop))
 
     def starts(index: int) -> list[int]:
-        path = tmp_path / f"{index}.starts"
-        return [int(pid) for pid in path.read_text().split()] if path.exists() else []
+        return started(tmp_path, index)
 
     async def restarted() -> bool:
         return "worker 1 restarted" in caplog.text and len(starts(1)) == 4
@@ -212,6 +228,36 @@ async def test_the_parent_restarts_dying_workers_counting_deaths_in_a_row(
     assert caplog.text.count("exited with code 4 unexpectedly") == 1
     assert not config.endpoints_file.exists()
     assert not any(alive(pid) for pid in [*starts(0), *starts(1)])
+
+
+async def test_a_stop_during_a_restart_delay_ends_the_wait_and_counts_only_live_workers(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Worker 1 dies and waits out a long delay: a stop ends the wait at once, worker 1
+    is not started again, and worker 0's clean exit makes the parent's code 0."""
+    config = stand_in_config(tmp_path)
+    supervisor = WorkerSupervisor(
+        config,
+        log_level="INFO",
+        command=stand_in(tmp_path, {"1": ["die"]}),
+        environ=procs.env(),
+        delay=lambda _: 600.0,
+    )
+    stop = asyncio.Event()
+    caplog.set_level(logging.INFO, logger="muster.server.workers")
+    running = asyncio.create_task(supervisor.run(stop))
+
+    async def waiting() -> bool:
+        return "restarting it in 600.0s" in caplog.text
+
+    try:
+        await until(waiting, 30, "worker 1 died and waits for its restart")
+    finally:
+        stop.set()
+        code = await asyncio.wait_for(running, 30)
+    assert code == 0
+    assert (len(started(tmp_path, 0)), len(started(tmp_path, 1))) == (1, 1)
+    assert not alive(started(tmp_path, 0)[0])
 
 
 def scrape(address: str) -> dict[str, float]:
