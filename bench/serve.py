@@ -38,6 +38,7 @@ async def _serve(config: ServerConfig) -> None:
         await WorkerSupervisor(config, log_level=level).run(stop)
         return
     handle = await app.start_server(config)
+    handle.supervisor.on_crash(lambda _crash: stop.set())  # a crash ends the bench server too
     try:
         await stop.wait()
     finally:
