@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PROTOS := $(wildcard proto/muster/v1/*.proto)
+TEST_WORKERS ?= 2
 
 .DEFAULT_GOAL := help
 
@@ -25,8 +26,8 @@ run: install ## Run a dev control plane with one local agent (embedded defaults)
 
 .PHONY: test
 test: install ## Run the suite on embedded defaults, then the server tests on Postgres + Redis
-	$(BIN)/pytest
-	MUSTER_TEST_BACKEND=postgres $(BIN)/pytest tests/server tests/e2e tests/agent
+	$(BIN)/pytest -n $(TEST_WORKERS)
+	MUSTER_TEST_BACKEND=postgres $(BIN)/pytest -n $(TEST_WORKERS) tests/server tests/e2e tests/agent
 
 .PHONY: lint
 lint: install ## ruff (lint + format check) and mypy --strict on hand-written code
