@@ -127,6 +127,7 @@ class Agent:
                 common_pb2.AttemptRef(task_id=task_id, attempt=attempt)
                 for task_id, attempt in self.runner.running()
             ],
+            batches=True,  # we read ServerBatch (agent/session.py)
         )
 
     def on_welcome(self, session: Session) -> None:

@@ -8,6 +8,10 @@ Credit bookkeeping: the server starts us at ``max_concurrency - len(in_flight)``
 ``_counted`` holds the attempts that occupy a slot in the server's view of this
 stream (those in Hello plus those accepted here); when one of them finishes we
 grant ``Credit(1)``, so the server's count always equals our free slots.
+
+Batches (agent.proto): the daemon's Hello says it reads ServerBatch, and once the
+Welcome says the server reads AgentBatch, the writer sends what has queued up meanwhile
+(Accepted, Result and Credit of attempts that finished together) as one message.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Protocol
 
 from grpc import aio
 
+from muster import batching
 from muster.agent.channel import agent_channel
 from muster.agent.outbox import Outbox
 from muster.agent.runner import AttemptKey, TaskRunner
@@ -127,6 +132,8 @@ class Session:
         self._server_draining = False
         self._draining_sent = False
         self._replacing = False
+        self._batches = False
+        """The server reads AgentBatch (its Welcome said so): the writer batches."""
 
     def __repr__(self) -> str:
         return f"<Session {self.id} {self.target}>"
@@ -279,13 +286,33 @@ class Session:
 
     async def _writer(self) -> None:
         assert self._call is not None
+        call = self._call
         while True:
-            message = await self._outq.get()
+            first = await self._outq.get()
+            # What queued up meanwhile goes with it, as one AgentBatch if the server reads
+            # them (in order; a half-close ends the run).
+            taken = [first]
+            if self._batches:
+                while (
+                    len(taken) < batching.MAX_ITEMS
+                    and not isinstance(taken[-1], _Close)
+                    and not self._outq.empty()
+                ):
+                    taken.append(self._outq.get_nowait())
+            messages = [m for m in taken if not isinstance(m, _Close)]
             try:
-                if isinstance(message, _Close):
-                    await self._call.done_writing()
+                if len(messages) == 1:
+                    await call.write(messages[0])
+                elif messages:
+                    for group in batching.split(messages):
+                        await call.write(
+                            group[0]
+                            if len(group) == 1
+                            else agent_pb2.AgentMessage(batch=agent_pb2.AgentBatch(messages=group))
+                        )
+                if isinstance(taken[-1], _Close):
+                    await call.done_writing()
                     return
-                await self._call.write(message)
             except (aio.AioRpcError, asyncio.InvalidStateError) as err:
                 # The reader sees the same failure and ends the session.
                 log.debug("session %d: write failed: %s", self.id, err)
@@ -302,6 +329,7 @@ class Session:
 
     def _on_welcome(self, welcome: agent_pb2.Welcome) -> None:
         self.welcome = welcome
+        self._batches = welcome.batches  # a server from before batches would refuse one
         interval = DEFAULT_HEARTBEAT
         if welcome.HasField("heartbeat_interval"):
             interval = welcome.heartbeat_interval.ToTimedelta().total_seconds() or interval
@@ -337,7 +365,14 @@ class Session:
 
     def _dispatch(self, message: agent_pb2.ServerMessage) -> None:
         body = message.WhichOneof("body")
-        if body == "assignment":
+        if body == "batch":
+            # Sent only because our Hello asked for them; the items in order, as if alone.
+            for item in message.batch.messages:
+                if item.WhichOneof("body") == "batch":
+                    log.warning("session %d: ignoring a nested batch", self.id)
+                else:
+                    self._dispatch(item)
+        elif body == "assignment":
             self._on_assignment(message.assignment)
         elif body == "cancel":
             self._on_cancel(message.cancel)

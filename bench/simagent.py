@@ -6,12 +6,19 @@ daemon's pacing (:class:`muster.agent.backoff.Backoff`). Its tasks are no-ops: a
 answered at once with Accepted, a successful Result and one Credit, so the load measures
 the control plane and not an executor. :class:`RawAgent` keeps the same kind of stream
 open against the raw grpc.aio echo server (the reference).
+
+Two framings of the same events (agent.proto, AgentBatch/ServerBatch): one message per
+event, as agents written before batches do (the default), or ``batched``: Hello asks for
+ServerBatch, and what queued up meanwhile is written as one AgentBatch.
+``MUSTER_BENCH_SIM_BATCHES=1`` in the environment makes batched the default (so fleet
+processes inherit it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -24,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from muster import AsyncAdminClient
+from muster import AsyncAdminClient, batching
 from muster.agent.backoff import Backoff
 from muster.v1 import agent_pb2, agent_pb2_grpc, enrollment_pb2, enrollment_pb2_grpc
 
@@ -40,6 +47,12 @@ REFUSED = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
 STABLE_STREAM = 10.0
 WELCOME_TIMEOUT = 15.0
 """The daemon's default ``welcome_timeout``."""
+BATCHES_ENV = "MUSTER_BENCH_SIM_BATCHES"
+"""``1``: simulated agents batch by default (see the module docstring)."""
+
+
+def batches_by_default() -> bool:
+    return os.environ.get(BATCHES_ENV, "") == "1"
 
 
 @dataclass(frozen=True)
@@ -163,8 +176,11 @@ class SimAgent:
         max_concurrency: int = 4,
         kinds: Sequence[str] = (KIND,),
         on_end: Callable[[SimAgent, grpc.StatusCode], None] | None = None,
+        batched: bool | None = None,
     ) -> None:
         self.index = index
+        self.batched = batches_by_default() if batched is None else batched
+        """Ask for ServerBatch in Hello, and send AgentBatch when the server reads them."""
         self.creds = creds
         self.endpoint = endpoint
         self.stats = stats
@@ -212,7 +228,7 @@ class SimAgent:
             self._call = call
             hello = agent_pb2.Hello(
                 agent_version="bench-sim", capabilities=self.kinds,
-                max_concurrency=self.max_concurrency,
+                max_concurrency=self.max_concurrency, batches=self.batched,
             )  # fmt: skip
             try:
                 async with asyncio.timeout(WELCOME_TIMEOUT):
@@ -233,38 +249,18 @@ class SimAgent:
             stats.fresh.add(self.index)
             stats.last_welcome = max(stats.last_welcome, now)
             interval = first.welcome.heartbeat_interval.ToTimedelta().total_seconds() or 10.0
-            helpers.append(asyncio.create_task(_writer(call, out)))
+            batching_out = self.batched and first.welcome.batches
+            helpers.append(asyncio.create_task(_writer(call, out, batched=batching_out)))
             helpers.append(asyncio.create_task(_heartbeats(out, interval)))
             while True:
                 message = await call.read()
                 if not isinstance(message, agent_pb2.ServerMessage):
                     break
-                body = message.WhichOneof("body")
-                if body == "assignment":
-                    a = message.assignment
-                    if stats.assigned is not None:
-                        stats.assigned[a.task_id] = time.monotonic()
-                    out.put_nowait(
-                        agent_pb2.AgentMessage(
-                            accepted=agent_pb2.Accepted(task_id=a.task_id, attempt=a.attempt)
-                        )
-                    )
-                    out.put_nowait(
-                        agent_pb2.AgentMessage(
-                            result=agent_pb2.Result(
-                                task_id=a.task_id,
-                                attempt=a.attempt,
-                                outcome=agent_pb2.OUTCOME_SUCCEEDED,
-                            )
-                        )
-                    )
-                    out.put_nowait(agent_pb2.AgentMessage(credit=agent_pb2.Credit(credits=1)))
-                elif body == "ack":
-                    stats.acked += 1
-                    stats.last_ack = time.monotonic()
-                elif body == "drain":
-                    drained = True
-                    out.put_nowait(_Close())
+                if message.WhichOneof("body") == "batch":
+                    for item in message.batch.messages:
+                        drained = _answer(item, out, stats) or drained
+                else:
+                    drained = _answer(message, out, stats) or drained
             stats.end("OK")
             return "drained" if drained else "closed"
         except grpc.aio.AioRpcError as err:
@@ -286,15 +282,65 @@ class SimAgent:
             await channel.close()
 
 
-async def _writer(call: Any, out: asyncio.Queue[agent_pb2.AgentMessage | _Close]) -> None:
-    """The only coroutine that writes: a grpc.aio call takes one write at a time."""
+def _answer(
+    message: agent_pb2.ServerMessage,
+    out: asyncio.Queue[agent_pb2.AgentMessage | _Close],
+    stats: Stats,
+) -> bool:
+    """React to one server message (alone or from a batch); True for Drain."""
+    body = message.WhichOneof("body")
+    if body == "assignment":
+        a = message.assignment
+        if stats.assigned is not None:
+            stats.assigned[a.task_id] = time.monotonic()
+        out.put_nowait(
+            agent_pb2.AgentMessage(
+                accepted=agent_pb2.Accepted(task_id=a.task_id, attempt=a.attempt)
+            )
+        )
+        out.put_nowait(
+            agent_pb2.AgentMessage(
+                result=agent_pb2.Result(
+                    task_id=a.task_id, attempt=a.attempt, outcome=agent_pb2.OUTCOME_SUCCEEDED
+                )
+            )
+        )
+        out.put_nowait(agent_pb2.AgentMessage(credit=agent_pb2.Credit(credits=1)))
+    elif body == "ack":
+        stats.acked += 1
+        stats.last_ack = time.monotonic()
+    elif body == "drain":
+        out.put_nowait(_Close())
+        return True
+    return False
+
+
+async def _writer(
+    call: Any, out: asyncio.Queue[agent_pb2.AgentMessage | _Close], *, batched: bool = False
+) -> None:
+    """The only coroutine that writes: a grpc.aio call takes one write at a time. Batched,
+    what queued up while it wrote goes out as one AgentBatch."""
     with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
         while True:
-            message = await out.get()
-            if isinstance(message, _Close):
+            taken = [await out.get()]
+            while (
+                batched
+                and len(taken) < batching.MAX_ITEMS
+                and not isinstance(taken[-1], _Close)
+                and not out.empty()
+            ):
+                taken.append(out.get_nowait())
+            messages = [m for m in taken if not isinstance(m, _Close)]
+            for group in batching.split(messages) if messages else []:
+                if len(group) == 1:
+                    await call.write(group[0])
+                else:
+                    await call.write(
+                        agent_pb2.AgentMessage(batch=agent_pb2.AgentBatch(messages=group))
+                    )
+            if isinstance(taken[-1], _Close):
                 await call.done_writing()
                 return
-            await call.write(message)
 
 
 async def _heartbeats(out: asyncio.Queue[agent_pb2.AgentMessage | _Close], interval: float) -> None:

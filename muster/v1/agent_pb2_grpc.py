@@ -77,14 +77,28 @@ class AgentServiceServicer:
         How a stream ends, besides OK (the agent half-closed):
         INVALID_ARGUMENT   a protocol error: the first message is not Hello, a
         second Hello, an empty message, a Hello outside its
-        limits, a negative Credit, a Result without outcome;
+        limits, a negative Credit, a Result without outcome,
+        a batch outside its rules (see AgentBatch);
         PERMISSION_DENIED  Hello labels outside the enrolled scope, the
         certificate revoked, the agent disabled;
         UNAUTHENTICATED    the certificate expired;
         DEADLINE_EXCEEDED  no Hello in time, or the silence limit;
         ABORTED            replaced by a newer stream of the same agent;
         UNAVAILABLE        the server is stopping, or its database is unreachable:
-        reconnect and resend unacknowledged Results.
+        reconnect and resend unacknowledged Results;
+        RESOURCE_EXHAUSTED the agent stopped reading its stream: more messages
+        waited to be written to it than the server keeps for a
+        stream (max_concurrency + 1024). What the stream held is
+        requeued as attempt + 1, as after any cut; the agent's
+        unacknowledged Results are resent on its next stream.
+
+        Batches (optional, both ways): several events may travel in one message
+        (AgentMessage.batch, ServerMessage.batch). The server accepts an
+        AgentMessage.batch from any agent, and says so in Welcome.batches; it sends
+        a ServerMessage.batch only to an agent whose Hello set batches. An agent
+        that sends and expects one message per event (Hello.batches unset) sees
+        exactly today's protocol: it never receives a batch. Either way, a batch
+        means exactly what its items would mean sent one by one, in the same order.
 
         Handover (planned restarts cost nothing): when the server drains a stream (it
         is stopping, or the stream reached the server's max_stream_age) it sends Drain
