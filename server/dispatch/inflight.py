@@ -33,17 +33,18 @@ class InflightLimits:
         quotas = self._quotas
         policy = quotas.policy
         try:
-            if not (await quotas.acquire_inflight(owner, holder)).allowed:
-                limit = policy.inflight_per_tenant
-                return f"waiting for a slot: tenant {owner} has {limit} tasks in flight"
-            if not (await quotas.acquire_inflight(pool, holder, scope="pool")).allowed:
-                await quotas.release_inflight(owner, holder)
-                limit = policy.inflight_per_pool
-                return f"waiting for a slot: pool {pool} has {limit} tasks in flight"
+            # One store call for both slots: refused by either, holder keeps neither.
+            decision = await quotas.acquire_inflight_slots(owner, pool, holder)
         except QuotaStoreUnavailable:
-            await quotas.release_inflight(owner, holder)
+            self.release(owner, pool, holder)  # an answer lost on the way may have taken them
             return STORE_DOWN
-        return None
+        if decision.allowed:
+            return None
+        if decision.subject == f"pool:{pool}":
+            return f"waiting for a slot: pool {pool} has {policy.inflight_per_pool} tasks in flight"
+        return (
+            f"waiting for a slot: tenant {owner} has {policy.inflight_per_tenant} tasks in flight"
+        )
 
     def release(self, owner: str, pool: str, holder: str) -> None:
         """Give back ``holder``'s slots, without waiting: the releases of every attempt
@@ -70,13 +71,8 @@ class InflightLimits:
 
     async def renew(self, held: Iterable[Held]) -> None:
         """Keep the slots of attempts still running; retake one that expired meanwhile."""
-        quotas = self._quotas
-        for attempt in held:
-            try:
-                if not await quotas.renew_inflight(attempt.owner, attempt.holder):
-                    await quotas.acquire_inflight(attempt.owner, attempt.holder)
-                if not await quotas.renew_inflight(attempt.pool, attempt.holder, scope="pool"):
-                    await quotas.acquire_inflight(attempt.pool, attempt.holder, scope="pool")
-            except QuotaStoreUnavailable:
-                log.warning("cannot renew in-flight slots: the quota store is unreachable")
-                return
+        attempts = [(attempt.owner, attempt.pool, attempt.holder) for attempt in held]
+        try:
+            await self._quotas.renew_inflight_many(attempts)
+        except QuotaStoreUnavailable:
+            log.warning("cannot renew in-flight slots: the quota store is unreachable")

@@ -22,6 +22,7 @@ __all__ = [
     "BudgetVerdict",
     "GcraResult",
     "LeaseDecision",
+    "LeaseRequest",
     "QuotaStore",
     "QuotaStoreUnavailable",
     "RateCheck",
@@ -32,6 +33,7 @@ __all__ = [
     "validate_amount",
     "validate_hold_off",
     "validate_lease",
+    "validate_lease_requests",
     "validate_rate",
     "validate_reservation",
     "validate_stale",
@@ -79,6 +81,14 @@ class LeaseDecision:
     acquired: bool
     count: int
     """Live leases on the key after the call (including this holder's, if acquired)."""
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRequest:
+    """One lease of :meth:`QuotaStore.acquire_leases`: a slot of ``key``, of ``limit``."""
+
+    key: str
     limit: int
 
 
@@ -163,9 +173,33 @@ class QuotaStore(abc.ABC):
         never take a second slot.
         """
 
+    async def acquire_leases(
+        self, holder: str, requests: Sequence[LeaseRequest], *, ttl: float
+    ) -> list[LeaseDecision]:
+        """:meth:`acquire_lease` of each of ``requests`` in turn for ``holder``, all or
+        none, as one decision (a tenant's slot and its pool's, say).
+
+        Stops at the first refusal: the answers end with it, and ``holder`` then holds
+        none of the keys before it (a lease it had there already is given back too).
+        Keys must differ. Stores that answer from elsewhere do it in one call."""
+        validate_lease_requests(requests, ttl)
+        answers: list[LeaseDecision] = []
+        for request in requests:
+            answer = await self.acquire_lease(request.key, holder, limit=request.limit, ttl=ttl)
+            answers.append(answer)
+            if not answer.acquired:
+                for taken in requests[: len(answers) - 1]:
+                    await self.release_lease(taken.key, holder)
+                break
+        return answers
+
     @abc.abstractmethod
     async def renew_lease(self, key: str, holder: str, ttl: float) -> bool:
         """Extend a live lease to ``ttl`` seconds from now; False if it already expired."""
+
+    async def renew_leases(self, leases: Sequence[tuple[str, str]], ttl: float) -> list[bool]:
+        """:meth:`renew_lease` of each (key, holder); stores may do it in one call."""
+        return [await self.renew_lease(key, holder, ttl) for key, holder in leases]
 
     @abc.abstractmethod
     async def release_lease(self, key: str, holder: str) -> None:
@@ -278,6 +312,13 @@ def validate_lease(limit: int, ttl: float) -> None:
         raise ValueError(f"lease limit must not be negative, not {limit!r}")
     if not (math.isfinite(ttl) and ttl > 0):
         raise ValueError(f"lease ttl must be a positive number of seconds, not {ttl!r}")
+
+
+def validate_lease_requests(requests: Sequence[LeaseRequest], ttl: float) -> None:
+    for request in requests:
+        validate_lease(request.limit, ttl)
+    if len({request.key for request in requests}) != len(requests):
+        raise ValueError("a holder's leases must be on different keys")
 
 
 def validate_amount(name: str, value: int) -> None:

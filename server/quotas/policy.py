@@ -7,6 +7,7 @@ policy for an unreachable store stay here.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import math
@@ -26,6 +27,7 @@ from muster.server.quotas.base import (
     BudgetUsage,
     BudgetVerdict,
     LeaseDecision,
+    LeaseRequest,
     QuotaStore,
     QuotaStoreUnavailable,
     RateCheck,
@@ -426,6 +428,35 @@ class Quotas:
         self._count(decision)
         return decision
 
+    async def acquire_inflight_slots(self, tenant: str, pool: str, holder: str) -> QuotaDecision:
+        """:meth:`acquire_inflight` of ``tenant``'s slot, then of ``pool``'s, for ``holder``,
+        in one store call: all or none (refused by the pool, ``holder`` holds no tenant
+        slot either). The answer is the refusal (its subject says which: ``tenant:...`` or
+        ``pool:...``), else the last slot's decision.
+
+        Raises QuotaStoreUnavailable when the store is unreachable (fail closed)."""
+        scopes = [("tenant", tenant)]
+        if self.policy.inflight_per_pool:
+            scopes.append(("pool", pool))
+        requests = [
+            LeaseRequest(self._inflight_key(scope, name), self._inflight_limit(scope))
+            for scope, name in scopes
+        ]
+        try:
+            leases = await self.store.acquire_leases(
+                holder, requests, ttl=self.policy.inflight_lease_ttl
+            )
+        except QuotaStoreUnavailable as err:
+            self._closed(INFLIGHT_TASKS, err)
+            raise
+        self._outage.recovered()
+        decision = QuotaDecision(True, INFLIGHT_TASKS, f"pool:{pool}", None)
+        for (scope, name), lease in zip(scopes, leases, strict=False):
+            retry = None if lease.acquired else LEASE_RETRY_AFTER
+            decision = QuotaDecision(lease.acquired, INFLIGHT_TASKS, f"{scope}:{name}", retry)
+            self._count(decision)
+        return decision
+
     async def renew_inflight(self, tenant: str, holder: str, *, scope: str = "tenant") -> bool:
         """Keep ``holder``'s slot alive; False if it had expired (take a new one).
 
@@ -440,6 +471,28 @@ class Quotas:
         except QuotaStoreUnavailable as err:
             self._outage.failed(INFLIGHT_TASKS, err)
             raise
+
+    async def renew_inflight_many(self, attempts: Sequence[tuple[str, str, str]]) -> None:
+        """:meth:`renew_inflight` of the tenant and pool slots of many (tenant, pool,
+        holder), retaking with :meth:`acquire_inflight` each that had expired: one store
+        call for the renewals, one for the retakes (if any).
+
+        Raises QuotaStoreUnavailable when the store is unreachable (the slots expire
+        after their ttl unless a later renewal reaches it)."""
+        slots = [("tenant", tenant, holder) for tenant, _, holder in attempts]
+        if self.policy.inflight_per_pool:
+            slots += [("pool", pool, holder) for _, pool, holder in attempts]
+        leases = [(self._inflight_key(scope, name), holder) for scope, name, holder in slots]
+        try:
+            renewed = await self.store.renew_leases(leases, self.policy.inflight_lease_ttl)
+        except QuotaStoreUnavailable as err:
+            self._outage.failed(INFLIGHT_TASKS, err)
+            raise
+        expired = [slot for slot, alive in zip(slots, renewed, strict=True) if not alive]
+        # Asked together: the Redis store sends them in one call.
+        await asyncio.gather(
+            *(self.acquire_inflight(name, holder, scope=scope) for scope, name, holder in expired)
+        )
 
     async def release_inflight(self, tenant: str, holder: str, *, scope: str = "tenant") -> None:
         """Free ``holder``'s slot. If the store is unreachable the slot stays taken until

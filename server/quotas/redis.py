@@ -2,9 +2,13 @@
 from the same counters.
 
 Why Lua: each decision is one ``EVALSHA`` of one script (``lua/*.lua``), which Redis runs
-atomically, so no two replicas can both take the last slot and a decision costs one
-round trip. Time is Redis ``TIME`` (one clock for all replicas) unless a ``clock`` is
-injected, for tests. Connection trouble of any kind becomes
+atomically, so no two replicas can both take the last slot and a decision costs at most
+one round trip. Rate limits and lease decisions, the ones on the hot path, share theirs:
+those asked while one is on its way go together in the next ``batch.lua`` run, each
+answered as if asked alone, in the order asked (:mod:`~server.quotas.coalesce`).
+
+Time is Redis ``TIME`` (one clock for all replicas) unless a ``clock`` is injected, for
+tests. Connection trouble of any kind becomes
 :class:`~server.quotas.base.QuotaStoreUnavailable` within a bounded time.
 
 Connecting (:meth:`RedisQuotaStore.from_url`)::
@@ -32,6 +36,7 @@ import importlib.resources
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -48,6 +53,7 @@ from muster.server.quotas.base import (
     BudgetUsage,
     BudgetVerdict,
     LeaseDecision,
+    LeaseRequest,
     QuotaStore,
     QuotaStoreUnavailable,
     RateCheck,
@@ -57,10 +63,12 @@ from muster.server.quotas.base import (
     validate_amount,
     validate_hold_off,
     validate_lease,
+    validate_lease_requests,
     validate_rate,
     validate_reservation,
     validate_stale,
 )
+from muster.server.quotas.coalesce import Coalescer
 
 __all__ = ["DEFAULT_SOCKET_TIMEOUT", "RedisQuotaStore", "redact_url"]
 
@@ -107,12 +115,11 @@ def _script(name: str) -> str:
 
 def _load_scripts() -> dict[str, str]:
     common = _script("common.lua")
-    gcra = common + _script("gcra_common.lua")
     return {
-        "gcra": gcra + _script("gcra.lua"),
-        "gcra_all": gcra + _script("gcra_all.lua"),
-        "lease_acquire": common + _script("lease_acquire.lua"),
-        "lease_renew": common + _script("lease_renew.lua"),
+        "batch": common
+        + _script("gcra_common.lua")
+        + _script("lease_common.lua")
+        + _script("batch.lua"),
         "lease_count": common + _script("lease_count.lua"),
         "budget_reserve": common + _script("budget_reserve.lua"),
         "budget_close": common + _script("budget_close.lua"),
@@ -123,6 +130,19 @@ def _load_scripts() -> dict[str, str]:
 
 
 _SCRIPTS = _load_scripts()
+
+
+MAX_BATCH = 500
+"""Decisions one script run may make: a batch keeps Redis busy for well under a
+millisecond, and callers beyond it go in the next."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Decision:
+    """One caller's part of a ``batch.lua`` run: its keys (prefixed) and arguments."""
+
+    keys: list[str]
+    args: list[str | int]
 
 
 def redact_url(url: str) -> str:
@@ -192,6 +212,12 @@ class RedisQuotaStore(QuotaStore):
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(text) for name, text in _SCRIPTS.items()
         }
+        self._decisions: Coalescer[_Decision, list[Any]] = Coalescer(
+            self._decide_all,
+            name="quota-decisions",
+            max_batch=MAX_BATCH,
+            weight=lambda decision: max(1, len(decision.keys)),
+        )
 
     @classmethod
     def from_url(
@@ -255,31 +281,27 @@ class RedisQuotaStore(QuotaStore):
         """Check that Redis answers and accepts our credentials (for start-up checks)."""
         await self._call(self._client.ping)
 
+    @property
+    def round_trips(self) -> int:
+        """Script runs made for rate and lease decisions so far (each answers a batch)."""
+        return self._decisions.calls
+
     async def close(self) -> None:
+        await self._decisions.close()
         if self._owns_client:
             await self._client.aclose()
 
     # --- rate limits ------------------------------------------------------------------
 
     async def rate_limit(self, key: str, *, rate: float, burst: int, cost: int = 1) -> RateDecision:
-        validate_rate(rate, burst, cost)
-        allowed, retry_us, remaining = await self._run(
-            "gcra",
-            f"rate:{key}",
-            emission_interval_us(rate),
-            burst,
-            cost,
-            self._slack_ms,
-        )
-        return RateDecision(bool(allowed), int(retry_us) / MICROS, int(remaining))
+        return (await self.rate_limits([RateCheck(key, rate, burst, cost)]))[0]
 
     async def rate_limits(self, checks: Sequence[RateCheck]) -> list[RateDecision]:
-        args: list[str | int] = [self._slack_ms]
+        args: list[str | int] = ["rate", len(checks)]
         for check in checks:
             validate_rate(check.rate, check.burst, check.cost)
             args += [emission_interval_us(check.rate), check.burst, check.cost]
-        keys = [f"rate:{check.key}" for check in checks]
-        flat = await self._eval("gcra_all", keys, args)
+        flat = await self._decide([f"rate:{check.key}" for check in checks], args)
         return [
             RateDecision(bool(flat[i]), int(flat[i + 1]) / MICROS, int(flat[i + 2]))
             for i in range(0, len(flat), 3)
@@ -290,18 +312,34 @@ class RedisQuotaStore(QuotaStore):
     async def acquire_lease(
         self, key: str, holder: str, *, limit: int, ttl: float
     ) -> LeaseDecision:
-        validate_lease(limit, ttl)
-        acquired, count = await self._run(
-            "lease_acquire", f"lease:{key}", holder, limit, to_micros(ttl), self._slack_ms
-        )
-        return LeaseDecision(bool(acquired), int(count), limit)
+        return (await self.acquire_leases(holder, [LeaseRequest(key, limit)], ttl=ttl))[0]
+
+    async def acquire_leases(
+        self, holder: str, requests: Sequence[LeaseRequest], *, ttl: float
+    ) -> list[LeaseDecision]:
+        validate_lease_requests(requests, ttl)
+        args: list[str | int] = ["take", holder, to_micros(ttl), len(requests)]
+        args += [request.limit for request in requests]
+        flat = await self._decide([f"lease:{request.key}" for request in requests], args)
+        return [
+            LeaseDecision(bool(flat[2 * i]), int(flat[2 * i + 1]), requests[i].limit)
+            for i in range(len(flat) // 2)
+        ]
 
     async def renew_lease(self, key: str, holder: str, ttl: float) -> bool:
         validate_lease(0, ttl)
-        renewed = await self._run(
-            "lease_renew", f"lease:{key}", holder, to_micros(ttl), self._slack_ms
-        )
+        (renewed,) = await self._decide([f"lease:{key}"], ["renew", holder, to_micros(ttl)])
         return bool(renewed)
+
+    async def renew_leases(self, leases: Sequence[tuple[str, str]], ttl: float) -> list[bool]:
+        validate_lease(0, ttl)
+        ttl_us = to_micros(ttl)
+        decisions = [
+            _Decision([f"{self._prefix}lease:{key}"], ["renew", holder, ttl_us])
+            for key, holder in leases
+        ]
+        answers = await self._ask_all(decisions)
+        return [bool(renewed) for (renewed,) in answers]
 
     async def release_lease(self, key: str, holder: str) -> None:
         # One ZREM is atomic on its own; no script, no clock needed.
@@ -375,6 +413,40 @@ class RedisQuotaStore(QuotaStore):
 
     # --- plumbing ---------------------------------------------------------------------
 
+    async def _decide(self, keys: list[str], args: list[str | int]) -> list[Any]:
+        """One decision of ``batch.lua`` (its kind first in ``args``), sent together with
+        the decisions other callers ask for meanwhile: one EVALSHA answers them all."""
+        decision = _Decision([self._prefix + key for key in keys], args)
+        return (await self._ask_all([decision]))[0]
+
+    async def _ask_all(self, decisions: list[_Decision]) -> list[list[Any]]:
+        self._fail_fast()
+        try:
+            # The batch ahead may be waiting for Redis: this caller's deadline counts from
+            # its own request, as a call of its own would.
+            async with asyncio.timeout(self._deadline):
+                if len(decisions) == 1:
+                    return [await self._decisions.ask(decisions[0])]
+                return await self._decisions.ask_all(decisions)
+        except TimeoutError:
+            raise QuotaStoreUnavailable(
+                f"quota store {self._where} unreachable: no answer in time"
+            ) from None
+
+    async def _decide_all(self, decisions: list[_Decision]) -> list[Any]:
+        """The coalescer's call: the decisions of many callers in one script run."""
+        keys: list[str] = []
+        args: list[str | int] = [
+            "" if self._clock is None else to_micros(self._clock()),
+            self._slack_ms,
+        ]
+        for decision in decisions:
+            keys += decision.keys
+            args += decision.args
+        run = self._scripts["batch"]
+        answers: list[Any] = await self._call(lambda: run(keys=keys, args=args))
+        return answers
+
     async def _run(self, script: str, key: str, *args: str | int) -> Any:
         """One EVALSHA of ``script`` on ``<prefix><key>``; ARGV[1] is the clock."""
         return await self._eval(script, [key], args)
@@ -389,10 +461,7 @@ class RedisQuotaStore(QuotaStore):
     async def _call(self, request: Callable[[], Awaitable[Any]]) -> Any:
         """Make one Redis call, turning every way of not getting an answer into
         QuotaStoreUnavailable within ``deadline`` seconds."""
-        if time.monotonic() < self._down_until:
-            raise QuotaStoreUnavailable(
-                f"quota store {self._where} unreachable (recently: {self._last_error})"
-            )
+        self._fail_fast()
         try:
             async with asyncio.timeout(self._deadline):
                 return await request()
@@ -407,6 +476,12 @@ class RedisQuotaStore(QuotaStore):
             raise QuotaStoreUnavailable(
                 f"quota store {self._where} refused the call: {_error_text(err)}"
             ) from err
+
+    def _fail_fast(self) -> None:
+        if time.monotonic() < self._down_until:
+            raise QuotaStoreUnavailable(
+                f"quota store {self._where} unreachable (recently: {self._last_error})"
+            )
 
 
 def _describe_client(client: aioredis.Redis) -> str:

@@ -1,0 +1,139 @@
+"""Concurrent quota decisions that share one round trip.
+
+Why: every Submit asks Redis about its rate limit, every dispatched attempt about its
+in-flight slots; one round trip each costs this process more CPU (a pooled connection,
+encoding, parsing) than the decision itself. Callers that ask while a call is on its way
+wait for it to return, then go together in the next one: under load a round trip answers
+many decisions, when idle a caller goes at once (no timer, no added latency).
+
+Each caller still gets its own answer, computed by the store in the order the requests
+were made, as if they had been asked one after another (that is what the one script per
+batch does); a batch that fails fails each caller with its own copy of the error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar, cast
+
+from muster.server.drain import Drain
+
+__all__ = ["Coalescer"]
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+A = TypeVar("A")
+
+
+@dataclass(slots=True)
+class _Pending(Generic[R, A]):
+    request: R
+    answer: asyncio.Future[A] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class Coalescer(Generic[R, A]):
+    """Hands concurrent :meth:`ask` calls to ``call`` in batches, one call at a time.
+
+    ``call`` gets the requests in the order they were asked and must answer each, in
+    the same order (one answer per request), or raise. ``max_batch`` bounds one call,
+    counted by ``weight`` (1 per request unless given). A caller that gives up (it is
+    cancelled, by a timeout say) is left out of a batch not yet sent; once
+    sent, its request is decided like the others, its answer unread.
+    """
+
+    def __init__(
+        self,
+        call: Callable[[list[R]], Awaitable[Sequence[A]]],
+        *,
+        name: str,
+        max_batch: int,
+        weight: Callable[[R], int] | None = None,
+    ) -> None:
+        self._call = call
+        self._name = name
+        self._max_batch = max_batch
+        self._weight = weight
+        self._drain: Drain[_Pending[R, A]] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.calls = 0
+        """Calls made (batches sent), for tests and measurements."""
+
+    async def ask(self, request: R) -> A:
+        """The answer to ``request``; raises what ``call`` raised for its batch."""
+        pending: _Pending[R, A] = _Pending(request)
+        self._writer().put(pending)
+        return await pending.answer  # cancelling the caller cancels the future
+
+    async def ask_all(self, requests: Sequence[R]) -> list[A]:
+        """:meth:`ask` for each of ``requests`` at once: they go in the same batch (or
+        consecutive ones, past ``max_batch``), in order. Raises the first error."""
+        writer = self._writer()
+        answers: list[asyncio.Future[A]] = []
+        for request in requests:
+            pending: _Pending[R, A] = _Pending(request)
+            writer.put(pending)
+            answers.append(pending.answer)
+        if not answers:
+            return []
+        # Every answer is read (an error too), so none is left unretrieved in the loop.
+        results = await asyncio.gather(*answers, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return cast(list[A], results)
+
+    async def close(self) -> None:
+        """Wait for the batches queued so far."""
+        if self._drain is not None and self._loop is asyncio.get_running_loop():
+            await self._drain.close()
+        self._drain = None
+
+    def _writer(self) -> Drain[_Pending[R, A]]:
+        loop = asyncio.get_running_loop()
+        # A store may outlive an event loop (tests open one per test): the writer task
+        # belongs to a loop, so each loop gets its own drain.
+        if self._drain is None or self._loop is not loop or self._drain.error is not None:
+            weight = self._weight
+            self._drain = Drain(
+                self._flush,
+                name=self._name,
+                max_batch=self._max_batch,
+                weight=None if weight is None else (lambda p: weight(p.request)),
+            )
+            self._loop = loop
+        return self._drain
+
+    async def _flush(self, batch: list[_Pending[R, A]]) -> None:
+        waiting = [p for p in batch if not p.answer.done()]
+        if not waiting:
+            return
+        self.calls += 1
+        try:
+            answers = await self._call([p.request for p in waiting])
+            if len(answers) != len(waiting):
+                raise RuntimeError(
+                    f"{self._name}: {len(answers)} answers to {len(waiting)} requests"
+                )
+        except asyncio.CancelledError:
+            for p in waiting:
+                p.answer.cancel()
+            raise
+        except Exception as err:
+            # Each caller raises its own copy: one exception object raised in many tasks
+            # would collect all their tracebacks.
+            for p in waiting:
+                if not p.answer.done():
+                    mine = copy.copy(err)
+                    mine.__cause__ = err.__cause__
+                    p.answer.set_exception(mine)
+            return
+        for p, answer in zip(waiting, answers, strict=True):
+            if not p.answer.done():
+                p.answer.set_result(answer)
