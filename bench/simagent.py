@@ -10,8 +10,8 @@ open against the raw grpc.aio echo server (the reference).
 Two framings of the same events (agent.proto, AgentBatch/ServerBatch): one message per
 event, as agents written before batches do (the default), or ``batched``: Hello asks for
 ServerBatch, and what queued up meanwhile is written as one AgentBatch.
-``MUSTER_BENCH_SIM_BATCHES=1`` in the environment makes batched the default (so fleet
-processes inherit it).
+``BENCH_SIM_BATCHES=1`` in the environment makes batched the default (fleet processes
+inherit it; not a ``MUSTER_*`` name, which ``procs.child_env`` keeps from children).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ REFUSED = (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
 STABLE_STREAM = 10.0
 WELCOME_TIMEOUT = 15.0
 """The daemon's default ``welcome_timeout``."""
-BATCHES_ENV = "MUSTER_BENCH_SIM_BATCHES"
+BATCHES_ENV = "BENCH_SIM_BATCHES"
 """``1``: simulated agents batch by default (see the module docstring)."""
 
 

@@ -5,6 +5,11 @@ pump (claims work while the agent has credit and the stream was woken) and a wri
 (the only one that writes to the stream, while the outbox has messages): an idle stream
 costs its reader, a future and four timers. The reader ending, or a close, ends the
 stream; whatever attempts it still holds go back to the queue.
+
+Batches (agent.proto, AgentBatch and ServerBatch): the reader takes an AgentBatch from
+any agent and handles its items one by one as if each had come alone; the writer puts
+what waits in the outbox into one ServerBatch, for an agent whose Hello said it reads
+them. The outbox is bounded: an agent that stops reading ends with RESOURCE_EXHAUSTED.
 """
 
 from __future__ import annotations
@@ -15,7 +20,6 @@ import logging
 import random
 import secrets
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from functools import partial
@@ -24,11 +28,13 @@ from typing import Any, TypeAlias
 import grpc
 from google.protobuf.message import DecodeError
 
+from muster import batching
 from muster.server.audit import AuditRecord
 from muster.server.ca.authority import DEFAULT_BACKDATE, CertificateAuthority
 from muster.server.dispatch.dispatcher import UNREACHABLE, Dispatcher
 from muster.server.dispatch.hub import NewStream
 from muster.server.dispatch.suspicion import RATE_WINDOW, RateWatch
+from muster.server.drain import Drain, DrainClosed, DrainFull
 from muster.server.services import convert
 from muster.server.services.validation import KIND
 from muster.server.storage import taskstore as task_store
@@ -56,6 +62,12 @@ ROOT_ROTATED = "CA root rotated: renew under the issuing root"
 OUTCOMES = frozenset(
     {agent_pb2.OUTCOME_SUCCEEDED, agent_pb2.OUTCOME_FAILED, agent_pb2.OUTCOME_CANCELLED}
 )
+MAX_AGENT_BATCH = 1000
+"""Items an AgentBatch may hold (agent.proto)."""
+OUTBOX_SLACK = 1024
+"""The outbox holds at most max_concurrency + this many messages waiting to be written:
+Assignments never exceed the credit, so only an agent that stops reading (its Acks and
+Cancels pile up) reaches it."""
 
 
 class StreamClosed(Exception):
@@ -122,8 +134,10 @@ class AgentSession:
         self._handing_over = False
         """This replica drained the stream: at its end, what it holds stays the agent's."""
         self._context: Context | None = None
-        self._outbox: deque[agent_pb2.ServerMessage] = deque()
-        self._writer: asyncio.Task[None] | None = None
+        self.batches = False
+        """The agent reads ServerBatch (its Hello said so)."""
+        self._outbox: Drain[agent_pb2.ServerMessage] | None = None
+        """Messages waiting for the one writer; made (bounded) once Hello is checked."""
         self._pump_task: asyncio.Task[None] | None = None
         self._woken = False
         """A wake-up the pump has not acted on yet."""
@@ -315,6 +329,15 @@ class AgentSession:
     ) -> None:
         hello = await self._receive_hello(requests)
         self._check_hello(hello)
+        self.batches = hello.batches
+        self._outbox = Drain(
+            self._write,
+            name=f"write-{self.session_id}",
+            bound=hello.max_concurrency + OUTBOX_SLACK,
+            max_batch=batching.MAX_ITEMS,
+            on_error=self._writer_failed,
+            paused=True,  # nothing is written before Welcome
+        )
         dispatcher = self.dispatcher
         in_flight = [(a.task_id, a.attempt) for a in hello.in_flight]
         adopted, lost = await dispatcher.adopt(self.agent_id, self.session_id, in_flight)
@@ -331,6 +354,7 @@ class AgentSession:
             raise
         self.welcomed = True
         self._context = context  # from here on, only the writer writes
+        self._outbox.resume()
         for task_id, attempt in lost:
             self.cancel_attempt(task_id, attempt, "attempt is no longer current")
         self._rate = dispatcher.suspicion.rate_watch(self.max_concurrency)
@@ -380,8 +404,11 @@ class AgentSession:
         finally:
             for timer in timers.values():
                 timer.cancel()
-            self.close(grpc.StatusCode.CANCELLED, reason)  # no pump or writer starts now
-            workers = [t for t in (reader, self._pump_task, self._writer) if t is not None]
+            self.close(grpc.StatusCode.CANCELLED, reason)  # no pump starts now
+            workers = [t for t in (reader, self._pump_task) if t is not None]
+            if (writer := self._outbox.task) is not None:
+                workers.append(writer)
+            self._outbox.abort()  # nothing more is written
             for worker in workers:
                 worker.cancel()
             for worker in workers:
@@ -524,35 +551,55 @@ class AgentSession:
                 renew_after=convert.timestamp(renew_after),
                 pool=self.pool,
                 labels=self.labels,
+                batches=True,
             )
         )
 
     def _send(self, message: agent_pb2.ServerMessage) -> None:
-        self._outbox.append(message)
-        if self._closed.done() or self._context is None:
-            return  # a closing stream writes what is left itself (_flush_outbox)
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(
-                self._write(self._context), name=f"write-{self.session_id}"
+        outbox = self._outbox
+        if outbox is None:
+            return  # before Hello: nothing can be sent yet
+        try:
+            outbox.put(message)
+        except DrainFull:
+            # The agent stopped reading (or reads far slower than it sends): what it holds
+            # is requeued as after any cut, rather than the replica holding its messages.
+            self.close(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the agent is not reading its stream: {len(outbox)} messages wait to be "
+                "written to it",
             )
-            self._writer.add_done_callback(self._worker_done)
+        except DrainClosed:
+            pass  # the stream is ending
 
-    async def _write(self, context: Context) -> None:
-        while self._outbox:
-            await context.write(self._outbox.popleft())
+    async def _write(self, messages: list[agent_pb2.ServerMessage]) -> None:
+        """The one writer: one write per message, or per ServerBatch if the agent reads them."""
+        context = self._context
+        assert context is not None  # the outbox is paused until Welcome
+        if not self.batches or len(messages) == 1:
+            for message in messages:
+                await context.write(message)
+            return
+        for group in batching.split(messages):
+            if len(group) == 1:
+                await context.write(group[0])
+            else:
+                await context.write(
+                    agent_pb2.ServerMessage(batch=agent_pb2.ServerBatch(messages=group))
+                )
+
+    def _writer_failed(self, err: BaseException) -> None:
+        """A write that failed ends the stream with its error."""
+        if not self._closed.done():
+            self._closed.set_exception(err)
 
     async def _flush_outbox(self) -> None:
-        """Let the writer finish, then write what is left (a closing stream's last words)."""
+        """Let the writer write what is queued (a closing stream's last words), briefly: a
+        stuck write (an agent that stopped reading) is abandoned."""
+        if self._outbox is None or self._context is None:
+            return
         with contextlib.suppress(Exception):
-            if self._writer is not None and not self._writer.done():
-                await asyncio.wait([self._writer], timeout=FLUSH_TIMEOUT)
-                if not self._writer.done():
-                    return  # a write is stuck: never write beside it
-            if self._context is not None:
-                while self._outbox:
-                    await asyncio.wait_for(
-                        self._context.write(self._outbox.popleft()), FLUSH_TIMEOUT
-                    )
+            await asyncio.wait_for(self._outbox.close(), FLUSH_TIMEOUT)
 
     async def _pump(self) -> None:
         """Claim while woken and the agent has credit; then stop until the next wake-up."""
@@ -635,85 +682,95 @@ class AgentSession:
             ) from None
 
     async def _read_messages(self, requests: AsyncIterator[agent_pb2.AgentMessage]) -> None:
-        dispatcher = self.dispatcher
+        loop = asyncio.get_running_loop()
         async for message in requests:
-            self._last_heard = asyncio.get_running_loop().time()
+            self._last_heard = loop.time()
             body = message.WhichOneof("body")
-            # Results are not counted: an outbox resend after a reconnect is a burst.
-            rate = self._rate
-            if body != "result" and rate is not None and (seen := rate.count()) is not None:
+            if body != "batch":
+                if (problem := _malformed(message, body)) is not None:
+                    raise StreamClosed(grpc.StatusCode.INVALID_ARGUMENT, problem)
+                await self._handle(message, body)
+                continue
+            # A batch is checked whole before any of it counts: nothing of a bad one is done.
+            items = message.batch.messages
+            if not 1 <= len(items) <= MAX_AGENT_BATCH:
+                raise StreamClosed(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"AgentBatch must hold 1 to {MAX_AGENT_BATCH} messages, not {len(items)}",
+                )
+            bodies = [item.WhichOneof("body") for item in items]
+            for index, (item, item_body) in enumerate(zip(items, bodies, strict=True)):
+                problem = (
+                    "batches do not nest" if item_body == "batch" else _malformed(item, item_body)
+                )
+                if problem is not None:
+                    raise StreamClosed(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"AgentBatch item {index}: {problem}"
+                    )
+            for item, item_body in zip(items, bodies, strict=True):
+                await self._handle(item, item_body)
+
+    async def _handle(self, message: agent_pb2.AgentMessage, body: str | None) -> None:
+        """One agent message (alone, or an item of a batch), already checked by
+        ``_malformed``."""
+        dispatcher = self.dispatcher
+        # Results are not counted: an outbox resend after a reconnect is a burst.
+        rate = self._rate
+        if body != "result" and rate is not None and (seen := rate.count()) is not None:
+            self._suspicious(
+                "message_rate",
+                {"messages": seen, "window_s": RATE_WINDOW, "allowance": rate.limit()},
+            )
+        if body == "credit":
+            # Never more than the agent said it runs at once, whatever it grants:
+            # in-flight per agent is the server's limit, not the agent's promise. An
+            # excess is capped, and counted as suspicious (an agent that keeps count
+            # as agent.proto says never grants one).
+            room = self.max_concurrency - len(self._held)
+            wanted = self.credit + message.credit.credits
+            if wanted > room:
                 self._suspicious(
-                    "message_rate",
-                    {"messages": seen, "window_s": RATE_WINDOW, "allowance": rate.limit()},
+                    "excess_credit",
+                    {"granted": message.credit.credits, "credit": self.credit, "room": room},
                 )
-            if body == "credit":
-                if message.credit.credits < 0:
-                    raise StreamClosed(
-                        grpc.StatusCode.INVALID_ARGUMENT, "Credit.credits must not be negative"
-                    )
-                # Never more than the agent said it runs at once, whatever it grants:
-                # in-flight per agent is the server's limit, not the agent's promise. An
-                # excess is capped, and counted as suspicious (an agent that keeps count
-                # as agent.proto says never grants one).
-                room = self.max_concurrency - len(self._held)
-                wanted = self.credit + message.credit.credits
-                if wanted > room:
-                    self._suspicious(
-                        "excess_credit",
-                        {"granted": message.credit.credits, "credit": self.credit, "room": room},
-                    )
-                self.credit = max(0, min(wanted, room))
-                self.wake()
-            elif body == "accepted":
-                a = message.accepted
-                if (a.task_id, a.attempt) not in self._held:
-                    self._suspicious(
-                        "unheld_attempt",
-                        {"message": "accepted", "task": a.task_id[:64], "attempt": a.attempt},
-                    )
-                moved = dispatcher.accept(a.task_id, a.attempt, self.session_id)
-                moved.add_done_callback(partial(self._accepted, a.task_id, a.attempt))
-                self._accepting.add(moved)
-                moved.add_done_callback(self._accepting.discard)
-                if len(self._accepting) > self.max_concurrency:
-                    await asyncio.wait([moved])  # an agent flooding Accepted waits for them
-            elif body == "result":
-                r = message.result
-                if r.outcome not in OUTCOMES:
-                    raise StreamClosed(
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        "Result.outcome must be OUTCOME_SUCCEEDED, OUTCOME_FAILED or "
-                        "OUTCOME_CANCELLED",
-                    )
-                status = await dispatcher.record_result(self.agent_id, r)
-                key = (r.task_id, r.attempt)
-                if status == agent_pb2.ACK_STATUS_STALE and key not in self._held:
-                    await self._check_stale(r.task_id, r.attempt)
-                self._held.discard(key)
-                self._cancels_sent.discard(key)  # over: its Cancel need not be remembered
-                self._send(
-                    agent_pb2.ServerMessage(
-                        ack=agent_pb2.Ack(task_id=r.task_id, attempt=r.attempt, status=status)
-                    )
+            self.credit = max(0, min(wanted, room))
+            self.wake()
+        elif body == "accepted":
+            a = message.accepted
+            if (a.task_id, a.attempt) not in self._held:
+                self._suspicious(
+                    "unheld_attempt",
+                    {"message": "accepted", "task": a.task_id[:64], "attempt": a.attempt},
                 )
-            elif body == "heartbeat":
-                await dispatcher.heartbeat(
-                    self.session_id, [(a.task_id, a.attempt) for a in message.heartbeat.in_flight]
+            moved = dispatcher.accept(a.task_id, a.attempt, self.session_id)
+            moved.add_done_callback(partial(self._accepted, a.task_id, a.attempt))
+            self._accepting.add(moved)
+            moved.add_done_callback(self._accepting.discard)
+            if len(self._accepting) > self.max_concurrency:
+                await asyncio.wait([moved])  # an agent flooding Accepted waits for them
+        elif body == "result":
+            r = message.result
+            status = await dispatcher.record_result(self.agent_id, r)
+            key = (r.task_id, r.attempt)
+            if status == agent_pb2.ACK_STATUS_STALE and key not in self._held:
+                await self._check_stale(r.task_id, r.attempt)
+            self._held.discard(key)
+            self._cancels_sent.discard(key)  # over: its Cancel need not be remembered
+            self._send(
+                agent_pb2.ServerMessage(
+                    ack=agent_pb2.Ack(task_id=r.task_id, attempt=r.attempt, status=status)
                 )
-            elif body == "progress":
-                p = message.progress
-                await dispatcher.heartbeat(self.session_id, [(p.task_id, p.attempt)])
-            elif body == "draining":
-                self.draining = True
-                log.debug("agent %s is draining: %s", self.agent_id, message.draining.reason[:200])
-            elif body == "hello":
-                raise StreamClosed(
-                    grpc.StatusCode.INVALID_ARGUMENT, "Hello may only be the first message"
-                )
-            else:
-                raise StreamClosed(
-                    grpc.StatusCode.INVALID_ARGUMENT, "empty or unknown agent message"
-                )
+            )
+        elif body == "heartbeat":
+            await dispatcher.heartbeat(
+                self.session_id, [(a.task_id, a.attempt) for a in message.heartbeat.in_flight]
+            )
+        elif body == "progress":
+            p = message.progress
+            await dispatcher.heartbeat(self.session_id, [(p.task_id, p.attempt)])
+        elif body == "draining":
+            self.draining = True
+            log.debug("agent %s is draining: %s", self.agent_id, message.draining.reason[:200])
 
     def _arm_timers(self) -> dict[str, asyncio.TimerHandle]:
         """Close a stream that goes silent, and one whose certificate expires; drain one
@@ -807,3 +864,17 @@ class AgentSession:
             peer=self.peer,
             details={"serial": self.serial, **details},
         )
+
+
+def _malformed(message: agent_pb2.AgentMessage, body: str | None) -> str | None:
+    """What makes an agent message (after Hello) a protocol error, or None: the same
+    checks for a message alone and for each item of a batch."""
+    if body is None:
+        return "empty or unknown agent message"
+    if body == "hello":
+        return "Hello may only be the first message"
+    if body == "credit" and message.credit.credits < 0:
+        return "Credit.credits must not be negative"
+    if body == "result" and message.result.outcome not in OUTCOMES:
+        return "Result.outcome must be OUTCOME_SUCCEEDED, OUTCOME_FAILED or OUTCOME_CANCELLED"
+    return None
