@@ -20,7 +20,7 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeAlias
@@ -707,8 +707,38 @@ class AgentSession:
                     raise StreamClosed(
                         grpc.StatusCode.INVALID_ARGUMENT, f"AgentBatch item {index}: {problem}"
                     )
-            for item, item_body in zip(items, bodies, strict=True):
-                await self._handle(item, item_body)
+            index = 0
+            while index < len(items):
+                run = _result_run(items, bodies, index)
+                if len(run) > 1:
+                    await self._record_results(run)
+                    index += len(run)
+                else:
+                    await self._handle(items[index], bodies[index])
+                    index += 1
+
+    async def _record_results(self, results: list[agent_pb2.Result]) -> None:
+        """Consecutive Results of a batch, for distinct attempts: recorded together (one
+        group commit rather than one each), then acknowledged in their order."""
+        dispatcher = self.dispatcher
+        statuses = await asyncio.gather(
+            *(dispatcher.record_result(self.agent_id, r) for r in results)
+        )
+        for r, status in zip(results, statuses, strict=True):
+            await self._recorded(r, status)
+
+    async def _recorded(self, r: agent_pb2.Result, status: agent_pb2.AckStatus) -> None:
+        """What follows a recorded Result: the stale check, the slot, the Ack."""
+        key = (r.task_id, r.attempt)
+        if status == agent_pb2.ACK_STATUS_STALE and key not in self._held:
+            await self._check_stale(r.task_id, r.attempt)
+        self._held.discard(key)
+        self._cancels_sent.discard(key)  # over: its Cancel need not be remembered
+        self._send(
+            agent_pb2.ServerMessage(
+                ack=agent_pb2.Ack(task_id=r.task_id, attempt=r.attempt, status=status)
+            )
+        )
 
     async def _handle(self, message: agent_pb2.AgentMessage, body: str | None) -> None:
         """One agent message (alone, or an item of a batch), already checked by
@@ -750,17 +780,7 @@ class AgentSession:
                 await asyncio.wait([moved])  # an agent flooding Accepted waits for them
         elif body == "result":
             r = message.result
-            status = await dispatcher.record_result(self.agent_id, r)
-            key = (r.task_id, r.attempt)
-            if status == agent_pb2.ACK_STATUS_STALE and key not in self._held:
-                await self._check_stale(r.task_id, r.attempt)
-            self._held.discard(key)
-            self._cancels_sent.discard(key)  # over: its Cancel need not be remembered
-            self._send(
-                agent_pb2.ServerMessage(
-                    ack=agent_pb2.Ack(task_id=r.task_id, attempt=r.attempt, status=status)
-                )
-            )
+            await self._recorded(r, await dispatcher.record_result(self.agent_id, r))
         elif body == "heartbeat":
             await dispatcher.heartbeat(
                 self.session_id, [(a.task_id, a.attempt) for a in message.heartbeat.in_flight]
@@ -878,3 +898,21 @@ def _malformed(message: agent_pb2.AgentMessage, body: str | None) -> str | None:
     if body == "result" and message.result.outcome not in OUTCOMES:
         return "Result.outcome must be OUTCOME_SUCCEEDED, OUTCOME_FAILED or OUTCOME_CANCELLED"
     return None
+
+
+def _result_run(
+    items: Sequence[agent_pb2.AgentMessage], bodies: list[str | None], start: int
+) -> list[agent_pb2.Result]:
+    """The Results from ``start`` on, up to the first other item or a repeated attempt
+    (a resend of the same Result in one batch is recorded after the first, as alone)."""
+    run: list[agent_pb2.Result] = []
+    seen: set[tuple[str, int]] = set()
+    for index in range(start, len(items)):
+        if bodies[index] != "result":
+            break
+        r = items[index].result
+        if (r.task_id, r.attempt) in seen:
+            break
+        seen.add((r.task_id, r.attempt))
+        run.append(r)
+    return run

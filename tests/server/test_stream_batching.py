@@ -316,6 +316,17 @@ async def test_batch_items_are_processed_in_order(
         (a2.task_id, agent_pb2.ACK_STATUS_DUPLICATE),
     ]
     assert sorted([a1.task_id, a2.task_id, a3.task_id]) == sorted(ids)
+    # The same Result twice in one batch: recorded once, then a duplicate, as if alone.
+    fourth = await client.submit("echo", b"4")
+    agent.send(credit=agent_pb2.Credit(credits=1))
+    (a4,) = await assigned(agent, 1)
+    assert a4.task_id == fourth.task_id
+    agent.send(batch=agent_pb2.AgentBatch(messages=[result(a4), result(a4, output=b"again")]))
+    assert [m.ack.status for m in await flat(agent, 2)] == [
+        agent_pb2.ACK_STATUS_RECORDED,
+        agent_pb2.ACK_STATUS_DUPLICATE,
+    ]
+    assert (await client.get(a4.task_id)).output == b""
     await agent.close()
 
 
