@@ -288,6 +288,7 @@ async def test_each_decision_is_one_round_trip(admin: aioredis.Redis, prefix: st
         ("EVALSHA", lambda: store.renew_lease("l", "a", 30)),
         ("EVALSHA", lambda: store.lease_count("l")),
         ("ZREM", lambda: store.release_lease("l", "a")),
+        ("EVALSHA", lambda: store.release_leases([("l", "a"), ("m", "b")])),
         ("EVALSHA", lambda: store.reserve_budgets("r1", 5, [b, c])),
         ("EVALSHA", lambda: store.settle_reservation("r1", 3)),
         ("EVALSHA", lambda: store.reserve_budgets("r2", 5, [b, c])),

@@ -346,14 +346,12 @@ class RedisQuotaStore(QuotaStore):
         await self._call(lambda: self._client.zrem(self._prefix + f"lease:{key}", holder))
 
     async def release_leases(self, leases: Sequence[tuple[str, str]]) -> None:
-        async def release_all() -> None:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for key, holder in leases:
-                    pipe.zrem(self._prefix + f"lease:{key}", holder)
-                await pipe.execute()
-
+        # With the decisions of other callers: releases come in bulk as attempts end.
         if leases:
-            await self._call(release_all)
+            holders = [holder for _, holder in leases]
+            await self._decide(
+                [f"lease:{key}" for key, _ in leases], ["drop", len(leases), *holders]
+            )
 
     async def lease_count(self, key: str) -> int:
         return int(await self._run("lease_count", f"lease:{key}"))

@@ -9,6 +9,8 @@
 --        the first refusal the holder's leases on the keys before it are dropped. Answer:
 --        {acquired, live count} per lease decided, flattened.
 --   'renew', holder, ttl_us (1 key). Answer: {1} or {0} (expired).
+--   'drop', n, then n holders (n keys: lease ZSETs): each holder's lease given back.
+--        Answer: {}.
 -- Returns one answer per decision. TATs read here are kept in a table and written once
 -- each, at the end, with the expiry of their last value.
 local now = now_us()
@@ -72,6 +74,13 @@ while a <= #ARGV do
     answer[1] = lease_extend(KEYS[k], ARGV[a + 1], tonumber(ARGV[a + 2]), now, slack_ms)
     a = a + 3
     k = k + 1
+  elseif kind == 'drop' then
+    local n = tonumber(ARGV[a + 1])
+    for i = 1, n do
+      redis.call('ZREM', KEYS[k], ARGV[a + 1 + i])
+      k = k + 1
+    end
+    a = a + 2 + n
   else
     return redis.error_reply('unknown decision kind ' .. tostring(kind))
   end
