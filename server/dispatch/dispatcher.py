@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
 from typing import Any
@@ -24,6 +24,7 @@ from muster.server.clock import Clock
 from muster.server.config import ServerConfig
 from muster.server.dispatch.budgets import BudgetGate
 from muster.server.dispatch.fanout import Fanout
+from muster.server.dispatch.hub import Stream
 from muster.server.dispatch.inflight import InflightLimits
 from muster.server.dispatch.metering import Metering
 from muster.server.dispatch.presence import Presence
@@ -150,15 +151,82 @@ class Dispatcher:
                 task, created = await self.tasks.insert_or_find(session, values)
                 if created:
                     await record_in(session, submitted(task))
+            if created:
+                self.fanout.wake_pool(task.pool)
         else:
-            task, created = Task(**values), True
+            task, created = await self._insert(values, submitted), True
+        if created:
+            self.metrics.tasks_submitted.inc()
+        return task, created
+
+    async def _insert(
+        self, values: dict[str, Any], submitted: Callable[[Task], AuditRecord]
+    ) -> Task:
+        """Insert a new unkeyed task. Eager dispatch: while a stream of its pool on this
+        replica is idle with credit, the task is inserted already ASSIGNED to it (one
+        transaction, audited as submitted and assigned) and pushed at once, with no claim
+        statement; otherwise it is queued and a stream is woken to claim it."""
+        stream: Stream | None = None
+        holder = task_store.attempt_key(values["task_id"], 1)
+        if not values.get("reserve_micros"):  # budgeted kinds go through the claim's checks
+            stream = self.hub.take_for(values["pool"], values["kind"], values.get("selector") or {})
+        if stream is not None:
+            try:
+                full = await self.inflight.admit(values["owner"], values["pool"], holder)
+            except BaseException:
+                stream.return_credit()
+                raise
+            if full is not None:
+                stream.return_credit()  # the tenant or pool is full: the claim path says why
+                stream = None
+        if stream is None:
+            task = Task(**values)
             record = submitted(task)
             record.check()  # encoded now, not in the transaction
             await self.tasks.insert(values, audit=lambda _: (record,))
-        if created:
-            self.metrics.tasks_submitted.inc()
             self.fanout.wake_pool(task.pool)
-        return task, created
+            return task
+        queued = Task(**values)
+        values = {
+            **values,
+            "state": State.ASSIGNED,
+            "agent_id": stream.agent_id,
+            "session_id": stream.session_id,
+            "lease_expires_at": values["queued_at"] + self.config.accept_timeout,
+        }
+        task = Task(**values)
+        records = (
+            submitted(task),
+            AuditRecord(
+                actor=f"agent:{stream.agent_id}",
+                action="task.assign",
+                target=task.task_id,
+                details={"attempt": 1, "session": stream.session_id, "eager": True},
+            ),
+        )
+        for record in records:
+            record.check()
+
+        async def assign(stream: Stream) -> None:
+            try:
+                await self.tasks.insert(values, audit=lambda _: records)
+            except BaseException:
+                stream.return_credit()
+                self.inflight.release(task.owner, task.pool, holder)
+                raise
+            claimed = _claimed(values)
+            if stream.deliver(claimed):
+                self.metrics.schedule_to_start_seconds.labels(pool=task.pool).observe(0.0)
+                self.fanout.task_changed(task.task_id)
+            else:
+                await self.give_back([claimed], stream.session_id)  # it went away meanwhile
+
+        # Shielded: once handed to the group commit the row may commit whatever happens
+        # to this caller, and then its stream must get it (or the queue, given back).
+        await asyncio.shield(assign(stream))
+        # Submit answers with the task as it entered the queue, eager or not: being
+        # assigned in the same instant is what a fast claim would have done.
+        return queued
 
     async def cancel(
         self, task_id: str, reason: str, *, actor: str, request_id: str
@@ -716,6 +784,28 @@ class Dispatcher:
                 for pool, kind, count, oldest in stats
             }
         )
+
+
+def _claimed(values: dict[str, Any]) -> task_store.Claimed:
+    """The first attempt of a task being inserted, as a claim would have returned it."""
+    return task_store.Claimed(
+        task_id=values["task_id"],
+        attempt=1,
+        kind=values["kind"],
+        payload=values["payload"],
+        pool=values["pool"],
+        owner=values["owner"],
+        priority=values.get("priority", 0),
+        queued_at=values["queued_at"],
+        start_to_close_timeout=values.get("start_to_close_timeout"),
+        deadline=values.get("deadline"),
+        model=values.get("model"),
+        reserve_micros=0,
+        max_cost_micros=values.get("max_cost_micros"),
+        output_schema=values.get("output_schema"),
+        waiting_reason="",
+        signature=None,
+    )
 
 
 def _finish_record(

@@ -11,9 +11,16 @@ import contextlib
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import islice
 from typing import Protocol, runtime_checkable
 
 import grpc
+
+from muster.server.storage.taskstore import Claimed
+
+EAGER_SCAN = 32
+"""Streams an eager submit looks at before leaving its task to the queue: bounded, so a
+pool of thousands of busy agents costs a submit nothing more."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +48,7 @@ class Stream(Protocol):
     session_id: str
     agent_id: str
     pool: str
+    labels: dict[str, str]
     serial: str
     kinds: list[str]
     started_at: float
@@ -52,6 +60,15 @@ class Stream(Protocol):
         ...
 
     def wake(self) -> None: ...
+    def take_credit(self) -> bool:
+        """Hold one credit for an eager submit; False if the stream cannot take one."""
+        ...
+
+    def return_credit(self) -> None: ...
+    def deliver(self, task: Claimed) -> bool:
+        """Send a task an eager submit assigned here; False if the stream went away."""
+        ...
+
     def cancel_attempt(self, task_id: str, attempt: int, reason: str) -> None: ...
     def drain(self, reason: str) -> None: ...
     def close(self, code: grpc.StatusCode, message: str) -> None: ...
@@ -142,6 +159,26 @@ class Hub:
             if stream.wants_work:
                 stream.wake()
                 return
+
+    def take_for(self, pool: str, kind: str, selector: dict[str, str]) -> Stream | None:
+        """Eager dispatch: a stream of ``pool`` that runs ``kind``, whose labels satisfy
+        ``selector`` and that is idle with credit, holding one of its credits for the
+        task (see ``Stream.take_credit``); None when none of the first
+        :data:`EAGER_SCAN` in turn can. Taken in turn, as ``wake_pool`` does."""
+        members = self._by_pool.get(pool)
+        if not members:
+            return None
+        for session_id in list(islice(members, EAGER_SCAN)):
+            stream = self._streams[session_id]
+            if (
+                kind in stream.kinds
+                and all(stream.labels.get(k) == v for k, v in selector.items())
+                and stream.take_credit()
+            ):
+                del members[session_id]
+                members[session_id] = None  # to the back: the next one goes to another
+                return stream
+        return None
 
     def found_claimable(self, claimable: dict[str, set[str]]) -> None:
         """What the last poll found: kinds with claimable work, per pool."""

@@ -143,6 +143,8 @@ class AgentSession:
         """A wake-up the pump has not acted on yet."""
         self._claiming = False
         """A claim is under way: tasks may be assigned to this stream that it never saw."""
+        self._eager = 0
+        """Credits taken by submits dispatching eagerly to this stream, not yet delivered."""
         self._accepting: set[asyncio.Future[bool]] = set()
         """Accepted messages not yet written (the reader does not wait for each)."""
         self._cancels_sent: set[tuple[str, int]] = set()
@@ -166,6 +168,43 @@ class AgentSession:
         if self._pump_task is None or self._pump_task.done():
             self._pump_task = asyncio.create_task(self._pump(), name=f"pump-{self.session_id}")
             self._pump_task.add_done_callback(self._worker_done)
+
+    @property
+    def idle_with_credit(self) -> bool:
+        """Open, not draining, with credit, and its pump has looked for work (it has run
+        at least once) and is not looking now."""
+        return (
+            self.credit > 0
+            and self._pump_task is not None
+            and not (self.draining or self._woken or self._claiming or self._closed.done())
+        )
+
+    def take_credit(self) -> bool:
+        """Eager dispatch: hold one credit for a task being submitted now, to be assigned
+        to this stream in the submit's own transaction; False unless idle with credit."""
+        if not self.idle_with_credit:
+            return False
+        self.credit -= 1
+        self._eager += 1
+        return True
+
+    def return_credit(self) -> None:
+        """The eager submit that took a credit did not assign its task here after all."""
+        self._eager -= 1
+        self.credit += 1
+
+    def deliver(self, task: task_store.Claimed) -> bool:
+        """Send a task assigned to this stream by an eager submit (its credit taken with
+        ``take_credit``); False when the stream closed or began draining meanwhile: the
+        caller gives the attempt back."""
+        self._eager -= 1
+        if self.draining or self._closed.done():
+            return False
+        if self._rate is not None:
+            self._rate.assigned(1)
+        self._held.add((task.task_id, task.attempt))
+        self._send(agent_pb2.ServerMessage(assignment=self._assignment(task)))
+        return True
 
     def cancel_attempt(self, task_id: str, attempt: int, reason: str) -> None:
         if (task_id, attempt) in self._cancels_sent:
@@ -756,7 +795,7 @@ class AgentSession:
             # in-flight per agent is the server's limit, not the agent's promise. An
             # excess is capped, and counted as suspicious (an agent that keeps count
             # as agent.proto says never grants one).
-            room = self.max_concurrency - len(self._held)
+            room = self.max_concurrency - len(self._held) - self._eager
             wanted = self.credit + message.credit.credits
             if wanted > room:
                 self._suspicious(
