@@ -125,6 +125,10 @@ class ServerConfig:
     """A running attempt whose lease is not renewed by a heartbeat within this is requeued."""
     accept_timeout: timedelta = timedelta(seconds=10)
     """An assignment not Accepted within this is requeued."""
+    eager_dispatch: bool = True
+    """Assign a task in its submit's own transaction to an idle stream of its pool on this
+    replica with credit, and push it at once (no claim); off: every task is queued and
+    claimed (``MUSTER_EAGER_DISPATCH=false``, to compare the two)."""
     hello_timeout: timedelta = timedelta(seconds=10)
     """A stream that sends no Hello within this is closed."""
     poll_interval: timedelta = timedelta(seconds=1)

@@ -168,7 +168,8 @@ class Dispatcher:
         statement; otherwise it is queued and a stream is woken to claim it."""
         stream: Stream | None = None
         holder = task_store.attempt_key(values["task_id"], 1)
-        if not values.get("reserve_micros"):  # budgeted kinds go through the claim's checks
+        # Budgeted kinds go through the claim's checks.
+        if self.config.eager_dispatch and not values.get("reserve_micros"):
             stream = self.hub.take_for(values["pool"], values["kind"], values.get("selector") or {})
         if stream is not None:
             try:

@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 from sqlalchemy import select
 
-from muster import AsyncClient, TaskState
-from muster.server.app import ServerHandle
+from muster import AsyncAdminClient, AsyncClient, TaskState
+from muster.server.app import ServerHandle, start_server
 from muster.server.dispatch.session import AgentSession
 from muster.server.storage.models import AuditEvent
 from muster.server.storage.taskstore import Claimed
 from muster.v1 import agent_pb2
 from tests.agentsim import Enroller, SimAgent
+from tests.conftest import client_config, server_config
 
 
 async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
@@ -99,6 +101,22 @@ async def test_without_credit_or_a_matching_stream_the_task_is_queued(
     assert [a.get("eager") for a in await assigns(server, second.task_id)] == [None]
     assert held.task_id == first.task_id
     await agent.close()
+
+
+async def test_eager_dispatch_can_be_turned_off(tmp_path: Path, backend: dict[str, object]) -> None:
+    server = await start_server(server_config(tmp_path / "data", eager_dispatch=False, **backend))
+    try:
+        async with (
+            AsyncAdminClient(client_config(server)) as admin,
+            AsyncClient(client_config(server)) as client,
+        ):
+            agent = await connected(Enroller(server, admin), server, "lazy")
+            task = await client.submit("echo", b"x")
+            assert (await agent.expect("assignment")).task_id == task.task_id
+            assert [a.get("eager") for a in await assigns(server, task.task_id)] == [None]
+            await agent.close()
+    finally:
+        await server.stop(grace=1.0)
 
 
 class GoneStream:
