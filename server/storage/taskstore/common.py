@@ -147,7 +147,14 @@ class SqlTaskStore(TaskStore):
 
     @staticmethod
     async def _insert_many(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> list[None]:
-        await conn.execute(insert(TASKS), list(rows))
+        # One statement per set of columns: an executemany takes its columns from the
+        # first row, so an eager (ASSIGNED) row batched after a queued one would lose its
+        # agent, session and lease.
+        shapes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        for row in rows:
+            shapes.setdefault(tuple(sorted(row)), []).append(row)
+        for same in shapes.values():
+            await conn.execute(insert(TASKS), same)
         return [None] * len(rows)
 
     async def claim(
