@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import importlib.util
+import json
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,11 @@ import grpc
 import pytest
 from grpc_tools import protoc
 
-from muster import AsyncClient, TaskState
+from muster import AsyncAdminClient, AsyncClient, TaskState
+from muster.agent.config import AgentConfig
+from muster.agent.daemon import Agent
+from muster.agent.executors import ExecutorRegistry
+from muster.agent.executors.builtin import EchoExecutor
 from muster.server.app import ServerHandle
 from muster.server.dispatch import session as session_module
 from muster.v1 import agent_pb2, common_pb2
@@ -497,3 +502,50 @@ async def test_an_agent_that_stops_reading_is_closed_and_its_attempt_requeued(
         task = await client.get(task_id)
         assert (task.state, task.attempt) in ends
     await channel.close()
+
+
+async def test_the_agent_daemon_batches_with_the_real_server(
+    tmp_path: Path,
+    server: ServerHandle,
+    admin: AsyncAdminClient,
+    client: AsyncClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``muster agent`` asks for ServerBatch, sends AgentBatches once Welcome allows, and
+    its tasks finish as before."""
+    batches = 0
+    run_of = session_module._result_run
+
+    def counted(*args: Any) -> list[agent_pb2.Result]:
+        nonlocal batches
+        batches += 1  # only called for an AgentBatch
+        return run_of(*args)
+
+    monkeypatch.setattr(session_module, "_result_run", counted)
+    _, token = await admin.create_bootstrap_token("default")
+    config = AgentConfig(
+        state_dir=tmp_path / "agent",
+        server=server.api_address,
+        token=token,
+        ca_file=server.config.ca_dir / "bundle.pem",
+        name="daemon",
+        concurrency=8,
+        backoff_initial=0.05,
+        backoff_max=0.5,
+    )
+    agent = Agent(config, registry=ExecutorRegistry([EchoExecutor()]))
+    running = asyncio.create_task(agent.run())
+    try:
+        async with asyncio.timeout(10):
+            await agent.connected.wait()
+        assert agent.build_hello().batches
+        tasks = await asyncio.gather(*(client.submit("echo", {"n": i}) for i in range(80)))
+        for task in tasks:
+            done = await client.wait(task.task_id, timeout=30)
+            assert done.state is TaskState.SUCCEEDED, done.error
+            assert done.output_json() == json.loads(task.payload)
+        assert batches > 0
+    finally:
+        agent.shutdown()
+        async with asyncio.timeout(10):
+            await running
