@@ -4,11 +4,13 @@ Why: every Submit asks Redis about its rate limit, every dispatched attempt abou
 in-flight slots; one round trip each costs this process more CPU (a pooled connection,
 encoding, parsing) than the decision itself. Callers that ask while a call is on its way
 wait for it to return, then go together in the next one: under load a round trip answers
-many decisions, when idle a caller goes at once (no timer, no added latency).
+many decisions, when idle a caller goes at once and by itself (no timer, no added
+latency, no task).
 
-Each caller still gets its own answer, computed by the store in the order the requests
-were made, as if they had been asked one after another (that is what the one script per
-batch does); a batch that fails fails each caller with its own copy of the error.
+Each caller still gets its own answer, as if it had asked alone: a batch is decided in
+the order its requests were made, one after another (the one script per batch does
+that). Between a lone call and the batch behind it there is no order, as between any
+two concurrent calls. A batch that fails fails each caller with its own copy of the error.
 """
 
 from __future__ import annotations
@@ -39,12 +41,18 @@ class _Pending(Generic[R, A]):
 
 
 class Coalescer(Generic[R, A]):
-    """Hands concurrent :meth:`ask` calls to ``call`` in batches, one call at a time.
+    """Hands concurrent :meth:`ask` calls to ``call`` in batches.
+
+    A caller that finds nothing on its way calls alone, at once; callers that come while
+    a call is on its way queue, and one writer sends them in batches, one at a time (so
+    at most two calls are on their way: a lone caller's and the writer's).
 
     ``call`` gets the requests in the order they were asked and must answer each, in
     the same order (one answer per request), or raise. ``max_batch`` bounds one call,
-    counted by ``weight`` (1 per request unless given). A caller that gives up (it is
-    cancelled, by a timeout say) is left out of a batch not yet sent; once
+    counted by ``weight`` (1 per request unless given). A queued caller waits at most
+    ``patience`` seconds for its answer (then TimeoutError; None: no limit), counted from
+    its request as a call of its own would be. A caller that gives up (it is
+    cancelled, or its patience ends) is left out of a batch not yet sent; once
     sent, its request is decided like the others, its answer unread.
     """
 
@@ -55,21 +63,40 @@ class Coalescer(Generic[R, A]):
         name: str,
         max_batch: int,
         weight: Callable[[R], int] | None = None,
+        patience: float | None = None,
     ) -> None:
         self._call = call
         self._name = name
         self._max_batch = max_batch
         self._weight = weight
+        self._patience = patience
         self._drain: Drain[_Pending[R, A]] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._alone = False
+        """A caller is making a call of its own (see :meth:`ask`)."""
         self.calls = 0
         """Calls made (batches sent), for tests and measurements."""
 
     async def ask(self, request: R) -> A:
         """The answer to ``request``; raises what ``call`` raised for its batch."""
+        writer = self._writer()
+        if not self._alone and writer.idle:
+            # Nothing on its way: this caller makes the call itself, at once (a task and a
+            # future per call would cost a lone caller more than the round trip). Callers
+            # that come meanwhile queue for the writer, as behind any call.
+            self._alone = True
+            self.calls += 1
+            try:
+                answers = await self._call([request])
+            finally:
+                self._alone = False
+            if len(answers) != 1:
+                raise RuntimeError(f"{self._name}: {len(answers)} answers to 1 request")
+            return answers[0]
         pending: _Pending[R, A] = _Pending(request)
-        self._writer().put(pending)
-        return await pending.answer  # cancelling the caller cancels the future
+        writer.put(pending)
+        async with asyncio.timeout(self._patience):
+            return await pending.answer  # cancelling the caller cancels the future
 
     async def ask_all(self, requests: Sequence[R]) -> list[A]:
         """:meth:`ask` for each of ``requests`` at once: they go in the same batch (or
@@ -83,7 +110,8 @@ class Coalescer(Generic[R, A]):
         if not answers:
             return []
         # Every answer is read (an error too), so none is left unretrieved in the loop.
-        results = await asyncio.gather(*answers, return_exceptions=True)
+        async with asyncio.timeout(self._patience):
+            results = await asyncio.gather(*answers, return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result

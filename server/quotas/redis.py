@@ -5,7 +5,7 @@ Why Lua: each decision is one ``EVALSHA`` of one script (``lua/*.lua``), which R
 atomically, so no two replicas can both take the last slot and a decision costs at most
 one round trip. Rate limits and lease decisions, the ones on the hot path, share theirs:
 those asked while one is on its way go together in the next ``batch.lua`` run, each
-answered as if asked alone, in the order asked (:mod:`~server.quotas.coalesce`).
+answered as if asked alone (:mod:`~server.quotas.coalesce`).
 
 Time is Redis ``TIME`` (one clock for all replicas) unless a ``clock`` is injected, for
 tests. Connection trouble of any kind becomes
@@ -217,6 +217,9 @@ class RedisQuotaStore(QuotaStore):
             name="quota-decisions",
             max_batch=MAX_BATCH,
             weight=lambda decision: max(1, len(decision.keys)),
+            # The batch ahead may be waiting for Redis: a queued caller's deadline counts
+            # from its own request, as a call of its own would.
+            patience=deadline,
         )
 
     @classmethod
@@ -420,13 +423,10 @@ class RedisQuotaStore(QuotaStore):
     async def _ask_all(self, decisions: list[_Decision]) -> list[list[Any]]:
         self._fail_fast()
         try:
-            # The batch ahead may be waiting for Redis: this caller's deadline counts from
-            # its own request, as a call of its own would.
-            async with asyncio.timeout(self._deadline):
-                if len(decisions) == 1:
-                    return [await self._decisions.ask(decisions[0])]
-                return await self._decisions.ask_all(decisions)
-        except TimeoutError:
+            if len(decisions) == 1:
+                return [await self._decisions.ask(decisions[0])]
+            return await self._decisions.ask_all(decisions)
+        except TimeoutError:  # queued past the deadline (a call's own failures are ours)
             raise QuotaStoreUnavailable(
                 f"quota store {self._where} unreachable: no answer in time"
             ) from None
