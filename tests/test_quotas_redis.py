@@ -77,7 +77,11 @@ async def replicas(prefix: str) -> AsyncIterator[list[RedisQuotaStore]]:
     the machine may be busy)."""
     stores = [
         RedisQuotaStore.from_url(
-            redis_url(), prefix=prefix, socket_timeout=5.0, socket_connect_timeout=5.0
+            redis_url(),
+            prefix=prefix,
+            socket_timeout=5.0,
+            socket_connect_timeout=5.0,
+            timeout=5.0,  # the pool's wait for a free connection
         )
         for _ in range(4)
     ]
