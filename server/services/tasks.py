@@ -273,8 +273,8 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                 seen = (task.state, task.attempt, task.updated_at)
                 if seen != last:
                     last = seen
-                    async with self._db.transaction() as session:
-                        why = await self._why(session, [task])
+                    async with self._db.reading() as conn:
+                        why = await self._why(conn, [task])
                     yield convert.task(task, waiting=why.get(task.task_id))
                 if task.state in TERMINAL:
                     return
@@ -286,8 +286,8 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         if not task_id:
             raise invalid("task_id: required")
         check_text(task_id, "task_id", MAX_TASK_ID)
-        async with self._db.transaction() as session:
-            task = await self._db.tasks.get(session, task_id)
+        async with self._db.reading() as conn:
+            task = await self._db.tasks.read(conn, task_id)
         principal = current_principal.get()
         if task is None or not (principal.is_admin or task.owner == principal.tenant):
             raise not_found(f"no task {task_id[:60]!r}")

@@ -64,6 +64,8 @@ class Database:
         self._sessions = async_sessionmaker(
             self.engine, expire_on_commit=False, info={CHAIN_KEY: audit_chain}
         )
+        self._autocommit_reads = self.dialect != "sqlite"
+        """Reads without BEGIN/COMMIT (see ``reading``); SQLite is in-process: no round trips."""
         self.audit_chain = audit_chain
         self.group = GroupCommit(self.engine, trail=_audit_trail(audit_chain))
         self.tasks: TaskStore = open_task_store(self.dialect, self.group)
@@ -74,6 +76,17 @@ class Database:
         """A session in a transaction that commits on success and rolls back on any error."""
         async with self._sessions() as session, session.begin():
             yield session
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[AsyncConnection]:
+        """A connection for reads that need no transaction of their own (one statement,
+        or statements that need not see one snapshot); it must not write. On Postgres it
+        runs in autocommit: no BEGIN and COMMIT, two of a lone read's three round trips
+        (a Watch reads its task at every change)."""
+        async with self.engine.connect() as conn:
+            if self._autocommit_reads:
+                await conn.execution_options(isolation_level="AUTOCOMMIT")
+            yield conn
 
     async def batched(self, work: Work[T]) -> T:
         """Run ``work`` (Core statements on the connection it is given) in a transaction

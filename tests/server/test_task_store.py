@@ -302,6 +302,20 @@ async def test_renew_leases_extends_only_this_streams_held_attempts(db: Database
     assert (await row(db, "t_0002")).lease_expires_at != later + LEASE
 
 
+async def test_read_is_a_detached_copy_equal_to_get(db: Database) -> None:
+    await insert(db, 0, selector={"zone": "a"})
+    await claim(db, "s1", 1, {"zone": "a"})
+    await db.tasks.finish(ending("t_0000"), now=utcnow())
+    stored = await row(db, "t_0000")
+    async with db.reading() as conn:
+        shown = await db.tasks.read(conn, "t_0000")
+        missing = await db.tasks.read(conn, "t_9999")
+    assert shown is not None and missing is None
+    columns = [c.key for c in Task.__table__.columns]
+    assert {c: getattr(shown, c) for c in columns} == {c: getattr(stored, c) for c in columns}
+    assert shown.finished_at is not None and shown.finished_at.tzinfo is not None
+
+
 # Finish: held -> an end state.
 
 

@@ -279,6 +279,12 @@ class TaskStore(ABC):
         """The task as stored now (never a stale copy from the session)."""
 
     @abstractmethod
+    async def read(self, conn: Executor, task_id: str) -> Task | None:
+        """The task as stored now, as a detached copy for showing it (Watch, Get): one
+        statement, no session identity map, nothing to write back. Equal, field by
+        field, to what :meth:`get` returns."""
+
+    @abstractmethod
     async def list_tasks(
         self,
         session: AsyncSession,

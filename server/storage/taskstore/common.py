@@ -285,6 +285,11 @@ class SqlTaskStore(TaskStore):
     async def get(self, session: AsyncSession, task_id: str) -> Task | None:
         return await session.get(Task, task_id, populate_existing=True)
 
+    async def read(self, conn: Executor, task_id: str) -> Task | None:
+        query = select(TASKS).where(TASKS.c.task_id == task_id)
+        found = (await conn.execute(query)).mappings().first()
+        return None if found is None else Task(**found)
+
     async def list_tasks(
         self,
         session: AsyncSession,
