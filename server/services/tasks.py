@@ -273,8 +273,10 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                 seen = (task.state, task.attempt, task.updated_at)
                 if seen != last:
                     last = seen
-                    async with self._db.reading() as conn:
-                        why = await self._why(conn, [task])
+                    why: dict[str, waiting.Waiting] = {}
+                    if task.state == State.QUEUED:  # only a queued task waits: no connection else
+                        async with self._db.reading() as conn:
+                            why = await self._why(conn, [task])
                     yield convert.task(task, waiting=why.get(task.task_id))
                 if task.state in TERMINAL:
                     return
