@@ -11,7 +11,7 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import asyncpg
 import grpc
@@ -68,6 +68,16 @@ def new_task_id() -> str:
     return "t_" + secrets.token_hex(12)
 
 
+class Submission(NamedTuple):
+    """What :meth:`Dispatcher.submit` did with a submitted task."""
+
+    task: Task
+    """As it entered the queue (eager or not), or the task a repeat found."""
+    created: bool
+    assigned: bool
+    """Pushed at once to an idle stream of this replica (eager dispatch)."""
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -117,7 +127,7 @@ class Dispatcher:
 
     async def submit(
         self, values: dict[str, Any], *, actor: str, peer: str, request_id: str
-    ) -> tuple[Task, bool]:
+    ) -> Submission:
         now = self.clock.now()
         values = {
             **values,
@@ -153,15 +163,16 @@ class Dispatcher:
                     await record_in(session, submitted(task))
             if created:
                 self.fanout.wake_pool(task.pool)
+            assigned = False
         else:
-            task, created = await self._insert(values, submitted), True
+            (task, assigned), created = await self._insert(values, submitted), True
         if created:
             self.metrics.tasks_submitted.inc()
-        return task, created
+        return Submission(task, created, assigned)
 
     async def _insert(
         self, values: dict[str, Any], submitted: Callable[[Task], AuditRecord]
-    ) -> Task:
+    ) -> tuple[Task, bool]:
         """Insert a new unkeyed task. Eager dispatch: while a stream of its pool on this
         replica is idle with credit, the task is inserted already ASSIGNED to it (one
         transaction, audited as submitted and assigned) and pushed at once, with no claim
@@ -186,7 +197,7 @@ class Dispatcher:
             record.check()  # encoded now, not in the transaction
             await self.tasks.insert(values, audit=lambda _: (record,))
             self.fanout.wake_pool(task.pool)
-            return task
+            return task, False
         queued = Task(**values)
         values = {
             **values,
@@ -208,7 +219,7 @@ class Dispatcher:
         for record in records:
             record.check()
 
-        async def assign(stream: Stream) -> None:
+        async def assign(stream: Stream) -> bool:
             try:
                 await self.tasks.insert(values, audit=lambda _: records)
             except BaseException:
@@ -219,15 +230,16 @@ class Dispatcher:
             if stream.deliver(claimed):
                 self.metrics.schedule_to_start_seconds.labels(pool=task.pool).observe(0.0)
                 self.fanout.task_changed(task.task_id)
-            else:
-                await self.give_back([claimed], stream.session_id)  # it went away meanwhile
+                return True
+            await self.give_back([claimed], stream.session_id)  # it went away meanwhile
+            return False
 
         # Shielded: once handed to the group commit the row may commit whatever happens
         # to this caller, and then its stream must get it (or the queue, given back).
-        await asyncio.shield(assign(stream))
+        delivered = await asyncio.shield(assign(stream))
         # Submit answers with the task as it entered the queue, eager or not: being
         # assigned in the same instant is what a fast claim would have done.
-        return queued
+        return queued, delivered
 
     async def cancel(
         self, task_id: str, reason: str, *, actor: str, request_id: str

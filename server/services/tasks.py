@@ -111,7 +111,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             decision = await self._ai.check_rates(principal.tenant, ai_task)
             if not decision.allowed:
                 raise Refusal(decision.status())
-        task, created = await self._dispatcher.submit(
+        task, created, assigned = await self._dispatcher.submit(
             {**values, "owner": principal.tenant, "submitted_by": principal.name},
             actor=principal.name,
             peer=peer,
@@ -124,11 +124,17 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                 grpc.StatusCode.ALREADY_EXISTS,
                 "signature: another tenant submitted this signed task; sign it afresh",
             )
-        warning, why = await self._db.group.run_many(
-            "submit.check",
-            waiting.check_submitted,
-            waiting.Submitted(task, self._dispatcher.presence.now(), self._hold_fresh),
-        )
+        if assigned:
+            # Pushed at once to a connected agent that runs it: nothing to warn about and
+            # no reason to wait. The check is three presence reads in the group commit's
+            # queue, where the task's own Accepted and Result would wait behind them.
+            warning, why = "", waiting.NOTHING
+        else:
+            warning, why = await self._db.group.run_many(
+                "submit.check",
+                waiting.check_submitted,
+                waiting.Submitted(task, self._dispatcher.presence.now(), self._hold_fresh),
+            )
         return task_pb2.SubmitResponse(
             task=convert.task(task, waiting=why), created=created, warning=warning
         )

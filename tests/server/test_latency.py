@@ -1,0 +1,65 @@
+"""What one task's round trip waits for: no step waits for work it does not need.
+Ordering is checked with held steps, not with clocks."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from muster import AsyncClient, TaskState
+from muster.server.services import waiting
+from muster.v1 import agent_pb2
+from tests.agentsim import Enroller, SimAgent
+
+GUARD = 10.0
+"""Seconds before a step that should not wait at all counts as stuck (a hang guard, not
+a measurement)."""
+
+
+async def test_an_eagerly_assigned_submit_skips_the_presence_check(
+    enroller: Enroller, client: AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check of who could run a task runs in the group commit's queue; for a task
+    pushed at once to an idle agent it has nothing to say, and the task's Accepted and
+    Result would queue behind it."""
+    store = enroller.server.db.tasks
+    original_claim = store._claim_many
+    looked = asyncio.Event()
+
+    async def claim(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await original_claim(*args, **kwargs)
+        finally:
+            looked.set()
+
+    monkeypatch.setattr(store, "_claim_many", claim)
+    agent = SimAgent.of(await enroller.enroll("eager"))
+    await agent.hello(max_concurrency=1, capabilities=("echo",))
+    await looked.wait()  # the stream's first look for work, after Welcome: now it is idle
+    checking, release = asyncio.Event(), asyncio.Event()
+    original = waiting.check_submitted
+
+    async def held_check(*args: Any, **kwargs: Any) -> Any:
+        checking.set()
+        await release.wait()
+        return await original(*args, **kwargs)
+
+    monkeypatch.setattr(waiting, "check_submitted", held_check)
+    try:
+        task = await asyncio.wait_for(client.submit("echo", b"{}"), GUARD)
+        assignment = await agent.expect("assignment")
+        assert assignment.task_id == task.task_id
+        assert (task.state, task.submit_warning) == (TaskState.QUEUED, "")
+        assert not checking.is_set()
+        agent.send(accepted=agent_pb2.Accepted(task_id=task.task_id, attempt=1))
+        ack = await agent.finish(assignment, output=b"{}")
+        assert ack.status == agent_pb2.ACK_STATUS_RECORDED
+        # The agent is busy now: the next task queues, and its Submit is checked.
+        queued = asyncio.create_task(client.submit("sleep", b"{}"))
+        await asyncio.wait_for(checking.wait(), GUARD)
+    finally:
+        release.set()
+    assert (await queued).submit_warning.startswith("no agent of pool default has offered")
+    await agent.close()
