@@ -14,7 +14,7 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import procs, report, targets
+from bench import procs, report, stack, targets
 from bench.results import Context, ScenarioResult
 from bench.scenarios import SCENARIOS
 
@@ -58,6 +58,14 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="dispatch and round-trip scenarios: run each Muster server as `--workers N` "
         "(N processes sharing the ports; default 1: one process)",
+    )
+    parser.add_argument(
+        "--server-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a MUSTER_<NAME> setting for every bench server, e.g. eager_dispatch=false "
+        "(repeatable; to measure a lever on and off)",
     )
     parser.add_argument(
         "--no-profile", action="store_true", help="never run py-spy (--quick never does)"
@@ -120,8 +128,13 @@ def main(argv: list[str] | None = None) -> int:
         _parser().error("--server-workers must be at least 1")
     if args.rate is not None and args.rate <= 0:
         _parser().error("--rate must be positive")
+    for setting in args.server_setting:
+        name, sep, value = setting.partition("=")
+        if not sep or not name or not name.replace("_", "").isalnum():
+            _parser().error(f"--server-setting {setting!r}: expected NAME=VALUE")
+        stack.SERVER_SETTINGS[name.lower()] = value
     names = args.scenarios or list(SCENARIOS)
-    full = not args.quick and set(names) == set(SCENARIOS)
+    full = not args.server_setting and not args.quick and set(names) == set(SCENARIOS)
     output = args.output or (DOCS if full else RESULTS)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     command = "python -m bench " + " ".join(argv if argv is not None else sys.argv[1:])

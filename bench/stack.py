@@ -28,6 +28,9 @@ from muster import AsyncAdminClient, AsyncClient, ClientConfig
 PG_ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 ENROLLMENT_RATE = "1000000"
+SERVER_SETTINGS: dict[str, str] = {}
+"""Extra ``MUSTER_*`` settings for every bench server (``--server-setting NAME=VALUE``),
+so a lever that has a switch (eager dispatch, say) can be measured on and off."""
 """Per-peer enrollment limit for bench servers (all agents enroll from 127.0.0.1)."""
 
 
@@ -173,7 +176,7 @@ class Stack:
             MUSTER_ENROLLMENT_RATE=ENROLLMENT_RATE,
             MUSTER_ENROLLMENT_BURST=ENROLLMENT_RATE,
             MUSTER_WORKERS=str(self.workers if redis else 1),
-            **{f"MUSTER_{k.upper()}": v for k, v in settings.items()},
+            **{f"MUSTER_{k.upper()}": v for k, v in (SERVER_SETTINGS | settings).items()},
         )
         log_path = self.workdir / f"{name}.log"
         proc = await procs.spawn([procs.PYTHON, "-m", "bench.serve"], log_path=log_path, env=env)
