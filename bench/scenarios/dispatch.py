@@ -279,8 +279,9 @@ async def run_quota(ctx: Context) -> ScenarioResult:
     result.notes.append(
         f"{count} tasks per run through one replica, 8 agents. On: MUSTER_REDIS_URL set (every "
         "Submit checks the lockout and the submission rate in Redis, concurrent checks sharing "
-        "one batch.lua call, and wake-ups travel through Redis pub/sub). Off: the in-process quota store and fan-out. "
-        "The two modes alternate, each on a freshly started replica of the same database."
+        "one batch.lua call, and wake-ups travel through Redis pub/sub). Off: the in-process "
+        "quota store and fan-out. The two modes alternate, each on a freshly started replica "
+        "of the same database."
     )
     on: list[float] = []
     off: list[float] = []
