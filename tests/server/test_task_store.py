@@ -158,6 +158,29 @@ async def test_concurrent_inserts_share_transactions(db: Database) -> None:
     assert db.group.transactions <= 3
 
 
+async def test_inserts_of_different_shapes_sharing_a_transaction_keep_every_column(
+    db: Database,
+) -> None:
+    # An eagerly dispatched task enters ASSIGNED with its agent, session and lease; it
+    # may share a transaction with plain queued inserts, whichever comes first.
+    lease = utcnow() + LEASE
+    eager = {"state": State.ASSIGNED, "agent_id": "a1", "session_id": "s1"}
+    await asyncio.gather(
+        *(
+            insert(db, n, **(eager | {"lease_expires_at": lease}) if n % 2 else {})
+            for n in range(20)
+        )
+    )
+    assert db.group.transactions < 20  # they did share
+    for n in range(20):
+        task = await row(db, f"t_{n:04d}")
+        if n % 2:
+            assert (task.state, task.agent_id, task.session_id) == ("ASSIGNED", "a1", "s1")
+            assert task.lease_expires_at is not None
+        else:
+            assert (task.state, task.agent_id, task.session_id) == ("QUEUED", None, None)
+
+
 async def test_a_duplicate_insert_fails_only_its_caller(db: Database) -> None:
     await insert(db, 0)
     results = await asyncio.gather(
