@@ -84,6 +84,11 @@ async def backend() -> AsyncIterator[dict[str, object]]:
     prefix = f"muster-test-{secrets.token_hex(6)}"
     async with fresh_database() as url:
         yield {"database_url": url, "redis_url": REDIS_URL, "redis_prefix": prefix}
+    await forget_redis(prefix)
+
+
+async def forget_redis(prefix: str) -> None:
+    """Delete the keys a test's Redis prefix left behind."""
     redis = aioredis.from_url(REDIS_URL)
     try:
         keys = [key async for key in redis.scan_iter(match=f"{prefix}:*")]

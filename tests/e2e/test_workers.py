@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -34,7 +33,7 @@ from muster.server.workers import (
     worker_metrics_addr,
     worker_replica_id,
 )
-from tests.conftest import BACKEND, FANOUT_SECRET, REDIS_URL
+from tests.conftest import BACKEND, FANOUT_SECRET, REDIS_URL, forget_redis
 from tests.e2e import procs
 from tests.e2e.cluster import TIMINGS
 from tests.pg import fresh_database
@@ -393,7 +392,7 @@ async def test_two_workers_share_the_ports_survive_a_kill_and_drain_on_sigterm(
                 "audit", "verify", "--database-url", url, "--chain", worker, cwd=tmp_path
             )
             assert (code, out.startswith("OK: ")) == (0, True), (worker, out, err)
-        await _forget_redis(prefix)
+        await forget_redis(prefix)
 
 
 @postgres_only
@@ -432,7 +431,7 @@ async def test_workers_drain_and_exit_when_their_parent_dies(tmp_path: Path) -> 
         text = log.read_text()
         assert text.count("the --workers parent process is gone: shutting down") == 2, text
         assert text.count("muster.server.app: server stopped") == 2, text
-        await _forget_redis(prefix)
+        await forget_redis(prefix)
 
 
 async def _check_workers(parent: int, endpoints: dict[str, Any], url: str) -> None:
@@ -539,13 +538,3 @@ async def _finishes(url: str, ids: list[str]) -> int:
             return sum(1 for _, n in rows if n == 1)
     finally:
         await engine.dispose()
-
-
-async def _forget_redis(prefix: str) -> None:
-    redis = aioredis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in redis.scan_iter(match=f"{prefix}:*")]
-        if keys:
-            await redis.delete(*keys)
-    finally:
-        await redis.aclose()

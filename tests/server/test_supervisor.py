@@ -15,7 +15,6 @@ from typing import Any
 
 import grpc
 import pytest
-import redis.asyncio as aioredis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from muster.server.app import API_SERVICES, ServerHandle, start_server
@@ -23,7 +22,7 @@ from muster.server.audit import AuditWriter
 from muster.server.dispatch.suspicion import Report
 from muster.server.drain import Drain
 from muster.server.supervisor import Crash, Supervisor
-from tests.conftest import REDIS_URL, server_config
+from tests.conftest import REDIS_URL, forget_redis, server_config
 from tests.e2e import procs
 from tests.test_audit import event, open_db, rows_by_seq
 
@@ -131,13 +130,7 @@ async def settings(backend: dict[str, object]) -> AsyncIterator[dict[str, object
         return
     prefix = f"muster-test-{secrets.token_hex(6)}"
     yield {**backend, "redis_url": REDIS_URL, "redis_prefix": prefix}
-    redis = aioredis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in redis.scan_iter(match=f"{prefix}:*")]
-        if keys:
-            await redis.delete(*keys)
-    finally:
-        await redis.aclose()
+    await forget_redis(prefix)
 
 
 async def _probe(_conn: Any, items: Any) -> list[None]:
