@@ -56,6 +56,17 @@ def shifted(presence: Presence, by: timedelta) -> Iterator[None]:
         presence.clock = original
 
 
+@contextmanager
+def pinned(presence: Presence, when: datetime) -> Iterator[None]:
+    """Stop a replica's presence clock at ``when`` (its readers and writers alike)."""
+    original = presence.clock
+    presence.clock = lambda: when
+    try:
+        yield
+    finally:
+        presence.clock = original
+
+
 def leaf_not_after(chain_pem: bytes) -> datetime:
     return x509.load_pem_x509_certificate(chain_pem).not_valid_after_utc
 
@@ -132,7 +143,12 @@ async def test_a_dead_replicas_agents_stop_counting_once_its_rows_expire(
     """Another replica that recorded a stream and then died (no disconnect, no refresh):
     its row counts until it expires, then no longer, and a later pass deletes it."""
     enrolled = await enroller.enroll("orphan")
-    ghost = Presence(server.db, replica="ghost", refresh_every=timedelta(seconds=5))
+    # Pinned clocks: how long the test itself takes must not move the ghost's row
+    # across the deletion line (this replica deletes rows expired a ttl of its own ago).
+    start = utcnow()
+    ghost = Presence(
+        server.db, replica="ghost", refresh_every=timedelta(seconds=5), clock=lambda: start
+    )
     await ghost.connected(
         session_id="s_ghost",
         agent_id="orphan",
@@ -150,14 +166,15 @@ async def test_a_dead_replicas_agents_stop_counting_once_its_rows_expire(
             count = await session.scalar(select(func.count()).select_from(AgentSession))
         return int(count or 0)
 
-    with shifted(server.presence, ghost.ttl - timedelta(seconds=1)):
+    expiry = start + ghost.ttl
+    with pinned(server.presence, expiry - timedelta(seconds=1)):
         assert (await admin.get_agent("orphan")).connected
-    with shifted(server.presence, ghost.ttl + timedelta(seconds=1)):
+    with pinned(server.presence, expiry + server.presence.ttl / 2):
         expired = await admin.get_agent("orphan")
         assert (expired.connected, expired.replica) == (False, "")
         await server.presence.refresh()
         assert await rows() == 1  # expired, kept a little longer
-    with shifted(server.presence, ghost.ttl * 2 + timedelta(seconds=1)):
+    with pinned(server.presence, expiry + server.presence.ttl + timedelta(seconds=1)):
         await server.presence.refresh()
         assert await rows() == 0
 
