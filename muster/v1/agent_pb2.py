@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from muster.v1 import common_pb2 as muster_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15muster/v1/agent.proto\x12\tmuster.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16muster/v1/common.proto\"\xd1\x02\n\x0c\x41gentMessage\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.muster.v1.HelloH\x00\x12#\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x11.muster.v1.CreditH\x00\x12\'\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x0b\x32\x13.muster.v1.AcceptedH\x00\x12\'\n\x08progress\x18\x04 \x01(\x0b\x32\x13.muster.v1.ProgressH\x00\x12#\n\x06result\x18\x05 \x01(\x0b\x32\x11.muster.v1.ResultH\x00\x12)\n\theartbeat\x18\x06 \x01(\x0b\x32\x14.muster.v1.HeartbeatH\x00\x12\'\n\x08\x64raining\x18\x07 \x01(\x0b\x32\x13.muster.v1.DrainingH\x00\x12&\n\x05\x62\x61tch\x18\x08 \x01(\x0b\x32\x15.muster.v1.AgentBatchH\x00\x42\x06\n\x04\x62ody\"7\n\nAgentBatch\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.muster.v1.AgentMessage\"\xe5\x01\n\x05Hello\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x02 \x03(\t\x12,\n\x06labels\x18\x03 \x03(\x0b\x32\x1c.muster.v1.Hello.LabelsEntry\x12\x17\n\x0fmax_concurrency\x18\x04 \x01(\x05\x12(\n\tin_flight\x18\x05 \x03(\x0b\x32\x15.muster.v1.AttemptRef\x12\x0f\n\x07\x62\x61tches\x18\x06 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x19\n\x06\x43redit\x12\x0f\n\x07\x63redits\x18\x01 \x01(\x05\",\n\x08\x41\x63\x63\x65pted\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"e\n\x08Progress\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0f\n\x07percent\x18\x04 \x01(\x05\x12\x15\n\routput_tokens\x18\x05 \x01(\x03\"\x93\x02\n\x06Result\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12#\n\x07outcome\x18\x03 \x01(\x0e\x32\x12.muster.v1.Outcome\x12\x0e\n\x06output\x18\x04 \x01(\x0c\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.muster.v1.Usage\x12\x11\n\tretryable\x18\x07 \x01(\x08\x12.\n\x0bretry_after\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0crate_limited\x18\t \x01(\x08\x12)\n\x07refusal\x18\n \x01(\x0e\x32\x18.muster.v1.RefusalReason\"5\n\tHeartbeat\x12(\n\tin_flight\x18\x01 \x03(\x0b\x32\x15.muster.v1.AttemptRef\"\x1a\n\x08\x44raining\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xce\x02\n\rServerMessage\x12%\n\x07welcome\x18\x01 \x01(\x0b\x32\x12.muster.v1.WelcomeH\x00\x12+\n\nassignment\x18\x02 \x01(\x0b\x32\x15.muster.v1.AssignmentH\x00\x12#\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x11.muster.v1.CancelH\x00\x12!\n\x05\x64rain\x18\x04 \x01(\x0b\x32\x10.muster.v1.DrainH\x00\x12!\n\x05renew\x18\x05 \x01(\x0b\x32\x10.muster.v1.RenewH\x00\x12\x1d\n\x03\x61\x63k\x18\x06 \x01(\x0b\x32\x0e.muster.v1.AckH\x00\x12.\n\x0ctrust_bundle\x18\x07 \x01(\x0b\x32\x16.muster.v1.TrustBundleH\x00\x12\'\n\x05\x62\x61tch\x18\x08 \x01(\x0b\x32\x16.muster.v1.ServerBatchH\x00\x42\x06\n\x04\x62ody\"9\n\x0bServerBatch\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.muster.v1.ServerMessage\"\x89\x03\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0elease_duration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0brenew_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04pool\x18\x07 \x01(\t\x12.\n\x06labels\x18\x08 \x03(\x0b\x32\x1e.muster.v1.Welcome.LabelsEntry\x12,\n\x0ctrust_bundle\x18\t \x01(\x0b\x32\x16.muster.v1.TrustBundle\x12\x0f\n\x07\x62\x61tches\x18\n \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc5\x02\n\nAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x39\n\x16start_to_close_timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\raccept_within\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fmax_cost_micros\x18\x08 \x01(\x03\x12\x15\n\routput_schema\x18\t \x01(\t\x12+\n\tsignature\x18\n \x01(\x0b\x32\x18.muster.v1.TaskSignature\":\n\x06\x43\x61ncel\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\"1\n\x0bTrustBundle\x12\x11\n\troots_pem\x18\x01 \x01(\x0c\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\x17\n\x05Renew\x12\x0e\n\x06reason\x18\x01 \x01(\t\"M\n\x03\x41\x63k\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12$\n\x06status\x18\x03 \x01(\x0e\x32\x14.muster.v1.AckStatus\"\x1f\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"\x95\x01\n\rRenewResponse\x12\x1d\n\x15\x63\x65rtificate_chain_pem\x18\x01 \x01(\x0c\x12\x18\n\x10trust_bundle_pem\x18\x02 \x01(\x0c\x12-\n\tnot_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14trust_bundle_version\x18\x04 \x01(\x03*d\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_SUCCEEDED\x10\x01\x12\x12\n\x0eOUTCOME_FAILED\x10\x02\x12\x15\n\x11OUTCOME_CANCELLED\x10\x03*p\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x43K_STATUS_RECORDED\x10\x01\x12\x18\n\x14\x41\x43K_STATUS_DUPLICATE\x10\x02\x12\x14\n\x10\x41\x43K_STATUS_STALE\x10\x03\x32\x8c\x01\n\x0c\x41gentService\x12@\n\x07\x43onnect\x12\x17.muster.v1.AgentMessage\x1a\x18.muster.v1.ServerMessage(\x01\x30\x01\x12:\n\x05Renew\x12\x17.muster.v1.RenewRequest\x1a\x18.muster.v1.RenewResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15muster/v1/agent.proto\x12\tmuster.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16muster/v1/common.proto\"\xd1\x02\n\x0c\x41gentMessage\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.muster.v1.HelloH\x00\x12#\n\x06\x63redit\x18\x02 \x01(\x0b\x32\x11.muster.v1.CreditH\x00\x12\'\n\x08\x61\x63\x63\x65pted\x18\x03 \x01(\x0b\x32\x13.muster.v1.AcceptedH\x00\x12\'\n\x08progress\x18\x04 \x01(\x0b\x32\x13.muster.v1.ProgressH\x00\x12#\n\x06result\x18\x05 \x01(\x0b\x32\x11.muster.v1.ResultH\x00\x12)\n\theartbeat\x18\x06 \x01(\x0b\x32\x14.muster.v1.HeartbeatH\x00\x12\'\n\x08\x64raining\x18\x07 \x01(\x0b\x32\x13.muster.v1.DrainingH\x00\x12&\n\x05\x62\x61tch\x18\x08 \x01(\x0b\x32\x15.muster.v1.AgentBatchH\x00\x42\x06\n\x04\x62ody\"7\n\nAgentBatch\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.muster.v1.AgentMessage\"\xe5\x01\n\x05Hello\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x02 \x03(\t\x12,\n\x06labels\x18\x03 \x03(\x0b\x32\x1c.muster.v1.Hello.LabelsEntry\x12\x17\n\x0fmax_concurrency\x18\x04 \x01(\x05\x12(\n\tin_flight\x18\x05 \x03(\x0b\x32\x15.muster.v1.AttemptRef\x12\x0f\n\x07\x62\x61tches\x18\x06 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x19\n\x06\x43redit\x12\x0f\n\x07\x63redits\x18\x01 \x01(\x05\",\n\x08\x41\x63\x63\x65pted\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"e\n\x08Progress\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x0f\n\x07percent\x18\x04 \x01(\x05\x12\x15\n\routput_tokens\x18\x05 \x01(\x03\"\xc3\x02\n\x06Result\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12#\n\x07outcome\x18\x03 \x01(\x0e\x32\x12.muster.v1.Outcome\x12\x0e\n\x06output\x18\x04 \x01(\x0c\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.muster.v1.Usage\x12\x11\n\tretryable\x18\x07 \x01(\x08\x12.\n\x0bretry_after\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x14\n\x0crate_limited\x18\t \x01(\x08\x12)\n\x07refusal\x18\n \x01(\x0e\x32\x18.muster.v1.RefusalReason\x12.\n\rtrace_context\x18\x0b \x01(\x0b\x32\x17.muster.v1.TraceContext\"5\n\tHeartbeat\x12(\n\tin_flight\x18\x01 \x03(\x0b\x32\x15.muster.v1.AttemptRef\"\x1a\n\x08\x44raining\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xce\x02\n\rServerMessage\x12%\n\x07welcome\x18\x01 \x01(\x0b\x32\x12.muster.v1.WelcomeH\x00\x12+\n\nassignment\x18\x02 \x01(\x0b\x32\x15.muster.v1.AssignmentH\x00\x12#\n\x06\x63\x61ncel\x18\x03 \x01(\x0b\x32\x11.muster.v1.CancelH\x00\x12!\n\x05\x64rain\x18\x04 \x01(\x0b\x32\x10.muster.v1.DrainH\x00\x12!\n\x05renew\x18\x05 \x01(\x0b\x32\x10.muster.v1.RenewH\x00\x12\x1d\n\x03\x61\x63k\x18\x06 \x01(\x0b\x32\x0e.muster.v1.AckH\x00\x12.\n\x0ctrust_bundle\x18\x07 \x01(\x0b\x32\x16.muster.v1.TrustBundleH\x00\x12\'\n\x05\x62\x61tch\x18\x08 \x01(\x0b\x32\x16.muster.v1.ServerBatchH\x00\x42\x06\n\x04\x62ody\"9\n\x0bServerBatch\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.muster.v1.ServerMessage\"\x89\x03\n\x07Welcome\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x11\n\tspiffe_id\x18\x03 \x01(\t\x12\x35\n\x12heartbeat_interval\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x31\n\x0elease_duration\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0brenew_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04pool\x18\x07 \x01(\t\x12.\n\x06labels\x18\x08 \x03(\x0b\x32\x1e.muster.v1.Welcome.LabelsEntry\x12,\n\x0ctrust_bundle\x18\t \x01(\x0b\x32\x16.muster.v1.TrustBundle\x12\x0f\n\x07\x62\x61tches\x18\n \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xf5\x02\n\nAssignment\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x39\n\x16start_to_close_timeout\x18\x05 \x01(\x0b\x32\x19.google.protobuf.Duration\x12,\n\x08\x64\x65\x61\x64line\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\raccept_within\x18\x07 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fmax_cost_micros\x18\x08 \x01(\x03\x12\x15\n\routput_schema\x18\t \x01(\t\x12+\n\tsignature\x18\n \x01(\x0b\x32\x18.muster.v1.TaskSignature\x12.\n\rtrace_context\x18\x0b \x01(\x0b\x32\x17.muster.v1.TraceContext\":\n\x06\x43\x61ncel\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x17\n\x05\x44rain\x12\x0e\n\x06reason\x18\x01 \x01(\t\"1\n\x0bTrustBundle\x12\x11\n\troots_pem\x18\x01 \x01(\x0c\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\x17\n\x05Renew\x12\x0e\n\x06reason\x18\x01 \x01(\t\"M\n\x03\x41\x63k\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12$\n\x06status\x18\x03 \x01(\x0e\x32\x14.muster.v1.AckStatus\"\x1f\n\x0cRenewRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"\x95\x01\n\rRenewResponse\x12\x1d\n\x15\x63\x65rtificate_chain_pem\x18\x01 \x01(\x0c\x12\x18\n\x10trust_bundle_pem\x18\x02 \x01(\x0c\x12-\n\tnot_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1c\n\x14trust_bundle_version\x18\x04 \x01(\x03*d\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTCOME_SUCCEEDED\x10\x01\x12\x12\n\x0eOUTCOME_FAILED\x10\x02\x12\x15\n\x11OUTCOME_CANCELLED\x10\x03*p\n\tAckStatus\x12\x1a\n\x16\x41\x43K_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x43K_STATUS_RECORDED\x10\x01\x12\x18\n\x14\x41\x43K_STATUS_DUPLICATE\x10\x02\x12\x14\n\x10\x41\x43K_STATUS_STALE\x10\x03\x32\x8c\x01\n\x0c\x41gentService\x12@\n\x07\x43onnect\x12\x17.muster.v1.AgentMessage\x1a\x18.muster.v1.ServerMessage(\x01\x30\x01\x12:\n\x05Renew\x12\x17.muster.v1.RenewRequest\x1a\x18.muster.v1.RenewResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,10 +38,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLO_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_WELCOME_LABELSENTRY']._loaded_options = None
   _globals['_WELCOME_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_OUTCOME']._serialized_start=2836
-  _globals['_OUTCOME']._serialized_end=2936
-  _globals['_ACKSTATUS']._serialized_start=2938
-  _globals['_ACKSTATUS']._serialized_end=3050
+  _globals['_OUTCOME']._serialized_start=2932
+  _globals['_OUTCOME']._serialized_end=3032
+  _globals['_ACKSTATUS']._serialized_start=3034
+  _globals['_ACKSTATUS']._serialized_end=3146
   _globals['_AGENTMESSAGE']._serialized_start=126
   _globals['_AGENTMESSAGE']._serialized_end=463
   _globals['_AGENTBATCH']._serialized_start=465
@@ -57,35 +57,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PROGRESS']._serialized_start=827
   _globals['_PROGRESS']._serialized_end=928
   _globals['_RESULT']._serialized_start=931
-  _globals['_RESULT']._serialized_end=1206
-  _globals['_HEARTBEAT']._serialized_start=1208
-  _globals['_HEARTBEAT']._serialized_end=1261
-  _globals['_DRAINING']._serialized_start=1263
-  _globals['_DRAINING']._serialized_end=1289
-  _globals['_SERVERMESSAGE']._serialized_start=1292
-  _globals['_SERVERMESSAGE']._serialized_end=1626
-  _globals['_SERVERBATCH']._serialized_start=1628
-  _globals['_SERVERBATCH']._serialized_end=1685
-  _globals['_WELCOME']._serialized_start=1688
-  _globals['_WELCOME']._serialized_end=2081
+  _globals['_RESULT']._serialized_end=1254
+  _globals['_HEARTBEAT']._serialized_start=1256
+  _globals['_HEARTBEAT']._serialized_end=1309
+  _globals['_DRAINING']._serialized_start=1311
+  _globals['_DRAINING']._serialized_end=1337
+  _globals['_SERVERMESSAGE']._serialized_start=1340
+  _globals['_SERVERMESSAGE']._serialized_end=1674
+  _globals['_SERVERBATCH']._serialized_start=1676
+  _globals['_SERVERBATCH']._serialized_end=1733
+  _globals['_WELCOME']._serialized_start=1736
+  _globals['_WELCOME']._serialized_end=2129
   _globals['_WELCOME_LABELSENTRY']._serialized_start=707
   _globals['_WELCOME_LABELSENTRY']._serialized_end=752
-  _globals['_ASSIGNMENT']._serialized_start=2084
-  _globals['_ASSIGNMENT']._serialized_end=2409
-  _globals['_CANCEL']._serialized_start=2411
-  _globals['_CANCEL']._serialized_end=2469
-  _globals['_DRAIN']._serialized_start=2471
-  _globals['_DRAIN']._serialized_end=2494
-  _globals['_TRUSTBUNDLE']._serialized_start=2496
-  _globals['_TRUSTBUNDLE']._serialized_end=2545
-  _globals['_RENEW']._serialized_start=2547
-  _globals['_RENEW']._serialized_end=2570
-  _globals['_ACK']._serialized_start=2572
-  _globals['_ACK']._serialized_end=2649
-  _globals['_RENEWREQUEST']._serialized_start=2651
-  _globals['_RENEWREQUEST']._serialized_end=2682
-  _globals['_RENEWRESPONSE']._serialized_start=2685
-  _globals['_RENEWRESPONSE']._serialized_end=2834
-  _globals['_AGENTSERVICE']._serialized_start=3053
-  _globals['_AGENTSERVICE']._serialized_end=3193
+  _globals['_ASSIGNMENT']._serialized_start=2132
+  _globals['_ASSIGNMENT']._serialized_end=2505
+  _globals['_CANCEL']._serialized_start=2507
+  _globals['_CANCEL']._serialized_end=2565
+  _globals['_DRAIN']._serialized_start=2567
+  _globals['_DRAIN']._serialized_end=2590
+  _globals['_TRUSTBUNDLE']._serialized_start=2592
+  _globals['_TRUSTBUNDLE']._serialized_end=2641
+  _globals['_RENEW']._serialized_start=2643
+  _globals['_RENEW']._serialized_end=2666
+  _globals['_ACK']._serialized_start=2668
+  _globals['_ACK']._serialized_end=2745
+  _globals['_RENEWREQUEST']._serialized_start=2747
+  _globals['_RENEWREQUEST']._serialized_end=2778
+  _globals['_RENEWRESPONSE']._serialized_start=2781
+  _globals['_RENEWRESPONSE']._serialized_end=2930
+  _globals['_AGENTSERVICE']._serialized_start=3149
+  _globals['_AGENTSERVICE']._serialized_end=3289
 # @@protoc_insertion_point(module_scope)

@@ -112,7 +112,7 @@ class Progress(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., message: _Optional[str] = ..., percent: _Optional[int] = ..., output_tokens: _Optional[int] = ...) -> None: ...
 
 class Result(_message.Message):
-    __slots__ = ("task_id", "attempt", "outcome", "output", "error", "usage", "retryable", "retry_after", "rate_limited", "refusal")
+    __slots__ = ("task_id", "attempt", "outcome", "output", "error", "usage", "retryable", "retry_after", "rate_limited", "refusal", "trace_context")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class Result(_message.Message):
     RETRY_AFTER_FIELD_NUMBER: _ClassVar[int]
     RATE_LIMITED_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     attempt: int
     outcome: Outcome
@@ -133,7 +134,8 @@ class Result(_message.Message):
     retry_after: _duration_pb2.Duration
     rate_limited: bool
     refusal: _common_pb2.RefusalReason
-    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., output: _Optional[bytes] = ..., error: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., retryable: _Optional[bool] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., rate_limited: _Optional[bool] = ..., refusal: _Optional[_Union[_common_pb2.RefusalReason, str]] = ...) -> None: ...
+    trace_context: _common_pb2.TraceContext
+    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., output: _Optional[bytes] = ..., error: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., retryable: _Optional[bool] = ..., retry_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., rate_limited: _Optional[bool] = ..., refusal: _Optional[_Union[_common_pb2.RefusalReason, str]] = ..., trace_context: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("in_flight",)
@@ -205,7 +207,7 @@ class Welcome(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., agent_id: _Optional[str] = ..., spiffe_id: _Optional[str] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., lease_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., renew_after: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., pool: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., trust_bundle: _Optional[_Union[TrustBundle, _Mapping]] = ..., batches: _Optional[bool] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("task_id", "attempt", "kind", "payload", "start_to_close_timeout", "deadline", "accept_within", "max_cost_micros", "output_schema", "signature")
+    __slots__ = ("task_id", "attempt", "kind", "payload", "start_to_close_timeout", "deadline", "accept_within", "max_cost_micros", "output_schema", "signature", "trace_context")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -216,6 +218,7 @@ class Assignment(_message.Message):
     MAX_COST_MICROS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     attempt: int
     kind: str
@@ -226,7 +229,8 @@ class Assignment(_message.Message):
     max_cost_micros: int
     output_schema: str
     signature: _common_pb2.TaskSignature
-    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., kind: _Optional[str] = ..., payload: _Optional[bytes] = ..., start_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., accept_within: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_cost_micros: _Optional[int] = ..., output_schema: _Optional[str] = ..., signature: _Optional[_Union[_common_pb2.TaskSignature, _Mapping]] = ...) -> None: ...
+    trace_context: _common_pb2.TraceContext
+    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., kind: _Optional[str] = ..., payload: _Optional[bytes] = ..., start_to_close_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., accept_within: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_cost_micros: _Optional[int] = ..., output_schema: _Optional[str] = ..., signature: _Optional[_Union[_common_pb2.TaskSignature, _Mapping]] = ..., trace_context: _Optional[_Union[_common_pb2.TraceContext, _Mapping]] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ("task_id", "attempt", "reason")

@@ -171,6 +171,14 @@ class Usage(_message.Message):
     cache_creation_1h_input_tokens: int
     def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cost_micros: _Optional[int] = ..., model: _Optional[str] = ..., cache_creation_input_tokens: _Optional[int] = ..., cache_read_input_tokens: _Optional[int] = ..., reported_cost_micros: _Optional[int] = ..., cache_creation_1h_input_tokens: _Optional[int] = ...) -> None: ...
 
+class TraceContext(_message.Message):
+    __slots__ = ("traceparent", "tracestate")
+    TRACEPARENT_FIELD_NUMBER: _ClassVar[int]
+    TRACESTATE_FIELD_NUMBER: _ClassVar[int]
+    traceparent: str
+    tracestate: str
+    def __init__(self, traceparent: _Optional[str] = ..., tracestate: _Optional[str] = ...) -> None: ...
+
 class AttemptRef(_message.Message):
     __slots__ = ("task_id", "attempt")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]

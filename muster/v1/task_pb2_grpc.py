@@ -29,6 +29,16 @@ if _version_not_supported:
 class TaskServiceStub:
     """Served on the api listener. Every call carries `authorization: Bearer <api token>`
     with the `submitter` or `admin` role.
+
+    Tracing: Submit and SubmitMany read W3C Trace Context from the call's
+    `traceparent` (and `tracestate`) metadata, as OpenTelemetry's gRPC propagation
+    sends it. The server's span for the call is a child of that context (or the root
+    of a new trace when the server traces and the call carries none), and each task
+    the call creates is stored with that span's context: the task's queue wait,
+    dispatch, run on the agent and Result join that trace. SubmitMany's tasks share
+    the trace of their call. A repeat found by idempotency key or signed envelope
+    keeps the first task's trace. Metadata that does not parse is ignored, never
+    refused. See docs/tracing.md.
     """
 
     def __init__(self, channel):
@@ -72,6 +82,16 @@ class TaskServiceStub:
 class TaskServiceServicer:
     """Served on the api listener. Every call carries `authorization: Bearer <api token>`
     with the `submitter` or `admin` role.
+
+    Tracing: Submit and SubmitMany read W3C Trace Context from the call's
+    `traceparent` (and `tracestate`) metadata, as OpenTelemetry's gRPC propagation
+    sends it. The server's span for the call is a child of that context (or the root
+    of a new trace when the server traces and the call carries none), and each task
+    the call creates is stored with that span's context: the task's queue wait,
+    dispatch, run on the agent and Result join that trace. SubmitMany's tasks share
+    the trace of their call. A repeat found by idempotency key or signed envelope
+    keeps the first task's trace. Metadata that does not parse is ignored, never
+    refused. See docs/tracing.md.
     """
 
     def Submit(self, request, context):
@@ -162,6 +182,16 @@ def add_TaskServiceServicer_to_server(servicer, server):
 class TaskService:
     """Served on the api listener. Every call carries `authorization: Bearer <api token>`
     with the `submitter` or `admin` role.
+
+    Tracing: Submit and SubmitMany read W3C Trace Context from the call's
+    `traceparent` (and `tracestate`) metadata, as OpenTelemetry's gRPC propagation
+    sends it. The server's span for the call is a child of that context (or the root
+    of a new trace when the server traces and the call carries none), and each task
+    the call creates is stored with that span's context: the task's queue wait,
+    dispatch, run on the agent and Result join that trace. SubmitMany's tasks share
+    the trace of their call. A repeat found by idempotency key or signed envelope
+    keeps the first task's trace. Metadata that does not parse is ignored, never
+    refused. See docs/tracing.md.
     """
 
     @staticmethod

@@ -30,6 +30,16 @@ GRPC_VERSION: str
 class TaskServiceStub:
     """Served on the api listener. Every call carries `authorization: Bearer <api token>`
     with the `submitter` or `admin` role.
+
+    Tracing: Submit and SubmitMany read W3C Trace Context from the call's
+    `traceparent` (and `tracestate`) metadata, as OpenTelemetry's gRPC propagation
+    sends it. The server's span for the call is a child of that context (or the root
+    of a new trace when the server traces and the call carries none), and each task
+    the call creates is stored with that span's context: the task's queue wait,
+    dispatch, run on the agent and Result join that trace. SubmitMany's tasks share
+    the trace of their call. A repeat found by idempotency key or signed envelope
+    keeps the first task's trace. Metadata that does not parse is ignored, never
+    refused. See docs/tracing.md.
     """
 
     @_typing.overload
@@ -57,6 +67,16 @@ class TaskServiceStub:
 class TaskServiceAsyncStub(TaskServiceStub):
     """Served on the api listener. Every call carries `authorization: Bearer <api token>`
     with the `submitter` or `admin` role.
+
+    Tracing: Submit and SubmitMany read W3C Trace Context from the call's
+    `traceparent` (and `tracestate`) metadata, as OpenTelemetry's gRPC propagation
+    sends it. The server's span for the call is a child of that context (or the root
+    of a new trace when the server traces and the call carries none), and each task
+    the call creates is stored with that span's context: the task's queue wait,
+    dispatch, run on the agent and Result join that trace. SubmitMany's tasks share
+    the trace of their call. A repeat found by idempotency key or signed envelope
+    keeps the first task's trace. Metadata that does not parse is ignored, never
+    refused. See docs/tracing.md.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -80,6 +100,16 @@ class TaskServiceAsyncStub(TaskServiceStub):
 class TaskServiceServicer(metaclass=_abc_1.ABCMeta):
     """Served on the api listener. Every call carries `authorization: Bearer <api token>`
     with the `submitter` or `admin` role.
+
+    Tracing: Submit and SubmitMany read W3C Trace Context from the call's
+    `traceparent` (and `tracestate`) metadata, as OpenTelemetry's gRPC propagation
+    sends it. The server's span for the call is a child of that context (or the root
+    of a new trace when the server traces and the call carries none), and each task
+    the call creates is stored with that span's context: the task's queue wait,
+    dispatch, run on the agent and Result join that trace. SubmitMany's tasks share
+    the trace of their call. A repeat found by idempotency key or signed envelope
+    keeps the first task's trace. Metadata that does not parse is ignored, never
+    refused. See docs/tracing.md.
     """
 
     @_abc_1.abstractmethod
