@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from muster import _requests
+from muster import _requests, tracing
 from muster._base import AsyncClientBase
 from muster._convert import Payload, Seconds, task_from_proto
 from muster._errors_map import translate
@@ -79,7 +79,8 @@ class AsyncClient(AsyncClientBase["task_pb2_grpc.TaskServiceAsyncStub"]):
             output_schema=output_schema,
             signer=signer,
         )
-        response = await self._transport.unary(self._stub.Submit, request)
+        with tracing.client_call("Submit", self.config.address, {tracing.TASK_KIND: kind}) as extra:
+            response = await self._transport.unary(self._stub.Submit, request, extra)
         return task_from_proto(response.task, submit_warning=response.warning)
 
     async def submit_many(self, items: Iterable[TaskSpec]) -> builtins.list[SubmitOutcome]:
@@ -98,7 +99,9 @@ class AsyncClient(AsyncClientBase["task_pb2_grpc.TaskServiceAsyncStub"]):
         """
         batches = _requests.SubmitMany(items)
         for batch in batches.batches:
-            response = await self._transport.unary(self._stub.SubmitMany, batch.request)
+            size = {"muster.submit_many.items": len(batch.request.items)}
+            with tracing.client_call("SubmitMany", self.config.address, size) as extra:
+                response = await self._transport.unary(self._stub.SubmitMany, batch.request, extra)
             batches.settle(batch, response)
         return batches.outcomes()
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from muster import _requests
+from muster import _requests, tracing
 from muster._base import SyncClientBase
 from muster._convert import Payload, Seconds, task_from_proto
 from muster._errors_map import translate
@@ -65,7 +65,8 @@ class Client(SyncClientBase[task_pb2_grpc.TaskServiceStub]):
             output_schema=output_schema,
             signer=signer,
         )
-        response = self._transport.unary(self._stub.Submit, request)
+        with tracing.client_call("Submit", self.config.address, {tracing.TASK_KIND: kind}) as extra:
+            response = self._transport.unary(self._stub.Submit, request, extra)
         return task_from_proto(response.task, submit_warning=response.warning)
 
     def submit_many(self, items: Iterable[TaskSpec]) -> builtins.list[SubmitOutcome]:
@@ -73,7 +74,9 @@ class Client(SyncClientBase[task_pb2_grpc.TaskServiceStub]):
         :meth:`AsyncClient.submit_many`."""
         batches = _requests.SubmitMany(items)
         for batch in batches.batches:
-            response = self._transport.unary(self._stub.SubmitMany, batch.request)
+            size = {"muster.submit_many.items": len(batch.request.items)}
+            with tracing.client_call("SubmitMany", self.config.address, size) as extra:
+                response = self._transport.unary(self._stub.SubmitMany, batch.request, extra)
             batches.settle(batch, response)
         return batches.outcomes()
 

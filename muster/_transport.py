@@ -50,9 +50,10 @@ class SyncTransport:
             config.address, channel_credentials(config), options=channel_options(config)
         )
 
-    def unary(self, method: Callable[..., Resp], request: Any) -> Resp:
+    def unary(self, method: Callable[..., Resp], request: Any, extra: Metadata = ()) -> Resp:
+        """Call ``method`` with the token (and ``extra`` metadata, such as ``traceparent``)."""
         try:
-            return method(request, metadata=self.metadata, timeout=self.config.timeout)
+            return method(request, metadata=self.metadata + extra, timeout=self.config.timeout)
         except grpc.RpcError as err:
             raise translate(err) from err
 
@@ -77,9 +78,13 @@ class AsyncTransport:
             )
         return self._channel
 
-    async def unary(self, method: Callable[..., Awaitable[Resp]], request: Any) -> Resp:
+    async def unary(
+        self, method: Callable[..., Awaitable[Resp]], request: Any, extra: Metadata = ()
+    ) -> Resp:
+        """Call ``method`` with the token (and ``extra`` metadata, such as ``traceparent``)."""
         try:
-            return await method(request, metadata=self.metadata, timeout=self.config.timeout)
+            metadata = self.metadata + extra
+            return await method(request, metadata=metadata, timeout=self.config.timeout)
         except grpc.aio.AioRpcError as err:
             raise translate(err) from err
 
