@@ -18,6 +18,7 @@ from typing import Any
 
 from dotenv import load_dotenv
 
+from muster import tracing
 from muster.cli import Subparsers, command_group
 from muster.errors import ConfigError
 from muster.server.auditcli import register_audit
@@ -177,11 +178,14 @@ async def _serve(
     parent = ParentLink.from_env()  # set only in a `--workers` worker
     if parent is not None:
         parent.watch(stop.set)
+    traces = tracing.configure("muster-server")  # only when OTEL_* ask for traces
     try:
         handle = await start_server(config)
     except BaseException:
         if parent is not None:
             parent.close()
+        if traces is not None:
+            await asyncio.to_thread(traces.shutdown)
         raise
     handle.supervisor.on_crash(lambda _crash: stop.set())  # then as on SIGTERM, exit 1
     try:
@@ -204,6 +208,8 @@ async def _serve(
         log.info("shutting down")
     finally:
         await handle.stop()
+        if traces is not None:
+            await asyncio.to_thread(traces.shutdown)  # export what the stop still traced
         if parent is not None:
             parent.close()
     return 1 if handle.crash is not None else 0  # a background task crashed

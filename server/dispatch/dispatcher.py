@@ -19,6 +19,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from muster.server import tracing
 from muster.server.audit import AuditRecord, AuditWriter, record_in
 from muster.server.clock import Clock
 from muster.server.config import ServerConfig
@@ -426,6 +427,12 @@ class Dispatcher:
 
     async def record_result(self, agent_id: str, result: agent_pb2.Result) -> agent_pb2.AckStatus:
         """Record an attempt's end; says whether it was new, a resend, or stale."""
+        with tracing.recording(agent_id, result) as span:
+            status = await self._record_result(agent_id, result)
+            tracing.acknowledged(span, status)
+            return status
+
+    async def _record_result(self, agent_id: str, result: agent_pb2.Result) -> agent_pb2.AckStatus:
         outcome = result.outcome
         # Outputs are bytes, kept as they are; an error is text, and Postgres text cannot
         # hold a NUL, so one is kept visibly escaped instead of failing the whole Result.
@@ -818,6 +825,7 @@ def _claimed(values: dict[str, Any]) -> task_store.Claimed:
         output_schema=values.get("output_schema"),
         waiting_reason="",
         signature=None,
+        trace_context=values.get("trace_context"),
     )
 
 

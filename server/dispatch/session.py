@@ -29,6 +29,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from muster import batching
+from muster.server import tracing
 from muster.server.audit import AuditRecord
 from muster.server.ca.authority import DEFAULT_BACKDATE, CertificateAuthority
 from muster.server.dispatch.dispatcher import UNREACHABLE, Dispatcher
@@ -646,6 +647,7 @@ class AgentSession:
             self._woken = False
             limit = self.credit
             self._claiming = True
+            claimed_ns = time.time_ns()  # the end of the queue wait of what this claims
             try:
                 claimed = await self.dispatcher.claim(
                     agent_id=self.agent_id,
@@ -678,7 +680,8 @@ class AgentSession:
             for task in claimed:
                 self.credit -= 1
                 self._held.add((task.task_id, task.attempt))
-                self._send(agent_pb2.ServerMessage(assignment=self._assignment(task)))
+                assignment = self._assignment(task, claimed_ns)
+                self._send(agent_pb2.ServerMessage(assignment=assignment))
             self._claiming = False
             if len(claimed) == limit:
                 self._woken = True  # credit used up, or more work may be waiting: look again
@@ -686,7 +689,9 @@ class AgentSession:
         # poll_interval for claimable work and wakes as many streams as it found tasks
         # (Dispatcher.poll_queues); a timer wakes each stream now and then as a safety net.
 
-    def _assignment(self, task: task_store.Claimed) -> agent_pb2.Assignment:
+    def _assignment(
+        self, task: task_store.Claimed, claimed_ns: int | None = None
+    ) -> agent_pb2.Assignment:
         assignment = agent_pb2.Assignment(
             task_id=task.task_id,
             attempt=task.attempt,
@@ -707,6 +712,10 @@ class AgentSession:
                 # requires a signature refuses (and one that does not would run anyway).
                 log.warning("task %s: its stored signature does not parse", task.task_id)
                 assignment.ClearField("signature")
+        if task.trace_context is not None:
+            traced = tracing.dispatched(task, self.agent_id, claimed_ns)
+            if traced is not None:
+                assignment.trace_context.CopyFrom(traced)
         return assignment
 
     async def _read(self, requests: AsyncIterator[agent_pb2.AgentMessage]) -> None:

@@ -12,7 +12,9 @@ from typing import Any
 
 import grpc
 
+from muster import tracing as muster_tracing
 from muster.ai import AI_KINDS, PayloadError, parse_output_schema
+from muster.server import tracing
 from muster.server.config import ServerConfig
 from muster.server.dispatch.dispatcher import Dispatcher
 from muster.server.principals import current_principal
@@ -73,11 +75,23 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         request: task_pb2.SubmitRequest,
         context: grpc.aio.ServicerContext[task_pb2.SubmitRequest, task_pb2.SubmitResponse],
     ) -> task_pb2.SubmitResponse:
-        try:
-            return await self._submit_one(request, peer_address(context), request_id(context))
-        except Refusal as refusal:
-            await context.abort_with_status(refusal.status)
-            raise  # abort_with_status raises; this line is for the type checker
+        with tracing.serving("Submit", context) as span:
+            try:
+                response = await self._submit_one(
+                    request, peer_address(context), request_id(context)
+                )
+            except Refusal as refusal:
+                await context.abort_with_status(refusal.status)
+                raise  # abort_with_status raises; this line is for the type checker
+            if span.is_recording():
+                span.set_attributes(
+                    {
+                        muster_tracing.TASK_ID: response.task.task_id,
+                        muster_tracing.TASK_KIND: request.kind,
+                        "muster.task.created": response.created,
+                    }
+                )
+            return response
 
     async def SubmitMany(
         self,
@@ -85,7 +99,9 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         context: grpc.aio.ServicerContext[task_pb2.SubmitManyRequest, task_pb2.SubmitManyResponse],
     ) -> task_pb2.SubmitManyResponse:
         peer, rid = peer_address(context), request_id(context)
-        return await submit_many(request.items, lambda item: self._submit_one(item, peer, rid))
+        with tracing.serving("SubmitMany", context) as span:
+            span.set_attribute("muster.submit_many.items", len(request.items))
+            return await submit_many(request.items, lambda item: self._submit_one(item, peer, rid))
 
     async def _submit_one(
         self, request: task_pb2.SubmitRequest, peer: str, rid: str
@@ -111,6 +127,9 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
             decision = await self._ai.check_rates(principal.tenant, ai_task)
             if not decision.allowed:
                 raise Refusal(decision.status())
+        # The call's span (Submit, or the SubmitMany this item is part of) is the
+        # parent of everything that happens to the task.
+        values["trace_context"] = tracing.current_context()
         task, created, assigned = await self._dispatcher.submit(
             {**values, "owner": principal.tenant, "submitted_by": principal.name},
             actor=principal.name,

@@ -239,6 +239,9 @@ class Task(Base):
     """Attempts the provider refused for its rate limit: not counted against max_attempts."""
     signature: Mapped[bytes | None] = mapped_column(LargeBinary)
     """A signed task's envelope (a serialized TaskSignature), forwarded verbatim."""
+    trace_context: Mapped[str | None] = mapped_column(String(600))
+    """W3C Trace Context of the span that submitted it: ``traceparent``, then a space and
+    ``tracestate`` if any (muster/tracing.py); NULL when it was not traced."""
 
     __table_args__ = (
         UniqueConstraint("owner", "idempotency_key", name="uq_tasks_owner_idempotency_key"),

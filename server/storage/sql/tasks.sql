@@ -35,7 +35,7 @@ RETURNING tasks.session_id, tasks.task_id, tasks.attempt, tasks.kind, tasks.payl
           tasks.pool, tasks.owner, tasks.priority, tasks.queued_at,
           tasks.start_to_close_timeout, tasks.deadline, tasks.model, tasks.reserve_micros,
           tasks.max_cost_micros, tasks.output_schema, tasks.waiting_reason,
-          tasks.signature;
+          tasks.signature, tasks.trace_context;
 
 -- name: accept_many
 -- ASSIGNED attempts of the stream that was sent them move to RUNNING.

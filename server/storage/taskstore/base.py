@@ -89,6 +89,8 @@ class Claimed:
     """Why the task was last held back (to audit a new reason once, not every claim)."""
     signature: bytes | None
     """A signed task's envelope (a serialized TaskSignature), for its Assignment."""
+    trace_context: str | None
+    """The task's stored trace context (None: not traced), parent of the dispatch span."""
     ceiling_micros: int = 0
     """What was reserved for this attempt (set after the claim): the Assignment's ceiling."""
 
