@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dotenv import load_dotenv
 
+from muster import tracing
 from muster.agent.config import (
     ANTHROPIC_BASE_URL_ENV,
     ANTHROPIC_KEY_FILE_ENV,
@@ -220,7 +221,12 @@ def handle(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     config = config_from_args(args)
-    return asyncio.run(_serve(config))
+    traces = tracing.configure("muster-agent")  # only when OTEL_* ask for traces
+    try:
+        return asyncio.run(_serve(config))
+    finally:
+        if traces is not None:
+            traces.shutdown()  # export the last attempts' spans
 
 
 async def _serve(config: AgentConfig) -> int:

@@ -17,6 +17,7 @@ from typing import Any
 
 from google.protobuf import duration_pb2
 
+from muster.agent import tracing
 from muster.agent.executors import (
     ExecutionResult,
     ExecutorError,
@@ -133,14 +134,16 @@ class TaskRunner:
         self, entry: _Running, assignment: agent_pb2.Assignment
     ) -> agent_pb2.Result | None:
         result: agent_pb2.Result | None = None
-        try:
-            result = await self._execute(entry, assignment)
-            return result
-        finally:
-            # Same step: leave "running" and hand the result over (see module doc).
-            self._running.pop(entry.key, None)
-            if result is not None:
-                self._on_finished(result)
+        with tracing.executing(assignment) as span:  # the executor's spans nest in it
+            try:
+                result = await self._execute(entry, assignment)
+                return result
+            finally:
+                # Same step: leave "running" and hand the result over (see module doc).
+                self._running.pop(entry.key, None)
+                if result is not None:
+                    tracing.finished(span, result)
+                    self._on_finished(result)
 
     async def _execute(
         self, entry: _Running, assignment: agent_pb2.Assignment

@@ -15,6 +15,7 @@ from typing import Any
 
 import anthropic
 
+from muster.agent import tracing
 from muster.agent.executors.base import (
     ExecutionResult,
     ExecutorError,
@@ -25,7 +26,7 @@ from muster.agent.executors.base import (
     Usage,
     retry_after_seconds,
 )
-from muster.ai import PayloadError, parse_ai_payload
+from muster.ai import AiRequest, PayloadError, parse_ai_payload
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,16 @@ class AnthropicMessagesExecutor:
         # Sent exactly as validated: max_tokens is never raised, so the server's
         # reservation (computed from it) bounds what this call can cost.
         body: dict[str, Any] = json.loads(ctx.payload)
+        with tracing.ai_call(
+            "anthropic", "chat", request.model, max_tokens=request.max_tokens
+        ) as call:
+            result = await self._call(ctx, request, body)
+            call.used(result.usage)
+            return result
+
+    async def _call(
+        self, ctx: TaskContext, request: AiRequest, body: dict[str, Any]
+    ) -> ExecutionResult:
         throttle = ProgressThrottle()
         deltas = 0
         try:

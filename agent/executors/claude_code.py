@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
+from muster.agent import tracing
 from muster.agent.executors.base import (
     ExecutionResult,
     ExecutorError,
@@ -120,11 +121,15 @@ class ClaudeCodeExecutor:
         doc: dict[str, Any] = json.loads(ctx.payload)
         argv = self.argv(doc, ctx.max_cost_micros)
         workdir = tempfile.mkdtemp(prefix="muster-claude-")
-        try:
-            stdout, stderr, code = await self._run(argv, doc["prompt"], workdir)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-        return _result(stdout, stderr, code, doc["model"], ctx)
+        # The whole Claude Code run is the AI call (it talks to the provider itself).
+        with tracing.ai_call("anthropic", "invoke_agent", doc["model"]) as call:
+            try:
+                stdout, stderr, code = await self._run(argv, doc["prompt"], workdir)
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
+            result = _result(stdout, stderr, code, doc["model"], ctx)
+            call.used(result.usage)
+        return result
 
     async def _run(self, argv: list[str], prompt: str, workdir: str) -> tuple[bytes, bytes, int]:
         try:

@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx2 as httpx
 
+from muster.agent import tracing
 from muster.agent.executors.base import (
     ExecutionResult,
     ExecutorError,
@@ -23,7 +24,7 @@ from muster.agent.executors.base import (
     Usage,
     retry_after_seconds,
 )
-from muster.ai import PayloadError, parse_ai_payload
+from muster.ai import AiRequest, PayloadError, parse_ai_payload
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,16 @@ class OllamaChatExecutor:
         }
         if "format" in doc:
             body["format"] = doc["format"]
+        with tracing.ai_call(
+            "ollama", "chat", request.model, max_tokens=request.max_tokens
+        ) as call:
+            result = await self._call(ctx, request, body)
+            call.used(result.usage)
+            return result
+
+    async def _call(
+        self, ctx: TaskContext, request: AiRequest, body: dict[str, Any]
+    ) -> ExecutionResult:
         parts: list[str] = []
         final: dict[str, Any] | None = None
         chunks = 0
