@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from muster import tracing
 from muster._admin import AdminClient
 from muster._cli_format import (
     BUDGET_HEADERS,
@@ -172,6 +173,8 @@ def _config(args: argparse.Namespace) -> ClientConfig:
 
 
 def _client(args: argparse.Namespace) -> Client:
+    # The command's submit spans; the provider exports what is left when the process exits.
+    tracing.configure("muster-cli")
     return Client(_config(args))
 
 

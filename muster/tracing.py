@@ -265,12 +265,19 @@ def build_provider(service_name: str, environ: Mapping[str, str] | None = None) 
     return provider
 
 
+_configured: list[Tracing | None] = []
+
+
 def configure(service_name: str, environ: Mapping[str, str] | None = None) -> Tracing | None:
     """Install the tracer provider ``OTEL_*`` ask for as this process's global one, if
-    they ask for traces; None otherwise. Call once, from a command's entry point."""
+    they ask for traces; None otherwise. From a command's entry point: only the first
+    call of a process decides (a global provider cannot be replaced)."""
+    if _configured:
+        return _configured[0]
     provider = build_provider(service_name, environ)
-    if provider is None:
-        return None
-    trace.set_tracer_provider(provider)
-    log.info("tracing: exporting spans as %s", service_name)
-    return Tracing(provider)
+    traces = None if provider is None else Tracing(provider)
+    _configured.append(traces)
+    if provider is not None:
+        trace.set_tracer_provider(provider)
+        log.info("tracing: exporting spans as %s", service_name)
+    return traces
