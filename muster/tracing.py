@@ -223,7 +223,8 @@ def build_provider(service_name: str, environ: Mapping[str, str] | None = None) 
     """An OpenTelemetry SDK ``TracerProvider`` as ``OTEL_*`` configure it, batching to
     its exporters; None when they do not ask for traces. The SDK reads the rest of the
     standard variables itself (``OTEL_SERVICE_NAME``, ``OTEL_RESOURCE_ATTRIBUTES``,
-    ``OTEL_TRACES_SAMPLER``, ``OTEL_BSP_*``, ``OTEL_EXPORTER_OTLP_*``)."""
+    ``OTEL_TRACES_SAMPLER``, ``OTEL_BSP_*``, ``OTEL_EXPORTER_OTLP_*``) from the process
+    environment, whatever ``environ`` says."""
     env = os.environ if environ is None else environ
     settings = Settings.from_env(env)
     if not settings.enabled:
