@@ -34,6 +34,10 @@ def executing(assignment: agent_pb2.Assignment) -> Iterator[trace.Span]:
     if parent is None:
         yield trace.INVALID_SPAN
         return
+    if not tracing.enabled():
+        # No span: the Assignment's context goes back in the Result as it came.
+        yield trace.get_current_span(parent)
+        return
     with tracing.tracer().start_as_current_span(
         f"execute {assignment.kind}",
         context=parent,
@@ -97,6 +101,9 @@ def ai_call(
 ) -> Iterator[AiCall]:
     """A CLIENT span for one provider call, after OpenTelemetry's GenAI conventions
     (``{operation} {model}``, ``gen_ai.*``): a child of the attempt's span."""
+    if not tracing.enabled():
+        yield AiCall(trace.INVALID_SPAN)
+        return
     attributes: dict[str, str | int] = {
         "gen_ai.operation.name": operation,
         "gen_ai.provider.name": provider,

@@ -47,11 +47,23 @@ AGENT_ID = "muster.agent.id"
 OUTCOME = "muster.task.outcome"
 
 _W3C = TraceContextTextMapPropagator()
+_UNSET = (trace.ProxyTracerProvider, trace.NoOpTracerProvider)
+
+
+_tracer = trace.get_tracer(TRACER_NAME, __version__)
+"""A proxy: it follows the global provider once one is set."""
 
 
 def tracer() -> trace.Tracer:
     """Muster's tracer from the global provider (a no-op until one is configured)."""
-    return trace.get_tracer(TRACER_NAME, __version__)
+    return _tracer
+
+
+def enabled() -> bool:
+    """Whether this process has a tracer provider (ours from :func:`configure`, or an
+    application's). Without one, Muster makes no span at all and only hands a context it
+    was given on (a no-op span still costs tens of microseconds: too much per task)."""
+    return not isinstance(trace.get_tracer_provider(), _UNSET)
 
 
 # W3C Trace Context in its three forms: gRPC metadata, the proto message, the stored text.
@@ -131,9 +143,17 @@ def parent_from_stored(stored: str | None) -> Context | None:
 
 
 def failed(span: trace.Span, err: BaseException) -> None:
-    """Mark ``span`` as failed with the error's type only: messages may quote payloads."""
+    """Mark ``span`` as failed with the error's type (and gRPC status code) only: messages
+    may quote payloads."""
     span.set_status(Status(StatusCode.ERROR, type(err).__name__))
     span.set_attribute("error.type", type(err).__name__)
+    for cause in (err, err.__cause__):
+        code = getattr(cause, "code", None)
+        code = code() if callable(code) else code
+        value = getattr(code, "value", None)
+        if isinstance(value, tuple) and value and isinstance(value[0], int):
+            span.set_attribute("rpc.grpc.status_code", value[0])
+            return
 
 
 # The SDK's client spans (Client, AsyncClient).
@@ -145,6 +165,10 @@ def client_call(
 ) -> Iterator[tuple[tuple[str, str], ...]]:
     """A CLIENT span for one TaskService call; yields the metadata that carries it
     (``traceparent``), empty when nothing is traced."""
+    if not enabled():
+        # No span of ours; a context the caller is in (propagated to it) still goes on.
+        yield tuple(headers(trace.get_current_span()).items())
+        return
     with tracer().start_as_current_span(
         f"muster.v1.TaskService/{method}",
         kind=SpanKind.CLIENT,
@@ -163,6 +187,7 @@ def client_call(
         except Exception as err:
             failed(span, err)
             raise
+        span.set_attribute("rpc.grpc.status_code", 0)
 
 
 # Configuration of a process (server, agent, CLI).

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
@@ -30,6 +31,15 @@ def serving(method: str, context: Any) -> Iterator[trace.Span]:
     """The SERVER span of a TaskService call, child of the caller's ``traceparent``;
     current while the handler runs, so the tasks it creates store its context."""
     parent = tracing.parent_from_metadata(context.invocation_metadata())
+    if not tracing.enabled():
+        # No span; the caller's context, if any, is current, so tasks still store it.
+        token = otel_context.attach(parent) if parent is not None else None
+        try:
+            yield trace.INVALID_SPAN
+        finally:
+            if token is not None:
+                otel_context.detach(token)
+        return
     with tracing.tracer().start_as_current_span(
         f"{SERVICE}/{method}",
         context=parent,
@@ -43,6 +53,7 @@ def serving(method: str, context: Any) -> Iterator[trace.Span]:
         except BaseException as err:
             tracing.failed(span, err)
             raise
+        span.set_attribute("rpc.grpc.status_code", 0)
 
 
 def current_context() -> str | None:
@@ -59,6 +70,8 @@ def dispatched(
     parent = tracing.parent_from_stored(task.trace_context)
     if parent is None:
         return None
+    if not tracing.enabled():
+        return tracing.stored_to_proto(task.trace_context)  # handed on as it came
     now = time.time_ns()
     claimed = min(claimed_ns or now, now)
     attributes: dict[str, str | int] = {
@@ -99,7 +112,7 @@ def recording(agent_id: str, result: agent_pb2.Result) -> Iterator[trace.Span]:
     attempt in (Result.trace_context); a no-op for a Result without one."""
     parent = (
         tracing.parent_from_proto(result.trace_context)
-        if result.HasField("trace_context")
+        if result.HasField("trace_context") and tracing.enabled()
         else None
     )
     if parent is None:
