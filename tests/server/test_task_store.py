@@ -236,6 +236,16 @@ async def test_claim_sets_the_accept_deadline(db: Database) -> None:
     assert (await row(db, "t_0000")).lease_expires_at == now + LEASE
 
 
+async def test_claim_returns_the_trace_context_stored_with_the_task(db: Database) -> None:
+    """Its dispatch span (and so the Assignment) continues the task's trace."""
+    stored = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 vendor=abc"
+    await insert(db, 0, trace_context=stored)
+    await insert(db, 1)
+    claimed = {c.task_id: c.trace_context for c in await claim(db, "s1", 2)}
+    assert claimed == {"t_0000": stored, "t_0001": None}
+    assert (await row(db, "t_0000")).trace_context == stored
+
+
 async def test_claim_skips_what_labels_kinds_or_backoff_rule_out(db: Database) -> None:
     now = utcnow()
     await insert(db, 0, selector={"gpu": "yes"})
