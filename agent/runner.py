@@ -134,16 +134,15 @@ class TaskRunner:
         self, entry: _Running, assignment: agent_pb2.Assignment
     ) -> agent_pb2.Result | None:
         result: agent_pb2.Result | None = None
-        with tracing.executing(assignment) as span:  # the executor's spans nest in it
-            try:
-                result = await self._execute(entry, assignment)
-                return result
-            finally:
-                # Same step: leave "running" and hand the result over (see module doc).
-                self._running.pop(entry.key, None)
-                if result is not None:
-                    tracing.finished(span, result)
-                    self._on_finished(result)
+        try:
+            # In the attempt's span, with the executor's own spans inside it.
+            result = await tracing.attempt(assignment, self._execute(entry, assignment))
+            return result
+        finally:
+            # Same step: leave "running" and hand the result over (see module doc).
+            self._running.pop(entry.key, None)
+            if result is not None:
+                self._on_finished(result)
 
     async def _execute(
         self, entry: _Running, assignment: agent_pb2.Assignment

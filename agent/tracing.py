@@ -11,7 +11,7 @@ put on a span.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from contextlib import contextmanager
 
 from opentelemetry import trace
@@ -57,6 +57,17 @@ def executing(assignment: agent_pb2.Assignment) -> Iterator[trace.Span]:
         except BaseException as err:
             tracing.failed(span, err)
             raise
+
+
+async def attempt(
+    assignment: agent_pb2.Assignment, run: Awaitable[agent_pb2.Result | None]
+) -> agent_pb2.Result | None:
+    """Await ``run`` (the attempt) in its span; its Result then names the span."""
+    with executing(assignment) as span:
+        result = await run
+        if result is not None:
+            finished(span, result)
+        return result
 
 
 def finished(span: trace.Span, result: agent_pb2.Result) -> None:

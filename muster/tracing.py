@@ -147,7 +147,7 @@ def failed(span: trace.Span, err: BaseException) -> None:
     may quote payloads."""
     span.set_status(Status(StatusCode.ERROR, type(err).__name__))
     span.set_attribute("error.type", type(err).__name__)
-    for cause in (err, err.__cause__):
+    for cause in (err, err.__cause__, err.__context__):
         code = getattr(cause, "code", None)
         code = code() if callable(code) else code
         value = getattr(code, "value", None)
