@@ -16,7 +16,7 @@ import logging
 import os
 import secrets
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -197,20 +197,14 @@ def check_task_tree(spans: list[Span], task_id: str, submit: Span, kind: str) ->
     assert result.attributes["muster.ack.status"] == "RECORDED"
 
 
-@dataclass
-class Stack:
-    tmp: Path
-    data: Path
-    environ: dict[str, str]
-    processes: list[asyncio.subprocess.Process] = field(default_factory=list)
-
-    def cli_env(self, api: str) -> dict[str, str]:
-        return {
-            **self.environ,
-            "MUSTER_ADDR": api,
-            "MUSTER_TOKEN_FILE": str(self.data / "admin.token"),
-            "MUSTER_CA_FILE": str(self.data / "ca" / "bundle.pem"),
-        }
+def cli_env(traced: dict[str, str], data: Path, api: str) -> dict[str, str]:
+    """The environment of a traced ``muster`` client command, as the first admin."""
+    return {
+        **traced,
+        "MUSTER_ADDR": api,
+        "MUSTER_TOKEN_FILE": str(data / "admin.token"),
+        "MUSTER_CA_FILE": str(data / "ca" / "bundle.pem"),
+    }
 
 
 async def test_a_task_is_one_trace_from_the_cli_through_server_and_agent(
@@ -227,7 +221,6 @@ async def test_a_task_is_one_trace_from_the_cli_through_server_and_agent(
         "MUSTER_METRICS_ADDR": "",
         "MUSTER_POLL_INTERVAL": "0.5s",
     }
-    stack = Stack(tmp_path, data, traced)
     server = await procs.spawn(
         "server", "--data-dir", str(data), cwd=tmp_path, log=tmp_path / "server.log",
         environ=server_env,
@@ -258,7 +251,7 @@ async def test_a_task_is_one_trace_from_the_cli_through_server_and_agent(
                 async with asyncio.timeout(30):
                     while not any(a.connected for a in await admin.list_agents()):
                         await asyncio.sleep(0.1)
-            cli = stack.cli_env(endpoints["api"])
+            cli = cli_env(traced, data, endpoints["api"])
             echo_id = await submit(cli, tmp_path, "echo", {"words": SECRET_WORDS})
             ai_payload = {
                 "model": MODEL,
