@@ -32,6 +32,8 @@ from muster.v1 import (
 from tests.agentsim import Enroller, SimAgent
 from tests.conftest import client_config, server_config
 
+pytestmark = pytest.mark.slow
+
 MODEL = "claude-sonnet-4-5"  # $3 input, $15 output per million tokens (shipped table)
 AI = ("anthropic.messages",)
 
