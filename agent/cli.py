@@ -18,6 +18,7 @@ from muster.agent.config import (
     CLAUDE_BIN_ENV,
     DEFAULT_CA_FILE,
     KEY_PASSPHRASE_FILE_ENV,
+    METRICS_ADDR_ENV,
     OLLAMA_URL_ENV,
     REQUIRE_SIGNED_ENV,
     STATE_DIR_ENV,
@@ -115,6 +116,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "instead of retrying every ~30s until an operator re-enables the agent",
     )
     run.add_argument(
+        "--metrics-addr",
+        metavar="HOST:PORT",
+        help="serve this agent's Prometheus /metrics over plain HTTP on HOST:PORT (port 0: any "
+        f"free port, logged at start); default ${METRICS_ADDR_ENV}, else none",
+    )
+    run.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", help="log verbosity (default info)"
     )
     ai = parser.add_argument_group(
@@ -200,6 +207,10 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         ollama_url=args.ollama_url or _env(OLLAMA_URL_ENV),
         trusted_submitters=args.trusted_submitters or _env_path(TRUSTED_SUBMITTERS_ENV),
         require_signed=parse_kinds(args.require_signed or [_env(REQUIRE_SIGNED_ENV) or ""]),
+        metrics_addr=(
+            args.metrics_addr.strip() if args.metrics_addr is not None else _env(METRICS_ADDR_ENV)
+        )
+        or None,
     )
 
 

@@ -27,6 +27,7 @@ CLAUDE_BIN_ENV = "MUSTER_CLAUDE_BIN"
 OLLAMA_URL_ENV = "MUSTER_OLLAMA_URL"
 TRUSTED_SUBMITTERS_ENV = "MUSTER_TRUSTED_SUBMITTERS"
 REQUIRE_SIGNED_ENV = "MUSTER_REQUIRE_SIGNED"
+METRICS_ADDR_ENV = "MUSTER_AGENT_METRICS_ADDR"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +84,9 @@ class AgentConfig:
     local configuration only, never taken from the server."""
     require_signed: frozenset[str] = frozenset()
     """Task kinds this agent runs only when signed by a trusted submitter (``*``: all)."""
+    metrics_addr: str | None = None
+    """HOST:PORT of the agent's own Prometheus /metrics over plain HTTP (port 0: any free
+    port); None serves none."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.concurrency <= MAX_CONCURRENCY:
@@ -120,6 +124,8 @@ class AgentConfig:
         ):
             if url is not None and not url.startswith(("http://", "https://")):
                 raise ConfigError(f"{flag} must be an http:// or https:// URL, got {url[:80]!r}")
+        if self.metrics_addr is not None:
+            split_address(self.metrics_addr, flag="--metrics-addr")
         if not self.claude_bin.strip():
             raise ConfigError("--claude-bin is empty")
         for kind in self.require_signed:
@@ -162,6 +168,14 @@ class AgentConfig:
         if not candidate.is_file():
             raise ConfigError(f"CA bundle {candidate} does not exist or is not a file")
         return candidate
+
+
+def split_address(value: str, *, flag: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) as a pair; port 0 asks the OS for a free one."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{flag} must look like HOST:PORT, got {value[:80]!r}")
+    return host.strip("[]"), int(port)
 
 
 def default_state_dir() -> Path:

@@ -25,6 +25,7 @@ from muster.agent.executors import (
     TaskContext,
     Usage,
 )
+from muster.agent.metrics import UNKNOWN_KIND, AgentMetrics
 from muster.agent.signatures import SignatureGate
 from muster.ai import PayloadError, check_output, parse_output_schema
 from muster.sanitize import neutralize
@@ -47,6 +48,9 @@ class _Running:
     task: asyncio.Task[agent_pb2.Result | None] | None = None
     cancel_reason: str | None = None
     abandoned: bool = False
+    started: float | None = None
+    """Event-loop time the executor was called (None: it never was)."""
+    timed_out: bool = False
 
 
 class TaskRunner:
@@ -60,6 +64,7 @@ class TaskRunner:
         on_progress: ProgressSink | None = None,
         *,
         gate: SignatureGate | None = None,
+        metrics: AgentMetrics | None = None,
     ) -> None:
         self.registry = registry
         self.concurrency = concurrency
@@ -68,6 +73,7 @@ class TaskRunner:
         self.gate = gate
         """Refuses attempts of kinds this agent runs only when signed (None: no such kind)."""
         self._running: dict[AttemptKey, _Running] = {}
+        self._metrics = metrics
 
     # Queries --------------------------------------------------------------
 
@@ -139,6 +145,8 @@ class TaskRunner:
         finally:
             # Same step: leave "running" and hand the result over (see module doc).
             self._running.pop(entry.key, None)
+            if self._metrics is not None:
+                self._count(entry, result)
             if result is not None:
                 self._on_finished(result)
 
@@ -177,6 +185,7 @@ class TaskRunner:
         when = None if remaining is None else asyncio.get_running_loop().time() + remaining
         log.info("attempt %s#%d (%s) started", task_id, attempt, assignment.kind)
         timeout = asyncio.timeout_at(when)
+        entry.started = asyncio.get_running_loop().time()
         try:
             async with timeout:
                 outcome = await executor.run(ctx)
@@ -202,6 +211,7 @@ class TaskRunner:
                 log.warning("attempt %s#%d failed: %s", task_id, attempt, _shown(_message(err)))
                 return _failed(entry.key, _message(err), retryable=True, usage=ctx.meter.usage)
             log.warning("attempt %s#%d timed out", task_id, attempt)
+            entry.timed_out = True
             return _failed(
                 entry.key,
                 _timeout_message(limit, deadline, assignment),
@@ -252,6 +262,14 @@ class TaskRunner:
             output=output.output,
             usage=_usage(output.usage),
         )
+
+    def _count(self, entry: _Running, result: agent_pb2.Result | None) -> None:
+        assert self._metrics is not None
+        ran = None
+        if entry.started is not None:
+            ran = asyncio.get_running_loop().time() - entry.started
+        kind = entry.kind if entry.kind in self.registry else UNKNOWN_KIND
+        self._metrics.attempt_finished(kind, result, ran, timed_out=entry.timed_out)
 
     def _progress_fn(self, key: AttemptKey) -> ProgressFn:
         async def progress(message: str, percent: int, output_tokens: int) -> None:
