@@ -332,6 +332,7 @@ class Agent:
             self._on_progress,
             gate=gate,
             metrics=self.metrics,
+            max_output_bytes=self.config.max_output_bytes,
         )
         self.metrics.identify(agent_id=identity.agent_id, pool=identity.pool, version=__version__)
         self._target = self.config.agent_server or identity.agent_endpoint

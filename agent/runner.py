@@ -65,6 +65,7 @@ class TaskRunner:
         *,
         gate: SignatureGate | None = None,
         metrics: AgentMetrics | None = None,
+        max_output_bytes: int = 0,
     ) -> None:
         self.registry = registry
         self.concurrency = concurrency
@@ -74,6 +75,8 @@ class TaskRunner:
         """Refuses attempts of kinds this agent runs only when signed (None: no such kind)."""
         self._running: dict[AttemptKey, _Running] = {}
         self._metrics = metrics
+        self.max_output_bytes = max_output_bytes
+        """A successful output above this fails the attempt for good (0: no limit)."""
 
     # Queries --------------------------------------------------------------
 
@@ -179,6 +182,7 @@ class TaskRunner:
             deadline=deadline,
             max_cost_micros=max(0, assignment.max_cost_micros),
             output_schema=assignment.output_schema,
+            max_output_bytes=self.max_output_bytes,
             on_progress=self._progress_fn(entry.key),
         )
         remaining = ctx.time_remaining()
@@ -244,6 +248,14 @@ class TaskRunner:
                 "not an ExecutionResult",
                 retryable=False,
             )
+        if self.max_output_bytes and len(output.output) > self.max_output_bytes:
+            # Not retried: the same work would most likely produce as much again.
+            error = (
+                f"output of {len(output.output)} bytes exceeds this agent's "
+                f"{self.max_output_bytes}-byte limit"
+            )
+            log.warning("attempt %s#%d failed: %s", task_id, attempt, error)
+            return _failed(entry.key, error, retryable=False, usage=output.usage)
         if schema is not None:
             try:
                 check_output(schema, output.answer if output.answer is not None else output.output)
