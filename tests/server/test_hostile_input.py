@@ -636,7 +636,7 @@ RANGE_CASES: list[tuple[str, Callable[[], Message], str]] = [
     (
         "CreateApiToken",
         lambda: admin_pb2.CreateApiTokenRequest(name="bot", role=7),  # type: ignore[arg-type]
-        "role: must be ROLE_SUBMITTER or ROLE_ADMIN",
+        "role: must be ROLE_SUBMITTER, ROLE_ADMIN or ROLE_VIEWER",
     ),
     (
         "CreateBootstrapToken",
