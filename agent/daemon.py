@@ -375,6 +375,7 @@ class Agent:
             return False
         self._identity = identity
         self._credentials = credentials
+        self.metrics.identify(agent_id=identity.agent_id, pool=identity.pool, version=__version__)
         self._target = self.config.agent_server or identity.agent_endpoint
         self._last_renewal = None
         self._set_renew_at(renewal_time(credentials.leaf, rand=self._rand))

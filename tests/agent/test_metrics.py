@@ -8,6 +8,7 @@ the middle; then that no secret of the agent reaches the exposition.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 import os
 import re
@@ -203,6 +204,30 @@ async def test_every_outcome_the_outbox_a_reconnect_and_the_certificate_are_coun
     # Stopped: the endpoint is gone with the daemon.
     with pytest.raises(OSError):
         await http_get(url)
+
+
+async def test_a_renewal_is_counted_and_the_expiry_follows_the_new_certificate(
+    run_agent: Any, service: ScriptedAgentService, state: StateDir
+) -> None:
+    service.renew_lifetime = dt.timedelta(hours=2)
+    async with run_agent(metrics_addr="127.0.0.1:0") as agent:
+        first = await service.next_stream()
+        url = agent.metrics_server.url
+        before = await scrape(url)
+        await first.send(renew=agent_pb2.Renew(reason="rotate now"))
+        await service.next_stream()
+        async with asyncio.timeout(5):
+            await first.client_closed.wait()
+        after = await scrape(url)
+    old = before.value("muster_agent_certificate_expiry_timestamp_seconds")
+    new = after.value("muster_agent_certificate_expiry_timestamp_seconds")
+    assert new == state.load_credentials().leaf.not_after.timestamp()
+    assert 3000 < new - old <= 3600  # two hours from now instead of one from the seeding
+    assert after.value("muster_agent_certificate_renewals_total", outcome="renewed") == 1
+    assert after.value("muster_agent_certificate_renewals_total", outcome="failed") == 0
+    # A rotation opens the new stream before closing the old: not a reconnection.
+    assert after.value("muster_agent_streams_total") == 2
+    assert after.total("muster_agent_reconnects_total") == 0
 
 
 async def test_two_daemons_in_one_process_keep_their_own_registries(
