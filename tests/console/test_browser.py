@@ -76,6 +76,7 @@ async def muster(tmp_path: Path, backend: dict[str, object]) -> AsyncIterator[Mu
         "MUSTER_METRICS_ADDR": "",
         "MUSTER_CONSOLE_ADDR": "127.0.0.1:0",
         "MUSTER_POLL_INTERVAL": "0.2s",
+        "MUSTER_SHUTDOWN_GRACE": "2s",
     }
     if backend:
         settings |= {
@@ -105,6 +106,7 @@ async def muster(tmp_path: Path, backend: dict[str, object]) -> AsyncIterator[Mu
                 "--state-dir", str(tmp_path / "agent"),
                 "--name", "browser-agent",
                 "--agent-server", endpoints["agent"],
+                "--executors", "echo",
                 cwd=tmp_path,
                 log=tmp_path / "agent.log",
                 environ=procs.env(MUSTER_BOOTSTRAP_TOKEN=bootstrap),
@@ -251,7 +253,7 @@ async def test_the_console_in_a_real_browser(muster: Muster, browser: object) ->
     visit.shot("02-overview")
 
     visit.until("/agents", "agents", "connected")
-    assert "browser-agent" in visit.text("agents")
+    assert "browser-agent" in visit.text("agents") and "echo" in visit.text("agents")
     visit.shot("03-agents")
 
     async with AsyncClient(muster.client) as client:
