@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import re
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -471,3 +472,15 @@ async def test_no_secret_of_the_agent_reaches_its_metrics(
         text = body.decode()
         for secret in secrets:
             assert secret not in text
+
+
+def test_the_shared_endpoint_module_does_not_need_prometheus_until_it_serves() -> None:
+    """The SDK distribution ships muster/metrics_http.py without prometheus-client."""
+    probe = (
+        "import sys, muster.metrics_http; "
+        "assert 'prometheus_client' not in sys.modules, 'imported at module level'"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
