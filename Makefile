@@ -61,6 +61,7 @@ lint: install ## ruff (lint + format check) and mypy --strict on hand-written co
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/mypy --strict examples/executor-plugin/src
 
 .PHONY: fmt
 fmt: install ## Format the code with ruff
