@@ -50,7 +50,7 @@ run: install ## Run a dev control plane with one local agent (embedded defaults)
 .PHONY: test
 test: install ## Run the suite on embedded defaults, then the server tests on Postgres + Redis
 	$(BIN)/pytest -n $(TEST_WORKERS)
-	MUSTER_TEST_BACKEND=postgres $(BIN)/pytest -n $(TEST_WORKERS) tests/server tests/e2e tests/agent
+	MUSTER_TEST_BACKEND=postgres $(BIN)/pytest -n $(TEST_WORKERS) tests/server tests/e2e tests/agent tests/console
 
 .PHONY: check
 check: lint ## Lint, then the fast tests (everything not marked slow) on embedded defaults: under two minutes
