@@ -720,6 +720,7 @@ def check_uses(where: str, uses: Uses, scrape: Scrape) -> list[str]:
     return problems
 
 
+@pytest.mark.slow
 async def test_every_metric_of_the_dashboard_and_the_rules_is_on_a_real_servers_metrics(
     server: ServerHandle, enroller: Enroller, client: AsyncClient
 ) -> None:

@@ -33,6 +33,8 @@ from muster.server.app import ServerHandle, start_server
 from tests.agent.test_process import wait_connected
 from tests.conftest import client_config, server_config
 
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 PLUGIN = REPO / "examples" / "executor-plugin"
 MUSTER_SOURCES = ("pyproject.toml", "README.md", "muster", "agent", "server")

@@ -352,6 +352,7 @@ AI_PAYLOAD = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 async def test_a_real_agent_process_counts_what_it_ran_through_a_network_cut(
     tmp_path: Path, server: ServerHandle, admin: AsyncAdminClient, client: AsyncClient
@@ -436,6 +437,7 @@ async def _acked(url: str) -> Scrape | None:
     return seen if done and seen.value("muster_agent_outbox_results") == 0 else None
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 async def test_no_secret_of_the_agent_reaches_its_metrics(
     tmp_path: Path, server: ServerHandle, admin: AsyncAdminClient, client: AsyncClient
