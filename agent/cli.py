@@ -18,7 +18,10 @@ from muster.agent.config import (
     CA_FILE_ENV,
     CLAUDE_BIN_ENV,
     DEFAULT_CA_FILE,
+    DEFAULT_MAX_OUTPUT_BYTES,
     KEY_PASSPHRASE_FILE_ENV,
+    MAX_OUTPUT_BYTES_ENV,
+    METRICS_ADDR_ENV,
     OLLAMA_URL_ENV,
     REQUIRE_SIGNED_ENV,
     STATE_DIR_ENV,
@@ -116,6 +119,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "instead of retrying every ~30s until an operator re-enables the agent",
     )
     run.add_argument(
+        "--max-output-bytes",
+        type=int,
+        metavar="BYTES",
+        help="the largest task output to deliver; a bigger one fails the attempt for good "
+        f"(default ${MAX_OUTPUT_BYTES_ENV}, else {DEFAULT_MAX_OUTPUT_BYTES}: the server's "
+        "default MUSTER_MAX_PAYLOAD_BYTES; keep them equal)",
+    )
+    run.add_argument(
+        "--metrics-addr",
+        metavar="HOST:PORT",
+        help="serve this agent's Prometheus /metrics over plain HTTP on HOST:PORT (port 0: any "
+        f"free port, logged at start); default ${METRICS_ADDR_ENV}, else none",
+    )
+    run.add_argument(
         "--log-level", choices=LOG_LEVELS, default="info", help="log verbosity (default info)"
     )
     ai = parser.add_argument_group(
@@ -201,11 +218,30 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         ollama_url=args.ollama_url or _env(OLLAMA_URL_ENV),
         trusted_submitters=args.trusted_submitters or _env_path(TRUSTED_SUBMITTERS_ENV),
         require_signed=parse_kinds(args.require_signed or [_env(REQUIRE_SIGNED_ENV) or ""]),
+        max_output_bytes=(
+            args.max_output_bytes
+            if args.max_output_bytes is not None
+            else _env_int(MAX_OUTPUT_BYTES_ENV) or DEFAULT_MAX_OUTPUT_BYTES
+        ),
+        metrics_addr=(
+            args.metrics_addr.strip() if args.metrics_addr is not None else _env(METRICS_ADDR_ENV)
+        )
+        or None,
     )
 
 
 def _env(name: str) -> str | None:
     return os.environ.get(name, "").strip() or None
+
+
+def _env_int(name: str) -> int | None:
+    value = _env(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"${name} must be a whole number, got {value[:40]!r}") from None
 
 
 def _env_path(name: str) -> Path | None:

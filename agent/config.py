@@ -27,6 +27,10 @@ CLAUDE_BIN_ENV = "MUSTER_CLAUDE_BIN"
 OLLAMA_URL_ENV = "MUSTER_OLLAMA_URL"
 TRUSTED_SUBMITTERS_ENV = "MUSTER_TRUSTED_SUBMITTERS"
 REQUIRE_SIGNED_ENV = "MUSTER_REQUIRE_SIGNED"
+METRICS_ADDR_ENV = "MUSTER_AGENT_METRICS_ADDR"
+MAX_OUTPUT_BYTES_ENV = "MUSTER_AGENT_MAX_OUTPUT_BYTES"
+DEFAULT_MAX_OUTPUT_BYTES = 1 << 20
+"""The server's default cap on outputs (``MUSTER_MAX_PAYLOAD_BYTES``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +87,14 @@ class AgentConfig:
     local configuration only, never taken from the server."""
     require_signed: frozenset[str] = frozenset()
     """Task kinds this agent runs only when signed by a trusted submitter (``*``: all)."""
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    """The largest task output this agent delivers: a success with more fails for good
+    (not retried), without its output. Match the server's ``MUSTER_MAX_PAYLOAD_BYTES``:
+    the server refuses larger outputs anyway, and one beyond its gRPC message limit could
+    not even be delivered (the stream would break on every resend)."""
+    metrics_addr: str | None = None
+    """HOST:PORT of the agent's own Prometheus /metrics over plain HTTP (port 0: any free
+    port); None serves none."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.concurrency <= MAX_CONCURRENCY:
@@ -120,6 +132,10 @@ class AgentConfig:
         ):
             if url is not None and not url.startswith(("http://", "https://")):
                 raise ConfigError(f"{flag} must be an http:// or https:// URL, got {url[:80]!r}")
+        if not 1024 <= self.max_output_bytes <= 1 << 30:
+            raise ConfigError("--max-output-bytes must be between 1024 and 1073741824")
+        if self.metrics_addr is not None:
+            split_address(self.metrics_addr, flag="--metrics-addr")
         if not self.claude_bin.strip():
             raise ConfigError("--claude-bin is empty")
         for kind in self.require_signed:
@@ -162,6 +178,14 @@ class AgentConfig:
         if not candidate.is_file():
             raise ConfigError(f"CA bundle {candidate} does not exist or is not a file")
         return candidate
+
+
+def split_address(value: str, *, flag: str) -> tuple[str, int]:
+    """``host:port`` (``[v6]:port`` for IPv6) as a pair; port 0 asks the OS for a free one."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"{flag} must look like HOST:PORT, got {value[:80]!r}")
+    return host.strip("[]"), int(port)
 
 
 def default_state_dir() -> Path:

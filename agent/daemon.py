@@ -21,9 +21,10 @@ from grpc import aio
 from muster.agent import __version__
 from muster.agent.backoff import Backoff
 from muster.agent.channel import describe_rpc_error
-from muster.agent.config import AgentConfig
+from muster.agent.config import AgentConfig, split_address
 from muster.agent.enroll import enroll, reenroll
 from muster.agent.executors import ExecutorRegistry
+from muster.agent.metrics import AgentMetrics, serve_metrics
 from muster.agent.outbox import Outbox
 from muster.agent.renewal import refused_retry_after, renew_certificate, renewal_time
 from muster.agent.runner import TaskRunner
@@ -32,11 +33,13 @@ from muster.agent.signatures import gate_for
 from muster.agent.state import Credentials, Identity, StateDir
 from muster.errors import (
     AuthenticationError,
+    ConfigError,
     ConflictError,
     InvalidArgumentError,
     MusterError,
     PermissionDeniedError,
 )
+from muster.metrics_http import MetricsServer
 from muster.v1 import agent_pb2, common_pb2
 
 log = logging.getLogger(__name__)
@@ -82,6 +85,11 @@ class Agent:
         self._reenroll_refused = False
         """The configured token was refused for re-enrollment: it is not tried again
         (each try is a failed authentication at the server)."""
+        self.metrics = AgentMetrics()
+        """This daemon's metrics, in a registry of its own; served at /metrics when
+        ``config.metrics_addr`` is set."""
+        self.metrics.watch(self)
+        self._metrics_server: MetricsServer | None = None
 
     # SessionHost ------------------------------------------------------------
 
@@ -133,6 +141,7 @@ class Agent:
     def on_welcome(self, session: Session) -> None:
         self._active = session
         self.connected.set()
+        self.metrics.welcomed()
         if session.welcome is not None:
             renew_after = welcome_renew_after(session.welcome)
             if renew_after is not None:
@@ -181,10 +190,49 @@ class Agent:
         if session is not None and session.established:
             session.send_progress(task_id, attempt, message, percent, output_tokens)
 
+    # AgentState (read by the metrics at scrape time) ------------------------------
+
+    def metrics_connected(self) -> bool:
+        return self.connected.is_set()
+
+    def metrics_running(self) -> int:
+        return 0 if self._runner is None else len(self._runner.running())
+
+    def metrics_concurrency(self) -> int:
+        return self.config.concurrency
+
+    def metrics_outbox(self) -> int | None:
+        return None if self._outbox is None else len(self._outbox)
+
+    def metrics_certificate_not_after(self) -> dt.datetime | None:
+        return None if self._credentials is None else self._credentials.leaf.not_after
+
+    @property
+    def metrics_server(self) -> MetricsServer | None:
+        """The /metrics endpoint while :meth:`run` runs with ``config.metrics_addr``."""
+        return self._metrics_server
+
     # Lifecycle --------------------------------------------------------------
 
     async def run(self) -> None:
         """Run until :meth:`shutdown` has drained, or raise a MusterError that needs a human."""
+        if self.config.metrics_addr is not None:
+            # First, so an agent stuck enrolling or reconnecting can be seen doing so.
+            host, port = split_address(self.config.metrics_addr, flag="--metrics-addr")
+            try:
+                self._metrics_server = await serve_metrics(self.metrics, host, port)
+            except OSError as err:
+                raise ConfigError(
+                    f"--metrics-addr: cannot listen on {self.config.metrics_addr}: {err.strerror}"
+                ) from None
+        try:
+            await self._run()
+        finally:
+            if self._metrics_server is not None:
+                await self._metrics_server.close()
+                self._metrics_server = None
+
+    async def _run(self) -> None:
         await self._prepare()
         conn = asyncio.create_task(self._connection_loop(), name="agent connection")
         timer = asyncio.create_task(self._renewal_timer(), name="agent renewal timer")
@@ -278,8 +326,15 @@ class Agent:
             trusted, self.config.require_signed, pool=identity.pool, labels=identity.labels
         )
         self._runner = TaskRunner(
-            registry, self.config.concurrency, self.record_result, self._on_progress, gate=gate
+            registry,
+            self.config.concurrency,
+            self.record_result,
+            self._on_progress,
+            gate=gate,
+            metrics=self.metrics,
+            max_output_bytes=self.config.max_output_bytes,
         )
+        self.metrics.identify(agent_id=identity.agent_id, pool=identity.pool, version=__version__)
         self._target = self.config.agent_server or identity.agent_endpoint
         self._set_renew_at(renewal_time(credentials.leaf, rand=self._rand))
         log.info(
@@ -320,6 +375,7 @@ class Agent:
             return False
         self._identity = identity
         self._credentials = credentials
+        self.metrics.identify(agent_id=identity.agent_id, pool=identity.pool, version=__version__)
         self._target = self.config.agent_server or identity.agent_endpoint
         self._last_renewal = None
         self._set_renew_at(renewal_time(credentials.leaf, rand=self._rand))
@@ -400,6 +456,7 @@ class Agent:
                 why = f"the server refused this agent's identity ({describe_rpc_error(outcome)})"
                 if await self._try_reenroll(why):
                     self._backoff.reset()
+                    self.metrics.reconnecting(_reconnect_reason(outcome))
                     continue  # new credentials: reconnect now
                 log.error(
                     "the server refused this agent's identity (%s): it may be revoked, "
@@ -430,6 +487,7 @@ class Agent:
                     else outcome,
                     delay,
                 )
+            self.metrics.reconnecting(_reconnect_reason(outcome))
             await asyncio.sleep(delay)
 
     async def _follow(self, session: Session) -> tuple[Session, SessionEnd | Exception]:
@@ -514,9 +572,11 @@ class Agent:
                 # Rate-limited: not before the server's retry time (left ample anyway).
                 retry = max(retry, refused_retry_after(err) or 0.0)
             log.warning("certificate renewal failed (%s); retrying in %.0fs", detail, retry)
+            self.metrics.renewed(False)
             self._set_renew_at(dt.datetime.now(dt.UTC) + dt.timedelta(seconds=retry))
             return old
         self._credentials = credentials
+        self.metrics.renewed(True)
         self._last_renewal = asyncio.get_running_loop().time()
         self._set_renew_at(renewal_time(credentials.leaf, rand=self._rand))
         if old.done:
@@ -546,3 +606,15 @@ class Agent:
             log.warning("could not open a stream with the renewed certificate: %s", err)
         old.resume_accepting()
         return old
+
+
+def _reconnect_reason(outcome: SessionEnd | Exception) -> str:
+    """The ``reason`` label of ``muster_agent_reconnects_total``: a small, fixed set."""
+    if isinstance(outcome, SessionEnd):
+        return outcome.value
+    if isinstance(outcome, aio.AioRpcError):
+        code = outcome.code()
+        return "refused" if code in _REFUSED else str(code.name).lower()
+    if isinstance(outcome, SessionError):
+        return "protocol"
+    return "error"

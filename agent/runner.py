@@ -26,6 +26,7 @@ from muster.agent.executors import (
     TaskContext,
     Usage,
 )
+from muster.agent.metrics import UNKNOWN_KIND, AgentMetrics
 from muster.agent.signatures import SignatureGate
 from muster.ai import PayloadError, check_output, parse_output_schema
 from muster.sanitize import neutralize
@@ -48,6 +49,9 @@ class _Running:
     task: asyncio.Task[agent_pb2.Result | None] | None = None
     cancel_reason: str | None = None
     abandoned: bool = False
+    started: float | None = None
+    """Event-loop time the executor was called (None: it never was)."""
+    timed_out: bool = False
 
 
 class TaskRunner:
@@ -61,6 +65,8 @@ class TaskRunner:
         on_progress: ProgressSink | None = None,
         *,
         gate: SignatureGate | None = None,
+        metrics: AgentMetrics | None = None,
+        max_output_bytes: int = 0,
     ) -> None:
         self.registry = registry
         self.concurrency = concurrency
@@ -69,6 +75,9 @@ class TaskRunner:
         self.gate = gate
         """Refuses attempts of kinds this agent runs only when signed (None: no such kind)."""
         self._running: dict[AttemptKey, _Running] = {}
+        self._metrics = metrics
+        self.max_output_bytes = max_output_bytes
+        """A successful output above this fails the attempt for good (0: no limit)."""
 
     # Queries --------------------------------------------------------------
 
@@ -141,6 +150,8 @@ class TaskRunner:
         finally:
             # Same step: leave "running" and hand the result over (see module doc).
             self._running.pop(entry.key, None)
+            if self._metrics is not None:
+                self._count(entry, result)
             if result is not None:
                 self._on_finished(result)
 
@@ -173,12 +184,14 @@ class TaskRunner:
             deadline=deadline,
             max_cost_micros=max(0, assignment.max_cost_micros),
             output_schema=assignment.output_schema,
+            max_output_bytes=self.max_output_bytes,
             on_progress=self._progress_fn(entry.key),
         )
         remaining = ctx.time_remaining()
         when = None if remaining is None else asyncio.get_running_loop().time() + remaining
         log.info("attempt %s#%d (%s) started", task_id, attempt, assignment.kind)
         timeout = asyncio.timeout_at(when)
+        entry.started = asyncio.get_running_loop().time()
         try:
             async with timeout:
                 outcome = await executor.run(ctx)
@@ -204,6 +217,7 @@ class TaskRunner:
                 log.warning("attempt %s#%d failed: %s", task_id, attempt, _shown(_message(err)))
                 return _failed(entry.key, _message(err), retryable=True, usage=ctx.meter.usage)
             log.warning("attempt %s#%d timed out", task_id, attempt)
+            entry.timed_out = True
             return _failed(
                 entry.key,
                 _timeout_message(limit, deadline, assignment),
@@ -236,6 +250,14 @@ class TaskRunner:
                 "not an ExecutionResult",
                 retryable=False,
             )
+        if self.max_output_bytes and len(output.output) > self.max_output_bytes:
+            # Not retried: the same work would most likely produce as much again.
+            error = (
+                f"output of {len(output.output)} bytes exceeds this agent's "
+                f"{self.max_output_bytes}-byte limit"
+            )
+            log.warning("attempt %s#%d failed: %s", task_id, attempt, error)
+            return _failed(entry.key, error, retryable=False, usage=output.usage)
         if schema is not None:
             try:
                 check_output(schema, output.answer if output.answer is not None else output.output)
@@ -254,6 +276,14 @@ class TaskRunner:
             output=output.output,
             usage=_usage(output.usage),
         )
+
+    def _count(self, entry: _Running, result: agent_pb2.Result | None) -> None:
+        assert self._metrics is not None
+        ran = None
+        if entry.started is not None:
+            ran = asyncio.get_running_loop().time() - entry.started
+        kind = entry.kind if entry.kind in self.registry else UNKNOWN_KIND
+        self._metrics.attempt_finished(kind, result, ran, timed_out=entry.timed_out)
 
     def _progress_fn(self, key: AttemptKey) -> ProgressFn:
         async def progress(message: str, percent: int, output_tokens: int) -> None:

@@ -63,6 +63,9 @@ class Role(enum.IntEnum):
     """Submit, read and cancel tasks."""
     ADMIN = 2
     """Everything, including AdminService."""
+    VIEWER = 3
+    """Read-only, for the web console only: reads everything the console shows, calls
+    no TaskService or AdminService method."""
 
     @classmethod
     def parse(cls, value: str | int | Role) -> Role:
@@ -72,7 +75,7 @@ class Role(enum.IntEnum):
         try:
             return cls[name]
         except KeyError:
-            raise ValueError(f"unknown role {value[:40]!r} (submitter or admin)") from None
+            raise ValueError(f"unknown role {value[:40]!r} (submitter, viewer or admin)") from None
 
     def __str__(self) -> str:
         return self.name.lower()

@@ -37,6 +37,8 @@ from muster.server.ca.publish import CrlPublisher, ca_routes
 from muster.server.ca.reload import CAReloader
 from muster.server.clock import Clock, SystemClock, sleep_unless
 from muster.server.config import ServerConfig, parse_address
+from muster.server.console import ConsoleServer, start_console
+from muster.server.console.server import ConsoleParts
 from muster.server.dispatch.budgets import BudgetGate
 from muster.server.dispatch.dispatcher import Dispatcher
 from muster.server.dispatch.fanout import Fanout
@@ -113,6 +115,8 @@ class ServerHandle:
     _inflight: InflightLimits
     _quotas: Quotas
     presence: Presence
+    console: ConsoleServer | None
+    """The web console, when ``console_addr`` turned it on."""
     """Cluster-wide presence as this replica writes and reads it (tests move its clock)."""
     supervisor: Supervisor
     """Owns the background tasks; its first crash stops the server."""
@@ -128,6 +132,14 @@ class ServerHandle:
             return None
         host = parse_address(self.config.metrics_addr, name="metrics_addr")[0]
         return f"{_connect_host(host)}:{self.metrics_port}"
+
+    @property
+    def console_url(self) -> str | None:
+        """``https://host:port/`` of the web console; None when it is off."""
+        if self.console is None:
+            return None
+        host = parse_address(self.config.console_addr, name="console_addr")[0]
+        return f"https://{_connect_host(host)}:{self.console.port}/"
 
     @property
     def api_address(self) -> str:
@@ -174,6 +186,8 @@ class ServerHandle:
         agent_stopped = asyncio.ensure_future(self._agent.stop(grace))
         await self.hub.wait_idle(grace)
         await asyncio.gather(self._api.stop(1.0), agent_stopped)
+        if self.console is not None:
+            await self.console.close()
         await self.hub.wait_idle(5.0)  # cut streams hand their work over first
         # Background loops end between passes: one cancelled inside a database call can
         # leave its connection half-used and the audit writer's last flush waiting on it.
@@ -364,12 +378,9 @@ async def _start(
         config.agent_advertise_addr or f"{_advertised_host(agent_host, config)}:{agent_port}"
     )
 
+    api_auth = ApiTokenAuth(db, quotas, audit, metrics, token_cache, reflection=config.reflection)
     api_server = grpc.aio.server(
-        interceptors=[
-            MetricsInterceptor(grpc_metrics),
-            ErrorsInterceptor(),
-            ApiTokenAuth(db, quotas, audit, metrics, token_cache, reflection=config.reflection),
-        ],
+        interceptors=[MetricsInterceptor(grpc_metrics), ErrorsInterceptor(), api_auth],
         options=_server_options(config, agent=False),
     )
     enrollment_pb2_grpc.add_EnrollmentServiceServicer_to_server(
@@ -380,19 +391,17 @@ async def _start(
         TaskService(dispatcher, quotas, config, AiAdmission(db, quotas, prices, config, budgets)),
         api_server,
     )
-    admin_pb2_grpc.add_AdminServiceServicer_to_server(
-        AdminService(
-            db,
-            fanout,
-            metrics,
-            config.trust_domain,
-            token_cache,
-            quotas,
-            prices,
-            presence=dispatcher.presence,
-        ),
-        api_server,
+    admin_service = AdminService(
+        db,
+        fanout,
+        metrics,
+        config.trust_domain,
+        token_cache,
+        quotas,
+        prices,
+        presence=dispatcher.presence,
     )
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(admin_service, api_server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, api_server)
     if config.reflection:
@@ -437,6 +446,21 @@ async def _start(
         cleanup.push_async_callback(metrics_http.close)
         metrics_port = metrics_http.port
 
+    console = None
+    # One process serves a console port (its sessions are in memory): with --workers, worker 0.
+    if config.console_addr and config.worker_index <= 0:
+        parts = ConsoleParts(
+            db=db,
+            admin=admin_service,
+            presence=dispatcher.presence,
+            tokens=api_auth.check,
+            audit=audit,
+            certificates=server_certs,
+            clock=clock,
+        )
+        console = await start_console(config, parts)
+        cleanup.push_async_callback(console.close)
+
     handle = ServerHandle(
         config=config,
         api_port=api_port,
@@ -459,6 +483,7 @@ async def _start(
         _inflight=inflight,
         _quotas=quotas,
         presence=dispatcher.presence,
+        console=console,
         supervisor=supervisor,
     )
     reloader.on_change = partial(_ca_changed, server_certs, hub)
@@ -482,10 +507,11 @@ async def _start(
     cleanup.pop_all()  # the handle owns everything now
     supervisor.on_crash(handle._crashed)  # at once, if one crashed while starting
     log.info(
-        "muster server up: api %s, agents %s, metrics %s, data %s",
+        "muster server up: api %s, agents %s, metrics %s, console %s, data %s",
         api_port,
         agent_endpoint,
         metrics_port,
+        handle.console_url or "off",
         config.data_dir,
     )
     return handle
@@ -654,6 +680,7 @@ def _write_endpoints(handle: ServerHandle) -> None:
         "api": handle.api_address,
         "agent": handle.agent_endpoint,
         "metrics": handle.metrics_address or "",
+        "console": handle.console_url or "",
         "pid": os.getpid(),
     }
     tmp = handle.config.endpoints_file.with_suffix(".tmp")

@@ -32,6 +32,8 @@ from muster.server.dbcli import register_db
 log = logging.getLogger(__name__)
 
 DEV_AGENT = "dev-agent"
+DEV_CONSOLE_ADDR = "127.0.0.1:7445"
+"""Where ``muster dev`` serves the web console unless told otherwise (empty: off)."""
 
 
 def register(subparsers: Subparsers) -> None:
@@ -54,7 +56,8 @@ def register(subparsers: Subparsers) -> None:
         "dev",
         help="run the control plane plus one local agent (try it out)",
         description="Run `muster server` on embedded defaults and one local `muster agent` "
-        f"({DEV_AGENT!r}, pool 'default', executors echo and sleep) enrolled to it.",
+        f"({DEV_AGENT!r}, pool 'default', executors echo and sleep) enrolled to it, with the "
+        f"web console on https://{DEV_CONSOLE_ADDR} (--console-addr '' turns it off).",
     )
     _server_flags(dev)
     dev.set_defaults(func=_run_dev)
@@ -100,6 +103,11 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--agent-advertise-addr", help="agent listener address told to enrolling agents"
     )
+    parser.add_argument(
+        "--console-addr",
+        help="HTTPS read-only web console HOST:PORT (default: off; in `muster dev` "
+        f"{DEV_CONSOLE_ADDR}; '' turns it off)",
+    )
     parser.add_argument("--trust-domain", help="SPIFFE trust domain (default muster.local)")
     parser.add_argument(
         "--database-url", help="SQLAlchemy async URL (default SQLite in the data directory)"
@@ -107,15 +115,20 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ERROR")
 
 
-def _config(args: argparse.Namespace) -> ServerConfig:
+def _config(args: argparse.Namespace, *, console_addr: str | None = None) -> ServerConfig:
+    """``console_addr``: the default of the console's address when neither the flag
+    nor ``MUSTER_CONSOLE_ADDR`` says (``muster dev`` turns the console on)."""
     load_dotenv(Path.cwd() / ".env", override=False)
     _setup_logging(args.log_level or os.environ.get("MUSTER_LOG_LEVEL") or "INFO")
+    if args.console_addr is None and "MUSTER_CONSOLE_ADDR" not in os.environ:
+        args.console_addr = console_addr
     return ServerConfig.from_env(
         data_dir=args.data_dir,
         api_addr=args.api_addr,
         agent_addr=args.agent_addr,
         metrics_addr=args.metrics_addr,
         agent_advertise_addr=args.agent_advertise_addr,
+        console_addr=args.console_addr,
         trust_domain=args.trust_domain,
         database_url=args.database_url,
         workers=getattr(args, "workers", None),
@@ -155,7 +168,7 @@ async def _supervise(config: ServerConfig, log_level: str | None) -> int:
 
 
 def _run_dev(args: argparse.Namespace) -> int:
-    config = _config(args)
+    config = _config(args, console_addr=DEV_CONSOLE_ADDR)
     if config.workers > 1:
         raise ConfigError("workers: muster dev runs one server process; unset MUSTER_WORKERS")
     from muster.server.dev import run_dev_agent

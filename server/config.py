@@ -52,6 +52,13 @@ class ServerConfig:
     """Mutual-TLS listener for agents (AgentService)."""
     metrics_addr: str = "127.0.0.1:9464"
     """Plain HTTP ``/metrics`` for Prometheus; empty disables it."""
+    console_addr: str = ""
+    """HTTPS listener of the read-only web console (``docs/console.md``), served with the
+    server's certificate; sign in with an ``admin`` or ``viewer`` API token. Empty (the
+    default) turns it off; ``muster dev`` turns it on at ``127.0.0.1:7445``."""
+    console_session_ttl: timedelta = timedelta(hours=8)
+    """How long a console sign-in lasts at most (it also ends after 30 minutes without a
+    request, at sign-out, and when its API token is deleted or expires). 1m to 7d."""
     agent_advertise_addr: str = ""
     """The agent listener address told to enrolling agents; default: the bound agent address."""
     trust_domain: str = "muster.local"
@@ -209,6 +216,10 @@ class ServerConfig:
             parse_address(self.metrics_addr, name="metrics_addr")
         if self.agent_advertise_addr:
             parse_address(self.agent_advertise_addr, name="agent_advertise_addr")
+        if self.console_addr:
+            parse_address(self.console_addr, name="console_addr")
+        if not timedelta(minutes=1) <= self.console_session_ttl <= timedelta(days=7):
+            raise ConfigError("console_session_ttl: must be between 1m and 7d")
         if not _TRUST_DOMAIN.match(self.trust_domain):
             raise ConfigError(f"trust_domain: {self.trust_domain!r} is not a valid trust domain")
         for ip in self.server_ips:

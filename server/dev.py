@@ -137,12 +137,20 @@ async def _drain_agent(
 def _banner(handle: ServerHandle) -> None:
     c = handle.config
     metrics = f"http://{handle.metrics_address}/metrics" if handle.metrics_address else "off"
+    console = "off"
+    if handle.console_url is not None:
+        # The dev CA is not one the browser knows: it warns once, or import the bundle.
+        console = (
+            f"{handle.console_url}  (sign in with the admin token; the browser does not know "
+            f"the dev CA {c.ca_dir / 'bundle.pem'})"
+        )
     print(
         "\nMuster is running (dev mode). Ctrl-C stops it.\n"
         f"  api      {handle.api_address}  "
         f"(CA bundle {c.ca_dir / 'bundle.pem'}, token {c.admin_token_file})\n"
         f"  agents   {handle.agent_endpoint}  (local agent {AGENT_NAME!r}, pool 'default')\n"
         f"  metrics  {metrics}\n"
+        f"  console  {console}\n"
         "In another terminal, from this directory:\n"
         '  .venv/bin/muster submit echo --payload \'{"hello": "muster"}\' --wait\n',
         file=sys.stderr,

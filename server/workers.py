@@ -117,6 +117,7 @@ def worker_environ(
         MUSTER_AGENT_ADDR=agent_addr,
         MUSTER_METRICS_ADDR=worker_metrics_addr(config.metrics_addr, index),
         MUSTER_AGENT_ADVERTISE_ADDR=config.agent_advertise_addr,
+        MUSTER_CONSOLE_ADDR=config.console_addr,  # served by worker 0 alone (server/app.py)
         MUSTER_TRUST_DOMAIN=config.trust_domain,
         MUSTER_DATABASE_URL=config.database_url,
         MUSTER_REPLICA_ID=worker_replica_id(config.resolved_replica_id, index),

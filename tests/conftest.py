@@ -58,8 +58,16 @@ FANOUT_SECRET = secrets.token_hex(32)
 """The fan-out key of every server a test run starts with Redis (replicas must share it)."""
 
 
+E2E = Path(__file__).parent / "e2e"
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """In the Postgres pass, deselect the tests the backend cannot change (module docstring)."""
+    """Mark every test under tests/e2e ``slow`` (each runs whole processes; ``make check``
+    leaves them to ``make test``). In the Postgres pass, deselect the tests the backend
+    cannot change (module docstring)."""
+    for item in items:
+        if item.path.is_relative_to(E2E):
+            item.add_marker(pytest.mark.slow)
     if BACKEND != "postgres":
         return
     selected: list[pytest.Item] = []

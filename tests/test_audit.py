@@ -35,6 +35,8 @@ from tests.conftest import client_config, server_config
 from tests.pg import admin_execute, database_name, fresh_database, unique_name
 from tests.pg import database_url as pg_database_url
 
+pytestmark = pytest.mark.slow
+
 BACKENDS = ["sqlite", "postgresql"]
 
 

@@ -24,6 +24,8 @@ from tests.agentsim import Enroller, SimAgent
 from tests.conftest import client_config, server_config
 from tests.pg import admin_execute, database_name, fresh_database
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 async def pg_url() -> AsyncIterator[str]:

@@ -16,6 +16,8 @@ import redis
 
 from bench.stack import REDIS_URL
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -15,6 +15,8 @@ from muster.server.ca import CsrError, public_key_fingerprint, public_key_from_c
 from muster.server.ca.csr import MAX_CSR_BYTES
 from tests.testca import TestCA
 
+pytestmark = pytest.mark.slow
+
 AnyKey = (
     ec.EllipticCurvePrivateKey
     | ed25519.Ed25519PrivateKey

@@ -28,6 +28,8 @@ from muster.server.storage.roles import apply_roles, scram_sha256_verifier
 from tests.pg import admin_execute, admin_url, database_name, database_url, fresh_database
 from tests.pg import unique_name as unique
 
+pytestmark = pytest.mark.slow
+
 PERMISSION_DENIED = "42501"
 RAISED = "P0001"
 

@@ -555,6 +555,7 @@ MUSTER_METRICS = (
     "muster_llm_tokens_total",
     "muster_llm_cost_usd_total",
     "muster_budget_remaining_usd",
+    "muster_budget_limit_usd",
     "muster_budget_reservations_total",
     "muster_auth_failures_total",
     "muster_task_refusals_total",
@@ -635,6 +636,34 @@ def test_certificate_expiry_is_computed_at_scrape_time() -> None:
     )
     root = registry.get_sample_value("muster_certificate_expiry_seconds", {"certificate": "root"})
     assert root == dt.datetime(2040, 1, 1, tzinfo=dt.UTC).timestamp() - now[0]
+
+
+def test_series_that_alerts_count_exist_at_zero_from_the_start() -> None:
+    # increase() cannot see a counter's first step if its series appears at 1: the rules in
+    # deploy/prometheus/alerts.yml need these at 0 before the first event.
+    registry = CollectorRegistry()
+    MusterMetrics(registry)
+    expected = {
+        "muster_tasks_finished_total": ("outcome", ("succeeded", "failed", "cancelled")),
+        "muster_budget_reservations_total": ("outcome", ("reserved", "refused", "degraded")),
+        "muster_streams_replaced_total": ("reason", ("reconnect", "renewal")),
+        "muster_task_refusals_total": ("reason", ("signature_invalid", "signer_untrusted")),
+    }
+    for name, (label, values) in expected.items():
+        for value in values:
+            assert registry.get_sample_value(name, {label: value}) == 0, (name, value)
+
+
+def test_budget_gauges_show_limit_and_remaining_by_scope() -> None:
+    registry = CollectorRegistry()
+    metrics = MusterMetrics(registry)
+    metrics.budget_limit_usd.update({"global": 10.0, "tenant:acme": 2.5})
+    metrics.budget_remaining_usd.update({"global": 7.5, "tenant:acme": 0.0})
+    sample = registry.get_sample_value
+    assert sample("muster_budget_limit_usd", {"scope": "tenant:acme"}) == 2.5
+    assert sample("muster_budget_remaining_usd", {"scope": "global"}) == 7.5
+    metrics.budget_limit_usd.update({"global": 10.0})  # a budget removed: its series goes
+    assert sample("muster_budget_limit_usd", {"scope": "tenant:acme"}) is None
 
 
 def test_quota_decisions_are_counted_by_limit_and_outcome() -> None:

@@ -28,6 +28,8 @@ from muster.server.storage.models import AuditEvent, Base
 from tests.conftest import server_config
 from tests.pg import fresh_database
 
+pytestmark = pytest.mark.slow
+
 APPEND_ONLY = "audit_events is append-only"
 
 

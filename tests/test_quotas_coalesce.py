@@ -40,6 +40,8 @@ from muster.server.quotas.base import MICROS, emission_interval_us, gcra, to_mic
 from muster.server.quotas.coalesce import Coalescer
 from tests.test_quotas import FakeClock, decisions, delete_prefix, redis_url, unique_prefix
 
+pytestmark = pytest.mark.slow
+
 CLOSED = "redis://127.0.0.1:1/0"
 """Nothing listens on port 1: connections are refused at once."""
 

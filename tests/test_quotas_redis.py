@@ -47,6 +47,8 @@ from tests.test_quotas import (
 )
 from tests.testca import TestCA
 
+pytestmark = pytest.mark.slow
+
 CLOSED = "redis://127.0.0.1:1/0"
 """Nothing listens on port 1: connections are refused at once."""
 

@@ -182,6 +182,9 @@ class TaskContext:
     """AI kinds: what the server reserved for this attempt; never spend more (0: none)."""
     output_schema: str = ""
     """The task's output JSON Schema (checked by the runner after a successful run)."""
+    max_output_bytes: int = 0
+    """The largest output the agent delivers (``--max-output-bytes``); a success with more
+    fails for good, its output dropped. Bound your output to it (0: no limit)."""
     on_progress: ProgressFn | None = field(default=None, repr=False, compare=False)
     """Set by the daemon; executors call :meth:`progress` instead."""
     meter: UsageMeter = field(default_factory=UsageMeter, repr=False, compare=False)

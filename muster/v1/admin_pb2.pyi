@@ -24,6 +24,7 @@ class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLE_UNSPECIFIED: _ClassVar[Role]
     ROLE_SUBMITTER: _ClassVar[Role]
     ROLE_ADMIN: _ClassVar[Role]
+    ROLE_VIEWER: _ClassVar[Role]
 TOKEN_STATUS_UNSPECIFIED: TokenStatus
 TOKEN_STATUS_ACTIVE: TokenStatus
 TOKEN_STATUS_EXPIRED: TokenStatus
@@ -32,6 +33,7 @@ TOKEN_STATUS_DELETED: TokenStatus
 ROLE_UNSPECIFIED: Role
 ROLE_SUBMITTER: Role
 ROLE_ADMIN: Role
+ROLE_VIEWER: Role
 
 class BootstrapToken(_message.Message):
     __slots__ = ("token_id", "pool", "labels", "name_pattern", "max_uses", "uses", "expires_at", "created_at", "created_by", "deleted", "status", "reenroll_agent_id")

@@ -244,16 +244,20 @@ class BudgetGate:
             log.info("budgets restored: %d spends, %d holds", len(spent), len(held))
 
     async def refresh_gauges(self) -> None:
-        """``muster_budget_remaining_usd`` for every budget with a limit."""
+        """``muster_budget_remaining_usd`` and ``muster_budget_limit_usd`` for every budget
+        with a limit."""
         now = self._clock()
         remaining: dict[str, float] = {}
+        limits: dict[str, float] = {}
         try:
             for rule in await self.rules():
                 used = await self._quotas.budget_usage(rule.key(now))
                 remaining[rule.scope] = max(0, rule.limit_micros - used.total) / 1_000_000
+                limits[rule.scope] = rule.limit_micros / 1_000_000
         except QuotaStoreUnavailable:
             return
         self._metrics.budget_remaining_usd.update(remaining)
+        self._metrics.budget_limit_usd.update(limits)
 
 
 def _hold(rule: BudgetRule, now: datetime) -> BudgetHold:

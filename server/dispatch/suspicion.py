@@ -177,6 +177,8 @@ class Suspicion:
         self._fanout = fanout
         self._audit = audit
         self._metrics = metrics
+        for kind in KINDS:  # every kind at 0 from the start, so an alert sees the first event
+            metrics.suspicious_events.labels(kind=kind)
         self._policy = dict(policy)
         self._heartbeat = heartbeat_interval.total_seconds()
         self._cert_lifetime = cert_lifetime

@@ -10,14 +10,18 @@ nothing, and logged as an error once per method. No token is read for it.
 
 Missing or wrong token: UNAUTHENTICATED (audited, counted against its lockout key, see
 :mod:`muster.server.lockout`). A valid token without the role a method needs:
-PERMISSION_DENIED.
+PERMISSION_DENIED; a ``viewer`` token (the web console's read-only role) has none.
+
+:class:`ApiTokenCheck` is the check itself, apart from grpc, so the web console's login
+(server/console/) accepts a token exactly when a call would: same cache, lockout and audit.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, NoReturn
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -29,6 +33,7 @@ from muster.server.lockout import count_auth_failure
 from muster.server.metrics import MusterMetrics
 from muster.server.principals import Principal, current_principal
 from muster.server.quotas import Quotas
+from muster.server.quotas.policy import QuotaDecision
 from muster.server.services.context import peer_address, request_id
 from muster.server.storage import identities
 from muster.server.storage.database import Database
@@ -39,6 +44,9 @@ log = logging.getLogger(__name__)
 
 ROLE_FOR_SERVICE = {"muster.v1.TaskService": "submitter", "muster.v1.AdminService": "admin"}
 """The least role each protected service needs; admins may call everything."""
+ROLES_ALLOWED = {"submitter": frozenset({"submitter", "admin"}), "admin": frozenset({"admin"})}
+"""The token roles that have each needed role. ``viewer`` has neither: it may only read
+the web console."""
 PUBLIC_METHODS = frozenset({"/muster.v1.EnrollmentService/Enroll"})
 """Methods that need no API token (Enroll checks its own bootstrap token)."""
 PUBLIC_SERVICES = frozenset({"grpc.health.v1.Health"})
@@ -49,6 +57,134 @@ REFLECTION_SERVICES = frozenset(
 """Server reflection: no API token, served only while the ``reflection`` setting is on."""
 NOT_SERVED = "Method not found!"
 """grpc's own details for a method that does not exist: the two answers are the same."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A presented API token that does not authenticate. The failure is already counted
+    and audited; answer UNAUTHENTICATED, or, when ``lockout`` is set, the lockout's
+    RESOURCE_EXHAUSTED (``lockout.status()``, ``lockout.retry_after``)."""
+
+    lockout: QuotaDecision | None = None
+
+
+class ApiTokenCheck:
+    """Who an API token belongs to, checked as every api-listener call checks it."""
+
+    def __init__(
+        self,
+        db: Database,
+        quotas: Quotas,
+        audit: AuditWriter,
+        metrics: MusterMetrics,
+        cache: ApiTokenCache,
+    ) -> None:
+        self._db = db
+        self._cache = cache
+        self._quotas = quotas
+        self._audit = audit
+        self._metrics = metrics
+
+    async def authenticate(
+        self, presented: str | None, *, peer: str, target: str, request_id: str
+    ) -> Principal | Refused:
+        """The principal of the token string ``presented`` (None: none was presented),
+        or why not. ``target`` names what was asked for in the audit row of a failure.
+
+        A failure is counted before it is answered, and a success is answered only while
+        its token is not locked out at this address: however many guesses are in flight,
+        at most the lockout's threshold of them get an answer other than RESOURCE_EXHAUSTED.
+        """
+        token = tokens.parse(presented, tokens.API) if presented is not None else None
+        if token is None:
+            reason = "missing" if presented is None else "malformed"
+            return await self._refuse(peer, target, request_id, None, reason)
+        row = await self._cache.get(token.token_id, self._load)
+        if row is None:
+            return await self._refuse(peer, target, request_id, None, "unknown token")
+        public = f"{tokens.API}_{token.token_id}"
+        if not token.matches(row.secret_hash):
+            return await self._refuse(peer, target, request_id, public, "wrong secret")
+        if row.deleted:
+            return await self._refuse(peer, target, request_id, public, "deleted")
+        if row.expires_at is not None and row.expires_at <= utcnow():
+            return await self._refuse(peer, target, request_id, public, "expired")
+        lockout = await self._quotas.check_lockout(peer, public)
+        if not lockout.allowed:
+            return Refused(lockout)
+        return Principal(name=row.name, role=row.role, token_id=row.token_id, tenant=row.tenant)
+
+    async def still_valid(self, token_id: str) -> CachedToken | None:
+        """The token's row while it may still be used (not deleted, not expired), else
+        None: what was signed in with a token ends with it (within the cache's 5 s)."""
+        row = await self._cache.get(token_id, self._load)
+        if row is None or row.deleted:
+            return None
+        if row.expires_at is not None and row.expires_at <= utcnow():
+            return None
+        return row
+
+    async def denied(
+        self, principal: Principal, *, needed: str, target: str, peer: str, request_id: str
+    ) -> None:
+        """Audit a valid token refused for its role (the caller answers PERMISSION_DENIED)."""
+        await self._audit.submit(
+            AuditRecord(
+                actor=principal.name,
+                action="auth.denied",
+                target=target,
+                outcome="denied",
+                peer=peer,
+                request_id=request_id,
+                details={"role": principal.role, "needed": needed},
+            )
+        )
+
+    async def _load(self, token_id: str) -> CachedToken | None:
+        async with self._db.transaction() as session:
+            row = await identities.api_token(session, token_id)
+        if row is None:
+            return None
+        return CachedToken(
+            token_id=row.token_id,
+            name=row.name,
+            tenant=row.tenant,
+            role=row.role,
+            secret_hash=row.secret_hash,
+            expires_at=row.expires_at,
+            deleted=row.deleted_at is not None,
+        )
+
+    async def _refuse(
+        self, peer: str, target: str, rid: str, token: str | None, reason: str
+    ) -> Refused:
+        """Count the failure; audit it unless its key was already locked out."""
+        failure = await count_auth_failure(
+            self._quotas,
+            self._audit,
+            self._metrics,
+            peer=peer,
+            credential="api_token",
+            token=token,
+            request_id=rid,
+        )
+        if not failure.decision.allowed:
+            return Refused(failure.decision)
+        details = {"credential": "api_token", "reason": reason}
+        if token is not None:
+            details["token"] = token
+        await self._audit.submit(
+            AuditRecord(
+                actor="anonymous",
+                action="auth.failure",
+                target=target,
+                outcome="denied",
+                peer=peer,
+                request_id=rid,
+                details=details,
+            )
+        )
+        return Refused()
 
 
 class ApiTokenAuth(grpc.aio.ServerInterceptor):
@@ -62,11 +198,8 @@ class ApiTokenAuth(grpc.aio.ServerInterceptor):
         *,
         reflection: bool = False,
     ) -> None:
-        self._db = db
-        self._cache = cache
-        self._quotas = quotas
-        self._audit = audit
-        self._metrics = metrics
+        self.check = ApiTokenCheck(db, quotas, audit, metrics, cache)
+        """The token check itself, shared with the web console's login."""
         self._reflection = reflection
         self._unmapped_logged: set[str] = set()
 
@@ -99,114 +232,36 @@ class ApiTokenAuth(grpc.aio.ServerInterceptor):
 
     async def _check(self, info: RpcInfo, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         peer = peer_address(context)
-        principal = await self._authenticate(info, context, peer)
-        needed = ROLE_FOR_SERVICE[info.service]
-        if needed == "admin" and not principal.is_admin:
-            await self._audit.submit(
-                AuditRecord(
-                    actor=principal.name,
-                    action="auth.denied",
-                    target=info.method,
-                    outcome="denied",
-                    peer=peer,
-                    request_id=request_id(context),
-                    details={"role": principal.role, "needed": needed},
-                )
-            )
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"{info.name} needs the {needed!r} role; this token has {principal.role!r}",
-            )
-        current_principal.set(principal)
-
-    async def _authenticate(
-        self, info: RpcInfo, context: grpc.aio.ServicerContext[Any, Any], peer: str
-    ) -> Principal:
-        """The caller's principal, or the call is aborted.
-
-        A failure is counted before it is answered, and a success is answered only while
-        its token is not locked out at this address: however many guesses are in flight,
-        at most the lockout's threshold of them get an answer other than RESOURCE_EXHAUSTED.
-        """
+        rid = request_id(context)
         header = next(
             (v for k, v in context.invocation_metadata() or () if k == "authorization"), None
         )
-        presented = None
-        if isinstance(header, str) and header.lower().startswith("bearer "):
-            presented = tokens.parse(header[7:].strip(), tokens.API)
-        if presented is None:
-            reason = "missing" if header is None else "malformed"
-            await self._refuse(info, context, peer, None, reason)
-        row = await self._cache.get(presented.token_id, self._load)
-        if row is None:
-            await self._refuse(info, context, peer, None, "unknown token")
-        token = f"{tokens.API}_{presented.token_id}"
-        if not presented.matches(row.secret_hash):
-            await self._refuse(info, context, peer, token, "wrong secret")
-        if row.deleted:
-            await self._refuse(info, context, peer, token, "deleted")
-        if row.expires_at is not None and row.expires_at <= utcnow():
-            await self._refuse(info, context, peer, token, "expired")
-        lockout = await self._quotas.check_lockout(peer, token)
-        if not lockout.allowed:
-            await context.abort_with_status(lockout.status())
-        return Principal(name=row.name, role=row.role, token_id=row.token_id, tenant=row.tenant)
-
-    async def _load(self, token_id: str) -> CachedToken | None:
-        async with self._db.transaction() as session:
-            row = await identities.api_token(session, token_id)
-        if row is None:
-            return None
-        return CachedToken(
-            token_id=row.token_id,
-            name=row.name,
-            tenant=row.tenant,
-            role=row.role,
-            secret_hash=row.secret_hash,
-            expires_at=row.expires_at,
-            deleted=row.deleted_at is not None,
+        presented: str | None = None
+        if header is not None:
+            # Anything but "Bearer <token>" is presented as malformed ("").
+            text = header if isinstance(header, str) else ""
+            presented = text[7:].strip() if text.lower().startswith("bearer ") else ""
+        outcome = await self.check.authenticate(
+            presented, peer=peer, target=info.method, request_id=rid
         )
-
-    async def _refuse(
-        self,
-        info: RpcInfo,
-        context: grpc.aio.ServicerContext[Any, Any],
-        peer: str,
-        token: str | None,
-        reason: str,
-    ) -> NoReturn:
-        """Count the failure, then answer UNAUTHENTICATED, or RESOURCE_EXHAUSTED if its
-        key is locked out."""
-        rid = request_id(context)
-        failure = await count_auth_failure(
-            self._quotas,
-            self._audit,
-            self._metrics,
-            peer=peer,
-            credential="api_token",
-            token=token,
-            request_id=rid,
-        )
-        if not failure.decision.allowed:
-            await context.abort_with_status(failure.decision.status())
-        details = {"credential": "api_token", "reason": reason}
-        if token is not None:
-            details["token"] = token
-        await self._audit.submit(
-            AuditRecord(
-                actor="anonymous",
-                action="auth.failure",
-                target=info.method,
-                outcome="denied",
-                peer=peer,
-                request_id=rid,
-                details=details,
+        if isinstance(outcome, Refused):
+            if outcome.lockout is not None:
+                await context.abort_with_status(outcome.lockout.status())
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or invalid API token (send 'authorization: Bearer <token>')",
             )
-        )
-        await context.abort(
-            grpc.StatusCode.UNAUTHENTICATED,
-            "missing or invalid API token (send 'authorization: Bearer <token>')",
-        )
+            raise AssertionError("abort raises")  # for the type checker
+        needed = ROLE_FOR_SERVICE[info.service]
+        if outcome.role not in ROLES_ALLOWED[needed]:
+            await self.check.denied(
+                outcome, needed=needed, target=info.method, peer=peer, request_id=rid
+            )
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{info.name} needs the {needed!r} role; this token has {outcome.role!r}",
+            )
+        current_principal.set(outcome)
 
 
 async def _not_served(info: RpcInfo, context: grpc.aio.ServicerContext[Any, Any]) -> None:

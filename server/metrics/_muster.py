@@ -121,6 +121,8 @@ class MusterMetrics:
             ("outcome",),
             registry=registry,
         )
+        for outcome in ("succeeded", "failed", "cancelled", "timed_out"):
+            self.tasks_finished.labels(outcome=outcome)  # at 0 from the start, for rates
         self.task_refusals = Counter(
             "muster_task_refusals_total",
             "Attempts an agent refused to run because a signature it requires is missing or "
@@ -195,12 +197,21 @@ class MusterMetrics:
             ("scope",),
             registry,
         )
+        self.budget_limit_usd = StateGauge(
+            "muster_budget_limit_usd",
+            "The limit of each budget with one, in US dollars, by scope (the same series as "
+            "muster_budget_remaining_usd: spent and reserved = limit - remaining).",
+            ("scope",),
+            registry,
+        )
         self.budget_reservations = Counter(
             "muster_budget_reservations_total",
             "Budget reservations at dispatch, by outcome (reserved, refused, degraded).",
             ("outcome",),
             registry=registry,
         )
+        for outcome in ("reserved", "refused", "degraded"):
+            self.budget_reservations.labels(outcome=outcome)  # for alerts on the first one
 
         # Audit.
         self.audit_queue_depth = Gauge(
@@ -220,6 +231,8 @@ class MusterMetrics:
             ("reason",),
             registry=registry,
         )
+        for reason in ("reconnect", "renewal"):
+            self.streams_replaced.labels(reason=reason)
         self.suspicious_events = Counter(
             "muster_suspicious_events_total",
             "Suspicious agent behaviour seen, by kind (see server/dispatch/suspicion.py).",

@@ -203,7 +203,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         name = check_name(request.name, "name")
         role = convert.role_name(request.role)
         if role is None:
-            raise invalid("role: must be ROLE_SUBMITTER or ROLE_ADMIN")
+            raise invalid("role: must be ROLE_SUBMITTER, ROLE_ADMIN or ROLE_VIEWER")
         expires = None
         if request.HasField("ttl"):
             ttl = duration(request.ttl, "ttl", maximum=MAX_API_TOKEN_TTL, maximum_text="10 years")

@@ -19,7 +19,11 @@ from muster.server.storage.presence import LiveSession
 from muster.states import State
 from muster.v1 import admin_pb2, common_pb2
 
-_ROLES = {"submitter": admin_pb2.ROLE_SUBMITTER, "admin": admin_pb2.ROLE_ADMIN}
+_ROLES = {
+    "submitter": admin_pb2.ROLE_SUBMITTER,
+    "admin": admin_pb2.ROLE_ADMIN,
+    "viewer": admin_pb2.ROLE_VIEWER,
+}
 
 
 def timestamp(value: datetime | None) -> Timestamp | None:

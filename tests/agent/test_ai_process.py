@@ -17,10 +17,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
+
 from muster import AsyncAdminClient, AsyncClient, TaskState
 from muster.server.app import ServerHandle
 from tests.agent.test_process import wait_connected
 from tests.fakes.anthropic_api import FakeAnthropicAPI, Reply
+
+pytestmark = pytest.mark.slow
 
 KEY = "sk-ant-process-test-5f4dcc3b5aa765d61d8327deb882cf99"
 

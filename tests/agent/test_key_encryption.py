@@ -37,6 +37,8 @@ from tests.e2e import procs
 from tests.e2e.test_processes import until_connected
 from tests.testca import TestCA
 
+pytestmark = pytest.mark.slow
+
 ENCRYPTED = b"-----BEGIN ENCRYPTED PRIVATE KEY-----\n"
 PLAIN = b"-----BEGIN PRIVATE KEY-----\n"
 

@@ -8,8 +8,12 @@ import signal
 import sys
 from pathlib import Path
 
+import pytest
+
 from muster import AsyncAdminClient, AsyncClient, TaskState
 from muster.server.app import ServerHandle
+
+pytestmark = pytest.mark.slow
 
 
 async def wait_connected(admin: AsyncAdminClient, agent_id: str) -> None:

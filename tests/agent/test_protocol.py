@@ -18,6 +18,8 @@ from muster.v1 import agent_pb2, common_pb2
 from tests.agent.conftest import AGENT_ID, LABELS, GateExecutor
 from tests.agent.peer import ScriptedAgentService
 
+pytestmark = pytest.mark.slow
+
 
 def assignment(task_id: str, kind: str, payload: bytes = b"", **extra: Any) -> agent_pb2.Assignment:
     return agent_pb2.Assignment(task_id=task_id, attempt=1, kind=kind, payload=payload, **extra)

@@ -261,6 +261,7 @@ state.save_trust_bundle(roots, int(version))
 """
 
 
+@pytest.mark.slow
 def test_a_crash_while_storing_leaves_the_old_bundle_or_the_new_one(
     tmp_path: Path, ca: TestCA, new_ca: TestCA
 ) -> None:

@@ -22,6 +22,8 @@ from muster.v1 import admin_pb2, common_pb2
 
 from .fakes import API_SECRET, BOOTSTRAP_SECRET, TOKEN, State, Step, seed
 
+pytestmark = pytest.mark.slow
+
 S = common_pb2.TaskState
 
 

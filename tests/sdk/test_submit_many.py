@@ -29,6 +29,8 @@ from muster.server.app import ServerHandle
 from muster.v1 import task_pb2
 from tests.conftest import client_config
 
+pytestmark = pytest.mark.slow
+
 
 def submit_many_calls(server: ServerHandle) -> float:
     """SubmitMany calls the server has answered (its own gRPC metrics)."""

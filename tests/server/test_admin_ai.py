@@ -34,6 +34,8 @@ from muster.v1 import admin_pb2, admin_pb2_grpc, agent_pb2
 from tests.agentsim import Enroller, SimAgent
 from tests.conftest import client_config, server_config
 
+pytestmark = pytest.mark.slow
+
 
 def status_of(err: MusterError) -> grpc.StatusCode:
     cause = err.__cause__

@@ -32,6 +32,8 @@ from muster.v1 import (
 from tests.agentsim import Enroller, SimAgent
 from tests.conftest import client_config, server_config
 
+pytestmark = pytest.mark.slow
+
 MODEL = "claude-sonnet-4-5"  # $3 input, $15 output per million tokens (shipped table)
 AI = ("anthropic.messages",)
 
@@ -266,6 +268,7 @@ async def test_dispatch_reserves_the_worst_case_and_settles_at_the_server_price(
             break
         await asyncio.sleep(0.1)
     assert left == pytest.approx(0.9964)
+    assert sample("muster_budget_limit_usd", {"scope": "global"}) == 1.0
 
 
 async def test_what_does_not_fit_waits_with_its_reason_until_the_limit_is_raised(

@@ -18,10 +18,13 @@ import pytest
 
 from muster.server import allocator, cli
 
-pytestmark = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-    reason="the heap creep and its fix are glibc's",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+        reason="the heap creep and its fix are glibc's",
+    ),
+]
 
 READS = textwrap.dedent(
     """

@@ -20,6 +20,8 @@ from muster import (
 from muster.server.app import ServerHandle
 from tests.conftest import client_config
 
+pytestmark = pytest.mark.slow
+
 BAD_TOKEN = "mat_0123456789abcdef." + "A" * 43
 
 

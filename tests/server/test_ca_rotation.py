@@ -43,6 +43,8 @@ from tests.agentsim import Enrolled, Enroller, SimAgent, make_csr
 from tests.conftest import client_config, server_config
 from tests.testca import TestCA
 
+pytestmark = pytest.mark.slow
+
 
 @dataclass(frozen=True, slots=True)
 class Ran:

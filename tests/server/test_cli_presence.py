@@ -17,6 +17,8 @@ from muster.server.storage.models import ApiToken, BootstrapToken
 from muster.server.storage.types import utcnow
 from tests.agentsim import Enroller, SimAgent
 
+pytestmark = pytest.mark.slow
+
 
 def flags(server: ServerHandle) -> list[str]:
     config = server.config

@@ -25,6 +25,8 @@ from muster.v1 import agent_pb2, agent_pb2_grpc
 from tests.agentsim import Enrolled, Enroller, SimAgent, make_csr
 from tests.conftest import server_config
 
+pytestmark = pytest.mark.slow
+
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 HEADERS, RST_STREAM, SETTINGS, PING, GOAWAY = 0x1, 0x3, 0x4, 0x6, 0x7
 END_HEADERS, ACK = 0x4, 0x1

@@ -12,6 +12,8 @@ from muster.server.app import ServerHandle
 from muster.v1 import agent_pb2, common_pb2
 from tests.agentsim import Enroller, SimAgent
 
+pytestmark = pytest.mark.slow
+
 
 async def connected(
     enroller: Enroller,

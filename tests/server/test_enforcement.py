@@ -19,6 +19,8 @@ from muster.v1 import agent_pb2
 from tests.agentsim import Enroller, SimAgent
 from tests.conftest import client_config, server_config
 
+pytestmark = pytest.mark.slow
+
 ServerFactory = Callable[..., AbstractAsyncContextManager[ServerHandle]]
 
 

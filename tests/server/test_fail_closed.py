@@ -18,6 +18,8 @@ from muster import AsyncAdminClient
 from muster.server.app import ServerHandle, start_server
 from tests.conftest import client_config, server_config
 
+pytestmark = pytest.mark.slow
+
 Calls = list[str]
 
 

@@ -25,6 +25,8 @@ from tests.agent.conftest import GateExecutor
 from tests.agentsim import Enrolled, Enroller, SimAgent
 from tests.conftest import client_config, server_config
 
+pytestmark = pytest.mark.slow
+
 SLEEP = b'{"seconds": 60}'
 
 

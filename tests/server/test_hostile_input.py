@@ -58,6 +58,8 @@ from muster.v1 import admin_pb2, agent_pb2, common_pb2, enrollment_pb2, task_pb2
 from tests.agentsim import Enrolled, Enroller, make_csr
 from tests.conftest import client_config
 
+pytestmark = pytest.mark.slow
+
 EXAMPLES = int(os.environ.get("MUSTER_HOSTILE_EXAMPLES", "150"))
 """Examples per service; raise it for a longer hunt (the suite keeps to 150)."""
 BAD_STATUSES = {grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL}
@@ -636,7 +638,7 @@ RANGE_CASES: list[tuple[str, Callable[[], Message], str]] = [
     (
         "CreateApiToken",
         lambda: admin_pb2.CreateApiTokenRequest(name="bot", role=7),  # type: ignore[arg-type]
-        "role: must be ROLE_SUBMITTER or ROLE_ADMIN",
+        "role: must be ROLE_SUBMITTER, ROLE_ADMIN or ROLE_VIEWER",
     ),
     (
         "CreateBootstrapToken",

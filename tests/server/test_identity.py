@@ -13,6 +13,8 @@ from muster.server.app import ServerHandle
 from tests.agentsim import Enroller, SimAgent
 from tests.testca import Credentials, TestCA
 
+pytestmark = pytest.mark.slow
+
 
 def sim_with(server: ServerHandle, creds: Credentials) -> SimAgent:
     bundle = (server.config.ca_dir / "bundle.pem").read_bytes()

@@ -24,6 +24,8 @@ from muster.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 from tests.agentsim import Enrolled, Enroller, SimAgent, make_csr
 from tests.conftest import BACKEND, client_config, server_config
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 async def server(

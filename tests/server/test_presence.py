@@ -28,6 +28,8 @@ from tests.conftest import BACKEND, client_config, server_config
 from tests.e2e import procs
 from tests.pg import fresh_database
 
+pytestmark = pytest.mark.slow
+
 postgres_only = pytest.mark.skipif(
     BACKEND != "postgres", reason="runs in the Postgres pass (make test)"
 )

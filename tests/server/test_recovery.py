@@ -21,6 +21,8 @@ from tests.agent.conftest import AGENT_ID, seed_state
 from tests.agentsim import Enrolled, Enroller, SimAgent, make_csr
 from tests.testca import TestCA
 
+pytestmark = pytest.mark.slow
+
 
 async def enroll_raw(
     enroller: Enroller,

@@ -21,6 +21,8 @@ from tests.agentsim import Enrolled, Enroller, SimAgent
 from tests.conftest import client_config, server_config
 from tests.testca import TestCA
 
+pytestmark = pytest.mark.slow
+
 TTL = timedelta(seconds=4)
 """The server certificate's lifetime here: renewed when a third of it is left."""
 

@@ -29,6 +29,8 @@ from muster.v1 import agent_pb2, common_pb2, task_pb2
 from tests.agentsim import Enroller, SimAgent
 from tests.conftest import client_config
 
+pytestmark = pytest.mark.slow
+
 SIGNER = TaskSigner(Ed25519PrivateKey.generate())
 
 

@@ -35,6 +35,8 @@ from muster.server.dispatch import session as session_module
 from muster.v1 import agent_pb2, common_pb2
 from tests.agentsim import Enrolled, Enroller, SimAgent
 
+pytestmark = pytest.mark.slow
+
 LEGACY_DIR = Path(__file__).parent / "legacy"
 CONNECT = "/muster.v1.AgentService/Connect"
 ROOT = Path(__file__).resolve().parents[2]

@@ -22,6 +22,8 @@ from tests.agentsim import Enroller, SimAgent
 from tests.conftest import client_config, server_config
 from tests.server.test_signed_submit import submit_request
 
+pytestmark = pytest.mark.slow
+
 
 def item(kind: str = "echo", payload: bytes = b"{}", **fields: object) -> task_pb2.SubmitRequest:
     return task_pb2.SubmitRequest(kind=kind, payload=payload, **fields)  # type: ignore[arg-type]

@@ -26,6 +26,8 @@ from tests.conftest import REDIS_URL, forget_redis, server_config
 from tests.e2e import procs
 from tests.test_audit import event, open_db, rows_by_seq
 
+pytestmark = pytest.mark.slow
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HEALTH_SERVICES = ["", *(service.full_name for service in API_SERVICES)]

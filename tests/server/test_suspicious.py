@@ -22,6 +22,8 @@ from tests.agentsim import Enroller, SimAgent, make_csr
 from tests.conftest import server_config
 from tests.server.test_one_stream import audited, status_within
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 async def server(

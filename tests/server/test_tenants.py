@@ -33,6 +33,8 @@ from muster.v1 import admin_pb2, admin_pb2_grpc
 from tests.conftest import client_config, server_config
 from tests.pg import fresh_database
 
+pytestmark = pytest.mark.slow
+
 
 def status_of(err: MusterError) -> grpc.StatusCode:
     """The exact status code behind an SDK error."""

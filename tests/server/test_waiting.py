@@ -28,6 +28,8 @@ from muster.v1 import agent_pb2, common_pb2
 from tests.agentsim import Enroller, SimAgent
 from tests.conftest import client_config, server_config
 
+pytestmark = pytest.mark.slow
+
 
 async def until(
     client: AsyncClient, task_id: str, check: Callable[[Task], bool], timeout: float = 10.0
