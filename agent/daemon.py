@@ -168,6 +168,11 @@ class Agent:
         if session is not None and session.established:
             session.deliver(result)
 
+    def acknowledged(self, ack: agent_pb2.Ack) -> None:
+        """The server is done with a Result: drop it from the outbox, count its cost."""
+        self.outbox.remove(ack.task_id, ack.attempt)
+        self.metrics.acknowledged(ack)
+
     def notify_changed(self) -> None:
         self._changed.set()
 

@@ -7,9 +7,10 @@ the daemon holds (outbox, running attempts, certificate, stream) is read at scra
 from :class:`AgentState`, so a gauge can never drift from the truth.
 
 No label or value carries a secret: labels are task kinds, models, outcomes, reasons and
-the agent's id, pool and version. The agent never prices tokens (the server does, with
-its price table: ``muster_llm_cost_usd_total``); the only money here is a tool's own
-figure (claude-code's ``total_cost_usd``).
+the agent's id, pool and version. The agent never prices tokens itself: its cost is what
+the server priced each recorded attempt at, as the Ack says (``Ack.cost_micros``, the same
+figure as the server's ``muster_llm_cost_usd_total``), beside a tool's own figure
+(claude-code's ``total_cost_usd``).
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ EXECUTOR_BUCKETS = (
 )  # fmt: skip
 """Seconds: from an echo's milliseconds to a day-long job (the server's run buckets start at
 0.1 s because they include the stream round trips; the executor alone is faster)."""
+
+PRICED_PENDING_LIMIT = 4096
+"""Attempts with usage whose Ack has not come yet that the cost counter remembers the kind
+and model of (the outbox bounds them in practice; this keeps a silent server from growing
+the map). An Ack beyond it is counted under ``unknown`` labels."""
 
 UNKNOWN_KIND = "unknown"
 """The ``kind`` label of an attempt of a kind this agent has no executor for (the server
@@ -139,6 +145,14 @@ class AgentMetrics:
             ("kind", "model"),
             registry=self.registry,
         )
+        self.llm_cost_usd = Counter(
+            "muster_agent_llm_cost_usd_total",
+            "What the control plane priced this agent's recorded attempts at (Ack.cost_micros: "
+            "its price table, the figure budgets count), in US dollars, by task kind and model.",
+            ("kind", "model"),
+            registry=self.registry,
+        )
+        self._awaiting_price: dict[tuple[str, int], tuple[str, str]] = {}
 
     # Identity ---------------------------------------------------------------
 
@@ -186,6 +200,16 @@ class AgentMetrics:
                 self.llm_reported_cost_usd.labels(kind, model).inc(
                     usage.reported_cost_micros / 1_000_000
                 )
+            if len(self._awaiting_price) < PRICED_PENDING_LIMIT:
+                self._awaiting_price[(result.task_id, result.attempt)] = (kind, model)
+
+    def acknowledged(self, ack: agent_pb2.Ack) -> None:
+        """The server recorded (or set aside) a Result: count the cost it priced it at."""
+        kind, model = self._awaiting_price.pop(
+            (ack.task_id, ack.attempt), (UNKNOWN_KIND, UNKNOWN_KIND)
+        )
+        if ack.cost_micros > 0:
+            self.llm_cost_usd.labels(kind, model).inc(ack.cost_micros / 1_000_000)
 
     def welcomed(self) -> None:
         self.streams.inc()

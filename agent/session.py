@@ -83,6 +83,10 @@ class SessionHost(Protocol):
 
     def record_result(self, result: agent_pb2.Result) -> None: ...
 
+    def acknowledged(self, ack: agent_pb2.Ack) -> None:
+        """The server is done with a Result: drop it from the outbox."""
+        ...
+
     def notify_changed(self) -> None: ...
 
     async def wait_acked(self) -> None: ...
@@ -378,7 +382,7 @@ class Session:
             self._on_cancel(message.cancel)
         elif body == "ack":
             ack = message.ack
-            self.host.outbox.remove(ack.task_id, ack.attempt)
+            self.host.acknowledged(ack)
             log.log(
                 # A stale Result was work the server had already given to another attempt.
                 logging.INFO if ack.status == agent_pb2.ACK_STATUS_STALE else logging.DEBUG,

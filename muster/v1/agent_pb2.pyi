@@ -263,14 +263,16 @@ class Renew(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("task_id", "attempt", "status")
+    __slots__ = ("task_id", "attempt", "status", "cost_micros")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    COST_MICROS_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     attempt: int
     status: AckStatus
-    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., status: _Optional[_Union[AckStatus, str]] = ...) -> None: ...
+    cost_micros: int
+    def __init__(self, task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., status: _Optional[_Union[AckStatus, str]] = ..., cost_micros: _Optional[int] = ...) -> None: ...
 
 class RenewRequest(_message.Message):
     __slots__ = ("csr_pem",)

@@ -425,14 +425,22 @@ class Dispatcher:
                 now=self.clock.now(),
             )
 
-    async def record_result(self, agent_id: str, result: agent_pb2.Result) -> agent_pb2.AckStatus:
-        """Record an attempt's end; says whether it was new, a resend, or stale."""
+    async def record_result(self, agent_id: str, result: agent_pb2.Result) -> agent_pb2.Ack:
+        """Record an attempt's end; the Ack says whether it was new, a resend, or stale,
+        and what the attempt was priced at when it was new."""
         with tracing.recording(agent_id, result) as span:
-            status = await self._record_result(agent_id, result)
+            status, cost_micros = await self._record_result(agent_id, result)
             tracing.acknowledged(span, status)
-            return status
+            return agent_pb2.Ack(
+                task_id=result.task_id,
+                attempt=result.attempt,
+                status=status,
+                cost_micros=cost_micros,
+            )
 
-    async def _record_result(self, agent_id: str, result: agent_pb2.Result) -> agent_pb2.AckStatus:
+    async def _record_result(
+        self, agent_id: str, result: agent_pb2.Result
+    ) -> tuple[agent_pb2.AckStatus, int]:
         outcome = result.outcome
         # Outputs are bytes, kept as they are; an error is text, and Postgres text cannot
         # hold a NUL, so one is kept visibly escaped instead of failing the whole Result.
@@ -467,7 +475,7 @@ class Dispatcher:
         else:
             ended = await self._end_otherwise(agent_id, result, outcome, output, error, usage)
         if not isinstance(ended, tuple):
-            return ended
+            return ended, 0
         new_state, task = ended
         holder = task_store.attempt_key(result.task_id, result.attempt)
         self.inflight.release(task.owner, task.pool, holder)
@@ -484,7 +492,7 @@ class Dispatcher:
         else:
             self.fanout.wake_pool(task.pool)
         self.fanout.task_changed(result.task_id)
-        return agent_pb2.ACK_STATUS_RECORDED
+        return agent_pb2.ACK_STATUS_RECORDED, usage.cost_micros if usage is not None else 0
 
     async def _priced(self, result: agent_pb2.Result) -> usage_store.AttemptCost | None:
         """The attempt's usage at the server's prices for the task's kind and model; None

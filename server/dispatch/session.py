@@ -769,24 +769,18 @@ class AgentSession:
         """Consecutive Results of a batch, for distinct attempts: recorded together (one
         group commit rather than one each), then acknowledged in their order."""
         dispatcher = self.dispatcher
-        statuses = await asyncio.gather(
-            *(dispatcher.record_result(self.agent_id, r) for r in results)
-        )
-        for r, status in zip(results, statuses, strict=True):
-            await self._recorded(r, status)
+        acks = await asyncio.gather(*(dispatcher.record_result(self.agent_id, r) for r in results))
+        for ack in acks:
+            await self._recorded(ack)
 
-    async def _recorded(self, r: agent_pb2.Result, status: agent_pb2.AckStatus) -> None:
+    async def _recorded(self, ack: agent_pb2.Ack) -> None:
         """What follows a recorded Result: the stale check, the slot, the Ack."""
-        key = (r.task_id, r.attempt)
-        if status == agent_pb2.ACK_STATUS_STALE and key not in self._held:
-            await self._check_stale(r.task_id, r.attempt)
+        key = (ack.task_id, ack.attempt)
+        if ack.status == agent_pb2.ACK_STATUS_STALE and key not in self._held:
+            await self._check_stale(ack.task_id, ack.attempt)
         self._held.discard(key)
         self._cancels_sent.discard(key)  # over: its Cancel need not be remembered
-        self._send(
-            agent_pb2.ServerMessage(
-                ack=agent_pb2.Ack(task_id=r.task_id, attempt=r.attempt, status=status)
-            )
-        )
+        self._send(agent_pb2.ServerMessage(ack=ack))
 
     async def _handle(self, message: agent_pb2.AgentMessage, body: str | None) -> None:
         """One agent message (alone, or an item of a batch), already checked by
@@ -828,7 +822,7 @@ class AgentSession:
                 await asyncio.wait([moved])  # an agent flooding Accepted waits for them
         elif body == "result":
             r = message.result
-            await self._recorded(r, await dispatcher.record_result(self.agent_id, r))
+            await self._recorded(await dispatcher.record_result(self.agent_id, r))
         elif body == "heartbeat":
             await dispatcher.heartbeat(
                 self.session_id, [(a.task_id, a.attempt) for a in message.heartbeat.in_flight]

@@ -53,9 +53,15 @@ class PeerStream:
         await self.context.write(agent_pb2.ServerMessage(**body))
 
     async def ack(
-        self, task_id: str, attempt: int = 1, status: int = agent_pb2.ACK_STATUS_RECORDED
+        self,
+        task_id: str,
+        attempt: int = 1,
+        status: int = agent_pb2.ACK_STATUS_RECORDED,
+        cost_micros: int = 0,
     ) -> None:
-        ack = agent_pb2.Ack(task_id=task_id, attempt=attempt, status=status)  # type: ignore[arg-type]
+        ack = agent_pb2.Ack(
+            task_id=task_id, attempt=attempt, status=status, cost_micros=cost_micros
+        )  # type: ignore[arg-type]
         await self.send(ack=ack)
 
     async def expect(

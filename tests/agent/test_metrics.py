@@ -182,12 +182,15 @@ async def test_every_outcome_the_outbox_a_reconnect_and_the_certificate_are_coun
 
         stream.end(grpc.StatusCode.UNAVAILABLE)  # the replica goes away before it Acks
         second = await service.next_stream()
+        priced = {"t5": 2_500, "t6": 1_000}  # what this server's price table says
         for _ in range(6):
             resent = await second.expect("result", skip=("heartbeat", "credit"))
-            await second.ack(resent.task_id)
+            await second.ack(resent.task_id, cost_micros=priced.get(resent.task_id, 0))
         await until(lambda: len(agent.outbox) == 0)
 
         after = await scrape(url)
+        assert after.value("muster_agent_llm_cost_usd_total", **tokens) == pytest.approx(0.0035)
+        assert after.labels_of("muster_agent_llm_cost_usd_total") == [tokens]
         assert after.value("muster_agent_streams_total") == 2
         reasons = {
             labels["reason"]: after.value("muster_agent_reconnects_total", **labels)
@@ -380,7 +383,9 @@ async def test_a_real_agent_process_counts_what_it_ran_through_a_network_cut(
                 for task, state in ((echo, TaskState.SUCCEEDED), (bad, TaskState.FAILED)):
                     done = await client.wait(task.task_id, timeout=30)
                     assert done.state == state, done.error
-                assert (await client.wait(ai.task_id, timeout=30)).state == TaskState.SUCCEEDED
+                priced = await client.wait(ai.task_id, timeout=30)
+                assert priced.state == TaskState.SUCCEEDED
+                assert priced.usage is not None and priced.usage.cost_micros > 0
 
                 connections = relay.connections
                 relay.cut()  # the network drops the agent's stream
@@ -407,6 +412,11 @@ async def test_a_real_agent_process_counts_what_it_ran_through_a_network_cut(
     assert seen.value("muster_agent_llm_tokens_total", **ai_labels, type="input") == 11
     assert seen.value("muster_agent_llm_tokens_total", **ai_labels, type="output") == 5
     assert seen.value("muster_agent_llm_tokens_total", **ai_labels, type="cache_read") == 3
+    # The cost is the server's, from the Ack: exactly what the task's usage says it cost.
+    assert seen.value("muster_agent_llm_cost_usd_total", **ai_labels) == pytest.approx(
+        priced.usage.cost_micros / 1_000_000
+    )
+    assert seen.labels_of("muster_agent_llm_cost_usd_total") == [ai_labels]
     assert seen.value("muster_agent_streams_total") == 2
     reasons = {
         labels["reason"]: seen.value("muster_agent_reconnects_total", **labels)

@@ -240,7 +240,13 @@ async def test_dispatch_reserves_the_worst_case_and_settles_at_the_server_price(
         cost_micros=1,  # an agent's money is ignored
         reported_cost_micros=7777,
     )
-    assignment = await run(agent, usage)
+    assignment = await agent.expect("assignment")
+    agent.send(accepted=agent_pb2.Accepted(task_id=assignment.task_id, attempt=assignment.attempt))
+    ack = await agent.finish(assignment, output=b'{"ok": true}', usage=usage)
+    # The Ack tells the agent the server's price; a resend is never priced twice.
+    assert (ack.status, ack.cost_micros) == (agent_pb2.ACK_STATUS_RECORDED, 3600)
+    again = await agent.finish(assignment, output=b'{"ok": true}', usage=usage)
+    assert (again.status, again.cost_micros) == (agent_pb2.ACK_STATUS_DUPLICATE, 0)
     assert assignment.max_cost_micros == worst_case(payload, 1000)
     assert assignment.output_schema == '{"type": "object"}'
     done = await api.wait(task.task_id, lambda t: t.state == common_pb2.TASK_STATE_SUCCEEDED)
