@@ -38,7 +38,7 @@ def executing(assignment: agent_pb2.Assignment) -> Iterator[trace.Span]:
         # No span: the Assignment's context goes back in the Result as it came.
         yield trace.get_current_span(parent)
         return
-    with tracing.tracer().start_as_current_span(
+    with tracing.span(
         f"execute {assignment.kind}",
         context=parent,
         kind=SpanKind.CONSUMER,
@@ -49,14 +49,8 @@ def executing(assignment: agent_pb2.Assignment) -> Iterator[trace.Span]:
             "messaging.system": "muster",
             "messaging.operation.type": "process",
         },
-        record_exception=False,
-        set_status_on_exception=False,
     ) as span:
-        try:
-            yield span
-        except BaseException as err:
-            tracing.failed(span, err)
-            raise
+        yield span
 
 
 async def attempt(
@@ -123,15 +117,9 @@ def ai_call(
     }
     if max_tokens is not None:
         attributes["gen_ai.request.max_tokens"] = max_tokens
-    with tracing.tracer().start_as_current_span(
+    with tracing.span(
         f"{operation} {model}".strip(),
         kind=SpanKind.CLIENT,
         attributes=attributes,
-        record_exception=False,
-        set_status_on_exception=False,
     ) as span:
-        try:
-            yield AiCall(span)
-        except BaseException as err:
-            tracing.failed(span, err)
-            raise
+        yield AiCall(span)

@@ -156,6 +156,32 @@ def failed(span: trace.Span, err: BaseException) -> None:
             return
 
 
+@contextmanager
+def span(
+    name: str,
+    *,
+    kind: SpanKind,
+    attributes: Mapping[str, Any],
+    context: Context | None = None,
+) -> Iterator[trace.Span]:
+    """One of Muster's spans, current inside the ``with`` (a child of ``context``, else of
+    the current span); an error leaving the block marks it failed (:func:`failed`: the
+    error's type and gRPC code, never its message) and goes on."""
+    with tracer().start_as_current_span(
+        name,
+        context=context,
+        kind=kind,
+        attributes=attributes,
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as current:
+        try:
+            yield current
+        except BaseException as err:
+            failed(current, err)
+            raise
+
+
 # The SDK's client spans (Client, AsyncClient).
 
 
@@ -169,7 +195,7 @@ def client_call(
         # No span of ours; a context the caller is in (propagated to it) still goes on.
         yield tuple(headers(trace.get_current_span()).items())
         return
-    with tracer().start_as_current_span(
+    with span(
         f"muster.v1.TaskService/{method}",
         kind=SpanKind.CLIENT,
         attributes={
@@ -179,15 +205,9 @@ def client_call(
             "server.address": address,
             **(attributes or {}),
         },
-        record_exception=False,
-        set_status_on_exception=False,
-    ) as span:
-        try:
-            yield tuple(headers(span).items())
-        except Exception as err:
-            failed(span, err)
-            raise
-        span.set_attribute("rpc.grpc.status_code", 0)
+    ) as current:
+        yield tuple(headers(current).items())
+        current.set_attribute("rpc.grpc.status_code", 0)
 
 
 # Configuration of a process (server, agent, CLI).

@@ -40,19 +40,13 @@ def serving(method: str, context: Any) -> Iterator[trace.Span]:
             if token is not None:
                 otel_context.detach(token)
         return
-    with tracing.tracer().start_as_current_span(
+    with tracing.span(
         f"{SERVICE}/{method}",
         context=parent,
         kind=SpanKind.SERVER,
         attributes={"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": method},
-        record_exception=False,
-        set_status_on_exception=False,
     ) as span:
-        try:
-            yield span
-        except BaseException as err:
-            tracing.failed(span, err)
-            raise
+        yield span
         span.set_attribute("rpc.grpc.status_code", 0)
 
 
@@ -118,7 +112,7 @@ def recording(agent_id: str, result: agent_pb2.Result) -> Iterator[trace.Span]:
     if parent is None:
         yield trace.INVALID_SPAN
         return
-    with tracing.tracer().start_as_current_span(
+    with tracing.span(
         "record result",
         context=parent,
         kind=SpanKind.CONSUMER,
@@ -130,14 +124,8 @@ def recording(agent_id: str, result: agent_pb2.Result) -> Iterator[trace.Span]:
             "messaging.system": "muster",
             "messaging.operation.type": "process",
         },
-        record_exception=False,
-        set_status_on_exception=False,
     ) as span:
-        try:
-            yield span
-        except BaseException as err:
-            tracing.failed(span, err)
-            raise
+        yield span
 
 
 def acknowledged(span: trace.Span, status: agent_pb2.AckStatus) -> None:
