@@ -56,6 +56,17 @@ from muster.server.quotas.base import MAX_AMOUNT
 REDIS_URL = os.environ.get("MUSTER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
+PATIENT: dict[str, float] = {
+    "socket_timeout": 5.0,
+    "socket_connect_timeout": 5.0,
+    "timeout": 5.0,  # the pool's wait for a free connection
+    "deadline": 10.0,
+}
+"""Redis store options for tests about answers, not latency: production's 0.5 s connect
+and socket timeouts fail a decision open to the local cap, which a connect on a busy CI
+machine can exceed. Tests of timeouts and outages keep the defaults."""
+
+
 def redis_url() -> str:
     """The test Redis; skips (explicitly, by configuration) when it is switched off."""
     if not REDIS_URL:
@@ -104,7 +115,9 @@ async def store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterat
         implementation: QuotaStore = InMemoryQuotaStore(clock=clock)
     elif request.param == "redis":
         prefix = unique_prefix()
-        implementation = RedisQuotaStore.from_url(redis_url(), prefix=prefix, clock=clock)
+        implementation = RedisQuotaStore.from_url(
+            redis_url(), prefix=prefix, clock=clock, **PATIENT
+        )
     else:  # pragma: no cover - a typo in params
         raise AssertionError(f"unknown store {request.param}")
     try:
@@ -428,7 +441,9 @@ async def test_period_keys_expire_some_slack_after_the_period(store: QuotaStore,
     # The same kind of store, with a budget slack short enough to wait for.
     short: QuotaStore
     if isinstance(store, RedisQuotaStore):
-        short = RedisQuotaStore.from_url(redis_url(), prefix=store.prefix, budget_slack=0.3)
+        short = RedisQuotaStore.from_url(
+            redis_url(), prefix=store.prefix, budget_slack=0.3, **PATIENT
+        )
     else:
         short = InMemoryQuotaStore(budget_slack=0.3)
     now = time.time()

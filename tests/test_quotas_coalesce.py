@@ -38,7 +38,14 @@ from muster.server.quotas import (
 )
 from muster.server.quotas.base import MICROS, emission_interval_us, gcra, to_micros
 from muster.server.quotas.coalesce import Coalescer
-from tests.test_quotas import FakeClock, decisions, delete_prefix, redis_url, unique_prefix
+from tests.test_quotas import (
+    PATIENT,
+    FakeClock,
+    decisions,
+    delete_prefix,
+    redis_url,
+    unique_prefix,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +70,7 @@ async def store(request: pytest.FixtureRequest, clock: FakeClock) -> AsyncIterat
         yield InMemoryQuotaStore(clock=clock)
         return
     prefix = unique_prefix()
-    redis_store = RedisQuotaStore.from_url(redis_url(), prefix=prefix, clock=clock)
+    redis_store = RedisQuotaStore.from_url(redis_url(), prefix=prefix, clock=clock, **PATIENT)
     try:
         yield redis_store
     finally:
@@ -301,7 +308,7 @@ async def test_a_submit_burst_costs_a_few_round_trips(prefix: str) -> None:
     """1,000 concurrent submission checks of one principal (a SubmitMany): a handful of
     script runs, and exactly the burst passes."""
     policy = QuotaPolicy(submissions=RateLimit(rate=0.01, burst=600))
-    store = RedisQuotaStore.from_url(redis_url(), prefix=prefix)
+    store = RedisQuotaStore.from_url(redis_url(), prefix=prefix, **PATIENT)
     registry = CollectorRegistry()
     quotas = Quotas(store, policy, MusterMetrics(registry))
     admin = aioredis.Redis.from_url(redis_url())
@@ -323,7 +330,7 @@ async def test_a_submit_burst_costs_a_few_round_trips(prefix: str) -> None:
 
 async def test_batched_decisions_are_one_evalsha_each(prefix: str) -> None:
     name = f"muster-test-{uuid.uuid4().hex}"
-    store = RedisQuotaStore.from_url(redis_url(), prefix=prefix, client_name=name)
+    store = RedisQuotaStore.from_url(redis_url(), prefix=prefix, client_name=name, **PATIENT)
     admin = aioredis.Redis.from_url(redis_url(), decode_responses=True)
     watcher = aioredis.Redis.from_url(redis_url())
     try:

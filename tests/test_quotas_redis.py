@@ -36,6 +36,7 @@ from muster.server.quotas import (
 )
 from muster.server.quotas.base import DEFAULT_BUDGET_SLACK
 from tests.test_quotas import (
+    PATIENT,
     POLICY,
     FakeClock,
     check_concurrent_budgets,
@@ -77,16 +78,7 @@ async def replicas(prefix: str) -> AsyncIterator[list[RedisQuotaStore]]:
     """Four stores on four connection pools, as four server replicas would have (with
     patient timeouts: these tests are about answers under concurrency, not latency, and
     the machine may be busy)."""
-    stores = [
-        RedisQuotaStore.from_url(
-            redis_url(),
-            prefix=prefix,
-            socket_timeout=5.0,
-            socket_connect_timeout=5.0,
-            timeout=5.0,  # the pool's wait for a free connection
-        )
-        for _ in range(4)
-    ]
+    stores = [RedisQuotaStore.from_url(redis_url(), prefix=prefix, **PATIENT) for _ in range(4)]
     try:
         yield stores
     finally:
@@ -286,7 +278,7 @@ async def test_each_decision_is_one_round_trip(admin: aioredis.Redis, prefix: st
     name = f"muster-test-{uuid.uuid4().hex}"
     b = BudgetHold("b", 10, time.time() + 60)
     c = BudgetHold("c", 10, None)
-    store = RedisQuotaStore.from_url(redis_url(), prefix=prefix, client_name=name)
+    store = RedisQuotaStore.from_url(redis_url(), prefix=prefix, client_name=name, **PATIENT)
     calls: list[tuple[str, Callable[[], Awaitable[Any]]]] = [
         ("EVALSHA", lambda: store.rate_limit("r", rate=1, burst=5)),
         ("EVALSHA", lambda: store.rate_limits([RateCheck("r", 1, 5, 0), RateCheck("s", 1, 5)])),
