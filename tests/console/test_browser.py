@@ -11,7 +11,6 @@ test's event loop could not answer the browser while the test waits for it.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import json
@@ -92,28 +91,11 @@ async def muster(tmp_path: Path, backend: dict[str, object]) -> AsyncIterator[Mu
     agent = None
     try:
         endpoints = await procs.wait_for_file(data / "endpoints.json")
-        config = ClientConfig(
-            address=endpoints["api"],
-            token=(data / "admin.token").read_text().strip(),
-            ca_file=data / "ca" / "bundle.pem",
-        )
+        config = procs.admin_config(data, endpoints)
         async with AsyncAdminClient(config) as admin:
-            _, bootstrap = await admin.create_bootstrap_token("default")
-            agent = await procs.spawn(
-                "agent",
-                "--server", endpoints["api"],
-                "--ca-file", str(data / "ca" / "bundle.pem"),
-                "--state-dir", str(tmp_path / "agent"),
-                "--name", "browser-agent",
-                "--agent-server", endpoints["agent"],
-                "--executors", "echo",
-                cwd=tmp_path,
-                log=tmp_path / "agent.log",
-                environ=procs.env(MUSTER_BOOTSTRAP_TOKEN=bootstrap),
-            )  # fmt: skip
-            async with asyncio.timeout(WAIT):
-                while not any(a.connected for a in await admin.list_agents()):
-                    await asyncio.sleep(0.1)
+            agent = await procs.start_agent(
+                admin, data, endpoints, "--executors", "echo", name="browser-agent", cwd=tmp_path
+            )
         url = endpoints["console"].rstrip("/")
         yield Muster(url, data, config.token or "", config, tmp_path / "server.log")
     finally:

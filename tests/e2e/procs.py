@@ -7,8 +7,11 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from muster import AsyncAdminClient, ClientConfig
 
 MUSTER = [sys.executable, "-m", "muster"]
 
@@ -76,3 +79,50 @@ async def stop(
         proc.kill()
         await proc.wait()
         raise
+
+
+def admin_config(data: Path, endpoints: Mapping[str, Any]) -> ClientConfig:
+    """The first admin's client settings for the server whose data directory is ``data``
+    (``endpoints``: its endpoints.json)."""
+    return ClientConfig(
+        address=endpoints["api"],
+        token=(data / "admin.token").read_text().strip(),
+        ca_file=data / "ca" / "bundle.pem",
+    )
+
+
+async def start_agent(
+    admin: AsyncAdminClient,
+    data: Path,
+    endpoints: Mapping[str, Any],
+    *args: str,
+    name: str,
+    cwd: Path,
+    environ: Mapping[str, str] | None = None,
+    timeout: float = 30,
+) -> asyncio.subprocess.Process:
+    """A ``muster agent`` named ``name`` enrolled in pool ``default`` of that server with a
+    fresh bootstrap token (in its environment, never on its command line), its state in
+    ``cwd/agent`` and its log in ``cwd/agent.log``; returns once the server lists it
+    connected. ``args`` add options (``--executors``, ...)."""
+    _, bootstrap = await admin.create_bootstrap_token("default")
+    agent = await spawn(
+        "agent",
+        "--server", endpoints["api"],
+        "--agent-server", endpoints["agent"],
+        "--ca-file", str(data / "ca" / "bundle.pem"),
+        "--state-dir", str(cwd / "agent"),
+        "--name", name,
+        *args,
+        cwd=cwd,
+        log=cwd / "agent.log",
+        environ={**(environ or env()), "MUSTER_BOOTSTRAP_TOKEN": bootstrap},
+    )  # fmt: skip
+    try:
+        async with asyncio.timeout(timeout):
+            while not any(a.connected for a in await admin.list_agents()):
+                await asyncio.sleep(0.1)
+    except BaseException:
+        await stop(agent)
+        raise
+    return agent

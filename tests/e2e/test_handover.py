@@ -183,12 +183,7 @@ async def test_ctrl_c_restart_of_muster_dev_repeats_nothing(tmp_path: Path) -> N
             "dev", "--data-dir", str(data), cwd=tmp_path, log=log, environ=environ
         )
         endpoints = await procs.wait_for_file(data / "endpoints.json")
-        config = ClientConfig(
-            address=endpoints["api"],
-            token=(data / "admin.token").read_text().strip(),
-            ca_file=data / "ca" / "bundle.pem",
-        )
-        return proc, config
+        return proc, procs.admin_config(data, endpoints)
 
     dev, config = await start_dev()
     url = f"sqlite+aiosqlite:///{data / 'muster.db'}"

@@ -205,11 +205,7 @@ async def test_muster_dev_brings_back_its_agent_after_it_was_removed(tmp_path: P
             environ=environ,
         )  # fmt: skip
         endpoints = await procs.wait_for_file(data / "endpoints.json")
-        return proc, ClientConfig(
-            address=endpoints["api"],
-            token=(data / "admin.token").read_text().strip(),
-            ca_file=data / "ca" / "bundle.pem",
-        )
+        return proc, procs.admin_config(data, endpoints)
 
     dev, config = await start_dev()
     try:

@@ -25,7 +25,7 @@ import grpc.aio
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from muster import AsyncAdminClient, ClientConfig
+from muster import AsyncAdminClient
 from tests.conftest import FANOUT_SECRET
 from tests.e2e import procs
 from tests.fakes.anthropic_api import FakeAnthropicAPI
@@ -229,28 +229,15 @@ async def test_a_task_is_one_trace_from_the_cli_through_server_and_agent(
     try:
         async with FakeAnthropicAPI(api_key=KEY, model=MODEL) as api:
             endpoints = await procs.wait_for_file(data / "endpoints.json")
-            config = ClientConfig(
-                address=endpoints["api"],
-                token=(data / "admin.token").read_text().strip(),
-                ca_file=data / "ca" / "bundle.pem",
-            )
-            async with AsyncAdminClient(config) as admin:
-                _, token = await admin.create_bootstrap_token("default")
-                agent = await procs.spawn(
-                    "agent",
-                    "--server", endpoints["api"],
-                    "--ca-file", str(data / "ca" / "bundle.pem"),
-                    "--state-dir", str(tmp_path / "agent"),
-                    "--name", "tracer",
+            async with AsyncAdminClient(procs.admin_config(data, endpoints)) as admin:
+                agent = await procs.start_agent(
+                    admin, data, endpoints,
                     "--executors", "echo,anthropic.messages",
                     "--anthropic-base-url", api.url,
+                    name="tracer",
                     cwd=tmp_path,
-                    log=tmp_path / "agent.log",
-                    environ={**traced, "MUSTER_BOOTSTRAP_TOKEN": token, "ANTHROPIC_API_KEY": KEY},
+                    environ={**traced, "ANTHROPIC_API_KEY": KEY},
                 )  # fmt: skip
-                async with asyncio.timeout(30):
-                    while not any(a.connected for a in await admin.list_agents()):
-                        await asyncio.sleep(0.1)
             cli = cli_env(traced, data, endpoints["api"])
             echo_id = await submit(cli, tmp_path, "echo", {"words": SECRET_WORDS})
             ai_payload = {

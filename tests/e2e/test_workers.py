@@ -320,11 +320,7 @@ async def test_two_workers_share_the_ports_survive_a_kill_and_drain_on_sigterm(
         try:
             endpoints = await procs.wait_for_file(data / "endpoints.json", timeout=90)
             await _check_workers(parent.pid, endpoints, url)
-            admin_config = ClientConfig(
-                address=endpoints["api"],
-                token=(data / "admin.token").read_text().strip(),
-                ca_file=data / "ca" / "bundle.pem",
-            )
+            admin_config = procs.admin_config(data, endpoints)
             agents = await _start_agents(tmp_path, admin_config, endpoints["agent"], 4)
             async with AsyncAdminClient(admin_config) as admin:
                 await _until_connected(admin, 4)
