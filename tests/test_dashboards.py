@@ -1,6 +1,7 @@
 """The Grafana dashboard (deploy/grafana/muster.json) and the Prometheus alert rules
 (deploy/prometheus/alerts.yml): well formed, checked and unit-tested with promtool, and
-every metric they use exists on a real server's /metrics.
+every metric they use exists on a real server's /metrics, or, for the agents' row and
+rules (``muster_agent_*``), on a real agent daemon's.
 
 promtool comes from Debian's ``prometheus`` package; without it the promtool tests skip
 (CI installs it). PyYAML is not a dependency: :func:`load_yaml` reads the block-style
@@ -20,13 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import generate_latest
 
 from muster import AsyncAdminClient, AsyncClient, AuthenticationError, TaskState
+from muster.agent.metrics import AgentMetrics
 from muster.server.app import ServerHandle
 from muster.server.quotas import policy
 from muster.v1 import agent_pb2
+from tests.agent.metricsutil import Relay, http_get
+from tests.agent.test_metrics import AI_PAYLOAD, KEY, agent_process, until
 from tests.agentsim import Enroller, SimAgent
 from tests.conftest import client_config
+from tests.fakes.anthropic_api import FakeAnthropicAPI, Reply
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD = ROOT / "deploy" / "grafana" / "muster.json"
@@ -40,13 +46,25 @@ needs_promtool = pytest.mark.skipif(
     reason="promtool not installed (apt-get install prometheus); CI installs it",
 )
 
+AGENT_ROW = "Agents (daemon metrics)"
+"""The dashboard row of the agents' own metrics: its panels follow $agent_job and
+$agent_instance (the daemons are another scrape job than the replicas)."""
+AGENT_GROUP = "muster-agents"
+"""The rule group over the agents' own metrics."""
+AGENT_PREFIX = "muster_agent_"
+
 SYNTHESIZED = {"up"}
 """Series Prometheus makes itself at each scrape, never on /metrics."""
 
-LABELS_WITHOUT_SAMPLES = {"muster_llm_tokens_total", "muster_llm_cost_usd_total"}
-"""Families the test's traffic leaves without series (they need AI attempts reporting
-usage; tests/server/test_ai_dispatch.py checks their labels): only their names are
-checked against /metrics, not the labels used with them."""
+LABELS_WITHOUT_SAMPLES = {
+    "muster_llm_tokens_total",
+    "muster_llm_cost_usd_total",
+    "muster_agent_llm_reported_cost_usd_total",
+}
+"""Families the test's traffic leaves without series, so only their names are checked
+against /metrics, not the labels used with them: the server's need AI attempts reporting
+usage (tests/server/test_ai_dispatch.py checks their labels); the agent's reported cost
+needs a tool that prices itself, claude-code (tests/agent/test_metrics.py checks it)."""
 
 CODE_DECLARED_VALUES = {
     ("muster_quota_decisions_total", "outcome"): {"allowed", "rejected", "degraded"},
@@ -62,6 +80,26 @@ CODE_DECLARED_VALUES = {
 }
 """Label values that appear only when that decision happens (a Redis outage for
 ``degraded``): checked against the code's names instead of the scrape."""
+
+
+def _agent_renewal_outcomes() -> set[str]:
+    """The ``outcome`` values the agent's code gives a renewal that worked and one that
+    failed (a real failure needs a broken server; the test run renews successfully)."""
+    metrics = AgentMetrics()
+    metrics.renewed(True)
+    metrics.renewed(False)
+    return {
+        sample.labels["outcome"]
+        for family in metrics.registry.collect()
+        if family.name == "muster_agent_certificate_renewals"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
+
+
+CODE_DECLARED_VALUES[("muster_agent_certificate_renewals_total", "outcome")] = (
+    _agent_renewal_outcomes()
+)
 
 
 # --- a reader for the YAML the rule files use ---------------------------------------
@@ -315,21 +353,54 @@ def all_panels(panels: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield from all_panels(panel.get("panels", []))  # a collapsed row holds its panels
 
 
-def dashboard_exprs() -> list[tuple[str, str]]:
-    """(panel title, expr) of every query, and of the template variables."""
+def panel_rows(panels: list[dict[str, Any]]) -> dict[int, str]:
+    """Each panel's row title: a collapsed row holds its panels, an open one the panels
+    below it down to the next row."""
+    rows: dict[int, str] = {}
+    open_rows = sorted((p["gridPos"]["y"], p["title"]) for p in panels if p["type"] == "row")
+    for panel in panels:
+        if panel["type"] == "row":
+            rows.update((inner["id"], panel["title"]) for inner in panel.get("panels", []))
+            continue
+        above = [title for y, title in open_rows if y < panel["gridPos"]["y"]]
+        rows[panel["id"]] = above[-1] if above else ""
+    return rows
+
+
+@dataclass(frozen=True)
+class Query:
+    where: str
+    """The panel's title, or ``$name`` of a template variable."""
+    expr: str
+    agent: bool
+    """In the agents' row (or a variable of it): ``muster_agent_*`` from the daemons."""
+
+
+def dashboard_queries() -> list[Query]:
+    """Every query of the panels, and of the template variables."""
     board = dashboard()
+    rows = panel_rows(board["panels"])
     found = [
-        (panel["title"], target["expr"])
+        Query(panel["title"], target["expr"], rows.get(panel["id"]) == AGENT_ROW)
         for panel in all_panels(board["panels"])
         for target in panel.get("targets", [])
     ]
     for variable in board["templating"]["list"]:
         if variable["type"] == "query":
             query = variable["query"]
-            found.append(
-                (f"${variable['name']}", query["query"] if isinstance(query, dict) else query)
-            )
+            expr = query["query"] if isinstance(query, dict) else query
+            found.append(Query(f"${variable['name']}", expr, variable["name"].startswith("agent_")))
     return found
+
+
+def agent_metrics_only(expr: str) -> bool:
+    """Every metric of ``expr`` (but ``up``) is one of the daemon's."""
+    metrics = promql_uses(expr).metrics - SYNTHESIZED
+    return bool(metrics) and all(metric.startswith(AGENT_PREFIX) for metric in metrics)
+
+
+def no_agent_metrics(expr: str) -> bool:
+    return not any(metric.startswith(AGENT_PREFIX) for metric in promql_uses(expr).metrics)
 
 
 # --- PromQL: which metrics and labels an expression uses ----------------------------
@@ -409,9 +480,13 @@ def test_dashboard_is_importable_json_with_unique_ids_and_a_datasource_variable(
     variables = {v["name"]: v for v in board["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
-    assert {"job", "instance"} <= variables.keys()
-    for name in ("job", "instance"):
+    assert {"job", "instance", "agent_job", "agent_instance"} <= variables.keys()
+    for name in ("job", "instance", "agent_job", "agent_instance"):
         assert variables[name]["datasource"]["uid"] == "${datasource}"
+    for query in dashboard_queries():
+        if query.where.startswith("$"):
+            scoped = agent_metrics_only if query.agent else no_agent_metrics
+            assert scoped(query.expr), f"{query.where} reads the other scrape job: {query.expr}"
 
     panels = list(all_panels(board["panels"]))
     ids = [panel["id"] for panel in panels]
@@ -419,6 +494,9 @@ def test_dashboard_is_importable_json_with_unique_ids_and_a_datasource_variable(
     rows = [panel["title"] for panel in panels if panel["type"] == "row"]
     for section in ("Fleet", "Queues", "Latencies", "Errors", "Certificates", "Budgets", "Audit"):
         assert any(section in title for title in rows), f"no {section} row in {rows}"
+    assert AGENT_ROW in rows
+    row_of = panel_rows(board["panels"])
+    assert any(row == AGENT_ROW for row in row_of.values()), "the agents' row is empty"
 
     for panel in panels:
         assert panel["title"], panel["id"]
@@ -430,17 +508,23 @@ def test_dashboard_is_importable_json_with_unique_ids_and_a_datasource_variable(
         assert panel["targets"], f"{panel['title']} has no queries"
         ref_ids = [target["refId"] for target in panel["targets"]]
         assert len(ref_ids) == len(set(ref_ids)), panel["title"]
+        # The agents' row reads only the daemons' metrics, under their own job and
+        # instances; every other panel only the replicas'.
+        agent = row_of[panel["id"]] == AGENT_ROW
+        job, instance = ("$agent_job", "$agent_instance") if agent else ("$job", "$instance")
         for target in panel["targets"]:
             assert target["expr"].strip(), panel["title"]
             assert target["datasource"] == panel["datasource"], panel["title"]
-            # Every query follows the selected job and replicas.
+            scoped = agent_metrics_only if agent else no_agent_metrics
+            assert scoped(target["expr"]), f"{panel['title']} reads the other scrape job"
+            # Every query follows the selected job and replicas (or agents).
             for metric, label, _, value in promql_uses(target["expr"]).matchers:
                 if label == "job":
-                    assert value == "$job", (panel["title"], metric)
+                    assert value == job, (panel["title"], metric)
             for metric in promql_uses(target["expr"]).metrics:
                 assert re.search(
-                    rf'{metric}\{{job="\$job", instance=~"\$instance"', target["expr"]
-                ), f"{panel['title']}: {metric} is not filtered by $job and $instance"
+                    rf'{metric}\{{job="\{job}", instance=~"\{instance}"', target["expr"]
+                ), f"{panel['title']}: {metric} is not filtered by {job} and {instance}"
 
     # Panels do not overlap.
     cells: dict[tuple[int, int], str] = {}
@@ -493,6 +577,10 @@ def test_every_alert_has_a_duration_a_severity_and_a_runbook_section() -> None:
         assert page == "docs/operations.md", rule.name
         assert anchor == rule.name.lower(), rule.name
         assert anchor in anchors, f"{rule.name}: no '{anchor}' section in docs/operations.md"
+        # The agents' group reads only the daemons' metrics, the others only the replicas'
+        # (so each is checked against the right /metrics below).
+        scoped = agent_metrics_only if rule.group == AGENT_GROUP else no_agent_metrics
+        assert scoped(rule.expr), f"{rule.name} reads the other scrape job"
 
 
 def test_every_alert_has_unit_tests_that_fire_and_that_stay_quiet() -> None:
@@ -557,11 +645,14 @@ def test_every_dashboard_query_parses(tmp_path: Path) -> None:
         "$__rate_interval": "5m",
         "$__interval": "1m",
         "$__range": "6h",
+        "$agent_instance": ".*",
+        "$agent_job": "muster-agents",
         "$instance": ".*",
         "$job": "muster-server",
     }
     rules = []
-    for i, (title, expr) in enumerate(dashboard_exprs()):
+    for i, query in enumerate(dashboard_queries()):
+        title, expr = query.where, query.expr
         label_values = _LABEL_VALUES.match(expr)
         if label_values:
             expr = label_values.group(1)
@@ -726,8 +817,16 @@ async def test_every_metric_of_the_dashboard_and_the_rules_is_on_a_real_servers_
 ) -> None:
     scrape = await scrape_after_traffic(server, enroller, client)
 
-    uses = [(f"panel {title!r}", promql_uses(expr)) for title, expr in dashboard_exprs()]
-    uses += [(f"alert {rule.name}", promql_uses(rule.expr)) for rule in alert_rules()]
+    uses = [
+        (f"panel {query.where!r}", promql_uses(query.expr))
+        for query in dashboard_queries()
+        if not query.agent
+    ]
+    uses += [
+        (f"alert {rule.name}", promql_uses(rule.expr))
+        for rule in alert_rules()
+        if rule.group != AGENT_GROUP
+    ]
     problems = [problem for where, use in uses for problem in check_uses(where, use, scrape)]
     assert problems == []
 
@@ -757,4 +856,117 @@ async def test_a_metric_missing_from_the_scrape_is_reported(server: ServerHandle
     assert problems == [
         "probe: muster_queue_depthx is not on /metrics",
         'probe: no series muster_certificate_expiry_seconds{certificate="client"}',
+    ]
+
+
+# --- every agent metric exists on a real agent --------------------------------------
+
+AGENT_UNSHOWN = {"muster_agent_certificate_expiry_timestamp_seconds"}
+"""Agent families no panel or rule needs: the expiry as a date, beside the seconds left
+that the panels and MusterAgentCertificateExpiringSoon read."""
+
+
+async def scrape_agent_after_traffic(
+    tmp_path: Path, server: ServerHandle, admin: AsyncAdminClient, client: AsyncClient
+) -> Scrape:
+    """A real ``muster agent`` process's /metrics after it ran tasks of three kinds (one
+    failing, one an AI call priced by the server), lost its stream to a network cut and
+    renewed its certificate, so the labelled series the agents' row and rules use exist."""
+    relay = Relay(("127.0.0.1", server.agent_port))
+    relay_port = await relay.start()
+    try:
+        async with FakeAnthropicAPI(api_key=KEY) as api:
+            api.queue(Reply(text="Hello", usage={"input_tokens": 11, "output_tokens": 5}))
+            async with agent_process(
+                tmp_path, server, admin, api, "dash-agent",
+                "--agent-server", f"127.0.0.1:{relay_port}",
+                "--metrics-addr", "127.0.0.1:0",
+            ) as agent:  # fmt: skip
+                echo = await client.submit("echo", b"ping")
+                bad = await client.submit("sleep", {"seconds": "soon"})
+                ai = await client.submit("anthropic.messages", AI_PAYLOAD, max_cost_usd=1.0)
+                for task, state in (
+                    (echo, TaskState.SUCCEEDED),
+                    (bad, TaskState.FAILED),
+                    (ai, TaskState.SUCCEEDED),
+                ):
+                    assert (await client.wait(task.task_id, timeout=30)).state == state
+
+                async def once(streams: int, *names: str) -> Scrape | None:
+                    """The scrape, once the server has welcomed ``streams`` streams, one is
+                    up, and every one of ``names`` has series."""
+                    status, _, body = await http_get(agent.url)
+                    assert status == 200
+                    seen = parse_exposition(body.decode())
+                    up = b"\nmuster_agent_connected 1.0\n" in body
+                    count = re.search(rb"\nmuster_agent_streams_total (\S+)\n", body)
+                    welcomed = count is not None and float(count[1]) >= streams
+                    ready = up and welcomed and all(seen.series(name) for name in names)
+                    return seen if ready else None
+
+                # A renewal (make-before-break: a second stream), then a network cut once
+                # that stream is up (a third, with the reason). In this order, so the
+                # server never asks a stream it lost, and the cut hits the stream in use.
+                assert await admin.rotate_agents("dash-agent", reason="dashboard test") == 1
+                renewed = (
+                    "muster_agent_certificate_renewals_total",
+                    "muster_agent_llm_cost_usd_total",
+                )
+                await until(lambda: once(2, *renewed), timeout=30)
+                relay.cut()
+                scrape: Scrape = await until(
+                    lambda: once(3, "muster_agent_reconnects_total", *renewed), timeout=30
+                )
+                return scrape
+    finally:
+        await relay.close()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+async def test_every_agent_metric_of_the_dashboard_and_the_rules_is_on_a_real_agents_metrics(
+    tmp_path: Path, server: ServerHandle, admin: AsyncAdminClient, client: AsyncClient
+) -> None:
+    scrape = await scrape_agent_after_traffic(tmp_path, server, admin, client)
+
+    uses = [
+        (f"panel {query.where!r}", promql_uses(query.expr))
+        for query in dashboard_queries()
+        if query.agent
+    ]
+    uses += [
+        (f"alert {rule.name}", promql_uses(rule.expr))
+        for rule in alert_rules()
+        if rule.group == AGENT_GROUP
+    ]
+    assert len(uses) >= 20
+    problems = [problem for where, use in uses for problem in check_uses(where, use, scrape)]
+    assert problems == []
+
+    used = {metric for _, use in uses for metric in use.metrics}
+    families = {scrape.family_of(metric) for metric in used - SYNTHESIZED}
+    daemon = {
+        name
+        for name in scrape.families
+        if name.startswith(AGENT_PREFIX) and not name.endswith("_created")
+    }
+    assert daemon - families == AGENT_UNSHOWN, "agent metrics neither a panel nor a rule shows"
+
+
+def test_an_agent_label_value_the_code_never_gives_is_reported() -> None:
+    """A renewal that failed is a value of the code (checked without a failing server);
+    one the code never gives is not."""
+    metrics = AgentMetrics()
+    metrics.renewed(True)
+    scrape = parse_exposition(generate_latest(metrics.registry).decode())
+    problems = check_uses(
+        "probe",
+        promql_uses(
+            'increase(muster_agent_certificate_renewals_total{outcome="failed"}[5m])'
+            ' + muster_agent_certificate_renewals_total{outcome="expired"}'
+        ),
+        scrape,
+    )
+    assert problems == [
+        'probe: no series muster_agent_certificate_renewals_total{outcome="expired"}'
     ]
