@@ -22,6 +22,7 @@ import pytest
 from muster import AsyncAdminClient, AsyncClient, TaskState
 from muster.server.app import ServerHandle
 from tests.agent.test_process import wait_connected
+from tests.e2e import procs
 from tests.fakes.anthropic_api import FakeAnthropicAPI, Reply
 
 pytestmark = pytest.mark.slow
@@ -62,14 +63,7 @@ async def agent_process(
         await wait_connected(admin, "ai-01")
         yield log_path
     finally:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                async with asyncio.timeout(15):
-                    await process.wait()
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await procs.stop(process, timeout=15)
 
 
 async def test_an_agent_process_runs_a_messages_task_end_to_end(

@@ -32,6 +32,7 @@ from muster import AsyncAdminClient, AsyncClient, TaskState
 from muster.server.app import ServerHandle, start_server
 from tests.agent.test_process import wait_connected
 from tests.conftest import client_config, server_config
+from tests.e2e import procs
 
 pytestmark = pytest.mark.slow
 
@@ -221,14 +222,7 @@ async def test_the_example_plugin_installs_into_a_fresh_venv_and_runs_through_a_
                 assert failed.error == error
                 assert failed.attempt == 1  # not retried: the agent said so
         finally:
-            if process.returncode is None:
-                process.terminate()
-                try:
-                    async with asyncio.timeout(20):
-                        await process.wait()
-                except TimeoutError:
-                    process.kill()
-                    await process.wait()
+            await procs.stop(process, timeout=20)
     log_text = log_path.read_text()
     assert process.returncode == 0, log_text
     assert "executors echo, files.sha256" in log_text

@@ -44,6 +44,7 @@ from tests.agent.conftest import AGENT_ID, FailExecutor, GateExecutor
 from tests.agent.metricsutil import Relay, Scrape, http_get, scrape
 from tests.agent.peer import PeerStream, ScriptedAgentService
 from tests.agent.test_process import wait_connected
+from tests.e2e import procs
 from tests.fakes.anthropic_api import FakeAnthropicAPI, Reply
 
 KEY = "sk-ant-metrics-test-0d9c3a51f2b64e7c8a1b5d6e7f809a1b"
@@ -331,14 +332,7 @@ async def agent_process(
         await wait_connected(admin, name)
         yield AgentProcess(found.group(1), log_path, token)
     finally:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                async with asyncio.timeout(15):
-                    await process.wait()
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await procs.stop(process, timeout=15)
         log_text = log_path.read_text()
         assert token not in log_text
         assert KEY not in log_text
