@@ -175,6 +175,8 @@ def task_details(task: Task) -> str:
         pairs.append(("signature", f"signed by {task.signed_by}"))
     if task.idempotency_key:
         pairs.append(("idempotency_key", task.idempotency_key))
+    if task.trace_id:
+        pairs.append(("trace_id", task.trace_id))
     if task.max_cost_micros:
         pairs.append(("max_cost", f"{format_usd(task.max_cost_micros)} USD"))
     if _has_usage(task.usage):

@@ -98,6 +98,7 @@ def task_from_proto(msg: common_pb2.Task, *, submit_warning: str = "") -> Task:
         waiting_until=_time(msg, "waiting_until"),
         submit_warning=submit_warning,
         signed_by=msg.signature.key_id if msg.HasField("signature") else "",
+        trace_id=msg.trace_id,
     )
 
 

@@ -232,6 +232,9 @@ class Task:
     things stand (no agent in its pool, none with its labels or kind); empty if one could."""
     signed_by: str = ""
     """The key id (RFC 7638 thumbprint) of the key that signed the task; empty if unsigned."""
+    trace_id: str = ""
+    """The W3C trace id (32 hex digits) of the trace its spans belong to, when it was
+    submitted inside a trace (``docs/tracing.md``); empty otherwise."""
 
     @property
     def signed(self) -> bool:

@@ -135,6 +135,15 @@ def stored_to_proto(stored: str | None) -> common_pb2.TraceContext | None:
     return common_pb2.TraceContext(traceparent=traceparent, tracestate=tracestate)
 
 
+def trace_id_of(stored: str | None) -> str:
+    """The trace id (32 hex digits) of a context as stored with a task; "" for none or
+    one that does not parse."""
+    parent = parent_from_stored(stored)
+    if parent is None:
+        return ""
+    return format(trace.get_current_span(parent).get_span_context().trace_id, "032x")
+
+
 def parent_from_stored(stored: str | None) -> Context | None:
     if not stored:
         return None

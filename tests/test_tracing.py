@@ -89,6 +89,13 @@ def test_context_survives_storage_and_the_proto_with_its_tracestate() -> None:
     assert again.get_span_context().trace_id == int(TRACEPARENT.split("-")[1], 16)
 
 
+def test_a_stored_context_names_its_trace_id() -> None:
+    assert tracing.trace_id_of(f"{TRACEPARENT} vendor=abc") == TRACEPARENT.split("-")[1]
+    assert tracing.trace_id_of(TRACEPARENT) == TRACEPARENT.split("-")[1]
+    for nothing in (None, "", "not a traceparent", "00-" + "0" * 32 + "-" + "1" * 16 + "-01"):
+        assert tracing.trace_id_of(nothing) == ""
+
+
 @pytest.mark.parametrize(
     ("traceparent", "tracestate"),
     [

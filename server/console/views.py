@@ -165,6 +165,7 @@ def task_fields(task: common_pb2.Task) -> list[tuple[str, str]]:
         ("usage", usage(task.usage)),
         ("spend cap", f"{format_usd(task.max_cost_micros)} USD" if task.max_cost_micros else NONE),
         ("signed", task.signature.key_id if task.HasField("signature") else "no"),
+        ("trace id", task.trace_id or NONE),
     ]
     if task.waiting_reason:
         fields.insert(1, ("waiting", line(task.waiting_reason)))

@@ -12,6 +12,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import DecodeError
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from muster import tracing
 from muster.server.quotas import BudgetUsage
 from muster.server.services.waiting import NOTHING, Waiting, held_back_code
 from muster.server.storage import models
@@ -98,6 +99,7 @@ def task(
         max_cost_micros=row.max_cost_micros or 0,
         output_schema=row.output_schema or "",
         signature=_signature(row.signature),
+        trace_id=tracing.trace_id_of(row.trace_context),
         attempt_usage=[
             common_pb2.AttemptUsage(
                 attempt=u.attempt,

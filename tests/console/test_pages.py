@@ -12,6 +12,7 @@ from muster.server.app import ServerHandle
 from muster.server.console import security
 from tests.conftest import client_config
 from tests.console.conftest import Console, admin_token, message
+from tests.server.test_trace_id import TRACE_ID, inside_remote_trace
 
 
 @pytest.fixture
@@ -72,7 +73,8 @@ async def test_a_queued_task_shows_why_it_waits(
     console_server: ServerHandle, signed_in: Console
 ) -> None:
     async with AsyncClient(client_config(console_server)) as client:
-        task = await client.submit("render", b'{"scene": 1}', pool="gpu")
+        with inside_remote_trace():
+            task = await client.submit("render", b'{"scene": 1}', pool="gpu")
     response, page = await signed_in.get("/")
     assert response.status == 200
     assert re.search(r"<td>gpu</td><td><a [^>]*>render</a></td><td>1</td>", page), page
@@ -90,6 +92,7 @@ async def test_a_queued_task_shows_why_it_waits(
     assert "QUEUED" in page and "no enabled agent" in page
     assert "task.submit" in page  # its history, from the audit trail
     assert "&#34;scene&#34;: 1" in page  # the payload, as indented JSON, escaped
+    assert f"<td>{TRACE_ID}</td>" in page  # the trace it was submitted in
 
 
 async def test_the_task_list_pages(console_server: ServerHandle, signed_in: Console) -> None:

@@ -25,7 +25,7 @@ import grpc.aio
 import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
-from muster import AsyncAdminClient
+from muster import AsyncAdminClient, AsyncClient
 from tests.conftest import FANOUT_SECRET
 from tests.e2e import procs
 from tests.fakes.anthropic_api import FakeAnthropicAPI
@@ -256,6 +256,8 @@ async def test_a_task_is_one_trace_from_the_cli_through_server_and_agent(
                 return recorded >= set(ids)
 
             await collector.until(all_recorded)
+            async with AsyncClient(procs.admin_config(data, endpoints)) as client:
+                shown = {task_id: (await client.get(task_id)).trace_id for task_id in ids}
     finally:
         if agent is not None:
             assert await procs.stop(agent) == 0, (tmp_path / "agent.log").read_text()
@@ -269,6 +271,10 @@ async def test_a_task_is_one_trace_from_the_cli_through_server_and_agent(
         (Path(artifacts) / "trace-tree.txt").write_text(tree)
     log.info("span tree (%s):\n%s", tmp_path / "trace-tree.txt", tree)
     print(f"\nspan tree ({tmp_path / 'trace-tree.txt'}):\n{tree}")
+
+    # Each task names its trace: the id a tracing backend finds its spans by.
+    for task_id in ids:
+        assert shown[task_id] == one(spans, "queue wait", task_id).trace_id
 
     # muster submit: the CLI's CLIENT span is the root; the server's Submit its child.
     for task_id, kind in ((echo_id, "echo"), (ai_id, "anthropic.messages")):
