@@ -108,6 +108,8 @@ class Hub:
         so a stream leaves in O(1) however many share its pool)."""
         self._claimable: dict[str, set[str]] = {}
         """Kinds per pool the last poll found claimable work for (see ``may_find_work``)."""
+        self._announced: dict[str, int] = {}
+        """Wake-ups per pool with streams here (see ``announced``)."""
         self._watchers: dict[str, set[asyncio.Event]] = defaultdict(set)
         self._idle = asyncio.Event()
         self._idle.set()
@@ -128,6 +130,7 @@ class Hub:
             members.pop(stream.session_id, None)
             if not members:
                 del self._by_pool[stream.pool]
+                self._announced.pop(stream.pool, None)
         if not self._streams:
             self._idle.set()
 
@@ -151,6 +154,7 @@ class Hub:
         members = self._by_pool.get(pool)
         if not members:
             return
+        self._announced[pool] = self._announced.get(pool, 0) + 1
         for _ in range(len(members)):
             session_id = next(iter(members))
             del members[session_id]
@@ -159,6 +163,12 @@ class Hub:
             if stream.wants_work:
                 stream.wake()
                 return
+
+    def announced(self, pool: str) -> int:
+        """How many times new or requeued work in ``pool`` was announced (``wake_pool``,
+        from this replica or another): a stream that found the queue empty need not look
+        again until this changes, or a poll finds work (see ``may_find_work``)."""
+        return self._announced.get(pool, 0)
 
     def take_for(self, pool: str, kind: str, selector: dict[str, str]) -> Stream | None:
         """Eager dispatch: a stream of ``pool`` that runs ``kind``, whose labels satisfy

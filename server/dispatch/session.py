@@ -144,6 +144,11 @@ class AgentSession:
         """A wake-up the pump has not acted on yet."""
         self._claiming = False
         """A claim is under way: tasks may be assigned to this stream that it never saw."""
+        self._found_nothing_at: int | None = None
+        """The pool's wake-up count (``Hub.announced``) when this stream's last claim,
+        which found nothing, began; None while its claims find work. Credit coming back
+        then wakes the pump only if work was announced since or a poll saw some: an
+        agent finishing a task does not cost a claim that finds the queue empty."""
         self._eager = 0
         """Credits taken by submits dispatching eagerly to this stream, not yet delivered."""
         self._accepting: set[asyncio.Future[bool]] = set()
@@ -169,6 +174,15 @@ class AgentSession:
         if self._pump_task is None or self._pump_task.done():
             self._pump_task = asyncio.create_task(self._pump(), name=f"pump-{self.session_id}")
             self._pump_task.add_done_callback(self._worker_done)
+
+    def _may_find_work(self) -> bool:
+        """Whether a claim now could find anything (see ``_found_nothing_at``)."""
+        hub = self.dispatcher.hub
+        return (
+            self._found_nothing_at is None
+            or hub.announced(self.pool) != self._found_nothing_at
+            or hub.may_find_work(self.pool, self.kinds)
+        )
 
     @property
     def idle_with_credit(self) -> bool:
@@ -647,6 +661,7 @@ class AgentSession:
             self._woken = False
             limit = self.credit
             self._claiming = True
+            announced = self.dispatcher.hub.announced(self.pool)
             claimed_ns = time.time_ns()  # the end of the queue wait of what this claims
             try:
                 claimed = await self.dispatcher.claim(
@@ -675,6 +690,7 @@ class AgentSession:
                     return
                 self._claiming = False
                 return
+            self._found_nothing_at = None if claimed else announced
             if self._rate is not None:
                 self._rate.assigned(len(claimed))
             for task in claimed:
@@ -806,7 +822,8 @@ class AgentSession:
                     {"granted": message.credit.credits, "credit": self.credit, "room": room},
                 )
             self.credit = max(0, min(wanted, room))
-            self.wake()
+            if self._may_find_work():
+                self.wake()
         elif body == "accepted":
             a = message.accepted
             if (a.task_id, a.attempt) not in self._held:

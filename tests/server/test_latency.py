@@ -63,3 +63,50 @@ async def test_an_eagerly_assigned_submit_skips_the_presence_check(
         release.set()
     assert (await queued).submit_warning.startswith("no agent of pool default has offered")
     await agent.close()
+
+
+async def test_credit_back_to_an_empty_queue_costs_no_claim(
+    enroller: Enroller, client: AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent that finished a task grants its credit again; when its last claim found
+    nothing and no work was announced since, the stream does not ask the database (a
+    claim finding nothing would share the group commit with other tasks' Results). Work
+    announced meanwhile is claimed when the credit comes."""
+    store = enroller.server.db.tasks
+    original_claim = store._claim_many
+    claims: list[int] = []
+    looked = asyncio.Event()
+
+    async def claim(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await original_claim(*args, **kwargs)
+        finally:
+            claims.append(1)
+            looked.set()
+
+    monkeypatch.setattr(store, "_claim_many", claim)
+    agent = SimAgent.of(await enroller.enroll("thrifty"))
+    await agent.hello(max_concurrency=1, capabilities=("echo",))
+    await looked.wait()  # the first look, after Welcome, finds the queue empty
+
+    async def run_one(assignment: agent_pb2.Assignment) -> None:
+        agent.send(accepted=agent_pb2.Accepted(task_id=assignment.task_id, attempt=1))
+        assert (await agent.finish(assignment)).status == agent_pb2.ACK_STATUS_RECORDED
+        agent.send(credit=agent_pb2.Credit(credits=1))
+
+    for _ in range(3):  # each pushed at once (eager), each credit back: no claim
+        task = await client.submit("echo", b"{}")
+        assignment = await agent.expect("assignment")
+        assert assignment.task_id == task.task_id
+        await run_one(assignment)
+    await client.submit("echo", b"{}")  # its eager push shows the last credit arrived
+    busy = await agent.expect("assignment")
+    assert len(claims) == 1
+
+    # While the agent is busy a task is queued (announced); the credit claims it.
+    queued = await client.submit("echo", b"{}")
+    await run_one(busy)
+    assignment = await asyncio.wait_for(agent.expect("assignment"), GUARD)
+    assert assignment.task_id == queued.task_id
+    assert len(claims) == 2
+    await agent.close()
