@@ -52,6 +52,7 @@ from muster.server.quotas import (
     quota_exceeded_status,
 )
 from muster.server.quotas.base import MAX_AMOUNT
+from muster.server.quotas.policy import VERIFIED_TTL
 
 REDIS_URL = os.environ.get("MUSTER_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
@@ -1107,3 +1108,42 @@ async def test_from_config_picks_the_store(registry: CollectorRegistry) -> None:
 def test_policy_is_validated_when_built(build: Any) -> None:
     with pytest.raises(ValueError):
         build()
+
+
+async def test_a_verified_lockout_check_is_reused_until_a_failure_or_the_interval_ends(
+    store: QuotaStore, registry: CollectorRegistry, clock: FakeClock
+) -> None:
+    """An authentication whose secret was right asks the store once per key and
+    interval; a failure of that key here asks again at once, one recorded by another
+    replica is seen when the interval ends; a refusal is never reused."""
+    asked: list[str] = []
+    original = store.rate_limit
+
+    async def counted(key: str, **kwargs: Any) -> Any:
+        asked.append(key)
+        return await original(key, **kwargs)
+
+    store.rate_limit = counted  # type: ignore[method-assign]
+    quotas = Quotas(store, POLICY, metrics=MusterMetrics(registry), clock=clock)
+    other_replica = Quotas(store, POLICY, clock=clock)
+    peer, token = f"peer-{uuid.uuid4().hex}", "mat_0123456789abcdef"
+
+    for _ in range(3):
+        assert (await quotas.check_lockout(peer, token, verified=True)).allowed
+    assert len(asked) == 1
+    assert (await quotas.check_lockout(peer, token)).allowed  # unverified: always asked
+    assert len(asked) == 2
+    assert decisions(registry, AUTH_FAILURES, "allowed") == 4
+
+    await quotas.record_auth_failure(peer, token)  # a failure here forgets the key
+    assert (await quotas.check_lockout(peer, token, verified=True)).allowed
+    assert len(asked) == 4
+
+    for _ in range(2):  # another replica counts the failures that lock the key out
+        await other_replica.record_auth_failure(peer, token)
+    assert (await quotas.check_lockout(peer, token, verified=True)).allowed  # reused
+    clock.advance(VERIFIED_TTL)
+    for _ in range(2):  # then refused, and the refusal is asked for each time
+        refused = await quotas.check_lockout(peer, token, verified=True)
+        assert (refused.allowed, refused.limit) == (False, AUTH_FAILURES)
+    assert decisions(registry, AUTH_FAILURES, "rejected") == 2

@@ -109,7 +109,7 @@ class ApiTokenCheck:
             return await self._refuse(peer, target, request_id, public, "deleted")
         if row.expires_at is not None and row.expires_at <= utcnow():
             return await self._refuse(peer, target, request_id, public, "expired")
-        lockout = await self._quotas.check_lockout(peer, public)
+        lockout = await self._quotas.check_lockout(peer, public, verified=True)
         if not lockout.allowed:
             return Refused(lockout)
         return Principal(name=row.name, role=row.role, token_id=row.token_id, tenant=row.tenant)

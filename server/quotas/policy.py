@@ -84,6 +84,11 @@ LEASE_RETRY_AFTER = 1.0
 """Retry hint (seconds) for a full concurrency limit, whose freeing time is unknown."""
 DEGRADED_LOG_INTERVAL = 30.0
 """Seconds between warnings about one limit class decided without the store."""
+VERIFIED_TTL = 1.0
+"""Seconds the store's lockout allowance for a key whose right secret was presented is
+reused by this process (see :meth:`Quotas.check_lockout`)."""
+MAX_VERIFIED = 10_000
+"""Keys remembered so at most; the oldest is forgotten first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +298,9 @@ class Quotas:
         self._metrics = metrics
         self._fallback = fallback or InMemoryQuotaStore()
         self._outage = _OutageLog(degraded_log_interval, clock)
+        self._clock = clock
+        self._verified: dict[str, float] = {}
+        """Lockout keys a correct secret was answered for, until when (see check_lockout)."""
 
     @classmethod
     def from_config(
@@ -377,6 +385,7 @@ class Quotas:
         lockout's RESOURCE_EXHAUSTED) and spend nothing."""
         rule = self.policy.auth_failures
         subject = auth_failure_subject(peer, token)
+        self._verified.pop(subject, None)
         answer, degraded = await self._ask(AUTH_FAILURES, subject, rule, cost=1)
         if answer.allowed:
             decision = QuotaDecision(True, AUTH_FAILURES, subject, None, degraded)
@@ -387,13 +396,34 @@ class Quotas:
         # The failure that used the last attempt: locked out for at most one interval.
         return AuthFailure(decision, locked_now, 1 / rule.rate if locked_now else None)
 
-    async def check_lockout(self, peer: str, token: str | None = None) -> QuotaDecision:
+    async def check_lockout(
+        self, peer: str, token: str | None = None, *, verified: bool = False
+    ) -> QuotaDecision:
         """May ``peer`` authenticate with ``token`` (as in :meth:`record_auth_failure`)?
         Not allowed while that key is locked out; spends nothing. A success is answered
         only after this allows it, so a right guess among many in flight counts only if
-        it came within the allowance."""
-        rule = self.policy.auth_failures
-        return await self._rate(AUTH_FAILURES, auth_failure_subject(peer, token), rule, cost=0)
+        it came within the allowance.
+
+        ``verified``: the caller checked that ``token``'s secret is right. The store's
+        allowance for such a key is then reused for :data:`VERIFIED_TTL` seconds, until
+        a failure of that key is recorded here: a client that keeps using its token costs
+        one store call per key and interval, not one per call. What guessing needs is
+        unchanged (every failure is counted in the store before it is answered, and only
+        a right secret that the store allowed is reused); a key locked out by failures
+        on another replica is refused here once the interval ends."""
+        subject = auth_failure_subject(peer, token)
+        now = self._clock()
+        if verified and self._verified.get(subject, 0.0) > now:
+            decision = QuotaDecision(True, AUTH_FAILURES, subject, None)
+            self._count(decision)
+            return decision
+        decision = await self._rate(AUTH_FAILURES, subject, self.policy.auth_failures, cost=0)
+        if verified and decision.allowed and not decision.degraded:
+            self._verified.pop(subject, None)
+            if len(self._verified) >= MAX_VERIFIED:
+                del self._verified[next(iter(self._verified))]  # the oldest
+            self._verified[subject] = now + VERIFIED_TTL
+        return decision
 
     async def is_locked_out(self, peer: str, token: str | None = None) -> bool:
         """True while that lockout key has used up its failed authentications."""
