@@ -387,14 +387,16 @@ class Dispatcher:
                 held = await self.tasks.held_by_sessions(session, sessions)
             await self.inflight.renew(held)
 
-    def accept(self, task_id: str, attempt: int, session_id: str) -> asyncio.Future[bool]:
-        """Queue the move of an assigned attempt to RUNNING; the future says whether it
-        moved. Queued at once, so the attempt's Result, handed in after, is written after
-        it (often in the same transaction: an agent that finishes at once costs one)."""
+    def accept(
+        self, task_id: str, attempt: int, session_id: str, *, at: datetime | None = None
+    ) -> asyncio.Future[bool]:
+        """Queue the move of an assigned attempt to RUNNING, started ``at`` (when its
+        Accepted arrived; default now); the future says whether it moved. Queued at once,
+        so the attempt's Result, handed in after, is written after it."""
         moved = self.tasks.accept(
             task_store.Acceptance(task_id, attempt, session_id),
             lease=self.config.lease_duration,
-            now=self.clock.now(),
+            now=at or self.clock.now(),
         )
 
         def announce(done: asyncio.Future[bool]) -> None:
@@ -425,11 +427,27 @@ class Dispatcher:
                 now=self.clock.now(),
             )
 
-    async def record_result(self, agent_id: str, result: agent_pb2.Result) -> agent_pb2.Ack:
+    def ends_in_one_write(self, result: agent_pb2.Result) -> bool:
+        """Whether ``record_result`` ends this Result's attempt with the common end (one
+        gathered UPDATE): a success, or a failure not to be retried; not a refusal. Only
+        then may the attempt's unwritten Accepted be folded into it (``accepted_at``)."""
+        if result.refusal:
+            return False
+        if len(result.output) > self.config.max_payload_bytes:
+            return not result.retryable  # recorded as failed: the output is too large
+        return result.outcome == agent_pb2.OUTCOME_SUCCEEDED or (
+            result.outcome == agent_pb2.OUTCOME_FAILED and not result.retryable
+        )
+
+    async def record_result(
+        self, agent_id: str, result: agent_pb2.Result, *, accepted_at: datetime | None = None
+    ) -> agent_pb2.Ack:
         """Record an attempt's end; the Ack says whether it was new, a resend, or stale,
-        and what the attempt was priced at when it was new."""
+        and what the attempt was priced at when it was new. ``accepted_at``: the attempt's
+        Accepted was not written (only for a Result that ``ends_in_one_write``); the end
+        records it as the attempt's start."""
         with tracing.recording(agent_id, result) as span:
-            status, cost_micros = await self._record_result(agent_id, result)
+            status, cost_micros = await self._record_result(agent_id, result, accepted_at)
             tracing.acknowledged(span, status)
             return agent_pb2.Ack(
                 task_id=result.task_id,
@@ -439,7 +457,7 @@ class Dispatcher:
             )
 
     async def _record_result(
-        self, agent_id: str, result: agent_pb2.Result
+        self, agent_id: str, result: agent_pb2.Result, accepted_at: datetime | None
     ) -> tuple[agent_pb2.AckStatus, int]:
         outcome = result.outcome
         # Outputs are bytes, kept as they are; an error is text, and Postgres text cannot
@@ -451,15 +469,11 @@ class Dispatcher:
             error = f"output of {len(result.output)} bytes exceeds the {cap}-byte cap"
         usage = await self._priced(result)
         ended: tuple[State, task_store.Finished] | agent_pb2.AckStatus
-        if result.refusal:
-            ended = await self._end_refused(agent_id, result, output, error, usage)
-        elif outcome == agent_pb2.OUTCOME_SUCCEEDED or (
-            outcome == agent_pb2.OUTCOME_FAILED and not result.retryable
-        ):
+        if self.ends_in_one_write(result):
             # The common end: one multi-row UPDATE, in a shared transaction.
             state = State.SUCCEEDED if outcome == agent_pb2.OUTCOME_SUCCEEDED else State.FAILED
             end = task_store.Ending(
-                result.task_id, result.attempt, agent_id, state, output, error, usage
+                result.task_id, result.attempt, agent_id, state, output, error, usage, accepted_at
             )
 
             def finished(answer: task_store.Ended) -> list[AuditRecord]:
@@ -472,6 +486,8 @@ class Dispatcher:
                 ended = answer
             else:
                 ended = _unrecorded(result.attempt, agent_id, answer)
+        elif result.refusal:
+            ended = await self._end_refused(agent_id, result, output, error, usage)
         else:
             ended = await self._end_otherwise(agent_id, result, outcome, output, error, usage)
         if not isinstance(ended, tuple):

@@ -54,6 +54,11 @@ DATABASE_ERRORS = UNREACHABLE
 """What a lost or refused database connection, or a pool with none free, raises through
 SQLAlchemy and asyncpg (whose own errors escape unwrapped when a new connection is
 refused: a stream ending then still releases what it can and records its end)."""
+ACCEPT_DELAY = 0.02
+"""Seconds an Accepted for an attempt this stream holds waits before it is written: a
+Result that comes meanwhile ends the attempt in one write with the Accepted's time as
+its start (a short task costs one UPDATE, one commit and one change for its watchers,
+not two). A longer task shows RUNNING this much later; nothing else waits on it."""
 FLUSH_TIMEOUT = 1.0
 """How long a closing stream waits for its outbox to be written."""
 Context: TypeAlias = grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.ServerMessage]
@@ -153,6 +158,8 @@ class AgentSession:
         """Credits taken by submits dispatching eagerly to this stream, not yet delivered."""
         self._accepting: set[asyncio.Future[bool]] = set()
         """Accepted messages not yet written (the reader does not wait for each)."""
+        self._accepts: dict[tuple[str, int], tuple[asyncio.TimerHandle, datetime]] = {}
+        """Accepted messages waiting out ACCEPT_DELAY: their timers and arrival times."""
         self._cancels_sent: set[tuple[str, int]] = set()
         self._held: set[tuple[str, int]] = set()
         """Attempts pushed to (or reported by) the agent and not yet ended by a Result."""
@@ -354,6 +361,48 @@ class AgentSession:
             "replaced by the stream of this agent's renewed certificate",
         )
 
+    def _write_accept(self, key: tuple[str, int], at: datetime) -> asyncio.Future[bool]:
+        """Hand an Accepted (that arrived ``at``) to the group commit."""
+        moved = self.dispatcher.accept(*key, self.session_id, at=at)
+        moved.add_done_callback(partial(self._accepted, *key))
+        self._accepting.add(moved)
+        moved.add_done_callback(self._accepting.discard)
+        return moved
+
+    def _accept_delayed(self, key: tuple[str, int]) -> None:
+        """ACCEPT_DELAY passed with no Result: write the Accepted now."""
+        if self._closed.done():
+            return  # the stream's end writes it (_write_waiting_accepts)
+        pending = self._accepts.pop(key, None)
+        if pending is not None:
+            self._write_accept(key, pending[1])
+
+    async def _fold_accept(self, result: agent_pb2.Result) -> datetime | None:
+        """The arrival time of ``result``'s Accepted when it is still waiting and the
+        Result's end can carry it (``Dispatcher.ends_in_one_write``); else None, once a
+        waiting Accepted is written (the other ends of an attempt expect it RUNNING)."""
+        key = (result.task_id, result.attempt)
+        pending = self._accepts.pop(key, None)
+        if pending is None:
+            return None
+        timer, at = pending
+        timer.cancel()
+        if self.dispatcher.ends_in_one_write(result):
+            return at
+        await asyncio.wait([self._write_accept(key, at)])
+        return None
+
+    async def _write_waiting_accepts(self) -> None:
+        """The stream ends: write the Accepted messages still waiting, before its attempts
+        are released or handed over (which see them RUNNING, as the agent said)."""
+        pending, self._accepts = self._accepts, {}
+        writes = []
+        for key, (timer, at) in pending.items():
+            timer.cancel()
+            writes.append(self._write_accept(key, at))
+        if writes:
+            await asyncio.wait(writes)
+
     def _accepted(self, task_id: str, attempt: int, moved: asyncio.Future[bool]) -> None:
         """An Accepted was written (the reader did not wait for it)."""
         if moved.cancelled():
@@ -471,6 +520,7 @@ class AgentSession:
             # Shielded: the stream may be ending because the handler was cancelled. The
             # hub keeps the stream until its work is released, so shutdown can wait for it.
             try:
+                await asyncio.shield(self._write_waiting_accepts())
                 await asyncio.shield(self._release(reason))
             finally:
                 dispatcher.hub.unregister(self)
@@ -785,7 +835,13 @@ class AgentSession:
         """Consecutive Results of a batch, for distinct attempts: recorded together (one
         group commit rather than one each), then acknowledged in their order."""
         dispatcher = self.dispatcher
-        acks = await asyncio.gather(*(dispatcher.record_result(self.agent_id, r) for r in results))
+        started = [await self._fold_accept(r) for r in results]
+        acks = await asyncio.gather(
+            *(
+                dispatcher.record_result(self.agent_id, r, accepted_at=at)
+                for r, at in zip(results, started, strict=True)
+            )
+        )
         for ack in acks:
             await self._recorded(ack)
 
@@ -826,20 +882,26 @@ class AgentSession:
                 self.wake()
         elif body == "accepted":
             a = message.accepted
-            if (a.task_id, a.attempt) not in self._held:
+            key = (a.task_id, a.attempt)
+            if key in self._accepts:
+                return  # a repeat while the first waits: written once
+            if key not in self._held:
                 self._suspicious(
                     "unheld_attempt",
                     {"message": "accepted", "task": a.task_id[:64], "attempt": a.attempt},
                 )
-            moved = dispatcher.accept(a.task_id, a.attempt, self.session_id)
-            moved.add_done_callback(partial(self._accepted, a.task_id, a.attempt))
-            self._accepting.add(moved)
-            moved.add_done_callback(self._accepting.discard)
-            if len(self._accepting) > self.max_concurrency:
-                await asyncio.wait([moved])  # an agent flooding Accepted waits for them
+                moved = self._write_accept(key, dispatcher.clock.now())
+                if len(self._accepting) > self.max_concurrency:
+                    await asyncio.wait([moved])  # an agent flooding Accepted waits for them
+                return
+            timer = asyncio.get_running_loop().call_later(ACCEPT_DELAY, self._accept_delayed, key)
+            self._accepts[key] = (timer, dispatcher.clock.now())
         elif body == "result":
             r = message.result
-            await self._recorded(await dispatcher.record_result(self.agent_id, r))
+            accepted_at = await self._fold_accept(r)
+            await self._recorded(
+                await dispatcher.record_result(self.agent_id, r, accepted_at=accepted_at)
+            )
         elif body == "heartbeat":
             await dispatcher.heartbeat(
                 self.session_id, [(a.task_id, a.attempt) for a in message.heartbeat.in_flight]

@@ -110,3 +110,45 @@ async def test_credit_back_to_an_empty_queue_costs_no_claim(
     assert assignment.task_id == queued.task_id
     assert len(claims) == 2
     await agent.close()
+
+
+async def test_an_attempt_that_ends_at_once_is_written_once(
+    enroller: Enroller, client: AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An Accepted waits ACCEPT_DELAY before it is written: a Result that comes first
+    ends the attempt in one UPDATE that records the Accepted's time as its start. One
+    that does not come in time leaves the Accepted to be written as before."""
+    store = enroller.server.db.tasks
+    original_accept = store._accept_many
+    accepts: list[int] = []
+
+    async def accept_many(*args: Any, **kwargs: Any) -> Any:
+        accepts.append(1)
+        return await original_accept(*args, **kwargs)
+
+    monkeypatch.setattr(store, "_accept_many", accept_many)
+    agent = SimAgent.of(await enroller.enroll("brisk"))
+    await agent.hello(max_concurrency=1, capabilities=("echo", "sleep"))
+
+    task = await client.submit("echo", b"{}")
+    assignment = await agent.expect("assignment")
+    agent.send(accepted=agent_pb2.Accepted(task_id=task.task_id, attempt=1))
+    assert (await agent.finish(assignment)).status == agent_pb2.ACK_STATUS_RECORDED
+    done = await client.get(task.task_id)
+    assert done.state is TaskState.SUCCEEDED
+    assert done.started_at is not None and done.finished_at is not None
+    assert done.started_at <= done.finished_at
+    assert accepts == []
+    agent.send(credit=agent_pb2.Credit(credits=1))
+
+    slow = await client.submit("sleep", b"{}")
+    assignment = await agent.expect("assignment")
+    agent.send(accepted=agent_pb2.Accepted(task_id=slow.task_id, attempt=1))
+    async with asyncio.timeout(GUARD):  # written once the delay passed with no Result
+        while (running := await client.get(slow.task_id)).state is not TaskState.RUNNING:
+            await asyncio.sleep(0.01)
+    assert accepts == [1]
+    assert (await agent.finish(assignment)).status == agent_pb2.ACK_STATUS_RECORDED
+    finished = await client.get(slow.task_id)
+    assert (finished.state, finished.started_at) == (TaskState.SUCCEEDED, running.started_at)
+    await agent.close()

@@ -49,13 +49,16 @@ RETURNING tasks.task_id, tasks.attempt;
 
 -- name: finish_many
 -- End held attempts with their agents' Results. The columns set are those of
--- taskstore/common.py's ended_values (the one definition of the end of an attempt).
+-- taskstore/common.py's ended_values (the one definition of the end of an attempt),
+-- and the start of an attempt whose Accepted was never written (Ending.accepted_at).
 UPDATE tasks SET state = v.state, output = v.output, error = v.error,
                  finished_at = :now, updated_at = :now, session_id = NULL,
-                 lease_expires_at = NULL
+                 lease_expires_at = NULL,
+                 started_at = COALESCE(tasks.started_at, v.accepted_at)
 FROM unnest(CAST(:ids AS text[]), CAST(:attempts AS int[]), CAST(:agents AS text[]),
-            CAST(:states AS text[]), CAST(:outputs AS bytea[]), CAST(:errors AS text[]))
-     AS v(task_id, attempt, agent_id, state, output, error)
+            CAST(:states AS text[]), CAST(:outputs AS bytea[]), CAST(:errors AS text[]),
+            CAST(:accepted AS timestamptz[]))
+     AS v(task_id, attempt, agent_id, state, output, error, accepted_at)
 WHERE tasks.task_id = v.task_id AND tasks.attempt = v.attempt
   AND tasks.agent_id = v.agent_id AND tasks.state IN (:assigned, :running)
 RETURNING tasks.task_id, tasks.attempt, tasks.owner, tasks.pool, tasks.kind,

@@ -127,6 +127,10 @@ class Ending:
     output: bytes
     error: str
     usage: AttemptCost | None = None
+    accepted_at: datetime | None = None
+    """When the agent's Accepted for this attempt arrived, if it was never written (its
+    Result came within the stream's accept delay): the attempt's start, kept unless an
+    earlier one is on the row."""
 
 
 Ended = tuple[State, Finished] | Current | None

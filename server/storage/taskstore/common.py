@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from functools import partial
 from typing import Any
 
-from sqlalchemy import Table, and_, func, insert, or_, select, update
+from sqlalchemy import Table, and_, func, insert, literal, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
@@ -37,6 +37,7 @@ from muster.server.storage.taskstore.base import (
     TimedOut,
 )
 from muster.server.storage.timing import instant, plus_seconds
+from muster.server.storage.types import UTCDateTime
 from muster.server.storage.usage import Used
 from muster.states import HELD, TERMINAL, State
 
@@ -226,6 +227,10 @@ class SqlTaskStore(TaskStore):
 
     def _end_one(self, ending: Ending, now: datetime) -> Any:
         """The UPDATE that ends one attempt held by its agent, returning what Finished shows."""
+        values = ended_values(ending.state, now, output=ending.output, error=ending.error)
+        if ending.accepted_at is not None:
+            accepted = literal(ending.accepted_at, UTCDateTime)
+            values["started_at"] = func.coalesce(_c.started_at, accepted)
         return (
             update(TASKS)
             .where(
@@ -234,7 +239,7 @@ class SqlTaskStore(TaskStore):
                 _c.agent_id == ending.agent_id,
                 _c.state.in_(HELD),
             )
-            .values(ended_values(ending.state, now, output=ending.output, error=ending.error))
+            .values(values)
             .returning(*FINISHED_COLUMNS)
         )
 

@@ -116,6 +116,7 @@ class PostgresTaskStore(SqlTaskStore):
                 "states": [str(e.state) for e in items],
                 "outputs": [e.output for e in items],
                 "errors": [e.error for e in items],
+                "accepted": [e.accepted_at for e in items],
             },
         )
         return {(row.task_id, row.attempt): finished(row) for row in result}
