@@ -12,6 +12,7 @@ from muster import AsyncClient, TaskState
 from muster.server.services import waiting
 from muster.v1 import agent_pb2
 from tests.agentsim import Enroller, SimAgent
+from tests.server.test_eager_dispatch import idle, until
 
 GUARD = 10.0
 """Seconds before a step that should not wait at all counts as stuck (a hang guard, not
@@ -75,19 +76,18 @@ async def test_credit_back_to_an_empty_queue_costs_no_claim(
     store = enroller.server.db.tasks
     original_claim = store._claim_many
     claims: list[int] = []
-    looked = asyncio.Event()
 
     async def claim(*args: Any, **kwargs: Any) -> Any:
         try:
             return await original_claim(*args, **kwargs)
         finally:
             claims.append(1)
-            looked.set()
 
     monkeypatch.setattr(store, "_claim_many", claim)
     agent = SimAgent.of(await enroller.enroll("thrifty"))
     await agent.hello(max_concurrency=1, capabilities=("echo",))
-    await looked.wait()  # the first look, after Welcome, finds the queue empty
+    ready = idle(enroller.server, "thrifty")
+    await until(ready)  # the first look, after Welcome, found the queue empty
 
     async def run_one(assignment: agent_pb2.Assignment) -> None:
         agent.send(accepted=agent_pb2.Accepted(task_id=assignment.task_id, attempt=1))
@@ -99,9 +99,10 @@ async def test_credit_back_to_an_empty_queue_costs_no_claim(
         assignment = await agent.expect("assignment")
         assert assignment.task_id == task.task_id
         await run_one(assignment)
-    await client.submit("echo", b"{}")  # its eager push shows the last credit arrived
-    busy = await agent.expect("assignment")
+        await until(ready)  # the credit arrived, and the stream did not go looking
     assert len(claims) == 1
+    await client.submit("echo", b"{}")
+    busy = await agent.expect("assignment")
 
     # While the agent is busy a task is queued (announced); the credit claims it.
     queued = await client.submit("echo", b"{}")
