@@ -9,6 +9,7 @@ import os
 
 from bench import procs
 from bench.celeryref import celery_references
+from bench.counters import StoreCosts
 from bench.daemons import CALLERS, CONCURRENCY, Callers, daemons_on
 from bench.profiling import sampled
 from bench.results import Context, Figure, ScenarioResult, percentile
@@ -113,8 +114,11 @@ async def run_roundtrip(ctx: Context) -> ScenarioResult:
                 m99: list[float] = []
                 c50: dict[str, list[float]] = {p.peer: [] for p in peers}
                 c99: dict[str, list[float]] = {p.peer: [] for p in peers}
+                costs = StoreCosts(stack.database)
                 for _ in range(ctx.runs):
-                    lat = await asyncio.to_thread(caller.round_trips, samples)
+                    lat = await costs.around(
+                        samples, asyncio.to_thread(caller.round_trips, samples)
+                    )
                     m50.append(percentile(lat, 50) * 1000)
                     m99.append(percentile(lat, 99) * 1000)
                     for peer in peers:
@@ -126,4 +130,5 @@ async def run_roundtrip(ctx: Context) -> ScenarioResult:
     result.figures += latency_figures(
         result.name, m50, m99, peers, c50, c99, key_prefix="daemons.roundtrip"
     )
+    costs.report(result)
     return result

@@ -7,6 +7,7 @@ import asyncio
 import time
 
 from bench.celeryref import CeleryRef, celery_references
+from bench.counters import StoreCosts
 from bench.fleet import Fleet
 from bench.load import (
     BATCH,
@@ -220,10 +221,15 @@ async def run_roundtrip(ctx: Context) -> ScenarioResult:
                 await one()
             m50: list[float] = []
             m99: list[float] = []
+            costs = StoreCosts(stack.database)
             c50: dict[str, list[float]] = {p.peer: [] for p in peers}
             c99: dict[str, list[float]] = {p.peer: [] for p in peers}
+
+            async def sequential() -> list[float]:
+                return [await one() for _ in range(samples)]
+
             for _ in range(ctx.runs):
-                lat = [await one() for _ in range(samples)]
+                lat = await costs.around(samples, sequential())
                 m50.append(percentile(lat, 50) * 1000)
                 m99.append(percentile(lat, 99) * 1000)
                 for peer in peers:
@@ -233,6 +239,7 @@ async def run_roundtrip(ctx: Context) -> ScenarioResult:
     result.figures += latency_figures(
         result.name, m50, m99, peers, c50, c99, key_prefix="roundtrip"
     )
+    costs.report(result)
     return result
 
 
