@@ -229,8 +229,9 @@ class Dispatcher:
                 raise
             claimed = _claimed(values)
             if stream.deliver(claimed):
+                # No task_changed: nobody can watch a task whose id its Submit has not
+                # answered yet (an eager task's id is the server's, never the caller's).
                 self.metrics.schedule_to_start_seconds.labels(pool=task.pool).observe(0.0)
-                self.fanout.task_changed(task.task_id)
                 return True
             await self.give_back([claimed], stream.session_id)  # it went away meanwhile
             return False

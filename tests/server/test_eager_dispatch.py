@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from sqlalchemy import select
 
 from muster import AsyncAdminClient, AsyncClient, TaskState
@@ -66,9 +67,18 @@ async def assigns(server: ServerHandle, task_id: str) -> list[dict[str, Any]]:
 
 
 async def test_a_task_submitted_to_an_idle_stream_is_pushed_without_a_claim(
-    enroller: Enroller, server: ServerHandle, client: AsyncClient
+    enroller: Enroller, server: ServerHandle, client: AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     agent = await connected(enroller, server, "eager")
+    announced: list[str] = []
+    fanout = server._fanout
+    original = fanout.task_changed
+
+    def task_changed(task_id: str) -> None:
+        announced.append(task_id)
+        original(task_id)
+
+    monkeypatch.setattr(fanout, "task_changed", task_changed)
     task = await client.submit("echo", b"x")
     assert task.state is TaskState.QUEUED  # Submit answers as before
     assignment = await agent.expect("assignment")
@@ -76,6 +86,8 @@ async def test_a_task_submitted_to_an_idle_stream_is_pushed_without_a_claim(
     assert await assigns(server, task.task_id) == [
         {"attempt": 1, "session": agent_session(server, "eager"), "eager": True}
     ]
+    # Nobody could watch it before its Submit answered: no change is announced.
+    assert announced == []
     agent.send(accepted=agent_pb2.Accepted(task_id=task.task_id, attempt=1))
     assert (await agent.finish(assignment)).status == agent_pb2.ACK_STATUS_RECORDED
     assert (await client.wait(task.task_id, timeout=10)).state is TaskState.SUCCEEDED
