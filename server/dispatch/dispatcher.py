@@ -508,7 +508,10 @@ class Dispatcher:
                 )
         else:
             self.fanout.wake_pool(task.pool)
-        self.fanout.task_changed(result.task_id)
+        # This replica's watchers get the ended row instead of reading it, when nothing
+        # was written after it: no usage added, no budget settled.
+        whole = new_state in TERMINAL and usage is None and not task.reserve_micros
+        self.fanout.task_changed(result.task_id, task.row if whole and task.row else None)
         return agent_pb2.ACK_STATUS_RECORDED, usage.cost_micros if usage is not None else 0
 
     async def _priced(self, result: agent_pb2.Result) -> usage_store.AttemptCost | None:
@@ -722,6 +725,9 @@ class Dispatcher:
 
     async def reap(self) -> None:
         """Requeue lost leases, stop overrunning attempts, time out late tasks."""
+        # What reads show RUNNING is RUNNING for the timeouts too: the Accepted messages
+        # this replica holds back (session.ACCEPT_DELAY) are written first.
+        await self.hub.write_waiting_accepts()
         now = self.clock.now()
         outcomes: list[tuple[task_store.Held, State | None]] = []
         async with self.db.transaction() as session:

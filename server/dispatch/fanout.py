@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -134,8 +134,11 @@ class Fanout:
             }
         )
 
-    def task_changed(self, task_id: str) -> None:
-        self._announce({"t": "task", "task": task_id})
+    def task_changed(self, task_id: str, ended: Mapping[str, Any] | None = None) -> None:
+        """``ended``: the row the change that ended the task left, for this replica's
+        watchers (``Hub.task_changed``); the others are told the id and read it."""
+        self.hub.task_changed(task_id, ended)
+        self._tell_others({"t": "task", "task": task_id})
 
     def rotate_agents(self, agent_id: str | None, reason: str, issued_before: float) -> None:
         """Every replica sends Renew to the streams of ``agent_id`` (None: of every agent)
@@ -161,6 +164,10 @@ class Fanout:
 
     def _announce(self, message: dict[str, Any]) -> None:
         _apply(self.hub, message)
+        self._tell_others(message)
+
+    def _tell_others(self, message: dict[str, Any]) -> None:
+        """Queue ``message`` for the other replicas (with Redis; else nobody to tell)."""
         if self._redis is None:
             return
         try:

@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from itertools import islice
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import grpc
 
@@ -40,6 +41,22 @@ class NewStream:
         """Whether this stream came after ``stream`` (ties broken by session id, so two
         replicas announcing at once agree on which one stays)."""
         return (self.started_at, self.session_id) > (stream.started_at, stream.session_id)
+
+
+WriteNow = Callable[[], Awaitable[None]]
+
+
+class Watcher:
+    """One watcher of a task: ``changed`` is set at each change; ``ended`` holds the row
+    (every column but the payload, which never changes) the change that ended the task
+    left, when it was made on this replica: the watcher then has the task without
+    reading it (a change announced by another replica, or any other, is read)."""
+
+    __slots__ = ("changed", "ended")
+
+    def __init__(self) -> None:
+        self.changed = asyncio.Event()
+        self.ended: Mapping[str, Any] | None = None
 
 
 class Stream(Protocol):
@@ -109,8 +126,11 @@ class Hub:
         self._claimable: dict[str, set[str]] = {}
         """Kinds per pool the last poll found claimable work for (see ``may_find_work``)."""
         self._announced: dict[str, int] = {}
+        self._waiting_accepts: dict[str, tuple[int, datetime, WriteNow]] = {}
+        """Per task: the attempt and arrival time of an Accepted not yet written, and
+        what writes it at once."""
         """Wake-ups per pool with streams here (see ``announced``)."""
-        self._watchers: dict[str, set[asyncio.Event]] = defaultdict(set)
+        self._watchers: dict[str, set[Watcher]] = defaultdict(set)
         self._idle = asyncio.Event()
         self._idle.set()
         self.closing = False
@@ -295,20 +315,46 @@ class Hub:
 
     # Task watchers
 
+    def accept_waiting(self, task_id: str, attempt: int, at: datetime, write_now: WriteNow) -> None:
+        """A stream holds back the write of this attempt's Accepted (session.ACCEPT_DELAY);
+        ``write_now`` writes it at once."""
+        self._waiting_accepts[task_id] = (attempt, at, write_now)
+
+    def accept_taken(self, task_id: str, attempt: int) -> None:
+        """That Accepted was written, folded into its Result, or given up."""
+        waiting = self._waiting_accepts.get(task_id)
+        if waiting is not None and waiting[0] == attempt:
+            del self._waiting_accepts[task_id]
+
+    def waiting_accept(self, task_id: str, attempt: int) -> datetime | None:
+        """When the Accepted of this attempt arrived, if its write is being held back:
+        a read of the task shows it RUNNING since then, as written it would be."""
+        waiting = self._waiting_accepts.get(task_id)
+        return waiting[1] if waiting is not None and waiting[0] == attempt else None
+
+    async def write_waiting_accepts(self) -> None:
+        """Write every Accepted held back now (before the reaper looks at the tasks)."""
+        if self._waiting_accepts:
+            await asyncio.gather(*(w[2]() for w in list(self._waiting_accepts.values())))
+
     @contextlib.contextmanager
-    def watch(self, task_id: str) -> Iterator[asyncio.Event]:
-        """An event set whenever ``task_id`` changes, for as long as the block runs."""
-        event = asyncio.Event()
-        self._watchers[task_id].add(event)
+    def watch(self, task_id: str) -> Iterator[Watcher]:
+        """Told whenever ``task_id`` changes, for as long as the block runs."""
+        watcher = Watcher()
+        self._watchers[task_id].add(watcher)
         try:
-            yield event
+            yield watcher
         finally:
             watchers = self._watchers.get(task_id)
             if watchers is not None:
-                watchers.discard(event)
+                watchers.discard(watcher)
                 if not watchers:
                     del self._watchers[task_id]
 
-    def task_changed(self, task_id: str) -> None:
-        for event in self._watchers.get(task_id, ()):
-            event.set()
+    def task_changed(self, task_id: str, ended: Mapping[str, Any] | None = None) -> None:
+        """``task_id`` changed; ``ended``: the row (all but its payload) of the change that
+        ended it, when this replica made it (see ``Watcher.ended``)."""
+        for watcher in self._watchers.get(task_id, ()):
+            if ended is not None:
+                watcher.ended = ended
+            watcher.changed.set()

@@ -58,7 +58,8 @@ ACCEPT_DELAY = 0.02
 """Seconds an Accepted for an attempt this stream holds waits before it is written: a
 Result that comes meanwhile ends the attempt in one write with the Accepted's time as
 its start (a short task costs one UPDATE, one commit and one change for its watchers,
-not two). A longer task shows RUNNING this much later; nothing else waits on it."""
+not two). Meanwhile this replica's Get and Watch show the task RUNNING as if it were
+written; a longer task is written RUNNING this much later, and its watchers told then."""
 FLUSH_TIMEOUT = 1.0
 """How long a closing stream waits for its outbox to be written."""
 Context: TypeAlias = grpc.aio.ServicerContext[agent_pb2.AgentMessage, agent_pb2.ServerMessage]
@@ -362,32 +363,52 @@ class AgentSession:
         )
 
     def _write_accept(self, key: tuple[str, int], at: datetime) -> asyncio.Future[bool]:
-        """Hand an Accepted (that arrived ``at``) to the group commit."""
+        """Hand an Accepted (that arrived ``at``) to the group commit; reads stop showing
+        it as waiting once the write is over."""
         moved = self.dispatcher.accept(*key, self.session_id, at=at)
+        moved.add_done_callback(lambda _: self.dispatcher.hub.accept_taken(*key))
         moved.add_done_callback(partial(self._accepted, *key))
         self._accepting.add(moved)
         moved.add_done_callback(self._accepting.discard)
         return moved
 
+    def _defer_accept(self, key: tuple[str, int]) -> None:
+        """Hold an Accepted for ACCEPT_DELAY (see there); until it is written, this
+        replica's reads of the task show it RUNNING (``Hub.waiting_accept``)."""
+        at = self.dispatcher.clock.now()
+        timer = asyncio.get_running_loop().call_later(ACCEPT_DELAY, self._accept_delayed, key)
+        self._accepts[key] = (timer, at)
+        self.dispatcher.hub.accept_waiting(*key, at, partial(self._write_accept_now, key))
+
+    async def _write_accept_now(self, key: tuple[str, int]) -> None:
+        """Write the Accepted for ``key`` at once if it still waits; return once written."""
+        if (at := self._take_accept(key)) is not None:
+            await asyncio.wait([self._write_accept(key, at)])
+
+    def _take_accept(self, key: tuple[str, int]) -> datetime | None:
+        """The arrival time of the Accepted for ``key`` if it waits, no longer waiting
+        here (reads still show it until its write, or its Result's, is over)."""
+        pending = self._accepts.pop(key, None)
+        if pending is None:
+            return None
+        timer, at = pending
+        timer.cancel()
+        return at
+
     def _accept_delayed(self, key: tuple[str, int]) -> None:
         """ACCEPT_DELAY passed with no Result: write the Accepted now."""
         if self._closed.done():
             return  # the stream's end writes it (_write_waiting_accepts)
-        pending = self._accepts.pop(key, None)
-        if pending is not None:
-            self._write_accept(key, pending[1])
+        if (at := self._take_accept(key)) is not None:
+            self._write_accept(key, at)
 
     async def _fold_accept(self, result: agent_pb2.Result) -> datetime | None:
         """The arrival time of ``result``'s Accepted when it is still waiting and the
         Result's end can carry it (``Dispatcher.ends_in_one_write``); else None, once a
         waiting Accepted is written (the other ends of an attempt expect it RUNNING)."""
         key = (result.task_id, result.attempt)
-        pending = self._accepts.pop(key, None)
-        if pending is None:
-            return None
-        timer, at = pending
-        timer.cancel()
-        if self.dispatcher.ends_in_one_write(result):
+        at = self._take_accept(key)
+        if at is None or self.dispatcher.ends_in_one_write(result):
             return at
         await asyncio.wait([self._write_accept(key, at)])
         return None
@@ -395,11 +416,10 @@ class AgentSession:
     async def _write_waiting_accepts(self) -> None:
         """The stream ends: write the Accepted messages still waiting, before its attempts
         are released or handed over (which see them RUNNING, as the agent said)."""
-        pending, self._accepts = self._accepts, {}
         writes = []
-        for key, (timer, at) in pending.items():
-            timer.cancel()
-            writes.append(self._write_accept(key, at))
+        for key in list(self._accepts):
+            if (at := self._take_accept(key)) is not None:
+                writes.append(self._write_accept(key, at))
         if writes:
             await asyncio.wait(writes)
 
@@ -836,12 +856,17 @@ class AgentSession:
         group commit rather than one each), then acknowledged in their order."""
         dispatcher = self.dispatcher
         started = [await self._fold_accept(r) for r in results]
-        acks = await asyncio.gather(
-            *(
-                dispatcher.record_result(self.agent_id, r, accepted_at=at)
-                for r, at in zip(results, started, strict=True)
+        try:
+            acks = await asyncio.gather(
+                *(
+                    dispatcher.record_result(self.agent_id, r, accepted_at=at)
+                    for r, at in zip(results, started, strict=True)
+                )
             )
-        )
+        finally:
+            for r, at in zip(results, started, strict=True):
+                if at is not None:
+                    dispatcher.hub.accept_taken(r.task_id, r.attempt)
         for ack in acks:
             await self._recorded(ack)
 
@@ -894,14 +919,16 @@ class AgentSession:
                 if len(self._accepting) > self.max_concurrency:
                     await asyncio.wait([moved])  # an agent flooding Accepted waits for them
                 return
-            timer = asyncio.get_running_loop().call_later(ACCEPT_DELAY, self._accept_delayed, key)
-            self._accepts[key] = (timer, dispatcher.clock.now())
+            self._defer_accept(key)
         elif body == "result":
             r = message.result
             accepted_at = await self._fold_accept(r)
-            await self._recorded(
-                await dispatcher.record_result(self.agent_id, r, accepted_at=accepted_at)
-            )
+            try:
+                ack = await dispatcher.record_result(self.agent_id, r, accepted_at=accepted_at)
+            finally:
+                if accepted_at is not None:
+                    dispatcher.hub.accept_taken(r.task_id, r.attempt)
+            await self._recorded(ack)
         elif body == "heartbeat":
             await dispatcher.heartbeat(
                 self.session_id, [(a.task_id, a.attempt) for a in message.heartbeat.in_flight]

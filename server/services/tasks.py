@@ -291,10 +291,17 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
     ) -> AsyncIterator[common_pb2.Task]:
         poll = self._config.poll_interval.total_seconds()
         last: tuple[str, int, datetime] | None = None
-        with self._dispatcher.hub.watch(request.task_id) as changed:
+        first: Task | None = None
+        with self._dispatcher.hub.watch(request.task_id) as watcher:
             while True:
-                changed.clear()
-                task = await self._load(request.task_id)
+                watcher.changed.clear()
+                if first is not None and watcher.ended is not None:
+                    # Ended on this replica: its row as the end left it, and the payload
+                    # (which never changes) as first read; access was checked then.
+                    task = Task(**watcher.ended, payload=first.payload)
+                else:
+                    task = await self._load(request.task_id)
+                    first = first or task
                 seen = (task.state, task.attempt, task.updated_at)
                 if seen != last:
                     last = seen
@@ -306,7 +313,7 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
                 if task.state in TERMINAL:
                     return
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), poll)
+                    await asyncio.wait_for(watcher.changed.wait(), poll)
 
     async def _load(self, task_id: str) -> Task:
         """The task, if the caller may see it: submitters see their own tasks, admins all."""
@@ -318,6 +325,13 @@ class TaskService(task_pb2_grpc.TaskServiceServicer):
         principal = current_principal.get()
         if task is None or not (principal.is_admin or task.owner == principal.tenant):
             raise not_found(f"no task {task_id[:60]!r}")
+        if task.state == State.ASSIGNED:
+            # Its agent's Accepted arrived here and waits to be written (or folded into
+            # the Result): shown as it will be written. The read is a detached copy.
+            accepted_at = self._dispatcher.hub.waiting_accept(task_id, task.attempt)
+            if accepted_at is not None:
+                task.state, task.started_at = State.RUNNING, accepted_at
+                task.updated_at = accepted_at  # as the write will set it
         return task
 
 

@@ -74,9 +74,9 @@ async def test_a_task_submitted_to_an_idle_stream_is_pushed_without_a_claim(
     fanout = server._fanout
     original = fanout.task_changed
 
-    def task_changed(task_id: str) -> None:
+    def task_changed(task_id: str, ended: Any = None) -> None:
         announced.append(task_id)
-        original(task_id)
+        original(task_id, ended)
 
     monkeypatch.setattr(fanout, "task_changed", task_changed)
     task = await client.submit("echo", b"x")

@@ -25,20 +25,11 @@ async def test_an_eagerly_assigned_submit_skips_the_presence_check(
     """The check of who could run a task runs in the group commit's queue; for a task
     pushed at once to an idle agent it has nothing to say, and the task's Accepted and
     Result would queue behind it."""
-    store = enroller.server.db.tasks
-    original_claim = store._claim_many
-    looked = asyncio.Event()
-
-    async def claim(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return await original_claim(*args, **kwargs)
-        finally:
-            looked.set()
-
-    monkeypatch.setattr(store, "_claim_many", claim)
     agent = SimAgent.of(await enroller.enroll("eager"))
     await agent.hello(max_concurrency=1, capabilities=("echo",))
-    await looked.wait()  # the stream's first look for work, after Welcome: now it is idle
+    # The stream's first look for work, after Welcome, is over: now it is idle (waiting
+    # for the claim statement alone raced the end of that look, and the submit queued).
+    await until(idle(enroller.server, "eager"))
     checking, release = asyncio.Event(), asyncio.Event()
     original = waiting.check_submitted
 
@@ -118,7 +109,8 @@ async def test_an_attempt_that_ends_at_once_is_written_once(
 ) -> None:
     """An Accepted waits ACCEPT_DELAY before it is written: a Result that comes first
     ends the attempt in one UPDATE that records the Accepted's time as its start. One
-    that does not come in time leaves the Accepted to be written as before."""
+    that does not come in time leaves the Accepted to be written as before; meanwhile
+    a read shows the task as the write will."""
     store = enroller.server.db.tasks
     original_accept = store._accept_many
     accepts: list[int] = []
@@ -145,11 +137,51 @@ async def test_an_attempt_that_ends_at_once_is_written_once(
     slow = await client.submit("sleep", b"{}")
     assignment = await agent.expect("assignment")
     agent.send(accepted=agent_pb2.Accepted(task_id=slow.task_id, attempt=1))
-    async with asyncio.timeout(GUARD):  # written once the delay passed with no Result
+    async with asyncio.timeout(GUARD):  # shown RUNNING as soon as the Accepted is in
         while (running := await client.get(slow.task_id)).state is not TaskState.RUNNING:
             await asyncio.sleep(0.01)
+    async with asyncio.timeout(GUARD):  # and written once the delay passed with no Result
+        while not accepts:
+            await asyncio.sleep(0.01)
     assert accepts == [1]
+    assert await client.get(slow.task_id) == running  # written as it was shown
     assert (await agent.finish(assignment)).status == agent_pb2.ACK_STATUS_RECORDED
     finished = await client.get(slow.task_id)
     assert (finished.state, finished.started_at) == (TaskState.SUCCEEDED, running.started_at)
+    await agent.close()
+
+
+async def test_a_watch_gets_the_end_without_reading_it_again(
+    enroller: Enroller, client: AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Watch reads its task once; the Result that ends it on this replica hands the
+    watcher the ended row (the payload kept from that read)."""
+    store = enroller.server.db.tasks
+    original_read = store.read
+    reads: list[str] = []
+
+    async def read(conn: Any, task_id: str) -> Any:
+        reads.append(task_id)
+        return await original_read(conn, task_id)
+
+    monkeypatch.setattr(store, "read", read)
+    agent = SimAgent.of(await enroller.enroll("watched"))
+    await agent.hello(max_concurrency=1, capabilities=("echo",))
+    task = await client.submit("echo", b'{"n": 1}')
+    assignment = await agent.expect("assignment")
+    watching = asyncio.create_task(client.wait(task.task_id, timeout=GUARD))
+    async with asyncio.timeout(GUARD):  # the Watch's first read: it holds the task now
+        while not reads:
+            await asyncio.sleep(0.01)
+    assert (await agent.finish(assignment, output=b'{"n": 2}')).status == (
+        agent_pb2.ACK_STATUS_RECORDED
+    )
+    done = await watching
+    assert (done.state, done.payload, done.output) == (
+        TaskState.SUCCEEDED,
+        b'{"n": 1}',
+        b'{"n": 2}',
+    )
+    assert reads == [task.task_id]
+    assert done == await client.get(task.task_id)  # as a read shows it
     await agent.close()

@@ -381,6 +381,39 @@ async def test_finish_ends_each_attempt_once(db: Database) -> None:
     ]
 
 
+async def test_finish_returns_the_ended_row_as_a_read_shows_it(db: Database) -> None:
+    """What a watcher is sent instead of reading: every column but the payload, typed
+    as a read types it (times in UTC, JSON as objects)."""
+    await insert(db, 0, selector={"zone": "a"})
+    await claim(db, "s1", 1, {"zone": "a"})
+    plain = Ending("t_0000", 1, "a1", State.SUCCEEDED, b"out", "")
+    answer = await db.tasks.finish(plain, now=utcnow())
+    assert isinstance(answer, tuple)
+    async with db.reading() as conn:
+        shown = await db.tasks.read(conn, "t_0000")
+    assert shown is not None
+    columns = [c.key for c in Task.__table__.columns if c.key != "payload"]
+    assert sorted(answer[1].row) == sorted(columns)
+    assert dict(answer[1].row) == {c: getattr(shown, c) for c in columns}
+
+
+async def test_an_unwritten_accept_is_the_start_of_the_attempt_it_ends(db: Database) -> None:
+    """Ending.accepted_at (an Accepted folded into its Result) is the start of an attempt
+    that never showed RUNNING; one that did keeps the start its Accepted wrote."""
+    for n in range(2):
+        await insert(db, n)
+    await claim(db, "s1", 2)
+    assert await accept(db, "t_0001")
+    started = (await row(db, "t_0001")).started_at
+    accepted_at = utcnow() - timedelta(milliseconds=5)
+    for task_id in ("t_0000", "t_0001"):
+        end = Ending(task_id, 1, "a1", State.SUCCEEDED, b"", "", accepted_at=accepted_at)
+        answer = await db.tasks.finish(end, now=utcnow())
+        assert isinstance(answer, tuple) and answer[0] == State.SUCCEEDED
+    assert (await row(db, "t_0000")).started_at == accepted_at
+    assert (await row(db, "t_0001")).started_at == started != accepted_at
+
+
 async def test_end_attempt_in_a_transaction_ends_it_the_same_way(db: Database) -> None:
     await insert(db, 0)
     await claim(db, "s1", 1)

@@ -61,5 +61,17 @@ FROM unnest(CAST(:ids AS text[]), CAST(:attempts AS int[]), CAST(:agents AS text
      AS v(task_id, attempt, agent_id, state, output, error, accepted_at)
 WHERE tasks.task_id = v.task_id AND tasks.attempt = v.attempt
   AND tasks.agent_id = v.agent_id AND tasks.state IN (:assigned, :running)
-RETURNING tasks.task_id, tasks.attempt, tasks.owner, tasks.pool, tasks.kind,
-          tasks.started_at, tasks.model, tasks.reserve_micros;
+-- Returns every column but payload (taskstore/common.py's ENDED_COLUMNS): what a
+-- watcher of the task is sent.
+RETURNING tasks.task_id, tasks.kind, tasks.pool, tasks.selector, tasks.priority,
+          tasks.state, tasks.attempt, tasks.max_attempts, tasks.owner,
+          tasks.submitted_by, tasks.idempotency_key, tasks.agent_id, tasks.session_id,
+          tasks.lease_expires_at, tasks.not_before, tasks.output, tasks.error,
+          tasks.cancel_requested, tasks.schedule_to_start_timeout,
+          tasks.start_to_close_timeout, tasks.deadline, tasks.created_at,
+          tasks.updated_at, tasks.queued_at, tasks.started_at, tasks.finished_at,
+          tasks.input_tokens, tasks.output_tokens, tasks.cost_micros,
+          tasks.cache_creation_tokens, tasks.cache_read_tokens,
+          tasks.reported_cost_micros, tasks.model, tasks.reserve_micros,
+          tasks.max_cost_micros, tasks.output_schema, tasks.waiting_reason,
+          tasks.rate_limited, tasks.signature, tasks.trace_context;

@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -105,6 +105,10 @@ class Finished:
     started_at: datetime | None
     model: str | None
     reserve_micros: int
+    row: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    """Every column of the ended row but ``payload`` (which never changes), as the change
+    left it: a watcher holding the payload has the whole task without reading it again.
+    Usage an Ending carries is added to the row after this (storage/usage.py)."""
 
 
 @dataclass(frozen=True, slots=True)

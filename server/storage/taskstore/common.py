@@ -47,10 +47,11 @@ _c = TASKS.c
 
 HELD_NAMES = tuple(Held.__slots__)
 CLAIMED_NAMES = tuple(name for name in Claimed.__slots__ if name != "ceiling_micros")
-FINISHED_NAMES = tuple(Finished.__slots__)
+FINISHED_NAMES = tuple(name for name in Finished.__slots__ if name != "row")
 HELD_COLUMNS = tuple(_c[name] for name in HELD_NAMES)
 CLAIMED_COLUMNS = tuple(_c[name] for name in CLAIMED_NAMES)
-FINISHED_COLUMNS = tuple(_c[name] for name in FINISHED_NAMES)
+ENDED_COLUMNS = tuple(column for column in TASKS.c if column.name != "payload")
+"""What the end of an attempt returns: Finished, and its ``row``."""
 
 _INSERT = ("tasks", "insert")
 _ACCEPT = ("tasks", "accept")
@@ -70,8 +71,9 @@ def claimed(row: Any) -> Claimed:
 
 
 def finished(row: Any) -> Finished:
+    """A row with :data:`ENDED_COLUMNS` as a Finished, by column name."""
     mapping = row._mapping
-    return Finished(**{name: mapping[name] for name in FINISHED_NAMES})
+    return Finished(**{name: mapping[name] for name in FINISHED_NAMES}, row=dict(mapping))
 
 
 def ended_values(state: State, now: datetime, **values: Any) -> dict[str, Any]:
@@ -240,7 +242,7 @@ class SqlTaskStore(TaskStore):
                 _c.state.in_(HELD),
             )
             .values(values)
-            .returning(*FINISHED_COLUMNS)
+            .returning(*ENDED_COLUMNS)
         )
 
     async def end_attempt(

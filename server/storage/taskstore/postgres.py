@@ -9,11 +9,11 @@ from datetime import datetime, timedelta
 from functools import cache
 from importlib import resources
 
-from sqlalchemy import JSON, TextClause, bindparam, text
+from sqlalchemy import JSON, TextClause, TextualSelect, bindparam, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from muster.server.storage.taskstore.base import Acceptance, Claimed, ClaimRequest, Ending, Finished
-from muster.server.storage.taskstore.common import SqlTaskStore, claimed, finished
+from muster.server.storage.taskstore.common import ENDED_COLUMNS, SqlTaskStore, claimed, finished
 from muster.server.storage.types import UTCDateTime
 from muster.states import State
 
@@ -35,9 +35,15 @@ def named_statements(source: str) -> dict[str, str]:
     }
 
 
+RESULT_COLUMNS = {"finish_many": ENDED_COLUMNS}
+"""Statements whose returned rows are typed by the model's columns (times as UTC, JSON
+as objects), by name."""
+
+
 @cache
-def statement(name: str) -> TextClause:
-    """A named statement of sql/tasks.sql, its time and JSON parameters typed."""
+def statement(name: str) -> TextClause | TextualSelect:
+    """A named statement of sql/tasks.sql, its time and JSON parameters typed (and its
+    result columns, per :data:`RESULT_COLUMNS`)."""
     source = resources.files("muster.server.storage").joinpath("sql/tasks.sql").read_text()
     sql = text(named_statements(source)[name])
     typed = [
@@ -47,7 +53,9 @@ def statement(name: str) -> TextClause:
     ]
     if "labels" in sql._bindparams:
         typed.append(bindparam("labels", type_=JSON))
-    return sql.bindparams(*typed)
+    sql = sql.bindparams(*typed)
+    columns = RESULT_COLUMNS.get(name)
+    return sql if columns is None else sql.columns(*columns)
 
 
 class PostgresTaskStore(SqlTaskStore):
