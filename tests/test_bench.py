@@ -235,6 +235,15 @@ def test_quick_runs_measure_both_celery_peers_real_daemons_and_server_cpu(
     assert many["error"].startswith("not available") or many["muster"][0] > 0
     assert "Targets (issue 12):" in proc.stdout
     assert "## Targets (issue 12)" in (tmp_path / "benchmarks.md").read_text()
+    # What a round trip costs the stores, counted by them (bench/counters.py).
+    costs = {
+        f["figure"]: f["muster"]
+        for s in data["scenarios"]
+        if s["name"] == "roundtrip-daemons"
+        for f in s["figures"]
+    }
+    assert costs["Postgres transactions per task"][0] > 0
+    assert costs["Redis commands per task"][0] > 0
     # Each peer cleaned up after itself: the RabbitMQ vhost and the Redis keys are gone.
     vhosts = subprocess.run(
         ["rabbitmqctl", "-q", "list_vhosts"], capture_output=True, text=True, timeout=60
