@@ -472,6 +472,32 @@ async def test_tenant_and_pool_slots_in_one_decision(
     assert decisions(registry, INFLIGHT_TASKS, "rejected") == 2
 
 
+async def test_many_attempts_slots_are_decided_in_order_in_one_call(
+    slot_quotas: Quotas, registry: CollectorRegistry
+) -> None:
+    """A claim's attempts (priority order) take their slots in that order, in one store
+    call: the same decisions as asking one after another."""
+    a, b, pool = uuid.uuid4().hex, uuid.uuid4().hex, uuid.uuid4().hex
+    await warm(slot_quotas.store)
+    attempts = [(a, pool, "a0"), (a, pool, "a1"), (a, pool, "a2"), (b, pool, "b0"), (b, pool, "b1")]
+    before = getattr(slot_quotas.store, "round_trips", 0)
+    got = await slot_quotas.acquire_inflight_slots_many(attempts)
+    assert got == [
+        QuotaDecision(True, INFLIGHT_TASKS, f"pool:{pool}", None),
+        QuotaDecision(True, INFLIGHT_TASKS, f"pool:{pool}", None),
+        QuotaDecision(False, INFLIGHT_TASKS, f"tenant:{a}", 1.0),
+        QuotaDecision(True, INFLIGHT_TASKS, f"pool:{pool}", None),
+        QuotaDecision(False, INFLIGHT_TASKS, f"pool:{pool}", 1.0),
+    ]
+    if isinstance(slot_quotas.store, RedisQuotaStore):
+        assert slot_quotas.store.round_trips - before == 1
+    assert await slot_quotas.store.lease_count(f"inflight:{b}") == 1
+    assert await slot_quotas.store.lease_count(f"inflight-pool:{pool}") == 3
+    assert await slot_quotas.acquire_inflight_slots_many([]) == []
+    assert decisions(registry, INFLIGHT_TASKS, "allowed") == 3 * 2 + 1
+    assert decisions(registry, INFLIGHT_TASKS, "rejected") == 2
+
+
 async def test_without_a_pool_limit_only_the_tenant_slot_is_taken(store: QuotaStore) -> None:
     quotas = Quotas(store, QuotaPolicy(inflight_per_tenant=1))
     tenant, pool = uuid.uuid4().hex, uuid.uuid4().hex

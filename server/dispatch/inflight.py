@@ -9,7 +9,7 @@ nothing is admitted: concurrency limits fail closed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from muster.server.drain import Drain
 from muster.server.quotas import Quotas, QuotaStoreUnavailable
@@ -30,21 +30,35 @@ class InflightLimits:
     async def admit(self, owner: str, pool: str, holder: str) -> str | None:
         """Take a tenant slot and a pool slot for ``holder``: None when both are taken,
         else why not (holding none): a full tenant or pool, or an unreachable store."""
-        quotas = self._quotas
-        policy = quotas.policy
+        return (await self.admit_many([(owner, pool, holder)]))[0]
+
+    async def admit_many(self, attempts: Sequence[tuple[str, str, str]]) -> list[str | None]:
+        """:meth:`admit` for each (owner, pool, holder), in that order, in one store call."""
+        if not attempts:
+            return []
+        policy = self._quotas.policy
         try:
-            # One store call for both slots: refused by either, holder keeps neither.
-            decision = await quotas.acquire_inflight_slots(owner, pool, holder)
+            # Both slots of an attempt in one decision: refused by either, it keeps neither.
+            decisions = await self._quotas.acquire_inflight_slots_many(attempts)
         except QuotaStoreUnavailable:
-            self.release(owner, pool, holder)  # an answer lost on the way may have taken them
-            return STORE_DOWN
-        if decision.allowed:
-            return None
-        if decision.subject == f"pool:{pool}":
-            return f"waiting for a slot: pool {pool} has {policy.inflight_per_pool} tasks in flight"
-        return (
-            f"waiting for a slot: tenant {owner} has {policy.inflight_per_tenant} tasks in flight"
-        )
+            for attempt in attempts:
+                self.release(*attempt)  # an answer lost on the way may have taken them
+            return [STORE_DOWN] * len(attempts)
+        answers: list[str | None] = []
+        for (owner, pool, _), decision in zip(attempts, decisions, strict=True):
+            if decision.allowed:
+                answers.append(None)
+            elif decision.subject == f"pool:{pool}":
+                answers.append(
+                    f"waiting for a slot: pool {pool} has {policy.inflight_per_pool} tasks "
+                    "in flight"
+                )
+            else:
+                answers.append(
+                    f"waiting for a slot: tenant {owner} has {policy.inflight_per_tenant} "
+                    "tasks in flight"
+                )
+        return answers
 
     def release(self, owner: str, pool: str, holder: str) -> None:
         """Give back ``holder``'s slots, without waiting: the releases of every attempt

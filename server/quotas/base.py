@@ -193,6 +193,13 @@ class QuotaStore(abc.ABC):
                 break
         return answers
 
+    async def acquire_leases_many(
+        self, items: Sequence[tuple[str, Sequence[LeaseRequest]]], *, ttl: float
+    ) -> list[list[LeaseDecision]]:
+        """:meth:`acquire_leases` for each (holder, requests), decided in that order;
+        stores that answer from elsewhere do it in one call."""
+        return [await self.acquire_leases(holder, requests, ttl=ttl) for holder, requests in items]
+
     @abc.abstractmethod
     async def renew_lease(self, key: str, holder: str, ttl: float) -> bool:
         """Extend a live lease to ``ttl`` seconds from now; False if it already expired."""

@@ -465,27 +465,49 @@ class Quotas:
         ``pool:...``), else the last slot's decision.
 
         Raises QuotaStoreUnavailable when the store is unreachable (fail closed)."""
-        scopes = [("tenant", tenant)]
-        if self.policy.inflight_per_pool:
-            scopes.append(("pool", pool))
+        return (await self.acquire_inflight_slots_many([(tenant, pool, holder)]))[0]
+
+    async def acquire_inflight_slots_many(
+        self, attempts: Sequence[tuple[str, str, str]]
+    ) -> list[QuotaDecision]:
+        """:meth:`acquire_inflight_slots` of many (tenant, pool, holder), decided in that
+        order (an earlier one takes a slot first), in one store call.
+
+        Raises QuotaStoreUnavailable when the store is unreachable (fail closed)."""
+        scoped = [
+            (
+                holder,
+                [("tenant", tenant)] + ([("pool", pool)] if self.policy.inflight_per_pool else []),
+            )
+            for tenant, pool, holder in attempts
+        ]
         requests = [
-            LeaseRequest(self._inflight_key(scope, name), self._inflight_limit(scope))
-            for scope, name in scopes
+            (
+                holder,
+                [
+                    LeaseRequest(self._inflight_key(s, n), self._inflight_limit(s))
+                    for s, n in scopes
+                ],
+            )
+            for holder, scopes in scoped
         ]
         try:
-            leases = await self.store.acquire_leases(
-                holder, requests, ttl=self.policy.inflight_lease_ttl
+            answers = await self.store.acquire_leases_many(
+                requests, ttl=self.policy.inflight_lease_ttl
             )
         except QuotaStoreUnavailable as err:
             self._closed(INFLIGHT_TASKS, err)
             raise
         self._outage.recovered()
-        decision = QuotaDecision(True, INFLIGHT_TASKS, f"pool:{pool}", None)
-        for (scope, name), lease in zip(scopes, leases, strict=False):
-            retry = None if lease.acquired else LEASE_RETRY_AFTER
-            decision = QuotaDecision(lease.acquired, INFLIGHT_TASKS, f"{scope}:{name}", retry)
-            self._count(decision)
-        return decision
+        decisions = []
+        for (_, pool, _), (_, scopes), leases in zip(attempts, scoped, answers, strict=True):
+            decision = QuotaDecision(True, INFLIGHT_TASKS, f"pool:{pool}", None)
+            for (scope, name), lease in zip(scopes, leases, strict=False):
+                retry = None if lease.acquired else LEASE_RETRY_AFTER
+                decision = QuotaDecision(lease.acquired, INFLIGHT_TASKS, f"{scope}:{name}", retry)
+                self._count(decision)
+            decisions.append(decision)
+        return decisions
 
     async def renew_inflight(self, tenant: str, holder: str, *, scope: str = "tenant") -> bool:
         """Keep ``holder``'s slot alive; False if it had expired (take a new one).

@@ -320,13 +320,26 @@ class RedisQuotaStore(QuotaStore):
     async def acquire_leases(
         self, holder: str, requests: Sequence[LeaseRequest], *, ttl: float
     ) -> list[LeaseDecision]:
-        validate_lease_requests(requests, ttl)
-        args: list[str | int] = ["take", holder, to_micros(ttl), len(requests)]
-        args += [request.limit for request in requests]
-        flat = await self._decide([f"lease:{request.key}" for request in requests], args)
+        return (await self.acquire_leases_many([(holder, requests)], ttl=ttl))[0]
+
+    async def acquire_leases_many(
+        self, items: Sequence[tuple[str, Sequence[LeaseRequest]]], *, ttl: float
+    ) -> list[list[LeaseDecision]]:
+        # One decision per holder, all in the same batch, in order: one EVALSHA.
+        decisions = []
+        for holder, requests in items:
+            validate_lease_requests(requests, ttl)
+            args: list[str | int] = ["take", holder, to_micros(ttl), len(requests)]
+            args += [request.limit for request in requests]
+            keys = [f"{self._prefix}lease:{request.key}" for request in requests]
+            decisions.append(_Decision(keys, args))
+        answers = await self._ask_all(decisions) if decisions else []
         return [
-            LeaseDecision(bool(flat[2 * i]), int(flat[2 * i + 1]), requests[i].limit)
-            for i in range(len(flat) // 2)
+            [
+                LeaseDecision(bool(flat[2 * i]), int(flat[2 * i + 1]), requests[i].limit)
+                for i in range(len(flat) // 2)
+            ]
+            for flat, (_, requests) in zip(answers, items, strict=True)
         ]
 
     async def renew_lease(self, key: str, holder: str, ttl: float) -> bool:
