@@ -443,6 +443,19 @@ async def test_a_queued_caller_keeps_its_deadline(prefix: str) -> None:
 # --- the façade's slots ----------------------------------------------------------------
 
 
+def three_of_a_then_two_of_b(a: str, pool: str) -> list[QuotaDecision]:
+    """Tenant limit 2, pool limit 3: a's third attempt waits for its tenant, b's second
+    for the pool."""
+    allowed = QuotaDecision(True, INFLIGHT_TASKS, f"pool:{pool}", None)
+    return [
+        allowed,
+        allowed,
+        QuotaDecision(False, INFLIGHT_TASKS, f"tenant:{a}", 1.0),
+        allowed,
+        QuotaDecision(False, INFLIGHT_TASKS, f"pool:{pool}", 1.0),
+    ]
+
+
 @pytest.fixture
 def slot_quotas(store: QuotaStore, registry: CollectorRegistry) -> Quotas:
     policy = QuotaPolicy(inflight_per_tenant=2, inflight_per_pool=3, inflight_lease_ttl=10)
@@ -458,13 +471,7 @@ async def test_tenant_and_pool_slots_in_one_decision(
         *(slot_quotas.acquire_inflight_slots(a, pool, f"a{i}") for i in range(3)),
         *(slot_quotas.acquire_inflight_slots(b, pool, f"b{i}") for i in range(2)),
     )
-    assert got == [
-        QuotaDecision(True, INFLIGHT_TASKS, f"pool:{pool}", None),
-        QuotaDecision(True, INFLIGHT_TASKS, f"pool:{pool}", None),
-        QuotaDecision(False, INFLIGHT_TASKS, f"tenant:{a}", 1.0),
-        QuotaDecision(True, INFLIGHT_TASKS, f"pool:{pool}", None),
-        QuotaDecision(False, INFLIGHT_TASKS, f"pool:{pool}", 1.0),
-    ]
+    assert got == three_of_a_then_two_of_b(a, pool)
     store = slot_quotas.store
     assert await store.lease_count(f"inflight:{b}") == 1  # b1's tenant slot was given back
     assert await store.lease_count(f"inflight-pool:{pool}") == 3
@@ -482,13 +489,7 @@ async def test_many_attempts_slots_are_decided_in_order_in_one_call(
     attempts = [(a, pool, "a0"), (a, pool, "a1"), (a, pool, "a2"), (b, pool, "b0"), (b, pool, "b1")]
     before = getattr(slot_quotas.store, "round_trips", 0)
     got = await slot_quotas.acquire_inflight_slots_many(attempts)
-    assert got == [
-        QuotaDecision(True, INFLIGHT_TASKS, f"pool:{pool}", None),
-        QuotaDecision(True, INFLIGHT_TASKS, f"pool:{pool}", None),
-        QuotaDecision(False, INFLIGHT_TASKS, f"tenant:{a}", 1.0),
-        QuotaDecision(True, INFLIGHT_TASKS, f"pool:{pool}", None),
-        QuotaDecision(False, INFLIGHT_TASKS, f"pool:{pool}", 1.0),
-    ]
+    assert got == three_of_a_then_two_of_b(a, pool)
     if isinstance(slot_quotas.store, RedisQuotaStore):
         assert slot_quotas.store.round_trips - before == 1
     assert await slot_quotas.store.lease_count(f"inflight:{b}") == 1
