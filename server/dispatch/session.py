@@ -852,8 +852,9 @@ class AgentSession:
                     index += 1
 
     async def _record_results(self, results: list[agent_pb2.Result]) -> None:
-        """Consecutive Results of a batch, for distinct attempts: recorded together (one
-        group commit rather than one each), then acknowledged in their order."""
+        """Results for distinct attempts (one, or consecutive ones of a batch): recorded
+        together (one group commit rather than one each), each with its attempt's waiting
+        Accepted folded in, then acknowledged in their order."""
         dispatcher = self.dispatcher
         started = [await self._fold_accept(r) for r in results]
         try:
@@ -921,14 +922,7 @@ class AgentSession:
                 return
             self._defer_accept(key)
         elif body == "result":
-            r = message.result
-            accepted_at = await self._fold_accept(r)
-            try:
-                ack = await dispatcher.record_result(self.agent_id, r, accepted_at=accepted_at)
-            finally:
-                if accepted_at is not None:
-                    dispatcher.hub.accept_taken(r.task_id, r.attempt)
-            await self._recorded(ack)
+            await self._record_results([message.result])
         elif body == "heartbeat":
             await dispatcher.heartbeat(
                 self.session_id, [(a.task_id, a.attempt) for a in message.heartbeat.in_flight]
