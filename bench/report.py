@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,24 @@ async def environment() -> dict[str, Any]:
             await client.aclose()
     except Exception as err:  # report what we could not learn
         versions["redis-server"] = f"unreachable ({err})"
-    return {"versions": versions, "machine": _machine()}
+    return {"code": code_revision(), "versions": versions, "machine": _machine()}
+
+
+def code_revision() -> str:
+    """The commit measured (``-dirty`` when the work tree had changes), or ``unknown``
+    outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=7"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
 
 
 def _machine() -> dict[str, Any]:
@@ -185,7 +203,8 @@ def markdown(data: dict[str, Any], previous: str = "") -> str:
     lines = [HEADER.format(runs=runs), *targets.markdown(data), "", "## Results", ""]
     lines += [
         f"Produced by `{data['command']}` (`make bench` runs `python -m bench`) at "
-        f"{data['stamp']}, in {data['seconds'] / 60:.1f} minutes"
+        f"{data['stamp']}, in {data['seconds'] / 60:.1f} minutes, on code "
+        f"{data.get('code', 'unknown')}"
         + (
             " (**--quick**: small scales, not the figures to quote)."
             if data["args"].get("quick")

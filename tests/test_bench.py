@@ -45,6 +45,10 @@ def test_a_quick_audit_run_writes_a_well_formed_report(tmp_path: Path) -> None:
     assert data["command"] == f"python -m bench --quick --runs 3 --output {tmp_path} audit"
     assert {"python", "grpcio", "sqlalchemy", "postgres", "redis-server"} <= data["versions"].keys()
     assert data["machine"]["nproc"] >= 1
+    head = subprocess.run(
+        ["git", "rev-parse", "--short=7", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert data["code"].startswith(head)  # the commit measured, "-dirty" if edited
     [scenario] = data["scenarios"]
     assert scenario["name"] == "audit"
     assert scenario["error"] == ""
@@ -58,6 +62,7 @@ def test_a_quick_audit_run_writes_a_well_formed_report(tmp_path: Path) -> None:
     assert figures["lost events"]["muster"] == [0.0, 0.0, 0.0]
     markdown = (tmp_path / "benchmarks.md").read_text()
     assert "| scenario | figure | Muster |" in markdown
+    assert f"on code {data['code']}" in markdown
     assert "| audit | events/s |" in markdown
     assert "simulated" in markdown  # the method note travels with every report
 
