@@ -52,7 +52,13 @@ from muster.server.interceptors.errors import ErrorsInterceptor
 from muster.server.interceptors.identity import AgentIdentityAuth
 from muster.server.interceptors.metrics import GrpcServerMetrics, MetricsInterceptor
 from muster.server.metrics import MetricsServer, MusterMetrics, start_metrics_server
-from muster.server.quotas import QuotaPolicy, Quotas, QuotaStoreUnavailable, RateLimit
+from muster.server.quotas import (
+    QuotaPolicy,
+    Quotas,
+    QuotaStoreUnavailable,
+    RateLimit,
+    RedisQuotaStore,
+)
 from muster.server.services.admin import AdminService, create_api_token
 from muster.server.services.agents import AgentService
 from muster.server.services.ai_submit import AiAdmission
@@ -313,6 +319,9 @@ async def _start(
             # Not fatal: rate limits fall back to a local cap, leases and spend fail closed.
             log.warning("the Redis quota store is unreachable at start: %s", err)
     cleanup.push_async_callback(quotas.close)
+    if isinstance(quotas.store, RedisQuotaStore):
+        decisions = quotas.store.decisions
+        decisions.on_crash = supervisor.hook("quota-decisions", decisions.drain)
     audit = AuditWriter(db, spool_path=config.data_dir / "audit-spool")
     audit.start()
     assert audit.task is not None

@@ -37,7 +37,7 @@ from muster.server.quotas import (
     RedisQuotaStore,
 )
 from muster.server.quotas.base import MICROS, emission_interval_us, gcra, to_micros
-from muster.server.quotas.coalesce import Coalescer
+from muster.server.quotas.coalesce import Coalescer, WriterCrashed
 from tests.test_quotas import (
     PATIENT,
     FakeClock,
@@ -197,6 +197,29 @@ async def test_a_wrong_number_of_answers_fails_the_callers() -> None:
     ]
     with pytest.raises(RuntimeError, match="4 answers to 3 requests"):
         await coalescer.ask_all([1, 2, 3])
+
+
+async def test_a_crashed_writer_fails_its_queued_callers_at_once_and_says_so() -> None:
+    gate = asyncio.Event()
+
+    async def call(requests: list[int]) -> list[int]:
+        await gate.wait()
+        return requests
+
+    crashes: list[BaseException] = []
+    coalescer: Coalescer[int, int] = Coalescer(call, name="test", max_batch=10, patience=60)
+    coalescer.on_crash = crashes.append
+    queued = asyncio.create_task(coalescer.ask_all([1, 2]))
+    await asyncio.sleep(0)
+    writer = coalescer.drain.task
+    assert writer is not None and len(coalescer.drain) == 2  # queued, not yet sent
+    writer.cancel()  # the crash: nothing will ever send them
+    with pytest.raises(WriterCrashed, match="test: its writer crashed"):
+        await asyncio.wait_for(queued, 5)  # at once, not after its 60 s of patience
+    assert len(crashes) == 1 and isinstance(crashes[0], asyncio.CancelledError)
+    # The next caller gets a writer of its own.
+    gate.set()
+    assert await coalescer.ask_all([3, 4]) == [3, 4]
 
 
 # --- the stores: answers at the edge, whoever shares the call ------------------------

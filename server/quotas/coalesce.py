@@ -11,6 +11,11 @@ Each caller still gets its own answer, as if it had asked alone: a batch is deci
 the order its requests were made, one after another (the one script per batch does
 that). Between a lone call and the batch behind it there is no order, as between any
 two concurrent calls. A batch that fails fails each caller with its own copy of the error.
+
+The writer is a :class:`~muster.server.drain.Drain`: should it crash (cancelled from
+outside, or a bug past the per-batch error handling), the callers queued behind it fail at
+once with :class:`WriterCrashed` instead of waiting out their patience, and ``on_crash``
+(the server's supervisor) is told; the next caller starts a new writer.
 """
 
 from __future__ import annotations
@@ -22,14 +27,18 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar, cast
 
-from muster.server.drain import Drain
+from muster.server.drain import Drain, OnError
 
-__all__ = ["Coalescer"]
+__all__ = ["Coalescer", "WriterCrashed"]
 
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 A = TypeVar("A")
+
+
+class WriterCrashed(RuntimeError):
+    """The writer crashed before this caller's request was sent."""
 
 
 @dataclass(slots=True)
@@ -76,6 +85,8 @@ class Coalescer(Generic[R, A]):
         """A caller is making a call of its own (see :meth:`ask`)."""
         self.calls = 0
         """Calls made (batches sent), for tests and measurements."""
+        self.on_crash: OnError | None = None
+        """Told when a writer crashes (after its queued callers have failed)."""
 
     async def ask(self, request: R) -> A:
         """The answer to ``request``; raises what ``call`` raised for its batch."""
@@ -123,6 +134,11 @@ class Coalescer(Generic[R, A]):
             await self._drain.close()
         self._drain = None
 
+    @property
+    def drain(self) -> Drain[_Pending[R, A]]:
+        """The writer of this event loop's batches (a supervisor watches its crashes)."""
+        return self._writer()
+
     def _writer(self) -> Drain[_Pending[R, A]]:
         loop = asyncio.get_running_loop()
         # A store may outlive an event loop (tests open one per test): the writer task
@@ -134,9 +150,21 @@ class Coalescer(Generic[R, A]):
                 name=self._name,
                 max_batch=self._max_batch,
                 weight=None if weight is None else (lambda p: weight(p.request)),
+                on_error=self._crashed,
             )
             self._loop = loop
         return self._drain
+
+    def _crashed(self, err: BaseException) -> None:
+        drain = self._drain
+        stranded = drain.abort() if drain is not None else []
+        for pending in stranded:
+            if not pending.answer.done():
+                pending.answer.set_exception(WriterCrashed(f"{self._name}: its writer crashed"))
+        if self.on_crash is None:
+            log.error("%s crashed", self._name, exc_info=err)
+            return
+        self.on_crash(err)
 
     async def _flush(self, batch: list[_Pending[R, A]]) -> None:
         waiting = [p for p in batch if not p.answer.done()]

@@ -68,7 +68,7 @@ from muster.server.quotas.base import (
     validate_reservation,
     validate_stale,
 )
-from muster.server.quotas.coalesce import Coalescer
+from muster.server.quotas.coalesce import Coalescer, WriterCrashed
 
 __all__ = ["DEFAULT_SOCKET_TIMEOUT", "RedisQuotaStore", "redact_url"]
 
@@ -285,6 +285,12 @@ class RedisQuotaStore(QuotaStore):
         await self._call(self._client.ping)
 
     @property
+    def decisions(self) -> Coalescer[_Decision, list[Any]]:
+        """Where concurrent decisions meet to share a script run; its writer is a
+        background task of the server (supervised through ``on_crash``)."""
+        return self._decisions
+
+    @property
     def round_trips(self) -> int:
         """Script runs made for rate and lease decisions so far (each answers a batch)."""
         return self._decisions.calls
@@ -443,6 +449,8 @@ class RedisQuotaStore(QuotaStore):
             raise QuotaStoreUnavailable(
                 f"quota store {self._where} unreachable: no answer in time"
             ) from None
+        except WriterCrashed as err:  # the server's supervisor is stopping the server
+            raise QuotaStoreUnavailable(f"quota store {self._where}: {err}") from None
 
     async def _decide_all(self, decisions: list[_Decision]) -> list[Any]:
         """The coalescer's call: the decisions of many callers in one script run."""

@@ -21,6 +21,7 @@ from muster.server.app import API_SERVICES, ServerHandle, start_server
 from muster.server.audit import AuditWriter
 from muster.server.dispatch.suspicion import Report
 from muster.server.drain import Drain
+from muster.server.quotas import LeaseRequest, RedisQuotaStore
 from muster.server.supervisor import Crash, Supervisor
 from tests.conftest import REDIS_URL, forget_redis, server_config
 from tests.e2e import procs
@@ -34,7 +35,7 @@ HEALTH_SERVICES = ["", *(service.full_name for service in API_SERVICES)]
 
 LOOPS = ["audit-writer", "fanout-publish", "fanout-subscribe", "reaper", "server-certificate"]
 """Long-lived tasks: killed by cancelling the task the supervisor holds by name."""
-DRAINS = ["group-commit", "inflight-release", "suspicion-reports"]
+DRAINS = ["group-commit", "inflight-release", "quota-decisions", "suspicion-reports"]
 """On-demand writers: killed by cancelling the writer that an item just started."""
 
 
@@ -139,26 +140,37 @@ async def _probe(_conn: Any, items: Any) -> list[None]:
     return [None] * len(items)
 
 
-def kill(handle: ServerHandle, name: str) -> Callable[[], None] | None:
+async def kill(handle: ServerHandle, name: str) -> Callable[[], None] | None:
     """Crash the supervised task ``name``; returns a check of what a drain's caller saw."""
     supervisor = handle.supervisor
     if name in LOOPS:
         supervisor.tasks[name].cancel()
         return None
     drain = supervisor.drains[name]
+    future: asyncio.Future[Any]
     if name == "group-commit":
         future = handle.db.group.submit_many(("supervisor-test",), _probe, None)
+    elif name == "quota-decisions":
+        # Two decisions asked together always queue for the writer (a lone one may go
+        # by itself); one turn of the loop queues them and starts the writer.
+        store = handle._quotas.store
+        assert isinstance(store, RedisQuotaStore)
+        lease = [LeaseRequest("supervisor-test", 10)]
+        future = asyncio.ensure_future(
+            store.acquire_leases_many([("a", lease), ("b", lease)], ttl=60)
+        )
+        await asyncio.sleep(0)
     elif name == "inflight-release":
         drain.put(("tenant", "pool", "holder"))
     else:
         drain.put(Report("excess_credit", "agent", "actor", "peer", "log"))
     assert drain.task is not None
     drain.task.cancel()
-    if name != "group-commit":
+    if name not in ("group-commit", "quota-decisions"):
         return None
 
     def caller_failed() -> None:
-        # A caller queued behind a crashed group commit fails; it does not hang.
+        # A caller queued behind a crashed writer fails; it does not hang.
         assert future.done() and future.exception() is not None
 
     return caller_failed
@@ -186,7 +198,7 @@ async def test_a_crash_of_any_background_task_turns_health_not_serving_and_stops
             stub = health_pb2_grpc.HealthStub(channel)
             watches = [await watch(stub, service) for service in HEALTH_SERVICES]
             with caplog.at_level(logging.ERROR, logger="muster.server.supervisor"):
-                check = kill(handle, name)
+                check = await kill(handle, name)
                 for service, call in zip(HEALTH_SERVICES, watches, strict=True):
                     update = await asyncio.wait_for(call.read(), 10)
                     assert update.status == NOT_SERVING, service
