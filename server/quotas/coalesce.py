@@ -145,20 +145,18 @@ class Coalescer(Generic[R, A]):
         # belongs to a loop, so each loop gets its own drain.
         if self._drain is None or self._loop is not loop or self._drain.error is not None:
             weight = self._weight
-            self._drain = Drain(
+            drain: Drain[_Pending[R, A]] = Drain(
                 self._flush,
                 name=self._name,
                 max_batch=self._max_batch,
                 weight=None if weight is None else (lambda p: weight(p.request)),
-                on_error=self._crashed,
             )
-            self._loop = loop
+            drain.on_error = lambda err: self._crashed(drain, err)
+            self._drain, self._loop = drain, loop
         return self._drain
 
-    def _crashed(self, err: BaseException) -> None:
-        drain = self._drain
-        stranded = drain.abort() if drain is not None else []
-        for pending in stranded:
+    def _crashed(self, drain: Drain[_Pending[R, A]], err: BaseException) -> None:
+        for pending in drain.abort():  # queued, never to be sent
             if not pending.answer.done():
                 pending.answer.set_exception(WriterCrashed(f"{self._name}: its writer crashed"))
         if self.on_crash is None:
